@@ -1,0 +1,10 @@
+"""Inverse-curvature approximations behind one interface (see ``base.Curvature``)."""
+
+from headwater.curvature.base import Curvature
+from headwater.curvature.exact import Exact
+from headwater.curvature.operators import MatrixKind, curvature_matvec, dense_curvature
+
+__all__ = ["CURVATURES", "Curvature", "Exact", "MatrixKind", "curvature_matvec", "dense_curvature"]
+
+CURVATURES: dict[str, type[Curvature]] = {"exact": Exact}
+"""Name -> class, for ``headwater.influence(curvature=...)``; approximations register here."""

@@ -1,0 +1,105 @@
+"""Exact dense curvature: the full ``P × P`` matrix, eigendecomposed once in float64."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
+from headwater.curvature.operators import dense_curvature
+from headwater.data import DataLike
+from headwater.progress import ProgressFn
+from headwater.task import Task
+
+__all__ = ["Exact", "ExactState"]
+
+_MATRICES_HELD = 3  # the matrix, its float64 copy and the eigenvectors
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+@dataclass(frozen=True)
+class ExactState:
+    eigvals: Tensor  # [P] float64, undamped, ascending
+    eigvecs: Tensor  # [P, P] float64, columns
+    damping: float
+
+
+class Exact(Curvature):
+    """The dense Hessian, GGN or empirical Fisher, ``M = QΛQᵀ``; ``solve`` applies
+    ``Q (Λ + λ)⁻¹ Qᵀ``. Exact, and the oracle for every approximation.
+
+    Args:
+        max_params: refuse models with more analysed parameters than this; the
+            default is what half the machine's memory holds (three float64
+            ``P × P`` matrices).
+        (others as :class:`~headwater.curvature.base.Curvature`)
+
+    Raises:
+        ValueError: at fit, if ``P > max_params``, naming the approximations to use.
+    """
+
+    name = "exact"
+    has_eigen = True
+
+    def __init__(self, *, kind="ggn", damping=None, chunk_size=64, max_params: int | None = None):
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        if max_params is None:
+            max_params = int((_memory_bytes() / 2 / (8 * _MATRICES_HELD)) ** 0.5)
+        if not isinstance(max_params, int) or max_params <= 0:
+            raise ValueError(f"max_params: must be a positive integer, got {max_params!r}")
+        self.max_params = max_params
+
+    @classmethod
+    def _state_type(cls) -> type:
+        return ExactState
+
+    def _fit(self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None) -> ExactState:
+        p = self.layout.num_params
+        if p > self.max_params:
+            gib = _MATRICES_HELD * 8 * p * p / 2**30
+            raise ValueError(
+                f"curvature='exact': {p:,} analysed parameters need ~{gib:,.1f} GiB for dense "
+                f"P x P matrices (max_params={self.max_params:,}). Use curvature='ekfac', 'kfac', "
+                f"'cg', 'lissa', 'arnoldi', 'lanczos', 'nystrom', 'diagonal' or 'identity', or "
+                f"select fewer modules (Task(modules=...))."
+            )
+        matrix = dense_curvature(model, task, data, self.kind, chunk_size=self.chunk_size,
+                                 progress=progress).to(torch.float64)
+        eigvals, eigvecs = torch.linalg.eigh(matrix)
+        damping = self.damping
+        if damping is None:
+            damping = DEFAULT_RELATIVE_DAMPING * max(float(eigvals.mean()), 0.0)
+        if float(eigvals[0]) + damping <= 0:
+            warnings.warn(
+                f"curvature='exact' ({self.kind.value}): the damped matrix is not positive definite "
+                f"(smallest eigenvalue {float(eigvals[0]):.3g} + damping {damping:.3g}); scores "
+                "are unreliable. Use kind='ggn' or increase `damping`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return ExactState(eigvals, eigvecs, float(damping))
+
+    def _spectral(self, v: Tensor, power: int) -> Tensor:
+        s = self.state
+        coeff = (v.to(torch.float64) @ s.eigvecs) * (s.eigvals + s.damping) ** power
+        return (coeff @ s.eigvecs.T).to(v.dtype)
+
+    def _solve(self, v: Tensor) -> Tensor:
+        return self._spectral(v, -1)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._spectral(v, 1)
+
+    def eigen(self) -> tuple[Tensor, Tensor]:
+        self._check_fitted()
+        return self.state.eigvals.flip(0), self.state.eigvecs.T.flip(0)

@@ -1,0 +1,129 @@
+"""Per-example gradients with ``torch.func``: ``vmap(grad)`` over chunks of examples.
+
+For example ``z_i`` and analysed parameters θ, row ``i`` is ``∇_θ f(z_i; θ)`` where
+``f`` is the training loss or the query measurement, flattened by
+:class:`~headwater.gradients.flat.ParamLayout`. Memory is one chunk: ``[chunk, P]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from headwater.data import DataLike, iter_batches, num_examples
+from headwater.gradients.flat import ParamLayout
+from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.progress import ProgressFn, report
+from headwater.task import Task
+
+__all__ = ["Objective", "per_example_gradients", "stack_gradients", "check_batch"]
+
+
+class Objective(str, Enum):
+    """Which per-example function is differentiated."""
+
+    TRAIN = "train"  # the training loss ℓ(z; θ)
+    MEASUREMENT = "measurement"  # the query measurement m(z; θ)
+
+
+def _value_fn(task: Task, objective: Objective):
+    return task.train_loss if objective is Objective.TRAIN else task.measurement
+
+
+def check_batch(model: nn.Module, task: Task, batch: tuple[Tensor, Tensor], name: str,
+                objective: Objective = Objective.TRAIN, offset: int = 0) -> Tensor:
+    """Evaluate ``task`` on ``batch`` with a readable error when it does not fit.
+
+    Returns the per-example values ``[B]``.
+
+    Raises:
+        ValueError: naming ``name`` if the inputs do not fit the model, the task
+            returns the wrong shape, or a value is NaN/inf.
+    """
+    params = task.parameters(model)
+    fn = bind(model, detached(params))
+    try:
+        with torch.no_grad():
+            values = _value_fn(task, objective)(fn, batch)
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(
+            f"{name}: inputs of shape {tuple(batch[0].shape)} / targets of shape "
+            f"{tuple(batch[1].shape)} do not fit the model or task: {err}"
+        ) from err
+    check_values(values, batch[0].shape[0], name, offset)
+    return values
+
+
+def check_values(values: Tensor, batch_size: int, name: str, offset: int = 0) -> None:
+    """Raise ``ValueError`` naming ``name`` for a wrong shape or a NaN/inf value."""
+    if values.shape != (batch_size,):
+        raise ValueError(
+            f"{name}: the task must return one value per example ([{batch_size}]), "
+            f"got shape {tuple(values.shape)}"
+        )
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0]) + offset
+        raise ValueError(f"{name}: the loss/measurement of example {first} is {values[first - offset].item()} (NaN/inf)")
+
+
+def per_example_gradients(
+    model: nn.Module,
+    task: Task,
+    data: DataLike,
+    *,
+    objective: Objective | str = Objective.TRAIN,
+    chunk_size: int = 64,
+    name: str = "data",
+    progress: ProgressFn | None = None,
+) -> Iterator[Tensor]:
+    """Yield per-example gradients ``[chunk, P]`` of the analysed parameters, in order.
+
+    Args:
+        model: the model (left unchanged; evaluated in eval mode).
+        task: defines the loss/measurement and the analysed parameters.
+        data: an ``(inputs, targets)`` pair, a Dataset or a DataLoader.
+        objective: ``"train"`` (training loss) or ``"measurement"``.
+        chunk_size: examples per ``vmap`` call; results do not depend on it.
+        name: the argument name used in error messages.
+        progress: optional ``progress(stage, done, total)`` callback.
+
+    Raises:
+        ValueError: for empty data, inputs that do not fit the model, NaN/inf values.
+    """
+    objective = Objective(objective)
+    params = detached(task.parameters(model))
+    ref = next(iter(params.values()))
+    layout = ParamLayout.of(params)
+    value_fn = _value_fn(task, objective)
+    total = num_examples(data, name)
+
+    def single(p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        value = value_fn(bind(model, p), (x.unsqueeze(0), y.unsqueeze(0)))
+        total = value.sum()
+        return total, total.detach()
+
+    per_example = vmap(grad(single, has_aux=True), in_dims=(None, 0, 0))
+    done = 0
+    with evaluation_mode(model):
+        for batch in iter_batches(data, chunk_size, name):
+            x, y = prepare_batch(batch, ref)
+            if done == 0:
+                check_batch(model, task, (x, y), name, objective)
+            try:
+                grads, values = per_example(params, x, y)
+            except RuntimeError as err:
+                raise ValueError(f"{name}: could not differentiate the model on this data: {err}") from err
+            check_values(values, x.shape[0], name, done)
+            done += x.shape[0]
+            report(progress, f"gradients ({name})", done, total)
+            yield layout.flatten(grads, batch_dims=1)
+
+
+def stack_gradients(model: nn.Module, task: Task, data: DataLike, **kwargs) -> Tensor:
+    """All per-example gradients ``[N, P]`` at once (small data or small P only)."""
+    return torch.cat(list(per_example_gradients(model, task, data, **kwargs)))

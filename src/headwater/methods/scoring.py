@@ -1,0 +1,76 @@
+"""The shared tiled scoring loop: ``scores = L @ Gᵀ`` by (query tile × train chunk).
+
+``L [n_query, P]`` holds the query vectors after preconditioning (for influence,
+``(H + λI)⁻¹ ∇m(q)``); training gradients arrive chunk by chunk, so memory is
+``O(n_query·P + chunk·P)`` plus the output, never ``n_train × P``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Scores", "pairwise", "pairwise_top_k"]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Attribution scores.
+
+    Attributes:
+        values: ``[n_query, n_train]``, or ``[n_query, k]`` with ``indices`` when top-k.
+        indices: training indices ``[n_query, k]`` of a top-k result, else ``None``.
+        self_influence: ``[n_train]`` where computed, else ``None``.
+        settings: everything needed to reproduce the result.
+    """
+
+    values: Tensor
+    indices: Tensor | None = None
+    self_influence: Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _tiles(left: Tensor, chunk: Tensor, query_chunk: int) -> Iterable[tuple[slice, Tensor]]:
+    for start in range(0, left.shape[0], query_chunk):
+        rows = slice(start, start + query_chunk)
+        yield rows, left[rows] @ chunk.to(left.dtype).T
+
+
+def pairwise(left: Tensor, train_grads: Iterable[Tensor], n_train: int, *, query_chunk: int = 256) -> Tensor:
+    """All scores ``[n_query, n_train]``."""
+    out = torch.empty(left.shape[0], n_train, dtype=left.dtype, device=left.device)
+    col = 0
+    for chunk in train_grads:  # [B, P]
+        cols = slice(col, col + chunk.shape[0])
+        for rows, tile in _tiles(left, chunk, query_chunk):
+            out[rows, cols] = tile
+        col += chunk.shape[0]
+    if col != n_train:
+        raise RuntimeError(f"expected {n_train} training gradients, got {col}")
+    return out
+
+
+def pairwise_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, largest: bool = True,
+                   query_chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest (or smallest) scores per query, streamed: ``(values, indices)``, ``[n_query, k]``."""
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
+    best_v = torch.empty(left.shape[0], 0, dtype=left.dtype, device=left.device)
+    best_i = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
+    col = 0
+    for chunk in train_grads:
+        tile = torch.cat([t for _, t in _tiles(left, chunk, query_chunk)])
+        idx = torch.arange(col, col + chunk.shape[0], device=left.device).expand(left.shape[0], -1)
+        cand_v = torch.cat([best_v, tile], dim=1)
+        cand_i = torch.cat([best_i, idx], dim=1)
+        keep = min(k, cand_v.shape[1])
+        best_v, pos = cand_v.topk(keep, dim=1, largest=largest, sorted=True)
+        best_i = cand_i.gather(1, pos)
+        col += chunk.shape[0]
+    if best_v.shape[1] < k:
+        raise ValueError(f"top_k: asked for {k} but there are only {best_v.shape[1]} training examples")
+    return best_v, best_i

@@ -1,0 +1,101 @@
+"""On-disk state: tensor dicts (safetensors) with a JSON sidecar, written atomically.
+
+``save(path, tensors, meta)`` writes ``path.safetensors`` and ``path.json`` through
+temporary files and renames, the sidecar last, so a half-written store is never
+presented as complete. ``load(path, expect=...)`` refuses a store whose settings
+differ from what the caller expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from headwater import __version__
+
+__all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "save"]
+
+
+class StoreMismatchError(ValueError):
+    """A store on disk was written with other settings than the ones requested."""
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    base = Path(path)
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a temporary file in the same folder and a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Save a tensor dict and its settings at ``path`` (two files, sidecar last)."""
+    tensor_path, meta_path = _paths(path)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, tensor_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    record = {"headwater_version": __version__, "meta": meta}
+    atomic_write_bytes(meta_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+
+
+def exists(path: str | os.PathLike) -> bool:
+    tensor_path, meta_path = _paths(path)
+    return tensor_path.is_file() and meta_path.is_file()
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def load(
+    path: str | os.PathLike, *, expect: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load ``(tensors, meta)`` from ``path``.
+
+    Args:
+        expect: settings that must equal the stored ones (keys absent from the store count
+            as different).
+
+    Raises:
+        FileNotFoundError: if the store is missing or incomplete.
+        StoreMismatchError: if a setting in ``expect`` differs, naming it.
+    """
+    tensor_path, meta_path = _paths(path)
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise FileNotFoundError(f"store: no complete store at {path} (expected {tensor_path.name} and {meta_path.name})")
+    try:
+        record = json.loads(meta_path.read_text())
+        meta = record["meta"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"store: unreadable metadata at {meta_path}: {err}") from err
+    for key, value in (expect or {}).items():
+        if _normalise(meta.get(key)) != _normalise(value):
+            raise StoreMismatchError(
+                f"store: {path} was written with {key}={meta.get(key)!r}, but {key}={value!r} was requested"
+            )
+    return load_file(str(tensor_path), device=str(device)), meta

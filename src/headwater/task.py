@@ -1,0 +1,188 @@
+"""How a model's per-example training loss and query measurement are computed.
+
+A :class:`Task` says, for a batch ``(inputs, targets)``, what the per-example
+training loss ``[B]`` and the per-example query measurement ``[B]`` are, which
+parameters are analysed, and the L2 coefficient of the training objective
+
+    J(θ) = (1/n) Σ_i ℓ(z_i; θ) + (weight_decay / 2) ‖θ_selected‖².
+
+The library applies every reduction itself; a task never averages over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ClassificationTask",
+    "Measurement",
+    "RegressionTask",
+    "Task",
+    "default_task",
+    "select_parameters",
+]
+
+ModelFn = Callable[[Tensor], Tensor]
+
+
+class Measurement(str, Enum):
+    """What a query's score measures."""
+
+    LOSS = "loss"
+    MARGIN = "margin"  # correct-class logit minus logsumexp of the other logits
+
+
+def select_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[str, nn.Parameter]:
+    """The analysed parameters of ``model``, by name, in registration order.
+
+    Args:
+        model: the user's model.
+        modules: names (or name prefixes) of modules/parameters to analyse, e.g.
+            ``["fc2"]`` or ``["layers.3.mlp"]``; ``None`` selects every parameter
+            that requires a gradient.
+
+    Raises:
+        ValueError: if nothing is selected or a name matches no parameter.
+    """
+    named = dict(model.named_parameters())
+    if modules is None:
+        chosen = {k: p for k, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise ValueError("modules: the model has no parameters that require a gradient")
+        return chosen
+    if isinstance(modules, str):
+        modules = [modules]
+    chosen = {}
+    for prefix in modules:
+        hits = {k: p for k, p in named.items() if k == prefix or k.startswith(prefix + ".")}
+        if not hits:
+            raise ValueError(
+                f"modules: {prefix!r} matches no parameter; parameters are e.g. "
+                f"{list(named)[:6]}"
+            )
+        chosen.update(hits)
+    if not chosen:
+        raise ValueError("modules: selected no parameters")
+    return {k: named[k] for k in named if k in chosen}
+
+
+class Task(ABC):
+    """Per-example loss and measurement of a model (subclass for your own model).
+
+    Args:
+        weight_decay: L2 coefficient λ of the objective (the curvature gets +λI;
+            retraining uses the same objective). Must be >= 0.
+        modules: which parameters are analysed (see :func:`select_parameters`).
+    """
+
+    def __init__(self, *, weight_decay: float = 0.0, modules: Sequence[str] | None = None):
+        if not isinstance(weight_decay, int | float) or not math.isfinite(weight_decay):
+            raise TypeError(f"weight_decay: expected a finite float, got {weight_decay!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
+        self.modules = None if modules is None else tuple([modules] if isinstance(modules, str) else modules)
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The analysed parameters of ``model``."""
+        return select_parameters(model, self.modules)
+
+    def output(self, model: ModelFn, inputs: Tensor) -> Tensor:
+        """The model's output for a batch (override for dict inputs etc.)."""
+        return model(inputs)
+
+    @abstractmethod
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Per-example training loss ``[B]`` from the output. Its Hessian in the
+        output is the middle factor of the GGN."""
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        """Targets drawn from the model's predictive distribution (true Fisher)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample targets for the true Fisher")
+
+    def train_loss(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Per-example training loss ``[B]``."""
+        inputs, targets = batch
+        return self.loss(self.output(model, inputs), targets)
+
+    def measurement(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Per-example query measurement ``[B]``; the default is the training loss."""
+        return self.train_loss(model, batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": type(self).__name__, "weight_decay": self.weight_decay, "modules": self.modules}
+
+
+class ClassificationTask(Task):
+    """Softmax cross-entropy; measurement is the loss or the correct-class margin.
+
+    The margin is ``z_y − logsumexp_{c≠y} z_c`` (Park et al. 2023). Note its sign:
+    a larger margin is better, a larger loss is worse, so a proponent (positive
+    score with the loss) lowers the loss while a positive score with the margin
+    means removal *raises* the margin.
+    """
+
+    def __init__(
+        self,
+        *,
+        measurement: Measurement | str = Measurement.LOSS,
+        weight_decay: float = 0.0,
+        modules: Sequence[str] | None = None,
+    ):
+        super().__init__(weight_decay=weight_decay, modules=modules)
+        try:
+            self.measure = Measurement(measurement)
+        except ValueError as err:
+            raise ValueError(
+                f"measurement: expected one of {[m.value for m in Measurement]}, got {measurement!r}"
+            ) from err
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        if output.dim() != 2:
+            raise ValueError(f"ClassificationTask expects logits [B, C], got shape {tuple(output.shape)}")
+        return F.cross_entropy(output, targets.long(), reduction="none")
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        probs = torch.softmax(output.detach(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def measurement(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
+        if self.measure is Measurement.LOSS:
+            return self.train_loss(model, batch)
+        inputs, targets = batch
+        logits = self.output(model, inputs)
+        correct = logits.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+        others = logits.scatter(1, targets.long().unsqueeze(1), float("-inf"))
+        return correct - torch.logsumexp(others, dim=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "measurement": self.measure.value}
+
+
+class RegressionTask(Task):
+    """Squared error ``ℓ = ½‖f(x) − y‖²`` per example (the ½ makes the GGN ``JᵀJ``)."""
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        diff = output - targets.reshape(output.shape).to(output.dtype)
+        return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+        return output.detach() + noise
+
+
+def default_task(targets: Tensor, *, weight_decay: float = 0.0) -> Task:
+    """Classification for integer targets, regression for floating targets."""
+    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+        return ClassificationTask(weight_decay=weight_decay)
+    if targets.is_floating_point():
+        return RegressionTask(weight_decay=weight_decay)
+    raise TypeError(f"targets: cannot choose a task for dtype {targets.dtype}; pass task=")
