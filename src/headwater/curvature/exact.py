@@ -87,7 +87,7 @@ class Exact(Curvature):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return ExactState(eigvals, eigvecs, float(damping))
+        return ExactState(eigvals.contiguous(), eigvecs.contiguous(), float(damping))
 
     def _spectral(self, v: Tensor, power: int) -> Tensor:
         s = self.state

@@ -1,0 +1,68 @@
+"""Influence scores equal the dense oracle; tile invariance; top-k; self-influence; the API."""
+
+import pytest
+import torch
+from cases import CASES
+from oracles import assert_close, dense_ggn, influence_scores, loop_gradients
+
+import headwater
+from headwater.curvature import Exact
+from headwater.methods import InfluenceFunction
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "linreg"])
+def test_scores_match_oracle(name):
+    case = CASES[name]()
+    est = InfluenceFunction(case.model, case.task, Exact(damping=0.01)).fit(case.train)
+    got = est.scores(case.query, case.train)
+    want = influence_scores(case.model, case.task, case.train, case.query,
+                            dense_ggn(case.model, case.task, case.train), damping=0.01)
+    assert got.shape == (case.query[0].shape[0], case.train[0].shape[0])
+    assert_close(got, want, rtol=1e-6, atol=1e-9, what=f"{name} scores")
+
+
+def test_tile_sizes_do_not_change_scores():
+    case = CASES["cnn"]()
+    curv = Exact(damping=0.01).fit(case.model, case.task, case.train)
+    ref = InfluenceFunction(case.model, case.task, curv).scores(case.query, case.train)
+    for chunk, qchunk in [(1, 1), (3, 2), (7, 100)]:
+        est = InfluenceFunction(case.model, case.task, curv, chunk_size=chunk, query_chunk=qchunk)
+        assert_close(est.scores(case.query, case.train), ref, rtol=1e-12, what="tiled scores")
+
+
+def test_top_k_and_self_influence():
+    case = CASES["mlp"]()
+    est = InfluenceFunction(case.model, case.task, Exact(damping=0.01), chunk_size=5).fit(case.train)
+    full = est.scores(case.query, case.train)
+    values, indices = est.top_k(case.query, case.train, 4)
+    want_v, want_i = full.topk(4, dim=1)
+    assert torch.equal(indices, want_i)
+    assert_close(values, want_v, rtol=1e-12)
+    low_v, _ = est.top_k(case.query, case.train, 3, largest=False)
+    assert_close(low_v, full.topk(3, dim=1, largest=False).values, rtol=1e-12)
+    g = loop_gradients(case.model, case.task, case.train)
+    si = est.self_influence(case.train)
+    assert_close(si, (g @ est.curvature.solve(g).T).diagonal(), rtol=1e-9, what="self-influence")
+    assert (si > 0).all()
+
+
+def test_one_call_api_matches_class():
+    case = CASES["mlp"]()
+    scores = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="exact",
+                                 damping=0.01, self_influence=True)
+    est = InfluenceFunction(case.model, case.task, Exact(damping=0.01)).fit(case.train)
+    assert_close(scores.values, est.scores(case.query, case.train), rtol=1e-12)
+    assert scores.self_influence.shape == (24,)
+    assert scores.settings["curvature"] == "exact" and scores.settings["fitted_damping"] == 0.01
+    top = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="exact",
+                              damping=0.01, top_k=3)
+    assert top.indices.shape == (5, 3)
+    assert torch.equal(top.indices, scores.values.topk(3, dim=1).indices)
+
+
+def test_default_task_from_targets():
+    case = CASES["linreg"]()
+    scores = headwater.influence(case.model, case.train, case.query, curvature="exact", damping=0.0)
+    task = headwater.RegressionTask()
+    est = InfluenceFunction(case.model, task, Exact(damping=0.0)).fit(case.train)
+    assert_close(scores.values, est.scores(case.query, case.train), rtol=1e-12)
