@@ -2,9 +2,13 @@
 
 from headwater.curvature.base import Curvature
 from headwater.curvature.exact import Exact
+from headwater.curvature.kfac import EKFAC, KFAC
+from headwater.curvature.mfac import MFAC
 from headwater.curvature.operators import MatrixKind, curvature_matvec, dense_curvature
 
 __all__ = ["CURVATURES", "Curvature", "Exact", "MatrixKind", "curvature_matvec", "dense_curvature"]
 
 CURVATURES: dict[str, type[Curvature]] = {"exact": Exact}
 """Name -> class, for ``headwater.influence(curvature=...)``; approximations register here."""
+CURVATURES.update({"kfac": KFAC, "ekfac": EKFAC, "mfac": MFAC})
+__all__ += ["EKFAC", "KFAC", "MFAC"]

@@ -131,12 +131,16 @@ class Curvature(ABC):
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted state through :mod:`headwater.store`."""
         self._check_fitted()
-        tensors, scalars = {}, {}
+        tensors, scalars, groups = {}, {}, []
         for field in dataclasses.fields(self.state):
             value = getattr(self.state, field.name)
-            (tensors if isinstance(value, Tensor) else scalars)[field.name] = value
+            if isinstance(value, dict) and all(isinstance(t, Tensor) for t in value.values()):
+                groups.append(field.name)  # a dict of tensors (e.g. per module): "field/key"
+                tensors.update({f"{field.name}/{k}": t for k, t in value.items()})
+            else:
+                (tensors if isinstance(value, Tensor) else scalars)[field.name] = value
         meta = {**self.settings(), "layout": self.layout.to_dict(), "n_examples": self.n_examples,
-                "state": scalars}
+                "state": scalars, "tensor_dicts": groups}
         store.save(path, tensors, meta)
 
     def load(self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
@@ -149,7 +153,15 @@ class Curvature(ABC):
         self.layout = ParamLayout(tuple(meta["layout"]["names"]),
                                   tuple(tuple(s) for s in meta["layout"]["shapes"]))
         self.n_examples = int(meta["n_examples"])
-        self.state = self._state_type()(**tensors, **meta["state"])
+        groups: dict[str, dict[str, Tensor]] = {g: {} for g in meta.get("tensor_dicts", [])}
+        plain = {}
+        for key, value in tensors.items():
+            head, sep, tail = key.partition("/")
+            if sep and head in groups:
+                groups[head][tail] = value
+            else:
+                plain[key] = value
+        self.state = self._state_type()(**plain, **groups, **meta["state"])
         return self
 
     @classmethod
