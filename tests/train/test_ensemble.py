@@ -11,6 +11,15 @@ from headwater.task import ClassificationTask
 from headwater.train.ensemble import Ensemble, TrainConfig, ensemble_measurements, train_ensemble
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are dominated by thread hand-offs on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _data(n: int = 96, d: int = 6, classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -37,8 +46,8 @@ def test_16_mlps_by_vmap_equal_16_separate_runs(optimizer, members):
     x, y = _data(n=60)
     task = ClassificationTask(weight_decay=1e-2)
     masks = _masks(members, x.shape[0])
-    common = dict(optimizer=optimizer, lr=1e-2 if optimizer == "adam" else 0.1,
-                  momentum=0.0 if optimizer == "adam" else 0.9, epochs=3, batch_size=16)
+    common = {"optimizer": optimizer, "lr": 1e-2 if optimizer == "adam" else 0.1,
+              "momentum": 0.0 if optimizer == "adam" else 0.9, "epochs": 3, "batch_size": 16}
     together = train_ensemble(_mlp(), task, (x, y), masks, seeds=range(100, 100 + members),
                               config=TrainConfig(**common, vectorize="vmap"))
     for m in range(members):
@@ -56,7 +65,7 @@ def test_float32_vmap_matches_loop_and_seeds_are_recorded():
     x = x.float()
     task = ClassificationTask(weight_decay=1e-3)
     masks = _masks(4, x.shape[0])
-    cfg = dict(epochs=2, batch_size=32, lr=1e-2)
+    cfg = {"epochs": 2, "batch_size": 32, "lr": 1e-2}
     a = train_ensemble(_mlp().float(), task, (x, y), masks, config=TrainConfig(**cfg, vectorize="vmap"))
     b = train_ensemble(_mlp().float(), task, (x, y), masks, config=TrainConfig(**cfg, vectorize="loop"))
     for k in a.params:
