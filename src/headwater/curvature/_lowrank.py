@@ -1,0 +1,213 @@
+"""The shared part of the low-rank curvatures (Arnoldi, Lanczos, Nyström).
+
+Each fits ``M ≈ U diag(l) Uᵀ`` (``U`` orthonormal, ``[P, k]``; stored as rows
+``eigvecs [k, P]``) from ``M``-vector products and then applies
+
+    truncated (``residual=False``, Schioppa et al. 2022):
+        solve(v) = U diag(1/(l + λ)) Uᵀ v
+    residual (``residual=True``; the discarded subspace gets the damping plus the
+    known floor of the spectrum, ``μ`` = the task's weight decay for the GGN/EF,
+    which are PSD + weight decay, and 0 for the Hessian):
+        solve(v) = U diag(1/(l + λ)) Uᵀ v + (v − U Uᵀ v)/(μ + λ)
+
+``matvec(v) = U diag(l) Uᵀ v + μ (v − U Uᵀ v) + λ v`` in the residual form and
+``U diag(l) Uᵀ v + λ v`` in the truncated one (there ``solve`` is its inverse
+restricted to ``span U``). For influence the gradients
+can be projected once, ``project(g) = g U`` ``[n, k]``; in the truncated form
+``q·solve(g) = project(q) diag(1/(l + λ)) project(g)ᵀ``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from headwater.curvature._matfree import (
+    BoundOperator,
+    default_damping,
+    hutchinson_trace,
+    warn_if_indefinite,
+)
+from headwater.curvature.base import Curvature
+from headwater.curvature.operators import MatrixKind
+from headwater.curvature.solvers import MatVec, lowrank_solve
+from headwater.data import DataLike
+from headwater.progress import ProgressFn, report
+from headwater.task import Task
+
+__all__ = ["LowRankCurvature", "LowRankState"]
+
+
+@dataclass(frozen=True)
+class LowRankState:
+    """Fitted low-rank curvature.
+
+    Attributes:
+        eigvals: ``[k]`` undamped eigenvalues, by ``|λ|`` descending.
+        eigvecs: ``[k, P]`` orthonormal eigenvectors (rows).
+        damping: λ used by ``solve``/``matvec``.
+        floor: ``μ``, the curvature assumed in the discarded subspace (residual form).
+    """
+
+    eigvals: Tensor
+    eigvecs: Tensor
+    damping: float
+    floor: float = 0.0
+
+
+class LowRankCurvature(Curvature):
+    """Abstract: a rank-``k`` eigendecomposition of ``M`` from matrix-free products.
+
+    Args:
+        rank: number of eigenpairs kept, ``k >= 1``.
+        residual: ``False`` for the paper's truncated inverse (discarded directions
+            contribute zero), ``True`` (default) to treat the discarded subspace with
+            the damping, ``(v − UUᵀv)/(μ + λ)``; needs ``μ + λ > 0``.
+        seed: seed of the random start vector / sketch and of the trace probes.
+        trace_probes: Hutchinson probes for the default damping (``damping=None``).
+        (others as :class:`~headwater.curvature.base.Curvature`)
+
+    Memory: ``O(k·P)`` for the state plus the method's Krylov basis / sketch and one
+    chunk of activations, independent of ``n_train``.
+    """
+
+    has_eigen = True
+
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        chunk_size: int = 64,
+        rank: int = 50,
+        residual: bool = True,
+        seed: int = 0,
+        trace_probes: int = 16,
+    ):
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        for arg, value, low in (
+            ("rank", rank, 1),
+            ("seed", seed, 0),
+            ("trace_probes", trace_probes, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
+        self.rank, self.residual, self.seed, self.trace_probes = rank, residual, seed, trace_probes
+
+    @classmethod
+    def _state_type(cls) -> type:
+        return LowRankState
+
+    @abstractmethod
+    def _decompose(
+        self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """``(eigvals [k], eigvecs [k, P], extra state fields)`` of the operator."""
+
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> Any:
+        p = self.layout.num_params
+        if self.rank > p:
+            raise ValueError(
+                f"rank: must be <= the number of analysed parameters ({p}), got {self.rank}"
+            )
+        op = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        calls = [0]
+
+        def counted(v: Tensor) -> Tensor:
+            calls[0] += 1
+            report(progress, f"{self.name} products", calls[0], calls[0])
+            return op.matvec(v)
+
+        eigvals, eigvecs, extra = self._decompose(counted, p, op.dtype, op.device)
+        damping = self.damping
+        if damping is None:
+            if eigvals.numel() == p:  # the whole space: the trace is exact
+                trace = float(eigvals.double().sum())
+            else:
+                trace = hutchinson_trace(
+                    op.matvec,
+                    p,
+                    probes=self.trace_probes,
+                    seed=self.seed + 1,
+                    dtype=op.dtype,
+                    device=op.device,
+                )
+            damping = default_damping(trace / p)
+        floor = task.weight_decay if self.kind is not MatrixKind.HESSIAN else 0.0
+        if self.residual and floor + damping <= 0:
+            raise ValueError(
+                "damping: must be > 0 with residual=True when the curvature has no positive floor "
+                f"(weight decay {task.weight_decay:g}, kind={self.kind.value!r}); the discarded "
+                "subspace is divided by it"
+            )
+        warn_if_indefinite(
+            self.name, self.kind, float(eigvals.min()), damping, what="smallest kept eigenvalue"
+        )
+        return self._state_type()(
+            eigvals=eigvals.contiguous(),
+            eigvecs=eigvecs.contiguous(),
+            damping=float(damping),
+            floor=float(floor),
+            **extra,
+        )
+
+    # -- reading -------------------------------------------------------------------
+    def _solve(self, v: Tensor) -> Tensor:
+        s = self.state
+        x = lowrank_solve(s.eigvals, s.eigvecs, v, damping=s.damping, residual=False)
+        if self.residual:
+            u = s.eigvecs.to(v.dtype)  # [k, P]
+            x = x + (v - (v @ u.T) @ u) / (s.floor + s.damping)
+        return x
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        s = self.state
+        u = s.eigvecs.to(v.dtype)  # [k, P]
+        coeff = v @ u.T  # [K, k]
+        out = (coeff * s.eigvals.to(v.dtype)) @ u + s.damping * v
+        if self.residual:
+            out = out + s.floor * (v - coeff @ u)
+        return out
+
+    def project(self, g: Tensor) -> Tensor:
+        """Coordinates of ``g [n, P]`` in the kept eigenbasis, ``g U`` ``[n, k]``.
+
+        Project train and query gradients once; in the truncated form the score is
+        ``project(q) diag(1/(l + λ)) project(g)ᵀ`` (see :meth:`inverse_eigvals`),
+        ``O(k)`` per pair.
+        """
+        self._check_fitted()
+        p = self.layout.num_params
+        if not isinstance(g, Tensor) or g.shape[-1] != p or g.dim() not in (1, 2):
+            raise ValueError(
+                f"g: expected a Tensor of shape [n, {p}] or [{p}], got "
+                f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}"
+            )
+        return g @ self.state.eigvecs.to(g.dtype).T
+
+    def inverse_eigvals(self) -> Tensor:
+        """``1/(l + λ)`` ``[k]``: the inverse in the projected coordinates."""
+        self._check_fitted()
+        return 1.0 / (self.state.eigvals + self.state.damping)
+
+    def eigen(self) -> tuple[Tensor, Tensor]:
+        """The kept eigenvalues ``[k]`` (by ``|λ|`` descending, undamped) and eigenvectors ``[k, P]``."""
+        self._check_fitted()
+        return self.state.eigvals, self.state.eigvecs
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "rank": self.rank,
+            "residual": self.residual,
+            "seed": self.seed,
+            "trace_probes": self.trace_probes,
+        }

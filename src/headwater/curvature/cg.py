@@ -1,0 +1,221 @@
+"""Conjugate gradient: ``(M + λI)⁻¹ V`` from matrix-free products, no stored matrix.
+
+Koh & Liang 2017 solve ``H⁻¹∇m`` by CG on Hessian-vector products; here any kind
+(Hessian, GGN, empirical Fisher), batched over the right-hand sides, optionally
+preconditioned by a randomized Nyström sketch (Frangella, Tropp & Udell 2021).
+
+**CG needs the operator in the current process.** Its fitted state is small (the
+damping and, if asked for, the preconditioner's eigenpairs), but every ``solve``
+streams over the training data again, so the object keeps references to the
+model, task and data from :meth:`CG.fit`. After :meth:`~headwater.curvature.base.Curvature.load`
+call :meth:`CG.bind` with the same model, task and data before solving.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Self
+
+from torch import Tensor, nn
+
+from headwater.curvature._matfree import (
+    BoundOperator,
+    check_layout,
+    default_damping,
+    extreme_eigenvalues,
+    hutchinson_trace,
+    warn_if_indefinite,
+)
+from headwater.curvature.base import Curvature
+from headwater.curvature.operators import MatrixKind
+from headwater.curvature.solvers import CGInfo, conjugate_gradient, nystrom, nystrom_preconditioner
+from headwater.data import DataLike
+from headwater.gradients.flat import ParamLayout
+from headwater.progress import ProgressFn
+from headwater.task import Task
+
+__all__ = ["CG", "CGState"]
+
+_CHECK_STEPS = 20  # Lanczos steps for the indefiniteness check of a Hessian
+
+
+@dataclass(frozen=True)
+class CGState:
+    """Fitted CG: the damping and the optional Nyström preconditioner.
+
+    Attributes:
+        damping: λ.
+        precond_eigvals: ``[r]`` sketch eigenvalues, or ``None`` without a preconditioner.
+        precond_eigvecs: ``[r, P]`` sketch eigenvectors (rows), or ``None``.
+    """
+
+    damping: float
+    precond_eigvals: Tensor | None = None
+    precond_eigvecs: Tensor | None = None
+
+
+class CG(Curvature):
+    """``solve(V)`` runs batched (preconditioned) conjugate gradient on ``M + λI``.
+
+    Exact up to ``tol``: each row stops when ``|v − (M + λI)x| <= tol·|v|``. Each
+    iteration costs one pass over the training data for all still-running rows.
+
+    Args:
+        tol: relative residual at which a row stops (``>= 0``; ``>= ~1e-6`` in float32).
+        max_iter: iteration cap per solve; default ``10·P``. An unconverged solve
+            warns, naming ``max_iter``/``tol``/``damping``.
+        preconditioner_rank: rank of a Nyström preconditioner (0 = none; GGN/EF only).
+        oversample: extra sketch columns of the preconditioner.
+        seed: seed of the sketch, the trace probes and the indefiniteness check.
+        trace_probes: Hutchinson probes for the default damping.
+        (others as :class:`~headwater.curvature.base.Curvature`)
+
+    Attributes:
+        last_info: :class:`~headwater.curvature.solvers.CGInfo` of the last solve
+            (iterations, residual per row, convergence), or ``None``.
+
+    Memory: ``O(K·P)`` per solve of ``K`` vectors plus ``r·P`` for the preconditioner.
+    """
+
+    name = "cg"
+
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        chunk_size: int = 64,
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        preconditioner_rank: int = 0,
+        oversample: int = 10,
+        seed: int = 0,
+        trace_probes: int = 16,
+    ):
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
+            raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
+        for arg, value, low in (
+            ("preconditioner_rank", preconditioner_rank, 0),
+            ("oversample", oversample, 0),
+            ("seed", seed, 0),
+            ("trace_probes", trace_probes, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
+        if max_iter is not None and (
+            isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
+        ):
+            raise ValueError(f"max_iter: must be a positive integer or None, got {max_iter!r}")
+        if preconditioner_rank and self.kind is MatrixKind.HESSIAN:
+            raise ValueError(
+                "preconditioner_rank: the Nystrom preconditioner needs a positive semi-definite "
+                "matrix; use kind='ggn' or 'ef', or preconditioner_rank=0"
+            )
+        self.tol, self.max_iter = float(tol), max_iter
+        self.preconditioner_rank, self.oversample = preconditioner_rank, oversample
+        self.seed, self.trace_probes = seed, trace_probes
+        self.last_info: CGInfo | None = None
+        self._operator: BoundOperator | None = None
+
+    @classmethod
+    def _state_type(cls) -> type:
+        return CGState
+
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> CGState:
+        op = self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        p = self.layout.num_params
+        damping = self.damping
+        if damping is None:
+            trace = hutchinson_trace(
+                op.matvec,
+                p,
+                probes=self.trace_probes,
+                seed=self.seed + 1,
+                dtype=op.dtype,
+                device=op.device,
+            )
+            damping = default_damping(trace / p)
+        if self.kind is MatrixKind.HESSIAN:
+            smallest, _ = extreme_eigenvalues(
+                op.matvec,
+                p,
+                n_iter=_CHECK_STEPS,
+                seed=self.seed + 2,
+                dtype=op.dtype,
+                device=op.device,
+            )
+            warn_if_indefinite(self.name, self.kind, smallest, damping, what="smallest Ritz value")
+        if self.preconditioner_rank == 0:
+            return CGState(float(damping))
+        if self.preconditioner_rank > p:
+            raise ValueError(
+                f"preconditioner_rank: must be <= P = {p}, got {self.preconditioner_rank}"
+            )
+        eigvals, eigvecs = nystrom(
+            op.matvec,
+            p,
+            rank=self.preconditioner_rank,
+            seed=self.seed,
+            oversample=self.oversample,
+            dtype=op.dtype,
+            device=op.device,
+        )
+        return CGState(float(damping), eigvals, eigvecs)
+
+    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
+        """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) CG
+        without refitting. The parameters must have the fitted layout."""
+        self._check_fitted()
+        check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
+        self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        return self
+
+    def _bound(self) -> BoundOperator:
+        if self._operator is None:
+            raise RuntimeError(
+                "CG has no operator in this process: call .fit(model, task, data), or "
+                ".bind(model, task, data) after .load(...)"
+            )
+        return self._operator
+
+    def _solve(self, v: Tensor) -> Tensor:
+        s = self.state
+        precond = None
+        if s.precond_eigvals is not None and s.precond_eigvals.numel() > 0:
+            precond = nystrom_preconditioner(s.precond_eigvals, s.precond_eigvecs, s.damping)
+        x, self.last_info = conjugate_gradient(
+            self._bound().matvec,
+            v,
+            damping=s.damping,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            preconditioner=precond,
+        )
+        if not self.last_info.converged:
+            warnings.warn(
+                f"curvature='cg': {int((~self.last_info.converged_rows).sum())} of {v.shape[0]} solves did "
+                f"not reach tol={self.tol:g} in {self.last_info.iterations} iterations (worst relative "
+                f"residual {float(self.last_info.residuals.max()):.3g}); increase `max_iter`, loosen `tol`, "
+                f"increase `damping` (now {s.damping:.3g}) or set `preconditioner_rank`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return x
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._bound().matvec(v) + self.state.damping * v
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "preconditioner_rank": self.preconditioner_rank,
+            "oversample": self.oversample,
+            "seed": self.seed,
+            "trace_probes": self.trace_probes,
+        }

@@ -1,0 +1,246 @@
+"""LiSSA: ``(M + λI)⁻¹ V`` by a truncated, optionally stochastic Neumann series.
+
+Agarwal, Bullins & Hazan 2017; Koh & Liang 2017. From ``x_0 = v``,
+
+    x_{t+1} = v + (I − (M_t + λI)/s) x_t,     result = mean over repeats of x_depth / s,
+
+with ``M_t`` the curvature of mini-batch ``t`` (or of all the data) and ``s`` the
+scale, which must exceed the top eigenvalue of ``M_t + λI``. The error after
+``depth`` steps shrinks like ``(1 − (λ_min + λ)/s)^depth``: a short series acts
+as extra damping of about ``s/depth``.
+
+**LiSSA needs the operator in the current process** (as :class:`~headwater.curvature.cg.CG`):
+after ``load`` call :meth:`LiSSA.bind` with the same model, task and data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Self
+
+import torch
+from torch import Tensor, nn
+
+from headwater.curvature._matfree import (
+    BoundOperator,
+    check_layout,
+    default_damping,
+    extreme_eigenvalues,
+    hutchinson_trace,
+    subset,
+    warn_if_indefinite,
+)
+from headwater.curvature.base import Curvature
+from headwater.curvature.operators import MatrixKind
+from headwater.curvature.solvers import LissaInfo, lissa
+from headwater.data import DataLike, num_examples
+from headwater.gradients.flat import ParamLayout
+from headwater.progress import ProgressFn
+from headwater.task import Task
+
+__all__ = ["LiSSA", "LissaState"]
+
+SCALE_MARGIN = 1.1
+"""Default ``scale = SCALE_MARGIN × (λ_max(M) + λ)``, ``λ_max`` from a short Lanczos run."""
+_LANCZOS_STEPS = 20
+
+
+@dataclass(frozen=True)
+class LissaState:
+    """Fitted LiSSA.
+
+    Attributes:
+        damping: λ.
+        top_eigenvalue: estimate of ``λ_max(M)`` on all the data (undamped), or NaN
+            when ``scale`` was given and no estimate was needed.
+    """
+
+    damping: float
+    top_eigenvalue: float
+
+
+class LiSSA(Curvature):
+    """``solve(V)`` runs the LiSSA recursion on ``M + λI``.
+
+    Args:
+        depth: recursion steps per repeat (``>= 1``).
+        repeats: independent recursions averaged (``>= 1``; they differ only with
+            mini-batches).
+        scale: ``s`` above the top eigenvalue of every ``M_t + λI``; default
+            ``1.1 × (λ_max + λ)`` with ``λ_max`` of the full-data ``M`` from 20 Lanczos steps.
+        batch_size: examples per step's curvature; ``None`` (default) uses all the
+            data every step (deterministic). Mini-batch ``t`` of repeat ``r`` is
+            slice ``(r·depth + t) mod n_batches`` of a seeded permutation, redrawn
+            every pass over the data.
+        seed: seed of the mini-batch order, the trace probes and the Lanczos start.
+        tol: last relative change below which ``last_info.converged`` is set.
+        trace_probes: Hutchinson probes for the default damping.
+        (others as :class:`~headwater.curvature.base.Curvature`)
+
+    Attributes:
+        last_info: :class:`~headwater.curvature.solvers.LissaInfo` of the last solve.
+
+    Raises:
+        RuntimeError: (at solve) when the recursion diverges, naming ``scale``, or
+            ``damping`` when ``M + λI`` has a negative eigenvalue.
+    """
+
+    name = "lissa"
+
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        chunk_size: int = 64,
+        depth: int = 200,
+        repeats: int = 1,
+        scale: float | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        tol: float = 1e-3,
+        trace_probes: int = 16,
+    ):
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        for arg, value, low in (
+            ("depth", depth, 1),
+            ("repeats", repeats, 1),
+            ("seed", seed, 0),
+            ("trace_probes", trace_probes, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size: must be a positive integer or None, got {batch_size!r}")
+        if scale is not None and (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+            or scale <= 0
+        ):
+            raise ValueError(f"scale: must be a finite float > 0 or None, got {scale!r}")
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
+            raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
+        self.depth, self.repeats, self.batch_size, self.seed = depth, repeats, batch_size, seed
+        self.scale = None if scale is None else float(scale)
+        self.tol, self.trace_probes = float(tol), trace_probes
+        self.last_info: LissaInfo | None = None
+        self._operator: BoundOperator | None = None
+
+    @classmethod
+    def _state_type(cls) -> type:
+        return LissaState
+
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> LissaState:
+        op = self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        p = self.layout.num_params
+        damping = self.damping
+        if damping is None:
+            trace = hutchinson_trace(
+                op.matvec,
+                p,
+                probes=self.trace_probes,
+                seed=self.seed + 1,
+                dtype=op.dtype,
+                device=op.device,
+            )
+            damping = default_damping(trace / p)
+        top = math.nan
+        if self.scale is None or self.kind is MatrixKind.HESSIAN:
+            smallest, top = extreme_eigenvalues(
+                op.matvec,
+                p,
+                n_iter=_LANCZOS_STEPS,
+                seed=self.seed + 2,
+                dtype=op.dtype,
+                device=op.device,
+            )
+            if self.kind is MatrixKind.HESSIAN:
+                warn_if_indefinite(
+                    self.name, self.kind, smallest, damping, what="smallest Ritz value"
+                )
+        return LissaState(float(damping), float(top))
+
+    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
+        """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted)
+        LiSSA without refitting. The parameters must have the fitted layout."""
+        self._check_fitted()
+        check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
+        self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        return self
+
+    def _bound(self) -> BoundOperator:
+        if self._operator is None:
+            raise RuntimeError(
+                "LiSSA has no operator in this process: call .fit(model, task, data), or "
+                ".bind(model, task, data) after .load(...)"
+            )
+        return self._operator
+
+    @property
+    def fitted_scale(self) -> float:
+        """The scale ``s`` used by ``solve``."""
+        self._check_fitted()
+        if self.scale is not None:
+            return self.scale
+        return SCALE_MARGIN * (max(self.state.top_eigenvalue, 0.0) + self.state.damping)
+
+    def _step_matvec(self, op: BoundOperator):
+        if self.batch_size is None:
+            return lambda v, step: op.matvec(v)
+        n = num_examples(op.data, "train")
+        size = min(self.batch_size, n)
+        n_batches = n // size
+        cache: dict[int, Tensor] = {}
+
+        def matvec(v: Tensor, step: int) -> Tensor:
+            epoch, slot = divmod(step, n_batches)
+            if epoch not in cache:
+                cache.clear()
+                cache[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)
+                )
+            return op.on(subset(op.data, cache[epoch][slot * size : (slot + 1) * size]))(v)
+
+        return matvec
+
+    def _solve(self, v: Tensor) -> Tensor:
+        op = self._bound()
+        try:
+            x, self.last_info = lissa(
+                self._step_matvec(op),
+                v,
+                depth=self.depth,
+                scale=self.fitted_scale,
+                repeats=self.repeats,
+                damping=self.state.damping,
+                tol=self.tol,
+            )
+        except RuntimeError as err:
+            if self.batch_size is None or "diverged" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{err} (with batch_size={self.batch_size} a mini-batch's top eigenvalue can "
+                "exceed the full-data one: increase `scale` or `batch_size`)"
+            ) from err
+        return x
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._bound().matvec(v) + self.state.damping * v
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "depth": self.depth,
+            "repeats": self.repeats,
+            "scale": self.scale,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "tol": self.tol,
+            "trace_probes": self.trace_probes,
+        }

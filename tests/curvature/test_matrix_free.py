@@ -1,0 +1,379 @@
+"""Matrix-free and low-rank curvatures (CG, LiSSA, Arnoldi, Lanczos, Nyström, Diagonal,
+Identity) against Exact and the dense autograd oracles, in float64 on the tiny cases."""
+
+import itertools
+
+import pytest
+import torch
+from cases import CASES
+from oracles import (
+    assert_close,
+    dense_ef,
+    dense_ggn,
+    dense_hessian,
+    influence_scores,
+    loop_gradients,
+)
+
+import headwater
+from headwater.curvature import (
+    CG,
+    CURVATURES,
+    Arnoldi,
+    Diagonal,
+    Exact,
+    Identity,
+    Lanczos,
+    LiSSA,
+    Nystrom,
+)
+from headwater.curvature.lanczos import minibatch_spectrum
+from headwater.methods import InfluenceFunction
+from headwater.store import StoreMismatchError
+
+DT = torch.float64
+ORACLES = {"hessian": dense_hessian, "ggn": dense_ggn, "ef": dense_ef}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread hand-offs dominate on a loaded machine; restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rhs(k: int, p: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
+def _dense(case, kind: str, damping: float) -> torch.Tensor:
+    m = ORACLES[kind](case.model, case.task, case.train)
+    return m + damping * torch.eye(m.shape[0], dtype=DT)
+
+
+# ----------------------------------------------------------------------------- CG, LiSSA
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "damping"),
+    [
+        ("mlp", "ggn", 1e-2),
+        ("mlp", "hessian", 1.0),
+        ("cnn", "ggn", 1e-2),
+        ("linreg", "ggn", 0.0),
+        ("mlp", "ef", 0.01),
+    ],
+)
+def test_cg_solve_matches_dense(name, kind, damping):
+    case = CASES[name]()
+    curv = CG(kind=kind, damping=damping, tol=1e-12).fit(case.model, case.task, case.train)
+    dense = _dense(case, kind, damping)
+    v = _rhs(4, dense.shape[0])
+    assert _rel(curv.solve(v), torch.linalg.solve(dense, v.T).T) < 1e-6
+    assert curv.last_info.converged and curv.last_info.residuals.shape == (4,)
+    assert_close(curv.matvec(v), v @ dense, what="CG matvec")
+    assert curv.solve(v[0]).shape == (dense.shape[0],)
+
+
+def test_cg_preconditioner_same_answer_fewer_iterations():
+    case = CASES["cnn"]()
+    v = _rhs(3, 77)
+    plain = CG(damping=1e-4, tol=1e-10).fit(case.model, case.task, case.train)
+    pre = CG(damping=1e-4, tol=1e-10, preconditioner_rank=30).fit(case.model, case.task, case.train)
+    x_plain, x_pre = plain.solve(v), pre.solve(v)
+    assert _rel(x_pre, x_plain) < 1e-6
+    assert pre.last_info.iterations < plain.last_info.iterations
+
+
+def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):
+    case = CASES["mlp"]()
+    curv = CG(damping=1e-4, tol=1e-12, max_iter=2).fit(case.model, case.task, case.train)
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        curv.solve(_rhs(2, 51))
+    curv = CG(damping=0.01, tol=1e-10, preconditioner_rank=5).fit(case.model, case.task, case.train)
+    curv.save(tmp_path / "cg")
+    loaded = CG(damping=0.01, tol=1e-10, preconditioner_rank=5).load(tmp_path / "cg")
+    with pytest.raises(RuntimeError, match="bind"):
+        loaded.solve(_rhs(1, 51))
+    v = _rhs(2, 51)
+    assert_close(loaded.bind(case.model, case.task, case.train).solve(v), curv.solve(v), rtol=1e-12)
+    with pytest.raises(ValueError, match="model/task"):
+        loaded.bind(CASES["cnn"]().model, CASES["cnn"]().task, CASES["cnn"]().train)
+
+
+def test_lissa_converged_matches_dense():
+    case = CASES["mlp"]()
+    curv = LiSSA(damping=0.1, depth=300).fit(case.model, case.task, case.train)
+    v = _rhs(3, 51)
+    assert _rel(curv.solve(v), torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T) < 5e-2
+    top = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train))[-1].item()
+    assert curv.fitted_scale == pytest.approx(1.1 * (top + 0.1), rel=1e-6)
+
+
+def test_lissa_minibatch_seeded_and_divergence_names_scale():
+    case = CASES["mlp"]()
+    v = _rhs(2, 51)
+    want = torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T
+    kw = {"damping": 0.1, "depth": 60, "repeats": 2, "batch_size": 12}
+    a = LiSSA(seed=1, **kw).fit(case.model, case.task, case.train).solve(v)
+    b = LiSSA(seed=1, **kw).fit(case.model, case.task, case.train).solve(v)
+    c = LiSSA(seed=2, **kw).fit(case.model, case.task, case.train).solve(v)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert _rel(a, want) < 0.25  # stochastic: noisy, but the right answer
+    with pytest.raises(RuntimeError, match="scale"):
+        LiSSA(damping=0.1, depth=500, scale=0.05).fit(case.model, case.task, case.train).solve(v)
+
+
+# ----------------------------------------------------------------------------- eigen-methods
+
+
+@pytest.mark.parametrize("cls", [Arnoldi, Lanczos])
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+def test_top_eigenvalues_match_exact(cls, kind):
+    case = CASES["cnn"]()
+    exact_vals, _ = Exact(kind=kind, damping=2.0).fit(case.model, case.task, case.train).eigen()
+    curv = cls(kind=kind, damping=2.0, rank=5, n_iter=60).fit(case.model, case.task, case.train)
+    vals, vecs = curv.eigen()
+    want = exact_vals[exact_vals.abs().argsort(descending=True)[:5]]
+    assert_close(vals, want, rtol=1e-6, atol=1e-10, what=f"{cls.__name__} top-5 eigenvalues")
+    assert vecs.shape == (5, 77)
+    assert_close(vecs @ vecs.T, torch.eye(5, dtype=DT), atol=1e-8, what="orthonormal eigenvectors")
+
+
+@pytest.mark.parametrize("cls", [Arnoldi, Lanczos, Nystrom])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_full_rank_is_exact(cls, name):
+    case = CASES[name]()
+    p = sum(q.numel() for q in case.model.parameters())
+    curv = cls(damping=1e-3, rank=p).fit(case.model, case.task, case.train)
+    dense = _dense(case, "ggn", 1e-3)
+    v = _rhs(3, p)
+    assert _rel(curv.solve(v), torch.linalg.solve(dense, v.T).T) < 1e-6
+    assert _rel(curv.matvec(v), v @ dense) < 1e-9
+
+
+@pytest.mark.parametrize("cls", [Arnoldi, Lanczos, Nystrom])
+@pytest.mark.parametrize("residual", [True, False])
+def test_error_falls_as_rank_grows(cls, residual):
+    case = CASES["cnn"]()
+    v = _rhs(3, 77)
+    want = torch.linalg.solve(_dense(case, "ggn", 0.05), v.T).T
+    errors = [
+        _rel(
+            cls(damping=0.05, rank=k, residual=residual)
+            .fit(case.model, case.task, case.train)
+            .solve(v),
+            want,
+        )
+        for k in (2, 8, 20, 77)
+    ]
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    if residual or cls is Nystrom:
+        # Exact at full rank. (A Krylov space breaks down early on the GGN's degenerate
+        # weight-decay floor; the residual form assumes exactly that floor.)
+        assert errors[-1] < 1e-6, errors
+
+
+def test_project_is_consistent_with_truncated_solve():
+    case = CASES["mlp"]()
+    curv = Arnoldi(damping=0.05, rank=10, residual=False).fit(case.model, case.task, case.train)
+    g, q = _rhs(6, 51, seed=1), _rhs(3, 51, seed=2)
+    low = (curv.project(q) * curv.inverse_eigvals()) @ curv.project(g).T
+    assert_close(low, q @ curv.solve(g).T, rtol=1e-10, what="projected scores")
+    assert curv.project(g).shape == (6, 10)
+
+
+def test_minibatch_spectrum():
+    case = CASES["cnn"]()
+    comp = minibatch_spectrum(
+        case.model, case.task, case.train, batch_size=5, n_batches=4, top=3, n_iter=60
+    )
+    exact_vals, _ = Exact(damping=0.0).fit(case.model, case.task, case.train).eigen()
+    assert_close(comp.full, exact_vals[:3], rtol=1e-6, what="full-data spectrum")
+    assert comp.minibatch.shape == (4, 3) and comp.inflation.shape == (3,)
+    lanczos = Lanczos(damping=0.0, rank=3, n_iter=60).fit(case.model, case.task, case.train)
+    assert_close(lanczos.spectrum()[:3], exact_vals[:3], rtol=1e-6, what="Lanczos spectrum")
+
+
+# ----------------------------------------------------------------------------- diagonal, identity
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("mlp", "ggn"), ("cnn", "ggn"), ("linreg", "ggn"), ("mlp", "ef")]
+)
+def test_exact_diagonal_equals_dense(name, kind):
+    case = CASES[name]()
+    curv = Diagonal(kind=kind, damping=0.1, chunk_size=7).fit(case.model, case.task, case.train)
+    dense = ORACLES[kind](case.model, case.task, case.train)
+    assert_close(curv.state.diagonal, dense.diagonal(), rtol=1e-9, what="diagonal")
+    v = _rhs(2, dense.shape[0])
+    assert_close(curv.solve(v), v / (dense.diagonal() + 0.1), rtol=1e-9, what="diagonal solve")
+
+
+@pytest.mark.filterwarnings("ignore:curvature='diagonal'.*probes:RuntimeWarning")
+def test_hutchinson_diagonal_converges_and_is_seeded():
+    case = CASES["mlp"]()
+    want = dense_hessian(case.model, case.task, case.train).diagonal()
+    errors = []
+    for probes in (16, 256, 2048):
+        curv = Diagonal(kind="hessian", method="hutchinson", probes=probes, damping=1.0)
+        errors.append(_rel(curv.fit(case.model, case.task, case.train).state.diagonal, want))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.15, errors
+    a = (
+        Diagonal(method="hutchinson", probes=8, seed=4)
+        .fit(case.model, case.task, case.train)
+        .state.diagonal
+    )
+    b = (
+        Diagonal(method="hutchinson", probes=8, seed=4)
+        .fit(case.model, case.task, case.train)
+        .state.diagonal
+    )
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="method"):
+        Diagonal(kind="hessian")
+
+
+def test_identity_is_gradient_similarity():
+    case = CASES["mlp"]()
+    est = InfluenceFunction(case.model, case.task, Identity(damping=0.3)).fit(case.train)
+    g_tr = loop_gradients(case.model, case.task, case.train)
+    g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
+    assert_close(
+        est.scores(case.query, case.train), g_q @ g_tr.T, rtol=1e-10, what="gradient dot products"
+    )
+    assert est.curvature.fitted_damping == 1.0
+
+
+# ----------------------------------------------------------------------------- influence, store, hygiene
+
+_EXACT_REGIME = [
+    ("cg", {"tol": 1e-12}, 1e-6),
+    ("lissa", {"depth": 400}, 5e-2),
+    ("arnoldi", {"rank": 77}, 1e-6),
+    ("lanczos", {"rank": 77}, 1e-6),
+    ("nystrom", {"rank": 77}, 1e-6),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "rtol"), _EXACT_REGIME)
+def test_influence_matches_exact(name, options, rtol):
+    case = CASES["cnn"]()
+    damping = 0.05
+    got = (
+        InfluenceFunction(case.model, case.task, CURVATURES[name](damping=damping, **options))
+        .fit(case.train)
+        .scores(case.query, case.train)
+    )
+    want = influence_scores(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        dense_ggn(case.model, case.task, case.train),
+        damping=damping,
+    )
+    assert _rel(got, want) < rtol
+
+
+def test_influence_diagonal_matches_diagonal_oracle():
+    case = CASES["mlp"]()
+    diag = torch.diag(dense_ggn(case.model, case.task, case.train).diagonal())
+    want = influence_scores(case.model, case.task, case.train, case.query, diag, damping=0.01)
+    got = headwater.influence(
+        case.model, case.train, case.query, task=case.task, curvature="diagonal", damping=0.01
+    )
+    assert_close(got.values, want, rtol=1e-8, what="diagonal influence")
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (Arnoldi, {"rank": 8}),
+        (Lanczos, {"rank": 8}),
+        (Nystrom, {"rank": 8}),
+        (Diagonal, {}),
+        (Identity, {}),
+    ],
+)
+def test_save_load_same_solve(tmp_path, cls, options):
+    case = CASES["cnn"]()
+    curv = cls(damping=0.05, **options).fit(case.model, case.task, case.train)
+    curv.save(tmp_path / "curv")
+    loaded = cls(damping=0.05, **options).load(tmp_path / "curv")
+    v = _rhs(3, 77)
+    assert torch.equal(loaded.solve(v), curv.solve(v))
+    assert torch.equal(loaded.matvec(v), curv.matvec(v))
+    with pytest.raises(StoreMismatchError, match="damping"):
+        cls(damping=0.5, **options).load(tmp_path / "curv")
+
+
+def test_default_damping_is_relative_to_trace():
+    case = CASES["cnn"]()
+    want = Exact().fit(case.model, case.task, case.train).fitted_damping
+    assert Diagonal().fit(case.model, case.task, case.train).fitted_damping == pytest.approx(
+        want, rel=1e-9
+    )
+    for cls in (CG, Arnoldi, Nystrom):
+        got = cls(trace_probes=64).fit(case.model, case.task, case.train).fitted_damping
+        assert got == pytest.approx(want, rel=0.3), cls.__name__
+
+
+def test_indefinite_undamped_warns():
+    case = CASES["mlp"]()
+    case.task.weight_decay = 0.0
+    for curv in (
+        CG(kind="hessian", damping=0.0),
+        Lanczos(kind="hessian", damping=0.0, rank=40, residual=False),
+        Arnoldi(kind="hessian", damping=0.0, rank=40, residual=False),
+        LiSSA(kind="hessian", damping=0.0),
+    ):
+        with pytest.warns(RuntimeWarning, match="not positive definite"):
+            curv.fit(case.model, case.task, case.train)
+
+
+@pytest.mark.filterwarnings("ignore:curvature='diagonal'.*probes:RuntimeWarning")
+@pytest.mark.parametrize(
+    "name", ["cg", "lissa", "arnoldi", "lanczos", "nystrom", "diagonal", "identity"]
+)
+def test_model_and_global_rng_untouched(name):
+    case = CASES["mlp"]()
+    case.model.train()
+    before = {k: p.detach().clone() for k, p in case.model.named_parameters()}
+    rng = torch.get_rng_state()
+    options = {
+        "lissa": {"depth": 5, "batch_size": 8},
+        "diagonal": {"method": "hutchinson", "probes": 4},
+    }.get(name, {})
+    if name in ("arnoldi", "lanczos", "nystrom"):
+        options = {"rank": 5}
+    curv = CURVATURES[name](**options).fit(case.model, case.task, case.train)
+    curv.solve(_rhs(2, 51))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert case.model.training
+    for k, p in case.model.named_parameters():
+        assert torch.equal(p, before[k]) and p.grad is None and p.requires_grad
+
+
+def test_bad_arguments_name_the_setting():
+    with pytest.raises(ValueError, match="rank"):
+        Arnoldi(rank=0)
+    with pytest.raises(ValueError, match="n_iter"):
+        Lanczos(rank=10, n_iter=5)
+    with pytest.raises(ValueError, match="kind"):
+        Nystrom(kind="hessian")
+    with pytest.raises(ValueError, match="preconditioner_rank"):
+        CG(kind="hessian", preconditioner_rank=4)
+    with pytest.raises(ValueError, match="depth"):
+        LiSSA(depth=0)
+    with pytest.raises(ValueError, match="scale"):
+        LiSSA(scale=-1.0)
+    case = CASES["linreg"]()
+    with pytest.raises(ValueError, match="rank"):
+        Arnoldi(rank=13).fit(case.model, case.task, case.train)
