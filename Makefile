@@ -22,11 +22,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) -m bench.run
+# The benchmarks run headwater beside the reference libraries in one process: they live
+# in a separate bench-only environment (.venv-bench; pyDVL needs numpy<2).
+bench:
+	bash bench/setup_peers.sh
+	.venv-bench/bin/python -m bench.run
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-bench build *.egg-info src/*.egg-info .pytest_cache

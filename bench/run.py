@@ -1,0 +1,226 @@
+"""``make bench``: every estimator beside the reference libraries, same process, same model.
+
+Problems (bench/problems.py, digits, 1,000 train x 200 test):
+  (a) ``logreg``: L2 multinomial logistic regression (convex), quality = Pearson of
+      ``score/n`` with the actual leave-one-out change of the test loss over
+      100 removed examples x 200 test points (exact retraining, L-BFGS to 1e-10);
+  (b) ``mlp``: 64-128-64-10 tanh MLP, quality = LDS on the correct-class margin
+      (Park et al. 2023) against retrained models (``headwater.evaluate.lds``).
+
+Every row: method, library, settings, wall time, peak RSS increase, quality. Results go
+to ``bench/results.md``. A method plugs in by adding one ``Entry`` to ``ENTRIES``.
+
+    python -m bench.run [--problems logreg mlp] [--only NAME ...] [--no-peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import headwater
+from bench.measure import measure
+from bench.problems import CACHE_DIR, Problem, get_problem
+from headwater.curvature import CURVATURES
+from headwater.evaluate import leave_one_out
+from headwater.task import ClassificationTask
+
+RESULTS = Path(__file__).resolve().parent / "results.md"
+N_LOO = 100  # removed training examples for the logreg ground truth
+
+# Absolute damping λ on the mean objective (the weight decay is in the objective already);
+# the same λ is given to every peer (their adapters fold the weight decay in).
+DAMPING = {"logreg": 0.0, "mlp": 1e-3}
+MEASUREMENT = {"logreg": "loss", "mlp": "margin"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One benchmarked method: ``run(problem, damping, measurement) -> scores [n_test, n_train]``."""
+
+    name: str
+    library: str
+    run: Callable[[Problem, float, str], torch.Tensor]
+    settings: dict[str, Any] = field(default_factory=dict)
+    problems: tuple[str, ...] = ("logreg", "mlp")
+
+
+def _headwater(curvature: str, options: dict[str, Any] | None = None, **kwargs: Any) -> Callable:
+    def run(problem: Problem, damping: float, measurement: str) -> torch.Tensor:
+        task = ClassificationTask(weight_decay=problem.weight_decay, measurement=measurement)
+        return headwater.influence(
+            problem.model, (problem.X_train, problem.y_train), (problem.X_test, problem.y_test),
+            task=task, curvature=curvature, damping=damping, curvature_options=options, **kwargs,
+        ).values
+
+    return run
+
+
+# name, curvature, constructor options: methods register here as they land.
+HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
+    ("exact-ggn", "exact", {}, ("logreg", "mlp")),
+]
+
+
+def headwater_entries() -> list[Entry]:
+    return [
+        Entry(name, "headwater", _headwater(curv, opts), {"curvature": curv, **opts}, probs)
+        for name, curv, opts, probs in HEADWATER_METHODS
+        if curv in CURVATURES
+    ]
+
+
+def peer_entries() -> list[Entry]:
+    """The reference libraries' methods, where they are installed (bench-only extras)."""
+    try:
+        peers = importlib.import_module("bench.peers")
+    except ImportError as err:  # peers live in the bench environment only
+        print(f"[bench] peers unavailable ({err}); run `make bench` to set them up", file=sys.stderr)
+        return []
+    entries = []
+    for name, fn in peers.PEERS.items():
+        def run(problem, damping, measurement, fn=fn):
+            result = fn(problem.model, problem, damping=damping, measurement=measurement)
+            if result.scores is None:
+                raise RuntimeError(result.note or "failed")
+            run.note = result.note  # type: ignore[attr-defined]
+            return result.scores
+        entries.append(Entry(name, name.split("-")[0], run))
+    return entries
+
+
+# ------------------------------------------------------------------ ground truth
+def _cached(key: str, compute: Callable[[], Any]) -> Any:
+    path = CACHE_DIR / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    value = compute()
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
+def loo_truth(problem: Problem) -> dict[str, torch.Tensor]:
+    """Actual change of every test loss when each of ``N_LOO`` examples is removed."""
+    def compute():
+        task = ClassificationTask(weight_decay=problem.weight_decay)
+        idx = torch.linspace(0, problem.n_train - 1, N_LOO).long()
+        res = leave_one_out(problem.model, task, (problem.X_train, problem.y_train),
+                            (problem.X_test, problem.y_test), idx)
+        return {"indices": idx, "actual": res.actual}
+
+    return _cached(f"loo-{problem.name}-{N_LOO}", compute)
+
+
+def loo_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
+    truth = loo_truth(problem)
+    predicted = scores[:, truth["indices"]].double() / problem.n_train
+    r = np.corrcoef(predicted.flatten().numpy(), truth["actual"].flatten().numpy())[0, 1]
+    return {"loo_pearson": float(r)}
+
+
+def lds_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
+    lds_mod = importlib.import_module("headwater.evaluate.lds")
+    truth = _cached(f"lds-{problem.name}", lambda: lds_mod.bench_ground_truth(problem))
+    result = lds_mod.lds(scores, truth)
+    return {"lds": float(result.mean), "lds_se": float(result.stderr)}
+
+
+def quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
+    if not torch.isfinite(scores).all():
+        return {"nonfinite": 1.0}
+    if problem.name == "logreg":
+        return loo_quality(problem, scores)
+    try:
+        return lds_quality(problem, scores)
+    except (ImportError, AttributeError) as err:
+        return {"lds_unavailable": str(err)}  # type: ignore[dict-item]
+
+
+# ------------------------------------------------------------------ running
+def run(problems: list[str], only: list[str] | None, peers: bool) -> list[dict[str, Any]]:
+    entries = headwater_entries() + (peer_entries() if peers else [])
+    if only:
+        entries = [e for e in entries if e.name in only]
+    rows = []
+    for pname in problems:
+        problem = get_problem(pname)
+        for entry in entries:
+            if pname not in entry.problems:
+                continue
+            damping, meas = DAMPING[pname], MEASUREMENT[pname]
+            print(f"[bench] {pname}: {entry.name} ...", file=sys.stderr, flush=True)
+            row = {"problem": pname, "method": entry.name, "library": entry.library,
+                   "settings": {**entry.settings, "damping": damping, "measurement": meas}}
+            try:
+                scores, seconds, peak = measure(entry.run, problem, damping, meas)
+                row.update(seconds=seconds, peak_mb=peak, **quality(problem, scores.detach().cpu()))
+                note = getattr(entry.run, "note", None)
+                if note:
+                    row["note"] = note
+            except Exception as err:  # a failing method is a result, not a crash
+                row.update(error=f"{type(err).__name__}: {err}"[:200])
+            print(f"[bench]   {row}", file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
+    value = row.get(key)
+    return "" if value is None else format(value, spec)
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path = RESULTS) -> None:
+    lines = [
+        "# headwater benchmark results",
+        "",
+        f"Written by `make bench` (python -m bench.run) on {time.strftime('%Y-%m-%d')}; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Same process, same trained model for every library.",
+        "Quality: `logreg` = Pearson of score/n with actual leave-one-out change of test loss "
+        f"({N_LOO} removed x 200 test); `mlp` = LDS on the margin (mean +- s.e. over test points).",
+        "Peak = largest RSS increase during the call (MiB).",
+        "",
+        "| problem | method | library | time (s) | peak (MiB) | LOO Pearson | LDS | settings / note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lds = f"{r['lds']:.3f} +- {r['lds_se']:.3f}" if "lds" in r else ""
+        note = r.get("error") or r.get("note") or ""
+        settings = json.dumps(r["settings"], default=str)
+        lines.append(
+            f"| {r['problem']} | {r['method']} | {r['library']} | {_fmt(r, 'seconds', '.2f')} | "
+            f"{_fmt(r, 'peak_mb', '.0f')} | {_fmt(r, 'loo_pearson', '.4f')} | {lds} | "
+            f"`{settings}` {note} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp"])
+    parser.add_argument("--only", nargs="+", help="method names to run")
+    parser.add_argument("--no-peers", action="store_true", help="headwater only")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = run(args.problems, args.only, peers=not args.no_peers)
+    write_markdown(rows, args.output)
+    print(f"[bench] wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
