@@ -1,0 +1,1 @@
+"""The ``headwater`` command line (front end; the core never imports it)."""

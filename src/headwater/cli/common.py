@@ -1,0 +1,255 @@
+"""Shared pieces of the commands: progress bars, logging, run configs, output folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import headwater
+from headwater import store
+from headwater.curvature import CURVATURES
+from headwater.curvature.base import check_damping
+
+__all__ = [
+    "CONFIG_NAME",
+    "ProgressBars",
+    "Timer",
+    "UserError",
+    "add_attribution_options",
+    "best_curvature",
+    "check_attribution_options",
+    "known_methods",
+    "prepare_output",
+    "setup_logging",
+    "write_config",
+]
+
+log = logging.getLogger("headwater.cli")
+
+CONFIG_NAME = "config.json"
+_CURVATURE_PREFERENCE = ("ekfac", "kfac", "exact")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the user's files: printed as one line, no traceback."""
+
+
+# -- progress and logging ------------------------------------------------------------
+
+
+class ProgressBars:
+    """A ``progress(stage, done, total)`` callback drawing one tqdm bar (with ETA) per stage.
+
+    A stage whose count goes back down (it runs again) gets a fresh bar.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self._bars.get(stage)
+        if bar is not None and (done < bar.n or total != bar.total):
+            bar.close()
+            bar = None
+        if bar is None:
+            bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=True,
+                       bar_format="{desc:<26} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                  "[{elapsed}<{remaining}]")
+            self._bars[stage] = bar
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self._bars[stage]
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """Log ``headwater.*`` messages to stderr (around any progress bars)."""
+    root = logging.getLogger("headwater")
+    root.handlers.clear()
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    logging.captureWarnings(True)
+    warn_log = logging.getLogger("py.warnings")
+    warn_log.handlers = [handler]
+    warn_log.propagate = False
+
+
+class Timer:
+    """Wall-clock seconds per named stage: ``with timer("fit"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            log.debug("%s: %.2f s", stage, self.seconds[stage])
+
+
+# -- options shared by demo and score -------------------------------------------------
+
+
+def known_methods() -> tuple[str, ...]:
+    """The estimator names ``headwater.influence(method=...)`` accepts."""
+    from headwater import api
+
+    return tuple(getattr(api, "METHODS", getattr(api, "_METHODS", ("influence",))))
+
+
+def best_curvature() -> str:
+    """The preferred registered curvature: EK-FAC, else K-FAC, else exact."""
+    for name in _CURVATURE_PREFERENCE:
+        if name in CURVATURES:
+            return name
+    return min(CURVATURES)
+
+
+def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | None,
+                            threads_default: int | None = None) -> None:
+    g = p.add_argument_group("attribution")
+    g.add_argument("--method", default="influence",
+                   help=f"estimator (default: influence; available: {', '.join(known_methods())})")
+    g.add_argument("--curvature", default="auto",
+                   help="curvature approximation: 'auto' picks the best available "
+                        f"(now {best_curvature()!r}); one of {', '.join(sorted(CURVATURES))}")
+    g.add_argument("--kind", default="ggn", help="curvature matrix: ggn (default), hessian or ef")
+    g.add_argument("--damping", type=float, default=None,
+                   help="damping λ >= 0 added to the curvature (default: chosen relative to its scale)")
+    g.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query (default 5)")
+    g.add_argument("--no-self-influence", dest="self_influence", action="store_false",
+                   help="skip self-influence (used to flag likely mislabeled training examples)")
+    g.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
+    r = p.add_argument_group("run")
+    r.add_argument("-o", "--out", default=out_default,
+                   help="output folder for results, report and config" +
+                        (f" (default: {out_default})" if out_default else " (required)"))
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    r.add_argument("--threads", type=int, default=threads_default,
+                   help=f"CPU threads for torch (default: {threads_default or 'torch' + chr(39) + 's choice'})")
+    r.add_argument("--config", default=None,
+                   help="rerun with the arguments saved in a run's config.json (flags given here override it)")
+    r.add_argument("--no-report", dest="report", action="store_false", help="do not write the HTML report")
+
+
+def check_attribution_options(args: argparse.Namespace) -> None:
+    """Validate the cheap options before any long step; resolves ``--curvature auto``."""
+    methods = known_methods()
+    if args.method not in methods:
+        raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(methods)}")
+    if args.curvature == "auto":
+        args.curvature = best_curvature()
+    if args.curvature not in CURVATURES:
+        raise UserError(f"--curvature: unknown curvature {args.curvature!r}; available: "
+                        f"{', '.join(sorted(CURVATURES))}")
+    if args.kind not in ("ggn", "hessian", "ef"):
+        raise UserError(f"--kind: expected ggn, hessian or ef, got {args.kind!r}")
+    try:
+        check_damping(args.damping)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"--{err}") from err
+    if args.top_k <= 0:
+        raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
+    if args.chunk_size <= 0:
+        raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UserError(f"--threads: must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--device: cannot use device {args.device!r} ({str(err).splitlines()[0]})") from err
+
+
+def prepare_output(path: str | os.PathLike | None) -> Path:
+    """Create the output folder (if needed) and check that it can be written."""
+    if not path:
+        raise UserError("--out: an output folder is required")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out: {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out: cannot create {folder}: {err.strerror or err}") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out: {folder} is not writable")
+    return folder
+
+
+# -- run configuration -----------------------------------------------------------------
+
+_NOT_SAVED = {"config", "func", "quiet", "verbose", "traceback"}
+
+
+def config_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SAVED}
+
+
+def write_config(folder: Path, command: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """Write ``folder/config.json``: every resolved argument, versions and how to rerun."""
+    config = {
+        "command": command,
+        "args": config_args(args),
+        "argv": sys.argv[1:],
+        "reproduce": f"headwater {command} --config {shlex.quote(str(folder / CONFIG_NAME))}",
+        "versions": {"headwater": headwater.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "torch_threads": torch.get_num_threads(),
+        **extra,
+    }
+    store.atomic_write_bytes(folder / CONFIG_NAME, json.dumps(config, indent=2, default=str).encode())
+    return config
+
+
+def load_config_defaults(path: str, command: str) -> dict[str, Any]:
+    """The saved arguments of a run, to use as defaults."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / CONFIG_NAME
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError as err:
+        raise UserError(f"--config: no such file {file}") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--config: cannot read {file}: {err}") from err
+    if config.get("command") != command:
+        raise UserError(f"--config: {file} is a {config.get('command')!r} run, not {command!r}")
+    return dict(config.get("args", {}))

@@ -1,0 +1,102 @@
+"""``headwater``: trace a model's predictions back to the training examples that caused them.
+
+Commands: ``demo``, ``score``, ``report``, ``bench``. Run ``headwater <command> --help``.
+Mistakes in the command line or the user's files print one line to stderr and exit
+with status 2 (``--traceback`` shows the full error instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from headwater import __version__
+
+__all__ = ["build_parser", "main"]
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    g = flags.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars or log messages (results are still printed)")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug log messages")
+    g.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error instead of one line")
+    return flags
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and its subcommand parsers by name."""
+    from headwater.cli import bench, demo, render, score
+
+    flags = _common_flags()
+    parser = _Parser(prog="headwater", description=__doc__.split("\n\n")[0].replace("``", ""), parents=[flags])
+    parser.add_argument("--version", action="version", version=f"headwater {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    commands = {}
+    for module in (demo, score, render, bench):
+        p = module.add_parser(sub, [flags])  # the shared flags also work after the command
+        commands[p.prog.split()[-1]] = p
+    return parser, commands
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    from headwater.cli.common import load_config_defaults
+
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+    if getattr(args, "config", None):
+        commands[args.command].set_defaults(**load_config_defaults(args.config, args.command))
+        args = parser.parse_args(argv)
+    for name in ("quiet", "verbose", "traceback"):
+        setattr(args, name, getattr(args, name, False))
+    return args
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``headwater`` console script; returns the exit status."""
+    from headwater.cli.common import UserError, setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv
+    try:
+        args = _parse(argv)
+        setup_logging(args.quiet, args.verbose)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("headwater: interrupted\n")
+        return 130
+    except (UserError, ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError,
+            IsADirectoryError) as err:
+        if show_traceback:
+            raise
+        logging.getLogger("headwater").debug("error", exc_info=True)
+        sys.stderr.write(f"headwater: error: {_one_line(err)}\n")
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The attribution step shared by ``demo`` and ``score``, and writing its outputs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import headwater
+from headwater.cli.common import ProgressBars, Timer, write_config
+from headwater.data import DataLike
+from headwater.methods import Scores
+from headwater.report import RunResult, render, save_result, write_top_k_csv
+from headwater.task import Task
+
+__all__ = ["attribute", "write_outputs"]
+
+log = logging.getLogger("headwater.cli")
+
+
+def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | None,
+              args: argparse.Namespace, progress: ProgressBars, timer: Timer) -> Scores:
+    """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator."""
+    log.info("scoring with method=%s, curvature=%s (%s), damping=%s", args.method, args.curvature,
+             args.kind, "auto" if args.damping is None else args.damping)
+    with timer("attribution"):
+        scores = headwater.influence(
+            model, train, query, task=task, method=args.method, curvature=args.curvature,
+            damping=args.damping, kind=args.kind, self_influence=args.self_influence,
+            chunk_size=args.chunk_size, progress=progress,
+        )
+    progress.close()
+    return scores
+
+
+def write_outputs(folder: Path, command: str, args: argparse.Namespace, result: RunResult,
+                  timer: Timer, **extra: Any) -> RunResult:
+    """Save results (store), the top-k CSV, the run config and (unless ``--no-report``)
+    the HTML report into ``folder``; returns the result with its config attached."""
+    config = write_config(folder, command, args, settings=result.settings, timings=timer.seconds, **extra)
+    result = dataclasses.replace(result, config=config, timings=dict(timer.seconds))
+    with timer("save"):
+        store_path = save_result(folder, result)
+        csv_path = write_top_k_csv(folder / "top_k.csv", result, args.top_k)
+    log.info("scores: %s.safetensors; top-%d table: %s", store_path, args.top_k, csv_path)
+    if args.report:
+        with timer("report"):
+            html = render(result, folder / "report", k=args.top_k)
+        log.info("report: %s", html)
+    write_config(folder, command, args, settings=result.settings, timings=timer.seconds, **extra)
+    return result

@@ -1,0 +1,209 @@
+"""``headwater score``: attribute a user's model given as a Python spec.
+
+A spec is a ``.py`` file or an importable module defining:
+
+    model   a trained torch.nn.Module (required)
+    train   the training data: an (inputs, targets) pair of tensors, a Dataset or a
+            DataLoader, in a fixed order (required)
+    query   the examples to explain, in the same forms (required)
+    task    a headwater Task (optional; default: classification for integer targets,
+            regression for float targets)
+    image_shape   (H, W) to show inputs as images in the report (optional)
+    class_names   display names of the classes (optional)
+
+Any of these may instead be a function without arguments that returns the value
+(called once, after the random seed is set). Outputs in --out: results.safetensors
++ results.json (scores [n_query, n_train], self-influence, labels), top_k.csv,
+config.json (rerun with --config) and report/index.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from headwater.cli.common import (
+    ProgressBars,
+    Timer,
+    UserError,
+    add_attribution_options,
+    check_attribution_options,
+    prepare_output,
+)
+from headwater.cli.run import attribute, write_outputs
+from headwater.data import as_tensors, iter_batches
+from headwater.gradients.functional import evaluation_mode, prepare_batch
+from headwater.gradients.per_example import Objective, check_batch
+from headwater.report import RunResult, format_top_k_table
+from headwater.task import ClassificationTask, Task, default_task
+
+__all__ = ["Spec", "add_parser", "load_spec", "run"]
+
+log = logging.getLogger("headwater.cli")
+
+_MAX_SCORES = 200_000_000  # n_query * n_train kept in memory (1.6 GB in float64)
+
+
+class Spec:
+    """The user's model, data and task, read from a spec file or module."""
+
+    def __init__(self, ref: str, module: ModuleType):
+        self.ref = ref
+        self.module = module
+
+    def get(self, name: str, required: bool = True) -> Any:
+        if not hasattr(self.module, name):
+            if required:
+                raise UserError(f"spec: {self.ref} defines no `{name}` (needs model, train and query)")
+            return None
+        value = getattr(self.module, name)
+        if inspect.isfunction(value):
+            try:
+                value = value()
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as err:
+                raise UserError(f"spec: {self.ref}: `{name}()` raised {type(err).__name__}: "
+                                f"{err} (rerun with --traceback)") from err
+        return value
+
+
+def load_spec(ref: str) -> Spec:
+    """Execute a spec file (``path/to/spec.py``) or import a module (``package.module``)."""
+    path = Path(ref)
+    if ref.endswith(".py") or path.exists() or "/" in ref or "\\" in ref:
+        if not path.is_file():
+            raise UserError(f"spec: no such file {ref}")
+        name = f"_headwater_spec_{path.stem}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise UserError(f"spec: cannot load {ref} as Python")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.path.insert(0, str(path.resolve().parent))  # sibling imports of the spec
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as err:
+            raise UserError(f"spec: {ref} failed: {type(err).__name__}: {err} (rerun with --traceback)") from err
+        return Spec(ref, module)
+    try:
+        module = importlib.import_module(ref)
+    except ModuleNotFoundError as err:
+        if err.name and ref.startswith(err.name):
+            raise UserError(f"spec: no file or module named {ref!r}") from err
+        raise UserError(f"spec: importing {ref} failed: {err} (rerun with --traceback)") from err
+    except Exception as err:
+        raise UserError(f"spec: importing {ref} failed: {type(err).__name__}: {err} "
+                        "(rerun with --traceback)") from err
+    return Spec(ref, module)
+
+
+def _images(inputs: Tensor, image_shape: Any) -> Tensor | None:
+    """``[n, H, W]`` views of the inputs for display, or ``None`` if they are not images."""
+    if image_shape is not None:
+        shape = tuple(int(s) for s in image_shape)
+        if len(shape) != 2 or math.prod(shape) != inputs[0].numel():
+            raise UserError(f"spec: image_shape {shape} does not match inputs of shape {tuple(inputs.shape[1:])}")
+        return inputs.reshape(inputs.shape[0], *shape).float()
+    if inputs.dim() == 4 and inputs.shape[1] == 1:
+        return inputs[:, 0].float()
+    if inputs.dim() == 3 and min(inputs.shape[1:]) >= 4:
+        return inputs.float()
+    return None
+
+
+def _first_param(model: nn.Module, task: Task) -> Tensor:
+    return next(iter(task.parameters(model).values()))
+
+
+def _predictions(model: nn.Module, task: Task, query: Any, device: str) -> Tensor | None:
+    if not isinstance(task, ClassificationTask):
+        return None
+    out = []
+    with torch.no_grad(), evaluation_mode(model):
+        for x, _ in iter_batches(query, 512, "query"):
+            logits = task.output(model, x.to(device))
+            out.append(logits.argmax(dim=-1).cpu())
+    return torch.cat(out)
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "score", parents=parents,
+        help="attribute your own model: scores, top-k CSV and report from a Python spec",
+        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", help="a spec file (path/to/spec.py) or module (package.module)")
+    p.add_argument("--queries", type=int, nargs="+", default=None,
+                   help="query indices detailed in the printed table and report (default: the first 3)")
+    add_attribution_options(p, out_default=None)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    check_attribution_options(args)
+    if not args.out:
+        args.out = str(Path("headwater-out") / Path(args.spec).stem.replace(".", "_"))
+    folder = prepare_output(args.out)
+    progress, timer = ProgressBars(enabled=not args.quiet), Timer()
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    with timer("spec"):
+        spec = load_spec(args.spec)
+        model, train, query = spec.get("model"), spec.get("train"), spec.get("query")
+        task = spec.get("task", required=False)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"spec: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    if task is not None and not isinstance(task, Task):
+        raise UserError(f"spec: `task` must be a headwater Task, got {type(task).__name__}")
+    model = model.to(args.device)
+    x_train, y_train = as_tensors(train, "train")
+    x_query, y_query = as_tensors(query, "query")
+    n_scores = x_query.shape[0] * x_train.shape[0]
+    if n_scores > _MAX_SCORES:
+        raise UserError(f"query: {x_query.shape[0]} x {x_train.shape[0]} scores do not fit in memory; "
+                        "score fewer queries per run")
+    task = task or default_task(y_train)
+    for name, data, objective in (("train", train, Objective.TRAIN), ("query", query, Objective.MEASUREMENT)):
+        check_batch(model, task, prepare_batch(next(iter_batches(data, 2, name)), _first_param(model, task)),
+                    name, objective)  # fail fast, before any long step
+    log.info("spec %s: %s with %d analysed parameters; %d train, %d query examples", args.spec,
+             type(model).__name__, sum(p.numel() for p in task.parameters(model).values()),
+             x_train.shape[0], x_query.shape[0])
+
+    scores = attribute(model, train, query, task, args, progress, timer)
+    queries = args.queries or list(range(min(3, x_query.shape[0])))
+    bad = [q for q in queries if not 0 <= q < x_query.shape[0]]
+    if bad:
+        raise UserError(f"--queries: indices {bad} are outside [0, {x_query.shape[0]})")
+    image_shape = spec.get("image_shape", required=False)
+    class_names = spec.get("class_names", required=False) or ()
+    result = RunResult(
+        scores=scores.values.detach().cpu(), train_labels=y_train.cpu(), query_labels=y_query.cpu(),
+        query_predictions=_predictions(model, task, query, args.device),
+        self_influence=None if scores.self_influence is None else scores.self_influence.detach().cpu(),
+        train_images=_images(x_train.cpu(), image_shape), query_images=_images(x_query.cpu(), image_shape),
+        shown=tuple(queries), settings=scores.settings, class_names=tuple(str(c) for c in class_names),
+    )
+    write_outputs(folder, "score", args, result, timer, spec=str(args.spec))
+    print(format_top_k_table(result, queries, args.top_k))
+    print(f"scores: {folder / 'results.safetensors'}  top-{args.top_k} per query: {folder / 'top_k.csv'}")
+    if args.report:
+        print(f"report: {folder / 'report' / 'index.html'}")
+    return 0

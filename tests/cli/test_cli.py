@@ -1,0 +1,200 @@
+"""The headwater command line: demo report, the API agreement, score on the example spec,
+config reproduction, and one-line user errors (run as subprocesses, like a user would)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import headwater
+from headwater import store
+from headwater.cli.demo import LeNet, digits_split, flip_labels
+from headwater.cli.main import main
+from headwater.report import load_result
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "digits_mlp.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL_DEMO = ["--n-train", "300", "--n-test", "40", "--epochs", "6", "--threads", "1"]
+
+
+def headwater_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "headwater.cli.main", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+class _Page(HTMLParser):
+    """Collects image sources and the proponent/opponent table rows of index.html."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.rows: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "tr" and "data-kind" in attrs:
+            self.rows.append(attrs)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = headwater_cli("demo", *SMALL_DEMO, "--quiet", "-o", str(out), cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def _page(out: Path) -> _Page:
+    page = _Page()
+    page.feed((out / "report" / "index.html").read_text(encoding="utf-8"))
+    return page
+
+
+def test_demo_report_references_valid_pngs(demo):
+    out, proc = demo
+    page = _page(out)
+    assert len(page.images) >= 5  # 3 test examples, mislabeled, distribution
+    for src in page.images:
+        path = out / "report" / src
+        assert path.is_file(), src
+        assert path.read_bytes()[:8] == PNG_MAGIC, src
+        with Image.open(path) as img:
+            img.verify()
+    shown = {r["data-query"] for r in page.rows}
+    assert len(shown) == 3
+    assert "proponent" in proc.stdout and "opponent" in proc.stdout
+    assert (out / "top_k.csv").is_file() and (out / "config.json").is_file()
+
+
+def test_demo_top_proponent_is_what_the_api_returns(demo):
+    out, proc = demo
+    args = json.loads((out / "config.json").read_text())["args"]
+    x_tr, y_tr, x_te, y_te = digits_split(args["seed"], args["n_train"], args["n_test"])
+    y_tr, _ = flip_labels(y_tr, args["label_noise"], args["seed"])
+    model = LeNet()
+    state, _ = store.load(out / "model")
+    model.load_state_dict(state)
+    api = headwater.influence(
+        model, (x_tr, y_tr), (x_te, y_te), task=headwater.ClassificationTask(weight_decay=args["weight_decay"]),
+        curvature=args["curvature"], damping=args["damping"], kind=args["kind"], top_k=args["top_k"],
+    )
+    page = _page(out)
+    top = {int(r["data-query"]): int(r["data-train-index"]) for r in page.rows
+           if r["data-kind"] == "proponent" and r["data-rank"] == "1"}
+    assert len(top) == 3
+    for q, train_index in top.items():
+        assert train_index == int(api.indices[q, 0]), (q, train_index, api.indices[q])
+        # the printed table shows the same index on the first rank line of this query
+        block = proc.stdout.split(f"test #{q} ")[1]
+        first_row = block.splitlines()[3].split()
+        assert int(first_row[1]) == train_index
+
+
+def test_config_reproduces_the_run(demo, tmp_path):
+    out, _ = demo
+    again = tmp_path / "again"
+    proc = headwater_cli("demo", "--config", str(out / "config.json"), "--quiet", "--no-report",
+                         "-o", str(again), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_result(out).scores, load_result(again).scores)
+
+
+def test_report_command_renders_a_saved_folder(demo, tmp_path):
+    out, _ = demo
+    proc = headwater_cli("report", str(out), "--to", str(tmp_path / "r"), "--top-k", "3", "--queries", "0",
+                         "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    parser = _Page()
+    parser.feed((tmp_path / "r" / "index.html").read_text(encoding="utf-8"))
+    assert {r["data-query"] for r in parser.rows} == {"0"}
+    assert max(int(r["data-rank"]) for r in parser.rows) == 3
+
+
+def test_score_runs_the_example_spec(tmp_path):
+    out = tmp_path / "score"
+    proc = headwater_cli("score", str(EXAMPLE), "--quiet", "--threads", "1", "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = load_result(out)
+    assert result.scores.shape == (40, 600)
+    lines = (out / "top_k.csv").read_text().splitlines()
+    assert lines[0].startswith("query,")
+    assert len(lines) == 1 + 40 * 2 * 5
+    assert (out / "report" / "index.html").is_file()
+    assert json.loads((out / "config.json").read_text())["args"]["spec"] == str(EXAMPLE)
+
+
+def _bad_spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "bad_shapes.py"
+    spec.write_text(
+        "import torch\n"
+        "model = torch.nn.Linear(4, 3)\n"
+        "train = (torch.randn(10, 4), torch.randint(0, 3, (10,)))\n"
+        "query = (torch.randn(2, 5), torch.tensor([0, 1]))\n"
+    )
+    return spec
+
+
+USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
+               "damaged store", "output is a file", "library error"]
+
+
+def _error_args(case: str, tmp_path: Path) -> list[str]:
+    (tmp_path / "empty").mkdir()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "results.json").write_text("{not json")
+    (damaged / "results.safetensors").write_bytes(b"junk")
+    (tmp_path / "a_file").write_text("")
+    return {
+        "missing spec": ["score", "no_such_spec.py"],
+        "missing module": ["score", "no_such_package.spec"],
+        "unknown method": ["demo", "--method", "no-such-method", "-o", "x"],
+        "negative damping": ["score", str(EXAMPLE), "--damping", "-1", "-o", "x"],
+        "empty store": ["report", str(tmp_path / "empty")],
+        "damaged store": ["report", str(damaged)],
+        "output is a file": ["demo", "-o", str(tmp_path / "a_file")],
+        "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
+    }[case]
+
+
+def _assert_one_line(stderr: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("headwater") and "error" in lines[0]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_user_errors_print_one_line(case, tmp_path, monkeypatch, capsys):
+    """In process (fast): main() returns non-zero and writes one line to stderr."""
+    monkeypatch.chdir(tmp_path)
+    code = main(_error_args(case, tmp_path))
+    assert code != 0
+    _assert_one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case", ["missing spec", "library error"])
+def test_user_errors_from_the_console(case, tmp_path):
+    """As a user runs it: a separate process, `python -m headwater`."""
+    proc = subprocess.run([sys.executable, "-m", "headwater", *_error_args(case, tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    _assert_one_line(proc.stderr)
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["score"], ["report"], ["bench"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: headwater" in capsys.readouterr().out
