@@ -44,13 +44,13 @@ def headwater_ekfac(problem: Problem, *, damping: float | None, measurement: str
 def _rows(problem: Problem, damping: float, measurement: str) -> list[dict[str, Any]]:
     rows = []
     ours = {
-        "headwater-ekfac": dict(damping=damping),
-        "headwater-ekfac-heuristic": dict(damping=None),
-        "headwater-ekfac-exact-ggn": dict(damping=damping, ggn_estimator="exact"),
+        "headwater-ekfac": {"damping": damping},
+        "headwater-ekfac-heuristic": {"damping": None},
+        "headwater-ekfac-exact-ggn": {"damping": damping, "ggn_estimator": "exact"},
     }
     for name, opts in ours.items():
         scores, seconds, peak = measure(headwater_ekfac, problem, measurement=measurement, **opts)
-        rows.append(dict(name=name, scores=scores, seconds=seconds, peak_mb=peak, note=str(opts)))
+        rows.append({"name": name, "scores": scores, "seconds": seconds, "peak_mb": peak, "note": str(opts)})
     try:
         from bench import peers
     except ImportError as err:
@@ -58,8 +58,8 @@ def _rows(problem: Problem, damping: float, measurement: str) -> list[dict[str, 
         return rows
     for name in ("kronfluence-ekfac", "kronfluence-ekfac-heuristic", "pydvl-ekfac"):
         result = peers.PEERS[name](problem.model, problem, damping=damping, measurement=measurement)
-        rows.append(dict(name=name, scores=result.scores, seconds=result.seconds,
-                         peak_mb=result.peak_mb, note=result.note))
+        rows.append({"name": name, "scores": result.scores, "seconds": result.seconds,
+                         "peak_mb": result.peak_mb, "note": result.note})
     return rows
 
 
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     lds_quality = None
     if args.lds:
         from bench.run import lds_quality
-    print(f"| method | time (s) | peak (MiB) | Pearson vs kronfluence | Spearman vs kronfluence "
-          f"| LDS | note |\n|---|---|---|---|---|---|---|")
+    print("| method | time (s) | peak (MiB) | Pearson vs kronfluence | Spearman vs kronfluence "
+          "| LDS | note |\n|---|---|---|---|---|---|---|")
     for r in rows:
         agree = compare(r["scores"], ref) if ref is not None else {}
         lds = ""
