@@ -34,10 +34,13 @@ from bench.measure import measure
 from bench.problems import CACHE_DIR, Problem, get_problem
 from headwater.curvature import CURVATURES
 from headwater.evaluate import leave_one_out
+from headwater.evaluate.lds import LDSGroundTruth, lds, lds_ground_truth
 from headwater.task import ClassificationTask
+from headwater.train.ensemble import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
 N_LOO = 100  # removed training examples for the logreg ground truth
+LDS_SUBSETS, LDS_SEEDS = 100, 2  # random halves of the training set, retrainings averaged per half
 
 # Absolute damping λ on the mean objective (the weight decay is in the objective already);
 # the same λ is given to every peer (their adapters fold the weight decay in).
@@ -132,10 +135,24 @@ def loo_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
     return {"loo_pearson": float(r)}
 
 
+def lds_truth(problem: Problem) -> LDSGroundTruth:
+    """Margins of every test point after retraining on 100 random halves (2 seeds each),
+    with the problem's own recipe (Adam, lr, epochs, batch size); stored and reused."""
+    s = problem.settings
+    task = ClassificationTask(weight_decay=problem.weight_decay, measurement="margin")
+    config = TrainConfig(optimizer="adam", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"])
+    return lds_ground_truth(problem.model, task, (problem.X_train, problem.y_train),
+                            (problem.X_test, problem.y_test), n_subsets=LDS_SUBSETS, alpha=0.5,
+                            seeds_per_subset=LDS_SEEDS, config=config, store_dir=CACHE_DIR,
+                            progress=_print_progress)
+
+
+def _print_progress(stage: str, done: int, total: int) -> None:
+    print(f"\r[bench] {stage}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
 def lds_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
-    lds_mod = importlib.import_module("headwater.evaluate.lds")
-    truth = _cached(f"lds-{problem.name}", lambda: lds_mod.bench_ground_truth(problem))
-    result = lds_mod.lds(scores, truth)
+    result = lds(scores, lds_truth(problem))
     return {"lds": float(result.mean), "lds_se": float(result.stderr)}
 
 
@@ -144,10 +161,7 @@ def quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
         return {"nonfinite": 1.0}
     if problem.name == "logreg":
         return loo_quality(problem, scores)
-    try:
-        return lds_quality(problem, scores)
-    except (ImportError, AttributeError) as err:
-        return {"lds_unavailable": str(err)}  # type: ignore[dict-item]
+    return lds_quality(problem, scores)
 
 
 # ------------------------------------------------------------------ running
@@ -191,7 +205,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path = RESULTS) -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Same process, same trained model for every library.",
         "Quality: `logreg` = Pearson of score/n with actual leave-one-out change of test loss "
-        f"({N_LOO} removed x 200 test); `mlp` = LDS on the margin (mean +- s.e. over test points).",
+        f"({N_LOO} removed x 200 test); `mlp` = LDS on the margin over {LDS_SUBSETS} random halves "
+        f"({LDS_SEEDS} retrainings each; mean +- s.e. over test points).",
         "Peak = largest RSS increase during the call (MiB).",
         "",
         "| problem | method | library | time (s) | peak (MiB) | LOO Pearson | LDS | settings / note |",

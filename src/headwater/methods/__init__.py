@@ -2,5 +2,6 @@
 
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.scoring import Scores, pairwise, pairwise_top_k
+from headwater.methods.tracin import Checkpoint, TracIn
 
-__all__ = ["InfluenceFunction", "Scores", "pairwise", "pairwise_top_k"]
+__all__ = ["Checkpoint", "InfluenceFunction", "Scores", "TracIn", "pairwise", "pairwise_top_k"]

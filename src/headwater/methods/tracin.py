@@ -1,0 +1,126 @@
+"""TracIn(CP) (Pruthi et al. 2020) and its renormalised form (Hammoudeh & Lowd 2022).
+
+    score[q, i] = Σ_c η_c · s_c · ∇m(z_q; θ_c)ᵀ ∇ℓ(z_i; θ_c)
+
+over checkpoints ``c`` with learning rate ``η_c`` standing for ``s_c`` optimiser
+steps. Why ``s_c``: in one SGD step on a mini-batch of ``B`` out of ``n`` examples,
+example ``i`` is in the batch with probability ``B/n`` and then moves θ by
+``−(η/B)∇ℓ_i``, so each step changes the query by ``(η/n)∇mᵀ∇ℓ_i`` on average when
+``i`` is removed. Summed over the steps a checkpoint stands for, removing ``i``
+changes ``m(z_q)`` by about ``+score[q, i]/n`` — headwater's one convention
+(positive = proponent with the loss as measurement), whatever the batch size.
+
+With ``renormalize=True`` every gradient is divided by its norm at each checkpoint
+*before* the products are summed (gradient-aggregated renormalisation), which
+removes the dominance of high-loss, large-gradient examples.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from headwater.data import DataLike, num_examples
+from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.scoring import pairwise
+from headwater.progress import ProgressFn, report
+from headwater.task import Task
+
+__all__ = ["Checkpoint", "TracIn"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A training checkpoint: the model's ``state_dict`` at that point, the learning
+    rate in force and the number of optimiser steps it stands for."""
+
+    state: Mapping[str, Tensor]
+    lr: float
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"checkpoints: lr must be a finite float > 0, got {self.lr!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"checkpoints: steps must be a positive integer, got {self.steps!r}")
+
+    @property
+    def weight(self) -> float:
+        return float(self.lr) * self.steps
+
+
+class TracIn:
+    """TracInCP scores ``[n_query, n_train]`` from a list of checkpoints.
+
+    Args:
+        model: the architecture; each checkpoint's state is loaded into a copy
+            (the model itself is never modified).
+        task: loss, measurement and analysed parameters.
+        checkpoints: the :class:`Checkpoint` list (at least one).
+        renormalize: divide each gradient by its norm per checkpoint before the dot
+            products (Hammoudeh & Lowd 2022).
+        chunk_size, query_chunk: tile sizes; results do not depend on them.
+        progress: optional ``progress(stage, done, total)`` callback.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, checkpoints: Sequence[Checkpoint], *,
+                 renormalize: bool = False, chunk_size: int = 64, query_chunk: int = 256,
+                 progress: ProgressFn | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(task, Task):
+            raise TypeError(f"task: expected a headwater Task, got {type(task).__name__}")
+        checkpoints = list(checkpoints)
+        if not checkpoints or not all(isinstance(c, Checkpoint) for c in checkpoints):
+            raise ValueError("checkpoints: expected a non-empty list of headwater Checkpoint objects")
+        for arg, value in (("chunk_size", chunk_size), ("query_chunk", query_chunk)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        self.model, self.task, self.checkpoints = model, task, checkpoints
+        self.renormalize = bool(renormalize)
+        self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
+
+    def _models(self) -> Iterator[tuple[Checkpoint, nn.Module]]:
+        for c in self.checkpoints:
+            member = copy.deepcopy(self.model)
+            try:
+                member.load_state_dict(dict(c.state))
+            except RuntimeError as err:
+                raise ValueError(f"checkpoints: a state does not fit the model: {err}") from err
+            yield c, member
+
+    def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
+        for g in per_example_gradients(model, self.task, data, objective=objective,
+                                       chunk_size=self.chunk_size, name=name):
+            yield g / g.norm(dim=1, keepdim=True).clamp_min(1e-30) if self.renormalize else g
+
+    def scores(self, query: DataLike, train: DataLike) -> Tensor:
+        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``."""
+        n_train = num_examples(train, "train")
+        total: Tensor | None = None
+        for k, (c, member) in enumerate(self._models()):
+            left = c.weight * torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
+            part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train"), n_train,
+                            query_chunk=self.query_chunk)
+            total = part if total is None else total + part
+            report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
+        return total
+
+    def self_influence(self, train: DataLike) -> Tensor:
+        """``Σ_c η_c s_c ‖∇ℓ(z_i; θ_c)‖²`` per training example ``[n_train]`` (Pruthi et
+        al.'s signal for mislabeled examples; constant with ``renormalize``)."""
+        total: Tensor | None = None
+        for c, member in self._models():
+            part = c.weight * torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
+            total = part if total is None else total + part
+        return total
+
+    def settings(self) -> dict:
+        return {"method": "tracin", "renormalize": self.renormalize, "n_checkpoints": len(self.checkpoints),
+                "lrs": [c.lr for c in self.checkpoints], "steps": [c.steps for c in self.checkpoints],
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size}
