@@ -76,10 +76,14 @@ def per_example_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torc
 
 
 def margin_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Correct-class margin logit_y - logsumexp_{c != y} logit_c, shape [B]."""
-    correct = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    mask = F.one_hot(y, logits.shape[-1]).to(torch.bool)
-    others = logits.masked_fill(mask, float("-inf"))
+    """Correct-class margin logit_y - logsumexp_{c != y} logit_c, shape [B].
+
+    Written without one_hot/gather so it also works under torch.func.vmap.
+    """
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    mask = classes == y.unsqueeze(-1)
+    correct = torch.where(mask, logits, torch.zeros_like(logits)).sum(-1)
+    others = torch.where(mask, torch.full_like(logits, float("-inf")), logits)
     return correct - torch.logsumexp(others, dim=-1)
 
 

@@ -1,0 +1,665 @@
+"""Adapters that run the reference libraries on a bench problem and convert their scores.
+
+Every adapter has the signature
+
+    fn(model, problem, *, damping, measurement="margin", **settings) -> PeerResult
+
+and returns ``PeerResult.scores`` as a ``[n_test, n_train]`` tensor in headwater's
+convention (shared DESIGN.md):
+
+    score[q, i] = grad m(q)^T (H + damping*I)^{-1} grad l(i)
+
+with ``H`` the curvature of the *mean* training objective, mean CE +
+(weight_decay/2)||theta||^2, and ``l(i)`` the per-example CE (no regulariser). Removing
+training example i changes m(q) by about ``+score[q, i]/n``; with the loss as the
+measurement a positive score means i helps q. ``measurement`` is ``"loss"`` (CE) or
+``"margin"`` (logit_y - logsumexp of the other logits).
+
+Two conversions are common to all peers (documented once here, again per adapter):
+
+* **Regulariser.** Every peer is given the plain CE as its training loss (the L2 term
+  must not enter the per-example gradients ``grad l(i)``). The Hessian/GGN/Fisher of the
+  L2 term is exactly ``weight_decay * I``, so it is folded into the peer's damping:
+  ``peer_damping = damping + weight_decay`` in mean-loss units (``settings["peer_damping"]``).
+* **Mean vs. sum.** Peers whose curvature is that of the *summed* loss (Captum) get
+  ``n * peer_damping`` and their scores are multiplied by ``n``.
+
+The model passed in is never modified: adapters that install hooks or wrappers work on a
+deep copy. Features are cast to the model's dtype; float64 is used where the peer allows
+(``torch.set_default_dtype`` is set to the model dtype during the call so that tensors
+the peers allocate themselves match). Failures (exceptions) give ``scores=None`` and a
+note; non-finite scores are kept and flagged in the note.
+
+Each adapter is checked by ``python -m bench.smoke_peers`` on the convex logreg problem
+(float64, loss measurement, tiny damping) against ``bench.reference.exact_scores``:
+the exact peers (Captum Naive, pyDVL CG) must give Pearson > 0.99 and scale ratio ~ 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata as _md
+import math
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from bench.measure import measure
+from bench.problems import Problem, margin_from_logits
+
+__all__ = [
+    "PeerResult", "PEERS", "run_all",
+    "kronfluence_ekfac", "kronfluence_ekfac_heuristic",
+    "pydvl_cg", "pydvl_lissa", "pydvl_arnoldi", "pydvl_ekfac",
+    "dattri_cg", "dattri_lissa", "dattri_arnoldi",
+    "captum_naive", "captum_arnoldi",
+]
+
+MEASUREMENTS = ("loss", "margin")
+
+
+@dataclass
+class PeerResult:
+    """One peer method's converted scores and cost.
+
+    ``scores``: ``[n_test, n_train]`` in headwater's convention, or None on failure.
+    ``settings``: everything passed to the peer (incl. ``peer_damping`` and the
+    ``measurement`` actually used). ``note``: conversion caveats or the failure.
+    """
+
+    name: str
+    library: str
+    version: str
+    settings: Dict[str, Any]
+    scores: Optional[torch.Tensor]
+    seconds: float
+    peak_mb: float
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.scores is None or not bool(torch.isfinite(self.scores).all())
+
+    @property
+    def measurement(self) -> str:
+        return self.settings.get("measurement", "?")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _version(dist: str) -> str:
+    try:
+        return _md.version(dist)
+    except _md.PackageNotFoundError:
+        return "not installed"
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _data(model: nn.Module, problem: Problem):
+    dt = _dtype(model)
+    return (problem.X_train.to(dt), problem.y_train, problem.X_test.to(dt), problem.y_test)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _check_measurement(measurement: str) -> None:
+    if measurement not in MEASUREMENTS:
+        raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+
+
+def _run(name: str, library: str, dist: str, settings: Dict[str, Any],
+         fn: Callable[[], torch.Tensor], model: nn.Module, note: str = "") -> PeerResult:
+    """Measure ``fn`` (returns converted scores); turn exceptions into a failed result."""
+    version = _version(dist)
+    notes = [note] if note else []
+    scores: Optional[torch.Tensor]
+    try:
+        with _default_dtype(_dtype(model)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores, seconds, peak = measure(fn)
+        scores = scores.detach().cpu()
+        if not torch.isfinite(scores).all():
+            bad = int((~torch.isfinite(scores)).sum())
+            notes.append(f"NON-FINITE: {bad} of {scores.numel()} scores are nan/inf")
+    except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
+        scores, seconds, peak = None, float("nan"), float("nan")
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" at {tb[-1].filename.split('site-packages/')[-1]}:{tb[-1].lineno}" if tb else ""
+        notes.append(f"FAILED: {type(e).__name__}: {str(e)[:300]}{where}")
+    return PeerResult(name, library, version, settings, scores, seconds, peak, "; ".join(notes))
+
+
+def _base_settings(problem: Problem, model: nn.Module, damping: float, measurement: str,
+                   **kw) -> Dict[str, Any]:
+    return dict(problem=problem.name, dtype=str(_dtype(model)).replace("torch.", ""),
+                damping=float(damping), weight_decay=problem.weight_decay,
+                peer_damping=float(damping) + problem.weight_decay,
+                measurement=measurement, n_train=problem.n_train, n_test=problem.n_test, **kw)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _as_sequential(model: nn.Module) -> nn.Module:
+    """Deep copy; a bare leaf layer (logreg's nn.Linear) is wrapped in nn.Sequential so
+    that libraries which replace/hook *child* modules find it."""
+    m = copy.deepcopy(model)
+    if len(list(m.children())) == 0:
+        m = nn.Sequential(m)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def top_hessian_eigenvalue(model: nn.Module, problem: Problem, iters: int = 30,
+                           seed: int = 0) -> float:
+    """Largest eigenvalue of the full-batch Hessian of the mean CE (power iteration).
+
+    Used to choose LiSSA's scale (it must exceed the top eigenvalue of every minibatch
+    Hessian, so adapters take a multiple of this). Not a peer computation.
+    """
+    Xtr, ytr, _, _ = _data(model, problem)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    lam = 0.0
+    for _ in range(iters):
+        nrm = torch.sqrt(sum((t * t).sum() for t in v))
+        v = [t / nrm for t in v]
+        loss = F.cross_entropy(model(Xtr), ytr)
+        gr = torch.autograd.grad(loss, params, create_graph=True)
+        hv = torch.autograd.grad(gr, params, grad_outputs=v)
+        lam = float(sum((a * b).sum() for a, b in zip(hv, v)))
+        v = [t.detach() for t in hv]
+    return abs(lam) + problem.weight_decay
+
+
+# ----------------------------------------------------------------------- kronfluence
+
+def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: Optional[float],
+                        measurement: str, train_batch_size: int, seed: int) -> torch.Tensor:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    Xtr, ytr, Xte, yte = _data(model, problem)
+    dt = _dtype(model)
+
+    class _Task(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:  # true Fisher: labels drawn from the model's predictive distribution
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(-1)
+            return F.cross_entropy(logits, y, reduction="sum")  # kronfluence wants the SUM
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            logits = model(x)
+            if measurement == "loss":
+                return F.cross_entropy(logits, y, reduction="sum")
+            return margin_from_logits(logits, y).sum()  # +margin: no sign flip (see docstring)
+
+    task = _Task()
+    m = prepare_model(_as_sequential(model), task)
+    fa = FactorArguments(strategy="ekfac", activation_covariance_dtype=dt,
+                         gradient_covariance_dtype=dt, per_sample_gradient_dtype=dt,
+                         lambda_dtype=dt, eigendecomposition_dtype=torch.float64)
+    sa = ScoreArguments(damping_factor=damping_factor, per_sample_gradient_dtype=dt,
+                        precondition_dtype=dt, score_dtype=dt)
+    with tempfile.TemporaryDirectory(prefix="bench-kronfluence-") as out:
+        an = Analyzer(analysis_name="bench", model=m, task=task, cpu=True, disable_tqdm=True,
+                      output_dir=out, log_level=40)
+        torch.manual_seed(seed)
+        an.fit_all_factors(factors_name="ekfac", dataset=TensorDataset(Xtr, ytr),
+                           per_device_batch_size=train_batch_size, factor_args=fa,
+                           overwrite_output_dir=True)
+        an.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac",
+                                   query_dataset=TensorDataset(Xte, yte),
+                                   train_dataset=TensorDataset(Xtr, ytr),
+                                   per_device_query_batch_size=len(yte),
+                                   per_device_train_batch_size=train_batch_size,
+                                   score_args=sa, overwrite_output_dir=True)
+        scores = an.load_pairwise_scores("pairwise")["all_modules"].clone()
+    return scores
+
+
+def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
+                      measurement: str = "margin", train_batch_size: int = 100,
+                      seed: int = 0, heuristic_damping: bool = False) -> PeerResult:
+    """Kronfluence EK-FAC (true Fisher, labels sampled from the model with ``seed``).
+
+    Conversion: kronfluence's pairwise score is ``g_q^T (F_ekfac + d I)^{-1} g_i`` with the
+    EK-FAC factors averaged over examples (curvature of the mean loss) and the train loss
+    summed per batch; ``g_q`` is the gradient of ``compute_measurement``, which returns
+    +loss or +margin here (kronfluence's own examples return ``-margin`` to make the
+    margin behave like a loss; we do not, to get headwater's convention). Positive =
+    helpful for the loss: same sign and scale as headwater, no rescaling. The damping is
+    added per module to the eigenvalue-corrected diagonal: ``damping_factor =
+    damping + weight_decay``. With ``heuristic_damping=True`` kronfluence's
+    ``damping_factor=None`` is used instead (0.1 x mean eigenvalue of each module, and
+    then neither ``damping`` nor the L2 term enters).
+    """
+    _check_measurement(measurement)
+    s = _base_settings(problem, model, damping, measurement, train_batch_size=train_batch_size,
+                       seed=seed, strategy="ekfac", fisher="true (sampled labels)")
+    if heuristic_damping:
+        s["peer_damping"] = None
+        s["damping_factor"] = "heuristic: 0.1 * mean(lambda) per module"
+        df = None
+    else:
+        df = s["peer_damping"]
+        s["damping_factor"] = df
+    name = "kronfluence-ekfac" + ("-heuristic" if heuristic_damping else "")
+    return _run(name, "kronfluence", "kronfluence", s,
+                lambda: _kronfluence_scores(model, problem, damping_factor=df,
+                                            measurement=measurement,
+                                            train_batch_size=train_batch_size, seed=seed),
+                model, note="heuristic damping ignores `damping` and the L2 term"
+                if heuristic_damping else "")
+
+
+def kronfluence_ekfac_heuristic(model: nn.Module, problem: Problem, *, damping: float,
+                                measurement: str = "margin", **kw) -> PeerResult:
+    """Kronfluence EK-FAC with its own heuristic damping (``damping_factor=None``)."""
+    return kronfluence_ekfac(model, problem, damping=damping, measurement=measurement,
+                             heuristic_damping=True, **kw)
+
+
+# ----------------------------------------------------------------------------- pyDVL
+
+def _pydvl_loss(n_classes: int, measurement: str):
+    """Loss callable for pyDVL: ``loss(outputs, target) -> scalar`` (mean over the batch).
+
+    pyDVL uses one loss for the curvature, the training gradients and the query
+    gradients. For the margin measurement, query targets are passed offset by
+    ``n_classes``: targets >= n_classes select the margin of class ``target - n_classes``,
+    other targets the CE. Training targets are never offset, so the curvature and
+    ``grad l(i)`` are the plain CE. vmap-safe (no data-dependent control flow).
+    """
+    if measurement == "loss":
+        return F.cross_entropy
+
+    def loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        is_query = target >= n_classes
+        t = torch.remainder(target, n_classes)
+        ce = F.cross_entropy(outputs, t, reduction="none")
+        mg = margin_from_logits(outputs, t)
+        return torch.where(is_query, mg, ce).mean()
+
+    return loss
+
+
+def _pydvl_run(make: Callable[[Callable], Any], model: nn.Module, problem: Problem,
+               measurement: str, fit_batch_size: int) -> torch.Tensor:
+    from pydvl.influence import InfluenceMode
+
+    Xtr, ytr, Xte, yte = _data(model, problem)
+    n_classes = int(problem.y_train.max()) + 1
+    m = copy.deepcopy(model)
+    inf = make(_pydvl_loss(n_classes, measurement), m)
+    inf = inf.fit(DataLoader(TensorDataset(Xtr, ytr), batch_size=fit_batch_size))
+    yq = yte + n_classes if measurement == "margin" else yte
+    return inf.influences(Xte, yq, Xtr, ytr, mode=InfluenceMode.Up)
+
+
+def pydvl_cg(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
+             rtol: float = 1e-7, atol: float = 1e-10, maxiter: Optional[int] = None,
+             fit_batch_size: Optional[int] = None) -> PeerResult:
+    """pyDVL ``CgInfluence`` with block CG (``solve_simultaneously=True``), exact Hessian HVPs.
+
+    Conversion: pyDVL returns ``<(H + r I)^{-1} g_test, g_train>`` with H the Hessian of
+    the *mean* loss over its data loader (batches averaged), positive = helpful; so
+    ``regularization = damping + weight_decay`` and no rescaling. The margin measurement
+    goes through the target-offset loss (see ``_pydvl_loss``).
+    """
+    from pydvl.influence.torch import CgInfluence
+
+    _check_measurement(measurement)
+    bs = fit_batch_size or problem.n_train
+    s = _base_settings(problem, model, damping, measurement, solve_simultaneously=True,
+                       rtol=rtol, atol=atol, maxiter=maxiter, fit_batch_size=bs,
+                       second_order_mode="hessian")
+    return _run("pydvl-cg", "pydvl", "pyDVL", s, lambda: _pydvl_run(
+        lambda loss, m: CgInfluence(m, loss, regularization=s["peer_damping"], rtol=rtol,
+                                    atol=atol, maxiter=maxiter, solve_simultaneously=True,
+                                    warn_on_max_iteration=False),
+        model, problem, measurement, bs), model)
+
+
+def pydvl_lissa(model: nn.Module, problem: Problem, *, damping: float,
+                measurement: str = "margin", scale: Optional[float] = None,
+                maxiter: int = 1000, batch_size: int = 50, rtol: float = 1e-4,
+                seed: int = 0) -> PeerResult:
+    """pyDVL ``LissaInfluence`` (minibatch Hessian HVPs, ``maxiter`` recursion steps).
+
+    Conversion: pyDVL's LiSSA solves ``(H + r I) x = g_test`` with H of the mean loss (each
+    step uses one shuffled minibatch of ``batch_size``) and divides by the scale itself, so
+    ``regularization = damping + weight_decay``, ``dampen = 0``, no rescaling. ``scale``
+    defaults to 3 x the top eigenvalue of the damped full-batch Hessian (LiSSA diverges if
+    the scale is below the top eigenvalue of a damped minibatch Hessian); pyDVL's default
+    scale is 10.
+    """
+    from pydvl.influence.torch import LissaInfluence
+
+    _check_measurement(measurement)
+    if scale is None:
+        scale = 3.0 * (top_hessian_eigenvalue(model, problem) + damping)
+    s = _base_settings(problem, model, damping, measurement, scale=scale, maxiter=maxiter,
+                       batch_size=batch_size, rtol=rtol, dampen=0.0, seed=seed)
+
+    def go():
+        torch.manual_seed(seed)
+        return _pydvl_run(
+            lambda loss, m: LissaInfluence(m, loss, regularization=s["peer_damping"],
+                                           maxiter=maxiter, dampen=0.0, scale=scale, rtol=rtol,
+                                           warn_on_max_iteration=False),
+            model, problem, measurement, batch_size)
+
+    return _run("pydvl-lissa", "pydvl", "pyDVL", s, go, model)
+
+
+def pydvl_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
+                  measurement: str = "margin", rank: int = 50,
+                  use_woodbury: bool = False) -> PeerResult:
+    """pyDVL ``ArnoldiInfluence``: top-``rank`` eigenpairs (by |lambda|) of the mean-loss
+    Hessian via ARPACK, inverse ``V (D + r)^{-1} V^T`` (discarded directions contribute 0
+    unless ``use_woodbury``). Conversion: ``regularization = damping + weight_decay``,
+    positive = helpful, no rescaling.
+    """
+    from pydvl.influence.torch import ArnoldiInfluence
+
+    _check_measurement(measurement)
+    s = _base_settings(problem, model, damping, measurement, rank=rank,
+                       use_woodbury=use_woodbury)
+    return _run("pydvl-arnoldi", "pydvl", "pyDVL", s, lambda: _pydvl_run(
+        lambda loss, m: ArnoldiInfluence(m, loss, regularization=s["peer_damping"], rank=rank,
+                                         use_woodbury=use_woodbury),
+        model, problem, measurement, problem.n_train), model)
+
+
+def pydvl_ekfac(model: nn.Module, problem: Problem, *, damping: float,
+                measurement: str = "margin", fit_batch_size: int = 100,
+                update_diagonal: bool = True) -> PeerResult:
+    """pyDVL ``EkfacInfluence`` (``update_diagonal=True``: eigenvalue-corrected).
+
+    Conversion: factors are averaged over examples (mean loss), ``hessian_regularization``
+    is added to the EK-FAC diagonal: ``damping + weight_decay``; positive = helpful, no
+    rescaling. pyDVL hard-codes the CE for query gradients, so this adapter always uses
+    the LOSS measurement (recorded in ``settings["measurement"]`` and the note).
+    Runs in float32 (pyDVL allocates its factors in the default dtype).
+    """
+    from pydvl.influence import InfluenceMode
+    from pydvl.influence.torch import EkfacInfluence
+
+    _check_measurement(measurement)
+    m32 = copy.deepcopy(model).float()
+    note = ("measurement 'margin' requested but pyDVL EK-FAC supports only the loss: used loss"
+            if measurement == "margin" else "")
+    s = _base_settings(problem, m32, damping, "loss", fit_batch_size=fit_batch_size,
+                       update_diagonal=update_diagonal, requested_measurement=measurement)
+
+    def go():
+        Xtr, ytr, Xte, yte = _data(m32, problem)
+        inf = EkfacInfluence(_as_sequential(m32), update_diagonal=update_diagonal,
+                             hessian_regularization=s["peer_damping"])
+        inf = inf.fit(DataLoader(TensorDataset(Xtr, ytr), batch_size=fit_batch_size))
+        return inf.influences(Xte, yte, Xtr, ytr, mode=InfluenceMode.Up)
+
+    return _run("pydvl-ekfac", "pydvl", "pyDVL", s, go, m32, note=note)
+
+
+# ---------------------------------------------------------------------------- dattri
+
+def _dattri_task(model: nn.Module, measurement: str):
+    from dattri.task import AttributionTask
+
+    dt = _dtype(model)
+
+    def loss_func(params, data):
+        # data: (x [B, d], y [B]); mean CE -> Hessian of the MEAN loss, per-example
+        # gradients are taken by dattri on batches of one. Casts guard dattri's LiSSA
+        # collate, which turns every data tensor into float32.
+        x, y = data
+        out = torch.func.functional_call(model, params, (x.to(dt),))
+        return F.cross_entropy(out, y.long())
+
+    def target_func(params, data):
+        x, y = data
+        out = torch.func.functional_call(model, params, (x.to(dt),))
+        if measurement == "loss":
+            return F.cross_entropy(out, y.long())
+        return margin_from_logits(out, y.long()).sum()
+
+    return AttributionTask(loss_func=loss_func, model=model,
+                           checkpoints=copy.deepcopy(model.state_dict()),
+                           target_func=target_func)
+
+
+def _dattri_run(make: Callable[[Any], Any], model: nn.Module, problem: Problem,
+                measurement: str, query_batch_size: Optional[int] = None) -> torch.Tensor:
+    Xtr, ytr, Xte, yte = _data(model, problem)
+    m = copy.deepcopy(model)
+    attributor = make(_dattri_task(m, measurement))
+    qbs = min(query_batch_size or len(yte), len(yte))
+    # dattri takes HVPs with torch.func at parameters that require grad; without an outer
+    # no_grad, the *outer* autograd graph of every CG/LiSSA step is kept (LiSSA grew past
+    # 11 GB on logreg). torch.func transforms ignore an outer no_grad, so results are equal.
+    with torch.no_grad():
+        # One full batch: dattri's CG/LiSSA *sum* inverse-HVPs over the loader's batches.
+        attributor.cache(DataLoader(TensorDataset(Xtr, ytr), batch_size=len(ytr)))
+        out = attributor.attribute(DataLoader(TensorDataset(Xtr, ytr), batch_size=len(ytr)),
+                                   DataLoader(TensorDataset(Xte, yte), batch_size=qbs))
+    return out.T  # dattri returns [n_train, n_test]
+
+
+def dattri_cg(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
+              max_iter: int = 100, query_batch_size: int = 50) -> PeerResult:
+    """dattri ``IFAttributorCG`` (CG on exact HVPs of the mean loss, vmapped over queries,
+    ``max_iter`` iterations, no early stop under vmap).
+
+    Conversion: dattri returns ``g_train . (H + reg I)^{-1} g_test`` as [n_train, n_test]
+    with H the Hessian of ``loss_func`` on the single full batch (mean CE here), positive
+    = helpful: transpose, ``regularization = damping + weight_decay``, no rescaling.
+    dattri sums IHVPs over the batches of the cached loader, so it gets one full batch.
+    Queries go in batches of ``query_batch_size`` (dattri's vmapped CG holds the graphs of
+    all queries of a batch at once: about 9 GB for 200 logreg queries).
+    """
+    from dattri.algorithm.influence_function import IFAttributorCG
+
+    _check_measurement(measurement)
+    s = _base_settings(problem, model, damping, measurement, max_iter=max_iter, mode="rev-rev",
+                       query_batch_size=query_batch_size)
+    return _run("dattri-cg", "dattri", "dattri", s, lambda: _dattri_run(
+        lambda t: IFAttributorCG(t, device="cpu", max_iter=max_iter,
+                                 regularization=s["peer_damping"]),
+        model, problem, measurement, query_batch_size), model)
+
+
+def dattri_lissa(model: nn.Module, problem: Problem, *, damping: float,
+                 measurement: str = "margin", scale: Optional[float] = None,
+                 recursion_depth: int = 1000, batch_size: int = 50, num_repeat: int = 1,
+                 seed: int = 0, query_batch_size: int = 50) -> PeerResult:
+    """dattri ``IFAttributorLiSSA``.
+
+    Its recursion is ``x <- v + (1 - d) x - H_batch x / s`` and it returns ``x / s``, whose
+    fixed point is ``(H + s d I)^{-1} v``: so ``damping = (damping + weight_decay) / s``
+    gives headwater's ``H + (damping + weight_decay) I``; no rescaling, positive = helpful.
+    ``scale`` defaults to 3 x the top eigenvalue of the damped full-batch Hessian (dattri's
+    default is 50); depth and batch size default to pyDVL LiSSA's (1000 steps of 50).
+    """
+    from dattri.algorithm.influence_function import IFAttributorLiSSA
+
+    _check_measurement(measurement)
+    if scale is None:
+        scale = 3.0 * (top_hessian_eigenvalue(model, problem) + damping)
+    s = _base_settings(problem, model, damping, measurement, scale=scale,
+                       recursion_depth=recursion_depth, batch_size=batch_size,
+                       num_repeat=num_repeat, seed=seed, query_batch_size=query_batch_size)
+    s["lissa_damping_d"] = s["peer_damping"] / scale
+
+    def go():
+        torch.manual_seed(seed)
+        return _dattri_run(
+            lambda t: IFAttributorLiSSA(t, device="cpu", batch_size=batch_size,
+                                        num_repeat=num_repeat, recursion_depth=recursion_depth,
+                                        damping=s["lissa_damping_d"], scaling=scale),
+            model, problem, measurement, query_batch_size)
+
+    return _run("dattri-lissa", "dattri", "dattri", s, go, model)
+
+
+def dattri_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
+                   measurement: str = "margin", proj_dim: int = 50, max_iter: int = 200,
+                   seed: int = 0) -> PeerResult:
+    """dattri ``IFAttributorArnoldi``: Arnoldi iteration (``max_iter`` Krylov steps) on HVPs
+    of the mean loss + ``regularization * I``, top-``proj_dim`` eigenpairs by |lambda|;
+    train and query gradients are projected and scaled by ``lambda^{-1/2}``.
+
+    Conversion: ``regularization = damping + weight_decay``, transpose, no rescaling.
+    Known to give non-finite scores when an eigenvalue estimate is negative (square root);
+    that is recorded, not hidden.
+    """
+    from dattri.algorithm.influence_function import IFAttributorArnoldi
+
+    _check_measurement(measurement)
+    s = _base_settings(problem, model, damping, measurement, proj_dim=proj_dim,
+                       max_iter=max_iter, seed=seed)
+    return _run("dattri-arnoldi", "dattri", "dattri", s, lambda: _dattri_run(
+        lambda t: IFAttributorArnoldi(t, device="cpu", proj_dim=proj_dim, max_iter=max_iter,
+                                      regularization=s["peer_damping"], seed=seed),
+        model, problem, measurement), model)
+
+
+# ---------------------------------------------------------------------------- captum
+
+class _MarginLoss(nn.Module):
+    """Per-example correct-class margin, shaped like a ``reduction='none'`` loss for Captum."""
+
+    reduction = "none"
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return margin_from_logits(logits, y)
+
+
+def _captum_run(cls, model: nn.Module, problem: Problem, measurement: str,
+                batch_size: Optional[int], **kw) -> torch.Tensor:
+    Xtr, ytr, Xte, yte = _data(model, problem)
+    batch_size = batch_size or len(ytr)  # one batch: fewest HVP/Hessian calls
+    m = copy.deepcopy(model)
+    test_loss = nn.CrossEntropyLoss(reduction="none") if measurement == "loss" else _MarginLoss()
+    inf = cls(m, DataLoader(TensorDataset(Xtr, ytr), batch_size=batch_size),
+              checkpoint="in-memory", checkpoints_load_func=lambda _m, _p: 1.0,
+              loss_fn=nn.CrossEntropyLoss(reduction="none"), test_loss_fn=test_loss,
+              sample_wise_grads_per_batch=False, **kw)
+    scores = inf.influence((Xte, yte))
+    return scores * problem.n_train  # summed-loss Hessian -> mean-loss convention
+
+
+def captum_naive(model: nn.Module, problem: Problem, *, damping: float,
+                 measurement: str = "margin", projection_dim: Optional[int] = None,
+                 batch_size: Optional[int] = None, hessian_inverse_tol: float = 1e-5,
+                 max_params: int = 5000) -> PeerResult:
+    """Captum ``NaiveInfluenceFunction``: the dense Hessian of the *summed* training loss,
+    eigendecomposed; with ``projection_dim = P`` (the default here) it is exact.
+
+    Conversion: Captum scores are ``g_q^T (H_sum + reg I)^{-1} g_i`` (eigenvalues below
+    ``hessian_inverse_tol`` dropped) with ``H_sum = n H_mean``: so ``hessian_reg =
+    n (damping + weight_decay)`` and scores are multiplied by n. Positive = helpful.
+    The margin goes in as ``test_loss_fn``. Refuses models with more than ``max_params``
+    parameters (a P x P general eigendecomposition).
+    """
+    from captum.influence import NaiveInfluenceFunction
+
+    _check_measurement(measurement)
+    P = _n_params(model)
+    n = problem.n_train
+    k = P if projection_dim is None else projection_dim
+    s = _base_settings(problem, model, damping, measurement, projection_dim=k,
+                       hessian_reg=n * (damping + problem.weight_decay),
+                       hessian_inverse_tol=hessian_inverse_tol,
+                       batch_size=batch_size or problem.n_train)
+    if P > max_params:
+        return PeerResult("captum-naive", "captum", _version("captum"), s, None, float("nan"),
+                          float("nan"), f"SKIPPED: P={P} > max_params={max_params} "
+                          "(dense P x P eigendecomposition)")
+    return _run("captum-naive", "captum", "captum", s, lambda: _captum_run(
+        NaiveInfluenceFunction, model, problem, measurement, batch_size, projection_dim=k,
+        hessian_reg=s["hessian_reg"], hessian_inverse_tol=hessian_inverse_tol), model)
+
+
+def captum_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
+                   measurement: str = "margin", projection_dim: int = 50,
+                   arnoldi_dim: int = 200, batch_size: Optional[int] = None,
+                   seed: int = 0) -> PeerResult:
+    """Captum ``ArnoldiInfluenceFunction`` (Schioppa et al.): ``arnoldi_dim`` Arnoldi steps on
+    HVPs of the *summed* loss, top ``projection_dim`` eigenpairs (+ ``hessian_reg``), the
+    rest discarded.
+
+    Conversion as for Captum Naive: ``hessian_reg = n (damping + weight_decay)``, scores x n.
+    """
+    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
+
+    _check_measurement(measurement)
+    n = problem.n_train
+    s = _base_settings(problem, model, damping, measurement, projection_dim=projection_dim,
+                       arnoldi_dim=arnoldi_dim, hessian_reg=n * (damping + problem.weight_decay),
+                       batch_size=batch_size or problem.n_train, seed=seed)
+    return _run("captum-arnoldi", "captum", "captum", s, lambda: _captum_run(
+        ArnoldiInfluenceFunction, model, problem, measurement, batch_size,
+        projection_dim=projection_dim, arnoldi_dim=arnoldi_dim, hessian_reg=s["hessian_reg"],
+        seed=seed), model)
+
+
+# -------------------------------------------------------------------------- registry
+
+PEERS: Dict[str, Callable[..., PeerResult]] = {
+    "kronfluence-ekfac": kronfluence_ekfac,
+    "kronfluence-ekfac-heuristic": kronfluence_ekfac_heuristic,
+    "pydvl-cg": pydvl_cg,
+    "pydvl-lissa": pydvl_lissa,
+    "pydvl-arnoldi": pydvl_arnoldi,
+    "pydvl-ekfac": pydvl_ekfac,
+    "dattri-cg": dattri_cg,
+    "dattri-lissa": dattri_lissa,
+    "dattri-arnoldi": dattri_arnoldi,
+    "captum-naive": captum_naive,
+    "captum-arnoldi": captum_arnoldi,
+}
+
+#: Peers that compute the exact (damped) inverse and must match bench.reference.
+EXACT_PEERS = ("pydvl-cg", "captum-naive", "dattri-cg")
+
+
+def run_all(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
+            only: Optional[List[str]] = None,
+            settings: Optional[Dict[str, Dict[str, Any]]] = None) -> List[PeerResult]:
+    """Run every registered peer (or those in ``only``); never raises for a peer failure.
+
+    ``settings`` maps a peer name to extra keyword arguments for its adapter.
+    """
+    names = list(PEERS) if only is None else list(only)
+    settings = settings or {}
+    return [PEERS[n](model, problem, damping=damping, measurement=measurement,
+                     **settings.get(n, {})) for n in names]
