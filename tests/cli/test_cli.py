@@ -145,7 +145,7 @@ def _bad_spec(tmp_path: Path) -> Path:
 
 
 USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
-               "damaged store", "output is a file", "library error"]
+               "damaged store", "output is a file", "library error", "bad curvature option"]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -163,6 +163,7 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "empty store": ["report", str(tmp_path / "empty")],
         "damaged store": ["report", str(damaged)],
         "output is a file": ["demo", "-o", str(tmp_path / "a_file")],
+        "bad curvature option": ["demo", "--curvature-option", "rank", "-o", "x"],
         "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
     }[case]
 

@@ -32,6 +32,7 @@ __all__ = [
     "best_curvature",
     "check_attribution_options",
     "known_methods",
+    "parse_curvature_options",
     "prepare_output",
     "setup_logging",
     "write_config",
@@ -154,6 +155,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     g.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query (default 5)")
     g.add_argument("--no-self-influence", dest="self_influence", action="store_false",
                    help="skip self-influence (used to flag likely mislabeled training examples)")
+    g.add_argument("--curvature-option", dest="curvature_options", action="append", default=None,
+                   metavar="KEY=VALUE", help="extra argument of the curvature class, e.g. rank=50 "
+                                             "(repeatable; values are read as JSON, else as text)")
     g.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--out", default=out_default,
@@ -184,6 +188,7 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         check_damping(args.damping)
     except (TypeError, ValueError) as err:
         raise UserError(f"--{err}") from err
+    parse_curvature_options(args.curvature_options)
     if args.top_k <= 0:
         raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
     if args.chunk_size <= 0:
@@ -196,6 +201,20 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as err:
         raise UserError(f"--device: cannot use device {args.device!r} ({str(err).splitlines()[0]})") from err
+
+
+def parse_curvature_options(items: list[str] | None) -> dict[str, Any]:
+    """``["rank=50", "seed=1"]`` -> ``{"rank": 50, "seed": 1}``."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--curvature-option: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def prepare_output(path: str | os.PathLike | None) -> Path:

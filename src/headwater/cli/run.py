@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 import headwater
-from headwater.cli.common import ProgressBars, Timer, write_config
+from headwater.cli.common import ProgressBars, Timer, parse_curvature_options, write_config
 from headwater.data import DataLike
 from headwater.methods import Scores
 from headwater.report import RunResult, render, save_result, write_top_k_csv
@@ -32,6 +32,7 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
             model, train, query, task=task, method=args.method, curvature=args.curvature,
             damping=args.damping, kind=args.kind, self_influence=args.self_influence,
             chunk_size=args.chunk_size, progress=progress,
+            curvature_options=parse_curvature_options(args.curvature_options) or None,
         )
     progress.close()
     return scores
