@@ -1,7 +1,11 @@
 """Estimators: combine a Task, per-example gradients and a Curvature into scores."""
 
+from headwater.methods.ame import AMEResult, ame
+from headwater.methods.ensemble_scores import EnsembleScores, ensemble_scores
+from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.scoring import Scores, pairwise, pairwise_top_k
 from headwater.methods.tracin import Checkpoint, TracIn
 
-__all__ = ["Checkpoint", "InfluenceFunction", "Scores", "TracIn", "pairwise", "pairwise_top_k"]
+__all__ = ["AMEResult", "Checkpoint", "EnsembleScores", "InfluenceFunction", "Scores", "TracIn", "ame", "ensemble_scores",
+           "pairwise", "pairwise_top_k"]
