@@ -30,10 +30,10 @@ def test_convex_retrain_loo_equals_lbfgs_loo():
     task = ClassificationTask(weight_decay=0.1, measurement="margin")
     minimize_objective(model, task, (x, y))
     query = (x[:4] + 0.1, y[:4])
-    config = TrainConfig(optimizer="lbfgs", init="copy", normalization="n", tol=1e-10)
+    config = TrainConfig(optimizer="lbfgs", init="copy", normalization="n", tol=1e-9)
     ours = retrain_leave_one_out(model, task, (x, y), query, [0, 5, 9], config=config, n_seeds=1)
-    reference = leave_one_out(model, task, (x, y), query, [0, 5, 9], tol=1e-10)
-    torch.testing.assert_close(ours.actual, reference.actual, rtol=1e-5, atol=1e-8)
+    reference = leave_one_out(model, task, (x, y), query, [0, 5, 9], tol=1e-9)
+    torch.testing.assert_close(ours.actual, reference.actual, rtol=1e-4, atol=1e-7)
     assert torch.isnan(ours.stderr).all()
 
 
