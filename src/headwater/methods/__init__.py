@@ -7,5 +7,16 @@ from headwater.methods.influence import InfluenceFunction
 from headwater.methods.scoring import Scores, pairwise, pairwise_top_k
 from headwater.methods.tracin import Checkpoint, TracIn
 
-__all__ = ["AMEResult", "Checkpoint", "EnsembleScores", "InfluenceFunction", "Scores", "TracIn", "ame", "ensemble_scores",
-           "pairwise", "pairwise_top_k"]
+__all__ = [
+    "AMEResult",
+    "Checkpoint",
+    "EnsembleScores",
+    "Hydra",
+    "InfluenceFunction",
+    "Scores",
+    "TracIn",
+    "ame",
+    "ensemble_scores",
+    "pairwise",
+    "pairwise_top_k",
+]
