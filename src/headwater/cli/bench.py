@@ -18,10 +18,11 @@ def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.Argum
     p = sub.add_parser(
         "bench", parents=parents,
         help="run the benchmarks (python -m bench.run, from a source checkout)",
-        description="Run `python -m bench.run` from the source checkout; extra arguments are passed on.",
+        description="Run `python -m bench.run` from the source checkout (found from the current folder "
+                    "upwards); every argument after `bench` is passed on, e.g. "
+                    "`headwater bench --problems logreg --no-peers`.",
     )
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to bench.run")
-    p.add_argument("--root", default=None, help="checkout holding bench/ (default: search from the current folder)")
     p.set_defaults(func=run)
     return p
 
@@ -41,11 +42,9 @@ def _importable(name: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Path(args.root) if args.root else _find_root(Path.cwd())
+    root = _find_root(Path.cwd())
     if root is None and not _importable("bench.run"):
         raise UserError("bench: no benchmarks found (bench/run.py); run from a source checkout of headwater")
-    if root is not None and not (root / "bench" / "run.py").is_file():
-        raise UserError(f"--root: {root} has no bench/run.py")
     env = dict(os.environ)
     if root is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))

@@ -59,6 +59,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     from headwater.cli.common import load_config_defaults
 
     parser, commands = build_parser()
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
+        # everything after `bench` belongs to bench.run (argparse.REMAINDER drops leading flags)
+        from headwater.cli import bench
+
+        return argparse.Namespace(command="bench", bench_args=argv[1:], func=bench.run,
+                                  quiet=False, verbose=False, traceback=False)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -52,7 +52,7 @@ def query_png(result: RunResult, q: int, pro: list[int], opp: list[int]) -> byte
         fig.tight_layout()
         return _png(fig)
     cols = max(len(pro), len(opp)) + 1
-    fig = Figure(figsize=(1.25 * cols, 3.0))
+    fig = Figure(figsize=(1.25 * cols, 3.4))
     axes = fig.subplots(2, cols, squeeze=False)
     _show_image(axes[0, 0], result.query_images[q], f"query #{q}\nlabel {label}{pred}")
     axes[1, 0].axis("off")
