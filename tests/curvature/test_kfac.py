@@ -108,13 +108,42 @@ def test_sampled_fisher_approaches_exact():
     case = CASES["mlp"]()
     exact = KFAC(damping=0.0, ggn_estimator="exact").fit(case.model, case.task, case.train)
     many = tuple(t.repeat(500, *([1] * (t.dim() - 1))) for t in case.train)  # 500 draws each
-    sampled = KFAC(damping=0.0, seed=1, chunk_size=4000).fit(case.model, case.task, many)
-    a, b = _dense(exact, 51), _dense(sampled, 51)
+
+    def sampled(**kw):
+        return KFAC(damping=0.0, seed=1, ggn_estimator="sampled", **kw).fit(case.model, case.task, many)
+
+    a, b = _dense(exact, 51), _dense(sampled(chunk_size=4000), 51)
     assert (a - b).norm() / a.norm() < 0.05
-    again = KFAC(damping=0.0, seed=1, chunk_size=4000).fit(case.model, case.task, many)
-    assert torch.equal(_dense(again, 51), b)  # same seed, same numbers
-    two = KFAC(damping=0.0, seed=1, mc_samples=2).fit(case.model, case.task, case.train)
+    assert torch.equal(_dense(sampled(chunk_size=4000), 51), b)  # same seed, same numbers
+    two = KFAC(damping=0.0, seed=1, mc_samples=2, ggn_estimator="sampled").fit(
+        case.model, case.task, case.train)
     assert not torch.equal(_dense(two, 51), b)
+
+
+def test_auto_estimator_is_exact_for_few_outputs_else_sampled():
+    from headwater.curvature.kfac import EXACT_MAX_OUTPUTS, GGNEstimator
+
+    assert GGNEstimator("auto").resolve(10) is GGNEstimator.EXACT
+    assert GGNEstimator("auto").resolve(EXACT_MAX_OUTPUTS + 1) is GGNEstimator.SAMPLED
+    assert GGNEstimator("sampled").resolve(2) is GGNEstimator.SAMPLED
+    case = CASES["mlp"]()
+    auto = EKFAC(damping=0.0).fit(case.model, case.task, case.train)
+    exact = EKFAC(damping=0.0, ggn_estimator="exact").fit(case.model, case.task, case.train)
+    v = torch.randn(3, 51, generator=_gen(0), dtype=F64)
+    assert torch.equal(auto.solve(v), exact.solve(v))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_ekfac_eigenvalues_are_mean_squared_rotated_gradients(name):
+    """``(1/N) Σ_n (Q_Sᵀ G_n Q_A)²`` with the empirical Fisher, from explicit per-example
+    block gradients: checks the T = 1 shortcut (mlp) and the general path (conv)."""
+    case = CASES[name]()
+    curv = EKFAC(kind="ef", damping=0.0).fit(case.model, case.task, case.train)
+    grads = next(module_gradients(case.model, case.task, curv.blocks, case.train, chunk_size=100))
+    for b in curv.blocks:
+        qa, qs = curv.state.eigvecs_a[b.module], curv.state.eigvecs_s[b.module]
+        want = (qs.T @ grads[b.module] @ qa).square().mean(0)
+        assert_close(curv.state.corrected[b.module], want, what=b.module)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])

@@ -181,16 +181,30 @@ class Capture:
 
     def signals(self, total: Tensor, *, retain_graph: bool = False) -> dict[str, Tensor]:
         """``s = ∂ total / ∂z`` per block, ``[B, T, out]``, without touching ``.grad``."""
+        return {k: v[0] for k, v in self.pullback(total, None, retain_graph=retain_graph).items()}
+
+    def pullback(self, output: Tensor, cotangents: Tensor | None, *,
+                 retain_graph: bool = False) -> dict[str, Tensor]:
+        """``s_k = J_zᵀ c_k`` per block for a batch of cotangents ``c [K, *output.shape]``
+        of ``output`` (one vectorised backward pass), ``{module: [K, B, T, out]}``; with
+        ``cotangents=None``, ``output`` is a scalar and ``K = 1``."""
         flat = [z for b in self.blocks for z in self.outputs[b.module]]
-        grads = torch.autograd.grad(total, flat, retain_graph=retain_graph, allow_unused=True)
+        batched = cotangents is not None and cotangents.shape[0] > 1
+        grad_out = None if cotangents is None else (cotangents if batched else cotangents[0])
+        grads = torch.autograd.grad(output, flat, grad_outputs=grad_out, retain_graph=retain_graph,
+                                    allow_unused=True, is_grads_batched=batched)
+        k = cotangents.shape[0] if cotangents is not None else 1
         out, i = {}, 0
         for b in self.blocks:
             parts = []
+            kind = _kind(self.modules[b.module])
             for z in self.outputs[b.module]:
-                g = grads[i] if grads[i] is not None else torch.zeros_like(z)
-                parts.append(_signal(g.detach(), _kind(self.modules[b.module])))
+                g = grads[i] if grads[i] is not None else z.new_zeros(k, *z.shape)
+                g = g.detach().reshape(k * z.shape[0], *z.shape[1:])
+                s = _signal(g, kind)  # [K·B, T, out]
+                parts.append(s.reshape(k, z.shape[0], *s.shape[1:]))
                 i += 1
-            out[b.module] = torch.cat(parts, dim=1)
+            out[b.module] = torch.cat(parts, dim=2)
         return out
 
 
