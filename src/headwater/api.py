@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -9,14 +10,18 @@ from torch import nn
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
+from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.scoring import Scores
+from headwater.methods.tracin import Checkpoint, TracIn
 from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
+from headwater.train.sgd import Trajectory
 
-__all__ = ["influence"]
+__all__ = ["METHODS", "influence"]
 
-_METHODS = ("influence",)
+METHODS = ("influence", "tracin", "hydra")
+"""Estimators ``headwater.influence(method=...)`` accepts."""
 
 
 def influence(
@@ -35,28 +40,37 @@ def influence(
     chunk_size: int = 64,
     query_chunk: int = 256,
     curvature_options: dict[str, Any] | None = None,
+    checkpoints: Sequence[Checkpoint] | None = None,
+    trajectory: Trajectory | None = None,
+    renormalize: bool = False,
     progress: ProgressFn | None = None,
 ) -> Scores:
     """Scores of every training example for every query.
 
-    ``score[q, i] = ∇m(z_q)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)``; removing example ``i`` changes
-    query ``q``'s measurement by about ``+score[q, i]/n`` (positive = helpful with
-    the loss as measurement).
+    Every method follows one convention: removing example ``i`` changes query ``q``'s
+    measurement by about ``+score[q, i]/n`` (positive = helpful with the loss as
+    measurement). For ``method="influence"``, ``score[q, i] = ∇m(z_q)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)``.
 
     Args:
         model: the trained model (never modified).
         train, query: ``(inputs, targets)`` tensors, a Dataset or a DataLoader.
         task: default: classification (cross-entropy) for integer targets,
             regression (squared error) for float targets.
-        method: the estimator; ``"influence"``.
-        curvature: a name in ``headwater.curvature.CURVATURES`` (``"exact"``, ...).
+        method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
+            ``checkpoints``; Pruthi et al. 2020) or ``"hydra"`` (needs ``trajectory``;
+            Chen et al. 2021).
+        curvature: a name in ``headwater.curvature.CURVATURES`` (``"ekfac"``, ``"exact"``, ...).
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
         projection: reserved for random projections of gradients (``None``).
         top_k: return the ``k`` largest scores per query (indices and values).
         kind: the matrix: ``"ggn"`` (default), ``"hessian"`` or ``"ef"``.
-        self_influence: also compute ``∇ℓ(z_i)ᵀ(M + λI)⁻¹∇ℓ(z_i)`` for every ``i``.
+        self_influence: also compute each training example's score on itself
+            (influence and TracIn).
         chunk_size, query_chunk: tile sizes (results do not depend on them).
         curvature_options: extra constructor arguments of the curvature class.
+        checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
+        trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
+        renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
         progress: optional ``progress(stage, done, total)`` callback.
 
     Returns:
@@ -65,22 +79,41 @@ def influence(
     Raises:
         ValueError / TypeError naming the argument for bad input.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method: expected one of {list(_METHODS)}, got {method!r}")
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     damping = check_damping(damping)
     if projection is not None:
         raise ValueError(f"projection: gradient projection is not available for method={method!r}; pass None")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
-    curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
-    estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
-                                  progress=progress).fit(train)
+    if method == "influence":
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
+        curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
+        estimator: Any = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
+                                           progress=progress).fit(train)
+    elif method == "tracin":
+        if checkpoints is None:
+            raise ValueError("checkpoints: method='tracin' needs the training checkpoints")
+        estimator = TracIn(model, task, checkpoints, renormalize=renormalize, chunk_size=chunk_size,
+                           query_chunk=query_chunk, progress=progress)
+    else:
+        if trajectory is None:
+            raise ValueError("trajectory: method='hydra' needs a recorded run (headwater.train.train_sgd)")
+        if self_influence:
+            raise ValueError("self_influence: not defined for method='hydra'")
+        estimator = Hydra(model, task, trajectory, progress=progress)
     settings = {**estimator.settings(), "top_k": top_k}
     si = estimator.self_influence(train) if self_influence else None
+    if top_k is not None and method == "influence":  # streamed: never holds n_query x n_train
+        return Scores(*estimator.top_k(query, train, top_k), si, settings)
+    values = estimator.scores(query, train)
     if top_k is not None:
-        values, indices = estimator.top_k(query, train, top_k)
-        return Scores(values, indices, si, settings)
-    return Scores(estimator.scores(query, train), None, si, settings)
+        if top_k > values.shape[1]:
+            raise ValueError(f"top_k: asked for {top_k} but there are only {values.shape[1]} training examples")
+        top = values.topk(top_k, dim=1)
+        return Scores(top.values, top.indices, si, settings)
+    return Scores(values, None, si, settings)

@@ -109,3 +109,19 @@ def test_bad_checkpoints():
     bad = Checkpoint({"0.weight": torch.zeros(2, 2)}, 0.1)
     with pytest.raises(ValueError, match="checkpoints"):
         TracIn(case.model, case.task, [bad]).scores(case.query, case.train)
+
+
+def test_one_call_api():
+    import headwater
+
+    case = CASES["mlp"]()
+    ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1, 2)]
+    scores = headwater.influence(case.model, case.train, case.query, task=case.task, method="tracin",
+                                 checkpoints=ckpts, self_influence=True, top_k=3)
+    full = TracIn(case.model, case.task, ckpts).scores(case.query, case.train)
+    assert torch.equal(scores.indices, full.topk(3, dim=1).indices)
+    assert scores.self_influence.shape == (24,) and scores.settings["method"] == "tracin"
+    with pytest.raises(ValueError, match="checkpoints"):
+        headwater.influence(case.model, case.train, case.query, method="tracin")
+    with pytest.raises(ValueError, match="trajectory"):
+        headwater.influence(case.model, case.train, case.query, method="hydra")

@@ -130,7 +130,7 @@ def known_methods() -> tuple[str, ...]:
     """The estimator names ``headwater.influence(method=...)`` accepts."""
     from headwater import api
 
-    return tuple(getattr(api, "METHODS", getattr(api, "_METHODS", ("influence",))))
+    return api.METHODS
 
 
 def best_curvature() -> str:

@@ -32,6 +32,14 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
+def _publish(tmp: str, target: Path) -> None:
+    """Give a temporary file the usual permissions (mkstemp makes it 0600), then rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, target)
+
+
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` via a temporary file in the same folder and a rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +49,7 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        _publish(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -55,7 +63,7 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, An
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, tensor_path)
+        _publish(tmp, tensor_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
