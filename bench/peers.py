@@ -197,7 +197,8 @@ def top_hessian_eigenvalue(model: nn.Module, problem: Problem, iters: int = 30,
 # ----------------------------------------------------------------------- kronfluence
 
 def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: Optional[float],
-                        measurement: str, train_batch_size: int, seed: int) -> torch.Tensor:
+                        measurement: str, train_batch_size: int, seed: int,
+                        empirical_fisher: bool = False) -> torch.Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -225,7 +226,8 @@ def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: O
     m = prepare_model(_as_sequential(model), task)
     fa = FactorArguments(strategy="ekfac", activation_covariance_dtype=dt,
                          gradient_covariance_dtype=dt, per_sample_gradient_dtype=dt,
-                         lambda_dtype=dt, eigendecomposition_dtype=torch.float64)
+                         lambda_dtype=dt, eigendecomposition_dtype=torch.float64,
+                         use_empirical_fisher=empirical_fisher)
     sa = ScoreArguments(damping_factor=damping_factor, per_sample_gradient_dtype=dt,
                         precondition_dtype=dt, score_dtype=dt)
     with tempfile.TemporaryDirectory(prefix="bench-kronfluence-") as out:
@@ -247,8 +249,10 @@ def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: O
 
 def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
                       measurement: str = "margin", train_batch_size: int = 100,
-                      seed: int = 0, heuristic_damping: bool = False) -> PeerResult:
-    """Kronfluence EK-FAC (true Fisher, labels sampled from the model with ``seed``).
+                      seed: int = 0, heuristic_damping: bool = False,
+                      empirical_fisher: bool = False) -> PeerResult:
+    """Kronfluence EK-FAC (true Fisher, labels sampled from the model with ``seed``; with
+    ``empirical_fisher=True`` the true labels: deterministic, headwater's ``kind="ef"``).
 
     Conversion: kronfluence's pairwise score is ``g_q^T (F_ekfac + d I)^{-1} g_i`` with the
     EK-FAC factors averaged over examples (curvature of the mean loss) and the train loss
@@ -263,7 +267,8 @@ def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
     """
     _check_measurement(measurement)
     s = _base_settings(problem, model, damping, measurement, train_batch_size=train_batch_size,
-                       seed=seed, strategy="ekfac", fisher="true (sampled labels)")
+                       seed=seed, strategy="ekfac",
+                       fisher="empirical" if empirical_fisher else "true (sampled labels)")
     if heuristic_damping:
         s["peer_damping"] = None
         s["damping_factor"] = "heuristic: 0.1 * mean(lambda) per module"
@@ -271,11 +276,13 @@ def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
     else:
         df = s["peer_damping"]
         s["damping_factor"] = df
-    name = "kronfluence-ekfac" + ("-heuristic" if heuristic_damping else "")
+    name = ("kronfluence-ekfac" + ("-ef" if empirical_fisher else "")
+            + ("-heuristic" if heuristic_damping else ""))
     return _run(name, "kronfluence", "kronfluence", s,
                 lambda: _kronfluence_scores(model, problem, damping_factor=df,
                                             measurement=measurement,
-                                            train_batch_size=train_batch_size, seed=seed),
+                                            train_batch_size=train_batch_size, seed=seed,
+                                            empirical_fisher=empirical_fisher),
                 model, note="heuristic damping ignores `damping` and the L2 term"
                 if heuristic_damping else "")
 

@@ -90,6 +90,38 @@ def _check(model: nn.Module, task: Task, curvature: KroneckerCurvature) -> None:
                          "in model; refit it or pass the matching task")
 
 
+def _preconditioned_queries(model: nn.Module, task: Task, curvature: KroneckerCurvature,
+                            query: DataLike, chunk_size: int, progress: ProgressFn | None
+                            ) -> dict[str, Tensor]:
+    """``(M_m + (wd + λ_m) I)⁻¹ G_m(z_q)`` per block, ``{module: [n_query, out·width]}``,
+    written into preallocated rows (no concatenated copy)."""
+    blocks, n_query = curvature.blocks, num_examples(query, "query")
+    left: dict[str, Tensor] = {}
+    row = 0
+    for grads in module_gradients(model, task, blocks, query, objective=Objective.MEASUREMENT,
+                                  chunk_size=chunk_size, name="query", progress=progress):
+        for module, pre in curvature.solve_blocks(grads).items():
+            if module not in left:
+                left[module] = pre.new_empty(n_query, pre[0].numel())
+            left[module][row : row + pre.shape[0]] = pre.reshape(pre.shape[0], -1)
+        row += pre.shape[0]
+    return left
+
+
+def _score_tiles(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
+                 train: DataLike, chunk_size: int, progress: ProgressFn | None
+                 ) -> Iterator[tuple[str, int, Tensor]]:
+    """``(module, first column, score_m tile [n_query, chunk])`` over the training data."""
+    _check(model, task, curvature)
+    left = _preconditioned_queries(model, task, curvature, query, chunk_size, progress)
+    col = 0
+    for grads in module_gradients(model, task, curvature.blocks, train, objective=Objective.TRAIN,
+                                  chunk_size=chunk_size, name="train", progress=progress):
+        for module, g in grads.items():  # [B, out, width]
+            yield module, col, left[module] @ g.reshape(g.shape[0], -1).T
+        col += g.shape[0]
+
+
 def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
                   train: DataLike, *, chunk_size: int = 64, progress: ProgressFn | None = None
                   ) -> dict[str, Tensor]:
@@ -110,22 +142,13 @@ def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, q
         TypeError: if ``curvature`` is not a K-FAC/EK-FAC.
         ValueError: if it was fitted on other parameters, or for bad data.
     """
-    _check(model, task, curvature)
-    blocks = curvature.blocks
-    parts: dict[str, list[Tensor]] = {b.module: [] for b in blocks}
-    for grads in module_gradients(model, task, blocks, query, objective=Objective.MEASUREMENT,
-                                  chunk_size=chunk_size, name="query", progress=progress):
-        for module, pre in curvature.solve_blocks(grads).items():
-            parts[module].append(pre.reshape(pre.shape[0], -1))
-    left = {m: torch.cat(p) for m, p in parts.items()}  # {module: [n_query, out·width]}
-    n_train = num_examples(train, "train")
-    out = {m: l.new_empty(l.shape[0], n_train) for m, l in left.items()}
-    col = 0
-    for grads in module_gradients(model, task, blocks, train, objective=Objective.TRAIN,
-                                  chunk_size=chunk_size, name="train", progress=progress):
-        for module, g in grads.items():  # [B, out, width]
-            out[module][:, col : col + g.shape[0]] = left[module] @ g.reshape(g.shape[0], -1).T
-        col += g.shape[0]
+    n_query, n_train = num_examples(query, "query"), num_examples(train, "train")
+    out: dict[str, Tensor] = {}
+    for module, col, tile in _score_tiles(model, task, curvature, query, train, chunk_size,
+                                          progress):
+        if module not in out:
+            out[module] = tile.new_zeros(n_query, n_train)
+        out[module][:, col : col + tile.shape[1]] = tile
     return out
 
 
@@ -133,11 +156,12 @@ def factored_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature,
                     train: DataLike, *, chunk_size: int = 64, progress: ProgressFn | None = None
                     ) -> Tensor:
     """Total influence ``[n_query, n_train]``: the sum over modules of :func:`module_scores`
-    (same arguments; same convention as ``InfluenceFunction.scores``)."""
-    per_module = module_scores(model, task, curvature, query, train, chunk_size=chunk_size,
-                               progress=progress)
-    values = iter(per_module.values())
-    total = next(values).clone()
-    for v in values:
-        total += v
+    (same arguments; same convention as ``InfluenceFunction.scores``), accumulated tile
+    by tile without keeping the per-module matrices."""
+    n_query, n_train = num_examples(query, "query"), num_examples(train, "train")
+    total: Tensor | None = None
+    for _, col, tile in _score_tiles(model, task, curvature, query, train, chunk_size, progress):
+        if total is None:
+            total = tile.new_zeros(n_query, n_train)
+        total[:, col : col + tile.shape[1]] += tile
     return total
