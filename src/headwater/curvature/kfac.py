@@ -311,8 +311,8 @@ class KroneckerCurvature(Curvature):
             qa = s.eigvecs_a[b.module].to(v.device, dtype)
             qs = s.eigvecs_s[b.module].to(v.device, dtype)
             scale = (s.eigenvalues(b.module).to(v.device, dtype) + s.weight_decay + damping) ** power
-            rotated = qs.T @ v.to(dtype) @ qa  # [K, out, width]
-            out[b.module] = (qs @ (rotated * scale) @ qa.T).to(v.dtype)
+            rotated = (qs.T @ v.to(dtype) @ qa).mul_(scale)  # [K, out, width], in place
+            out[b.module] = (qs @ rotated @ qa.T).to(v.dtype)
         return out
 
     def _flat(self, v: Tensor, power: int) -> Tensor:
