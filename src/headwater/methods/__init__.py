@@ -6,6 +6,7 @@ from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.scoring import Scores, pairwise, pairwise_top_k
 from headwater.methods.tracin import Checkpoint, TracIn
+from headwater.methods.unlearning import UnlearnGradient, unlearn
 
 __all__ = [
     "AMEResult",
@@ -15,8 +16,10 @@ __all__ = [
     "InfluenceFunction",
     "Scores",
     "TracIn",
+    "UnlearnGradient",
     "ame",
     "ensemble_scores",
     "pairwise",
     "pairwise_top_k",
+    "unlearn",
 ]
