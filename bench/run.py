@@ -73,6 +73,8 @@ def _headwater(curvature: str, options: dict[str, Any] | None = None, **kwargs: 
 # name, curvature, constructor options: methods register here as they land.
 HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("exact-ggn", "exact", {}, ("logreg", "mlp")),
+    ("kfac", "kfac", {"ggn_estimator": "auto"}, ("logreg", "mlp")),  # auto: exact GGN for <= 64 outputs
+    ("ekfac", "ekfac", {"ggn_estimator": "auto"}, ("logreg", "mlp")),
 ]
 
 
