@@ -3,8 +3,9 @@
 ``measure(fn, *args, **kwargs) -> (result, seconds, peak_mb)``
 
 The peak is the largest resident set size (RSS, read from ``/proc/self/statm``)
-seen while ``fn`` runs, minus the RSS at the start (after ``gc.collect()``),
-in MiB (2**20 bytes). A daemon thread samples RSS every ``interval`` seconds
+seen while ``fn`` runs, minus the RSS at the start (after ``gc.collect()`` and glibc's
+``malloc_trim(0)``, so memory freed by earlier calls is not silently reused), in MiB
+(2**20 bytes). A daemon thread samples RSS every ``interval`` seconds
 (default 5 ms), and a last sample is taken right after the call, so allocations
 that live shorter than the interval can be missed: the number is a lower bound
 on the true peak, good to a few MB for the multi-second calls we bench. It sees
@@ -24,9 +25,10 @@ import gc
 import os
 import threading
 import time
-from typing import Any, Callable, Tuple
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["measure", "Measure", "rss_mb"]
+__all__ = ["Measure", "measure", "rss_mb"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MB = 1024.0 * 1024.0
@@ -41,6 +43,25 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc malloc_trim), so that memory freed by
+    an earlier call does not hide this call's peak (RSS would not grow while the
+    allocator reuses it). No-op where unavailable."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def rss_mb() -> float:
@@ -63,11 +84,11 @@ class Measure:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             r = _rss_bytes()
-            if r > self._peak:
-                self._peak = r
+            self._peak = max(self._peak, r)
 
-    def __enter__(self) -> "Measure":
+    def __enter__(self) -> Measure:  # noqa: PYI034 - py3.10 has no typing.Self
         gc.collect()
+        _trim_heap()
         self._baseline = _rss_bytes()
         self._peak = self._baseline
         self._stop.clear()
@@ -88,7 +109,7 @@ class Measure:
 
 
 def measure(fn: Callable[..., Any], *args: Any, interval: float = 0.005,
-            **kwargs: Any) -> Tuple[Any, float, float]:
+            **kwargs: Any) -> tuple[Any, float, float]:
     """Run ``fn(*args, **kwargs)``; return ``(result, seconds, peak_mb)``.
 
     ``peak_mb`` is the peak RSS increase over the RSS at the start, in MiB.

@@ -40,27 +40,36 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.metadata as _md
-import math
 import tempfile
 import traceback
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.measure import measure
 from bench.problems import Problem, margin_from_logits
 
 __all__ = [
-    "PeerResult", "PEERS", "run_all",
-    "kronfluence_ekfac", "kronfluence_ekfac_heuristic",
-    "pydvl_cg", "pydvl_lissa", "pydvl_arnoldi", "pydvl_ekfac",
-    "dattri_cg", "dattri_lissa", "dattri_arnoldi",
-    "captum_naive", "captum_arnoldi",
+    "PEERS",
+    "PeerResult",
+    "captum_arnoldi",
+    "captum_naive",
+    "dattri_arnoldi",
+    "dattri_cg",
+    "dattri_lissa",
+    "kronfluence_ekfac",
+    "kronfluence_ekfac_heuristic",
+    "pydvl_arnoldi",
+    "pydvl_cg",
+    "pydvl_ekfac",
+    "pydvl_lissa",
+    "run_all",
 ]
 
 MEASUREMENTS = ("loss", "margin")
@@ -78,8 +87,8 @@ class PeerResult:
     name: str
     library: str
     version: str
-    settings: Dict[str, Any]
-    scores: Optional[torch.Tensor]
+    settings: dict[str, Any]
+    scores: torch.Tensor | None
     seconds: float
     peak_mb: float
     note: str = ""
@@ -121,17 +130,25 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence warnings (pyDVL's imports emit FutureWarnings from its dependencies)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _check_measurement(measurement: str) -> None:
     if measurement not in MEASUREMENTS:
         raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
 
 
-def _run(name: str, library: str, dist: str, settings: Dict[str, Any],
+def _run(name: str, library: str, dist: str, settings: dict[str, Any],
          fn: Callable[[], torch.Tensor], model: nn.Module, note: str = "") -> PeerResult:
     """Measure ``fn`` (returns converted scores); turn exceptions into a failed result."""
     version = _version(dist)
     notes = [note] if note else []
-    scores: Optional[torch.Tensor]
+    scores: torch.Tensor | None
     try:
         with _default_dtype(_dtype(model)), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,7 +166,7 @@ def _run(name: str, library: str, dist: str, settings: Dict[str, Any],
 
 
 def _base_settings(problem: Problem, model: nn.Module, damping: float, measurement: str,
-                   **kw) -> Dict[str, Any]:
+                   **kw) -> dict[str, Any]:
     return dict(problem=problem.name, dtype=str(_dtype(model)).replace("torch.", ""),
                 damping=float(damping), weight_decay=problem.weight_decay,
                 peer_damping=float(damping) + problem.weight_decay,
@@ -196,7 +213,7 @@ def top_hessian_eigenvalue(model: nn.Module, problem: Problem, iters: int = 30,
 
 # ----------------------------------------------------------------------- kronfluence
 
-def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: Optional[float],
+def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: float | None,
                         measurement: str, train_batch_size: int, seed: int,
                         empirical_fisher: bool = False) -> torch.Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -320,7 +337,8 @@ def _pydvl_loss(n_classes: int, measurement: str):
 
 def _pydvl_run(make: Callable[[Callable], Any], model: nn.Module, problem: Problem,
                measurement: str, fit_batch_size: int) -> torch.Tensor:
-    from pydvl.influence import InfluenceMode
+    with _quiet():
+        from pydvl.influence import InfluenceMode
 
     Xtr, ytr, Xte, yte = _data(model, problem)
     n_classes = int(problem.y_train.max()) + 1
@@ -332,8 +350,8 @@ def _pydvl_run(make: Callable[[Callable], Any], model: nn.Module, problem: Probl
 
 
 def pydvl_cg(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
-             rtol: float = 1e-7, atol: float = 1e-10, maxiter: Optional[int] = None,
-             fit_batch_size: Optional[int] = None) -> PeerResult:
+             rtol: float = 1e-4, atol: float = 1e-6, maxiter: int | None = None,
+             fit_batch_size: int | None = None) -> PeerResult:
     """pyDVL ``CgInfluence`` with block CG (``solve_simultaneously=True``), exact Hessian HVPs.
 
     Conversion: pyDVL returns ``<(H + r I)^{-1} g_test, g_train>`` with H the Hessian of
@@ -341,7 +359,8 @@ def pydvl_cg(model: nn.Module, problem: Problem, *, damping: float, measurement:
     ``regularization = damping + weight_decay`` and no rescaling. The margin measurement
     goes through the target-offset loss (see ``_pydvl_loss``).
     """
-    from pydvl.influence.torch import CgInfluence
+    with _quiet():
+        from pydvl.influence.torch import CgInfluence
 
     _check_measurement(measurement)
     bs = fit_batch_size or problem.n_train
@@ -356,7 +375,7 @@ def pydvl_cg(model: nn.Module, problem: Problem, *, damping: float, measurement:
 
 
 def pydvl_lissa(model: nn.Module, problem: Problem, *, damping: float,
-                measurement: str = "margin", scale: Optional[float] = None,
+                measurement: str = "margin", scale: float | None = None,
                 maxiter: int = 1000, batch_size: int = 50, rtol: float = 1e-4,
                 seed: int = 0) -> PeerResult:
     """pyDVL ``LissaInfluence`` (minibatch Hessian HVPs, ``maxiter`` recursion steps).
@@ -368,7 +387,8 @@ def pydvl_lissa(model: nn.Module, problem: Problem, *, damping: float,
     the scale is below the top eigenvalue of a damped minibatch Hessian); pyDVL's default
     scale is 10.
     """
-    from pydvl.influence.torch import LissaInfluence
+    with _quiet():
+        from pydvl.influence.torch import LissaInfluence
 
     _check_measurement(measurement)
     if scale is None:
@@ -395,7 +415,8 @@ def pydvl_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
     unless ``use_woodbury``). Conversion: ``regularization = damping + weight_decay``,
     positive = helpful, no rescaling.
     """
-    from pydvl.influence.torch import ArnoldiInfluence
+    with _quiet():
+        from pydvl.influence.torch import ArnoldiInfluence
 
     _check_measurement(measurement)
     s = _base_settings(problem, model, damping, measurement, rank=rank,
@@ -417,8 +438,9 @@ def pydvl_ekfac(model: nn.Module, problem: Problem, *, damping: float,
     the LOSS measurement (recorded in ``settings["measurement"]`` and the note).
     Runs in float32 (pyDVL allocates its factors in the default dtype).
     """
-    from pydvl.influence import InfluenceMode
-    from pydvl.influence.torch import EkfacInfluence
+    with _quiet():
+        from pydvl.influence import InfluenceMode
+        from pydvl.influence.torch import EkfacInfluence
 
     _check_measurement(measurement)
     m32 = copy.deepcopy(model).float()
@@ -465,7 +487,7 @@ def _dattri_task(model: nn.Module, measurement: str):
 
 
 def _dattri_run(make: Callable[[Any], Any], model: nn.Module, problem: Problem,
-                measurement: str, query_batch_size: Optional[int] = None) -> torch.Tensor:
+                measurement: str, query_batch_size: int | None = None) -> torch.Tensor:
     Xtr, ytr, Xte, yte = _data(model, problem)
     m = copy.deepcopy(model)
     attributor = make(_dattri_task(m, measurement))
@@ -505,7 +527,7 @@ def dattri_cg(model: nn.Module, problem: Problem, *, damping: float, measurement
 
 
 def dattri_lissa(model: nn.Module, problem: Problem, *, damping: float,
-                 measurement: str = "margin", scale: Optional[float] = None,
+                 measurement: str = "margin", scale: float | None = None,
                  recursion_depth: int = 1000, batch_size: int = 50, num_repeat: int = 1,
                  seed: int = 0, query_batch_size: int = 50) -> PeerResult:
     """dattri ``IFAttributorLiSSA``.
@@ -571,7 +593,7 @@ class _MarginLoss(nn.Module):
 
 
 def _captum_run(cls, model: nn.Module, problem: Problem, measurement: str,
-                batch_size: Optional[int], **kw) -> torch.Tensor:
+                batch_size: int | None, **kw) -> torch.Tensor:
     Xtr, ytr, Xte, yte = _data(model, problem)
     batch_size = batch_size or len(ytr)  # one batch: fewest HVP/Hessian calls
     m = copy.deepcopy(model)
@@ -585,8 +607,8 @@ def _captum_run(cls, model: nn.Module, problem: Problem, measurement: str,
 
 
 def captum_naive(model: nn.Module, problem: Problem, *, damping: float,
-                 measurement: str = "margin", projection_dim: Optional[int] = None,
-                 batch_size: Optional[int] = None, hessian_inverse_tol: float = 1e-5,
+                 measurement: str = "margin", projection_dim: int | None = None,
+                 batch_size: int | None = None, hessian_inverse_tol: float = 1e-5,
                  max_params: int = 5000) -> PeerResult:
     """Captum ``NaiveInfluenceFunction``: the dense Hessian of the *summed* training loss,
     eigendecomposed; with ``projection_dim = P`` (the default here) it is exact.
@@ -618,7 +640,7 @@ def captum_naive(model: nn.Module, problem: Problem, *, damping: float,
 
 def captum_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
                    measurement: str = "margin", projection_dim: int = 50,
-                   arnoldi_dim: int = 200, batch_size: Optional[int] = None,
+                   arnoldi_dim: int = 200, batch_size: int | None = None,
                    seed: int = 0) -> PeerResult:
     """Captum ``ArnoldiInfluenceFunction`` (Schioppa et al.): ``arnoldi_dim`` Arnoldi steps on
     HVPs of the *summed* loss, top ``projection_dim`` eigenpairs (+ ``hessian_reg``), the
@@ -641,7 +663,7 @@ def captum_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
 
 # -------------------------------------------------------------------------- registry
 
-PEERS: Dict[str, Callable[..., PeerResult]] = {
+PEERS: dict[str, Callable[..., PeerResult]] = {
     "kronfluence-ekfac": kronfluence_ekfac,
     "kronfluence-ekfac-heuristic": kronfluence_ekfac_heuristic,
     "pydvl-cg": pydvl_cg,
@@ -660,8 +682,8 @@ EXACT_PEERS = ("pydvl-cg", "captum-naive", "dattri-cg")
 
 
 def run_all(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
-            only: Optional[List[str]] = None,
-            settings: Optional[Dict[str, Dict[str, Any]]] = None) -> List[PeerResult]:
+            only: list[str] | None = None,
+            settings: dict[str, dict[str, Any]] | None = None) -> list[PeerResult]:
     """Run every registered peer (or those in ``only``); never raises for a peer failure.
 
     ``settings`` maps a peer name to extra keyword arguments for its adapter.

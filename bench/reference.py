@@ -23,22 +23,26 @@ works but takes minutes and a few GB.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from bench.problems import Problem, margin_from_logits
 
 __all__ = [
-    "flat_params", "per_example_grads", "dense_hessian", "dense_ggn", "exact_scores",
-    "pearson", "scale_ratio", "compare",
+    "compare",
+    "dense_ggn",
+    "dense_hessian",
+    "exact_scores",
+    "flat_params",
+    "pearson",
+    "per_example_grads",
+    "scale_ratio",
 ]
 
 
-def _names_shapes(model: nn.Module) -> Tuple[List[str], List[torch.Size]]:
+def _names_shapes(model: nn.Module) -> tuple[list[str], list[torch.Size]]:
     names, shapes = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -51,7 +55,7 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
-def _unflatten(theta: torch.Tensor, names, shapes) -> Dict[str, torch.Tensor]:
+def _unflatten(theta: torch.Tensor, names, shapes) -> dict[str, torch.Tensor]:
     out, o = {}, 0
     for n, s in zip(names, shapes):
         k = 1
@@ -81,7 +85,7 @@ def per_example_grads(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 
 def dense_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: float,
-                  chunk_size: Optional[int] = None) -> torch.Tensor:
+                  chunk_size: int | None = None) -> torch.Tensor:
     """[P, P] Hessian of mean CE + (weight_decay/2)||theta||^2 at the model's parameters.
 
     ``chunk_size=None`` uses ``torch.func.hessian`` (forward-over-reverse, all at once);
@@ -131,8 +135,8 @@ def dense_ggn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: 
 
 
 def exact_scores(problem: Problem, *, damping: float = 0.0, measurement: str = "loss",
-                 curvature: str = "hessian", model: Optional[nn.Module] = None,
-                 chunk_size: Optional[int] = None, rank: Optional[int] = None) -> torch.Tensor:
+                 curvature: str = "hessian", model: nn.Module | None = None,
+                 chunk_size: int | None = None, rank: int | None = None) -> torch.Tensor:
     """Exact ``[n_test, n_train]`` scores ``G_q (H + damping I)^{-1} G_train^T``.
 
     ``curvature``: ``"hessian"`` (default) or ``"ggn"``; both include the L2 term.
@@ -188,16 +192,16 @@ def scale_ratio(est: torch.Tensor, ref: torch.Tensor) -> float:
     return float((e @ r) / (r @ r))
 
 
-def compare(est: Optional[torch.Tensor], ref: torch.Tensor) -> Dict[str, float]:
+def compare(est: torch.Tensor | None, ref: torch.Tensor) -> dict[str, float]:
     """Pearson, scale ratio, mean per-query Spearman rank correlation and relative error."""
     if est is None:
         nan = float("nan")
-        return dict(pearson=nan, ratio=nan, spearman=nan, rel_err=nan)
+        return {"pearson": nan, "ratio": nan, "spearman": nan, "rel_err": nan}
     est = est.detach().double()
     ref = ref.detach().double()
     if not torch.isfinite(est).all():
         nan = float("nan")
-        return dict(pearson=nan, ratio=nan, spearman=nan, rel_err=nan)
+        return {"pearson": nan, "ratio": nan, "spearman": nan, "rel_err": nan}
 
     def ranks(x):
         return x.argsort(dim=1).argsort(dim=1).double()
@@ -206,5 +210,5 @@ def compare(est: Optional[torch.Tensor], ref: torch.Tensor) -> Dict[str, float]:
     re_ = re_ - re_.mean(1, keepdim=True)
     rr = rr - rr.mean(1, keepdim=True)
     sp = ((re_ * rr).sum(1) / (re_.norm(dim=1) * rr.norm(dim=1))).mean()
-    return dict(pearson=pearson(est, ref), ratio=scale_ratio(est, ref), spearman=float(sp),
-                rel_err=float((est - ref).norm() / ref.norm()))
+    return {"pearson": pearson(est, ref), "ratio": scale_ratio(est, ref), "spearman": float(sp),
+                "rel_err": float((est - ref).norm() / ref.norm())}
