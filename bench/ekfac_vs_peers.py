@@ -7,10 +7,13 @@
 GGN expectation ``ggn_estimator="auto"`` for the 10 logits) at absolute damping
 ``--damping`` and with the heuristic relative damping (``damping=None``: 0.1 x mean
 eigenvalue per module, plus the weight decay), EK-FAC with one sampled label per
-example, and EK-FAC through the one-call API; ``--sweep`` adds absolute dampings
-0 (weight decay only), 1e-2, 1e-1. Then Kronfluence EK-FAC (true Fisher with sampled
+example, EK-FAC through the one-call API, and the heuristic damping with the weight
+decay left out of the curvature (``-no-wd``: what Kronfluence's heuristic does);
+``--sweep`` adds absolute dampings 0 (weight decay only), 1e-2, 3e-2, 1e-1. Then Kronfluence EK-FAC (true Fisher with sampled
 labels; damping matched, and its heuristic) and pyDVL EK-FAC (loss measurement only:
-its query gradients are hard-wired to the loss; Linear layers only).
+its query gradients are hard-wired to the loss, so with the margin as measurement its
+LDS is that of the negated scores, since the loss moves opposite to the margin; Linear
+layers only).
 
 ``--mode matched-ef``: settings that truly match on both sides and are deterministic:
 the empirical Fisher (headwater ``kind="ef"``, Kronfluence
@@ -59,9 +62,13 @@ CHUNK = 64  # examples per forward/backward (the library default); memory scales
 
 
 def headwater_factored(problem: Problem, *, curvature: str = "ekfac", damping: float | None,
-                       measurement: str, chunk_size: int = CHUNK, **options: Any) -> torch.Tensor:
-    """K-FAC/EK-FAC influence ``[n_test, n_train]`` (fit + per-module scoring)."""
-    task = ClassificationTask(weight_decay=problem.weight_decay, measurement=measurement)
+                       measurement: str, chunk_size: int = CHUNK, weight_decay: bool = True,
+                       **options: Any) -> torch.Tensor:
+    """K-FAC/EK-FAC influence ``[n_test, n_train]`` (fit + per-module scoring).
+    ``weight_decay=False`` leaves the L2 term out of the curvature (then ``damping`` is the
+    whole damping, as in Kronfluence's heuristic); per-example gradients never include it."""
+    wd = problem.weight_decay if weight_decay else 0.0
+    task = ClassificationTask(weight_decay=wd, measurement=measurement)
     train, query = (problem.X_train, problem.y_train), (problem.X_test, problem.y_test)
     cls = {"ekfac": EKFAC, "kfac": KFAC}[curvature]
     curv = cls(damping=damping, chunk_size=chunk_size, **options).fit(problem.model, task, train)
@@ -136,6 +143,10 @@ def _rows(problem: Problem, mode: str, damping: float, measurement: str, sweep: 
         ("headwater-kfac", headwater_factored, {"curvature": "kfac", "damping": damping}),
         ("headwater-kfac-heuristic", headwater_factored, {"curvature": "kfac", "damping": None}),
         ("headwater-ekfac-api", headwater_api, {"damping": damping}),
+        ("headwater-ekfac-heuristic-no-wd", headwater_factored,
+         {"damping": None, "weight_decay": False}),
+        ("headwater-kfac-heuristic-no-wd", headwater_factored,
+         {"curvature": "kfac", "damping": None, "weight_decay": False}),
     ]
     if sweep:
         for d in (0.0, 1e-2, 3e-2, 1e-1):
@@ -188,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         agree = compare(r["scores"], ref) if ref is not None else {}
         lds = ""
         if not args.no_lds and r["scores"] is not None:
-            q = lds_quality(problem, r["scores"].detach().cpu())
+            flip = "measurement=loss" in r["note"] and args.measurement == "margin"
+            q = lds_quality(problem, (-1 if flip else 1) * r["scores"].detach().cpu())
             lds = f"{q['lds']:.3f} +- {q['lds_se']:.3f}"
+            if flip:  # pyDVL: query gradients of the loss, which moves opposite to the margin
+                lds += " (of -scores)"
         lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {lds} | "
                      f"{agree.get('pearson', float('nan')):.6f} | "
                      f"{agree.get('spearman', float('nan')):.4f} | {r['note']} |")
