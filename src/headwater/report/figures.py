@@ -89,7 +89,7 @@ def mislabeled_png(result: RunResult, idx: list[int]) -> bytes:
         return _png(fig)
     cols = min(8, len(idx))
     rows = -(-len(idx) // cols)
-    fig = Figure(figsize=(1.25 * cols, 1.45 * rows))
+    fig = Figure(figsize=(1.25 * cols, 1.65 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for n, ax in enumerate(axes.flat):
         if n >= len(idx):
