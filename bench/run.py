@@ -142,7 +142,8 @@ def lds_truth(problem: Problem) -> LDSGroundTruth:
     with the problem's own recipe (Adam, lr, epochs, batch size); stored and reused."""
     s = problem.settings
     task = ClassificationTask(weight_decay=problem.weight_decay, measurement="margin")
-    config = TrainConfig(optimizer="adam", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"])
+    config = TrainConfig(optimizer="adam", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"],
+                         members_per_pass=100)  # vmap steps cost about the same for 16 or 100 MLPs
     return lds_ground_truth(problem.model, task, (problem.X_train, problem.y_train),
                             (problem.X_test, problem.y_test), n_subsets=LDS_SUBSETS, alpha=0.5,
                             seeds_per_subset=LDS_SEEDS, config=config, store_dir=CACHE_DIR,
