@@ -91,6 +91,62 @@ def test_cg_preconditioner_same_answer_fewer_iterations():
     assert pre.last_info.iterations < plain.last_info.iterations
 
 
+@pytest.mark.parametrize(("preconditioner", "iterations"), [("ekfac", 1), ("kfac", 1), ("diagonal", 7)])
+def test_cg_fitted_preconditioner(preconditioner, iterations):
+    # linear regression: K-FAC/EK-FAC are the exact GGN, so preconditioned CG stops after one step
+    case = CASES["linreg"]()
+    v = _rhs(3, 12)
+    pre = CG(damping=1e-3, tol=1e-10, preconditioner=preconditioner).fit(
+        case.model, case.task, case.train
+    )
+    assert _rel(pre.solve(v), torch.linalg.solve(_dense(case, "ggn", 1e-3), v.T).T) < 1e-6
+    assert pre.last_info.iterations <= iterations
+    mlp = CASES["mlp"]()  # and the right answer where they are only approximations
+    pre = CG(damping=1e-3, tol=1e-10, preconditioner=preconditioner).fit(mlp.model, mlp.task, mlp.train)
+    v = _rhs(3, 51)
+    assert _rel(pre.solve(v), torch.linalg.solve(_dense(mlp, "ggn", 1e-3), v.T).T) < 1e-6
+    with pytest.raises(ValueError, match="preconditioner"):
+        CG(preconditioner="ekfac", preconditioner_rank=4)
+    with pytest.raises(ValueError, match="preconditioner"):
+        CG(preconditioner="cholesky")
+
+
+def test_lissa_preconditioned(tmp_path):
+    # linear regression: EK-FAC is the exact GGN, so a few preconditioned steps are exact
+    case = CASES["linreg"]()
+    v = _rhs(3, 12)
+    want = torch.linalg.solve(_dense(case, "ggn", 1e-3), v.T).T
+    curv = LiSSA(damping=1e-3, depth=10, preconditioner="ekfac").fit(case.model, case.task, case.train)
+    plain = LiSSA(damping=1e-3, depth=10).fit(case.model, case.task, case.train)
+    assert _rel(curv.solve(v), want) < 1e-6 and _rel(plain.solve(v), want) > 1e-2
+    case = CASES["mlp"]()  # an approximate preconditioner: converges to the same answer
+    v = _rhs(3, 51)
+    want = torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T
+    curv = LiSSA(damping=0.1, depth=300, preconditioner="diagonal").fit(case.model, case.task, case.train)
+    assert _rel(curv.solve(v), want) < 5e-2
+    curv.save(tmp_path / "lissa")
+    loaded = LiSSA(damping=0.1, depth=300, preconditioner="diagonal").load(tmp_path / "lissa")
+    got = loaded.bind(case.model, case.task, case.train).solve(v)
+    assert_close(got, curv.solve(v), rtol=1e-10)
+    with pytest.raises(ValueError, match="nystrom"):
+        LiSSA(preconditioner="nystrom")
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "ef"])
+def test_cached_products_equal_uncached(kind):
+    case = CASES["cnn"]()
+    v = _rhs(5, 77)
+    cached = headwater.curvature.curvature_matvec(case.model, case.task, case.train, kind, chunk_size=7)
+    fresh = headwater.curvature.curvature_matvec(
+        case.model, case.task, case.train, kind, chunk_size=7, cache_mb=0.0
+    )
+    want = v @ ORACLES[kind](case.model, case.task, case.train)
+    for _ in range(2):  # the second call reuses the cached linearisations
+        assert_close(cached(v), want, rtol=1e-10, what="cached product")
+        assert_close(cached(v[:1]), want[:1], rtol=1e-10, what="one vector")
+    assert_close(fresh(v), want, rtol=1e-10, what="uncached product")
+
+
 def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):
     case = CASES["mlp"]()
     curv = CG(damping=1e-4, tol=1e-12, max_iter=2).fit(case.model, case.task, case.train)

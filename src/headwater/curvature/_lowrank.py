@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._matfree import (
+    CHUNK_SIZE,
     BoundOperator,
     default_damping,
     hutchinson_trace,
@@ -82,7 +83,7 @@ class LowRankCurvature(Curvature):
         *,
         kind: MatrixKind | str = MatrixKind.GGN,
         damping: float | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = CHUNK_SIZE,
         rank: int = 50,
         residual: bool = True,
         seed: int = 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -24,15 +25,25 @@ from headwater.gradients.flat import ParamLayout
 from headwater.task import Task
 
 __all__ = [
+    "CHUNK_SIZE",
     "BoundOperator",
+    "Preconditioner",
     "check_layout",
     "default_damping",
     "extreme_eigenvalues",
+    "fit_preconditioner",
     "hutchinson_trace",
     "rademacher",
     "subset",
     "warn_if_indefinite",
 ]
+
+
+CHUNK_SIZE = 512
+"""Default examples per chunk of the matrix-free curvatures: each chunk's linearisation is
+cached (see :func:`~headwater.curvature.operators.curvature_matvec`), and larger chunks
+mean fewer, larger products (measured on the digits MLP: 1.6 ms per GGN-vector product
+with chunks of 1000, 5.5 ms with chunks of 64)."""
 
 
 def rademacher(n: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -161,3 +172,44 @@ def check_layout(expected: ParamLayout | None, got: ParamLayout, name: str) -> N
             f"{[list(s) for s in expected.shapes]}, but these select {list(got.names)} with shapes "
             f"{[list(s) for s in got.shapes]}"
         )
+
+
+class Preconditioner(str, Enum):
+    """A preconditioner ``P⁻¹ ≈ (M + λI)⁻¹`` for CG and LiSSA, fitted once.
+
+    ``"ekfac"``/``"kfac"``: the Kronecker-factored curvature of the same kind (the GGN
+    for ``kind="hessian"``) with the same damping; ``"diagonal"``: the exact diagonal
+    (GGN/EF) or its Hutchinson estimate (Hessian); ``"nystrom"``: a randomized Nyström
+    sketch of ``M`` (fitted by CG itself, rank ``preconditioner_rank``).
+    """
+
+    NONE = "none"
+    NYSTROM = "nystrom"
+    EKFAC = "ekfac"
+    KFAC = "kfac"
+    DIAGONAL = "diagonal"
+
+
+def fit_preconditioner(
+    which: Preconditioner,
+    model: nn.Module,
+    task: Task,
+    data: DataLike,
+    kind: MatrixKind,
+    damping: float,
+    chunk_size: int,
+) -> MatVec:
+    """Fit a Kronecker-factored or diagonal curvature with ``damping`` and return its ``solve``."""
+    from headwater.curvature.diagonal import Diagonal
+    from headwater.curvature.kfac import EKFAC, KFAC
+
+    if which is Preconditioner.DIAGONAL:
+        method = "hutchinson" if kind is MatrixKind.HESSIAN else "exact"
+        curvature = Diagonal(kind=kind, damping=damping, chunk_size=chunk_size, method=method)
+    elif which in (Preconditioner.EKFAC, Preconditioner.KFAC):
+        cls = EKFAC if which is Preconditioner.EKFAC else KFAC
+        factor_kind = MatrixKind.GGN if kind is MatrixKind.HESSIAN else kind
+        curvature = cls(kind=factor_kind, damping=damping, chunk_size=chunk_size)
+    else:
+        raise ValueError(f"preconditioner: {which.value!r} is not fitted here")
+    return curvature.fit(model, task, data).solve

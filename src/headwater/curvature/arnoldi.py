@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from headwater.curvature._lowrank import LowRankCurvature, LowRankState
+from headwater.curvature._matfree import CHUNK_SIZE
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, arnoldi
 
@@ -44,7 +45,7 @@ class Arnoldi(LowRankCurvature):
         *,
         kind: MatrixKind | str = MatrixKind.GGN,
         damping: float | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = CHUNK_SIZE,
         rank: int = 50,
         n_iter: int | None = None,
         residual: bool = True,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._lowrank import LowRankCurvature
-from headwater.curvature._matfree import BoundOperator, subset
+from headwater.curvature._matfree import CHUNK_SIZE, BoundOperator, subset
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike, num_examples
@@ -63,7 +63,7 @@ class Lanczos(LowRankCurvature):
         *,
         kind: MatrixKind | str = MatrixKind.GGN,
         damping: float | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = CHUNK_SIZE,
         rank: int = 50,
         n_iter: int | None = None,
         residual: bool = True,

@@ -9,6 +9,11 @@ scale, which must exceed the top eigenvalue of ``M_t + λI``. The error after
 ``depth`` steps shrinks like ``(1 − (λ_min + λ)/s)^depth``: a short series acts
 as extra damping of about ``s/depth``.
 
+With a preconditioner ``P⁻¹ ≈ (M + λI)⁻¹`` (EK-FAC, K-FAC or diagonal, fitted once)
+the same series runs on ``P⁻¹(M_t + λI)`` from ``P⁻¹v`` (a preconditioned Richardson
+iteration): its spectrum is clustered near 1, so a few steps do the work of hundreds,
+and ``s`` is then above the top eigenvalue of ``P⁻¹(M + λI)`` (power iteration).
+
 **LiSSA needs the operator in the current process** (as :class:`~headwater.curvature.cg.CG`):
 after ``load`` call :meth:`LiSSA.bind` with the same model, task and data.
 """
@@ -23,17 +28,21 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._matfree import (
+    CHUNK_SIZE,
     BoundOperator,
+    Preconditioner,
     check_layout,
     default_damping,
     extreme_eigenvalues,
+    fit_preconditioner,
     hutchinson_trace,
+    rademacher,
     subset,
     warn_if_indefinite,
 )
 from headwater.curvature.base import Curvature
 from headwater.curvature.operators import MatrixKind
-from headwater.curvature.solvers import LissaInfo, lissa
+from headwater.curvature.solvers import LissaInfo, MatVec, lissa
 from headwater.data import DataLike, num_examples
 from headwater.gradients.flat import ParamLayout
 from headwater.progress import ProgressFn
@@ -44,6 +53,7 @@ __all__ = ["LiSSA", "LissaState"]
 SCALE_MARGIN = 1.1
 """Default ``scale = SCALE_MARGIN × (λ_max(M) + λ)``, ``λ_max`` from a short Lanczos run."""
 _LANCZOS_STEPS = 20
+_POWER_STEPS = 20  # power iterations for the top eigenvalue of the preconditioned operator
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,9 @@ class LissaState:
 
     Attributes:
         damping: λ.
-        top_eigenvalue: estimate of ``λ_max(M)`` on all the data (undamped), or NaN
-            when ``scale`` was given and no estimate was needed.
+        top_eigenvalue: estimate of ``λ_max(M)`` on all the data (undamped), or, with a
+            preconditioner, of ``λ_max(P⁻¹(M + λI))``; NaN when ``scale`` was given and
+            no estimate was needed.
     """
 
     damping: float
@@ -74,6 +85,9 @@ class LiSSA(Curvature):
             slice ``(r·depth + t) mod n_batches`` of a seeded permutation, redrawn
             every pass over the data.
         seed: seed of the mini-batch order, the trace probes and the Lanczos start.
+        preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"none"`` (default);
+            see :class:`~headwater.curvature._matfree.Preconditioner`. Refitted by
+            :meth:`bind` (not part of the saved state).
         tol: last relative change below which ``last_info.converged`` is set.
         trace_probes: Hutchinson probes for the default damping.
         (others as :class:`~headwater.curvature.base.Curvature`)
@@ -93,7 +107,7 @@ class LiSSA(Curvature):
         *,
         kind: MatrixKind | str = MatrixKind.GGN,
         damping: float | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = CHUNK_SIZE,
         depth: int = 200,
         repeats: int = 1,
         scale: float | None = None,
@@ -101,6 +115,7 @@ class LiSSA(Curvature):
         seed: int = 0,
         tol: float = 1e-3,
         trace_probes: int = 16,
+        preconditioner: Preconditioner | str = Preconditioner.NONE,
     ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
         for arg, value, low in (
@@ -127,8 +142,18 @@ class LiSSA(Curvature):
         self.depth, self.repeats, self.batch_size, self.seed = depth, repeats, batch_size, seed
         self.scale = None if scale is None else float(scale)
         self.tol, self.trace_probes = float(tol), trace_probes
+        try:
+            self.preconditioner = Preconditioner(preconditioner)
+        except ValueError as err:
+            raise ValueError(
+                f"preconditioner: expected one of {[p.value for p in Preconditioner]}, "
+                f"got {preconditioner!r}"
+            ) from err
+        if self.preconditioner is Preconditioner.NYSTROM:
+            raise ValueError("preconditioner: 'nystrom' is available for CG only")
         self.last_info: LissaInfo | None = None
         self._operator: BoundOperator | None = None
+        self._precondition: MatVec | None = None
 
     @classmethod
     def _state_type(cls) -> type:
@@ -151,8 +176,15 @@ class LiSSA(Curvature):
             )
             damping = default_damping(trace / p)
         top = math.nan
-        if self.scale is None or self.kind is MatrixKind.HESSIAN:
-            smallest, top = extreme_eigenvalues(
+        self._precondition = None
+        if self.preconditioner is not Preconditioner.NONE:
+            self._precondition = fit_preconditioner(
+                self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
+            )
+            if self.scale is None:
+                top = self._preconditioned_top(op, float(damping))
+        if (self.scale is None and self._precondition is None) or self.kind is MatrixKind.HESSIAN:
+            smallest, largest = extreme_eigenvalues(
                 op.matvec,
                 p,
                 n_iter=_LANCZOS_STEPS,
@@ -164,7 +196,21 @@ class LiSSA(Curvature):
                 warn_if_indefinite(
                     self.name, self.kind, smallest, damping, what="smallest Ritz value"
                 )
+            if self._precondition is None:
+                top = largest
         return LissaState(float(damping), float(top))
+
+    def _preconditioned_top(self, op: BoundOperator, damping: float) -> float:
+        """``λ_max(P⁻¹(M + λI))`` by power iteration (the operator is similar to the
+        symmetric ``P^{-1/2}(M + λI)P^{-1/2}``, so its eigenvalues are real)."""
+        precondition = self._precondition
+        v = rademacher(1, self.layout.num_params, self.seed + 3, op.dtype, op.device)
+        estimate = 0.0
+        for _ in range(_POWER_STEPS):
+            w = precondition(op.matvec(v) + damping * v)
+            estimate = float(w.norm() / v.norm())
+            v = w / w.norm()
+        return estimate
 
     def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
         """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted)
@@ -172,6 +218,10 @@ class LiSSA(Curvature):
         self._check_fitted()
         check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
         self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        if self.preconditioner is not Preconditioner.NONE:
+            self._precondition = fit_preconditioner(
+                self.preconditioner, model, task, data, self.kind, self.state.damping, self.chunk_size
+            )
         return self
 
     def _bound(self) -> BoundOperator:
@@ -188,6 +238,8 @@ class LiSSA(Curvature):
         self._check_fitted()
         if self.scale is not None:
             return self.scale
+        if self.preconditioner is not Preconditioner.NONE:  # the estimate includes λ
+            return SCALE_MARGIN * self.state.top_eigenvalue
         return SCALE_MARGIN * (max(self.state.top_eigenvalue, 0.0) + self.state.damping)
 
     def _step_matvec(self, op: BoundOperator):
@@ -211,14 +263,24 @@ class LiSSA(Curvature):
 
     def _solve(self, v: Tensor) -> Tensor:
         op = self._bound()
+        step_matvec, damping, precondition = self._step_matvec(op), self.state.damping, self._precondition
+        if self.preconditioner is not Preconditioner.NONE:
+            if precondition is None:
+                raise RuntimeError("LiSSA's preconditioner is not in this process: call .bind(...)")
+            plain = step_matvec
+
+            def step_matvec(w: Tensor, step: int, damping: float = damping) -> Tensor:
+                return precondition(plain(w, step) + damping * w)  # P⁻¹(M_t + λI) w
+
+            v, damping = precondition(v), 0.0  # the series runs on P⁻¹(M + λI), from P⁻¹v
         try:
             x, self.last_info = lissa(
-                self._step_matvec(op),
+                step_matvec,
                 v,
                 depth=self.depth,
                 scale=self.fitted_scale,
                 repeats=self.repeats,
-                damping=self.state.damping,
+                damping=damping,
                 tol=self.tol,
             )
         except RuntimeError as err:
@@ -243,4 +305,5 @@ class LiSSA(Curvature):
             "seed": self.seed,
             "tol": self.tol,
             "trace_probes": self.trace_probes,
+            "preconditioner": self.preconditioner.value,
         }

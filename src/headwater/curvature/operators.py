@@ -15,7 +15,8 @@ from enum import Enum
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
+from torch.func import grad, hessian, jacrev, vjp, vmap
+from torch.overrides import TorchFunctionMode
 
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.flat import ParamLayout
@@ -24,7 +25,7 @@ from headwater.gradients.per_example import check_batch, per_example_gradients
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["MatrixKind", "curvature_matvec", "dense_curvature"]
+__all__ = ["CACHE_MB", "MatrixKind", "curvature_matvec", "dense_curvature"]
 
 
 class MatrixKind(str, Enum):
@@ -41,55 +42,123 @@ def _flat_params(model: nn.Module, task: Task) -> tuple[Tensor, ParamLayout]:
     return layout.flatten(params).clone(), layout
 
 
+_VMAP_ROWS = 32768  # vectors x examples per vmapped chunk product (measured: 1.8x faster
+# than all 200 vectors at once for the digits MLP, chunks of 1000, one thread)
+
+CACHE_MB = 512.0
+"""Default budget (MiB) of :func:`curvature_matvec`'s cached per-chunk linearisations."""
+
+
 def _chunk_matvec(model, task, layout, theta, kind, x, y) -> Callable[[Tensor], Tensor]:
-    """``V [K, P] -> Σ_{i in chunk} M_i V`` for one chunk (sum, not mean)."""
+    """``V [K, P] -> Σ_{i in chunk} M_i V`` for one chunk (sum, not mean).
+
+    The chunk is linearised once, here: the returned function only runs the
+    backward passes of the stored graphs, so it can be called many times.
+
+    - GGN: ``out, Jᵀ(·) = vjp(f)``; ``J v`` is the vjp of the (linear) map
+      ``u -> Jᵀu`` taken at ``u = 0``; ``H_out u`` is the vjp of the output-space
+      gradient of the loss (symmetric). ``M v = Jᵀ H_out J v``.
+    - Hessian: the vjp of ``∇ℓ`` (symmetric, so ``vjp = Hv``).
+    - EF: the per-example gradients ``G [B, P]``; ``M V = (V Gᵀ) G``.
+    """
 
     def outputs(t: Tensor) -> Tensor:
         return task.output(bind(model, layout.unflatten(t)), x)
 
+    if kind is MatrixKind.EF:
+        grads = torch.cat(list(per_example_gradients(model, task, (x, y), chunk_size=x.shape[0])))
+        return lambda v: (v @ grads.T) @ grads  # [K, P]
     if kind is MatrixKind.HESSIAN:
-        g = grad(lambda t: task.loss(outputs(t), y).sum())
-        return vmap(lambda v: jvp(g, (theta,), (v,))[1])
-    if kind is MatrixKind.GGN:
-        out, vjp_fn = vjp(outputs, theta)
-        out = out.detach()
-        loss_grad = grad(lambda o: task.loss(o, y).sum())
+        _, hvp_fn = vjp(grad(lambda t: task.loss(outputs(t), y).sum()), theta)
 
-        def ggn_v(v: Tensor) -> Tensor:
-            jv = jvp(outputs, (theta,), (v,))[1]  # [B, *out]
-            hjv = jvp(loss_grad, (out,), (jv,))[1]
-            return vjp_fn(hjv)[0]
+        def one(v: Tensor) -> Tensor:
+            return hvp_fn(v)[0]
 
-        return vmap(ggn_v)
-    grads = torch.cat(list(per_example_gradients(model, task, (x, y), chunk_size=x.shape[0])))
+    else:
+        out, jt_fn = vjp(outputs, theta)
+        _, j_fn = vjp(lambda u: jt_fn(u)[0], torch.zeros_like(out))
+        _, h_fn = vjp(grad(lambda o: task.loss(o, y).sum()), out.detach())
 
-    def ef_v(v: Tensor) -> Tensor:
-        return (v @ grads.T) @ grads  # [K, P]
+        def one(v: Tensor) -> Tensor:
+            return jt_fn(h_fn(j_fn(v)[0])[0])[0]
 
-    return ef_v
+    many = vmap(one)
+    return lambda v: one(v[0]).unsqueeze(0) if v.shape[0] == 1 else many(v)
+
+
+class _OutputBytes(TorchFunctionMode):
+    """Counts the bytes of every tensor a forward pass creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(t, Tensor):
+                self.total += t.numel() * t.element_size()
+        return result
+
+
+def _linearisation_bytes(model, task, layout, theta, kind, x, n: int) -> float:
+    """Rough bytes of every chunk's cached linearisation over ``n`` examples: 4× the
+    tensors of a forward pass (the vjp graph, its transpose, outputs), or the EF's
+    per-example gradients."""
+    if kind is MatrixKind.EF:
+        return float(n * layout.num_params * theta.element_size())
+    counter = _OutputBytes()
+    with torch.no_grad(), counter:
+        task.output(bind(model, layout.unflatten(theta)), x)
+    return 4.0 * counter.total * n / x.shape[0]
 
 
 def curvature_matvec(
     model: nn.Module, task: Task, data: DataLike, kind: MatrixKind | str = "ggn",
-    *, chunk_size: int = 256,
+    *, chunk_size: int = 256, cache_mb: float = CACHE_MB,
 ) -> Callable[[Tensor], Tensor]:
     """A function ``V [K, P] -> M V [K, P]`` for the undamped curvature ``M`` of ``kind``.
 
-    Each call streams once over ``data``; memory is ``O(K·P + chunk·activations)``.
+    Each call streams once over ``data``. Each chunk's linearisation (the graphs of
+    one forward pass, or the EF's per-example gradients) is built on the first call
+    and kept for later calls when all of them fit in ``cache_mb`` MiB (estimated
+    from one chunk); otherwise it is rebuilt on every call, and memory is
+    ``O(K·P + chunk·activations)`` whatever ``n_train`` is. Caching changes no number.
+    With one vector (``K = 1``, e.g. Lanczos) no ``vmap`` is used; many vectors go
+    through each chunk in blocks of about ``32768 / chunk`` rows.
     """
     kind = MatrixKind(kind)
     theta, layout = _flat_params(model, task)
     n = num_examples(data, "train")
-    check_batch(model, task, prepare_batch(next(iter_batches(data, 2, "train")), theta), "train")
+    first = prepare_batch(next(iter_batches(data, min(chunk_size, n), "train")), theta)
+    check_batch(model, task, first, "train")
+    with evaluation_mode(model):
+        cache = _linearisation_bytes(model, task, layout, theta, kind, first[0], n) <= cache_mb * 2**20
+    chunks: list[tuple[Callable[[Tensor], Tensor], int]] = []
+    complete = [False]
+
+    def operators():
+        if complete[0]:
+            yield from chunks
+            return
+        chunks.clear()
+        for batch in iter_batches(data, chunk_size, "train"):
+            x, y = prepare_batch(batch, theta)
+            op = (_chunk_matvec(model, task, layout, theta, kind, x, y), x.shape[0])
+            if cache:
+                chunks.append(op)
+            yield op
+        complete[0] = cache
 
     def matvec(v: Tensor) -> Tensor:
         squeeze = v.dim() == 1
         v = v.reshape(-1, layout.num_params).to(theta)
         out = torch.zeros_like(v)
         with evaluation_mode(model):
-            for batch in iter_batches(data, chunk_size, "train"):
-                x, y = prepare_batch(batch, theta)
-                out += _chunk_matvec(model, task, layout, theta, kind, x, y)(v).detach()
+            for op, rows in operators():
+                step = max(1, _VMAP_ROWS // rows)  # [step·rows, width] activations per call
+                for i in range(0, v.shape[0], step):
+                    out[i : i + step] += op(v[i : i + step]).detach()
         out = out / n + task.weight_decay * v
         return out[0] if squeeze else out
 

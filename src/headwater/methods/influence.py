@@ -59,8 +59,11 @@ class InfluenceFunction:
                                      chunk_size=self.chunk_size, name=name, progress=self.progress)
 
     def preconditioned_queries(self, query: DataLike) -> Tensor:
-        """``(M + λI)⁻¹ ∇m(z_q)`` for every query, ``[n_query, P]``."""
-        return torch.cat([self.curvature.solve(g) for g in self._grads(query, Objective.MEASUREMENT, "query")])
+        """``(M + λI)⁻¹ ∇m(z_q)`` for every query, ``[n_query, P]``, solved ``query_chunk``
+        rows at a time (an iterative solver's passes over the data serve the whole block)."""
+        grads = torch.cat(list(self._grads(query, Objective.MEASUREMENT, "query")))  # [n_query, P]
+        return torch.cat([self.curvature.solve(grads[i : i + self.query_chunk])
+                          for i in range(0, grads.shape[0], self.query_chunk)])
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """All scores ``[n_query, n_train]``."""
