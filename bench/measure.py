@@ -86,7 +86,7 @@ class Measure:
             r = _rss_bytes()
             self._peak = max(self._peak, r)
 
-    def __enter__(self) -> Measure:  # noqa: PYI034 - py3.10 has no typing.Self
+    def __enter__(self) -> Measure:
         gc.collect()
         _trim_heap()
         self._baseline = _rss_bytes()

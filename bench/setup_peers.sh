@@ -12,7 +12,8 @@
 # installable yet (src/ still being written), the peers are still installed and
 # stamped, and the editable install is retried on every later run until it works.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV=".venv-bench"
@@ -21,7 +22,7 @@ REQ="bench/requirements-peers.txt"
 STAMP="$VENV/.bench-peers-installed"
 HW_STAMP="$VENV/.bench-headwater-installed"
 
-want="$(cat "$0" "$REQ" constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat "$SELF" "$REQ" constraints.txt | sha256sum | cut -d' ' -f1)"
 
 if [[ "${FORCE:-0}" != "1" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     peers_ok=1
@@ -61,16 +62,19 @@ PY
     rm -f "$HW_STAMP"
 fi
 
-# headwater itself, editable, last (it may not be installable yet). --no-deps is
-# not used, but the constraints keep torch and the verified peer pins (numpy<2).
-if [[ -f "$HW_STAMP" ]] && "$PY" -c "import headwater" 2>/dev/null; then
+# headwater itself, editable, last (it may not be installable yet); reinstalled when
+# pyproject.toml changes (new dependencies). With its dependencies, but constrained to
+# torch==2.13.0 and numpy<2 (pyDVL).
+hw_want="$(cat pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if [[ -f "$HW_STAMP" && "$(cat "$HW_STAMP")" == "$hw_want" ]] \
+        && "$PY" -c "import headwater" 2>/dev/null; then
     :
 elif [[ -f pyproject.toml ]]; then
     echo "[setup_peers] headwater (editable) ..."
     hwc="$(mktemp)"; tmpfiles+=("$hwc"); echo 'numpy<2' > "$hwc"
     if pip_install -c "$hwc" -e . ; then
         if "$PY" -c "import headwater" 2>/dev/null; then
-            touch "$HW_STAMP"
+            echo "$hw_want" > "$HW_STAMP"
         else
             echo "[setup_peers] WARNING: headwater installed but not importable yet; will retry next run" >&2
         fi

@@ -11,7 +11,8 @@
    Spearman.
 2. Conversion checks (unless ``--no-checks``), each against the matching exact quantity,
    so that approximation error does not hide a sign/scale error:
-   - margin measurement, exact peers vs. exact margin scores;
+   - margin measurement, exact peers vs. exact margin scores (and the EK-FAC peers at
+     the large damping below, their margin paths being their own);
    - approximate-curvature peers (EK-FAC, LiSSA) at a large damping (1.0 >> top
      eigenvalue ~0.12): (H + lambda I)^{-1} is then dominated by 1/lambda, so every correct
      conversion gives ratio ~1 whatever the quality of its curvature approximation;
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
         print("\n## 2. conversion checks\n")
         print(HEADER)
         checks = []
+        # margin: exact peers at the tiny damping; peers whose margin path is an adapter
+        # trick (pyDVL's target-offset loss) also through EK-FAC at the large damping
         ex = [n for n in names if n in P.EXACT_PEERS]
         if ex:
             ref_m = exact_scores(prob, damping=args.damping, measurement="margin")
@@ -134,6 +137,13 @@ def main(argv=None) -> int:
             checks += [(f"damping={args.check_damping}", n, ref_b,
                         dict(damping=args.check_damping, measurement="loss", **short.get(n, {})))
                        for n in big]
+        # EK-FAC peers' margin paths are their own (kronfluence's compute_measurement,
+        # pyDVL EK-FAC's replaced .loss); the others share their CG sibling's path.
+        ek = [n for n in names if n in ("kronfluence-ekfac", "pydvl-ekfac")]
+        if ek:
+            ref_bm = exact_scores(prob, damping=args.check_damping, measurement="margin")
+            checks += [(f"margin, damping={args.check_damping}", n, ref_bm,
+                        {"damping": args.check_damping, "measurement": "margin"}) for n in ek]
         arn = [n for n in names if n.endswith("arnoldi")]
         for n in arn:
             k = {"pydvl-arnoldi": "rank", "captum-arnoldi": "projection_dim",
