@@ -140,8 +140,10 @@ class BoundOperator:
 
     Matrix-free curvatures keep one of these instead of a stored matrix: each
     product streams over ``data`` (see :func:`~headwater.curvature.operators.curvature_matvec`),
-    so memory is ``O(K·P + chunk·activations)`` whatever ``n_train`` is. It holds
-    references to the model, task and data, so it lives only in the current process.
+    reusing each chunk's linearisation when all of them fit in ``CACHE_MB`` (512 MiB),
+    else rebuilding it, so memory is ``O(K·P + chunk·activations)`` whatever ``n_train``
+    is. It holds references to the model, task and data, so it lives only in the
+    current process.
     """
 
     def __init__(
