@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def linear_regression(seed: int = 0, n_train: int = 30, n_query: int = 5) -> Cas
 CASES = {"mlp": mlp, "cnn": cnn, "linreg": linear_regression}
 
 
-@lru_cache(maxsize=None)
+@cache
 def digits(n_train: int = 1000, n_test: int = 200, seed: int = 0, dtype: torch.dtype = torch.float64):
     """Standardised scikit-learn digits, a fixed random split: ``(Xtr, ytr, Xte, yte)``."""
     from sklearn.datasets import load_digits

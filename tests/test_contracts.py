@@ -39,7 +39,7 @@ def test_model_unchanged_after_every_call(name):
     model = case.model
     model.train()
     model[0].eval() if isinstance(model, nn.Sequential) else model.conv.eval()  # mixed modes
-    list(model.parameters())[0].requires_grad_(False)
+    next(iter(model.parameters())).requires_grad_(False)
     list(model.parameters())[1].grad = torch.ones_like(list(model.parameters())[1])
     before = _snapshot(model)
     rng = torch.get_rng_state()
@@ -63,15 +63,15 @@ def test_bad_input_names_the_argument():
         headwater.influence(m, tr, q, curvature="exact", damping=-1.0)
     with pytest.raises(TypeError, match="damping"):
         headwater.influence(m, tr, q, curvature="exact", damping="big")
-    with pytest.raises(ValueError, match="train.*empty"):
+    with pytest.raises(ValueError, match=r"train.*empty"):
         headwater.influence(m, (tr[0][:0], tr[1][:0]), q, curvature="exact")
-    with pytest.raises(ValueError, match="query.*empty"):
+    with pytest.raises(ValueError, match=r"query.*empty"):
         headwater.influence(m, tr, (q[0][:0], q[1][:0]), curvature="exact")
     with pytest.raises(ValueError, match="query: inputs of shape"):
         headwater.influence(m, tr, (torch.randn(3, 7, dtype=torch.float64), q[1][:3]), curvature="exact")
     with pytest.raises(ValueError, match="train: inputs of shape"):
         headwater.influence(m, (torch.randn(3, 5, dtype=torch.float64), tr[1][:3]), q, curvature="exact")
-    with pytest.raises(ValueError, match="train.*NaN"):
+    with pytest.raises(ValueError, match=r"train.*NaN"):
         headwater.influence(m, tr, q, task=_NanTask(), curvature="exact")
     with pytest.raises(ValueError, match="modules"):
         headwater.influence(m, tr, q, task=ClassificationTask(modules=["nope"]), curvature="exact")

@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from headwater.api import influence  # noqa: E402
-from headwater.methods import InfluenceFunction, Scores  # noqa: E402
-from headwater.task import ClassificationTask, Measurement, RegressionTask, Task  # noqa: E402
+from headwater.api import influence
+from headwater.methods import InfluenceFunction, Scores
+from headwater.task import ClassificationTask, Measurement, RegressionTask, Task
 
 __all__ = [
     "ClassificationTask",

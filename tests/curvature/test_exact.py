@@ -59,7 +59,7 @@ def test_indefinite_undamped_warns():
 
 def test_too_many_parameters_names_alternatives():
     case = CASES["mlp"]()
-    with pytest.raises(ValueError, match="max_params=.*ekfac.*cg"):
+    with pytest.raises(ValueError, match=r"max_params=.*ekfac.*cg"):
         Exact(max_params=50).fit(case.model, case.task, case.train)
 
 

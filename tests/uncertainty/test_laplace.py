@@ -209,7 +209,9 @@ def test_classifier():
     assert (
         tight.probabilities(x) - tight.probabilities(x, method="mc", n_samples=4000)
     ).abs().max() < 0.02
-    entropy = lambda p: -(p * p.log()).sum(1)
+    def entropy(p):
+        return -(p * p.log()).sum(1)
+
     assert bool((entropy(probit) >= entropy(map_probs) - 1e-9).all())  # integrating spreads mass
     before = float(la.log_marginal_likelihood())
     assert float(la.optimize_prior().log_marginal_likelihood()) >= before

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from headwater import store
-from headwater.data import DataLike, num_examples
 from headwater.curvature.operators import MatrixKind
+from headwater.data import DataLike, num_examples
 from headwater.gradients.flat import ParamLayout
 from headwater.progress import ProgressFn
 from headwater.task import Task

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-
 from torch import Tensor, nn
 from torch.func import functional_call
 

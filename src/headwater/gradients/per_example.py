@@ -20,7 +20,7 @@ from headwater.gradients.functional import bind, detached, evaluation_mode, prep
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["Objective", "per_example_gradients", "stack_gradients", "check_batch"]
+__all__ = ["Objective", "check_batch", "per_example_gradients", "stack_gradients"]
 
 
 class Objective(str, Enum):

@@ -121,7 +121,9 @@ def ensemble_scores(
     if isinstance(models, tuple) and len(models) == 2 and isinstance(models[1], Ensemble):
         template, ensemble = models
         count = len(ensemble)
-        get = lambda m: ensemble.member(template, m)
+        def get(m: int) -> nn.Module:
+            return ensemble.member(template, m)
+
     else:
         models = list(models)
         count = len(models)

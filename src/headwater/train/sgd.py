@@ -16,7 +16,6 @@ HYDRA differentiates exactly this run, and finite differences of ``w`` check it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
