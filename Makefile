@@ -26,7 +26,7 @@ test: setup
 # in a separate bench-only environment (.venv-bench; pyDVL needs numpy<2).
 bench:
 	bash bench/setup_peers.sh
-	.venv-bench/bin/python -m bench.run
+	.venv-bench/bin/python -m bench.run --threads 1 --warmup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -76,7 +76,7 @@ def _headwater(curvature: str, options: dict[str, Any] | None = None, **kwargs: 
 
 # name, curvature, constructor options: methods register here as they land.
 HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
-    ("exact-ggn", "exact", {}, ("logreg", "mlp")),
+    ("exact-ggn", "exact", {}, ("logreg",)),  # the MLP's dense 17k x 17k GGN: minutes and ~7 GB
     ("kfac", "kfac", {"ggn_estimator": "auto"}, ("logreg", "mlp")),  # auto: exact GGN for <= 64 outputs
     ("ekfac", "ekfac", {"ggn_estimator": "auto"}, ("logreg", "mlp")),
     # matrix-free (issue 3); chunk sizes change speed only. Low-rank forms: "residual" gives the
