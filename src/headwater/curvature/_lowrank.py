@@ -30,7 +30,6 @@ from headwater.curvature._matfree import (
     CHUNK_SIZE,
     BoundOperator,
     default_damping,
-    hutchinson_trace,
     warn_if_indefinite,
 )
 from headwater.curvature.base import Curvature
@@ -131,17 +130,9 @@ class LowRankCurvature(Curvature):
         damping = self.damping
         if damping is None:
             if eigvals.numel() == p:  # the whole space: the trace is exact
-                trace = float(eigvals.double().sum())
+                damping = default_damping(float(eigvals.double().sum()) / p)
             else:
-                trace = hutchinson_trace(
-                    op.matvec,
-                    p,
-                    probes=self.trace_probes,
-                    seed=self.seed + 1,
-                    dtype=op.dtype,
-                    device=op.device,
-                )
-            damping = default_damping(trace / p)
+                damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
         floor = task.weight_decay if self.kind is not MatrixKind.HESSIAN else 0.0
         if self.residual and floor + damping <= 0:
             raise ValueError(

@@ -161,6 +161,12 @@ class BoundOperator:
         ref = next(iter(task.parameters(model).values()))
         self.dtype, self.device = ref.dtype, ref.device
 
+    def default_damping(self, *, probes: int, seed: int) -> float:
+        """The library's default damping, from a Hutchinson estimate of ``trace(M)/P``."""
+        p = self.layout.num_params
+        trace = hutchinson_trace(self.matvec, p, probes=probes, seed=seed, dtype=self.dtype, device=self.device)
+        return default_damping(trace / p)
+
     def on(self, data: DataLike) -> MatVec:
         """The same operator on other data (e.g. a mini-batch)."""
         return curvature_matvec(self.model, self.task, data, self.kind, chunk_size=self.chunk_size)

@@ -24,10 +24,8 @@ from headwater.curvature._matfree import (
     BoundOperator,
     Preconditioner,
     check_layout,
-    default_damping,
     extreme_eigenvalues,
     fit_preconditioner,
-    hutchinson_trace,
     warn_if_indefinite,
 )
 from headwater.curvature.base import Curvature
@@ -171,15 +169,7 @@ class CG(Curvature):
         p = self.layout.num_params
         damping = self.damping
         if damping is None:
-            trace = hutchinson_trace(
-                op.matvec,
-                p,
-                probes=self.trace_probes,
-                seed=self.seed + 1,
-                dtype=op.dtype,
-                device=op.device,
-            )
-            damping = default_damping(trace / p)
+            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
         if self.kind is MatrixKind.HESSIAN:
             smallest, _ = extreme_eigenvalues(
                 op.matvec,

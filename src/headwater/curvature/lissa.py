@@ -32,10 +32,8 @@ from headwater.curvature._matfree import (
     BoundOperator,
     Preconditioner,
     check_layout,
-    default_damping,
     extreme_eigenvalues,
     fit_preconditioner,
-    hutchinson_trace,
     rademacher,
     subset,
     warn_if_indefinite,
@@ -166,15 +164,7 @@ class LiSSA(Curvature):
         p = self.layout.num_params
         damping = self.damping
         if damping is None:
-            trace = hutchinson_trace(
-                op.matvec,
-                p,
-                probes=self.trace_probes,
-                seed=self.seed + 1,
-                dtype=op.dtype,
-                device=op.device,
-            )
-            damping = default_damping(trace / p)
+            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
         top = math.nan
         self._precondition = None
         if self.preconditioner is not Preconditioner.NONE:
