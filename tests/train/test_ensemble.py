@@ -141,6 +141,9 @@ def test_resume_after_interruption_gives_identical_results(tmp_path):
 def test_lbfgs_members_reach_the_weighted_optimum():
     x, y = _data()
     model = nn.Linear(6, 3).double()
+    with torch.no_grad():  # a fixed start, whatever ran before
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype))
     task = ClassificationTask(weight_decay=1e-1)
     masks = _masks(3, x.shape[0])
     ens = train_ensemble(model, task, (x, y), masks, config=TrainConfig(optimizer="lbfgs", init="copy"))

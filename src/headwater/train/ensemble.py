@@ -282,18 +282,16 @@ class _Problem:
 
     def objective(self, params: dict[str, Tensor], others: dict[str, Tensor], x: Tensor, y: Tensor,
                   w: Tensor) -> Tensor:
-        """``(1/b) Σ_j w_j ℓ_j + (wd/2)‖θ_sel‖²`` for one member (``w`` already scaled)."""
+        """The data term ``Σ_j w_j ℓ_j`` for one member (``w`` already scaled and divided by
+        the batch size); the L2 term's gradient ``wd·θ_sel`` is added outside the
+        vectorised graph."""
         state = {**others, **params}
 
         def fn(inputs: Tensor) -> Tensor:
             return functional_call(self.template, state, (inputs,), strict=False)
 
         losses = self.task.train_loss(fn, (x, y))
-        data = (w * losses).sum() / x.shape[0]
-        if self.task.weight_decay == 0:
-            return data
-        reg = sum(state[k].pow(2).sum() for k in self.regularised)
-        return data + 0.5 * self.task.weight_decay * reg
+        return (w * losses).sum()
 
     def scale(self, w: Tensor) -> Tensor:
         """``n c_m w_m`` per member, ``[M, n]`` in the model's dtype."""
@@ -320,12 +318,17 @@ def _adam_update(params: dict[str, Tensor], grads: dict[str, Tensor], state: dic
     step = state["step"]
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step) ** 0.5
-    for k, g in grads.items():
-        m, v = state["exp_avg"][k], state["exp_avg_sq"][k]
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bias2_sqrt).add_(config.eps)
-        params[k].addcdiv_(m, denom, value=-config.lr / bias1)
+    keys = list(grads)
+    g = [grads[k] for k in keys]
+    m = [state["exp_avg"][k] for k in keys]
+    v = [state["exp_avg_sq"][k] for k in keys]
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, config.eps)
+    torch._foreach_addcdiv_([params[k] for k in keys], m, denom, value=-config.lr / bias1)
 
 
 def _sgd_update(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Any],
@@ -340,6 +343,17 @@ def _sgd_update(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict
                 buf.mul_(config.momentum).add_(g)
             g = buf
         params[k].add_(g, alpha=-config.lr)
+
+
+def _drop_zero_weights(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Move each member's weighted examples to the front and cut the batch to the largest
+    count: examples of weight 0 (outside a subset) add nothing but compute. ``[M, b]``."""
+    keep = w != 0
+    width = int(keep.sum(dim=1).max())
+    if width == idx.shape[1]:
+        return idx, w
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    return idx.gather(1, order), w.gather(1, order)
 
 
 def _train_vmap(problem: _Problem, starts: list[dict[str, Tensor]], weights: Tensor,
@@ -361,8 +375,14 @@ def _train_vmap(problem: _Problem, starts: list[dict[str, Tensor]], weights: Ten
         perms = torch.stack([torch.randperm(problem.n, generator=g) for g in gens])  # [M, n]
         for sl in problem.steps():
             idx = perms[:, sl]  # [M, b]
-            x, y = problem.x[idx], problem.y[idx]  # [M, b, ...]
-            grads = grad_fn(params, others, x, y, scaled[rows, idx])
+            w_b = scaled[rows, idx] / idx.shape[1]  # [M, b]
+            idx, w_b = _drop_zero_weights(idx, w_b)
+            x, y = problem.x[idx], problem.y[idx]  # [M, b', ...]
+            grads = grad_fn(params, others, x, y, w_b)
+            if problem.task.weight_decay:
+                for k in problem.regularised:
+                    if k in grads:  # frozen parameters get no update
+                        grads[k].add_(params[k], alpha=problem.task.weight_decay)
             update(params, grads, state, config)
     _check_finite(params)
     return [{**{k: v[m] for k, v in others.items()}, **{k: v[m] for k, v in params.items()}}

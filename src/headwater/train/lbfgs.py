@@ -19,6 +19,8 @@ from headwater.task import Task
 
 __all__ = ["minimize_objective", "objective_value"]
 
+_ROUNDS = 5  # L-BFGS runs, each from a fresh history
+
 
 def objective_value(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor,
                     weights: Tensor) -> Tensor:
@@ -47,22 +49,27 @@ def minimize_objective(
     w = torch.full((n,), 1.0 / n, dtype=ref.dtype, device=ref.device) if weights is None else weights.to(ref)
     if w.shape != (n,):
         raise ValueError(f"weights: expected shape [{n}], got {tuple(w.shape)}")
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
-                            history_size=50, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        opt.zero_grad(set_to_none=False)
+    def gradient_norm() -> float:
         value = objective_value(model, task, inputs, targets, w)
-        value.backward()
-        return value
+        grads = torch.autograd.grad(value, params)
+        return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])).item()
 
     with evaluation_mode(model):
-        opt.step(closure)
-        opt.zero_grad()
-        value = objective_value(model, task, inputs, targets, w)
-        grad_norm = torch.linalg.vector_norm(
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
-        ).item()
+        for _ in range(_ROUNDS):  # a fresh history restarts a line search stalled near the optimum
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                                    tolerance_change=0.0, history_size=50, line_search_fn="strong_wolfe")
+
+            def closure(opt: torch.optim.LBFGS = opt) -> Tensor:
+                opt.zero_grad(set_to_none=False)
+                value = objective_value(model, task, inputs, targets, w)
+                value.backward()
+                return value
+
+            opt.step(closure)
+            grad_norm = gradient_norm()
+            if grad_norm <= tol:
+                break
     for p in params:
         p.grad = None
     if grad_norm > 100 * tol:
