@@ -9,6 +9,7 @@ from torch import Tensor, nn
 import headwater
 from headwater.curvature import CURVATURES, EKFAC, KFAC, Exact
 from headwater.curvature.kfac_blocks import find_blocks, from_blocks
+from headwater.gradients import stack_gradients
 from headwater.methods import InfluenceFunction
 from headwater.methods.factored import factored_scores, module_gradients, module_scores
 from headwater.store import StoreMismatchError
@@ -265,7 +266,9 @@ def test_module_scores_sum_to_flat_influence():
     est = InfluenceFunction(case.model, case.task, EKFAC()).fit(case.train)
     parts = module_scores(case.model, case.task, est.curvature, case.query, case.train, chunk_size=5)
     assert list(parts) == ["0", "2"] and parts["0"].shape == (5, 24)
-    assert_close(sum(parts.values()), est.scores(case.query, case.train), what="sum of modules")
+    flat = est.preconditioned_queries(case.query) @ stack_gradients(case.model, case.task, case.train).T
+    assert_close(sum(parts.values()), flat, what="sum of modules vs flat-layout scores")
+    assert_close(est.scores(case.query, case.train), flat, what="InfluenceFunction (per-module path)")
     with pytest.raises(TypeError, match="curvature"):
         module_scores(case.model, case.task, Exact().fit(case.model, case.task, case.train),
                       case.query, case.train)

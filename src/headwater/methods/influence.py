@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature.base import Curvature
+from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, num_examples
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.factored import factored_scores
 from headwater.methods.scoring import pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
@@ -66,7 +68,12 @@ class InfluenceFunction:
                           for i in range(0, grads.shape[0], self.query_chunk)])
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
-        """All scores ``[n_query, n_train]``."""
+        """All scores ``[n_query, n_train]``. With K-FAC/EK-FAC they are computed module by
+        module (:func:`~headwater.methods.factored.factored_scores`), never flattening the
+        model; the numbers are the same."""
+        if isinstance(self.curvature, KroneckerCurvature):
+            return factored_scores(self.model, self.task, self.curvature, query, train,
+                                   chunk_size=self.chunk_size, progress=self.progress)
         left = self.preconditioned_queries(query)
         return pairwise(left, self._grads(train, Objective.TRAIN, "train"), num_examples(train, "train"),
                         query_chunk=self.query_chunk)
