@@ -6,14 +6,14 @@ are ``(input, target)`` pairs, or a ``DataLoader`` yielding such pairs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Batch", "DataLike", "as_tensors", "iter_batches", "num_examples"]
+__all__ = ["Batch", "DataLike", "as_tensors", "check_indices", "iter_batches", "num_examples"]
 
 Batch = tuple[Tensor, Tensor]
 DataLike = tuple[Tensor, Tensor] | Dataset | DataLoader
@@ -104,3 +104,17 @@ def as_tensors(data: DataLike, name: str = "data") -> Batch:
         return pair.inputs, pair.targets
     xs, ys = zip(*iter_batches(data, 4096, name), strict=True)
     return torch.cat(xs), torch.cat(ys)
+
+
+def check_indices(indices: Sequence[int] | Tensor, n: int, name: str = "indices") -> Tensor:
+    """Training indices as a flat ``long`` tensor ``[k]``.
+
+    Raises:
+        ValueError: naming ``name`` if there are none or one lies outside ``[0, n)``.
+    """
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError(f"{name}: no examples to remove")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"{name}: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
+    return idx

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.data import DataLike, as_tensors, num_examples
+from headwater.data import DataLike, as_tensors, check_indices, num_examples
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
@@ -59,11 +59,7 @@ def leave_one_out(
         :class:`LOOResult` with ``actual [n_query, len(indices)]``.
     """
     n = num_examples(train, "train")
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if idx.numel() == 0:
-        raise ValueError("indices: no examples to remove")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"indices: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
+    idx = check_indices(indices, n)
     ref = next(iter(task.parameters(model).values()))
     full = torch.full((n,), 1.0 / n, dtype=ref.dtype, device=ref.device)
 

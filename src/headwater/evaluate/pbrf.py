@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from headwater.data import DataLike, as_tensors, num_examples
+from headwater.data import DataLike, as_tensors, check_indices, num_examples
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.task import Task
@@ -112,9 +112,7 @@ def pbrf(
     epsilon = 1.0 / n if epsilon is None else epsilon
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon):
         raise ValueError(f"epsilon: expected a finite float, got {epsilon!r}")
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"indices: expected a non-empty list of training indices in [0, {n})")
+    idx = check_indices(indices, n)
     params = detached(task.parameters(model))
     layout = ParamLayout.of(params)
     theta_s = layout.flatten(params).clone()  # [P]

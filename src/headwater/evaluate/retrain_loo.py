@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from headwater.data import DataLike, as_tensors, num_examples
+from headwater.data import DataLike, as_tensors, check_indices, num_examples
 from headwater.progress import ProgressFn
 from headwater.task import Task
 from headwater.train.ensemble import (
@@ -89,11 +89,7 @@ def retrain_leave_one_out(
     """
     config = TrainConfig(normalization=Normalization.N) if config is None else config
     n = num_examples(train, "train")
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if idx.numel() == 0:
-        raise ValueError("indices: no examples to remove")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"indices: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
+    idx = check_indices(indices, n)
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise ValueError(f"n_seeds: must be a positive integer, got {n_seeds!r}")
     k = idx.numel()

@@ -39,7 +39,7 @@ from headwater.curvature._matfree import subset
 from headwater.curvature.base import Curvature
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import conjugate_gradient
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, check_indices, num_examples
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import detached
 from headwater.gradients.per_example import per_example_gradients
@@ -56,13 +56,7 @@ class UnlearnGradient(str, Enum):
 
 
 def _forget_indices(forget: Sequence[int] | Tensor, n: int) -> Tensor:
-    idx = torch.as_tensor(forget, dtype=torch.long).reshape(-1)
-    if idx.numel() == 0:
-        raise ValueError("forget: no examples to remove")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(
-            f"forget: indices must lie in [0, {n}), got [{int(idx.min())}, {int(idx.max())}]"
-        )
+    idx = check_indices(forget, n, "forget")
     if idx.unique().numel() != idx.numel():
         raise ValueError("forget: indices must be distinct")
     if idx.numel() >= n:
