@@ -4,7 +4,13 @@ folder, and one torch thread (tiny models run faster without thread hand-offs)."
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test on one torch thread, whatever an earlier test (e.g. a CLI run) set."""
+    torch.set_num_threads(1)

@@ -35,15 +35,6 @@ DT = torch.float64
 ORACLES = {"hessian": dense_hessian, "ggn": dense_ggn, "ef": dense_ef}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs dominate on a loaded machine; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rhs(k: int, p: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=DT)
 

@@ -18,17 +18,8 @@ from headwater.train.lbfgs import minimize_objective
 CONVEX = TrainConfig(optimizer="lbfgs", init="copy", tol=1e-7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dominated by thread hand-offs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def logreg(_one_thread):
+def logreg():
     xtr, ytr, xte, yte = digits()
     train, query = (xtr[:100], ytr[:100]), (xte[:20], yte[:20])
     model = nn.Linear(64, 10).double()

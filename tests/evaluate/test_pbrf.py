@@ -15,16 +15,8 @@ from headwater.task import ClassificationTask
 from headwater.train.lbfgs import minimize_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def logreg(_one_thread):
+def logreg():
     xtr, ytr, xte, yte = digits()
     train, query = (xtr[:80, :32], ytr[:80] % 4), (xte[:10, :32], yte[:10] % 4)
     model = nn.Linear(32, 4).double()

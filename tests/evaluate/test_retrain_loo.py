@@ -14,14 +14,6 @@ from headwater.train.ensemble import TrainConfig
 from headwater.train.lbfgs import minimize_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_convex_retrain_loo_equals_lbfgs_loo():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=g, dtype=torch.float64)

@@ -21,14 +21,6 @@ from headwater.task import ClassificationTask
 from headwater.train.ensemble import TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("distribution", ["grid", "shapley"])
 def test_recovers_planted_high_impact_examples(distribution):
     n, k = 200, 5

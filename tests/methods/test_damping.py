@@ -8,14 +8,6 @@ from headwater.curvature import Exact
 from headwater.methods.damping import DampingCurve, GroundTruth, select_damping
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_convex_model_prefers_small_damping_and_reports_the_curve():
     case = CASES["linreg"]()
     dampings = [1e-6, 1e-2, 1.0, 100.0]

@@ -12,14 +12,6 @@ from headwater.methods.ensemble_scores import ensemble_scores, stability
 from headwater.train.ensemble import TrainConfig, train_ensemble
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_influence_over_retrained_seeds():
     case = mlp(n_train=24, n_query=3)
     ens = train_ensemble(case.model, case.task, case.train, torch.ones(4, 24),

@@ -11,15 +11,6 @@ from headwater.task import ClassificationTask
 from headwater.train.ensemble import Ensemble, TrainConfig, ensemble_measurements, train_ensemble
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dominated by thread hand-offs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n: int = 96, d: int = 6, classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
