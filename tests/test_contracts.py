@@ -45,6 +45,8 @@ def test_model_unchanged_after_every_call(name):
     rng = torch.get_rng_state()
     headwater.influence(model, case.train, case.query, task=case.task, curvature="exact", damping=0.1,
                         self_influence=True, top_k=2)
+    headwater.influence(model, case.train, case.query, task=case.task, projection=8, damping=0.1,
+                        self_influence=True, top_k=2, curvature_options={"ggn_estimator": "sampled"})
     est = InfluenceFunction(model, case.task, Exact()).fit(case.train)
     est.scores(case.query, case.train)
     _same(before, _snapshot(model))

@@ -12,6 +12,7 @@ from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
+from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.scoring import Scores
 from headwater.methods.tracin import Checkpoint, TracIn
 from headwater.progress import ProgressFn
@@ -31,7 +32,7 @@ def influence(
     *,
     task: Task | None = None,
     method: str = "influence",
-    curvature: str = "ekfac",
+    curvature: str | None = None,
     damping: float | None = None,
     projection: int | None = None,
     top_k: int | None = None,
@@ -59,9 +60,12 @@ def influence(
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
             ``checkpoints``; Pruthi et al. 2020) or ``"hydra"`` (needs ``trajectory``;
             Chen et al. 2021).
-        curvature: a name in ``headwater.curvature.CURVATURES`` (``"ekfac"``, ``"exact"``, ...).
+        curvature: a name in ``headwater.curvature.CURVATURES``; default ``"ekfac"``, or
+            ``"exact"`` (the only choice) with ``projection``.
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
-        projection: reserved for random projections of gradients (``None``).
+        projection: ``k``: influence on gradients randomly projected to ``k`` dimensions
+            (:class:`~headwater.methods.projected.ProjectedInfluence`; ``kind`` ``"ggn"`` or
+            ``"ef"``; ``curvature_options`` go to it, e.g. ``seed``, ``store``).
         top_k: return the ``k`` largest scores per query (indices and values).
         kind: the matrix: ``"ggn"`` (default), ``"hessian"`` or ``"ef"``.
         self_influence: also compute each training example's score on itself
@@ -83,17 +87,27 @@ def influence(
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     damping = check_damping(damping)
     if projection is not None:
-        raise ValueError(f"projection: gradient projection is not available for method={method!r}; pass None")
+        if method != "influence":
+            raise ValueError(f"projection: gradient projection is available for method='influence' only, "
+                             f"not {method!r}")
+        if curvature not in (None, "exact"):
+            raise ValueError(f"curvature: with projection the projected curvature is dense (k x k); pass "
+                             f"curvature='exact' or None, not {curvature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
         raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
-    if method == "influence":
+    if method == "influence" and projection is not None:
+        estimator: Any = ProjectedInfluence(model, task, projection, kind=kind, damping=damping,
+                                            chunk_size=chunk_size, query_chunk=query_chunk, progress=progress,
+                                            **(curvature_options or {})).fit(train)
+    elif method == "influence":
+        curvature = "ekfac" if curvature is None else curvature
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
         curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
-        estimator: Any = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
+        estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
                                            progress=progress).fit(train)
     elif method == "tracin":
         if checkpoints is None:

@@ -1,0 +1,106 @@
+"""Seeded random projections of flat gradients to ``k`` dimensions (Johnson–Lindenstrauss).
+
+``Π [k, P]`` has i.i.d. entries ``±1/√k`` (Rademacher) or ``N(0, 1/k)`` (Gaussian), so
+``E[Πᵀ Π] = I`` and ``⟨Πx, Πy⟩ ≈ ⟨x, y⟩`` with relative error ``O(1/√k)``. ``Π`` is
+never held whole: parameter coordinates are cut into blocks of ``block_size`` and
+the block ``b`` of ``Πᵀ`` (``[block_size, k]``) is drawn from its own generator,
+seeded by ``(seed, b)`` (NumPy's ``SeedSequence``). So the projection of a coordinate does not depend on how
+the gradients are chunked, and memory is ``block_size × k`` (blocks are kept for
+reuse only while they fit ``cache_mb``). Used by TRAK (Park et al. 2023) and
+LoGra-style data valuation to make per-example gradients small enough to store.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ProjectionKind", "RandomProjection"]
+
+
+class ProjectionKind(str, Enum):
+    """Distribution of the entries of ``Π``."""
+
+    RADEMACHER = "rademacher"
+    GAUSSIAN = "gaussian"
+
+
+class RandomProjection:
+    """``g [B, P] -> Π g [B, k]`` with a seeded, blockwise-generated ``Π``.
+
+    Args:
+        dim: ``k``, the projected dimension (> 0).
+        kind: ``"rademacher"`` (default) or ``"gaussian"``.
+        seed: the same seed gives the same ``Π`` on every machine and chunking.
+        block_size: parameter coordinates per generated block of ``Πᵀ``.
+        cache_mb: generated blocks are kept while their total stays below this (MiB);
+            beyond it they are regenerated on every call (slower, same numbers).
+    """
+
+    def __init__(self, dim: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER, seed: int = 0,
+                 block_size: int = 4096, cache_mb: float = 256.0):
+        for arg, value in (("dim", dim), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"seed: must be an integer in [0, 2**31), got {seed!r}")
+        if not isinstance(cache_mb, int | float) or cache_mb < 0:
+            raise ValueError(f"cache_mb: must be a number >= 0, got {cache_mb!r}")
+        try:
+            self.kind = ProjectionKind(kind)
+        except ValueError as err:
+            raise ValueError(f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}") from err
+        self.dim, self.seed, self.block_size, self.cache_mb = dim, seed, block_size, float(cache_mb)
+        self._cache: dict[tuple[int, int, torch.dtype, str], Tensor] = {}
+        self._cached_bytes = 0
+
+    def settings(self) -> dict:
+        return {"dim": self.dim, "kind": self.kind.value, "seed": self.seed, "block_size": self.block_size}
+
+    def _block(self, index: int, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Rows ``[index·block_size, index·block_size + rows)`` of ``Πᵀ``: ``[rows, k]``."""
+        key = (index, rows, dtype, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        rng = np.random.default_rng([self.seed, index])  # platform-independent streams per block
+        if self.kind is ProjectionKind.RADEMACHER:
+            values = rng.integers(0, 2, size=(rows, self.dim), dtype=np.int8).astype(np.float64) * 2 - 1
+        else:
+            values = rng.standard_normal(size=(rows, self.dim))
+        block = (torch.from_numpy(values) / math.sqrt(self.dim)).to(dtype=dtype, device=device)
+        size = block.numel() * block.element_size()
+        if self._cached_bytes + size <= self.cache_mb * 2**20:
+            self._cache[key] = block
+            self._cached_bytes += size
+        return block
+
+    def _blocks(self, num_params: int, dtype: torch.dtype, device: torch.device):
+        for index, start in enumerate(range(0, num_params, self.block_size)):
+            rows = min(self.block_size, num_params - start)
+            yield slice(start, start + rows), self._block(index, rows, dtype, device)
+
+    def __call__(self, grads: Tensor) -> Tensor:
+        """``Π g`` for each row of ``grads [B, P]`` (or one vector ``[P]``): ``[B, k]``."""
+        if not isinstance(grads, Tensor) or grads.dim() not in (1, 2):
+            raise ValueError(f"grads: expected a tensor [B, P] or [P], got {getattr(grads, 'shape', type(grads))}")
+        squeeze = grads.dim() == 1
+        g = grads.unsqueeze(0) if squeeze else grads
+        out = torch.zeros(g.shape[0], self.dim, dtype=g.dtype, device=g.device)
+        for cols, block in self._blocks(g.shape[1], g.dtype, g.device):
+            out += g[:, cols] @ block
+        return out[0] if squeeze else out
+
+    def gram(self, num_params: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``Π Πᵀ [k, k]`` (close to ``(P/k)·I``), accumulated block by block."""
+        out = torch.zeros(self.dim, self.dim, dtype=dtype)
+        for _, block in self._blocks(num_params, dtype, torch.device("cpu")):
+            out += block.T @ block
+        return out
+
+    def matrix(self, num_params: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The whole ``Π [k, P]`` (for small ``P`` and tests)."""
+        return torch.cat([block for _, block in self._blocks(num_params, dtype, torch.device("cpu"))]).T

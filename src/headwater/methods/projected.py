@@ -1,0 +1,250 @@
+"""Influence in a randomly projected gradient space (the sketch behind TRAK and LoGra).
+
+    φ(z) = Π ∇f(z)                       (k numbers per example, Π seeded, see RandomProjection)
+    K    = Π (M + λI) Πᵀ                  ([k, k]; M the GGN or empirical Fisher of the mean objective)
+    score[q, i] = φ_m(z_q)ᵀ K⁻¹ φ_ℓ(z_i)
+
+With ``k = P`` (and ``Π`` invertible) this is exactly the influence function of
+:class:`~headwater.methods.influence.InfluenceFunction`; with ``k ≪ P`` it is a
+sketch whose error falls like ``1/√k``. Projecting the damping with the rest
+(``λ Π Πᵀ``, not ``λ I``) is what makes ``k = P`` exact.
+
+Memory is ``O(chunk·P + k²)`` plus the projected training gradients ``[n, k]``,
+which can live on disk in a resumable :class:`~headwater.store.rows.RowStore`:
+they are computed once and every later batch of queries only needs its own
+gradients. ``M`` in the projected space:
+
+- ``kind="ef"``: ``(1/n) Σ_i φ_ℓ(z_i) φ_ℓ(z_i)ᵀ`` — free, from the stored features (TRAK's kernel);
+- ``kind="ggn"``: ``(1/n) Σ_i Σ_c (Π J_iᵀ r_ic)(Π J_iᵀ r_ic)ᵀ`` with ``r_ic`` the columns of
+  a square root of the loss's output Hessian (``ggn_estimator="exact"``, C gradient
+  passes) or targets sampled from the model (``"sampled"``: the true Fisher,
+  ``mc_samples`` passes); ``"auto"`` is exact up to 64 outputs per example.
+
+Both add ``Π (λ_wd I) Πᵀ`` for the task's weight decay.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from headwater import store as store_mod
+from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
+from headwater.curvature.kfac import GGNEstimator, _cotangents
+from headwater.curvature.operators import MatrixKind
+from headwater.data import DataLike, iter_batches, num_examples
+from headwater.gradients.flat import ParamLayout
+from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.gradients.projection import RandomProjection
+from headwater.methods.scoring import pairwise, pairwise_top_k
+from headwater.progress import ProgressFn, report
+from headwater.store.rows import RowStore
+from headwater.task import Task
+
+__all__ = ["ProjectedInfluence"]
+
+
+class ProjectedInfluence:
+    """Influence functions on randomly projected gradients.
+
+    Args:
+        model: the trained model (never modified).
+        task: loss, measurement and analysed parameters.
+        projection: a :class:`RandomProjection`, or ``k`` for a Rademacher one with ``seed``.
+        kind: ``"ggn"`` (default) or ``"ef"``.
+        damping: λ ≥ 0; ``None``: ``1e-3 × trace(Π M Πᵀ) / trace(Π Πᵀ)`` (≈ 1e-3 × trace(M)/P).
+        ggn_estimator: ``"auto"``, ``"exact"`` or ``"sampled"`` (see the module docstring).
+        mc_samples: sampled targets per example for ``"sampled"``.
+        seed: seed of the projection (when ``projection`` is an int) and of sampled targets.
+        store: optional base path: projected training gradients (``<store>-train``,
+            resumable by chunk) and the projected curvature (``<store>-curvature``)
+            are written there and reused by a later run with the same settings.
+        chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
+        progress: optional ``progress(stage, done, total)`` callback.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | int, *,
+                 kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
+                 ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1, seed: int = 0,
+                 store: str | os.PathLike | None = None, chunk_size: int = 64, query_chunk: int = 256,
+                 progress: ProgressFn | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(task, Task):
+            raise TypeError(f"task: expected a headwater Task, got {type(task).__name__}")
+        if isinstance(projection, int) and not isinstance(projection, bool):
+            projection = RandomProjection(projection, seed=seed)
+        if not isinstance(projection, RandomProjection):
+            raise TypeError(f"projection: expected a positive int or a RandomProjection, got {projection!r}")
+        self.kind = MatrixKind(kind)
+        if self.kind is MatrixKind.HESSIAN:
+            raise ValueError("kind: the projected curvature supports 'ggn' and 'ef', not 'hessian'")
+        self.estimator = GGNEstimator(ggn_estimator)
+        for arg, value in (("mc_samples", mc_samples), ("chunk_size", chunk_size), ("query_chunk", query_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        self.model, self.task, self.projection = model, task, projection
+        self.damping, self.mc_samples, self.seed = check_damping(damping), mc_samples, seed
+        self.store = None if store is None else Path(store)
+        self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
+        params = detached(task.parameters(model))
+        self.layout = ParamLayout.of(params)
+        self.dtype = next(iter(params.values())).dtype
+        self._features: RowStore | Tensor | None = None
+        self._chol: Tensor | None = None
+        self.fitted_damping: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": "influence", "curvature": "projected", "projection": self.projection.settings(),
+                "kind": self.kind.value, "damping": self.damping, "fitted_damping": self.fitted_damping,
+                "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed,
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+
+    def _key(self, n: int) -> dict[str, Any]:
+        """What the stored rows and curvature depend on (not the damping: it is added later)."""
+        return {"projection": self.projection.settings(), "task": self.task.to_dict(), "n_train": n,
+                "num_params": self.layout.num_params, "kind": self.kind.value,
+                "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, train: DataLike) -> ProjectedInfluence:
+        """Project every training gradient and form ``K``; resumes from ``store``."""
+        n = num_examples(train, "train")
+        key = self._key(n)
+        features = self._train_features(train, n, key)
+        curvature_path = None if self.store is None else self.store.with_name(self.store.name + "-curvature")
+        if curvature_path is not None and store_mod.exists(curvature_path):
+            mean = store_mod.load(curvature_path, expect=key)[0]["mean"]
+        else:
+            mean = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train, n)
+            if curvature_path is not None:
+                store_mod.save(curvature_path, {"mean": mean}, key)
+        gram = self.projection.gram(self.layout.num_params)
+        matrix = mean + self.task.weight_decay * gram
+        damping = self.damping
+        if damping is None:
+            damping = DEFAULT_RELATIVE_DAMPING * float(matrix.trace() / gram.trace())
+        self.fitted_damping = float(damping)
+        matrix = matrix + damping * gram
+        chol, info = torch.linalg.cholesky_ex(0.5 * (matrix + matrix.T))
+        if int(info) != 0:
+            raise ValueError(f"damping: the projected curvature is not positive definite with damping={damping}; "
+                             "increase it (or use fewer projected dimensions than training examples)")
+        self._chol, self._features = chol, features
+        return self
+
+    def _train_features(self, train: DataLike, n: int, key: dict[str, Any]) -> RowStore | Tensor:
+        rows = None
+        if self.store is not None:
+            rows = RowStore(self.store.with_name(self.store.name + "-train"), (n, self.projection.dim),
+                            self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32, key)
+            if rows.complete:
+                return rows
+        out: list[Tensor] = []
+        done = 0
+        for batch in iter_batches(train, self.chunk_size, "train"):
+            size = batch[0].shape[0] if isinstance(batch[0], Tensor) else len(batch[1])
+            skip = 0 if rows is None else max(0, min(size, rows.rows_done - done))
+            if skip < size:
+                part = (batch[0][skip:], batch[1][skip:])
+                (g,) = per_example_gradients(self.model, self.task, part, chunk_size=size, name="train")
+                phi = self.projection(g)
+                if rows is None:
+                    out.append(phi)
+                else:
+                    rows.append(phi)
+            done += size
+            report(self.progress, "projected gradients (train)", done, n)
+        return rows if rows is not None else torch.cat(out)
+
+    def _feature_chunks(self, features: RowStore | Tensor):
+        if isinstance(features, RowStore):
+            yield from (c.to(self.dtype) for c in features.chunks(max(self.chunk_size, 1024)))
+        else:
+            yield features
+
+    def _ef(self, features: RowStore | Tensor) -> Tensor:
+        k = self.projection.dim
+        total, n = torch.zeros(k, k, dtype=torch.float64), 0
+        for phi in self._feature_chunks(features):
+            total += phi.double().T @ phi.double()
+            n += phi.shape[0]
+        return total / n
+
+    def _ggn(self, train: DataLike, n: int) -> Tensor:
+        """``(1/n) Σ_i Σ_c ψ_ic ψ_icᵀ``, ``ψ_ic = Π J_iᵀ r_ic`` (see the module docstring)."""
+        params = detached(self.task.parameters(self.model))
+        k = self.projection.dim
+        total = torch.zeros(k, k, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(self.seed)
+
+        def contracted(p: dict[str, Tensor], x: Tensor, c: Tensor) -> Tensor:
+            return (self.task.output(bind(self.model, p), x.unsqueeze(0)) * c.unsqueeze(0)).sum()
+
+        pullback = vmap(grad(contracted), in_dims=(None, 0, 0))
+        done = 0
+        with evaluation_mode(self.model):
+            for batch in iter_batches(train, self.chunk_size, "train"):
+                x, y = prepare_batch(batch, next(iter(params.values())))
+                with torch.no_grad():
+                    out = self.task.output(bind(self.model, params), x)
+                estimator = self.estimator.resolve(out[0].numel())
+                weight, cotangents = _cotangents(self.task, out, y, MatrixKind.GGN, estimator, generator,
+                                                 self.mc_samples)
+                for c in cotangents:  # [B, *output]
+                    psi = self.projection(self.layout.flatten(pullback(params, x, c), batch_dims=1)).double()
+                    total += weight * (psi.T @ psi)
+                done += x.shape[0]
+                report(self.progress, "projected GGN", done, n)
+        return total / n
+
+    # ------------------------------------------------------------------ scoring
+    def _check_fitted(self) -> None:
+        if self._chol is None or self._features is None:
+            raise RuntimeError("ProjectedInfluence: call fit(train) first")
+
+    def preconditioned_queries(self, query: DataLike) -> Tensor:
+        """``K⁻¹ φ_m(z_q)`` for every query, ``[n_query, k]``."""
+        self._check_fitted()
+        grads = per_example_gradients(self.model, self.task, query, objective=Objective.MEASUREMENT,
+                                      chunk_size=self.chunk_size, name="query", progress=self.progress)
+        phi = torch.cat([self.projection(g) for g in grads]).double()
+        return torch.cholesky_solve(phi.T, self._chol).T.to(self.dtype)
+
+    def scores(self, query: DataLike, train: DataLike | None = None) -> Tensor:
+        """All scores ``[n_query, n_train]`` (``train`` is only checked: the projected
+        training gradients of :meth:`fit` are used)."""
+        left = self.preconditioned_queries(query)
+        n = self._n_train(train)
+        return pairwise(left, self._feature_chunks(self._features), n, query_chunk=self.query_chunk)
+
+    def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
+              ) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
+        left = self.preconditioned_queries(query)
+        self._n_train(train)
+        return pairwise_top_k(left, self._feature_chunks(self._features), k, largest=largest,
+                              query_chunk=self.query_chunk)
+
+    def self_influence(self, train: DataLike | None = None) -> Tensor:
+        """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""
+        self._check_fitted()
+        self._n_train(train)
+        out = []
+        for phi in self._feature_chunks(self._features):
+            solved = torch.cholesky_solve(phi.double().T, self._chol).T
+            out.append((solved * phi.double()).sum(dim=1).to(self.dtype))
+        return torch.cat(out)
+
+    def _n_train(self, train: DataLike | None) -> int:
+        self._check_fitted()
+        n = self._features.shape[0]
+        if train is not None and num_examples(train, "train") != n:
+            raise ValueError(f"train: fitted on {n} training examples, got {num_examples(train, 'train')}")
+        return n
