@@ -10,6 +10,7 @@ from torch import nn
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.projected import ProjectedInfluence
@@ -34,7 +35,7 @@ def influence(
     method: str = "influence",
     curvature: str | None = None,
     damping: float | None = None,
-    projection: int | None = None,
+    projection: int | RandomProjection | KroneckerProjection | None = None,
     top_k: int | None = None,
     kind: str = "ggn",
     self_influence: bool = False,
@@ -63,9 +64,12 @@ def influence(
         curvature: a name in ``headwater.curvature.CURVATURES``; default ``"ekfac"``, or
             ``"exact"`` (the only choice) with ``projection``.
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
-        projection: ``k``: influence on gradients randomly projected to ``k`` dimensions
-            (:class:`~headwater.methods.projected.ProjectedInfluence`; ``kind`` ``"ggn"`` or
-            ``"ef"``; ``curvature_options`` go to it, e.g. ``seed``, ``store``).
+        projection: influence on randomly projected gradients
+            (:class:`~headwater.methods.projected.ProjectedInfluence`): ``k`` or a
+            :class:`~headwater.gradients.projection.RandomProjection` (flat), or a
+            :class:`~headwater.gradients.projection.KroneckerProjection` (per layer, never
+            forms a gradient); ``kind`` ``"ggn"`` or ``"ef"``; ``curvature_options`` go to
+            it (e.g. ``seed``, ``store``, ``ggn_estimator``).
         top_k: return the ``k`` largest scores per query (indices and values).
         kind: the matrix: ``"ggn"`` (default), ``"hessian"`` or ``"ef"``.
         self_influence: also compute each training example's score on itself

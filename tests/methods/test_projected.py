@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from cases import mlp
-from oracles import assert_close, dense_ef, dense_ggn, influence_scores
+from cases import CASES, mlp
+from oracles import assert_close, dense_ef, dense_ggn, influence_scores, loop_gradients
 from torch.utils.data import Dataset
 
 import headwater
-from headwater.gradients.projection import RandomProjection
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.projected import ProjectedInfluence
 from headwater.store import StoreMismatchError
 from headwater.store.rows import RowStore
@@ -156,6 +156,8 @@ def test_bad_input_is_named():
         ProjectedInfluence(case.model, case.task, 2.5)
     with pytest.raises(ValueError, match="kind"):
         ProjectedInfluence(case.model, case.task, 4, kind="hessian")
+    with pytest.raises(ValueError, match="projection: 52 dimensions exceed the 51"):
+        ProjectedInfluence(case.model, case.task, 52)
     est = ProjectedInfluence(case.model, case.task, 4)
     with pytest.raises(RuntimeError, match="fit"):
         est.scores(case.query)
@@ -173,3 +175,37 @@ def test_api_projection_matches_the_class():
     assert scores.settings["curvature"] == "projected"
     with pytest.raises(ValueError, match="curvature"):
         headwater.influence(case.model, case.train, case.query, task=case.task, projection=16, curvature="cg")
+
+
+# ------------------------------------------------------------------ Kronecker (per-layer) projection
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_kronecker_projection_wider_than_every_layer_is_exact(name, kind):
+    """Sides no larger than their dims are kept whole, so this is the dense influence."""
+    case = CASES[name]()
+    proj = KroneckerProjection(32, 32, seed=0)
+    est = ProjectedInfluence(case.model, case.task, proj, kind=kind, damping=1e-3, ggn_estimator="exact",
+                             chunk_size=6).fit(case.train)
+    matrix = (dense_ggn if kind == "ggn" else dense_ef)(case.model, case.task, case.train)
+    expected = influence_scores(case.model, case.task, case.train, case.query, matrix, damping=1e-3)
+    assert_close(est.scores(case.query), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_kronecker_features_are_the_projected_layer_gradients():
+    """φ = (P_out ⊗ P_in) vec([∇W | ∇b]) per layer, against loop-of-backward gradients."""
+    case = mlp()
+    proj = KroneckerProjection(2, 3, kind="gaussian", seed=5)
+    est = ProjectedInfluence(case.model, case.task, proj, kind="ef", damping=1e-3, chunk_size=5).fit(case.train)
+    grads = loop_gradients(case.model, case.task, case.train)  # [n, P] in parameter order
+    expected, col = [], 0
+    for j, layer in enumerate([case.model[0], case.model[2]]):
+        out, inp = layer.weight.shape
+        w = grads[:, col : col + out * inp].reshape(-1, out, inp)
+        b = grads[:, col + out * inp : col + out * inp + out].reshape(-1, out, 1)
+        col += out * inp + out
+        p_out, p_in = proj.factors(j, out, inp + 1, torch.float64)
+        assert p_out.shape == (2, out) and p_in.shape == (3, inp + 1)
+        expected.append((p_out @ torch.cat([w, b], dim=2) @ p_in.T).flatten(1))
+    assert_close(est._features, torch.cat(expected, dim=1), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="dim_in"):
+        KroneckerProjection(2, 0)

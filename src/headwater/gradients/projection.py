@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ProjectionKind", "RandomProjection"]
+__all__ = ["KroneckerProjection", "ProjectionKind", "RandomProjection"]
 
 
 class ProjectionKind(str, Enum):
@@ -104,3 +104,58 @@ class RandomProjection:
     def matrix(self, num_params: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """The whole ``Π [k, P]`` (for small ``P`` and tests)."""
         return torch.cat([block for _, block in self._blocks(num_params, dtype, torch.device("cpu"))]).T
+
+
+class KroneckerProjection:
+    """Per layer, ``G [out, width] -> P_out G P_inᵀ [k_out, k_in]`` (LoGra; Choe et al. 2024,
+    "What is Your Data Worth to GPT?").
+
+    For a layer's per-example gradient ``G = Σ_t s_t ã_tᵀ`` (see
+    :mod:`headwater.curvature.kfac_blocks`) the projection is
+    ``Σ_t (P_out s_t)(P_in ã_t)ᵀ``: the gradient itself is never formed, and the cost per
+    position is ``out·k_out + width·k_in`` instead of ``out·width·k``. ``P_out ⊗ P_in`` is a
+    random projection of ``vec(G)`` with ``E[(P_out ⊗ P_in)ᵀ(P_out ⊗ P_in)] = I``. A side
+    no larger than its ``dim`` is kept whole (identity), so a layer with
+    ``out <= dim_out`` and ``width <= dim_in`` is not projected at all.
+
+    Args:
+        dim_out, dim_in: ``k_out``, ``k_in`` per layer (> 0).
+        kind: ``"rademacher"`` (default) or ``"gaussian"`` entries.
+        seed: the factors of layer ``j`` are drawn from ``(seed, j, side)``.
+    """
+
+    def __init__(self, dim_out: int, dim_in: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
+                 seed: int = 0):
+        for arg, value in (("dim_out", dim_out), ("dim_in", dim_in)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"seed: must be an integer in [0, 2**31), got {seed!r}")
+        try:
+            self.kind = ProjectionKind(kind)
+        except ValueError as err:
+            raise ValueError(f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}") from err
+        self.dim_out, self.dim_in, self.seed = dim_out, dim_in, seed
+        self._cache: dict[tuple, Tensor] = {}
+
+    def settings(self) -> dict:
+        return {"dim_out": self.dim_out, "dim_in": self.dim_in, "kind": self.kind.value, "seed": self.seed}
+
+    def factor(self, layer: int, side: int, size: int, dim: int, dtype: torch.dtype) -> Tensor:
+        """``[min(dim, size), size]``: the identity when ``size <= dim``, else seeded random."""
+        key = (layer, side, size, dim, dtype)
+        if key not in self._cache:
+            if size <= dim:
+                self._cache[key] = torch.eye(size, dtype=dtype)
+            else:
+                rng = np.random.default_rng([self.seed, layer, side])
+                if self.kind is ProjectionKind.RADEMACHER:
+                    values = rng.integers(0, 2, size=(dim, size), dtype=np.int8).astype(np.float64) * 2 - 1
+                else:
+                    values = rng.standard_normal(size=(dim, size))
+                self._cache[key] = (torch.from_numpy(values) / math.sqrt(dim)).to(dtype)
+        return self._cache[key]
+
+    def factors(self, layer: int, out: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(P_out [k_out, out], P_in [k_in, width])`` of layer number ``layer``."""
+        return self.factor(layer, 0, out, self.dim_out, dtype), self.factor(layer, 1, width, self.dim_in, dtype)

@@ -36,18 +36,103 @@ from torch.func import grad, vmap
 from headwater import store as store_mod
 from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
 from headwater.curvature.kfac import GGNEstimator, _cotangents
+from headwater.curvature.kfac_blocks import capture, find_blocks
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
-from headwater.gradients.per_example import Objective, per_example_gradients
-from headwater.gradients.projection import RandomProjection
+from headwater.gradients.per_example import (
+    Objective,
+    check_batch,
+    check_values,
+    per_example_gradients,
+)
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.scoring import pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.store.rows import RowStore
 from headwater.task import Task
 
 __all__ = ["ProjectedInfluence"]
+
+
+class _FlatFeatures:
+    """``Π g`` from flat per-example gradients (``vmap(grad)``)."""
+
+    def __init__(self, model: nn.Module, task: Task, projection: RandomProjection):
+        self.model, self.task, self.projection = model, task, projection
+        self.layout = ParamLayout.of(detached(task.parameters(model)))
+        if projection.dim > self.layout.num_params:
+            raise ValueError(f"projection: {projection.dim} dimensions exceed the {self.layout.num_params} "
+                             "analysed parameters (the projected curvature would be singular)")
+        self.dim = projection.dim
+
+    def gram(self) -> Tensor:
+        return self.projection.gram(self.layout.num_params)
+
+    def features(self, batch: tuple[Tensor, Tensor], objective: Objective, name: str) -> Tensor:
+        (g,) = per_example_gradients(self.model, self.task, batch, objective=objective,
+                                     chunk_size=batch[0].shape[0], name=name)
+        return self.projection(g)
+
+    def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
+        """``(w, [Π J_iᵀ c_k(z_i) for each cotangent k])`` for one chunk."""
+        def contracted(p: dict[str, Tensor], xi: Tensor, c: Tensor) -> Tensor:
+            return (self.task.output(bind(self.model, p), xi.unsqueeze(0)) * c.unsqueeze(0)).sum()
+
+        with torch.no_grad():
+            out = self.task.output(bind(self.model, params), x)
+        weight, cotangents = cotangents_of(out)
+        pullback = vmap(grad(contracted), in_dims=(None, 0, 0))
+        return weight, [self.projection(self.layout.flatten(pullback(params, x, c), batch_dims=1))
+                        for c in cotangents]
+
+
+class _KroneckerFeatures:
+    """``Σ_t (P_out s_t)(P_in ã_t)ᵀ`` per layer from one batched forward/backward with
+    hooks (the per-example gradient is never formed), concatenated over layers."""
+
+    def __init__(self, model: nn.Module, task: Task, projection: KroneckerProjection):
+        self.model, self.task, self.projection = model, task, projection
+        params = detached(task.parameters(model))
+        self.blocks = find_blocks(model, params)
+        self.dtype = next(iter(params.values())).dtype
+        self.factors = [projection.factors(j, b.out_features, b.width, self.dtype) for j, b in enumerate(self.blocks)]
+        self.dim = sum(po.shape[0] * pi.shape[0] for po, pi in self.factors)
+
+    def gram(self) -> Tensor:
+        """Block diagonal: ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer."""
+        return torch.block_diag(*[torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
+                                  for po, pi in self.factors])
+
+    def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor]) -> Tensor:
+        """``signals {module: [..., B, T, out]}``, ``acts {module: [B, T, width]}`` -> ``[..., B, dim]``."""
+        parts = []
+        for b, (po, pi) in zip(self.blocks, self.factors, strict=True):
+            s, a = signals[b.module] @ po.T, acts[b.module] @ pi.T
+            parts.append(torch.einsum("...bto,bti->...boi", s, a).flatten(-2))
+        return torch.cat(parts, dim=-1)
+
+    def features(self, batch: tuple[Tensor, Tensor], objective: Objective, name: str) -> Tensor:
+        params = detached(self.task.parameters(self.model))
+        x, y = prepare_batch(batch, next(iter(params.values())))
+        value_fn = self.task.train_loss if objective is Objective.TRAIN else self.task.measurement
+        live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad(), capture(self.model, self.blocks) as cap:
+            values = value_fn(bind(self.model, live), (x, y))
+        check_values(values, x.shape[0], name)
+        with torch.enable_grad():
+            signals = cap.signals(values.sum())
+        return self._project(signals, cap.activations())
+
+    def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
+        live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad(), capture(self.model, self.blocks) as cap:
+            out = self.task.output(bind(self.model, live), x)
+        weight, cotangents = cotangents_of(out)
+        with torch.enable_grad():
+            signals = cap.pullback(out, cotangents)
+        return weight, list(self._project(signals, cap.activations()))
 
 
 class ProjectedInfluence:
@@ -69,7 +154,7 @@ class ProjectedInfluence:
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
-    def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | int, *,
+    def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | KroneckerProjection | int, *,
                  kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1, seed: int = 0,
                  store: str | os.PathLike | None = None, chunk_size: int = 64, query_chunk: int = 256,
@@ -80,8 +165,9 @@ class ProjectedInfluence:
             raise TypeError(f"task: expected a headwater Task, got {type(task).__name__}")
         if isinstance(projection, int) and not isinstance(projection, bool):
             projection = RandomProjection(projection, seed=seed)
-        if not isinstance(projection, RandomProjection):
-            raise TypeError(f"projection: expected a positive int or a RandomProjection, got {projection!r}")
+        if not isinstance(projection, RandomProjection | KroneckerProjection):
+            raise TypeError("projection: expected a positive int, a RandomProjection or a KroneckerProjection, "
+                            f"got {projection!r}")
         self.kind = MatrixKind(kind)
         if self.kind is MatrixKind.HESSIAN:
             raise ValueError("kind: the projected curvature supports 'ggn' and 'ef', not 'hessian'")
@@ -96,19 +182,25 @@ class ProjectedInfluence:
         params = detached(task.parameters(model))
         self.layout = ParamLayout.of(params)
         self.dtype = next(iter(params.values())).dtype
+        self._featurizer = (_FlatFeatures(model, task, projection) if isinstance(projection, RandomProjection)
+                            else _KroneckerFeatures(model, task, projection))
+        self.dim = self._featurizer.dim
         self._features: RowStore | Tensor | None = None
         self._chol: Tensor | None = None
         self.fitted_damping: float | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "influence", "curvature": "projected", "projection": self.projection.settings(),
+        return {"method": "influence", "curvature": "projected", "projection": self._projection_settings(),
                 "kind": self.kind.value, "damping": self.damping, "fitted_damping": self.fitted_damping,
                 "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed,
                 "task": self.task.to_dict(), "chunk_size": self.chunk_size}
 
+    def _projection_settings(self) -> dict[str, Any]:
+        return {"type": type(self.projection).__name__, **self.projection.settings()}
+
     def _key(self, n: int) -> dict[str, Any]:
         """What the stored rows and curvature depend on (not the damping: it is added later)."""
-        return {"projection": self.projection.settings(), "task": self.task.to_dict(), "n_train": n,
+        return {"projection": self._projection_settings(), "task": self.task.to_dict(), "n_train": n,
                 "num_params": self.layout.num_params, "kind": self.kind.value,
                 "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed}
 
@@ -125,7 +217,7 @@ class ProjectedInfluence:
             mean = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train, n)
             if curvature_path is not None:
                 store_mod.save(curvature_path, {"mean": mean}, key)
-        gram = self.projection.gram(self.layout.num_params)
+        gram = self._featurizer.gram()
         matrix = mean + self.task.weight_decay * gram
         damping = self.damping
         if damping is None:
@@ -142,7 +234,7 @@ class ProjectedInfluence:
     def _train_features(self, train: DataLike, n: int, key: dict[str, Any]) -> RowStore | Tensor:
         rows = None
         if self.store is not None:
-            rows = RowStore(self.store.with_name(self.store.name + "-train"), (n, self.projection.dim),
+            rows = RowStore(self.store.with_name(self.store.name + "-train"), (n, self.dim),
                             self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32, key)
             if rows.complete:
                 return rows
@@ -152,9 +244,10 @@ class ProjectedInfluence:
             size = batch[0].shape[0] if isinstance(batch[0], Tensor) else len(batch[1])
             skip = 0 if rows is None else max(0, min(size, rows.rows_done - done))
             if skip < size:
-                part = (batch[0][skip:], batch[1][skip:])
-                (g,) = per_example_gradients(self.model, self.task, part, chunk_size=size, name="train")
-                phi = self.projection(g)
+                if done == 0:
+                    check_batch(self.model, self.task, batch, "train")
+                with evaluation_mode(self.model):
+                    phi = self._featurizer.features((batch[0][skip:], batch[1][skip:]), Objective.TRAIN, "train")
                 if rows is None:
                     out.append(phi)
                 else:
@@ -170,8 +263,7 @@ class ProjectedInfluence:
             yield features
 
     def _ef(self, features: RowStore | Tensor) -> Tensor:
-        k = self.projection.dim
-        total, n = torch.zeros(k, k, dtype=torch.float64), 0
+        total, n = torch.zeros(self.dim, self.dim, dtype=torch.float64), 0
         for phi in self._feature_chunks(features):
             total += phi.double().T @ phi.double()
             n += phi.shape[0]
@@ -180,26 +272,20 @@ class ProjectedInfluence:
     def _ggn(self, train: DataLike, n: int) -> Tensor:
         """``(1/n) Σ_i Σ_c ψ_ic ψ_icᵀ``, ``ψ_ic = Π J_iᵀ r_ic`` (see the module docstring)."""
         params = detached(self.task.parameters(self.model))
-        k = self.projection.dim
-        total = torch.zeros(k, k, dtype=torch.float64)
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         generator = torch.Generator().manual_seed(self.seed)
 
-        def contracted(p: dict[str, Tensor], x: Tensor, c: Tensor) -> Tensor:
-            return (self.task.output(bind(self.model, p), x.unsqueeze(0)) * c.unsqueeze(0)).sum()
+        def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
+            estimator = self.estimator.resolve(out[0].numel())
+            return _cotangents(self.task, out, y, MatrixKind.GGN, estimator, generator, self.mc_samples)
 
-        pullback = vmap(grad(contracted), in_dims=(None, 0, 0))
         done = 0
         with evaluation_mode(self.model):
             for batch in iter_batches(train, self.chunk_size, "train"):
                 x, y = prepare_batch(batch, next(iter(params.values())))
-                with torch.no_grad():
-                    out = self.task.output(bind(self.model, params), x)
-                estimator = self.estimator.resolve(out[0].numel())
-                weight, cotangents = _cotangents(self.task, out, y, MatrixKind.GGN, estimator, generator,
-                                                 self.mc_samples)
-                for c in cotangents:  # [B, *output]
-                    psi = self.projection(self.layout.flatten(pullback(params, x, c), batch_dims=1)).double()
-                    total += weight * (psi.T @ psi)
+                weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
+                for psi in projected:
+                    total += weight * (psi.double().T @ psi.double())
                 done += x.shape[0]
                 report(self.progress, "projected GGN", done, n)
         return total / n
@@ -212,9 +298,10 @@ class ProjectedInfluence:
     def preconditioned_queries(self, query: DataLike) -> Tensor:
         """``K⁻¹ φ_m(z_q)`` for every query, ``[n_query, k]``."""
         self._check_fitted()
-        grads = per_example_gradients(self.model, self.task, query, objective=Objective.MEASUREMENT,
-                                      chunk_size=self.chunk_size, name="query", progress=self.progress)
-        phi = torch.cat([self.projection(g) for g in grads]).double()
+        check_batch(self.model, self.task, next(iter_batches(query, 1, "query")), "query", Objective.MEASUREMENT)
+        with evaluation_mode(self.model):
+            phi = torch.cat([self._featurizer.features(batch, Objective.MEASUREMENT, "query")
+                             for batch in iter_batches(query, self.chunk_size, "query")]).double()
         return torch.cholesky_solve(phi.T, self._chol).T.to(self.dtype)
 
     def scores(self, query: DataLike, train: DataLike | None = None) -> Tensor:
