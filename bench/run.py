@@ -35,6 +35,7 @@ from bench.problems import CACHE_DIR, Problem, get_problem
 from headwater.curvature import CURVATURES
 from headwater.evaluate import leave_one_out
 from headwater.evaluate.lds import LDSGroundTruth, lds, lds_ground_truth
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.task import ClassificationTask
 from headwater.train.ensemble import TrainConfig
 
@@ -100,12 +101,31 @@ HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
 ]
 
 
+# Influence on projected gradients: name, projection, kind, options, problems. Flat projections
+# must stay at or below P (650 for logreg); the projected GGN costs n·C·k² to accumulate.
+PROJECTED_METHODS: list[tuple[str, Callable[[], Any], str, dict[str, Any], tuple[str, ...]]] = [
+    ("proj-ef-256", lambda: RandomProjection(256), "ef", {}, ("logreg",)),
+    ("proj-ef-2048", lambda: RandomProjection(2048), "ef", {}, ("mlp",)),  # TRAK's kernel, one model
+    ("proj-ggn-2048", lambda: RandomProjection(2048), "ggn", {"ggn_estimator": "sampled"}, ("mlp",)),
+    ("kron-ggn-16x16", lambda: KroneckerProjection(16, 16), "ggn", {"ggn_estimator": "exact"}, ("logreg", "mlp")),
+    ("kron-ggn-32x32", lambda: KroneckerProjection(32, 32), "ggn", {"ggn_estimator": "exact"}, ("logreg", "mlp")),
+]
+
+
 def headwater_entries() -> list[Entry]:
-    return [
+    entries = [
         Entry(name, "headwater", _headwater(curv, opts), {"curvature": curv, **opts}, probs)
         for name, curv, opts, probs in HEADWATER_METHODS
         if curv in CURVATURES
     ]
+    for name, make, kind, opts, probs in PROJECTED_METHODS:
+        def run(problem: Problem, damping: float, measurement: str, make=make, kind=kind, opts=opts):
+            task = ClassificationTask(weight_decay=problem.weight_decay, measurement=measurement)
+            return headwater.influence(problem.model, (problem.X_train, problem.y_train),
+                                       (problem.X_test, problem.y_test), task=task, projection=make(),
+                                       kind=kind, damping=damping, curvature_options=opts).values
+        entries.append(Entry(name, "headwater", run, {"projection": make().settings(), "kind": kind, **opts}, probs))
+    return entries
 
 
 def peer_entries() -> list[Entry]:

@@ -284,8 +284,8 @@ class ProjectedInfluence:
             for batch in iter_batches(train, self.chunk_size, "train"):
                 x, y = prepare_batch(batch, next(iter(params.values())))
                 weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
-                for psi in projected:
-                    total += weight * (psi.double().T @ psi.double())
+                psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
+                total += weight * (psi.T @ psi).double()
                 done += x.shape[0]
                 report(self.progress, "projected GGN", done, n)
         return total / n
