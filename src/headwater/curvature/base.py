@@ -53,6 +53,10 @@ class Curvature(ABC):
 
     name: ClassVar[str]
     has_eigen: ClassVar[bool] = False
+    solve_streams_data: ClassVar[bool] = False
+    """``solve``/``matvec`` pass over the training data (CG, LiSSA): under
+    ``torch.distributed`` they are collective, so every rank must call them together
+    with the same vectors."""
     kinds: ClassVar[tuple[MatrixKind, ...]] = tuple(MatrixKind)
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,

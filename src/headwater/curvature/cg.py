@@ -98,6 +98,7 @@ class CG(Curvature):
     """
 
     name = "cg"
+    solve_streams_data = True
 
     def __init__(
         self,

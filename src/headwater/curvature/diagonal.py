@@ -11,6 +11,11 @@ cross-entropy ``H = diag(p) − ppᵀ = AAᵀ`` with ``A = diag(√p) − p√p�
 for other losses ``a_c, w_c`` are the eigenpairs of ``H_i``. Empirical Fisher:
 ``(1/n) Σ_i g_i² + λ_wd``. Hutchinson (any kind): ``diag(M) ≈ (1/s) Σ_j z_j ⊙ M z_j``
 with seeded Rademacher ``z_j`` (Bekas, Kokiopoulou & Saad 2007).
+
+Under ``torch.distributed`` the sums over examples ``Σ_i`` are computed on each rank's
+shard and all-reduced before dividing by the global ``n`` (Hutchinson's products are
+all-reduced by :func:`~headwater.curvature.operators.curvature_matvec`); fitting is
+collective and gives every rank the diagonal of one process.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from headwater.curvature._matfree import (
 )
 from headwater.curvature.base import Curvature
 from headwater.curvature.operators import MatrixKind
-from headwater.data import DataLike, iter_batches
+from headwater.data import DataLike
+from headwater.distributed import all_reduce_sum_, local_batches, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import check_batch, per_example_gradients
@@ -116,13 +122,7 @@ class Diagonal(Curvature):
         if self.method is DiagonalMethod.HUTCHINSON:
             diag = self._hutchinson(model, task, data, progress)
         elif self.kind is MatrixKind.EF:
-            diag = sum(
-                g.pow(2).sum(0)
-                for g in per_example_gradients(
-                    model, task, data, chunk_size=self.chunk_size, name="train", progress=progress
-                )
-            )
-            diag = diag / self.n_examples + task.weight_decay
+            diag = _ef_diagonal(model, task, data, self.chunk_size, self.n_examples, progress)
         else:
             diag = _ggn_diagonal(model, task, data, self.chunk_size, self.n_examples, progress)
         damping = (
@@ -199,6 +199,27 @@ def _output_factors(task: Task, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
     return a, w
 
 
+def _ef_diagonal(
+    model: nn.Module,
+    task: Task,
+    data: DataLike,
+    chunk_size: int,
+    n: int,
+    progress: ProgressFn | None,
+) -> Tensor:
+    """``(1/n) Σ_i g_i² + λ_wd`` (squared per-example gradients), streamed over ``data``."""
+    ref = next(iter(task.parameters(model).values()))
+    total = torch.zeros(ParamLayout.of(task.parameters(model)).num_params, dtype=ref.dtype,
+                        device=ref.device)
+    start, stop = shard_range(n)
+    if stop > start:
+        for g in per_example_gradients(model, task, shard(data, "train"), chunk_size=chunk_size,
+                                       name="train", progress=progress):
+            total += g.pow(2).sum(0)
+    all_reduce_sum_(total)  # Σ over every rank's shard
+    return total / n + task.weight_decay
+
+
 def _ggn_diagonal(
     model: nn.Module,
     task: Task,
@@ -217,9 +238,10 @@ def _ggn_diagonal(
         return (task.output(bind(model, p), x.unsqueeze(0)).reshape(-1) * a).sum()
 
     per_example = vmap(grad(contracted), in_dims=(None, 0, 0))
+    start, stop = shard_range(n)
     done = 0
     with evaluation_mode(model):
-        for batch in iter_batches(data, chunk_size, "train"):
+        for batch in local_batches(data, chunk_size, "train"):
             x, y = prepare_batch(batch, ref)
             if done == 0:
                 check_batch(model, task, (x, y), "train")
@@ -230,5 +252,6 @@ def _ggn_diagonal(
                 g = layout.flatten(per_example(params, x, a[:, :, c]), batch_dims=1)  # [B, P]
                 total += (w[:, c : c + 1] * g.pow(2)).sum(0)
             done += x.shape[0]
-            report(progress, "diagonal (ggn)", done, n)
+            report(progress, "diagonal (ggn)", done, stop - start)
+    all_reduce_sum_(total)  # Σ over every rank's shard
     return total / n + task.weight_decay

@@ -99,6 +99,7 @@ class LiSSA(Curvature):
     """
 
     name = "lissa"
+    solve_streams_data = True
 
     def __init__(
         self,

@@ -24,6 +24,13 @@ blocks, each with its own factorisation over the same gradients (a block-diagona
 training set as window this is exactly ``Exact(kind="ef")``); ``kind="ggn"`` uses
 targets sampled from the model (seeded; a Monte-Carlo true Fisher, the GGN in
 expectation for cross-entropy and squared error).
+
+Under ``torch.distributed`` the window's rows are split between ranks as
+:func:`~headwater.distributed.shard_range` splits ``m`` examples: each rank computes
+its rows of ``G`` (the others zero) and ``G`` is all-reduced (a sum of disjoint rows)
+before the factorisation, so every rank holds the same ``W`` and ``L`` (fitting is
+collective). With ``kind="ggn"`` rank ``r`` samples targets with ``seed + r``, so that
+estimate depends on the number of processes; ``kind="ef"`` does not.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from headwater.curvature._matfree import subset
 from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches
+from headwater.distributed import all_reduce_sum_, shard_range, world
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import per_example_gradients
 from headwater.progress import ProgressFn, report
@@ -101,10 +110,17 @@ class MFAC(Curvature):
 
     # -- fitting ---------------------------------------------------------------------
     def _window(self, model: nn.Module, task: Task, data: DataLike, m: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The first ``m`` examples, targets sampled from the model for ``kind="ggn"``."""
+        """This rank's rows ``[start, stop)`` of the window of the first ``m`` examples
+        (all of them with one process), targets sampled from the model for ``kind="ggn"``."""
+        rank, size = world()
+        start, stop = shard_range(m)
+        if stop == start:
+            return
+        if size > 1:
+            data, m = subset(data, torch.arange(start, stop)), stop - start
         params = detached(task.parameters(model))
         ref = next(iter(params.values()))
-        generator = torch.Generator(device=ref.device).manual_seed(self.seed)
+        generator = torch.Generator(device=ref.device).manual_seed(self.seed + rank)
         taken = 0
         for batch in iter_batches(data, self.chunk_size, "train"):
             x, y = prepare_batch(batch, ref)
@@ -123,13 +139,15 @@ class MFAC(Curvature):
         p = self.layout.num_params
         size = min(self.block_size or p, p)
         ref = next(iter(task.parameters(model).values()))
-        g = torch.empty(m, p, dtype=torch.float64, device=ref.device)  # [m, P]
-        row = 0
+        g = torch.zeros(m, p, dtype=torch.float64, device=ref.device)  # [m, P]
+        start, stop = shard_range(m)
+        row = start
         for x, y in self._window(model, task, data, m):
             for chunk in per_example_gradients(model, task, (x, y), chunk_size=self.chunk_size):
                 g[row : row + chunk.shape[0]] = chunk
                 row += chunk.shape[0]
-            report(progress, "mfac gradients", row, m)
+            report(progress, "mfac gradients", row - start, stop - start)
+        all_reduce_sum_(g)  # every rank's rows (the others are zero)
         damping = self.damping
         if damping is None:
             damping = DEFAULT_RELATIVE_DAMPING * (float(g.square().sum()) / (m * p) + task.weight_decay)

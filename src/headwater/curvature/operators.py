@@ -6,6 +6,10 @@
 
 with λ_wd the task's weight decay. Everything streams over ``data`` in chunks and
 works on the flat parameter layout; damping is added by the curvature classes.
+
+Under ``torch.distributed`` (see :mod:`headwater.distributed`) every rank passes the
+whole ``data``, streams over its shard, and the sums ``Σ_i`` are added across ranks
+before the division by the global ``n``: the functions here are then collective.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch.func import grad, hessian, jacrev, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from headwater.data import DataLike, iter_batches, num_examples
+from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import check_batch, per_example_gradients
@@ -126,14 +131,20 @@ def curvature_matvec(
     ``O(K·P + chunk·activations)`` whatever ``n_train`` is. Caching changes no number.
     With one vector (``K = 1``, e.g. Lanczos) no ``vmap`` is used; many vectors go
     through each chunk in blocks of about ``32768 / chunk`` rows.
+
+    Under ``torch.distributed`` each rank streams over its shard of ``data`` (and
+    caches only its shard's linearisations); the per-rank sums ``Σ_i M_i V`` are
+    all-reduced before dividing by the global ``n``, so every call is collective.
     """
     kind = MatrixKind(kind)
     theta, layout = _flat_params(model, task)
     n = num_examples(data, "train")
     first = prepare_batch(next(iter_batches(data, min(chunk_size, n), "train")), theta)
     check_batch(model, task, first, "train")
+    start, stop = shard_range(n)
     with evaluation_mode(model):
-        cache = _linearisation_bytes(model, task, layout, theta, kind, first[0], n) <= cache_mb * 2**20
+        cache = _linearisation_bytes(model, task, layout, theta, kind, first[0],
+                                     stop - start) <= cache_mb * 2**20
     chunks: list[tuple[Callable[[Tensor], Tensor], int]] = []
     complete = [False]
 
@@ -142,7 +153,7 @@ def curvature_matvec(
             yield from chunks
             return
         chunks.clear()
-        for batch in iter_batches(data, chunk_size, "train"):
+        for batch in local_batches(data, chunk_size, "train"):
             x, y = prepare_batch(batch, theta)
             op = (_chunk_matvec(model, task, layout, theta, kind, x, y), x.shape[0])
             if cache:
@@ -159,6 +170,7 @@ def curvature_matvec(
                 step = max(1, _VMAP_ROWS // rows)  # [step·rows, width] activations per call
                 for i in range(0, v.shape[0], step):
                     out[i : i + step] += op(v[i : i + step]).detach()
+        all_reduce_sum_(out)  # Σ over every rank's shard
         out = out / n + task.weight_decay * v
         return out[0] if squeeze else out
 
@@ -169,21 +181,28 @@ def dense_curvature(
     model: nn.Module, task: Task, data: DataLike, kind: MatrixKind | str = "ggn",
     *, chunk_size: int = 64, progress: ProgressFn | None = None,
 ) -> Tensor:
-    """The dense curvature ``[P, P]`` of the mean objective (for small P only)."""
+    """The dense curvature ``[P, P]`` of the mean objective (for small P only).
+
+    ``(1/n) Σ_i M_i`` summed chunk by chunk; under ``torch.distributed`` each rank sums
+    its shard and the ``[P, P]`` sums are all-reduced before dividing by the global
+    ``n`` (collective). ``progress`` counts this rank's examples.
+    """
     kind = MatrixKind(kind)
     theta, layout = _flat_params(model, task)
     p = layout.num_params
     n = num_examples(data, "train")
+    start, stop = shard_range(n)
     total = torch.zeros(p, p, dtype=theta.dtype, device=theta.device)
     done = 0
     with evaluation_mode(model):
-        for batch in iter_batches(data, chunk_size, "train"):
+        for batch in local_batches(data, chunk_size, "train"):
             x, y = prepare_batch(batch, theta)
             if done == 0:
                 check_batch(model, task, (x, y), "train")
             total += _dense_chunk(model, task, layout, theta, kind, x, y)
             done += x.shape[0]
-            report(progress, f"dense {kind.value}", done, n)
+            report(progress, f"dense {kind.value}", done, stop - start)
+    all_reduce_sum_(total)  # Σ over every rank's shard
     total = total / n
     total = 0.5 * (total + total.T)
     return total + task.weight_decay * torch.eye(p, dtype=total.dtype, device=total.device)

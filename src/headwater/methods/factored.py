@@ -19,6 +19,10 @@ per module, then dotted with raw training gradients chunk by chunk. Memory is
 ``n_query × P`` for the preconditioned queries plus one chunk of block gradients.
 Like every per-example gradient in headwater, this needs examples that do not
 interact in the forward pass (the model runs in eval mode).
+
+Under ``torch.distributed`` each rank computes the columns of its shard of the
+training data (:func:`~headwater.distributed.shard`) and the columns are gathered in
+global order, so every rank returns the whole ``[n_query, n_train]`` (collective).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 from headwater.curvature.kfac import KroneckerCurvature
 from headwater.curvature.kfac_blocks import Block, capture
 from headwater.data import DataLike, iter_batches, num_examples
+from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch, check_values
@@ -109,17 +114,30 @@ def _preconditioned_queries(model: nn.Module, task: Task, curvature: KroneckerCu
 
 
 def _score_tiles(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                 train: DataLike, chunk_size: int, progress: ProgressFn | None
+                 train: DataLike, n_local: int, chunk_size: int, progress: ProgressFn | None
                  ) -> Iterator[tuple[str, int, Tensor]]:
-    """``(module, first column, score_m tile [n_query, chunk])`` over the training data."""
-    _check(model, task, curvature)
+    """``(module, first column, score_m tile [n_query, chunk])`` over this rank's shard
+    of the training data (``n_local`` examples; columns counted within the shard)."""
     left = _preconditioned_queries(model, task, curvature, query, chunk_size, progress)
+    if n_local == 0:
+        return
     col = 0
-    for grads in module_gradients(model, task, curvature.blocks, train, objective=Objective.TRAIN,
-                                  chunk_size=chunk_size, name="train", progress=progress):
+    for grads in module_gradients(model, task, curvature.blocks, shard(train, "train"),
+                                  objective=Objective.TRAIN, chunk_size=chunk_size, name="train",
+                                  progress=progress):
         for module, g in grads.items():  # [B, out, width]
             yield module, col, left[module] @ g.reshape(g.shape[0], -1).T
         col += g.shape[0]
+
+
+def _shard_size(train: DataLike) -> int:
+    start, stop = shard_range(num_examples(train, "train"))
+    return stop - start
+
+
+def _like(model: nn.Module, task: Task) -> Tensor:
+    """A tensor with the dtype and device of the scores (those of the analysed parameters)."""
+    return next(iter(task.parameters(model).values())).detach()
 
 
 def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
@@ -142,14 +160,14 @@ def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, q
         TypeError: if ``curvature`` is not a K-FAC/EK-FAC.
         ValueError: if it was fitted on other parameters, or for bad data.
     """
-    n_query, n_train = num_examples(query, "query"), num_examples(train, "train")
-    out: dict[str, Tensor] = {}
-    for module, col, tile in _score_tiles(model, task, curvature, query, train, chunk_size,
-                                          progress):
-        if module not in out:
-            out[module] = tile.new_zeros(n_query, n_train)
+    n_query, n_local = num_examples(query, "query"), _shard_size(train)
+    _check(model, task, curvature)
+    like = _like(model, task)
+    out = {b.module: like.new_zeros(n_query, n_local) for b in curvature.blocks}
+    for module, col, tile in _score_tiles(model, task, curvature, query, train, n_local,
+                                          chunk_size, progress):
         out[module][:, col : col + tile.shape[1]] = tile
-    return out
+    return {module: gather_columns(block) for module, block in out.items()}
 
 
 def factored_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
@@ -158,10 +176,10 @@ def factored_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature,
     """Total influence ``[n_query, n_train]``: the sum over modules of :func:`module_scores`
     (same arguments; same convention as ``InfluenceFunction.scores``), accumulated tile
     by tile without keeping the per-module matrices."""
-    n_query, n_train = num_examples(query, "query"), num_examples(train, "train")
-    total: Tensor | None = None
-    for _, col, tile in _score_tiles(model, task, curvature, query, train, chunk_size, progress):
-        if total is None:
-            total = tile.new_zeros(n_query, n_train)
+    n_query, n_local = num_examples(query, "query"), _shard_size(train)
+    _check(model, task, curvature)
+    total = _like(model, task).new_zeros(n_query, n_local)
+    for _, col, tile in _score_tiles(model, task, curvature, query, train, n_local, chunk_size,
+                                     progress):
         total[:, col : col + tile.shape[1]] += tile
-    return total
+    return gather_columns(total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -10,9 +11,10 @@ from torch import Tensor, nn
 from headwater.curvature.base import Curvature
 from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, num_examples
+from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import factored_scores
-from headwater.methods.scoring import pairwise, pairwise_top_k
+from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
@@ -27,6 +29,12 @@ class InfluenceFunction:
     with the loss as measurement, a positive score marks a proponent (removing it
     raises the query's loss), a negative one an opponent.
     (Koh & Liang 2017, "Understanding Black-box Predictions via Influence Functions".)
+
+    Under ``torch.distributed`` (every rank passing the same data) the curvature is
+    fitted on every rank's shard and summed across ranks, each rank computes the
+    training gradients of its shard only, and ``scores``, ``top_k`` and
+    ``self_influence`` return the whole result in global order on every rank; every
+    method is then collective.
 
     Args:
         model: the trained model (never modified).
@@ -60,6 +68,14 @@ class InfluenceFunction:
         return per_example_gradients(self.model, self.task, data, objective=objective,
                                      chunk_size=self.chunk_size, name=name, progress=self.progress)
 
+    def _shard_grads(self, train: DataLike) -> tuple[Iterable[Tensor], int, int]:
+        """Training gradients ``[chunk, P]`` of this rank's shard, its first global index
+        and its size (all of ``train`` with one process; none for an empty shard)."""
+        start, stop = shard_range(num_examples(train, "train"))
+        if stop == start:
+            return iter(()), start, 0
+        return self._grads(shard(train, "train"), Objective.TRAIN, "train"), start, stop - start
+
     def preconditioned_queries(self, query: DataLike) -> Tensor:
         """``(M + λI)⁻¹ ∇m(z_q)`` for every query, ``[n_query, P]``, solved ``query_chunk``
         rows at a time (an iterative solver's passes over the data serve the whole block)."""
@@ -75,25 +91,49 @@ class InfluenceFunction:
             return factored_scores(self.model, self.task, self.curvature, query, train,
                                    chunk_size=self.chunk_size, progress=self.progress)
         left = self.preconditioned_queries(query)
-        return pairwise(left, self._grads(train, Objective.TRAIN, "train"), num_examples(train, "train"),
-                        query_chunk=self.query_chunk)
+        grads, _, n_local = self._shard_grads(train)
+        return gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
 
     def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
-        ``(values, indices)``, each ``[n_query, k]``, streamed over the training data."""
+        ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
+        (under ``torch.distributed``: each rank's best of its shard, then merged)."""
+        if not isinstance(k, int) or k <= 0:  # as pairwise_top_k
+            raise ValueError(f"top_k: must be a positive integer, got {k!r}")
+        n_train = num_examples(train, "train")
+        if k > n_train:
+            raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
         left = self.preconditioned_queries(query)
-        return pairwise_top_k(left, self._grads(train, Objective.TRAIN, "train"), k, largest=largest,
-                              query_chunk=self.query_chunk)
+        grads, start, n_local = self._shard_grads(train)
+        if n_local == 0:
+            values = left.new_empty(left.shape[0], 0)
+            indices = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
+        else:
+            values, indices = pairwise_top_k(left, grads, min(k, n_local), largest=largest,
+                                             query_chunk=self.query_chunk)
+            indices = indices + start  # global training indices
+        return gather_top_k(values, indices, k, largest=largest)
 
     def self_influence(self, train: DataLike) -> Tensor:
         """``∇ℓ(z_i)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)`` for every training example, ``[n_train]``
-        (large values flag unusual or mislabeled examples)."""
-        out, n, done = [], num_examples(train, "train"), 0
-        for g in self._grads(train, Objective.TRAIN, "train"):
+        (large values flag unusual or mislabeled examples).
+
+        Under ``torch.distributed`` each rank takes its shard, unless the curvature's
+        solve itself streams over the data (CG, LiSSA): then every rank solves every
+        chunk together (each solve is collective and shared)."""
+        sharded = not self.curvature.solve_streams_data
+        if sharded:
+            grads, _, n = self._shard_grads(train)
+        else:
+            grads, n = self._grads(train, Objective.TRAIN, "train"), num_examples(train, "train")
+        ref = next(iter(self.task.parameters(self.model).values()))
+        out, done = [torch.empty(0, dtype=ref.dtype, device=ref.device)], 0
+        for g in grads:
             out.append((self.curvature.solve(g) * g).sum(dim=1))
             done += g.shape[0]
             report(self.progress, "self-influence", done, n)
-        return torch.cat(out)
+        local = torch.cat(out)  # [n]
+        return gather_columns(local.unsqueeze(0))[0] if sharded else local
 
     def settings(self) -> dict[str, Any]:
         return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,

@@ -3,6 +3,10 @@
 ``L [n_query, P]`` holds the query vectors after preconditioning (for influence,
 ``(H + λI)⁻¹ ∇m(q)``); training gradients arrive chunk by chunk, so memory is
 ``O(n_query·P + chunk·P)`` plus the output, never ``n_train × P``.
+
+Under ``torch.distributed`` each rank scores its shard of the training data; the
+columns are gathered (:func:`~headwater.distributed.gather_columns`) and top-k
+candidates merged (:func:`gather_top_k`) so every rank returns the global result.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Scores", "pairwise", "pairwise_top_k"]
+from headwater.distributed import gather_columns, world
+
+__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +80,28 @@ def pairwise_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, large
     if best_v.shape[1] < k:
         raise ValueError(f"top_k: asked for {k} but there are only {best_v.shape[1]} training examples")
     return best_v, best_i
+
+
+def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True
+                 ) -> tuple[Tensor, Tensor]:
+    """The best ``k`` per query among every rank's candidates: ``(values, indices)``,
+    each ``[n_query, k]``, sorted, on every rank.
+
+    Each rank passes its own top candidates ``[n_query, k_r]`` (``k_r`` may differ
+    and be 0) with *global* training indices; with one process they are returned
+    unchanged. Collective under ``torch.distributed``.
+
+    Raises:
+        ValueError: naming ``values``/``indices`` if their shapes differ, or ``top_k``
+            if the ranks hold fewer than ``k`` candidates together.
+    """
+    if values.shape != indices.shape or values.dim() != 2:
+        raise ValueError(f"values/indices: expected two [n_query, k] tensors of one shape, got "
+                         f"{tuple(values.shape)} and {tuple(indices.shape)}")
+    if world()[1] == 1:
+        return values, indices
+    all_v, all_i = gather_columns(values), gather_columns(indices)  # [n_query, Σ_r k_r]
+    if all_v.shape[1] < k:
+        raise ValueError(f"top_k: asked for {k} but there are only {all_v.shape[1]} training examples")
+    best_v, pos = all_v.topk(k, dim=1, largest=largest, sorted=True)
+    return best_v, all_i.gather(1, pos)
