@@ -133,6 +133,22 @@ def test_score_runs_the_example_spec(tmp_path):
     assert json.loads((out / "config.json").read_text())["args"]["spec"] == str(EXAMPLE)
 
 
+def test_score_with_a_projection_stores_and_reuses_the_projected_gradients(tmp_path):
+    out = tmp_path / "projected"
+    args = ["--quiet", "--threads", "1", "--no-report", "--projection", "8x8", "-o", str(out)]
+    proc = headwater_cli("score", str(EXAMPLE), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first = load_result(out)
+    assert first.scores.shape == (40, 600) and first.settings["curvature"] == "projected"
+    assert first.settings["projection"] == {"type": "KroneckerProjection", "dim_out": 8, "dim_in": 8,
+                                            "kind": "rademacher", "seed": 0}
+    stored = json.loads((out / "projected-train.json").read_text())
+    assert stored["rows_done"] == 600
+    proc = headwater_cli("score", str(EXAMPLE), *args, cwd=tmp_path)  # reuses the stores
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_result(out).scores, first.scores)
+
+
 def _bad_spec(tmp_path: Path) -> Path:
     spec = tmp_path / "bad_shapes.py"
     spec.write_text(
@@ -145,7 +161,8 @@ def _bad_spec(tmp_path: Path) -> Path:
 
 
 USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
-               "damaged store", "output is a file", "library error", "bad curvature option"]
+               "damaged store", "output is a file", "library error", "bad curvature option", "bad projection",
+               "projection with cg"]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -164,6 +181,8 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "damaged store": ["report", str(damaged)],
         "output is a file": ["demo", "-o", str(tmp_path / "a_file")],
         "bad curvature option": ["demo", "--curvature-option", "rank", "-o", "x"],
+        "bad projection": ["demo", "--projection", "8y8", "-o", "x"],
+        "projection with cg": ["demo", "--projection", "64", "--curvature", "cg", "-o", "x"],
         "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
     }[case]
 

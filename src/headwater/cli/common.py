@@ -22,6 +22,7 @@ import headwater
 from headwater import store
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
 
 __all__ = [
     "CONFIG_NAME",
@@ -33,6 +34,7 @@ __all__ = [
     "check_attribution_options",
     "known_methods",
     "parse_curvature_options",
+    "parse_projection",
     "prepare_output",
     "setup_logging",
     "write_config",
@@ -159,6 +161,10 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
                    metavar="KEY=VALUE", help="extra argument of the curvature class, e.g. rank=50 "
                                              "(repeatable; values are read as JSON, else as text)")
     g.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
+    g.add_argument("--projection", default=None, metavar="K | KOUTxKIN",
+                   help="influence on randomly projected gradients: K dimensions (flat), or KOUTxKIN per "
+                        "linear/conv layer (never forms a gradient); the projected training gradients are "
+                        "stored in OUT/projected and a rerun resumes or reuses them")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--out", default=out_default,
                    help="output folder for results, report and config" +
@@ -177,6 +183,12 @@ def check_attribution_options(args: argparse.Namespace) -> None:
     methods = known_methods()
     if args.method not in methods:
         raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(methods)}")
+    if args.projection is not None:
+        parse_projection(args.projection, args.seed)
+        if args.method != "influence" or args.curvature not in ("auto", "exact"):
+            raise UserError("--projection: works with --method influence and --curvature exact (the projected "
+                            f"curvature is a dense k x k matrix), not {args.method}/{args.curvature}")
+        args.curvature = "exact"
     if args.curvature == "auto":
         args.curvature = best_curvature()
     if args.curvature not in CURVATURES:
@@ -201,6 +213,21 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as err:
         raise UserError(f"--device: cannot use device {args.device!r} ({str(err).splitlines()[0]})") from err
+
+
+def parse_projection(spec: str | None, seed: int) -> RandomProjection | KroneckerProjection | None:
+    """``"512"`` -> flat projection to 512 dimensions; ``"32x32"`` -> per-layer 32 x 32."""
+    if spec is None:
+        return None
+    try:
+        dims = [int(part) for part in spec.lower().split("x")]
+        if len(dims) == 1:
+            return RandomProjection(dims[0], seed=seed)
+        if len(dims) == 2:
+            return KroneckerProjection(dims[0], dims[1], seed=seed)
+    except ValueError as err:
+        raise UserError(f"--projection: {err}") from err
+    raise UserError(f"--projection: expected K or KOUTxKIN (positive integers), got {spec!r}")
 
 
 def parse_curvature_options(items: list[str] | None) -> dict[str, Any]:

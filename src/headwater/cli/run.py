@@ -11,7 +11,13 @@ from typing import Any
 from torch import nn
 
 import headwater
-from headwater.cli.common import ProgressBars, Timer, parse_curvature_options, write_config
+from headwater.cli.common import (
+    ProgressBars,
+    Timer,
+    parse_curvature_options,
+    parse_projection,
+    write_config,
+)
 from headwater.data import DataLike
 from headwater.methods import Scores
 from headwater.report import RunResult, render, save_result, write_top_k_csv
@@ -25,14 +31,19 @@ log = logging.getLogger("headwater.cli")
 def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | None,
               args: argparse.Namespace, progress: ProgressBars, timer: Timer) -> Scores:
     """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator."""
-    log.info("scoring with method=%s, curvature=%s (%s), damping=%s", args.method, args.curvature,
-             args.kind, "auto" if args.damping is None else args.damping)
+    projection = parse_projection(args.projection, args.seed)
+    options = parse_curvature_options(args.curvature_options)
+    if projection is not None:
+        options.setdefault("store", str(Path(args.out) / "projected"))
+    log.info("scoring with method=%s, curvature=%s (%s), damping=%s%s", args.method, args.curvature,
+             args.kind, "auto" if args.damping is None else args.damping,
+             "" if projection is None else f", projection={args.projection}")
     with timer("attribution"):
         scores = headwater.influence(
             model, train, query, task=task, method=args.method, curvature=args.curvature,
             damping=args.damping, kind=args.kind, self_influence=args.self_influence,
-            chunk_size=args.chunk_size, progress=progress,
-            curvature_options=parse_curvature_options(args.curvature_options) or None,
+            chunk_size=args.chunk_size, progress=progress, projection=projection,
+            curvature_options=options or None,
         )
     progress.close()
     return scores
