@@ -35,7 +35,9 @@ from headwater.distributed import (
     single_process,
     world,
 )
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods import InfluenceFunction
+from headwater.methods.projected import ProjectedInfluence
 
 WORLD = 2
 N_TRAIN = 23  # uneven shards: 11 + 12
@@ -53,6 +55,10 @@ CURVATURES: dict[str, Callable[[], Curvature]] = {
     "mfac_ef": lambda: MFAC(kind="ef", chunk_size=CHUNK),
 }
 KINDS = ("ggn", "hessian")
+PROJECTIONS: dict[str, Callable[[], RandomProjection | KroneckerProjection]] = {
+    "projected": lambda: RandomProjection(20, seed=0),
+    "projected_kronecker": lambda: KroneckerProjection(4, 4, seed=0),
+}
 
 
 def _compute() -> dict[str, Tensor | int]:
@@ -77,6 +83,14 @@ def _compute() -> dict[str, Tensor | int]:
         if name in ("exact", "cg"):  # a sharded and a collective (CG) self-influence
             out[f"{name}/self"] = estimator.self_influence(train)
             out[f"{name}/top_values"], out[f"{name}/top_indices"] = estimator.top_k(query, train, 4)
+    for name, projection in PROJECTIONS.items():
+        calls[0] = 0
+        projected = ProjectedInfluence(model, task, projection(), damping=1e-3, ggn_estimator="exact",
+                                       chunk_size=CHUNK).fit(train)
+        out[f"{name}/calls/fit"] = calls[0]
+        out[f"{name}/scores"] = projected.scores(query, train)
+        out[f"{name}/self"] = projected.self_influence(train)
+        out[f"{name}/top_values"], out[f"{name}/top_indices"] = projected.top_k(query, train, 4)
     result = headwater.influence(model, train, query, task=task, curvature="ekfac", top_k=3,
                                  self_influence=True, chunk_size=CHUNK)
     out["api/values"], out["api/indices"] = result.values, result.indices
@@ -198,6 +212,15 @@ def test_top_k_and_self_influence_match_one_process(runs, name):
     prefix = "top_" if name != "api" else ""
     for key in (f"{name}/{prefix}values", f"{name}/{prefix}indices", f"{name}/self"):
         _check(single, ranks, key)
+
+
+@pytest.mark.parametrize("name", list(PROJECTIONS))
+def test_projected_influence_matches_one_process(runs, name):
+    """Each rank projects its shard; K is all-reduced; scores, top-k and self-influence gathered."""
+    single, ranks = runs
+    for key in ("scores", "self", "top_values", "top_indices"):
+        _check(single, ranks, f"{name}/{key}")
+    _split(single, ranks, f"{name}/calls/fit")
 
 
 def test_one_process_helpers_are_identities_and_check_input():

@@ -134,7 +134,7 @@ def test_store_resumes_after_an_interruption_and_refuses_other_settings(tmp_path
         ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path).fit(
             _Failing(case.train, fail_at=20))
     rows = RowStore(tmp_path / "proj-train", (30, 12), torch.float64,
-                    ProjectedInfluence(case.model, case.task, 12, chunk_size=8)._key(30))
+                    {**ProjectedInfluence(case.model, case.task, 12, chunk_size=8)._key(30), "shard": [0, 30]})
     assert rows.rows_done == 16 and not rows.complete  # two whole chunks were counted
     seen = []
     resumed = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path,

@@ -121,7 +121,8 @@ class KroneckerProjection:
     Args:
         dim_out, dim_in: ``k_out``, ``k_in`` per layer (> 0).
         kind: ``"rademacher"`` (default) or ``"gaussian"`` entries.
-        seed: the factors of layer ``j`` are drawn from ``(seed, j, side)``.
+        seed: the factors of layer ``j`` are drawn from ``(seed, j, side)`` (drawn again, in a
+            fixed sequence, until their rows are independent, so ``P_out ⊗ P_in`` has full rank).
     """
 
     def __init__(self, dim_out: int, dim_in: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
@@ -148,11 +149,14 @@ class KroneckerProjection:
             if size <= dim:
                 self._cache[key] = torch.eye(size, dtype=dtype)
             else:
-                rng = np.random.default_rng([self.seed, layer, side])
-                if self.kind is ProjectionKind.RADEMACHER:
-                    values = rng.integers(0, 2, size=(dim, size), dtype=np.int8).astype(np.float64) * 2 - 1
-                else:
-                    values = rng.standard_normal(size=(dim, size))
+                for attempt in range(100):  # small ±1 matrices can have dependent rows: draw again
+                    rng = np.random.default_rng([self.seed, layer, side, attempt])
+                    if self.kind is ProjectionKind.RADEMACHER:
+                        values = rng.integers(0, 2, size=(dim, size), dtype=np.int8).astype(np.float64) * 2 - 1
+                    else:
+                        values = rng.standard_normal(size=(dim, size))
+                    if np.linalg.matrix_rank(values) == dim:
+                        break
                 self._cache[key] = (torch.from_numpy(values) / math.sqrt(dim)).to(dtype)
         return self._cache[key]
 

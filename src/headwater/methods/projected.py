@@ -39,6 +39,7 @@ from headwater.curvature.kfac import GGNEstimator, _cotangents
 from headwater.curvature.kfac_blocks import capture, find_blocks
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, num_examples
+from headwater.distributed import all_reduce_sum_, gather_columns, local_batches, shard_range, world
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import (
@@ -48,7 +49,7 @@ from headwater.gradients.per_example import (
     per_example_gradients,
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
-from headwater.methods.scoring import pairwise, pairwise_top_k
+from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.store.rows import RowStore
 from headwater.task import Task
@@ -185,7 +186,8 @@ class ProjectedInfluence:
         self._featurizer = (_FlatFeatures(model, task, projection) if isinstance(projection, RandomProjection)
                             else _KroneckerFeatures(model, task, projection))
         self.dim = self._featurizer.dim
-        self._features: RowStore | Tensor | None = None
+        self._features: RowStore | Tensor | None = None  # this rank's rows
+        self._n = self._start = 0  # all training examples; this rank's first one
         self._chol: Tensor | None = None
         self.fitted_damping: float | None = None
 
@@ -205,16 +207,30 @@ class ProjectedInfluence:
                 "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed}
 
     # ------------------------------------------------------------------ fitting
+    def _path(self, suffix: str) -> Path | None:
+        """``<store>-<suffix>``; under ``torch.distributed`` one file per rank."""
+        if self.store is None:
+            return None
+        rank, size = world()
+        return self.store.with_name(f"{self.store.name}-{suffix}" + (f"-rank{rank}of{size}" if size > 1 else ""))
+
     def fit(self, train: DataLike) -> ProjectedInfluence:
-        """Project every training gradient and form ``K``; resumes from ``store``."""
+        """Project every training gradient and form ``K``; resumes from ``store``.
+
+        Under ``torch.distributed`` each rank projects its shard of ``train``
+        (:func:`~headwater.distributed.shard`) and keeps those rows; the sums forming
+        ``K`` are all-reduced, so every rank holds the same ``K``."""
         n = num_examples(train, "train")
-        key = self._key(n)
-        features = self._train_features(train, n, key)
-        curvature_path = None if self.store is None else self.store.with_name(self.store.name + "-curvature")
+        self._n, (self._start, stop) = n, shard_range(n)
+        key = {**self._key(n), "shard": [self._start, stop]}
+        features = self._train_features(train, stop - self._start, key)
+        curvature_path = self._path("curvature")
         if curvature_path is not None and store_mod.exists(curvature_path):
             mean = store_mod.load(curvature_path, expect=key)[0]["mean"]
         else:
-            mean = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train, n)
+            total = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train)
+            all_reduce_sum_(total)
+            mean = total / n
             if curvature_path is not None:
                 store_mod.save(curvature_path, {"mean": mean}, key)
         gram = self._featurizer.gram()
@@ -231,16 +247,17 @@ class ProjectedInfluence:
         self._chol, self._features = chol, features
         return self
 
-    def _train_features(self, train: DataLike, n: int, key: dict[str, Any]) -> RowStore | Tensor:
-        rows = None
-        if self.store is not None:
-            rows = RowStore(self.store.with_name(self.store.name + "-train"), (n, self.dim),
+    def _train_features(self, train: DataLike, n_local: int, key: dict[str, Any]) -> RowStore | Tensor:
+        """This rank's projected training gradients ``[n_local, k]``, resuming a partial store."""
+        rows, path = None, self._path("train")
+        if path is not None and n_local > 0:
+            rows = RowStore(path, (n_local, self.dim),
                             self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32, key)
             if rows.complete:
                 return rows
-        out: list[Tensor] = []
+        out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype)]
         done = 0
-        for batch in iter_batches(train, self.chunk_size, "train"):
+        for batch in local_batches(train, self.chunk_size, "train"):
             size = batch[0].shape[0] if isinstance(batch[0], Tensor) else len(batch[1])
             skip = 0 if rows is None else max(0, min(size, rows.rows_done - done))
             if skip < size:
@@ -253,7 +270,7 @@ class ProjectedInfluence:
                 else:
                     rows.append(phi)
             done += size
-            report(self.progress, "projected gradients (train)", done, n)
+            report(self.progress, "projected gradients (train)", done, n_local)
         return rows if rows is not None else torch.cat(out)
 
     def _feature_chunks(self, features: RowStore | Tensor):
@@ -263,17 +280,18 @@ class ProjectedInfluence:
             yield features
 
     def _ef(self, features: RowStore | Tensor) -> Tensor:
-        total, n = torch.zeros(self.dim, self.dim, dtype=torch.float64), 0
+        """``Σ_i φ_i φ_iᵀ`` over this rank's rows (a sum; divided by the global n later)."""
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         for phi in self._feature_chunks(features):
             total += phi.double().T @ phi.double()
-            n += phi.shape[0]
-        return total / n
+        return total
 
-    def _ggn(self, train: DataLike, n: int) -> Tensor:
-        """``(1/n) Σ_i Σ_c ψ_ic ψ_icᵀ``, ``ψ_ic = Π J_iᵀ r_ic`` (see the module docstring)."""
+    def _ggn(self, train: DataLike) -> Tensor:
+        """``Σ_i Σ_c ψ_ic ψ_icᵀ``, ``ψ_ic = Π J_iᵀ r_ic``, over this rank's examples (see the
+        module docstring; a sum, divided by the global n later)."""
         params = detached(self.task.parameters(self.model))
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed + world()[0])  # sampled targets differ by rank
 
         def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
             estimator = self.estimator.resolve(out[0].numel())
@@ -281,14 +299,14 @@ class ProjectedInfluence:
 
         done = 0
         with evaluation_mode(self.model):
-            for batch in iter_batches(train, self.chunk_size, "train"):
+            for batch in local_batches(train, self.chunk_size, "train"):
                 x, y = prepare_batch(batch, next(iter(params.values())))
                 weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
                 psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
                 total += weight * (psi.T @ psi).double()
                 done += x.shape[0]
-                report(self.progress, "projected GGN", done, n)
-        return total / n
+                report(self.progress, "projected GGN", done, num_examples(train, "train"))
+        return total
 
     # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:
@@ -306,32 +324,43 @@ class ProjectedInfluence:
 
     def scores(self, query: DataLike, train: DataLike | None = None) -> Tensor:
         """All scores ``[n_query, n_train]`` (``train`` is only checked: the projected
-        training gradients of :meth:`fit` are used)."""
+        training gradients of :meth:`fit` are used; under ``torch.distributed`` each
+        rank scores its rows and every rank returns all columns)."""
         left = self.preconditioned_queries(query)
-        n = self._n_train(train)
-        return pairwise(left, self._feature_chunks(self._features), n, query_chunk=self.query_chunk)
+        self._check_train(train)
+        local = pairwise(left, self._feature_chunks(self._features), self._features.shape[0],
+                         query_chunk=self.query_chunk)
+        return gather_columns(local)
 
     def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
               ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"top_k: must be a positive integer, got {k!r}")
         left = self.preconditioned_queries(query)
-        self._n_train(train)
-        return pairwise_top_k(left, self._feature_chunks(self._features), k, largest=largest,
-                              query_chunk=self.query_chunk)
+        self._check_train(train)
+        if k > self._n:
+            raise ValueError(f"top_k: asked for {k} but there are only {self._n} training examples")
+        n_local = self._features.shape[0]
+        if n_local == 0:
+            values = left.new_empty(left.shape[0], 0)
+            indices = torch.empty(left.shape[0], 0, dtype=torch.long)
+        else:
+            values, indices = pairwise_top_k(left, self._feature_chunks(self._features), min(k, n_local),
+                                             largest=largest, query_chunk=self.query_chunk)
+            indices = indices + self._start  # global training indices
+        return gather_top_k(values, indices, k, largest=largest)
 
     def self_influence(self, train: DataLike | None = None) -> Tensor:
         """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""
-        self._check_fitted()
-        self._n_train(train)
-        out = []
+        self._check_train(train)
+        out = [torch.zeros(0, dtype=self.dtype)]
         for phi in self._feature_chunks(self._features):
             solved = torch.cholesky_solve(phi.double().T, self._chol).T
             out.append((solved * phi.double()).sum(dim=1).to(self.dtype))
-        return torch.cat(out)
+        return gather_columns(torch.cat(out).unsqueeze(0))[0]
 
-    def _n_train(self, train: DataLike | None) -> int:
+    def _check_train(self, train: DataLike | None) -> None:
         self._check_fitted()
-        n = self._features.shape[0]
-        if train is not None and num_examples(train, "train") != n:
-            raise ValueError(f"train: fitted on {n} training examples, got {num_examples(train, 'train')}")
-        return n
+        if train is not None and num_examples(train, "train") != self._n:
+            raise ValueError(f"train: fitted on {self._n} training examples, got {num_examples(train, 'train')}")
