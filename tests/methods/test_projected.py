@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,6 @@ import headwater
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.projected import ProjectedInfluence
 from headwater.store import StoreMismatchError
-from headwater.store.rows import RowStore
 
 
 # ------------------------------------------------------------------ projection
@@ -133,9 +133,8 @@ def test_store_resumes_after_an_interruption_and_refuses_other_settings(tmp_path
     with pytest.raises(RuntimeError, match="interrupted"):
         ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path).fit(
             _Failing(case.train, fail_at=20))
-    rows = RowStore(tmp_path / "proj-train", (30, 12), torch.float64,
-                    {**ProjectedInfluence(case.model, case.task, 12, chunk_size=8)._key(30), "shard": [0, 30]})
-    assert rows.rows_done == 16 and not rows.complete  # two whole chunks were counted
+    record = json.loads((tmp_path / "proj-train.json").read_text())
+    assert record["rows_done"] == 16 and record["shape"] == [30, 12]  # two whole chunks were counted
     seen = []
     resumed = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path,
                                  progress=lambda stage, done, total: seen.append((stage, done)))
@@ -148,6 +147,9 @@ def test_store_resumes_after_an_interruption_and_refuses_other_settings(tmp_path
     assert not any("train" in s or "GGN" in s for s in seen)
     with pytest.raises(StoreMismatchError, match="meta"):
         ProjectedInfluence(case.model, case.task, 12, seed=1, store=path).fit(case.train)
+    other = mlp(seed=1, n_train=30)  # same architecture and settings, other weights
+    with pytest.raises(StoreMismatchError, match="meta"):
+        ProjectedInfluence(other.model, other.task, 12, store=path).fit(case.train)
 
 
 def test_bad_input_is_named():

@@ -53,6 +53,7 @@ from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.store.rows import RowStore
 from headwater.task import Task
+from headwater.train.ensemble import fingerprint
 
 __all__ = ["ProjectedInfluence"]
 
@@ -150,7 +151,9 @@ class ProjectedInfluence:
         seed: seed of the projection (when ``projection`` is an int) and of sampled targets.
         store: optional base path: projected training gradients (``<store>-train``,
             resumable by chunk) and the projected curvature (``<store>-curvature``)
-            are written there and reused by a later run with the same settings.
+            are written there and reused by a later run with the same settings, the
+            same analysed parameter values and the same first chunk of training data
+            (else ``StoreMismatchError``).
         chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
         progress: optional ``progress(stage, done, total)`` callback.
     """
@@ -222,7 +225,10 @@ class ProjectedInfluence:
         ``K`` are all-reduced, so every rank holds the same ``K``."""
         n = num_examples(train, "train")
         self._n, (self._start, stop) = n, shard_range(n)
-        key = {**self._key(n), "shard": [self._start, stop]}
+        first = next(iter_batches(train, self.chunk_size, "train"))
+        key = {**self._key(n), "shard": [self._start, stop],
+               "model": fingerprint(*detached(self.task.parameters(self.model)).values()),
+               "train_first_chunk": fingerprint(*map(torch.as_tensor, first))}
         features = self._train_features(train, stop - self._start, key)
         curvature_path = self._path("curvature")
         if curvature_path is not None and store_mod.exists(curvature_path):
