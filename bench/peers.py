@@ -70,6 +70,8 @@ __all__ = [
     "pydvl_ekfac",
     "pydvl_lissa",
     "run_all",
+    "trak",
+    "trak_damped",
 ]
 
 MEASUREMENTS = ("loss", "margin")
@@ -668,6 +670,132 @@ def captum_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
         seed=seed), model)
 
 
+# ------------------------------------------------------------------------------ trak
+
+def _trak_proj_dim(model: nn.Module, problem: Problem) -> int:
+    """TRAK's default 2048 when the model has that many parameters, else 256 capped below
+    n_train and P (a flat projection above P is not a projection)."""
+    P = _n_params(model)
+    return 2048 if P >= 2048 else min(256, P, problem.n_train - 1)
+
+
+def _trak_scores(model: nn.Module, problem: Problem, *, measurement: str, proj_dim: int,
+                 lambda_reg: float, seed: int, batch_size: int, use_half_precision: bool,
+                 info: dict[str, Any]) -> torch.Tensor:
+    """Converted scores (``trak`` docstring); ``info["rescaled"]``: False when TRAK's
+    normalisation could not be undone (singular kernel), the scale is then TRAK's."""
+    import logging
+
+    from trak import TRAKer
+
+    Xtr, ytr, Xte, yte = _data(model, problem)
+    m = copy.deepcopy(model).eval()
+    n = problem.n_train
+    with tempfile.TemporaryDirectory(prefix="bench-trak-") as out:
+        tr = TRAKer(model=m, task="image_classification", train_set_size=n, save_dir=out,
+                    device="cpu", proj_dim=proj_dim, projector_seed=seed, lambda_reg=lambda_reg,
+                    use_half_precision=use_half_precision, logging_level=logging.ERROR)
+        tr.load_checkpoint(copy.deepcopy(m.state_dict()), model_id=0)
+        for a in range(0, n, batch_size):
+            tr.featurize(batch=(Xtr[a:a + batch_size], ytr[a:a + batch_size]),
+                         num_samples=len(ytr[a:a + batch_size]))
+        tr.finalize_features()
+        # TRAK stores F = Phi X^{-1} / c with X = Phi^T Phi + lambda_reg I and c = mean|X^{-1}|:
+        # recover c from F X = Phi / c on a few rows (O(r n k), no second inverse); where X is
+        # numerically singular the identity fails and TRAK's scale is kept.
+        phi = torch.as_tensor(tr.saver.current_store["grads"]).double()
+        f_r = torch.as_tensor(tr.saver.current_store["features"][:32]).double()
+        fx = (f_r @ phi.T) @ phi + lambda_reg * f_r
+        phi_r = phi[:32]
+        c = float((phi_r * phi_r).sum() / (fx * phi_r).sum())
+        info["rescaled"] = c > 0 and float((c * fx - phi_r).norm() / phi_r.norm()) < 1e-2
+        del phi, f_r, fx, phi_r
+        tr.start_scoring_checkpoint(exp_name="bench", checkpoint=copy.deepcopy(m.state_dict()),
+                                    model_id=0, num_targets=len(yte))
+        for a in range(0, len(yte), batch_size):
+            tr.score(batch=(Xte[a:a + batch_size], yte[a:a + batch_size]),
+                     num_samples=len(yte[a:a + batch_size]))
+        tau = torch.as_tensor(tr.finalize_scores(exp_name="bench")).double().T.clone()
+    if info["rescaled"]:
+        tau = tau * (c * n)  # TRAK's normalisation undone; summed -> mean kernel
+    if measurement == "margin":
+        return -tau
+    with torch.no_grad():
+        p_q = torch.softmax(m(Xte).double(), -1).gather(1, yte[:, None]).squeeze(1)
+    return (1.0 - p_q)[:, None] * tau
+
+
+def trak(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
+         proj_dim: int | None = None, match_damping: bool = False, seed: int = 0,
+         batch_size: int = 250, use_half_precision: bool = False) -> PeerResult:
+    """TRAK (``traker``) with ONE model (the bench's trained model): its default
+    classification model output (the margin ``f = logit_y - logsumexp_{c != y} logit_c``),
+    the CPU ``BasicProjector`` (Gaussian, seed ``seed``), ``proj_dim`` (default 2048, 256
+    for models with fewer parameters, e.g. logreg) and its default regularisation
+    ``lambda_reg = 0``; with ``match_damping=True`` instead ``lambda_reg = n (damping +
+    weight_decay)``, the damping headwater's projected methods get (below).
+
+    What TRAK computes: with ``phi_i = Pi^T grad f(i) / sqrt(P)`` the projected margin
+    gradients and ``Phi`` their ``[n, k]`` stack, ``tau[q, i] = (1 - p_i) phi_q^T
+    (Phi^T Phi + lambda_reg I)^{-1} phi_i`` (``p_i`` the softmax probability of the true
+    class, TRAK's "out-to-loss" weight), positive = i raises q's margin. Its kernel
+    ``Phi^T Phi`` is the projected Gram matrix of the *margin* gradients, summed over
+    examples and unweighted: an empirical-Fisher-like kernel, but neither headwater's
+    projected EF (``grad l = -(1-p) grad f``: weights ``(1-p)^2``) nor its GGN (weights
+    ``p(1-p)``, the CE being ``softplus(-f)``), and not the curvature of the mean loss.
+    With ``lambda_reg = 0`` neither ``damping`` nor the L2 term enters, and ``Phi^T Phi``
+    (rank <= n) is singular once ``proj_dim >= n_train`` (2048 on the MLP's 1,000
+    examples): the inverse is then numerical noise.
+
+    Conversion (exact given TRAK's kernel): ``grad l(i) = -(1-p_i) grad f(i)``, so
+    headwater's margin score is ``-tau`` and its loss score ``(1-p_q) tau``. TRAK's
+    division of the inverse kernel by ``c = mean|(Phi^T Phi + lambda_reg I)^{-1}|`` is
+    undone (``c`` recovered from its stored features) and the scores are multiplied by n
+    (summed -> mean kernel): they are then exactly
+    ``grad m(q)^T Pi (Pi^T G Pi + P (lambda_reg/n) I_k)^{-1} Pi^T grad l(i)`` with ``G``
+    the mean margin-gradient Gram and ``Pi`` TRAK's ``[P, k]`` projection (checked in
+    float64 against TRAK's own projection matrix on logreg: Pearson 1.000000, ratio 1.0000).
+    So ``lambda_reg = n (damping + weight_decay)`` is headwater's projected damping
+    ``Pi^T (lambda I) Pi`` in expectation (``E Pi^T Pi = P I``), isotropic in the projected
+    space. Remaining scale differences (kernel weights) do not matter for LDS or Pearson.
+    ``use_half_precision=False``: float32 (TRAK's float16 default is meant for GPUs).
+    """
+    _check_measurement(measurement)
+    k = _trak_proj_dim(model, problem) if proj_dim is None else proj_dim
+    n = problem.n_train
+    s = _base_settings(problem, model, damping, measurement, proj_dim=k, n_models=1,
+                       model_output="margin", projector="BasicProjector (normal)", seed=seed,
+                       batch_size=batch_size,
+                       precision="float16" if use_half_precision else "float32")
+    if match_damping:
+        s["lambda_reg"] = n * s["peer_damping"]
+    else:
+        s["peer_damping"] = None
+        s["lambda_reg"] = 0.0
+    note = ("kernel: projected Gram of margin gradients, unweighted (not the GGN/EF of the "
+            "mean loss), scores x (1-p_train); scale differs from headwater")
+    if not match_damping:
+        note += "; undamped (TRAK default lambda_reg=0)"
+        if k >= n:
+            note += f"; proj_dim {k} >= n_train {n}: Phi^T Phi singular, scores are noise"
+    name = "trak-1model" + ("-damped" if match_damping else "")
+    info: dict[str, Any] = {}
+    r = _run(name, "trak", "traker", s, lambda: _trak_scores(
+        model, problem, measurement=measurement, proj_dim=k, lambda_reg=s["lambda_reg"],
+        seed=seed, batch_size=batch_size, use_half_precision=use_half_precision, info=info),
+        model, note=note)
+    if info.get("rescaled") is False:
+        r.note += "; TRAK's normalisation not undone (singular kernel): its scale"
+    return r
+
+
+def trak_damped(model: nn.Module, problem: Problem, *, damping: float,
+                measurement: str = "margin", **kw) -> PeerResult:
+    """TRAK with ``lambda_reg = n (damping + weight_decay)``: headwater's projected damping."""
+    return trak(model, problem, damping=damping, measurement=measurement, match_damping=True,
+                **kw)
+
+
 # -------------------------------------------------------------------------- registry
 
 PEERS: dict[str, Callable[..., PeerResult]] = {
@@ -682,6 +810,8 @@ PEERS: dict[str, Callable[..., PeerResult]] = {
     "dattri-arnoldi": dattri_arnoldi,
     "captum-naive": captum_naive,
     "captum-arnoldi": captum_arnoldi,
+    "trak-1model": trak,
+    "trak-1model-damped": trak_damped,
 }
 
 #: Peers that compute the exact (damped) inverse and must match bench.reference.

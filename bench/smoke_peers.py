@@ -16,7 +16,10 @@
    - approximate-curvature peers (EK-FAC, LiSSA) at a large damping (1.0 >> top
      eigenvalue ~0.12): (H + lambda I)^{-1} is then dominated by 1/lambda, so every correct
      conversion gives ratio ~1 whatever the quality of its curvature approximation;
-   - Arnoldi peers vs. the exact rank-k truncated inverse (top-k eigenpairs).
+   - Arnoldi peers vs. the exact rank-k truncated inverse (top-k eigenpairs);
+   - TRAK (its kernel is not H) vs. its own formula in float64 with its own projection
+     matrix, both measurements: ``grad m(q)^T Pi (Pi^T G Pi + P (lambda_reg/n) I)^{-1}
+     Pi^T grad l(i)``, ``G`` the mean Gram of the margin gradients.
 
 Exit status 1 if an exact peer (Captum Naive, pyDVL CG, dattri CG) misses
 Pearson > 0.99 with |ratio - 1| < 0.02 in the main table or the margin check, or a
@@ -38,7 +41,7 @@ import torch
 
 from bench import peers as P
 from bench.problems import logreg
-from bench.reference import compare, exact_scores
+from bench.reference import compare, exact_scores, per_example_grads
 
 EXACT_PEARSON, EXACT_RATIO_TOL = 0.99, 0.02
 CHECK_PEARSON, CHECK_RATIO_TOL = 0.95, 0.10
@@ -58,6 +61,27 @@ HEADER = ("| method                       | version  | meas.  |  seconds |  peak
           "|   ratio | Spear. | ok   | note\n|" + "-" * 30 + "|" + "-" * 10 + "|" + "-" * 8 + "|"
           + "-" * 10 + "|" + "-" * 10 + "|" + "-" * 10 + "|" + "-" * 9 + "|" + "-" * 8 + "|"
           + "-" * 6 + "|------")
+
+
+def trak_reference(prob, settings: dict, measurement: str) -> torch.Tensor:
+    """What the TRAK adapter must return, computed independently in float64 (per-example
+    gradients by autograd) but with TRAK's own projection matrix (its ``BasicProjector``
+    applied to the identity): ``grad m(q)^T Pi (Pi^T G Pi + P (lambda_reg/n) I_k)^{-1}
+    Pi^T grad l(i)`` with ``G`` the mean Gram of the training margin gradients."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    model = prob.model
+    Gf = per_example_grads(model, prob.X_train, prob.y_train, "margin").double()
+    Gl = per_example_grads(model, prob.X_train, prob.y_train, "loss").double()
+    Gq = per_example_grads(model, prob.X_test, prob.y_test, measurement).double()
+    n, p = Gf.shape
+    k = settings["proj_dim"]
+    proj = BasicProjector(grad_dim=p, proj_dim=k, seed=settings["seed"],
+                          proj_type=ProjectionType.normal, device="cpu", dtype=torch.float32)
+    Pi = proj.project(torch.eye(p), model_id=0).double()  # [P, k]
+    Ff = Gf @ Pi
+    A = Ff.T @ Ff / n + p * settings["lambda_reg"] / n * torch.eye(k, dtype=Pi.dtype)
+    return (Gq @ Pi) @ torch.linalg.solve(A, (Gl @ Pi).T)
 
 
 def _ok(c: dict, pearson_min: float, ratio_tol: float) -> bool:
@@ -152,6 +176,10 @@ def main(argv=None) -> int:
             ref_k = exact_scores(prob, damping=args.damping, measurement="loss", rank=rank)
             checks.append((f"rank-{rank} truncated", n, ref_k,
                            {"damping": args.damping, "measurement": "loss"}))
+        # TRAK: its own kernel, recomputed with its own projection (settings as run above)
+        for n in [n for n in names if n.startswith("trak-")]:
+            checks += [(f"TRAK formula, {m}", n, trak_reference(prob, results[n].settings, m),
+                        {"damping": args.damping, "measurement": m}) for m in ("loss", "margin")]
         for what, n, rref, kw in checks:
             r = P.PEERS[n](model, prob, **kw)
             c = compare(r.scores, rref)
