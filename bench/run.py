@@ -135,16 +135,16 @@ def peer_entries() -> list[Entry]:
     except ImportError as err:  # peers live in the bench environment only
         print(f"[bench] peers unavailable ({err}); run `make bench` to set them up", file=sys.stderr)
         return []
-    entries = []
-    for name, fn in peers.PEERS.items():
-        def run(problem, damping, measurement, fn=fn):
+    def runner(fn: Callable) -> Callable:
+        def run(problem, damping, measurement):
             result = fn(problem.model, problem, damping=damping, measurement=measurement)
             if result.scores is None:
                 raise RuntimeError(result.note or "failed")
-            run.note = result.note  # type: ignore[attr-defined]
+            run.note = result.note  # type: ignore[attr-defined]  # this peer's own function
             return result.scores
-        entries.append(Entry(name, name.split("-")[0], run))
-    return entries
+        return run
+
+    return [Entry(name, name.split("-")[0], runner(fn)) for name, fn in peers.PEERS.items()]
 
 
 # ------------------------------------------------------------------ ground truth
