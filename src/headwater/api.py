@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ def influence(
     trajectory: Trajectory | None = None,
     renormalize: bool = False,
     progress: ProgressFn | None = None,
+    store: str | os.PathLike | None = None,
 ) -> Scores:
     """Scores of every training example for every query.
 
@@ -80,6 +82,11 @@ def influence(
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
         progress: optional ``progress(stage, done, total)`` callback.
+        store: base path of resumable state for ``method="influence"``: the fitted
+            curvature (with ``projection``: the projected training gradients, by chunk,
+            and the projected curvature) is saved there, and a later call with the same
+            settings, model and training data loads it instead of refitting; a store of
+            anything else raises ``headwater.store.StoreMismatchError``.
 
     Returns:
         :class:`~headwater.methods.scoring.Scores`.
@@ -102,17 +109,24 @@ def influence(
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
+    if store is not None and method != "influence":
+        raise ValueError(f"store: resumable state is kept for method='influence' only, not {method!r}")
     if method == "influence" and projection is not None:
+        options = dict(curvature_options or {})
+        if store is not None:
+            if options.get("store") not in (None, store):
+                raise ValueError("store: given twice (also in curvature_options) with different paths")
+            options["store"] = store
         estimator: Any = ProjectedInfluence(model, task, projection, kind=kind, damping=damping,
                                             chunk_size=chunk_size, query_chunk=query_chunk, progress=progress,
-                                            **(curvature_options or {})).fit(train)
+                                            **options).fit(train)
     elif method == "influence":
         curvature = "ekfac" if curvature is None else curvature
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
         curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
         estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
-                                           progress=progress).fit(train)
+                                      progress=progress).fit(train, store=store)
     elif method == "tracin":
         if checkpoints is None:
             raise ValueError("checkpoints: method='tracin' needs the training checkpoints")

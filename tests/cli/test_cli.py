@@ -149,6 +149,24 @@ def test_score_with_a_projection_stores_and_reuses_the_projected_gradients(tmp_p
     assert torch.equal(load_result(out).scores, first.scores)
 
 
+def test_score_reuses_the_fitted_curvature_and_refits_for_other_settings(tmp_path):
+    out = tmp_path / "resume"
+    args = ["--threads", "1", "--no-report", "--curvature", "ekfac", "-o", str(out)]
+    assert headwater_cli("score", str(EXAMPLE), *args, "--quiet", cwd=tmp_path).returncode == 0
+    assert (out / "curvature.safetensors").is_file()
+    first = load_result(out).scores
+    stamp = (out / "curvature.json").stat().st_mtime_ns
+    proc = headwater_cli("score", str(EXAMPLE), *args, "-v", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "curvature (loaded)" in proc.stderr
+    assert (out / "curvature.json").stat().st_mtime_ns == stamp  # read, not rewritten
+    assert torch.equal(load_result(out).scores, first)
+    proc = headwater_cli("score", str(EXAMPLE), *args, "-v", "--damping", "0.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "refitting" in proc.stderr
+    assert json.loads((out / "curvature.json").read_text())["meta"]["damping"] == 0.5
+
+
 def _bad_spec(tmp_path: Path) -> Path:
     spec = tmp_path / "bad_shapes.py"
     spec.write_text(

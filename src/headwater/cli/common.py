@@ -163,11 +163,12 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     g.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
     g.add_argument("--projection", default=None, metavar="K | KOUTxKIN",
                    help="influence on randomly projected gradients: K dimensions (flat), or KOUTxKIN per "
-                        "linear/conv layer (never forms a gradient); the projected training gradients are "
-                        "stored in OUT/projected and a rerun resumes or reuses them")
+                        "linear/conv layer (never forms a gradient)")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--out", default=out_default,
-                   help="output folder for results, report and config" +
+                   help="output folder for results, report and config; the fitted curvature (or the "
+                        "projected training gradients) is kept there too, and a rerun with the same "
+                        "settings, model and data reuses or resumes it" +
                         (f" (default: {out_default})" if out_default else " (required)"))
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")

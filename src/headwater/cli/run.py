@@ -21,6 +21,7 @@ from headwater.cli.common import (
 from headwater.data import DataLike
 from headwater.methods import Scores
 from headwater.report import RunResult, render, save_result, write_top_k_csv
+from headwater.store import StoreMismatchError
 from headwater.task import Task
 
 __all__ = ["attribute", "write_outputs"]
@@ -32,19 +33,30 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
               args: argparse.Namespace, progress: ProgressBars, timer: Timer) -> Scores:
     """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator."""
     projection = parse_projection(args.projection, args.seed)
-    options = parse_curvature_options(args.curvature_options)
-    if projection is not None:
-        options.setdefault("store", str(Path(args.out) / "projected"))
+    store = None
+    if args.method == "influence":
+        store = Path(args.out) / ("projected" if projection is not None else "curvature")
     log.info("scoring with method=%s, curvature=%s (%s), damping=%s%s", args.method, args.curvature,
              args.kind, "auto" if args.damping is None else args.damping,
              "" if projection is None else f", projection={args.projection}")
-    with timer("attribution"):
-        scores = headwater.influence(
+
+    def run() -> Scores:
+        return headwater.influence(
             model, train, query, task=task, method=args.method, curvature=args.curvature,
             damping=args.damping, kind=args.kind, self_influence=args.self_influence,
-            chunk_size=args.chunk_size, progress=progress, projection=projection,
-            curvature_options=options or None,
+            chunk_size=args.chunk_size, progress=progress, projection=projection, store=store,
+            curvature_options=parse_curvature_options(args.curvature_options) or None,
         )
+
+    with timer("attribution"):
+        try:
+            scores = run()
+        except StoreMismatchError as err:  # an earlier run in this folder used other settings
+            log.info("refitting: %s holds a fit of other settings, model or data (%s)", store.name,
+                     str(err).split(" was written with ")[-1].split("=")[0])
+            for stale in store.parent.glob(f"{store.name}*"):
+                stale.unlink()
+            scores = run()
     progress.close()
     return scores
 

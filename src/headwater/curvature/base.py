@@ -132,8 +132,9 @@ class Curvature(ABC):
         return {"curvature": self.name, "kind": self.kind.value, "damping": self.damping,
                 "chunk_size": self.chunk_size}
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted state through :mod:`headwater.store`."""
+    def save(self, path: str | os.PathLike, *, context: dict[str, Any] | None = None) -> None:
+        """Write the fitted state through :mod:`headwater.store`; ``context`` (JSON) is
+        stored with it and compared by :meth:`load` (e.g. which model and data were fitted)."""
         self._check_fitted()
         tensors, scalars, groups = {}, {}, []
         for field in dataclasses.fields(self.state):
@@ -144,15 +145,18 @@ class Curvature(ABC):
             else:
                 (tensors if isinstance(value, Tensor) else scalars)[field.name] = value
         meta = {**self.settings(), "layout": self.layout.to_dict(), "n_examples": self.n_examples,
-                "state": scalars, "tensor_dicts": groups}
+                "state": scalars, "tensor_dicts": groups, "context": context}
         store.save(path, tensors, meta)
 
     def load(self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
-             device: str | torch.device = "cpu") -> Self:
-        """Read a state saved with the same settings (and parameter layout, if given)."""
+             device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> Self:
+        """Read a state saved with the same settings (and parameter layout and ``context``,
+        if given; else ``StoreMismatchError``)."""
         expect = self.settings()
         if layout is not None:
             expect["layout"] = layout.to_dict()
+        if context is not None:
+            expect["context"] = context
         tensors, meta = store.load(path, expect=expect, device=device)
         self.layout = ParamLayout(tuple(meta["layout"]["names"]),
                                   tuple(tuple(s) for s in meta["layout"]["shapes"]))

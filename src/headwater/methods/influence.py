@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from headwater import store as store_mod
 from headwater.curvature.base import Curvature
 from headwater.curvature.kfac import KroneckerCurvature
-from headwater.data import DataLike, num_examples
-from headwater.distributed import gather_columns, shard, shard_range
+from headwater.data import DataLike, iter_batches, num_examples
+from headwater.distributed import gather_columns, shard, shard_range, world
+from headwater.gradients.flat import ParamLayout
+from headwater.gradients.functional import detached
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import factored_scores
 from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
+from headwater.train.ensemble import fingerprint
 
-__all__ = ["InfluenceFunction"]
+__all__ = ["InfluenceFunction", "fit_context"]
+
+
+def fit_context(model: nn.Module, task: Task, train: DataLike, chunk_size: int) -> dict[str, Any]:
+    """What a stored fit depends on besides its own settings: the task, the analysed
+    parameter values, the number of training examples and their first chunk
+    (fingerprints; the rest of the data is not read)."""
+    first = next(iter_batches(train, chunk_size, "train"))
+    return {"task": task.to_dict(), "model": fingerprint(*detached(task.parameters(model)).values()),
+            "n_train": num_examples(train, "train"), "train_first_chunk": fingerprint(*map(torch.as_tensor, first))}
 
 
 class InfluenceFunction:
@@ -59,9 +73,28 @@ class InfluenceFunction:
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
 
-    def fit(self, train: DataLike) -> InfluenceFunction:
-        """Fit the curvature on the training data."""
+    def fit(self, train: DataLike, *, store: str | os.PathLike | None = None) -> InfluenceFunction:
+        """Fit the curvature on the training data.
+
+        With ``store`` (a base path), a curvature fitted earlier with the same settings,
+        the same analysed parameter values and the same training data (its size and
+        first chunk) is loaded from there instead of refitted (matrix-free ones are
+        re-attached to the data with ``bind``); otherwise it is fitted and saved there
+        (by rank 0 under ``torch.distributed``). A store fitted on anything else raises
+        ``StoreMismatchError``."""
+        if store is None:
+            self.curvature.fit(self.model, self.task, train, progress=self.progress)
+            return self
+        context = fit_context(self.model, self.task, train, self.chunk_size)
+        if store_mod.exists(store):
+            self.curvature.load(store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context)
+            if hasattr(self.curvature, "bind"):
+                self.curvature.bind(self.model, self.task, train)
+            report(self.progress, "curvature (loaded)", 1, 1)
+            return self
         self.curvature.fit(self.model, self.task, train, progress=self.progress)
+        if world()[0] == 0:
+            self.curvature.save(store, context=context)
         return self
 
     def _grads(self, data: DataLike, objective: Objective, name: str):

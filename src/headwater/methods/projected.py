@@ -49,11 +49,11 @@ from headwater.gradients.per_example import (
     per_example_gradients,
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
+from headwater.methods.influence import fit_context
 from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
 from headwater.progress import ProgressFn, report
 from headwater.store.rows import RowStore
 from headwater.task import Task
-from headwater.train.ensemble import fingerprint
 
 __all__ = ["ProjectedInfluence"]
 
@@ -225,10 +225,8 @@ class ProjectedInfluence:
         ``K`` are all-reduced, so every rank holds the same ``K``."""
         n = num_examples(train, "train")
         self._n, (self._start, stop) = n, shard_range(n)
-        first = next(iter_batches(train, self.chunk_size, "train"))
         key = {**self._key(n), "shard": [self._start, stop],
-               "model": fingerprint(*detached(self.task.parameters(self.model)).values()),
-               "train_first_chunk": fingerprint(*map(torch.as_tensor, first))}
+               **fit_context(self.model, self.task, train, self.chunk_size)}
         features = self._train_features(train, stop - self._start, key)
         curvature_path = self._path("curvature")
         if curvature_path is not None and store_mod.exists(curvature_path):

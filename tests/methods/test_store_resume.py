@@ -1,0 +1,82 @@
+"""headwater.influence(store=...): a fitted curvature is saved, then loaded instead of refitted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import mlp
+from oracles import assert_close
+
+import headwater
+from headwater.store import StoreMismatchError
+
+CURVATURES = {
+    "exact": {},
+    "ekfac": {},
+    "kfac": {},
+    "cg": {"tol": 1e-10},
+    "cg-nystrom": {"tol": 1e-10, "preconditioner_rank": 8},
+    "arnoldi": {"rank": 10},
+    "nystrom": {"rank": 10},
+    "diagonal": {},
+    "mfac": {},
+}
+
+
+def _counting(model):
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CURVATURES))
+def test_second_call_loads_the_fit_and_gives_the_same_scores(name, tmp_path):
+    case = mlp(n_train=30)
+    curvature = name.split("-")[0]
+    options = CURVATURES[name]
+    kwargs = dict(task=case.task, curvature=curvature, damping=1e-2, curvature_options=options)
+    plain = headwater.influence(case.model, case.train, case.query, **kwargs).values
+    path = tmp_path / "fit"
+    first = headwater.influence(case.model, case.train, case.query, store=path, **kwargs).values
+    assert_close(first, plain, rtol=1e-12, atol=1e-14)
+    stages = []
+    calls = _counting(case.model)
+    again = headwater.influence(case.model, case.train, case.query, store=path,
+                                progress=lambda stage, done, total: stages.append(stage), **kwargs).values
+    # CG re-attached to the data after loading sums its products in another order (~1e-10)
+    assert_close(again, plain, rtol=1e-9, atol=1e-9 * float(plain.abs().max()))
+    assert "curvature (loaded)" in stages
+    fresh_calls = _counting(case.model)
+    calls[0] = 0
+    headwater.influence(case.model, case.train, case.query, **kwargs)
+    assert calls[0] <= fresh_calls[0]  # loading never costs more forward passes than fitting
+
+
+def test_a_store_of_another_model_data_or_setting_is_refused(tmp_path):
+    case = mlp(n_train=30)
+    path = tmp_path / "fit"
+    headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac", damping=1e-2,
+                        store=path)
+    other = mlp(seed=3, n_train=30)  # same architecture, other weights
+    with pytest.raises(StoreMismatchError, match="context"):
+        headwater.influence(other.model, case.train, case.query, task=case.task, curvature="ekfac",
+                            damping=1e-2, store=path)
+    shuffled = (case.train[0].flip(0), case.train[1].flip(0))
+    with pytest.raises(StoreMismatchError, match="context"):
+        headwater.influence(case.model, shuffled, case.query, task=case.task, curvature="ekfac",
+                            damping=1e-2, store=path)
+    with pytest.raises(StoreMismatchError, match="damping"):
+        headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac",
+                            damping=1e-1, store=path)
+    with pytest.raises(ValueError, match="store"):
+        headwater.influence(case.model, case.train, case.query, task=case.task, method="tracin",
+                            checkpoints=[], store=path)
+
+
+def test_projection_store_through_the_api(tmp_path):
+    case = mlp(n_train=30)
+    kwargs = dict(task=case.task, projection=12, damping=1e-2)
+    first = headwater.influence(case.model, case.train, case.query, store=tmp_path / "p", **kwargs).values
+    again = headwater.influence(case.model, case.train, case.query, store=tmp_path / "p", **kwargs).values
+    assert torch.equal(first, again)
+    assert (tmp_path / "p-train.npy").is_file() and (tmp_path / "p-curvature.json").is_file()
