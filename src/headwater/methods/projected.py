@@ -5,8 +5,10 @@
     score[q, i] = φ_m(z_q)ᵀ K⁻¹ φ_ℓ(z_i)
 
 With ``k = P`` (and ``Π`` invertible) this is exactly the influence function of
-:class:`~headwater.methods.influence.InfluenceFunction`; with ``k ≪ P`` it is a
-sketch whose error falls like ``1/√k``. Projecting the damping with the rest
+:class:`~headwater.methods.influence.InfluenceFunction`; with ``k < P`` the inverse
+is taken within a random ``k``-dimensional subspace (in the metric of ``M + λI``),
+and the error falls as ``k`` grows (tested: relative error 0.65, 0.38, 0.15, 0 at
+``k`` = 12, 25, 40, 51 = P on a tiny MLP). Projecting the damping with the rest
 (``λ Π Πᵀ``, not ``λ I``) is what makes ``k = P`` exact.
 
 Memory is ``O(chunk·P + k²)`` plus the projected training gradients ``[n, k]``,
