@@ -180,7 +180,7 @@ def _bad_spec(tmp_path: Path) -> Path:
 
 USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
                "damaged store", "output is a file", "library error", "bad curvature option", "bad projection",
-               "projection with cg"]
+               "projection with cg", "plan without memory"]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -201,6 +201,7 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "bad curvature option": ["demo", "--curvature-option", "rank", "-o", "x"],
         "bad projection": ["demo", "--projection", "8y8", "-o", "x"],
         "projection with cg": ["demo", "--projection", "64", "--curvature", "cg", "-o", "x"],
+        "plan without memory": ["plan", str(EXAMPLE), "--memory-gb", "0"],
         "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
     }[case]
 
@@ -230,7 +231,17 @@ def test_user_errors_from_the_console(case, tmp_path):
     _assert_one_line(proc.stderr)
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["score"], ["report"], ["bench"]])
+def test_plan_prints_every_method(capsys):
+    assert main(["plan", str(EXAMPLE), "--json", "--memory-gb", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    methods = {r["method"] for r in out["rows"]}
+    assert {"exact", "ekfac", "cg", "projection 1024"} <= methods
+    assert out["num_params"] == 2410 and out["n_train"] == 600 and out["seconds_per_pass"] > 0
+    exact = next(r for r in out["rows"] if r["method"] == "exact")
+    assert exact["stored_bytes"] == 8 * (2410**2 + 2410) and exact["fits"]
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["score"], ["plan"], ["report"], ["bench"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])

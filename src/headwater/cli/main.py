@@ -1,6 +1,6 @@
 """``headwater``: trace a model's predictions back to the training examples that caused them.
 
-Commands: ``demo``, ``score``, ``report``, ``bench``. Run ``headwater <command> --help``.
+Commands: ``demo``, ``score``, ``plan``, ``report``, ``bench``. Run ``headwater <command> --help``.
 Mistakes in the command line or the user's files print one line to stderr and exit
 with status 2 (``--traceback`` shows the full error instead).
 """
@@ -42,14 +42,14 @@ def _common_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and its subcommand parsers by name."""
-    from headwater.cli import bench, demo, render, score
+    from headwater.cli import bench, demo, plan, render, score
 
     flags = _common_flags()
     parser = _Parser(prog="headwater", description=__doc__.split("\n\n")[0].replace("``", ""), parents=[flags])
     parser.add_argument("--version", action="version", version=f"headwater {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     commands = {}
-    for module in (demo, score, render, bench):
+    for module in (demo, score, plan, render, bench):
         p = module.add_parser(sub, [flags])  # the shared flags also work after the command
         commands[p.prog.split()[-1]] = p
     return parser, commands

@@ -1,0 +1,87 @@
+"""``headwater plan``: memory of every method for your model and data, before a long run.
+
+Reads the same spec as ``headwater score`` (model, train, query, optional task) and
+prints, per method, the bytes of its stored state and of its working set (the sizes
+of the tensors it holds: allocator slack and activations come on top), whether they
+fit ``--memory-gb``, and the measured time of one pass of per-example gradients over
+the training data. Nothing is fitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch import nn
+
+from headwater.cli.common import UserError
+from headwater.cli.score import load_spec
+from headwater.data import as_tensors
+from headwater.plan import FORMULAS, plan
+from headwater.task import Task, default_task
+
+__all__ = ["add_parser", "format_plan", "run"]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_plan(result) -> str:
+    lines = [
+        f"{result.num_params:,} analysed parameters ({str(result.dtype).replace('torch.', '')}), "
+        f"{result.outputs} outputs per example, {result.n_train:,} train x {result.n_query:,} query; "
+        f"per-example gradients over the training set: {result.seconds_per_pass:.3g} s per pass",
+        f"budget {_size(result.budget)}" + ("" if result.factored else
+                                             "; K-FAC/EK-FAC/Kronecker projection: not every analysed "
+                                             "parameter is in a Linear/Conv layer"),
+        "",
+        f"{'method':<28} {'stored':>10} {'working':>10} {'total':>10}  fits  note",
+    ]
+    for r in result.rows:
+        lines.append(f"{r.method:<28} {_size(r.stored):>10} {_size(r.working):>10} {_size(r.total):>10}  "
+                     f"{'yes' if r.fits else 'NO ':<4}  {r.note}")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan", parents=parents, help="memory of every method for a spec, before a long run",
+                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="a spec file (path/to/spec.py) or module (package.module), as for `score`")
+    p.add_argument("--memory-gb", type=float, default=8.0, help="memory available (default 8)")
+    p.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
+    p.add_argument("--top-k", action="store_true", help="scores streamed to a top-k (no full score matrix)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.memory_gb <= 0:
+        raise UserError(f"--memory-gb: must be > 0, got {args.memory_gb}")
+    if args.chunk_size <= 0:
+        raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
+    spec = load_spec(args.spec)
+    model, train, query = spec.get("model"), spec.get("train"), spec.get("query")
+    task = spec.get("task", required=False)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"spec: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    if task is not None and not isinstance(task, Task):
+        raise UserError(f"spec: `task` must be a headwater Task, got {type(task).__name__}")
+    task = task or default_task(as_tensors(train, "train")[1])
+    torch.manual_seed(0)
+    result = plan(model, task, train, query, budget_bytes=int(args.memory_gb * 2**30),
+                  chunk_size=args.chunk_size, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"num_params": result.num_params, "n_train": result.n_train, "n_query": result.n_query,
+                          "outputs": result.outputs, "seconds_per_pass": result.seconds_per_pass,
+                          "budget_bytes": result.budget, "formulas": FORMULAS,
+                          "rows": [{"method": r.method, "stored_bytes": r.stored, "working_bytes": r.working,
+                                    "fits": r.fits, "note": r.note} for r in result.rows]}, indent=2))
+    else:
+        print(format_plan(result))
+    return 0

@@ -1,0 +1,156 @@
+"""Before a long run: how much memory each method needs for this model and data.
+
+:func:`plan` reads the model (analysed parameters ``P``, its K-FAC blocks, outputs
+per example ``C``) and the sizes of the data, and returns per method the bytes of
+
+- the *stored* state (what ``store=`` writes and scoring keeps: dense matrix,
+  factors, eigenvectors, projected training gradients), and
+- the *working* set while it runs: one chunk of per-example gradients
+  ``[chunk, P]``, the preconditioned queries ``[n_query, P]`` (or their projected
+  ``[n_query, k]``), the method's vectors (CG's block of right-hand sides, a Krylov
+  basis, a sketch) and the score matrix ``[n_query, n_train]`` (dropped with ``top_k``).
+
+The numbers are the sizes of those tensors (formulas in :data:`FORMULAS`), not a
+measurement of the process: allocator slack, the model's activations and
+framework overheads come on top. The stored sizes are exact for K-FAC, EK-FAC,
+exact, diagonal and the projections (tested against what is written).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from headwater.curvature.kfac_blocks import find_blocks
+from headwater.data import DataLike, iter_batches, num_examples
+from headwater.gradients.functional import detached, evaluation_mode, prepare_batch
+from headwater.gradients.per_example import per_example_gradients
+from headwater.task import Task
+
+__all__ = ["FORMULAS", "Plan", "PlanRow", "plan"]
+
+FORMULAS = {
+    "exact": "stored 8·(P² + P) (float64 eigenvectors, eigenvalues); working + 8·P² (the matrix)",
+    "kfac": "stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)",
+    "ekfac": "K-FAC + 8·Σ out·width (corrected eigenvalues)",
+    "cg": "working: 5 vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)",
+    "lissa": "working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations",
+    "lanczos": "stored 8·rank·P; working + 8·n_iter·P (Krylov basis)",
+    "nystrom": "stored 8·rank·P; working + 16·(rank + oversample)·P (sketch)",
+    "diagonal": "stored 8·P",
+    "identity": "nothing",
+    "projection": "stored n_train·k·b (on disk with store=) + 8·k²; working: Π blocks <= 256 MiB",
+    "kronecker projection": "stored n_train·k·b + 8·k², k = Σ min(k_out, out)·min(k_in, width); "
+                            "no [chunk, P] gradient",
+}
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One method: bytes stored, bytes of the working set, and whether both fit."""
+
+    method: str
+    stored: int
+    working: int
+    fits: bool
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.stored + self.working
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of the problem and one :class:`PlanRow` per method."""
+
+    num_params: int
+    n_train: int
+    n_query: int
+    outputs: int
+    dtype: torch.dtype
+    factored: bool  # every analysed parameter is in a K-FAC block (Linear/Conv)
+    seconds_per_pass: float  # measured: per-example gradients over the whole training set
+    budget: int
+    rows: list[PlanRow] = field(default_factory=list)
+
+    def row(self, method: str) -> PlanRow:
+        return next(r for r in self.rows if r.method == method)
+
+
+def _gradient_seconds(model: nn.Module, task: Task, train: DataLike, chunk_size: int, n: int) -> float:
+    """Time of one chunk of per-example gradients (second call), scaled to ``n`` examples."""
+    batch = next(iter_batches(train, chunk_size, "train"))
+    for _ in range(2):
+        start = time.perf_counter()
+        list(per_example_gradients(model, task, batch, chunk_size=chunk_size, name="train"))
+        seconds = time.perf_counter() - start
+    return seconds * n / batch[0].shape[0]
+
+
+def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budget_bytes: int = 8 * 2**30,
+         chunk_size: int = 64, query_chunk: int = 256, top_k: bool = False, rank: int = 50,
+         n_iter: int = 100, projection_dim: int = 1024, kronecker_dims: tuple[int, int] = (32, 32),
+         measure: bool = True) -> Plan:
+    """Memory of every method for ``model`` on ``train``/``query`` (module docstring).
+
+    Args:
+        budget_bytes: memory available; a row ``fits`` when stored + working <= it.
+        chunk_size, query_chunk: as for :func:`headwater.influence`.
+        top_k: scores streamed to a top-k (no ``[n_query, n_train]`` matrix).
+        rank, n_iter: of Lanczos/Arnoldi/Nyström.
+        projection_dim, kronecker_dims: of the projected rows.
+        measure: time one chunk of per-example gradients (else ``seconds_per_pass`` is NaN).
+
+    Raises:
+        ValueError: naming the argument for bad sizes or data.
+    """
+    for arg, value in (("budget_bytes", budget_bytes), ("chunk_size", chunk_size), ("query_chunk", query_chunk),
+                       ("rank", rank), ("n_iter", n_iter), ("projection_dim", projection_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+    params = detached(task.parameters(model))
+    ref = next(iter(params.values()))
+    p, b = sum(t.numel() for t in params.values()), ref.element_size()
+    n, nq = num_examples(train, "train"), num_examples(query, "query")
+    with torch.no_grad(), evaluation_mode(model):
+        x, _ = prepare_batch(next(iter_batches(query, 1, "query")), ref)
+        outputs = task.output(model, x)[0].numel()
+    try:
+        blocks = find_blocks(model, params)
+    except ValueError:
+        blocks = ()
+    scores = 0 if top_k else nq * n * b
+    chunk = min(chunk_size, n) * p * b
+    queries = nq * p * b
+    rhs = min(nq, query_chunk) * p * b
+    cache = min(512 * 2**20, 4 * n * outputs * b)  # order of the cached linearisations (outputs only)
+
+    rows = [
+        ("exact", 8 * (p * p + p), 8 * p * p + queries + chunk + scores, ""),
+        ("cg", 0, 5 * rhs + cache + queries + chunk + scores, "2 passes over the data per iteration"),
+        ("lissa", 0, 3 * rhs + cache + queries + chunk + scores, "depth x repeats mini-batch passes"),
+        ("lanczos", 8 * rank * p, 8 * n_iter * p + queries + chunk + scores, f"rank {rank}, {n_iter} iterations"),
+        ("nystrom", 8 * rank * p, 16 * (rank + 10) * p + queries + chunk + scores, f"rank {rank}"),
+        ("diagonal", 8 * p, queries + chunk + scores, ""),
+        ("identity", 0, queries + chunk + scores, "gradient similarity"),
+    ]
+    if blocks:
+        factors = 8 * sum(bl.out_features**2 + bl.width**2 + bl.out_features + bl.width + 1 for bl in blocks)
+        corrected = 8 * sum(bl.out_features * bl.width for bl in blocks)
+        rows += [("kfac", factors, queries + chunk + scores, "per-module scoring"),
+                 ("ekfac", factors + corrected, queries + chunk + scores, "per-module scoring")]
+        k_out, k_in = kronecker_dims
+        kdim = sum(min(k_out, bl.out_features) * min(k_in, bl.width) for bl in blocks)
+        rows.append((f"kronecker projection {k_out}x{k_in}", n * kdim * b + 8 * kdim**2,
+                     8 * kdim**2 + nq * kdim * b + scores, f"k = {kdim}; the training rows can live on disk"))
+    k = min(projection_dim, p)
+    rows.append((f"projection {k}", n * k * b + 8 * k * k,
+                 min(256 * 2**20, p * k * b) + 8 * k * k + chunk + nq * k * b + scores,
+                 "the training rows can live on disk"))
+    seconds = _gradient_seconds(model, task, train, chunk_size, n) if measure else float("nan")
+    return Plan(p, n, nq, outputs, ref.dtype, bool(blocks), seconds, budget_bytes,
+                [PlanRow(m, s, w, s + w <= budget_bytes, note) for m, s, w, note in rows])
