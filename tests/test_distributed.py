@@ -61,8 +61,8 @@ PROJECTIONS: dict[str, Callable[[], RandomProjection | KroneckerProjection]] = {
 }
 
 
-def _compute() -> dict[str, Tensor | int]:
-    """Every compared result, in whatever process group is current."""
+def _compute(store_dir: Path) -> dict[str, Tensor | int]:
+    """Every compared result, in whatever process group is current (stores in ``store_dir``)."""
     case = mlp(n_train=N_TRAIN)
     model, task, train, query = case.model, case.task, case.train, case.query
     calls = [0]
@@ -91,6 +91,20 @@ def _compute() -> dict[str, Tensor | int]:
         out[f"{name}/scores"] = projected.scores(query, train)
         out[f"{name}/self"] = projected.self_influence(train)
         out[f"{name}/top_values"], out[f"{name}/top_indices"] = projected.top_k(query, train, 4)
+    for name, options in (("stored_ekfac", {"curvature": "ekfac"}), ("stored_projected", {"projection": 12})):
+        for attempt in ("fit", "loaded"):  # the second call loads what the first stored
+            stages: list[str] = []
+            out[f"{name}/{attempt}"] = headwater.influence(
+                model, train, query, task=task, damping=1e-3, chunk_size=CHUNK, store=store_dir / name,
+                progress=lambda stage, done, total, stages=stages: stages.append(stage), **options).values
+            out[f"{name}/{attempt}/loaded"] = int(any("(loaded)" in s for s in stages))
+    # rank 1 loses its projected curvature: the ranks must agree to recompute, not hang
+    if world() == (1, 2):
+        for stale in store_dir.glob("stored_projected-curvature-rank1of2*"):
+            stale.unlink()
+    out["stored_projected/partial"] = headwater.influence(
+        model, train, query, task=task, damping=1e-3, chunk_size=CHUNK, store=store_dir / "stored_projected",
+        projection=12).values
     result = headwater.influence(model, train, query, task=task, curvature="ekfac", top_k=3,
                                  self_influence=True, chunk_size=CHUNK)
     out["api/values"], out["api/indices"] = result.values, result.indices
@@ -127,7 +141,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        torch.save({**_compute(), "helpers": _helpers()}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save({**_compute(Path(out_dir) / "stores"), "helpers": _helpers()}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -140,7 +154,7 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
                              join=False, start_method="spawn")
     try:
         torch.set_num_threads(1)
-        single = _compute()
+        single = _compute(tmp / "single")
         deadline = time.monotonic() + TIMEOUT_S
         while not ctx.join(timeout=1):  # re-raises a rank's exception
             if time.monotonic() > deadline:
@@ -221,6 +235,16 @@ def test_projected_influence_matches_one_process(runs, name):
     for key in ("scores", "self", "top_values", "top_indices"):
         _check(single, ranks, f"{name}/{key}")
     _split(single, ranks, f"{name}/calls/fit")
+
+
+@pytest.mark.parametrize("name", ["stored_ekfac", "stored_projected"])
+def test_stores_are_written_and_loaded_by_all_ranks_together(runs, name):
+    """Rank 0 writes the fit (per-rank rows for projections); every rank then loads it."""
+    single, ranks = runs
+    for attempt in ("fit", "loaded", *(("partial",) if name == "stored_projected" else ())):
+        _check(single, ranks, f"{name}/{attempt}")
+    assert [r[f"{name}/fit/loaded"] for r in ranks] == [0, 0]
+    assert [r[f"{name}/loaded/loaded"] for r in ranks] == [1, 1]
 
 
 def test_one_process_helpers_are_identities_and_check_input():

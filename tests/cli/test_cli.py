@@ -163,7 +163,7 @@ def test_score_reuses_the_fitted_curvature_and_refits_for_other_settings(tmp_pat
     assert torch.equal(load_result(out).scores, first)
     proc = headwater_cli("score", str(EXAMPLE), *args, "-v", "--damping", "0.5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "refitting" in proc.stderr
+    assert "refitting: curvature holds a fit of other damping" in proc.stderr
     assert json.loads((out / "curvature.json").read_text())["meta"]["damping"] == 0.5
 
 

@@ -110,19 +110,31 @@ def test_sampled_ggn_approaches_exact_ggn():
 
 
 class _Failing(Dataset):
-    """The training set, raising once an example past ``fail_at`` is read."""
+    """The training set, raising once more than ``reads`` examples have been read."""
 
-    def __init__(self, data, fail_at=None):
+    def __init__(self, data, reads=None):
         self.x, self.y = data
-        self.fail_at = fail_at
+        self.reads = reads
 
     def __len__(self):
         return self.x.shape[0]
 
     def __getitem__(self, i):
-        if self.fail_at is not None and i >= self.fail_at:
-            raise RuntimeError("interrupted")
+        if self.reads is not None:
+            if self.reads == 0:
+                raise RuntimeError("interrupted")
+            self.reads -= 1
         return self.x[i], self.y[i]
+
+
+def _forward_calls(model, fit):
+    calls = [0]
+    handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        fit()
+    finally:
+        handle.remove()
+    return calls[0]
 
 
 def test_store_resumes_after_an_interruption_and_refuses_other_settings(tmp_path):
@@ -130,25 +142,33 @@ def test_store_resumes_after_an_interruption_and_refuses_other_settings(tmp_path
     reference = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8).fit(case.train)
     expected = reference.scores(case.query)
     path = tmp_path / "proj"
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(RuntimeError, match="interrupted"):  # 30 reads fingerprint the data, then chunks of 8
         ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path).fit(
-            _Failing(case.train, fail_at=20))
+            _Failing(case.train, reads=30 + 20))
     record = json.loads((tmp_path / "proj-train.json").read_text())
     assert record["rows_done"] == 16 and record["shape"] == [30, 12]  # two whole chunks were counted
-    seen = []
-    resumed = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path,
-                                 progress=lambda stage, done, total: seen.append((stage, done)))
-    assert_close(resumed.fit(_Failing(case.train)).scores(case.query), expected, rtol=1e-10)
+    resumed = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path)
+    projected_rows, features = [], resumed._featurizer.features
+    resumed._featurizer.features = lambda batch, *a: projected_rows.append(len(batch[1])) or features(batch, *a)
+    resumed.fit(_Failing(case.train))
+    assert projected_rows == [8, 6]  # only the rows the interrupted run had not counted
+    assert_close(resumed.scores(case.query), expected, rtol=1e-10)
     # a third run reads both stores and computes no training gradient at all
-    seen.clear()
+    seen = []
     again = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path,
                                progress=lambda stage, done, total: seen.append(stage))
-    assert_close(again.fit(case.train).scores(case.query), expected, rtol=1e-10)
-    assert not any("train" in s or "GGN" in s for s in seen)
-    with pytest.raises(StoreMismatchError, match="meta"):
+    assert _forward_calls(case.model, lambda: again.fit(case.train)) == 0
+    assert "projected curvature (loaded)" in seen
+    assert_close(again.scores(case.query), expected, rtol=1e-10)
+    # another damping reuses both stores; another chunk size too (it changes no number)
+    ProjectedInfluence(case.model, case.task, 12, damping=1.0, chunk_size=5, store=path).fit(case.train)
+    ef = ProjectedInfluence(case.model, case.task, 12, kind="ef", store=path)
+    with pytest.raises(StoreMismatchError, match="kind"):  # the rows are reused, the curvature is not
+        ef.fit(case.train)
+    with pytest.raises(StoreMismatchError, match=r"projection\.seed"):
         ProjectedInfluence(case.model, case.task, 12, seed=1, store=path).fit(case.train)
     other = mlp(seed=1, n_train=30)  # same architecture and settings, other weights
-    with pytest.raises(StoreMismatchError, match="meta"):
+    with pytest.raises(StoreMismatchError, match="model"):
         ProjectedInfluence(other.model, other.task, 12, store=path).fit(case.train)
 
 

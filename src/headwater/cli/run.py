@@ -52,8 +52,7 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
         try:
             scores = run()
         except StoreMismatchError as err:  # an earlier run in this folder used other settings
-            log.info("refitting: %s holds a fit of other settings, model or data (%s)", store.name,
-                     str(err).split(" was written with ")[-1].split("=")[0])
+            log.info("refitting: %s holds a fit of other %s", store.name, ", ".join(err.keys))
             for stale in store.parent.glob(f"{store.name}*"):
                 stale.unlink()
             scores = run()

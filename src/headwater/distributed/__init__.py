@@ -38,7 +38,9 @@ from torch.utils.data import (
 from headwater.data import Batch, DataLike, iter_batches, num_examples
 
 __all__ = [
+    "all_ranks",
     "all_reduce_sum_",
+    "barrier",
     "gather_columns",
     "local_batches",
     "shard",
@@ -171,6 +173,23 @@ def all_reduce_sum_(tensors: Tensor | Sequence[Tensor]) -> None:
             buffer = t.contiguous()
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             t.copy_(buffer)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing with one process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def all_ranks(flag: bool) -> bool:
+    """``True`` when ``flag`` is true on every rank (collective; ``flag`` itself with one
+    process). Ranks decide together, e.g. to load a store only if every rank has it."""
+    if world()[1] == 1:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    count = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return int(count) == world()[1]
 
 
 def gather_columns(t: Tensor) -> Tensor:

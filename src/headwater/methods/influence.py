@@ -13,26 +13,34 @@ from headwater import store as store_mod
 from headwater.curvature.base import Curvature
 from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, iter_batches, num_examples
-from headwater.distributed import gather_columns, shard, shard_range, world
+from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
 from headwater.gradients.flat import ParamLayout
-from headwater.gradients.functional import detached
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import factored_scores
-from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
+from headwater.methods.scoring import pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint
 
-__all__ = ["InfluenceFunction", "fit_context"]
+__all__ = ["CONTEXT_EXAMPLES", "InfluenceFunction", "fit_context"]
 
 
-def fit_context(model: nn.Module, task: Task, train: DataLike, chunk_size: int) -> dict[str, Any]:
-    """What a stored fit depends on besides its own settings: the task, the analysed
-    parameter values, the number of training examples and their first chunk
-    (fingerprints; the rest of the data is not read)."""
-    first = next(iter_batches(train, chunk_size, "train"))
-    return {"task": task.to_dict(), "model": fingerprint(*detached(task.parameters(model)).values()),
-            "n_train": num_examples(train, "train"), "train_first_chunk": fingerprint(*map(torch.as_tensor, first))}
+CONTEXT_EXAMPLES = 256
+"""Examples of a Dataset/DataLoader fingerprinted by :func:`fit_context` (pairs of tensors: all)."""
+
+
+def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]:
+    """What a stored fit depends on besides its own settings (fingerprints): the task,
+    every parameter and buffer of the model (a frozen layer changes the curvature
+    too), the number of training examples and their contents: all of them for an
+    ``(inputs, targets)`` pair of tensors, the first :data:`CONTEXT_EXAMPLES` of a
+    Dataset or DataLoader (so a change past those is not noticed)."""
+    if isinstance(train, tuple | list):
+        data = fingerprint(*map(torch.as_tensor, train))
+    else:
+        data = fingerprint(*map(torch.as_tensor, next(iter_batches(train, CONTEXT_EXAMPLES, "train"))))
+    return {"task": task.to_dict(), "model": fingerprint(*model.state_dict().values()),
+            "n_train": num_examples(train, "train"), "train": data}
 
 
 class InfluenceFunction:
@@ -80,21 +88,23 @@ class InfluenceFunction:
         the same analysed parameter values and the same training data (its size and
         first chunk) is loaded from there instead of refitted (matrix-free ones are
         re-attached to the data with ``bind``); otherwise it is fitted and saved there
-        (by rank 0 under ``torch.distributed``). A store fitted on anything else raises
-        ``StoreMismatchError``."""
+        (by rank 0 under ``torch.distributed``; the ranks load only when every rank sees
+        the store). A store fitted on anything else raises ``StoreMismatchError`` naming
+        what differs (see :func:`fit_context`)."""
         if store is None:
             self.curvature.fit(self.model, self.task, train, progress=self.progress)
             return self
-        context = fit_context(self.model, self.task, train, self.chunk_size)
-        if store_mod.exists(store):
+        context = fit_context(self.model, self.task, train)
+        if all_ranks(store_mod.exists(store)):  # ranks decide together: a fit is collective
             self.curvature.load(store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context)
-            if hasattr(self.curvature, "bind"):
+            if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
                 self.curvature.bind(self.model, self.task, train)
             report(self.progress, "curvature (loaded)", 1, 1)
             return self
         self.curvature.fit(self.model, self.task, train, progress=self.progress)
         if world()[0] == 0:
             self.curvature.save(store, context=context)
+        barrier()  # the store is complete before any rank goes on (and may look for it)
         return self
 
     def _grads(self, data: DataLike, objective: Objective, name: str):
@@ -131,21 +141,10 @@ class InfluenceFunction:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
-        if not isinstance(k, int) or k <= 0:  # as pairwise_top_k
-            raise ValueError(f"top_k: must be a positive integer, got {k!r}")
-        n_train = num_examples(train, "train")
-        if k > n_train:
-            raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
-        if n_local == 0:
-            values = left.new_empty(left.shape[0], 0)
-            indices = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
-        else:
-            values, indices = pairwise_top_k(left, grads, min(k, n_local), largest=largest,
-                                             query_chunk=self.query_chunk)
-            indices = indices + start  # global training indices
-        return gather_top_k(values, indices, k, largest=largest)
+        return sharded_top_k(left, grads, k, n_train=num_examples(train, "train"), start=start, n_local=n_local,
+                             largest=largest, query_chunk=self.query_chunk)
 
     def self_influence(self, train: DataLike) -> Tensor:
         """``∇ℓ(z_i)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)`` for every training example, ``[n_train]``

@@ -41,7 +41,14 @@ from headwater.curvature.kfac import GGNEstimator, _cotangents
 from headwater.curvature.kfac_blocks import capture, find_blocks
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, num_examples
-from headwater.distributed import all_reduce_sum_, gather_columns, local_batches, shard_range, world
+from headwater.distributed import (
+    all_ranks,
+    all_reduce_sum_,
+    gather_columns,
+    local_batches,
+    shard_range,
+    world,
+)
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import (
@@ -52,7 +59,7 @@ from headwater.gradients.per_example import (
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.influence import fit_context
-from headwater.methods.scoring import gather_top_k, pairwise, pairwise_top_k
+from headwater.methods.scoring import pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
 from headwater.store.rows import RowStore
 from headwater.task import Task
@@ -101,13 +108,15 @@ class _KroneckerFeatures:
         params = detached(task.parameters(model))
         self.blocks = find_blocks(model, params)
         self.dtype = next(iter(params.values())).dtype
-        self.factors = [projection.factors(j, b.out_features, b.width, self.dtype) for j, b in enumerate(self.blocks)]
+        device = next(iter(params.values())).device
+        self.factors = [tuple(f.to(device) for f in projection.factors(j, b.out_features, b.width, self.dtype))
+                        for j, b in enumerate(self.blocks)]
         self.dim = sum(po.shape[0] * pi.shape[0] for po, pi in self.factors)
 
     def gram(self) -> Tensor:
         """Block diagonal: ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer."""
         return torch.block_diag(*[torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
-                                  for po, pi in self.factors])
+                                  for po, pi in self.factors]).cpu()
 
     def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor]) -> Tensor:
         """``signals {module: [..., B, T, out]}``, ``acts {module: [B, T, width]}`` -> ``[..., B, dim]``."""
@@ -147,15 +156,17 @@ class ProjectedInfluence:
         task: loss, measurement and analysed parameters.
         projection: a :class:`RandomProjection`, or ``k`` for a Rademacher one with ``seed``.
         kind: ``"ggn"`` (default) or ``"ef"``.
-        damping: λ ≥ 0; ``None``: ``1e-3 × trace(Π M Πᵀ) / trace(Π Πᵀ)`` (≈ 1e-3 × trace(M)/P).
+        damping: λ ≥ 0; ``None``: ``1e-3 × trace(Π M Πᵀ) / trace(Π Πᵀ)`` (≈ 1e-3 × trace(M)/P,
+            ``M`` with the weight decay).
         ggn_estimator: ``"auto"``, ``"exact"`` or ``"sampled"`` (see the module docstring).
         mc_samples: sampled targets per example for ``"sampled"``.
         seed: seed of the projection (when ``projection`` is an int) and of sampled targets.
         store: optional base path: projected training gradients (``<store>-train``,
-            resumable by chunk) and the projected curvature (``<store>-curvature``)
-            are written there and reused by a later run with the same settings, the
-            same analysed parameter values and the same first chunk of training data
-            (else ``StoreMismatchError``).
+            resumable by chunk; they depend on the projection, the model and the data
+            only, see :func:`~headwater.methods.influence.fit_context`) and the
+            projected curvature (``<store>-curvature``; also on ``kind`` and the
+            estimator) are written there and reused by a later run that matches
+            (else ``StoreMismatchError`` naming what differs).
         chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
         progress: optional ``progress(stage, done, total)`` callback.
     """
@@ -187,12 +198,12 @@ class ProjectedInfluence:
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         params = detached(task.parameters(model))
         self.layout = ParamLayout.of(params)
-        self.dtype = next(iter(params.values())).dtype
+        self.dtype, self.device = next(iter(params.values())).dtype, next(iter(params.values())).device
         self._featurizer = (_FlatFeatures(model, task, projection) if isinstance(projection, RandomProjection)
                             else _KroneckerFeatures(model, task, projection))
         self.dim = self._featurizer.dim
         self._features: RowStore | Tensor | None = None  # this rank's rows
-        self._n = self._start = 0  # all training examples; this rank's first one
+        self._n = self._start = self._n_local = 0  # all training examples; this rank's first one and count
         self._chol: Tensor | None = None
         self.fitted_damping: float | None = None
 
@@ -205,11 +216,18 @@ class ProjectedInfluence:
     def _projection_settings(self) -> dict[str, Any]:
         return {"type": type(self.projection).__name__, **self.projection.settings()}
 
-    def _key(self, n: int) -> dict[str, Any]:
-        """What the stored rows and curvature depend on (not the damping: it is added later)."""
-        return {"projection": self._projection_settings(), "task": self.task.to_dict(), "n_train": n,
-                "num_params": self.layout.num_params, "kind": self.kind.value,
-                "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed}
+    def _row_key(self, train: DataLike) -> dict[str, Any]:
+        """What the stored training rows depend on: the projection, the model, the data
+        (:func:`~headwater.methods.influence.fit_context`) and this rank's shard."""
+        return {"projection": self._projection_settings(), "num_params": self.layout.num_params,
+                "shard": [self._start, self._start + self._n_local], **fit_context(self.model, self.task, train)}
+
+    def _curvature_key(self, row_key: dict[str, Any]) -> dict[str, Any]:
+        """The rows' key and how ``M`` is formed (the damping is added later, not stored)."""
+        sampled = self.kind is MatrixKind.GGN and self.estimator is not GGNEstimator.EXACT
+        return {**row_key, "kind": self.kind.value,
+                **({"ggn_estimator": self.estimator.value} if self.kind is MatrixKind.GGN else {}),
+                **({"mc_samples": self.mc_samples, "seed": self.seed} if sampled else {})}
 
     # ------------------------------------------------------------------ fitting
     def _path(self, suffix: str) -> Path | None:
@@ -227,19 +245,22 @@ class ProjectedInfluence:
         ``K`` are all-reduced, so every rank holds the same ``K``."""
         n = num_examples(train, "train")
         self._n, (self._start, stop) = n, shard_range(n)
-        key = {**self._key(n), "shard": [self._start, stop],
-               **fit_context(self.model, self.task, train, self.chunk_size)}
-        features = self._train_features(train, stop - self._start, key)
+        self._n_local = stop - self._start
+        row_key = self._row_key(train) if self.store is not None else {}
+        features = self._train_features(train, row_key)
         curvature_path = self._path("curvature")
-        if curvature_path is not None and store_mod.exists(curvature_path):
-            mean = store_mod.load(curvature_path, expect=key)[0]["mean"]
+        # every rank loads, or every rank computes: the sum below is collective
+        if curvature_path is not None and all_ranks(store_mod.exists(curvature_path)):
+            mean = store_mod.load(curvature_path, expect=self._curvature_key(row_key))[0]["mean"]
+            mean = mean.to(self.device)
+            report(self.progress, "projected curvature (loaded)", 1, 1)
         else:
             total = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train)
             all_reduce_sum_(total)
             mean = total / n
             if curvature_path is not None:
-                store_mod.save(curvature_path, {"mean": mean}, key)
-        gram = self._featurizer.gram()
+                store_mod.save(curvature_path, {"mean": mean}, self._curvature_key(row_key))
+        gram = self._featurizer.gram().to(self.device)
         matrix = mean + self.task.weight_decay * gram
         damping = self.damping
         if damping is None:
@@ -253,15 +274,15 @@ class ProjectedInfluence:
         self._chol, self._features = chol, features
         return self
 
-    def _train_features(self, train: DataLike, n_local: int, key: dict[str, Any]) -> RowStore | Tensor:
+    def _train_features(self, train: DataLike, key: dict[str, Any]) -> RowStore | Tensor:
         """This rank's projected training gradients ``[n_local, k]``, resuming a partial store."""
-        rows, path = None, self._path("train")
+        rows, path, n_local = None, self._path("train"), self._n_local
         if path is not None and n_local > 0:
             rows = RowStore(path, (n_local, self.dim),
                             self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32, key)
             if rows.complete:
                 return rows
-        out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype)]
+        out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)]
         done = 0
         for batch in local_batches(train, self.chunk_size, "train"):
             size = batch[0].shape[0] if isinstance(batch[0], Tensor) else len(batch[1])
@@ -281,13 +302,13 @@ class ProjectedInfluence:
 
     def _feature_chunks(self, features: RowStore | Tensor):
         if isinstance(features, RowStore):
-            yield from (c.to(self.dtype) for c in features.chunks(max(self.chunk_size, 1024)))
+            yield from (c.to(device=self.device, dtype=self.dtype) for c in features.chunks(max(self.chunk_size, 1024)))
         else:
             yield features
 
     def _ef(self, features: RowStore | Tensor) -> Tensor:
         """``Σ_i φ_i φ_iᵀ`` over this rank's rows (a sum; divided by the global n later)."""
-        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         for phi in self._feature_chunks(features):
             total += phi.double().T @ phi.double()
         return total
@@ -296,7 +317,7 @@ class ProjectedInfluence:
         """``Σ_i Σ_c ψ_ic ψ_icᵀ``, ``ψ_ic = Π J_iᵀ r_ic``, over this rank's examples (see the
         module docstring; a sum, divided by the global n later)."""
         params = detached(self.task.parameters(self.model))
-        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         generator = torch.Generator().manual_seed(self.seed + world()[0])  # sampled targets differ by rank
 
         def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
@@ -311,7 +332,7 @@ class ProjectedInfluence:
                 psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
                 total += weight * (psi.T @ psi).double()
                 done += x.shape[0]
-                report(self.progress, "projected GGN", done, num_examples(train, "train"))
+                report(self.progress, "projected GGN", done, self._n_local)
         return total
 
     # ------------------------------------------------------------------ scoring
@@ -341,26 +362,15 @@ class ProjectedInfluence:
     def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
               ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"top_k: must be a positive integer, got {k!r}")
         left = self.preconditioned_queries(query)
         self._check_train(train)
-        if k > self._n:
-            raise ValueError(f"top_k: asked for {k} but there are only {self._n} training examples")
-        n_local = self._features.shape[0]
-        if n_local == 0:
-            values = left.new_empty(left.shape[0], 0)
-            indices = torch.empty(left.shape[0], 0, dtype=torch.long)
-        else:
-            values, indices = pairwise_top_k(left, self._feature_chunks(self._features), min(k, n_local),
-                                             largest=largest, query_chunk=self.query_chunk)
-            indices = indices + self._start  # global training indices
-        return gather_top_k(values, indices, k, largest=largest)
+        return sharded_top_k(left, self._feature_chunks(self._features), k, n_train=self._n, start=self._start,
+                             n_local=self._features.shape[0], largest=largest, query_chunk=self.query_chunk)
 
     def self_influence(self, train: DataLike | None = None) -> Tensor:
         """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""
         self._check_train(train)
-        out = [torch.zeros(0, dtype=self.dtype)]
+        out = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         for phi in self._feature_chunks(self._features):
             solved = torch.cholesky_solve(phi.double().T, self._chol).T
             out.append((solved * phi.double()).sum(dim=1).to(self.dtype))

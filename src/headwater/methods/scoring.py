@@ -20,7 +20,7 @@ from torch import Tensor
 
 from headwater.distributed import gather_columns, world
 
-__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k"]
+__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_top_k"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def pairwise(left: Tensor, train_grads: Iterable[Tensor], n_train: int, *, query
 def pairwise_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, largest: bool = True,
                    query_chunk: int = 256) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (or smallest) scores per query, streamed: ``(values, indices)``, ``[n_query, k]``."""
-    if not isinstance(k, int) or k <= 0:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"top_k: must be a positive integer, got {k!r}")
     best_v = torch.empty(left.shape[0], 0, dtype=left.dtype, device=left.device)
     best_i = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
@@ -80,6 +80,25 @@ def pairwise_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, large
     if best_v.shape[1] < k:
         raise ValueError(f"top_k: asked for {k} but there are only {best_v.shape[1]} training examples")
     return best_v, best_i
+
+
+def sharded_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_train: int, start: int,
+                  n_local: int, largest: bool = True, query_chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """:func:`pairwise_top_k` over this rank's ``n_local`` training rows (global indices from
+    ``start``), merged across ranks by :func:`gather_top_k` (collective; an empty shard
+    takes part with no candidates). ``n_train`` is the global count, checked against ``k``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
+    if k > n_train:
+        raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
+    if n_local == 0:
+        values = left.new_empty(left.shape[0], 0)
+        indices = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
+    else:
+        values, indices = pairwise_top_k(left, train_grads, min(k, n_local), largest=largest,
+                                         query_chunk=query_chunk)
+        indices = indices + start  # global training indices
+    return gather_top_k(values, indices, k, largest=largest)
 
 
 def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True

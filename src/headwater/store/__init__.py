@@ -20,11 +20,52 @@ from torch import Tensor
 
 from headwater import __version__
 
-__all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "save"]
+__all__ = ["StoreMismatchError", "atomic_write_bytes", "differing_keys", "exists", "load", "mismatch", "save"]
 
 
 class StoreMismatchError(ValueError):
-    """A store on disk was written with other settings than the ones requested."""
+    """A store on disk was written with other settings than the ones requested.
+
+    Attributes:
+        keys: the settings that differ (``"context.model"`` for a nested one).
+    """
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
+
+
+def differing_keys(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """The (dotted) keys whose JSON values differ; nested dicts are compared key by key."""
+    stored, wanted = _normalise(stored), _normalise(wanted)
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(set(stored) | set(wanted)):
+            out += differing_keys(stored.get(key), wanted.get(key), f"{prefix}{key}.")
+        return out
+    return [] if stored == wanted else [prefix.rstrip(".")]
+
+
+def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> StoreMismatchError | None:
+    """A :class:`StoreMismatchError` naming every differing setting, or ``None``."""
+    keys = differing_keys(stored, wanted)
+    if not keys:
+        return None
+    flat_s, flat_w = _flatten(stored), _flatten(wanted)
+    detail = "; ".join(f"{k}: stored {flat_s.get(k)!r}, requested {flat_w.get(k)!r}" for k in keys[:4])
+    more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
+    return StoreMismatchError(f"store: {path} was written with other {', '.join(keys)}: {detail}{more}; "
+                              "delete it or use another path", tuple(keys))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    value = _normalise(value)
+    if not isinstance(value, dict):
+        return {prefix.rstrip("."): value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flatten(item, f"{prefix}{key}."))
+    return out
 
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -101,9 +142,8 @@ def load(
         meta = record["meta"]
     except (json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"store: unreadable metadata at {meta_path}: {err}") from err
-    for key, value in (expect or {}).items():
-        if _normalise(meta.get(key)) != _normalise(value):
-            raise StoreMismatchError(
-                f"store: {path} was written with {key}={meta.get(key)!r}, but {key}={value!r} was requested"
-            )
+    expect = expect or {}
+    error = mismatch(path, {k: meta.get(k) for k in expect}, expect)
+    if error is not None:
+        raise error
     return load_file(str(tensor_path), device=str(device)), meta

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from headwater import __version__
-from headwater.store import StoreMismatchError, atomic_write_bytes
+from headwater.store import atomic_write_bytes, mismatch
 
 __all__ = ["RowStore"]
 
@@ -69,11 +69,11 @@ class RowStore:
             record = json.loads(self.meta_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"store: unreadable metadata at {self.meta_path}: {err}") from err
-        for key, want in (("meta", self.meta), ("shape", list(self.shape)), ("dtype", str(self.dtype))):
-            if record.get(key) != want:
-                raise StoreMismatchError(
-                    f"store: {self.array_path} was written with {key}={record.get(key)!r}, but {key}={want!r} "
-                    f"was requested; delete it or use another path")
+        wanted = {**self.meta, "shape": list(self.shape), "dtype": str(self.dtype)}
+        error = mismatch(self.array_path, {**(record.get("meta") or {}), "shape": record.get("shape"),
+                                           "dtype": record.get("dtype")}, wanted)
+        if error is not None:
+            raise error
         self.rows_done = int(record["rows_done"])
 
     @property
