@@ -46,6 +46,10 @@ def test_budget_and_bad_input():
     small = plan(case.model, case.task, case.train, case.query, budget_bytes=1, measure=False)
     large = plan(case.model, case.task, case.train, case.query, budget_bytes=2**40, measure=False)
     assert not any(r.fits for r in small.rows) and all(r.fits for r in large.rows)
+    assert small.recommended() is None and large.recommended().method == "exact"
+    between = plan(case.model, case.task, case.train, case.query, measure=False,
+                   budget_bytes=large.row("exact").total - 1)  # exact no longer fits: CG is next
+    assert between.recommended().method == "cg"
     streamed = plan(case.model, case.task, case.train, case.query, top_k=True, measure=False)
     full = plan(case.model, case.task, case.train, case.query, measure=False)
     assert full.row("cg").working - streamed.row("cg").working == 5 * 24 * 8  # the score matrix

@@ -30,7 +30,7 @@ from headwater.gradients.functional import detached, evaluation_mode, prepare_ba
 from headwater.gradients.per_example import per_example_gradients
 from headwater.task import Task
 
-__all__ = ["FORMULAS", "Plan", "PlanRow", "plan"]
+__all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "plan"]
 
 FORMULAS = {
     "exact": "stored 8·(P² + P) (float64 eigenvectors, eigenvalues); working + 8·P² (the matrix)",
@@ -46,6 +46,12 @@ FORMULAS = {
     "kronecker projection": "stored n_train·k·b + 8·k², k = Σ min(k_out, out)·min(k_in, width); "
                             "no [chunk, P] gradient",
 }
+
+
+PREFERENCE = ("exact", "cg", "lanczos", "ekfac", "kronecker projection", "projection", "diagonal", "identity")
+"""Most accurate first, as measured on the digits bench (bench/results.md: LOO on the convex
+model, LDS on the MLP): exact; CG (near exact, more passes over the data); Lanczos with the
+residual form; EK-FAC; the projections; diagonal; identity."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,14 @@ class Plan:
 
     def row(self, method: str) -> PlanRow:
         return next(r for r in self.rows if r.method == method)
+
+    def recommended(self) -> PlanRow | None:
+        """The first method of :data:`PREFERENCE` that fits the budget (``None`` if none does)."""
+        for name in PREFERENCE:
+            for r in self.rows:
+                if r.method.startswith(name) and r.fits:
+                    return r
+        return None
 
 
 def _gradient_seconds(model: nn.Module, task: Task, train: DataLike, chunk_size: int, n: int) -> float:

@@ -239,6 +239,7 @@ def test_plan_prints_every_method(capsys):
     assert out["num_params"] == 2410 and out["n_train"] == 600 and out["seconds_per_pass"] > 0
     exact = next(r for r in out["rows"] if r["method"] == "exact")
     assert exact["stored_bytes"] == 8 * (2410**2 + 2410) and exact["fits"]
+    assert out["recommended"] == "exact"
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["score"], ["plan"], ["report"], ["bench"]])

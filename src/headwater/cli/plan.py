@@ -45,6 +45,9 @@ def format_plan(result) -> str:
     for r in result.rows:
         lines.append(f"{r.method:<28} {_size(r.stored):>10} {_size(r.working):>10} {_size(r.total):>10}  "
                      f"{'yes' if r.fits else 'NO ':<4}  {r.note}")
+    best = result.recommended()
+    lines += ["", f"recommended: {best.method} (the most accurate on our benchmarks that fits the budget)"
+              if best else "recommended: nothing fits; raise --memory-gb, score fewer queries or use --top-k"]
     return "\n".join(lines)
 
 
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"num_params": result.num_params, "n_train": result.n_train, "n_query": result.n_query,
                           "outputs": result.outputs, "seconds_per_pass": result.seconds_per_pass,
                           "budget_bytes": result.budget, "formulas": FORMULAS,
+                          "recommended": None if result.recommended() is None else result.recommended().method,
                           "rows": [{"method": r.method, "stored_bytes": r.stored, "working_bytes": r.working,
                                     "fits": r.fits, "note": r.note} for r in result.rows]}, indent=2))
     else:
