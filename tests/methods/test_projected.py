@@ -231,3 +231,30 @@ def test_kronecker_features_are_the_projected_layer_gradients():
     assert_close(est._features, torch.cat(expected, dim=1), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="dim_in"):
         KroneckerProjection(2, 0)
+
+
+class _Tokens(torch.nn.Module):
+    """Linear layers over [B, T, d] token features, mean-pooled: the K-FAC blocks see T positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 5)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)).mean(dim=1))
+
+
+def test_kronecker_projection_sums_over_sequence_positions():
+    """Per-example gradients of layers applied at every token are Σ_t s_t ã_tᵀ: with dims
+    wider than every layer the projected influence is the dense one."""
+    torch.manual_seed(0)
+    model = _Tokens().double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(18, 4, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (18,), generator=gen)
+    task = mlp().task
+    train, query = (x[:14], y[:14]), (x[14:], y[14:])
+    est = ProjectedInfluence(model, task, KroneckerProjection(8, 8), damping=1e-3, ggn_estimator="exact").fit(train)
+    expected = influence_scores(model, task, train, query, dense_ggn(model, task, train), damping=1e-3)
+    assert_close(est.scores(query), expected, rtol=1e-6, atol=1e-8)
