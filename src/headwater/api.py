@@ -42,6 +42,7 @@ def influence(
     self_influence: bool = False,
     chunk_size: int = 64,
     query_chunk: int = 256,
+    query_batch: int | None = None,
     curvature_options: dict[str, Any] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
     trajectory: Trajectory | None = None,
@@ -77,6 +78,9 @@ def influence(
         self_influence: also compute each training example's score on itself
             (influence and TracIn).
         chunk_size, query_chunk: tile sizes (results do not depend on them).
+        query_batch: with ``method="influence"``, hold the preconditioned gradients of this
+            many queries at a time (memory ``query_batch × P`` instead of ``n_query × P``;
+            one more pass over the training gradients per batch; same numbers).
         curvature_options: extra constructor arguments of the curvature class.
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
@@ -126,7 +130,7 @@ def influence(
             raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
         curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
         estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
-                                      progress=progress).fit(train, store=store)
+                                      query_batch=query_batch, progress=progress).fit(train, store=store)
     elif method == "tracin":
         if checkpoints is None:
             raise ValueError("checkpoints: method='tracin' needs the training checkpoints")

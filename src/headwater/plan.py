@@ -106,14 +106,15 @@ def _gradient_seconds(model: nn.Module, task: Task, train: DataLike, chunk_size:
 
 
 def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budget_bytes: int = 8 * 2**30,
-         chunk_size: int = 64, query_chunk: int = 256, top_k: bool = False, rank: int = 50,
+         chunk_size: int = 64, query_chunk: int = 256, query_batch: int | None = None,
+         top_k: bool = False, rank: int = 50,
          n_iter: int = 100, projection_dim: int = 1024, kronecker_dims: tuple[int, int] = (32, 32),
          measure: bool = True) -> Plan:
     """Memory of every method for ``model`` on ``train``/``query`` (module docstring).
 
     Args:
         budget_bytes: memory available; a row ``fits`` when stored + working <= it.
-        chunk_size, query_chunk: as for :func:`headwater.influence`.
+        chunk_size, query_chunk, query_batch: as for :func:`headwater.influence`.
         top_k: scores streamed to a top-k (no ``[n_query, n_train]`` matrix).
         rank, n_iter: of Lanczos/Arnoldi/Nyström.
         projection_dim, kronecker_dims: of the projected rows.
@@ -139,7 +140,7 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
         blocks = ()
     scores = 0 if top_k else nq * n * b
     chunk = min(chunk_size, n) * p * b
-    queries = nq * p * b
+    queries = min(nq, query_batch or nq) * p * b  # preconditioned query gradients held at once
     rhs = min(nq, query_chunk) * p * b
     cache = min(512 * 2**20, 4 * n * outputs * b)  # order of the cached linearisations (outputs only)
 

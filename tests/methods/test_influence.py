@@ -66,3 +66,23 @@ def test_default_task_from_targets():
     task = headwater.RegressionTask()
     est = InfluenceFunction(case.model, task, Exact(damping=0.0)).fit(case.train)
     assert_close(scores.values, est.scores(case.query, case.train), rtol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["exact", "ekfac", "cg"])
+def test_query_batches_give_the_same_scores_and_top_k(curvature):
+    """``query_batch`` holds fewer preconditioned queries at once; every number is unchanged,
+    and each batch streams the training gradients once more."""
+    case = CASES["mlp"](n_query=7)
+    kwargs = dict(task=case.task, curvature=curvature, damping=1e-2)
+    whole = headwater.influence(case.model, case.train, case.query, **kwargs)
+    done = []
+    batched = headwater.influence(case.model, case.train, case.query, query_batch=3, **kwargs,
+                                  progress=lambda stage, d, total: done.append(stage) if d == total else None)
+    torch.testing.assert_close(batched.values, whole.values, rtol=1e-12, atol=1e-12)
+    assert sum("(train)" in s for s in done) == 3  # ceil(7 / 3) passes over the training data
+    top = headwater.influence(case.model, case.train, case.query, query_batch=3, top_k=4, **kwargs)
+    ref = whole.values.topk(4, dim=1)
+    assert torch.equal(top.indices, ref.indices)
+    torch.testing.assert_close(top.values, ref.values, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="query_batch"):
+        headwater.influence(case.model, case.train, case.query, query_batch=0, **kwargs)

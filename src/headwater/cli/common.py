@@ -161,6 +161,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
                    metavar="KEY=VALUE", help="extra argument of the curvature class, e.g. rank=50 "
                                              "(repeatable; values are read as JSON, else as text)")
     g.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
+    g.add_argument("--query-batch", type=int, default=None,
+                   help="preconditioned query gradients held at once (default: all; smaller saves memory "
+                        "on large models at one more pass over the training data per batch)")
     g.add_argument("--projection", default=None, metavar="K | KOUTxKIN",
                    help="influence on randomly projected gradients: K dimensions (flat), or KOUTxKIN per "
                         "linear/conv layer (never forms a gradient)")
@@ -206,6 +209,8 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
     if args.chunk_size <= 0:
         raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
+    if args.query_batch is not None and args.query_batch <= 0:
+        raise UserError(f"--query-batch: must be a positive integer, got {args.query_batch}")
     if args.threads is not None:
         if args.threads <= 0:
             raise UserError(f"--threads: must be a positive integer, got {args.threads}")

@@ -58,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.Argum
     p.add_argument("--memory-gb", type=float, default=8.0, help="memory available (default 8)")
     p.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
     p.add_argument("--top-k", action="store_true", help="scores streamed to a top-k (no full score matrix)")
+    p.add_argument("--query-batch", type=int, default=None, help="preconditioned query gradients held at once")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
     return p
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--memory-gb: must be > 0, got {args.memory_gb}")
     if args.chunk_size <= 0:
         raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
+    if args.query_batch is not None and args.query_batch <= 0:
+        raise UserError(f"--query-batch: must be a positive integer, got {args.query_batch}")
     spec = load_spec(args.spec)
     model, train, query = spec.get("model"), spec.get("train"), spec.get("query")
     task = spec.get("task", required=False)
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     task = task or default_task(as_tensors(train, "train")[1])
     torch.manual_seed(0)
     result = plan(model, task, train, query, budget_bytes=int(args.memory_gb * 2**30),
-                  chunk_size=args.chunk_size, top_k=args.top_k)
+                  chunk_size=args.chunk_size, query_batch=args.query_batch, top_k=args.top_k)
     if args.json:
         print(json.dumps({"num_params": result.num_params, "n_train": result.n_train, "n_query": result.n_query,
                           "outputs": result.outputs, "seconds_per_pass": result.seconds_per_pass,

@@ -64,11 +64,15 @@ class InfluenceFunction:
         curvature: an unfitted or fitted :class:`~headwater.curvature.base.Curvature`.
         chunk_size: examples per per-example-gradient step.
         query_chunk: query rows per scoring tile.
+        query_batch: queries whose preconditioned gradients are held at once (``None``:
+            all of them, ``[n_query, P]``). Scores are computed batch by batch, each
+            batch streaming the training gradients once more: memory
+            ``query_batch × P`` instead of ``n_query × P``, same numbers.
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
     def __init__(self, model: nn.Module, task: Task, curvature: Curvature, *, chunk_size: int = 64,
-                 query_chunk: int = 256, progress: ProgressFn | None = None):
+                 query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -78,8 +82,18 @@ class InfluenceFunction:
         for arg, value in (("chunk_size", chunk_size), ("query_chunk", query_chunk)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        if query_batch is not None and (isinstance(query_batch, bool) or not isinstance(query_batch, int)
+                                        or query_batch <= 0):
+            raise ValueError(f"query_batch: must be a positive integer or None, got {query_batch!r}")
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
+        self.query_batch = query_batch
+
+    def _query_batches(self, query: DataLike) -> list[DataLike]:
+        """``query`` whole, or as ``(inputs, targets)`` batches of ``query_batch`` examples."""
+        if self.query_batch is None or num_examples(query, "query") <= self.query_batch:
+            return [query]
+        return list(iter_batches(query, self.query_batch, "query"))
 
     def fit(self, train: DataLike, *, store: str | os.PathLike | None = None) -> InfluenceFunction:
         """Fit the curvature on the training data.
@@ -130,6 +144,9 @@ class InfluenceFunction:
         """All scores ``[n_query, n_train]``. With K-FAC/EK-FAC they are computed module by
         module (:func:`~headwater.methods.factored.factored_scores`), never flattening the
         model; the numbers are the same."""
+        batches = self._query_batches(query)
+        if len(batches) > 1:
+            return torch.cat([self.scores(batch, train) for batch in batches])
         if isinstance(self.curvature, KroneckerCurvature):
             return factored_scores(self.model, self.task, self.curvature, query, train,
                                    chunk_size=self.chunk_size, progress=self.progress)
@@ -141,6 +158,10 @@ class InfluenceFunction:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
+        batches = self._query_batches(query)
+        if len(batches) > 1:
+            parts = [self.top_k(batch, train, k, largest=largest) for batch in batches]
+            return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
         return sharded_top_k(left, grads, k, n_train=num_examples(train, "train"), start=start, n_local=n_local,
@@ -169,4 +190,4 @@ class InfluenceFunction:
 
     def settings(self) -> dict[str, Any]:
         return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch}
