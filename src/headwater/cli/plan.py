@@ -13,13 +13,12 @@ import argparse
 import json
 
 import torch
-from torch import nn
 
 from headwater.cli.common import UserError
 from headwater.cli.score import load_spec
 from headwater.data import as_tensors
 from headwater.plan import FORMULAS, plan
-from headwater.task import Task, default_task
+from headwater.task import default_task
 
 __all__ = ["add_parser", "format_plan", "run"]
 
@@ -71,13 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
     if args.query_batch is not None and args.query_batch <= 0:
         raise UserError(f"--query-batch: must be a positive integer, got {args.query_batch}")
-    spec = load_spec(args.spec)
-    model, train, query = spec.get("model"), spec.get("train"), spec.get("query")
-    task = spec.get("task", required=False)
-    if not isinstance(model, nn.Module):
-        raise UserError(f"spec: `model` must be a torch.nn.Module, got {type(model).__name__}")
-    if task is not None and not isinstance(task, Task):
-        raise UserError(f"spec: `task` must be a headwater Task, got {type(task).__name__}")
+    model, train, query, task = load_spec(args.spec).parts()
     task = task or default_task(as_tensors(train, "train")[1])
     torch.manual_seed(0)
     result = plan(model, task, train, query, budget_bytes=int(args.memory_gb * 2**30),

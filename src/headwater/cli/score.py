@@ -64,6 +64,16 @@ class Spec:
         self.ref = ref
         self.module = module
 
+    def parts(self) -> tuple[nn.Module, Any, Any, Task | None]:
+        """``(model, train, query, task)``, checked (``task`` may be ``None``)."""
+        model, train, query = self.get("model"), self.get("train"), self.get("query")
+        task = self.get("task", required=False)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"spec: `model` must be a torch.nn.Module, got {type(model).__name__}")
+        if task is not None and not isinstance(task, Task):
+            raise UserError(f"spec: `task` must be a headwater Task, got {type(task).__name__}")
+        return model, train, query, task
+
     def get(self, name: str, required: bool = True) -> Any:
         if not hasattr(self.module, name):
             if required:
@@ -166,12 +176,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     with timer("spec"):
         spec = load_spec(args.spec)
-        model, train, query = spec.get("model"), spec.get("train"), spec.get("query")
-        task = spec.get("task", required=False)
-    if not isinstance(model, nn.Module):
-        raise UserError(f"spec: `model` must be a torch.nn.Module, got {type(model).__name__}")
-    if task is not None and not isinstance(task, Task):
-        raise UserError(f"spec: `task` must be a headwater Task, got {type(task).__name__}")
+        model, train, query, task = spec.parts()
     model = model.to(args.device)
     x_train, y_train = as_tensors(train, "train")
     x_query, y_query = as_tensors(query, "query")
