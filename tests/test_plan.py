@@ -55,5 +55,7 @@ def test_budget_and_bad_input():
     assert full.row("cg").working - streamed.row("cg").working == 5 * 24 * 8  # the score matrix
     timed = plan(case.model, case.task, case.train, case.query)
     assert timed.seconds_per_pass > 0
+    with pytest.raises(ValueError, match="query_batch"):
+        plan(case.model, case.task, case.train, case.query, query_batch=0)
     with pytest.raises(ValueError, match="chunk_size"):
         plan(case.model, case.task, case.train, case.query, chunk_size=0)

@@ -113,6 +113,9 @@ def influence(
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
+    if query_batch is not None and (method != "influence" or projection is not None):
+        raise ValueError("query_batch: batches the preconditioned queries of method='influence' without "
+                         f"projection (method={method!r}, projection={'set' if projection is not None else None})")
     if store is not None and method != "influence":
         raise ValueError(f"store: resumable state is kept for method='influence' only, not {method!r}")
     if method == "influence" and projection is not None:

@@ -180,7 +180,7 @@ def _bad_spec(tmp_path: Path) -> Path:
 
 USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
                "damaged store", "output is a file", "library error", "bad curvature option", "bad projection",
-               "projection with cg", "plan without memory"]
+               "projection with cg", "plan without memory", "query batch with projection"]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -202,6 +202,7 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "bad projection": ["demo", "--projection", "8y8", "-o", "x"],
         "projection with cg": ["demo", "--projection", "64", "--curvature", "cg", "-o", "x"],
         "plan without memory": ["plan", str(EXAMPLE), "--memory-gb", "0"],
+        "query batch with projection": ["demo", "--projection", "64", "--query-batch", "8", "-o", "x"],
         "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
     }[case]
 
@@ -240,6 +241,8 @@ def test_plan_prints_every_method(capsys):
     exact = next(r for r in out["rows"] if r["method"] == "exact")
     assert exact["stored_bytes"] == 8 * (2410**2 + 2410) and exact["fits"]
     assert out["recommended"] == "exact"
+    assert main(["plan", str(EXAMPLE), "--memory-gb", "0.02"]) == 0  # exact (~90 MiB) no longer fits
+    assert "recommended: cg" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["score"], ["plan"], ["report"], ["bench"]])

@@ -78,3 +78,24 @@ def test_projection_store_through_the_api(tmp_path):
     assert torch.equal(first, again)
     assert "projected curvature (loaded)" in stages and "projected gradients (train)" not in stages
     assert (tmp_path / "p-train.npy").is_file() and (tmp_path / "p-curvature.json").is_file()
+
+
+def test_a_fit_for_the_loss_serves_the_margin(tmp_path):
+    """The query measurement is not part of a fit: the store is loaded, the scores change."""
+    from headwater.task import ClassificationTask
+
+    case = mlp(n_train=30)
+    loss = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac",
+                               damping=1e-2, store=tmp_path / "fit").values
+    margin_task = ClassificationTask(weight_decay=case.task.weight_decay, measurement="margin")
+    stages = []
+    margin = headwater.influence(case.model, case.train, case.query, task=margin_task, curvature="ekfac",
+                                 damping=1e-2, store=tmp_path / "fit",
+                                 progress=lambda stage, done, total: stages.append(stage)).values
+    assert "curvature (loaded)" in stages
+    fresh = headwater.influence(case.model, case.train, case.query, task=margin_task, curvature="ekfac",
+                                damping=1e-2).values
+    assert_close(margin, fresh, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(margin, loss)
+    with pytest.raises(ValueError, match="query_batch"):
+        headwater.influence(case.model, case.train, case.query, task=case.task, projection=8, query_batch=2)

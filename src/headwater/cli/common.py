@@ -189,6 +189,8 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(methods)}")
     if args.projection is not None:
         parse_projection(args.projection, args.seed)
+        if args.query_batch is not None:
+            raise UserError("--query-batch: not used with --projection (its queries are k-dimensional)")
         if args.method != "influence" or args.curvature not in ("auto", "exact"):
             raise UserError("--projection: works with --method influence and --curvature exact (the projected "
                             f"curvature is a dense k x k matrix), not {args.method}/{args.curvature}")
@@ -209,8 +211,9 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
     if args.chunk_size <= 0:
         raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
-    if args.query_batch is not None and args.query_batch <= 0:
-        raise UserError(f"--query-batch: must be a positive integer, got {args.query_batch}")
+    if args.query_batch is not None and (args.query_batch <= 0 or args.method != "influence"):
+        raise UserError(f"--query-batch: a positive integer, for --method influence only; got {args.query_batch} "
+                        f"with --method {args.method}")
     if args.threads is not None:
         if args.threads <= 0:
             raise UserError(f"--threads: must be a positive integer, got {args.threads}")

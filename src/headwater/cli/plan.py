@@ -45,8 +45,10 @@ def format_plan(result) -> str:
         lines.append(f"{r.method:<28} {_size(r.stored):>10} {_size(r.working):>10} {_size(r.total):>10}  "
                      f"{'yes' if r.fits else 'NO ':<4}  {r.note}")
     best = result.recommended()
-    lines += ["", f"recommended: {best.method} (the most accurate on our benchmarks that fits the budget)"
-              if best else "recommended: nothing fits; raise --memory-gb, score fewer queries or use --top-k"]
+    lines += ["", f"recommended: {best.method} (the most accurate on our benchmarks that fits the budget"
+                  + (f"; {best.note}" if best.note else "") + ")"
+              if best else "recommended: nothing fits; raise --memory-gb, pass --query-batch or --top-k, "
+                           "or score fewer queries"]
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
             model, train, query, task=task, method=args.method, curvature=args.curvature,
             damping=args.damping, kind=args.kind, self_influence=args.self_influence,
             chunk_size=args.chunk_size, progress=progress, projection=projection, store=store,
-            query_batch=None if projection is not None else getattr(args, "query_batch", None),
+            query_batch=args.query_batch,
             curvature_options=parse_curvature_options(args.curvature_options) or None,
         )
 

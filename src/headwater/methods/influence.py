@@ -30,7 +30,8 @@ CONTEXT_EXAMPLES = 256
 
 
 def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]:
-    """What a stored fit depends on besides its own settings (fingerprints): the task,
+    """What a stored fit depends on besides its own settings (fingerprints): the task (its
+    loss, weight decay and analysed modules; not the query measurement),
     every parameter and buffer of the model (a frozen layer changes the curvature
     too), the number of training examples and their contents: all of them for an
     ``(inputs, targets)`` pair of tensors, the first :data:`CONTEXT_EXAMPLES` of a
@@ -39,7 +40,8 @@ def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]
         data = fingerprint(*map(torch.as_tensor, train))
     else:
         data = fingerprint(*map(torch.as_tensor, next(iter_batches(train, CONTEXT_EXAMPLES, "train"))))
-    return {"task": task.to_dict(), "model": fingerprint(*model.state_dict().values()),
+    task_key = {k: v for k, v in task.to_dict().items() if k != "measurement"}  # fits never use it
+    return {"task": task_key, "model": fingerprint(*model.state_dict().values()),
             "n_train": num_examples(train, "train"), "train": data}
 
 
@@ -89,19 +91,31 @@ class InfluenceFunction:
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         self.query_batch = query_batch
 
-    def _query_batches(self, query: DataLike) -> list[DataLike]:
-        """``query`` whole, or as ``(inputs, targets)`` batches of ``query_batch`` examples."""
-        if self.query_batch is None or num_examples(query, "query") <= self.query_batch:
-            return [query]
-        return list(iter_batches(query, self.query_batch, "query"))
+    def _by_query_batch(self, query: DataLike, compute) -> tuple[Tensor, ...] | None:
+        """``compute(batch)`` (a tuple of ``[rows, ...]`` tensors) for each batch of
+        ``query_batch`` queries, written into preallocated ``[n_query, ...]`` outputs; ``None``
+        when one batch holds every query (the caller then works on ``query`` whole)."""
+        n_query = num_examples(query, "query")
+        if self.query_batch is None or n_query <= self.query_batch:
+            return None
+        out: list[Tensor] = []
+        row = 0
+        for batch in iter_batches(query, self.query_batch, "query"):
+            parts = compute(batch)
+            if not out:
+                out = [p.new_empty(n_query, *p.shape[1:]) for p in parts]
+            for target, part in zip(out, parts, strict=True):
+                target[row : row + part.shape[0]] = part
+            row += parts[0].shape[0]
+        return tuple(out)
 
     def fit(self, train: DataLike, *, store: str | os.PathLike | None = None) -> InfluenceFunction:
         """Fit the curvature on the training data.
 
         With ``store`` (a base path), a curvature fitted earlier with the same settings,
-        the same analysed parameter values and the same training data (its size and
-        first chunk) is loaded from there instead of refitted (matrix-free ones are
-        re-attached to the data with ``bind``); otherwise it is fitted and saved there
+        model and training data (:func:`fit_context`) is loaded from there instead of
+        refitted (matrix-free ones are re-attached to the data with ``bind``); otherwise
+        it is fitted and saved there
         (by rank 0 under ``torch.distributed``; the ranks load only when every rank sees
         the store). A store fitted on anything else raises ``StoreMismatchError`` naming
         what differs (see :func:`fit_context`)."""
@@ -136,17 +150,25 @@ class InfluenceFunction:
     def preconditioned_queries(self, query: DataLike) -> Tensor:
         """``(M + λI)⁻¹ ∇m(z_q)`` for every query, ``[n_query, P]``, solved ``query_chunk``
         rows at a time (an iterative solver's passes over the data serve the whole block)."""
-        grads = torch.cat(list(self._grads(query, Objective.MEASUREMENT, "query")))  # [n_query, P]
-        return torch.cat([self.curvature.solve(grads[i : i + self.query_chunk])
-                          for i in range(0, grads.shape[0], self.query_chunk)])
+        n_query, left, row = num_examples(query, "query"), None, 0
+        for batch in iter_batches(query, self.query_chunk, "query"):  # raw gradients: one tile at a time
+            grads = torch.cat(list(per_example_gradients(self.model, self.task, batch, objective=Objective.MEASUREMENT,
+                                                         chunk_size=self.chunk_size, name="query")))
+            solved = self.curvature.solve(grads)
+            if left is None:
+                left = solved.new_empty(n_query, solved.shape[1])
+            left[row : row + solved.shape[0]] = solved
+            row += solved.shape[0]
+            report(self.progress, "gradients (query)", row, n_query)
+        return left
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """All scores ``[n_query, n_train]``. With K-FAC/EK-FAC they are computed module by
         module (:func:`~headwater.methods.factored.factored_scores`), never flattening the
         model; the numbers are the same."""
-        batches = self._query_batches(query)
-        if len(batches) > 1:
-            return torch.cat([self.scores(batch, train) for batch in batches])
+        batched = self._by_query_batch(query, lambda batch: (self.scores(batch, train),))
+        if batched is not None:
+            return batched[0]
         if isinstance(self.curvature, KroneckerCurvature):
             return factored_scores(self.model, self.task, self.curvature, query, train,
                                    chunk_size=self.chunk_size, progress=self.progress)
@@ -158,10 +180,9 @@ class InfluenceFunction:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
-        batches = self._query_batches(query)
-        if len(batches) > 1:
-            parts = [self.top_k(batch, train, k, largest=largest) for batch in batches]
-            return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+        batched = self._by_query_batch(query, lambda batch: self.top_k(batch, train, k, largest=largest))
+        if batched is not None:
+            return batched
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
         return sharded_top_k(left, grads, k, n_train=num_examples(train, "train"), start=start, n_local=n_local,

@@ -116,7 +116,7 @@ class _KroneckerFeatures:
     def gram(self) -> Tensor:
         """Block diagonal: ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer."""
         return torch.block_diag(*[torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
-                                  for po, pi in self.factors]).cpu()
+                                  for po, pi in self.factors])
 
     def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor]) -> Tensor:
         """``signals {module: [..., B, T, out]}``, ``acts {module: [B, T, width]}`` -> ``[..., B, dim]``."""
@@ -219,8 +219,11 @@ class ProjectedInfluence:
     def _row_key(self, train: DataLike) -> dict[str, Any]:
         """What the stored training rows depend on: the projection, the model, the data
         (:func:`~headwater.methods.influence.fit_context`) and this rank's shard."""
+        context = fit_context(self.model, self.task, train)
+        # neither the rows nor the stored Π M Πᵀ hold the weight decay (added at fit time)
+        context["task"] = {k: v for k, v in context["task"].items() if k != "weight_decay"}
         return {"projection": self._projection_settings(), "num_params": self.layout.num_params,
-                "shard": [self._start, self._start + self._n_local], **fit_context(self.model, self.task, train)}
+                "shard": [self._start, self._start + self._n_local], **context}
 
     def _curvature_key(self, row_key: dict[str, Any]) -> dict[str, Any]:
         """The rows' key and how ``M`` is formed (the damping is added later, not stored)."""
