@@ -167,6 +167,23 @@ def test_score_reuses_the_fitted_curvature_and_refits_for_other_settings(tmp_pat
     assert json.loads((out / "curvature.json").read_text())["meta"]["damping"] == 0.5
 
 
+def test_score_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun ... -m headwater score --distributed`: the ranks split the training data,
+    rank 0 writes the outputs, and the scores are those of one process."""
+    args = [str(EXAMPLE), "--curvature", "ekfac", "--threads", "1", "--no-report", "--quiet"]
+    single = headwater_cli("score", *args, "-o", str(tmp_path / "single"), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "headwater", "score", *args, "--distributed", "-o", str(tmp_path / "ranks")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("scores:") == 1  # rank 0 alone prints and writes
+    expected, got = load_result(tmp_path / "single").scores, load_result(tmp_path / "ranks").scores
+    assert got.shape == expected.shape == (40, 600)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert "distributed" not in json.loads((tmp_path / "ranks" / "config.json").read_text())["args"]
+
+
 def _bad_spec(tmp_path: Path) -> Path:
     spec = tmp_path / "bad_shapes.py"
     spec.write_text(
@@ -180,7 +197,8 @@ def _bad_spec(tmp_path: Path) -> Path:
 
 USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
                "damaged store", "output is a file", "library error", "bad curvature option", "bad projection",
-               "projection with cg", "plan without memory", "query batch with projection"]
+               "projection with cg", "plan without memory", "query batch with projection",
+               "distributed without torchrun"]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -203,6 +221,7 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "projection with cg": ["demo", "--projection", "64", "--curvature", "cg", "-o", "x"],
         "plan without memory": ["plan", str(EXAMPLE), "--memory-gb", "0"],
         "query batch with projection": ["demo", "--projection", "64", "--query-batch", "8", "-o", "x"],
+        "distributed without torchrun": ["score", str(EXAMPLE), "--distributed", "-o", "x"],
         "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
     }[case]
 

@@ -271,7 +271,7 @@ def prepare_output(path: str | os.PathLike | None) -> Path:
 
 # -- run configuration -----------------------------------------------------------------
 
-_NOT_SAVED = {"config", "func", "quiet", "verbose", "traceback"}
+_NOT_SAVED = {"config", "func", "quiet", "verbose", "traceback", "distributed"}
 
 
 def config_args(args: argparse.Namespace) -> dict[str, Any]:

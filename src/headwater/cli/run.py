@@ -19,6 +19,7 @@ from headwater.cli.common import (
     write_config,
 )
 from headwater.data import DataLike
+from headwater.distributed import barrier, world
 from headwater.methods import Scores
 from headwater.report import RunResult, render, save_result, write_top_k_csv
 from headwater.store import StoreMismatchError
@@ -54,11 +55,24 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
             scores = run()
         except StoreMismatchError as err:  # an earlier run in this folder used other settings
             log.info("refitting: %s holds a fit of other %s", store.name, ", ".join(err.keys))
-            for stale in store.parent.glob(f"{store.name}*"):
-                stale.unlink()
+            _remove_stale(store)
             scores = run()
     progress.close()
     return scores
+
+
+def _remove_stale(store: Path) -> None:
+    """Delete a refused store: this rank's own files (``-rank{r}of{W}``), and the shared
+    ones on rank 0 only; then wait for every rank."""
+    rank, size = world()
+    if size == 1:
+        patterns = [f"{store.name}.*", f"{store.name}-*"]
+    else:
+        patterns = [f"{store.name}-*-rank{rank}of{size}.*"] + ([f"{store.name}.*"] if rank == 0 else [])
+    for pattern in patterns:
+        for stale in store.parent.glob(pattern):
+            stale.unlink(missing_ok=True)
+    barrier()
 
 
 def write_outputs(folder: Path, command: str, args: argparse.Namespace, result: RunResult,

@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from headwater.cli.common import (
@@ -45,6 +47,7 @@ from headwater.cli.common import (
 )
 from headwater.cli.run import attribute, write_outputs
 from headwater.data import as_tensors, iter_batches
+from headwater.distributed import world
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch
 from headwater.report import RunResult, format_top_k_table
@@ -159,12 +162,35 @@ def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.Argum
     p.add_argument("spec", help="a spec file (path/to/spec.py) or module (package.module)")
     p.add_argument("--queries", type=int, nargs="+", default=None,
                    help="query indices detailed in the printed table and report (default: the first 3)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run under torchrun: initialise torch.distributed from its environment (gloo on "
+                        "CPU, nccl with --device cuda, one GPU per rank); the training data is split "
+                        "between the ranks and rank 0 writes the outputs")
     add_attribution_options(p, out_default=None)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.distributed:
+        return _run(args)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("--distributed: RANK/WORLD_SIZE are not set; start the command with torchrun "
+                        "(e.g. torchrun --standalone --nproc_per_node=2 -m headwater score SPEC --distributed)")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if dist.get_rank() != 0:
+            args.quiet, args.report = True, False
+        return _run(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     check_attribution_options(args)
     if not args.out:
         args.out = str(Path("headwater-out") / Path(args.spec).stem.replace(".", "_"))
@@ -193,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
              x_train.shape[0], x_query.shape[0])
 
     scores = attribute(model, train, query, task, args, progress, timer)
+    if world()[0] != 0:  # every rank holds the same scores; rank 0 writes them
+        return 0
     queries = args.queries or list(range(min(3, x_query.shape[0])))
     bad = [q for q in queries if not 0 <= q < x_query.shape[0]]
     if bad:
