@@ -263,14 +263,17 @@ class ProjectedInfluence:
             mean = total / n
             if curvature_path is not None:
                 store_mod.save(curvature_path, {"mean": mean}, self._curvature_key(row_key))
+        # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         gram = self._featurizer.gram().to(self.device)
-        matrix = mean + self.task.weight_decay * gram
+        matrix = mean  # already saved (if stored): free to modify
+        matrix.add_(gram, alpha=self.task.weight_decay)
         damping = self.damping
         if damping is None:
             damping = DEFAULT_RELATIVE_DAMPING * float(matrix.trace() / gram.trace())
         self.fitted_damping = float(damping)
-        matrix = matrix + damping * gram
-        chol, info = torch.linalg.cholesky_ex(0.5 * (matrix + matrix.T))
+        matrix.add_(gram, alpha=damping)
+        del gram, mean
+        chol, info = torch.linalg.cholesky_ex(matrix)  # reads the lower triangle only
         if int(info) != 0:
             raise ValueError(f"damping: the projected curvature is not positive definite with damping={damping}; "
                              "increase it (or use fewer projected dimensions than training examples)")
