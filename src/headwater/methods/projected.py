@@ -78,8 +78,11 @@ class _FlatFeatures:
                              "analysed parameters (the projected curvature would be singular)")
         self.dim = projection.dim
 
-    def gram(self) -> Tensor:
-        return self.projection.gram(self.layout.num_params)
+    def add_gram_(self, matrix: Tensor, alpha: float) -> float:
+        """``matrix += alpha · Π Πᵀ`` in place; returns ``trace(Π Πᵀ)``."""
+        gram = self.projection.gram(self.layout.num_params).to(matrix.device)
+        matrix.add_(gram, alpha=alpha)
+        return float(gram.trace())
 
     def features(self, batch: tuple[Tensor, Tensor], objective: Objective, name: str) -> Tensor:
         (g,) = per_example_gradients(self.model, self.task, batch, objective=objective,
@@ -113,10 +116,17 @@ class _KroneckerFeatures:
                         for j, b in enumerate(self.blocks)]
         self.dim = sum(po.shape[0] * pi.shape[0] for po, pi in self.factors)
 
-    def gram(self) -> Tensor:
-        """Block diagonal: ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer."""
-        return torch.block_diag(*[torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
-                                  for po, pi in self.factors])
+    def add_gram_(self, matrix: Tensor, alpha: float) -> float:
+        """``matrix += alpha · Π Πᵀ`` in place, block by block (``Π Πᵀ`` is block diagonal with
+        ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer, never formed whole); returns its trace."""
+        start, trace = 0, 0.0
+        for po, pi in self.factors:
+            block = torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
+            rows = slice(start, start + block.shape[0])
+            matrix[rows, rows] += alpha * block.to(matrix.device)
+            trace += float(block.trace())
+            start += block.shape[0]
+        return trace
 
     def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor]) -> Tensor:
         """``signals {module: [..., B, T, out]}``, ``acts {module: [B, T, width]}`` -> ``[..., B, dim]``."""
@@ -264,15 +274,14 @@ class ProjectedInfluence:
             if curvature_path is not None:
                 store_mod.save(curvature_path, {"mean": mean}, self._curvature_key(row_key))
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
-        gram = self._featurizer.gram().to(self.device)
         matrix = mean  # already saved (if stored): free to modify
-        matrix.add_(gram, alpha=self.task.weight_decay)
+        gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * float(matrix.trace() / gram.trace())
+            damping = DEFAULT_RELATIVE_DAMPING * float(matrix.trace()) / gram_trace
         self.fitted_damping = float(damping)
-        matrix.add_(gram, alpha=damping)
-        del gram, mean
+        self._featurizer.add_gram_(matrix, damping)
+        del mean
         chol, info = torch.linalg.cholesky_ex(matrix)  # reads the lower triangle only
         if int(info) != 0:
             raise ValueError(f"damping: the projected curvature is not positive definite with damping={damping}; "
