@@ -108,16 +108,16 @@ def influence(
         if curvature not in (None, "exact"):
             raise ValueError(f"curvature: with projection the projected curvature is dense (k x k); pass "
                              f"curvature='exact' or None, not {curvature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-        raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
-    if task is None:
-        _, targets = next(iter_batches(train, 1, "train"))
-        task = default_task(targets)
     if query_batch is not None and (method != "influence" or projection is not None):
         raise ValueError("query_batch: batches the preconditioned queries of method='influence' without "
                          f"projection (method={method!r}, projection={'set' if projection is not None else None})")
     if store is not None and method != "influence":
         raise ValueError(f"store: resumable state is kept for method='influence' only, not {method!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
+    if task is None:
+        _, targets = next(iter_batches(train, 1, "train"))
+        task = default_task(targets)
     if method == "influence" and projection is not None:
         options = dict(curvature_options or {})
         if store is not None:
