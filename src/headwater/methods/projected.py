@@ -270,7 +270,7 @@ class ProjectedInfluence:
         else:
             total = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train)
             all_reduce_sum_(total)
-            mean = total / n
+            mean = total.div_(n)
             if curvature_path is not None:
                 store_mod.save(curvature_path, {"mean": mean}, self._curvature_key(row_key))
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
@@ -325,7 +325,8 @@ class ProjectedInfluence:
         """``Σ_i φ_i φ_iᵀ`` over this rank's rows (a sum; divided by the global n later)."""
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         for phi in self._feature_chunks(features):
-            total += phi.double().T @ phi.double()
+            phi = phi.double()
+            total.addmm_(phi.T, phi)
         return total
 
     def _ggn(self, train: DataLike) -> Tensor:
@@ -345,7 +346,7 @@ class ProjectedInfluence:
                 x, y = prepare_batch(batch, next(iter(params.values())))
                 weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
                 psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
-                total += weight * (psi.T @ psi).double()
+                total.add_(psi.T @ psi, alpha=weight)  # in place, float64 sum
                 done += x.shape[0]
                 report(self.progress, "projected GGN", done, self._n_local)
         return total
