@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if dist.get_rank() != 0:
             args.quiet, args.report = True, False
-        return _run(args)
+        code = _run(args)
+        dist.barrier()  # the other ranks wait while rank 0 writes, then all leave together
+        return code
     finally:
         dist.destroy_process_group()
 

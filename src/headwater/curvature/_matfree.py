@@ -12,12 +12,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from enum import Enum
+from typing import Self
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING
+from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike
@@ -221,3 +222,58 @@ def fit_preconditioner(
     else:
         raise ValueError(f"preconditioner: {which.value!r} is not fitted here")
     return curvature.fit(model, task, data).solve
+
+
+class StreamingCurvature(Curvature):
+    """A curvature whose ``solve`` runs passes over the training data (CG, LiSSA).
+
+    It holds the data's operator and an optional fitted preconditioner in this process;
+    neither is part of the saved state, so after ``load`` call :meth:`bind`.
+    """
+
+    solve_streams_data = True
+
+    def __init__(self, *, kind: MatrixKind | str, damping: float | None, chunk_size: int,
+                 preconditioner: Preconditioner | str):
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        try:
+            self.preconditioner = Preconditioner(preconditioner)
+        except ValueError as err:
+            raise ValueError(
+                f"preconditioner: expected one of {[p.value for p in Preconditioner]}, "
+                f"got {preconditioner!r}"
+            ) from err
+        self._operator: BoundOperator | None = None
+        self._precondition: MatVec | None = None
+
+    def _attach(self, model: nn.Module, task: Task, data: DataLike) -> BoundOperator:
+        """Bind the data's operator (and drop a preconditioner of other data)."""
+        self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        self._precondition = None
+        return self._operator
+
+    def _attach_preconditioner(self, model: nn.Module, task: Task, data: DataLike, damping: float) -> None:
+        """Fit an EK-FAC, K-FAC or diagonal preconditioner with ``damping`` (a Nyström one is
+        part of the fitted state instead)."""
+        if self.preconditioner not in (Preconditioner.NONE, Preconditioner.NYSTROM):
+            self._precondition = fit_preconditioner(
+                self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
+            )
+
+    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
+        """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) state
+        without refitting it (an EK-FAC, K-FAC or diagonal preconditioner is refitted: it is
+        not part of the saved state). The parameters must have the fitted layout."""
+        self._check_fitted()
+        check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
+        self._attach(model, task, data)
+        self._attach_preconditioner(model, task, data, self.state.damping)
+        return self
+
+    def _bound(self) -> BoundOperator:
+        if self._operator is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no operator in this process: call .fit(model, task, data), "
+                "or .bind(model, task, data) after .load(...)"
+            )
+        return self._operator

@@ -15,30 +15,25 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 from torch import Tensor, nn
 
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
-    BoundOperator,
     Preconditioner,
-    check_layout,
+    StreamingCurvature,
     extreme_eigenvalues,
-    fit_preconditioner,
     warn_if_indefinite,
 )
-from headwater.curvature.base import Curvature
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import (
     CGInfo,
-    MatVec,
     conjugate_gradient,
     nystrom,
     nystrom_preconditioner,
 )
 from headwater.data import DataLike
-from headwater.gradients.flat import ParamLayout
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -62,7 +57,7 @@ class CGState:
     precond_eigvecs: Tensor | None = None
 
 
-class CG(Curvature):
+class CG(StreamingCurvature):
     """``solve(V)`` runs batched (preconditioned) conjugate gradient on ``M + λI``.
 
     Exact up to ``tol``: each row stops when ``|v − (M + λI)x| <= tol·|v|``. Each
@@ -98,7 +93,6 @@ class CG(Curvature):
     """
 
     name = "cg"
-    solve_streams_data = True
 
     def __init__(
         self,
@@ -115,7 +109,9 @@ class CG(Curvature):
         trace_probes: int = 16,
         warn: bool = True,
     ):
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        if preconditioner is None:
+            preconditioner = Preconditioner.NYSTROM if preconditioner_rank else Preconditioner.NONE
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
         for arg, value, low in (
@@ -130,15 +126,6 @@ class CG(Curvature):
             isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
         ):
             raise ValueError(f"max_iter: must be a positive integer or None, got {max_iter!r}")
-        if preconditioner is None:
-            preconditioner = Preconditioner.NYSTROM if preconditioner_rank else Preconditioner.NONE
-        try:
-            self.preconditioner = Preconditioner(preconditioner)
-        except ValueError as err:
-            raise ValueError(
-                f"preconditioner: expected one of {[p.value for p in Preconditioner]}, "
-                f"got {preconditioner!r}"
-            ) from err
         if (self.preconditioner is Preconditioner.NYSTROM) != (preconditioner_rank > 0):
             raise ValueError(
                 "preconditioner_rank: must be > 0 exactly when preconditioner='nystrom', got "
@@ -156,8 +143,6 @@ class CG(Curvature):
         self.preconditioner_rank, self.oversample = preconditioner_rank, oversample
         self.seed, self.trace_probes = seed, trace_probes
         self.last_info: CGInfo | None = None
-        self._operator: BoundOperator | None = None
-        self._precondition: MatVec | None = None
 
     @classmethod
     def _state_type(cls) -> type:
@@ -166,7 +151,7 @@ class CG(Curvature):
     def _fit(
         self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
     ) -> CGState:
-        op = self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        op = self._attach(model, task, data)
         p = self.layout.num_params
         damping = self.damping
         if damping is None:
@@ -181,11 +166,7 @@ class CG(Curvature):
                 device=op.device,
             )
             warn_if_indefinite(self.name, self.kind, smallest, damping, what="smallest Ritz value")
-        self._precondition = None
-        if self.preconditioner not in (Preconditioner.NONE, Preconditioner.NYSTROM):
-            self._precondition = fit_preconditioner(
-                self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
-            )
+        self._attach_preconditioner(model, task, data, float(damping))
         if self.preconditioner_rank == 0:
             return CGState(float(damping))
         if self.preconditioner_rank > p:
@@ -202,28 +183,6 @@ class CG(Curvature):
             device=op.device,
         )
         return CGState(float(damping), eigvals, eigvecs)
-
-    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
-        """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) CG
-        without refitting the damping or a Nyström preconditioner (an EK-FAC, K-FAC or
-        diagonal preconditioner is refitted: it is not part of the saved state). The
-        parameters must have the fitted layout."""
-        self._check_fitted()
-        check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
-        self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
-        if self.preconditioner not in (Preconditioner.NONE, Preconditioner.NYSTROM):
-            self._precondition = fit_preconditioner(
-                self.preconditioner, model, task, data, self.kind, self.state.damping, self.chunk_size
-            )
-        return self
-
-    def _bound(self) -> BoundOperator:
-        if self._operator is None:
-            raise RuntimeError(
-                "CG has no operator in this process: call .fit(model, task, data), or "
-                ".bind(model, task, data) after .load(...)"
-            )
-        return self._operator
 
     def _solve(self, v: Tensor) -> Tensor:
         s = self.state

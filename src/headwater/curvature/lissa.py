@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,18 +31,15 @@ from headwater.curvature._matfree import (
     CHUNK_SIZE,
     BoundOperator,
     Preconditioner,
-    check_layout,
+    StreamingCurvature,
     extreme_eigenvalues,
-    fit_preconditioner,
     rademacher,
     subset,
     warn_if_indefinite,
 )
-from headwater.curvature.base import Curvature
 from headwater.curvature.operators import MatrixKind
-from headwater.curvature.solvers import LissaInfo, MatVec, lissa
+from headwater.curvature.solvers import LissaInfo, lissa
 from headwater.data import DataLike, num_examples
-from headwater.gradients.flat import ParamLayout
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -69,7 +66,7 @@ class LissaState:
     top_eigenvalue: float
 
 
-class LiSSA(Curvature):
+class LiSSA(StreamingCurvature):
     """``solve(V)`` runs the LiSSA recursion on ``M + λI``.
 
     Args:
@@ -99,7 +96,6 @@ class LiSSA(Curvature):
     """
 
     name = "lissa"
-    solve_streams_data = True
 
     def __init__(
         self,
@@ -116,7 +112,7 @@ class LiSSA(Curvature):
         trace_probes: int = 16,
         preconditioner: Preconditioner | str = Preconditioner.NONE,
     ):
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner)
         for arg, value, low in (
             ("depth", depth, 1),
             ("repeats", repeats, 1),
@@ -141,18 +137,9 @@ class LiSSA(Curvature):
         self.depth, self.repeats, self.batch_size, self.seed = depth, repeats, batch_size, seed
         self.scale = None if scale is None else float(scale)
         self.tol, self.trace_probes = float(tol), trace_probes
-        try:
-            self.preconditioner = Preconditioner(preconditioner)
-        except ValueError as err:
-            raise ValueError(
-                f"preconditioner: expected one of {[p.value for p in Preconditioner]}, "
-                f"got {preconditioner!r}"
-            ) from err
         if self.preconditioner is Preconditioner.NYSTROM:
             raise ValueError("preconditioner: 'nystrom' is available for CG only")
         self.last_info: LissaInfo | None = None
-        self._operator: BoundOperator | None = None
-        self._precondition: MatVec | None = None
 
     @classmethod
     def _state_type(cls) -> type:
@@ -161,17 +148,14 @@ class LiSSA(Curvature):
     def _fit(
         self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
     ) -> LissaState:
-        op = self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        op = self._attach(model, task, data)
         p = self.layout.num_params
         damping = self.damping
         if damping is None:
             damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
         top = math.nan
-        self._precondition = None
-        if self.preconditioner is not Preconditioner.NONE:
-            self._precondition = fit_preconditioner(
-                self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
-            )
+        self._attach_preconditioner(model, task, data, float(damping))
+        if self._precondition is not None:
             if self.scale is None:
                 top = self._preconditioned_top(op, float(damping))
         if (self.scale is None and self._precondition is None) or self.kind is MatrixKind.HESSIAN:
@@ -202,26 +186,6 @@ class LiSSA(Curvature):
             estimate = float(w.norm() / v.norm())
             v = w / w.norm()
         return estimate
-
-    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
-        """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted)
-        LiSSA without refitting. The parameters must have the fitted layout."""
-        self._check_fitted()
-        check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
-        self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
-        if self.preconditioner is not Preconditioner.NONE:
-            self._precondition = fit_preconditioner(
-                self.preconditioner, model, task, data, self.kind, self.state.damping, self.chunk_size
-            )
-        return self
-
-    def _bound(self) -> BoundOperator:
-        if self._operator is None:
-            raise RuntimeError(
-                "LiSSA has no operator in this process: call .fit(model, task, data), or "
-                ".bind(model, task, data) after .load(...)"
-            )
-        return self._operator
 
     @property
     def fitted_scale(self) -> float:
