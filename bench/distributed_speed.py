@@ -67,6 +67,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str
     try:
         out = {name: _timed(name) for name in names}
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: gloo aborts a rank whose peer tears the group down early
     finally:
         dist.destroy_process_group()
 

@@ -142,6 +142,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                             world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         torch.save({**_compute(Path(out_dir) / "stores"), "helpers": _helpers()}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: gloo aborts a rank whose peer tears the group down early
     finally:
         dist.destroy_process_group()
 
