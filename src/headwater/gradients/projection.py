@@ -29,6 +29,27 @@ class ProjectionKind(str, Enum):
     GAUSSIAN = "gaussian"
 
 
+def _check(kind: ProjectionKind | str, seed: int, **sizes: int) -> ProjectionKind:
+    """Validate the positive ``sizes`` and ``seed``; return ``kind`` parsed."""
+    for arg, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed: must be an integer in [0, 2**31), got {seed!r}")
+    try:
+        return ProjectionKind(kind)
+    except ValueError as err:
+        raise ValueError(f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}") from err
+
+
+def _draw(kind: ProjectionKind, stream: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """±1 or N(0, 1) entries (float64) from NumPy's platform-independent stream ``stream``."""
+    rng = np.random.default_rng(stream)
+    if kind is ProjectionKind.RADEMACHER:
+        return rng.integers(0, 2, size=shape, dtype=np.int8).astype(np.float64) * 2 - 1
+    return rng.standard_normal(size=shape)
+
+
 class RandomProjection:
     """``g [B, P] -> Π g [B, k]`` with a seeded, blockwise-generated ``Π``.
 
@@ -43,17 +64,9 @@ class RandomProjection:
 
     def __init__(self, dim: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER, seed: int = 0,
                  block_size: int = 4096, cache_mb: float = 256.0):
-        for arg, value in (("dim", dim), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"seed: must be an integer in [0, 2**31), got {seed!r}")
+        self.kind = _check(kind, seed, dim=dim, block_size=block_size)
         if not isinstance(cache_mb, int | float) or cache_mb < 0:
             raise ValueError(f"cache_mb: must be a number >= 0, got {cache_mb!r}")
-        try:
-            self.kind = ProjectionKind(kind)
-        except ValueError as err:
-            raise ValueError(f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}") from err
         self.dim, self.seed, self.block_size, self.cache_mb = dim, seed, block_size, float(cache_mb)
         self._cache: dict[tuple[int, int, torch.dtype, str], Tensor] = {}
         self._cached_bytes = 0
@@ -66,11 +79,7 @@ class RandomProjection:
         key = (index, rows, dtype, str(device))
         if key in self._cache:
             return self._cache[key]
-        rng = np.random.default_rng([self.seed, index])  # platform-independent streams per block
-        if self.kind is ProjectionKind.RADEMACHER:
-            values = rng.integers(0, 2, size=(rows, self.dim), dtype=np.int8).astype(np.float64) * 2 - 1
-        else:
-            values = rng.standard_normal(size=(rows, self.dim))
+        values = _draw(self.kind, [self.seed, index], (rows, self.dim))  # one stream per block
         block = (torch.from_numpy(values) / math.sqrt(self.dim)).to(dtype=dtype, device=device)
         size = block.numel() * block.element_size()
         if self._cached_bytes + size <= self.cache_mb * 2**20:
@@ -127,15 +136,7 @@ class KroneckerProjection:
 
     def __init__(self, dim_out: int, dim_in: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
                  seed: int = 0):
-        for arg, value in (("dim_out", dim_out), ("dim_in", dim_in)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"seed: must be an integer in [0, 2**31), got {seed!r}")
-        try:
-            self.kind = ProjectionKind(kind)
-        except ValueError as err:
-            raise ValueError(f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}") from err
+        self.kind = _check(kind, seed, dim_out=dim_out, dim_in=dim_in)
         self.dim_out, self.dim_in, self.seed = dim_out, dim_in, seed
         self._cache: dict[tuple, Tensor] = {}
 
@@ -150,11 +151,7 @@ class KroneckerProjection:
                 self._cache[key] = torch.eye(size, dtype=dtype)
             else:
                 for attempt in range(100):  # small ±1 matrices can have dependent rows: draw again
-                    rng = np.random.default_rng([self.seed, layer, side, attempt])
-                    if self.kind is ProjectionKind.RADEMACHER:
-                        values = rng.integers(0, 2, size=(dim, size), dtype=np.int8).astype(np.float64) * 2 - 1
-                    else:
-                        values = rng.standard_normal(size=(dim, size))
+                    values = _draw(self.kind, [self.seed, layer, side, attempt], (dim, size))
                     if np.linalg.matrix_rank(values) == dim:
                         break
                 self._cache[key] = (torch.from_numpy(values) / math.sqrt(dim)).to(dtype)
