@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
+from torch.func import hessian, vmap
 
 from headwater.curvature._matfree import (
     BoundOperator,
@@ -40,7 +40,7 @@ from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
-from headwater.gradients.per_example import check_batch, per_example_gradients
+from headwater.gradients.per_example import check_batch, output_pullbacks, per_example_gradients
 from headwater.progress import ProgressFn, report
 from headwater.task import ClassificationTask, Task
 
@@ -234,10 +234,7 @@ def _ggn_diagonal(
     layout = ParamLayout.of(params)
     total = torch.zeros(layout.num_params, dtype=ref.dtype, device=ref.device)
 
-    def contracted(p: dict[str, Tensor], x: Tensor, a: Tensor) -> Tensor:
-        return (task.output(bind(model, p), x.unsqueeze(0)).reshape(-1) * a).sum()
-
-    per_example = vmap(grad(contracted), in_dims=(None, 0, 0))
+    pullback = output_pullbacks(model, task, params)
     start, stop = shard_range(n)
     done = 0
     with evaluation_mode(model):
@@ -249,7 +246,7 @@ def _ggn_diagonal(
                 out = task.output(bind(model, params), x)
             a, w = _output_factors(task, out, y)
             for c in range(a.shape[2]):
-                g = layout.flatten(per_example(params, x, a[:, :, c]), batch_dims=1)  # [B, P]
+                g = pullback(x, a[:, :, c])  # [B, P]
                 total += (w[:, c : c + 1] * g.pow(2)).sum(0)
             done += x.shape[0]
             report(progress, "diagonal (ggn)", done, stop - start)

@@ -7,7 +7,7 @@ For example ``z_i`` and analysed parameters θ, row ``i`` is ``∇_θ f(z_i; θ)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 
 import torch
@@ -20,7 +20,7 @@ from headwater.gradients.functional import bind, detached, evaluation_mode, prep
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["Objective", "check_batch", "per_example_gradients", "stack_gradients"]
+__all__ = ["Objective", "check_batch", "output_pullbacks", "per_example_gradients", "stack_gradients"]
 
 
 class Objective(str, Enum):
@@ -127,3 +127,15 @@ def per_example_gradients(
 def stack_gradients(model: nn.Module, task: Task, data: DataLike, **kwargs) -> Tensor:
     """All per-example gradients ``[N, P]`` at once (small data or small P only)."""
     return torch.cat(list(per_example_gradients(model, task, data, **kwargs)))
+
+
+def output_pullbacks(model: nn.Module, task: Task, params: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(x [B, ...], c [B, *output]) -> [B, P]``: for each example ``J_iᵀ c_i``, the gradient
+    of ``⟨f(x_i), c_i⟩`` in the (detached) analysed ``params``, flat, vectorised over examples."""
+    layout = ParamLayout.of(params)
+
+    def contracted(p: dict[str, Tensor], xi: Tensor, ci: Tensor) -> Tensor:
+        return (task.output(bind(model, p), xi.unsqueeze(0)).reshape(-1) * ci.reshape(-1)).sum()
+
+    per_example = vmap(grad(contracted), in_dims=(None, 0, 0))
+    return lambda x, c: layout.flatten(per_example(params, x, c), batch_dims=1)

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from headwater import store as store_mod
 from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
@@ -55,6 +54,7 @@ from headwater.gradients.per_example import (
     Objective,
     check_batch,
     check_values,
+    output_pullbacks,
     per_example_gradients,
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
@@ -91,15 +91,11 @@ class _FlatFeatures:
 
     def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
         """``(w, [Π J_iᵀ c_k(z_i) for each cotangent k])`` for one chunk."""
-        def contracted(p: dict[str, Tensor], xi: Tensor, c: Tensor) -> Tensor:
-            return (self.task.output(bind(self.model, p), xi.unsqueeze(0)) * c.unsqueeze(0)).sum()
-
         with torch.no_grad():
             out = self.task.output(bind(self.model, params), x)
         weight, cotangents = cotangents_of(out)
-        pullback = vmap(grad(contracted), in_dims=(None, 0, 0))
-        return weight, [self.projection(self.layout.flatten(pullback(params, x, c), batch_dims=1))
-                        for c in cotangents]
+        pullback = output_pullbacks(self.model, self.task, params)
+        return weight, [self.projection(pullback(x, c)) for c in cotangents]
 
 
 class _KroneckerFeatures:
