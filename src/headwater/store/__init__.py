@@ -20,7 +20,7 @@ from torch import Tensor
 
 from headwater import __version__
 
-__all__ = ["StoreMismatchError", "atomic_write_bytes", "differing_keys", "exists", "load", "mismatch", "save"]
+__all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "mismatch", "save"]
 
 
 class StoreMismatchError(ValueError):
@@ -35,23 +35,12 @@ class StoreMismatchError(ValueError):
         self.keys = keys
 
 
-def differing_keys(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
-    """The (dotted) keys whose JSON values differ; nested dicts are compared key by key."""
-    stored, wanted = _normalise(stored), _normalise(wanted)
-    if isinstance(stored, dict) and isinstance(wanted, dict):
-        out = []
-        for key in sorted(set(stored) | set(wanted)):
-            out += differing_keys(stored.get(key), wanted.get(key), f"{prefix}{key}.")
-        return out
-    return [] if stored == wanted else [prefix.rstrip(".")]
-
-
 def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> StoreMismatchError | None:
     """A :class:`StoreMismatchError` naming every differing setting, or ``None``."""
-    keys = differing_keys(stored, wanted)
+    flat_s, flat_w = _flatten(stored), _flatten(wanted)  # nested settings compared key by key
+    keys = sorted(k for k in set(flat_s) | set(flat_w) if flat_s.get(k) != flat_w.get(k))
     if not keys:
         return None
-    flat_s, flat_w = _flatten(stored), _flatten(wanted)
     detail = "; ".join(f"{k}: stored {flat_s.get(k)!r}, requested {flat_w.get(k)!r}" for k in keys[:4])
     more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
     return StoreMismatchError(f"store: {path} was written with other {', '.join(keys)}: {detail}{more}; "
@@ -59,8 +48,9 @@ def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> Store
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (JSON-normalised leaves)."""
     value = _normalise(value)
-    if not isinstance(value, dict):
+    if not isinstance(value, dict) or not value:  # an empty dict stays a leaf ({} != None)
         return {prefix.rstrip("."): value}
     out: dict[str, Any] = {}
     for key, item in value.items():
