@@ -11,6 +11,7 @@ passes than one process (the work was split, not repeated).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import headwater
+from headwater.cli.run import _remove_stale
 from headwater.curvature import CG, EKFAC, KFAC, MFAC, Curvature, Diagonal, Exact, curvature_matvec
 from headwater.distributed import (
     all_reduce_sum_,
@@ -38,6 +40,7 @@ from headwater.distributed import (
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods import InfluenceFunction
 from headwater.methods.projected import ProjectedInfluence
+from headwater.store import StoreMismatchError
 
 WORLD = 2
 N_TRAIN = 23  # uneven shards: 11 + 12
@@ -105,6 +108,20 @@ def _compute(store_dir: Path) -> dict[str, Tensor | int]:
     out["stored_projected/partial"] = headwater.influence(
         model, train, query, task=task, damping=1e-3, chunk_size=CHUNK, store=store_dir / "stored_projected",
         projection=12).values
+    # the last rank's stored rows were written with other settings: every rank must refuse
+    # the store (not only that one, leaving the others in a collective), then refit together
+    rank, size = world()
+    if rank == size - 1:
+        sidecar = next(store_dir.glob("stored_projected-train*.json"))
+        record = json.loads(sidecar.read_text())
+        record["meta"]["projection"]["seed"] = 99
+        sidecar.write_text(json.dumps(record))
+    options = {"task": task, "damping": 1e-3, "chunk_size": CHUNK, "projection": 12,
+               "store": store_dir / "stored_projected"}
+    with pytest.raises(StoreMismatchError):
+        headwater.influence(model, train, query, **options)
+    _remove_stale(store_dir / "stored_projected")
+    out["stored_projected/refit"] = headwater.influence(model, train, query, **options).values
     result = headwater.influence(model, train, query, task=task, curvature="ekfac", top_k=3,
                                  self_influence=True, chunk_size=CHUNK)
     out["api/values"], out["api/indices"] = result.values, result.indices
@@ -242,7 +259,7 @@ def test_projected_influence_matches_one_process(runs, name):
 def test_stores_are_written_and_loaded_by_all_ranks_together(runs, name):
     """Rank 0 writes the fit (per-rank rows for projections); every rank then loads it."""
     single, ranks = runs
-    for attempt in ("fit", "loaded", *(("partial",) if name == "stored_projected" else ())):
+    for attempt in ("fit", "loaded", *(("partial", "refit") if name == "stored_projected" else ())):
         _check(single, ranks, f"{name}/{attempt}")
     assert [r[f"{name}/fit/loaded"] for r in ranks] == [0, 0]
     assert [r[f"{name}/loaded/loaded"] for r in ranks] == [1, 1]

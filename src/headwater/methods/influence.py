@@ -124,7 +124,8 @@ class InfluenceFunction:
             return self
         context = fit_context(self.model, self.task, train)
         if all_ranks(store_mod.exists(store)):  # ranks decide together: a fit is collective
-            self.curvature.load(store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context)
+            layout = ParamLayout.of(self.task.parameters(self.model))
+            store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
             if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
                 self.curvature.bind(self.model, self.task, train)
             report(self.progress, "curvature (loaded)", 1, 1)

@@ -260,7 +260,8 @@ class ProjectedInfluence:
         curvature_path = self._path("curvature")
         # every rank loads, or every rank computes: the sum below is collective
         if curvature_path is not None and all_ranks(store_mod.exists(curvature_path)):
-            mean = store_mod.load(curvature_path, expect=self._curvature_key(row_key))[0]["mean"]
+            mean = store_mod.on_every_rank(
+                lambda: store_mod.load(curvature_path, expect=self._curvature_key(row_key)), curvature_path)[0]["mean"]
             mean = mean.to(self.device)
             report(self.progress, "projected curvature (loaded)", 1, 1)
         else:
@@ -288,10 +289,11 @@ class ProjectedInfluence:
     def _train_features(self, train: DataLike, key: dict[str, Any]) -> RowStore | Tensor:
         """This rank's projected training gradients ``[n_local, k]``, resuming a partial store."""
         rows, path, n_local = None, self._path("train"), self._n_local
-        if path is not None and n_local > 0:
-            rows = RowStore(path, (n_local, self.dim),
-                            self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32, key)
-            if rows.complete:
+        if path is not None:  # every rank opens (or is refused) together, empty shards too
+            dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+            rows = store_mod.on_every_rank(
+                lambda: RowStore(path, (n_local, self.dim), dtype, key) if n_local > 0 else None, path)
+            if rows is not None and rows.complete:
                 return rows
         out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)]
         done = 0

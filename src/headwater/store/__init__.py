@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from headwater import __version__
+from headwater.distributed import all_ranks
 
-__all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "mismatch", "save"]
+__all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "mismatch", "on_every_rank", "save"]
+
+T = TypeVar("T")
 
 
 class StoreMismatchError(ValueError):
@@ -45,6 +49,25 @@ def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> Store
     more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
     return StoreMismatchError(f"store: {path} was written with other {', '.join(keys)}: {detail}{more}; "
                               "delete it or use another path", tuple(keys))
+
+
+def on_every_rank(open_store: Callable[[], T], path: Any) -> T:
+    """``open_store()``, refused on every rank when it is refused on any.
+
+    Under ``torch.distributed`` each rank may open its own file (``path``): when one
+    rank's raises :class:`StoreMismatchError`, the others raise one too instead of
+    going on into a collective step that rank never reaches (collective; with one
+    process it is just ``open_store()``)."""
+    error: StoreMismatchError | None = None
+    try:
+        result = open_store()
+    except StoreMismatchError as err:
+        error = err
+    if not all_ranks(error is None):
+        raise error or StoreMismatchError(
+            f"store: another rank's file beside {path} was written with other settings; "
+            "delete the store or use another path")
+    return result
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
