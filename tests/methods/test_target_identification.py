@@ -1,6 +1,7 @@
 """Target identification on a backdoored digits model: the triggered target ranks first
 among clean candidates, its top influences are the poisons (high AUPRC, far above plain
-influence), the anomaly score's invariances, and errors."""
+influence), the anomaly score's exact values on a hand-made matrix and its
+invariances, and errors."""
 
 from functools import cache
 
@@ -107,6 +108,31 @@ def test_identification_over_ten_attacks():
     assert min(aps) >= 0.6 and sum(aps) / 10 >= sum(plain_aps) / 10 + 0.2
 
 
+def test_anomaly_score_on_a_hand_made_matrix():
+    """Values worked out by hand (torch.quantile interpolates linearly between order
+    statistics: the p-quantile of m sorted values sits at position p·(m − 1))."""
+    influence = torch.tensor(
+        [
+            [0.0, 1.0, 2.0, 3.0, 4.0, 10.0],  # one training instance far above the rest
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],  # evenly spaced: nothing stands out
+            [5.0, 0.0, 4.0, 1.0, 3.0, 2.0],  # the same values shuffled
+            [7.0, 7.0, 7.0, 7.0, 7.0, 7.0],  # constant row: no anomaly at all
+        ],
+        dtype=torch.float64,
+    )
+    # whole row: quartiles at positions 1.25, 2.5, 3.75 of the sorted row
+    #   row 0: Q1 1.25, median 2.5, Q3 3.75 -> (10 - 2.5) / 2.5 = 3
+    #   rows 1, 2: Q1 1.25, median 2.5, Q3 3.75 -> (5 - 2.5) / 2.5 = 1
+    whole = anomaly_scores(influence, tail=None)
+    torch.testing.assert_close(whole, torch.tensor([3.0, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    # 4 largest values: row 0 -> [2, 3, 4, 10]: Q1 2.75, median 3.5, Q3 5.5 -> 6.5 / 2.75 = 26/11
+    #                   rows 1, 2 -> [2, 3, 4, 5]: Q1 2.75, median 3.5, Q3 4.25 -> 1.5 / 1.5 = 1
+    top4 = anomaly_scores(influence, tail=4)
+    torch.testing.assert_close(top4, torch.tensor([26 / 11, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    # the spiked row is the identified target whichever reference is used
+    assert int(whole.argmax()) == int(top4.argmax()) == 0
+
+
 def test_anomaly_score_invariances_and_spike():
     g = torch.Generator().manual_seed(0)
     smooth = torch.randn(3, 400, generator=g, dtype=torch.float64)
@@ -142,6 +168,8 @@ def test_errors_name_the_argument():
         identify_target(model, candidates, train)
     with pytest.raises(ValueError, match="candidates"):
         identify_target(est, (candidates[0][:1], candidates[1][:1]), train)
+    with pytest.raises(TypeError, match="use_predictions"):
+        identify_target(est, candidates, train, use_predictions="yes")
     result = identify_target(est, candidates, train)
     with pytest.raises(ValueError, match="candidate"):
         result.attack_ranking(99)
