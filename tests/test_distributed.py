@@ -56,11 +56,15 @@ CURVATURES: dict[str, Callable[[], Curvature]] = {
     "diagonal": lambda: Diagonal(chunk_size=CHUNK),
     "diagonal_ef": lambda: Diagonal(kind="ef", chunk_size=CHUNK),
     "mfac_ef": lambda: MFAC(kind="ef", chunk_size=CHUNK),
+    # targets sampled from the model: drawn per example, so as one process draws them
+    "ekfac_sampled": lambda: EKFAC(chunk_size=CHUNK, ggn_estimator="sampled", mc_samples=2, seed=3),
+    "mfac_ggn": lambda: MFAC(kind="ggn", chunk_size=CHUNK, seed=3),
 }
 KINDS = ("ggn", "hessian")
 PROJECTIONS: dict[str, Callable[[], RandomProjection | KroneckerProjection]] = {
     "projected": lambda: RandomProjection(20, seed=0),
     "projected_kronecker": lambda: KroneckerProjection(4, 4, seed=0),
+    "projected_kronecker_sampled": lambda: KroneckerProjection(4, 4, seed=0),
 }
 
 
@@ -88,7 +92,8 @@ def _compute(store_dir: Path) -> dict[str, Tensor | int]:
             out[f"{name}/top_values"], out[f"{name}/top_indices"] = estimator.top_k(query, train, 4)
     for name, projection in PROJECTIONS.items():
         calls[0] = 0
-        projected = ProjectedInfluence(model, task, projection(), damping=1e-3, ggn_estimator="exact",
+        estimator = "sampled" if name.endswith("sampled") else "exact"
+        projected = ProjectedInfluence(model, task, projection(), damping=1e-3, ggn_estimator=estimator,
                                        chunk_size=CHUNK).fit(train)
         out[f"{name}/calls/fit"] = calls[0]
         out[f"{name}/scores"] = projected.scores(query, train)

@@ -27,6 +27,7 @@ __all__ = [
     "RegressionTask",
     "Task",
     "default_task",
+    "sample_per_example",
     "select_parameters",
 ]
 
@@ -177,6 +178,35 @@ class RegressionTask(Task):
     def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
         noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
         return output.detach() + noise
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _example_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for example ``index`` (SplitMix64 of ``seed``, ``index``)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def sample_per_example(task: Task, output: Tensor, *, seed: int, first: int, draws: int = 1) -> list[Tensor]:
+    """``draws`` sets of targets sampled from the model (``task.sample_targets``), each
+    like a batch's targets; example ``first + b`` (its global index in the data) draws
+    from its own generator seeded by ``(seed, first + b)``.
+
+    So the samples of an example do not depend on the chunk size, on the order in which
+    chunks are visited or on how the data are split between ``torch.distributed``
+    ranks: a sampled true-Fisher estimate is the same with one process or several.
+    """
+    out = output.detach()
+    rows: list[list[Tensor]] = [[] for _ in range(draws)]
+    for b in range(out.shape[0]):
+        generator = torch.Generator(device=out.device).manual_seed(_example_seed(seed, first + b))
+        for k in range(draws):
+            rows[k].append(task.sample_targets(out[b : b + 1], generator))
+    return [torch.cat(r) for r in rows]
 
 
 def default_task(targets: Tensor, *, weight_decay: float = 0.0) -> Task:

@@ -116,6 +116,11 @@ def test_sampled_fisher_approaches_exact():
     a, b = _dense(exact, 51), _dense(sampled(chunk_size=4000), 51)
     assert (a - b).norm() / a.norm() < 0.05
     assert torch.equal(_dense(sampled(chunk_size=4000), 51), b)  # same seed, same numbers
+    # each example draws from its own generator: other chunks, same draws (sums reordered)
+    assert_close(_dense(sampled(chunk_size=7), 51), b, rtol=1e-12, atol=1e-12 * float(b.abs().max()),
+                 what="sampled K-FAC, chunks of 7")
+    assert not torch.equal(_dense(KFAC(damping=0.0, seed=2, ggn_estimator="sampled", chunk_size=4000).fit(
+        case.model, case.task, many), 51), b)
     two = KFAC(damping=0.0, seed=1, mc_samples=2, ggn_estimator="sampled").fit(
         case.model, case.task, case.train)
     assert not torch.equal(_dense(two, 51), b)

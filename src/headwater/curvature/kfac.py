@@ -36,8 +36,9 @@ Under ``torch.distributed`` (:mod:`headwater.distributed`) each rank streams ove
 shard of the data; the sums ``Σ ã ãᵀ``, ``Σ s sᵀ``, the position counts and the
 EK-FAC sums ``Σ_n (Q_Sᵀ G_n Q_A)²`` are all-reduced before dividing and before the
 eigendecompositions, so every rank holds the factors one process would fit (fitting
-is collective). Sampled targets are drawn with ``seed + rank``, so a ``"sampled"``
-estimate depends on the number of processes; the ``"exact"`` one does not.
+is collective). Sampled targets are drawn per example from ``seed`` and the
+example's index, so a ``"sampled"`` estimate does not depend on the number of
+processes or the chunk size either.
 
 Damping ``None`` takes, per block, ``relative_damping × mean(Λ)`` (Kronfluence's
 heuristic with factor 0.1; the mean excludes the weight decay). The task's weight
@@ -62,11 +63,11 @@ from headwater.curvature.base import Curvature
 from headwater.curvature.kfac_blocks import Block, capture, find_blocks, from_blocks, to_blocks
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
-from headwater.distributed import all_reduce_sum_, local_batches, shard_range, world
+from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import check_batch
 from headwater.progress import ProgressFn, report
-from headwater.task import Task
+from headwater.task import Task, sample_per_example
 
 __all__ = ["EKFAC", "EXACT_MAX_OUTPUTS", "KFAC", "GGNEstimator", "KroneckerCurvature",
            "KroneckerState"]
@@ -118,14 +119,16 @@ class KroneckerState:
 
 
 def _cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
-                estimator: GGNEstimator, generator: torch.Generator, mc_samples: int
+                estimator: GGNEstimator, seed: int, first: int, mc_samples: int
                 ) -> tuple[float, Tensor]:
     """Weight ``w`` and output cotangents ``c [K, *output.shape]``: the signals are
-    ``s_k = J_zᵀ c_k`` and the curvature block is ``w Σ_k`` of their products."""
+    ``s_k = J_zᵀ c_k`` and the curvature block is ``w Σ_k`` of their products.
+    Sampled targets are drawn per example (``seed`` and its global index, the chunk's
+    ``first`` + position: :func:`~headwater.task.sample_per_example`)."""
     out = output.detach()
     if kind is MatrixKind.EF or estimator is GGNEstimator.SAMPLED:
-        draws = [targets] if kind is MatrixKind.EF else [
-            task.sample_targets(out, generator) for _ in range(mc_samples)]
+        draws = [targets] if kind is MatrixKind.EF else sample_per_example(
+            task, out, seed=seed, first=first, draws=mc_samples)
         cots = []
         for y in draws:
             o = out.clone().requires_grad_(True)
@@ -222,7 +225,6 @@ class KroneckerCurvature(Curvature):
         over them)."""
         params = detached(task.parameters(model))
         ref = next(iter(params.values()))
-        generator = torch.Generator(device=ref.device).manual_seed(self.seed + world()[0])
         start, stop = shard_range(self.n_examples)
         done = 0
         with evaluation_mode(model), torch.enable_grad():
@@ -234,8 +236,8 @@ class KroneckerCurvature(Curvature):
                 with capture(model, blocks) as cap:
                     output = task.output(bind(model, live), x)
                 estimator = self.ggn_estimator.resolve(output[0].numel())
-                weight, cots = _cotangents(task, output, y, self.kind, estimator, generator,
-                                           self.mc_samples)
+                weight, cots = _cotangents(task, output, y, self.kind, estimator, self.seed,
+                                           start + done, self.mc_samples)
                 signals = cap.pullback(output, cots)
                 done += x.shape[0]
                 report(progress, stage, done, stop - start)

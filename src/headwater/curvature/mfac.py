@@ -29,8 +29,9 @@ Under ``torch.distributed`` the window's rows are split between ranks as
 :func:`~headwater.distributed.shard_range` splits ``m`` examples: each rank computes
 its rows of ``G`` (the others zero) and ``G`` is all-reduced (a sum of disjoint rows)
 before the factorisation, so every rank holds the same ``W`` and ``L`` (fitting is
-collective). With ``kind="ggn"`` rank ``r`` samples targets with ``seed + r``, so that
-estimate depends on the number of processes; ``kind="ef"`` does not.
+collective). With ``kind="ggn"`` each example's targets are sampled from ``seed`` and
+its index (:func:`~headwater.task.sample_per_example`), so that estimate, too, is the
+same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from headwater.distributed import all_reduce_sum_, shard_range, world
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import per_example_gradients
 from headwater.progress import ProgressFn, report
-from headwater.task import Task
+from headwater.task import Task, sample_per_example
 
 __all__ = ["MFAC", "MFACState"]
 
@@ -112,7 +113,7 @@ class MFAC(Curvature):
     def _window(self, model: nn.Module, task: Task, data: DataLike, m: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's rows ``[start, stop)`` of the window of the first ``m`` examples
         (all of them with one process), targets sampled from the model for ``kind="ggn"``."""
-        rank, size = world()
+        size = world()[1]
         start, stop = shard_range(m)
         if stop == start:
             return
@@ -120,14 +121,14 @@ class MFAC(Curvature):
             data, m = subset(data, torch.arange(start, stop)), stop - start
         params = detached(task.parameters(model))
         ref = next(iter(params.values()))
-        generator = torch.Generator(device=ref.device).manual_seed(self.seed + rank)
         taken = 0
         for batch in iter_batches(data, self.chunk_size, "train"):
             x, y = prepare_batch(batch, ref)
             x, y = x[: m - taken], y[: m - taken]
             if self.kind is MatrixKind.GGN:
                 with torch.no_grad(), evaluation_mode(model):
-                    y = task.sample_targets(task.output(bind(model, params), x), generator)
+                    y = sample_per_example(task, task.output(bind(model, params), x), seed=self.seed,
+                                           first=start + taken)[0]
             taken += x.shape[0]
             yield x, y
             if taken >= m:

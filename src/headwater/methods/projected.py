@@ -332,11 +332,11 @@ class ProjectedInfluence:
         module docstring; a sum, divided by the global n later)."""
         params = detached(self.task.parameters(self.model))
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-        generator = torch.Generator().manual_seed(self.seed + world()[0])  # sampled targets differ by rank
 
         def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
             estimator = self.estimator.resolve(out[0].numel())
-            return _cotangents(self.task, out, y, MatrixKind.GGN, estimator, generator, self.mc_samples)
+            return _cotangents(self.task, out, y, MatrixKind.GGN, estimator, self.seed, self._start + done,
+                               self.mc_samples)
 
         done = 0
         with evaluation_mode(self.model):
