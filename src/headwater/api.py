@@ -146,6 +146,8 @@ def influence(
             raise ValueError("self_influence: not defined for method='hydra'")
         estimator = Hydra(model, task, trajectory, progress=progress)
     settings = {**estimator.settings(), "top_k": top_k}
+    if isinstance(estimator, InfluenceFunction):  # scores and self-influence from one training pass
+        return Scores(*estimator.attribute(query, train, top_k=top_k, self_influence=self_influence), settings)
     si = estimator.self_influence(train) if self_influence else None
     if top_k is not None and method == "influence":  # streamed: never holds n_query x n_train
         return Scores(*estimator.top_k(query, train, top_k), si, settings)

@@ -6,7 +6,7 @@ from cases import CASES
 from oracles import assert_close, dense_ggn, influence_scores, loop_gradients
 
 import headwater
-from headwater.curvature import Exact
+from headwater.curvature import CURVATURES, Exact
 from headwater.methods import InfluenceFunction
 
 
@@ -86,3 +86,36 @@ def test_query_batches_give_the_same_scores_and_top_k(curvature):
     torch.testing.assert_close(top.values, ref.values, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="query_batch"):
         headwater.influence(case.model, case.train, case.query, query_batch=0, **kwargs)
+
+
+@pytest.mark.parametrize("curvature", ["exact", "ekfac", "cg"])
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
+    """With ``self_influence=True`` the scores and the self-influence share one pass over the
+    training gradients (two for CG, whose solve streams the data); the numbers are those
+    of the separate methods."""
+    case = CASES["mlp"](n_query=7)
+    est = InfluenceFunction(case.model, case.task, CURVATURES[curvature](damping=1e-2),
+                            chunk_size=5).fit(case.train)
+    passes = []
+
+    def progress(stage, done, total):
+        if done == total and stage in ("gradients (train)", "module gradients (train)"):
+            passes.append(stage)
+
+    est.progress = progress
+    values, indices, si = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
+    assert len(passes) == (2 if curvature == "cg" else 1), passes
+    est.progress = None
+    want = est.scores(case.query, case.train)
+    want_si = est.self_influence(case.train)
+    assert_close(si, want_si, rtol=1e-10, what="self-influence")
+    if top_k is None:
+        assert indices is None
+        assert_close(values, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()), what="scores")
+    else:
+        assert torch.equal(indices, want.topk(top_k, dim=1).indices)
+        assert_close(values, want.topk(top_k, dim=1).values, rtol=1e-10)
+    api = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=curvature,
+                              damping=1e-2, chunk_size=5, top_k=top_k, self_influence=True)
+    assert_close(api.self_influence, want_si, rtol=1e-10, what="API self-influence")

@@ -114,10 +114,12 @@ def _preconditioned_queries(model: nn.Module, task: Task, curvature: KroneckerCu
 
 
 def _score_tiles(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                 train: DataLike, n_local: int, chunk_size: int, progress: ProgressFn | None
-                 ) -> Iterator[tuple[str, int, Tensor]]:
+                 train: DataLike, n_local: int, chunk_size: int, progress: ProgressFn | None,
+                 self_sink: list[Tensor] | None = None) -> Iterator[tuple[str, int, Tensor]]:
     """``(module, first column, score_m tile [n_query, chunk])`` over this rank's shard
-    of the training data (``n_local`` examples; columns counted within the shard)."""
+    of the training data (``n_local`` examples; columns counted within the shard).
+    With ``self_sink``, each chunk's self-influence ``Σ_m ⟨(M_m + …)⁻¹ G_m, G_m⟩ [chunk]``
+    is appended to it from the same gradients."""
     left = _preconditioned_queries(model, task, curvature, query, chunk_size, progress)
     if n_local == 0:
         return
@@ -125,6 +127,9 @@ def _score_tiles(model: nn.Module, task: Task, curvature: KroneckerCurvature, qu
     for grads in module_gradients(model, task, curvature.blocks, shard(train, "train"),
                                   objective=Objective.TRAIN, chunk_size=chunk_size, name="train",
                                   progress=progress):
+        if self_sink is not None:
+            solved = curvature.solve_blocks(grads)
+            self_sink.append(sum((solved[m] * g).sum(dim=(1, 2)) for m, g in grads.items()))
         for module, g in grads.items():  # [B, out, width]
             yield module, col, left[module] @ g.reshape(g.shape[0], -1).T
         col += g.shape[0]
@@ -171,15 +176,17 @@ def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, q
 
 
 def factored_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                    train: DataLike, *, chunk_size: int = 64, progress: ProgressFn | None = None
-                    ) -> Tensor:
+                    train: DataLike, *, chunk_size: int = 64, progress: ProgressFn | None = None,
+                    self_sink: list[Tensor] | None = None) -> Tensor:
     """Total influence ``[n_query, n_train]``: the sum over modules of :func:`module_scores`
     (same arguments; same convention as ``InfluenceFunction.scores``), accumulated tile
-    by tile without keeping the per-module matrices."""
+    by tile without keeping the per-module matrices. With ``self_sink`` (a list), the
+    self-influence of this rank's training examples is appended to it chunk by chunk,
+    from the same pass over the training gradients."""
     n_query, n_local = num_examples(query, "query"), _shard_size(train)
     _check(model, task, curvature)
     total = _like(model, task).new_zeros(n_query, n_local)
     for _, col, tile in _score_tiles(model, task, curvature, query, train, n_local, chunk_size,
-                                     progress):
+                                     progress, self_sink):
         total[:, col : col + tile.shape[1]] += tile
     return gather_columns(total)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -188,6 +188,45 @@ class InfluenceFunction:
         grads, start, n_local = self._shard_grads(train)
         return sharded_top_k(left, grads, k, n_train=num_examples(train, "train"), start=start, n_local=n_local,
                              largest=largest, query_chunk=self.query_chunk)
+
+    def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
+                  self_influence: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(values, indices, self_influence)``: :meth:`scores` (``indices`` ``None``) or,
+        with ``top_k``, :meth:`top_k`; with ``self_influence``, also :meth:`self_influence`.
+
+        Both come from one pass over the training gradients: each chunk is scored against
+        the queries and dotted with its own preconditioned gradient. The numbers are those
+        of the separate methods. Curvatures whose solve streams over the data (CG, LiSSA)
+        and several query batches (``query_batch``) make the passes separately."""
+        fused = (self_influence and not self.curvature.solve_streams_data
+                 and (self.query_batch is None or num_examples(query, "query") <= self.query_batch))
+        if not fused:
+            si = self.self_influence(train) if self_influence else None
+            if top_k is None:
+                return self.scores(query, train), None, si
+            return (*self.top_k(query, train, top_k), si)
+        ref = next(iter(self.task.parameters(self.model).values()))
+        sink = [torch.empty(0, dtype=ref.dtype, device=ref.device)]  # this rank's self-influence
+        indices = None
+        if top_k is None and isinstance(self.curvature, KroneckerCurvature):
+            values = factored_scores(self.model, self.task, self.curvature, query, train,
+                                     chunk_size=self.chunk_size, progress=self.progress, self_sink=sink)
+        else:
+            left = self.preconditioned_queries(query)
+            grads, start, n_local = self._shard_grads(train)
+            grads = self._teed(grads, sink)
+            if top_k is None:
+                values = gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
+            else:
+                values, indices = sharded_top_k(left, grads, top_k, n_train=num_examples(train, "train"),
+                                                start=start, n_local=n_local, query_chunk=self.query_chunk)
+        return values, indices, gather_columns(torch.cat(sink).unsqueeze(0))[0]
+
+    def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
+        """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""
+        for g in grads:
+            sink.append((self.curvature.solve(g) * g).sum(dim=1))
+            yield g
 
     def self_influence(self, train: DataLike) -> Tensor:
         """``∇ℓ(z_i)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)`` for every training example, ``[n_train]``
