@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from headwater.task import ClassificationTask, RegressionTask, Task
+from headwater.task import ClassificationTask, LanguageModelingTask, RegressionTask, Task
 
 
 @dataclass
@@ -72,6 +72,39 @@ def linear_regression(seed: int = 0, n_train: int = 30, n_query: int = 5) -> Cas
         n_train + n_query, 2, generator=g, dtype=torch.float64)
     task = RegressionTask(weight_decay=1e-3)
     return Case("linreg", model, task, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]))
+
+
+class TinyCausalLM(nn.Module):
+    """Token and position embeddings, one causal self-attention block (q, k, v, o linear
+    layers over ``[B, T, d]``), a tanh MLP on every position and a linear LM head."""
+
+    def __init__(self, vocab: int = 7, d: int = 4, max_len: int = 6) -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.Tanh(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / h.shape[-1] ** 0.5
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+        attn = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        h = h + self.o(attn @ self.v(h))
+        h = h + self.mlp(h)
+        return self.head(h)
+
+
+def causal_lm(seed: int = 0, n_train: int = 16, n_query: int = 4, length: int = 5, prompt: int = 2) -> Case:
+    """A tiny causal language model (7 tokens, width 4; 239 parameters) on random token
+    sequences; queries score only their completion (the first ``prompt`` labels are -100)."""
+    model = _init(TinyCausalLM(max_len=length).double(), seed)
+    g = _gen(seed + 1)
+    ids = torch.randint(0, 7, (n_train + n_query, length), generator=g)
+    labels = ids.clone()
+    labels[n_train:, :prompt] = -100  # queries: -log p(completion | prompt)
+    task = LanguageModelingTask(weight_decay=1e-2)
+    return Case("causal_lm", model, task, (ids[:n_train], labels[:n_train]), (ids[n_train:], labels[n_train:]))
 
 
 CASES = {"mlp": mlp, "cnn": cnn, "linreg": linear_regression}

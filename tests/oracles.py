@@ -68,12 +68,14 @@ def dense_ggn(model: nn.Module, task: Task, data) -> Tensor:
     x, y = data
     total = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype)
     for i in range(x.shape[0]):
+        shape = functional_call(model, _unflat(names, shapes, flat), (x[i : i + 1],)).shape  # [1, *out]
+
         def out_fn(theta, i=i):
             return functional_call(model, _unflat(names, shapes, theta), (x[i : i + 1],)).reshape(-1)
 
         jac = jacobian(out_fn, flat)  # [C, P]
         out = out_fn(flat).detach()
-        h = hessian(lambda o, i=i: task.loss(o.reshape(1, -1), y[i : i + 1]).sum(), out)
+        h = hessian(lambda o, i=i, shape=shape: task.loss(o.reshape(shape), y[i : i + 1]).sum(), out)
         total += jac.T @ h @ jac
     return total / x.shape[0] + task.weight_decay * torch.eye(flat.numel(), dtype=flat.dtype)
 

@@ -4,11 +4,18 @@ __version__ = "0.1.0"
 
 from headwater.api import influence
 from headwater.methods import InfluenceFunction, Scores
-from headwater.task import ClassificationTask, Measurement, RegressionTask, Task
+from headwater.task import (
+    ClassificationTask,
+    LanguageModelingTask,
+    Measurement,
+    RegressionTask,
+    Task,
+)
 
 __all__ = [
     "ClassificationTask",
     "InfluenceFunction",
+    "LanguageModelingTask",
     "Measurement",
     "RegressionTask",
     "Scores",

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ClassificationTask",
+    "LanguageModelingTask",
     "Measurement",
     "RegressionTask",
     "Task",
@@ -105,8 +106,9 @@ class Task(ABC):
         """Per-example training loss ``[B]`` from the output. Its Hessian in the
         output is the middle factor of the GGN."""
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
-        """Targets drawn from the model's predictive distribution (true Fisher)."""
+    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+        """Targets drawn from the model's predictive distribution (true Fisher), shaped like
+        the batch's ``targets`` (given so that a task can keep what they leave unscored)."""
         raise NotImplementedError(f"{type(self).__name__} cannot sample targets for the true Fisher")
 
     def train_loss(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -151,7 +153,7 @@ class ClassificationTask(Task):
             raise ValueError(f"ClassificationTask expects logits [B, C], got shape {tuple(output.shape)}")
         return F.cross_entropy(output, targets.long(), reduction="none")
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
         probs = torch.softmax(output.detach(), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -175,9 +177,77 @@ class RegressionTask(Task):
         diff = output - targets.reshape(output.shape).to(output.dtype)
         return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
         noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
         return output.detach() + noise
+
+
+class LanguageModelingTask(Task):
+    """Next-token cross-entropy of a causal language model, summed over each sequence.
+
+    Inputs are token ids ``[B, T]``; the model returns logits ``[B, T, V]`` (or an object
+    with a ``.logits`` attribute, as Hugging Face models do). ``targets [B, T]`` are the
+    labels aligned with the inputs, like Hugging Face's ``labels``: the logits at
+    position ``t`` predict ``targets[:, t + 1]`` (the shift is done here), and a label
+    equal to ``ignore_index`` is not scored — the prompt of a prompt/completion pair,
+    or padding. Usually ``targets`` is the input ids with those positions replaced.
+
+    A sequence's loss is the sum of its scored tokens' cross-entropies, ``−log p`` of
+    its scored tokens: a negative log-likelihood, so the true Fisher (sampled targets)
+    estimates the GGN. A model trained on the mean over all tokens of a batch has the
+    objective ``(1/tokens per batch) Σ`` of these: the same up to a constant factor.
+    The measurement of a query is the same quantity, so with the prompt masked it is
+    ``−log p(completion | prompt)``, the query function of Grosse et al. 2023; a
+    positive score (proponent) means the training sequence makes the completion more
+    likely.
+
+    The GGN's output block is ``V × V`` per position: K-FAC/EK-FAC's ``"auto"``
+    estimator samples targets from the model (:meth:`sample_targets`, unscored
+    positions stay unscored). Restrict the analysed parameters to the linear layers
+    with ``modules=[...]`` for K-FAC/EK-FAC (embeddings are not a supported block).
+
+    Args:
+        ignore_index: the label of unscored positions (``-100`` as in PyTorch).
+        weight_decay, modules: as :class:`Task`.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, weight_decay: float = 0.0,
+                 modules: Sequence[str] | None = None):
+        super().__init__(weight_decay=weight_decay, modules=modules)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
+    def output(self, model: ModelFn, inputs: Tensor) -> Tensor:
+        out = model(inputs)
+        return getattr(out, "logits", out)
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        if output.dim() != 3:
+            raise ValueError(f"LanguageModelingTask expects logits [B, T, V], got shape {tuple(output.shape)}")
+        if targets.shape != output.shape[:2]:
+            raise ValueError(f"LanguageModelingTask: targets must be token ids [B, T] = {tuple(output.shape[:2])}, "
+                             f"got shape {tuple(targets.shape)}")
+        labels = targets[:, 1:].long()
+        per_token = F.cross_entropy(output[:, :-1].transpose(1, 2), labels, ignore_index=self.ignore_index,
+                                    reduction="none")  # [B, T-1], 0 where unscored
+        return per_token.sum(dim=1)
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+        """Each scored position's next token drawn from the model; unscored ones (and the
+        first position, which nothing predicts) stay ``ignore_index``."""
+        b, t, v = output.shape
+        logits = output[:, :-1].detach()
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).reshape(-1, v)
+        drawn = torch.multinomial(probs, 1, generator=generator).reshape(b, t - 1)
+        sampled = torch.full((b, t), self.ignore_index, dtype=torch.long, device=output.device)
+        sampled[:, 1:] = drawn
+        if targets is not None:
+            sampled[targets.reshape(b, t) == self.ignore_index] = self.ignore_index
+        return sampled
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "ignore_index": self.ignore_index}
 
 
 _MASK64 = (1 << 64) - 1
@@ -191,7 +261,8 @@ def _example_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def sample_per_example(task: Task, output: Tensor, *, seed: int, first: int, draws: int = 1) -> list[Tensor]:
+def sample_per_example(task: Task, output: Tensor, targets: Tensor, *, seed: int, first: int,
+                       draws: int = 1) -> list[Tensor]:
     """``draws`` sets of targets sampled from the model (``task.sample_targets``), each
     like a batch's targets; example ``first + b`` (its global index in the data) draws
     from its own generator seeded by ``(seed, first + b)``.
@@ -205,7 +276,7 @@ def sample_per_example(task: Task, output: Tensor, *, seed: int, first: int, dra
     for b in range(out.shape[0]):
         generator = torch.Generator(device=out.device).manual_seed(_example_seed(seed, first + b))
         for k in range(draws):
-            rows[k].append(task.sample_targets(out[b : b + 1], generator))
+            rows[k].append(task.sample_targets(out[b : b + 1], generator, targets[b : b + 1]))
     return [torch.cat(r) for r in rows]
 
 

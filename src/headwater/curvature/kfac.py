@@ -128,7 +128,7 @@ def _cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
     out = output.detach()
     if kind is MatrixKind.EF or estimator is GGNEstimator.SAMPLED:
         draws = [targets] if kind is MatrixKind.EF else sample_per_example(
-            task, out, seed=seed, first=first, draws=mc_samples)
+            task, out, targets, seed=seed, first=first, draws=mc_samples)
         cots = []
         for y in draws:
             o = out.clone().requires_grad_(True)

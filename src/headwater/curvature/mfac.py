@@ -127,7 +127,7 @@ class MFAC(Curvature):
             x, y = x[: m - taken], y[: m - taken]
             if self.kind is MatrixKind.GGN:
                 with torch.no_grad(), evaluation_mode(model):
-                    y = sample_per_example(task, task.output(bind(model, params), x), seed=self.seed,
+                    y = sample_per_example(task, task.output(bind(model, params), x), y, seed=self.seed,
                                            first=start + taken)[0]
             taken += x.shape[0]
             yield x, y
