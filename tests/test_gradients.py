@@ -36,6 +36,7 @@ def test_module_selection_only_selected():
     assert got.shape == (24, 6 * 3 + 3)
     full = loop_gradients(case.model, case.task, case.train)
     assert_close(got, full[:, -21:], what="last-layer gradients")
+    assert not got.requires_grad  # no autograd graph back to the frozen first layer
 
 
 def test_layout_round_trip():

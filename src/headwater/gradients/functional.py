@@ -14,11 +14,17 @@ __all__ = ["bind", "detached", "evaluation_mode", "first_param", "prepare_batch"
 def bind(model: nn.Module, params: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
     """``inputs -> model(inputs)`` with ``params`` substituted for the named parameters.
 
-    Other parameters and buffers are the model's own. Nothing is written to the model.
+    Other parameters take the model's own values, detached (so nothing computed through
+    ``bind`` keeps an autograd graph back to parameters that are not analysed), and buffers
+    are the model's own. Nothing is written to the model.
     """
+    own = dict(model.named_parameters(remove_duplicate=False))
+    chosen = {id(own[k]) for k in params if k in own}  # a tied alias follows its substitute
+    full = {k: p.detach() for k, p in own.items() if k not in params and id(p) not in chosen}
+    full.update(params)
 
     def call(inputs: Tensor) -> Tensor:
-        return functional_call(model, params, (inputs,), strict=False)
+        return functional_call(model, full, (inputs,), strict=False)
 
     return call
 
