@@ -1,11 +1,11 @@
-# headwater: make demo | make test | make bench
+# headwater: make demo | make test | make bench | make bench-extras
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-extras lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test: setup
 bench:
 	bash bench/setup_peers.sh
 	.venv-bench/bin/python -m bench.run --threads 1 --warmup
+
+# Mislabel detection, TracIn, linearised Laplace and unlearning beside the peers
+# (bench/extras_results.md); same environment.
+bench-extras:
+	bash bench/setup_peers.sh
+	.venv-bench/bin/python -m bench.extras --threads 1 --warmup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -296,12 +296,13 @@ def _build_mlp(dtype, seed):
                          nn.Linear(64, 10)).to(dtype)
 
 
-def _train_mlp(model, X, y, wd, epochs, batch_size, lr, seed):
+def _train_mlp(model, X, y, wd, epochs, batch_size, lr, seed, on_epoch=None):
+    """The ``mlp`` recipe in place; ``on_epoch(epoch, model)`` (1-based) after every epoch."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = X.shape[0]
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch_size):
             idx = perm[s:s + batch_size]
@@ -309,6 +310,8 @@ def _train_mlp(model, X, y, wd, epochs, batch_size, lr, seed):
             # minibatch estimate of the same objective (mean CE + wd/2 ||theta||^2)
             objective(model, X[idx], y[idx], wd).backward()
             opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
     for p in model.parameters():
         p.grad = None
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the bench-only environment .venv-bench (repo root) with torch 2.13.0 (CPU),
-# numpy<2, the reference libraries (pyDVL, Captum, dattri, Kronfluence, TRAK) and, last,
-# headwater itself in editable mode.
+# numpy<2, the reference libraries (pyDVL, Captum, dattri, Kronfluence, TRAK, laplace-torch)
+# and, last, headwater itself in editable mode.
 #
 #   bash bench/setup_peers.sh          # idempotent: a no-op when the stamp is current
 #   FORCE=1 bash bench/setup_peers.sh  # reinstall everything
@@ -54,7 +54,8 @@ if [[ "$peers_ok" == "0" ]]; then
 import importlib, numpy, torch
 assert numpy.__version__.startswith("1."), numpy.__version__
 assert torch.__version__.startswith("2.13.0"), torch.__version__
-for m in ("pydvl.influence", "captum.influence", "dattri", "kronfluence", "trak", "sklearn"):
+for m in ("pydvl.influence", "captum.influence", "dattri", "kronfluence", "trak", "sklearn",
+          "laplace", "curvlinops", "backpack", "asdl"):
     importlib.import_module(m)
 print("[setup_peers] imports ok: torch", torch.__version__, "numpy", numpy.__version__)
 PY
