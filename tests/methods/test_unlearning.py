@@ -9,6 +9,7 @@ from oracles import dense_hessian
 from torch import nn
 
 from headwater.curvature import EKFAC, Exact
+from headwater.gradients.per_example import per_example_gradients
 from headwater.methods import unlearn
 from headwater.task import ClassificationTask
 from headwater.train import minimize_objective
@@ -126,3 +127,24 @@ def test_errors(logreg):
         unlearn(model, task, train, [1], curvature=Exact())
     with pytest.raises(ValueError, match="gradient"):
         unlearn(model, task, train, [1], gradient="all")
+
+
+def test_an_approximate_curvature_is_refitted_on_the_remaining_data(logreg):
+    """EK-FAC's H_{-S} is EK-FAC of the remaining data (not EK-FAC minus exact per-example
+    curvature): the step is (EK-FAC_{-S})⁻¹ Σ_S ∇ℓ̃_i / (n − k), and the fitted curvature
+    passed in is left as it was."""
+    model, task, train, _ = logreg
+    n, k = train[0].shape[0], len(FORGET)
+    full = EKFAC(damping=1e-3).fit(model, task, train)
+    state = copy.deepcopy(full.state)
+    got = _flat(unlearn(model, task, train, FORGET, curvature=full), task)
+    keep = [i for i in range(n) if i not in FORGET]
+    remaining = EKFAC(damping=1e-3).fit(model, task, (train[0][keep], train[1][keep]))
+    theta = _flat(model, task)
+    grads = torch.cat(list(per_example_gradients(model, task, (train[0][FORGET], train[1][FORGET]))))
+    rhs = (grads.sum(dim=0) + k * task.weight_decay * theta) / (n - k)
+    torch.testing.assert_close(got, theta + remaining.solve(rhs), rtol=1e-10, atol=1e-12)
+    assert full.n_examples == n
+    for name in ("eigvals_a", "eigvecs_s", "corrected"):
+        for module, tensor in getattr(state, name).items():
+            assert torch.equal(getattr(full.state, name)[module], tensor)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from headwater.curvature._matfree import subset
 from headwater.curvature.base import Curvature
+from headwater.curvature.exact import Exact
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import conjugate_gradient
 from headwater.data import DataLike, check_indices, num_examples
@@ -124,11 +125,16 @@ def unlearn(
     - ``curvature=None``: the exact curvature of ``kind`` (default the Hessian) of the
       remaining objective ``J_{-S}``, applied by Hessian-vector products over the
       remaining data and inverted by CG to ``tol``;
-    - a fitted ``curvature`` (approximate, e.g. ``EKFAC``, or ``Exact`` of the full
-      data): ``(n·(M + λI) − Σ_{i∈S} (∇²ℓ_i + wd·I))/(n−k)`` with the removed
+    - a fitted exact ``curvature`` (``Exact``, or CG/LiSSA, whose operator is exact) of
+      the full data: ``(n·(M + λI) − Σ_{i∈S} (∇²ℓ_i + wd·I))/(n−k)`` with the removed
       examples' exact curvature (of the curvature's ``kind``) subtracted, inverted by
-      CG preconditioned with ``((n−k)/n)·(M + λI)⁻¹``; with ``correction=False``
-      simply ``H_{-S} ≈ M + λI`` (the plain influence step, no CG).
+      CG preconditioned with ``((n−k)/n)·(M + λI)⁻¹``;
+    - a fitted approximate ``curvature`` (``EKFAC``, ``KFAC``, low-rank, diagonal, ...):
+      a copy with the same settings refitted on the remaining data, so ``H_{-S}`` is
+      the same approximation of ``J_{-S}`` (subtracting exact per-example curvature
+      from an approximation can make it indefinite);
+    - with ``correction=False``: simply ``H_{-S} ≈ M + λI`` (the plain influence
+      step, no CG, no refit).
 
     Args:
         model: the trained model (never modified).
@@ -140,7 +146,8 @@ def unlearn(
             on ``model``, ``task`` and all of ``train``.
         kind: matrix kind of the exact remaining curvature (``curvature=None`` only);
             ``"ggn"`` for non-convex models.
-        correction: subtract the removed examples' curvature from a fitted ``curvature``.
+        correction: make a fitted ``curvature`` that of the remaining data (subtract the
+            removed examples' curvature from an exact one, refit an approximate one).
         gradient: ``"removed"`` (default; the removed examples' gradients, valid when
             θ̂ minimises the training objective) or ``"remaining"`` (the exact gradient
             of ``J_{-S}`` at θ̂ over the remaining data: a true Newton step even
@@ -204,6 +211,14 @@ def unlearn(
             )
         if not correction:
             step = curvature.solve(rhs)
+        elif not (isinstance(curvature, Exact) or curvature.solve_streams_data):
+            # an approximation (K-FAC, EK-FAC, low-rank, diagonal, ...): the exact curvature of
+            # the removed examples is not part of it, and subtracting it can leave an indefinite
+            # matrix (measured: 10x overshoot with EK-FAC on the digits logistic regression);
+            # the same approximation of the remaining data is the consistent H_{-S}
+            refit = copy.deepcopy(curvature)
+            refit.state = None  # nothing of the full-data fit is kept or copied twice
+            step = refit.fit(model, task, subset(train, keep)).solve(rhs)
         else:
             removed = curvature_matvec(
                 model, task, subset(train, idx), curvature.kind, chunk_size=chunk_size
