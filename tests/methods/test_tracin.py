@@ -125,3 +125,50 @@ def test_one_call_api():
         headwater.influence(case.model, case.train, case.query, method="tracin")
     with pytest.raises(ValueError, match="trajectory"):
         headwater.influence(case.model, case.train, case.query, method="hydra")
+
+
+def _lm_linear():
+    from cases import causal_lm
+
+    from headwater.task import LanguageModelingTask
+
+    case = causal_lm()
+    case.task = LanguageModelingTask(weight_decay=1e-2, modules=["q", "k", "v", "o", "mlp", "head"])
+    return case
+
+
+@pytest.mark.parametrize("make", [CASES["mlp"], CASES["cnn"], _lm_linear], ids=["mlp", "cnn", "lm"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_layerwise_products_equal_per_example_gradients(make, renormalize):
+    """Layer by layer (outer products for one-position layers, G for convolutions and token
+    sequences) gives the dot products of the full per-example gradients."""
+    case = make()
+    state = {k: v.clone() for k, v in case.model.state_dict().items()}
+    ckpts = [Checkpoint(state, 0.1, 3), Checkpoint(state, 0.05, 1)]
+    kw = dict(renormalize=renormalize, chunk_size=3)
+    layers = TracIn(case.model, case.task, ckpts, gradients="layers", **kw)
+    g_tr = loop_gradients(case.model, case.task, case.train)
+    g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
+    if renormalize:
+        g_tr, g_q = g_tr / g_tr.norm(dim=1, keepdim=True), g_q / g_q.norm(dim=1, keepdim=True)
+    want = 0.35 * g_q @ g_tr.T
+    assert_close(layers.scores(case.query, case.train), want, rtol=1e-9, atol=1e-12 * float(want.abs().max()),
+                 what="layer-wise scores")
+    assert_close(layers.self_influence(case.train), 0.35 * g_tr.pow(2).sum(1), rtol=1e-9, what="self-influence")
+    vmapped = TracIn(case.model, case.task, ckpts, gradients="vmap", **kw).scores(case.query, case.train)
+    assert_close(vmapped, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), what="vmap scores")
+
+
+def test_unsupported_layers_fall_back_to_vmap_or_raise():
+    from cases import causal_lm
+
+    case = causal_lm()  # embeddings are analysed: no layer-wise path
+    ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1)]
+    auto = TracIn(case.model, case.task, ckpts).scores(case.query, case.train)
+    g_tr = loop_gradients(case.model, case.task, case.train)
+    g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
+    assert_close(auto, 0.1 * g_q @ g_tr.T, rtol=1e-9)
+    with pytest.raises(ValueError, match="modules"):
+        TracIn(case.model, case.task, ckpts, gradients="layers").scores(case.query, case.train)
+    with pytest.raises(ValueError, match="gradients"):
+        TracIn(case.model, case.task, ckpts, gradients="loop")

@@ -42,14 +42,27 @@ from headwater.gradients.per_example import Objective, check_batch, check_values
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["factored_scores", "module_gradients", "module_scores"]
+__all__ = ["factored_scores", "module_factors", "module_gradients", "module_scores"]
 
 
 def module_gradients(model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike, *,
                      objective: Objective | str = Objective.TRAIN, chunk_size: int = 64,
                      name: str = "data", progress: ProgressFn | None = None
                      ) -> Iterator[dict[str, Tensor]]:
-    """Yield per-example block gradients ``{module: [chunk, out, width]}``, in order.
+    """Yield per-example block gradients ``{module: [chunk, out, width]}``, in order
+    (``G = Σ_t s_t ã_tᵀ`` from :func:`module_factors`; same arguments)."""
+    for factors in module_factors(model, task, blocks, data, objective=objective, chunk_size=chunk_size,
+                                  name=name, progress=progress):
+        yield {module: torch.einsum("bto,bti->boi", s, a) for module, (s, a) in factors.items()}
+
+
+def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike, *,
+                   objective: Objective | str = Objective.TRAIN, chunk_size: int = 64,
+                   name: str = "data", progress: ProgressFn | None = None
+                   ) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Yield each block's output gradients and inputs ``{module: (s [chunk, T, out],
+    ã [chunk, T, width])}``, in order: the per-example gradient is ``Σ_t s_t ã_tᵀ``, from
+    one batched forward/backward pass with hooks.
 
     Args:
         model: the model (left unchanged; evaluated in eval mode).
@@ -82,8 +95,7 @@ def module_gradients(model: nn.Module, task: Task, blocks: tuple[Block, ...], da
             signals, acts = cap.signals(values.sum()), cap.activations()
             done += x.shape[0]
             report(progress, f"module gradients ({name})", done, total)
-            yield {b.module: torch.einsum("bto,bti->boi", signals[b.module], acts[b.module])
-                   for b in blocks}
+            yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}
 
 
 def _check(model: nn.Module, task: Task, curvature: KroneckerCurvature) -> None:

@@ -13,6 +13,12 @@ changes ``m(z_q)`` by about ``+score[q, i]/n`` — headwater's one convention
 With ``renormalize=True`` every gradient is divided by its norm at each checkpoint
 *before* the products are summed (gradient-aggregated renormalisation), which
 removes the dominance of high-loss, large-gradient examples.
+
+When every analysed parameter sits in a supported layer (``nn.Linear``, convolutions,
+GPT-2 ``Conv1D``), the products are taken layer by layer from the layers' inputs and
+output gradients (:class:`~headwater.methods.layer_products.LayerGradients`): a layer
+that sees one position per example never forms its per-example gradient. Otherwise
+(or with ``gradients="vmap"``) they come from ``vmap``-ed per-example gradients.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from headwater.curvature.kfac_blocks import Block, find_blocks
 from headwater.data import DataLike, num_examples
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.factored import module_factors
+from headwater.methods.layer_products import LayerGradients
 from headwater.methods.scoring import pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
@@ -64,13 +73,16 @@ class TracIn:
         checkpoints: the :class:`Checkpoint` list (at least one).
         renormalize: divide each gradient by its norm per checkpoint before the dot
             products (Hammoudeh & Lowd 2022).
+        gradients: ``"auto"`` (layer by layer when every analysed parameter is in a
+            supported layer, else ``vmap``), ``"layers"`` (required; raises otherwise) or
+            ``"vmap"``. The numbers are the same up to rounding.
         chunk_size, query_chunk: tile sizes; results do not depend on them.
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
     def __init__(self, model: nn.Module, task: Task, checkpoints: Sequence[Checkpoint], *,
-                 renormalize: bool = False, chunk_size: int = 64, query_chunk: int = 256,
-                 progress: ProgressFn | None = None):
+                 renormalize: bool = False, gradients: str = "auto", chunk_size: int = 64,
+                 query_chunk: int = 256, progress: ProgressFn | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -81,8 +93,10 @@ class TracIn:
         for arg, value in (("chunk_size", chunk_size), ("query_chunk", query_chunk)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        if gradients not in ("auto", "layers", "vmap"):
+            raise ValueError(f"gradients: expected 'auto', 'layers' or 'vmap', got {gradients!r}")
         self.model, self.task, self.checkpoints = model, task, checkpoints
-        self.renormalize = bool(renormalize)
+        self.renormalize, self.gradients = bool(renormalize), gradients
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
 
     def _models(self) -> Iterator[tuple[Checkpoint, nn.Module]]:
@@ -99,14 +113,54 @@ class TracIn:
                                        chunk_size=self.chunk_size, name=name):
             yield g / g.norm(dim=1, keepdim=True).clamp_min(1e-30) if self.renormalize else g
 
+    def _blocks(self, member: nn.Module) -> tuple[Block, ...] | None:
+        """The supported layers holding every analysed parameter, or ``None`` for ``vmap``."""
+        if self.gradients == "vmap":
+            return None
+        try:
+            return find_blocks(member, self.task.parameters(member))
+        except ValueError:
+            if self.gradients == "layers":
+                raise
+            return None
+
+    def _layers(self, member: nn.Module, blocks: tuple[Block, ...], data: DataLike, objective: Objective,
+                name: str) -> Iterator[tuple[LayerGradients, Tensor | None]]:
+        """Per chunk: the layer-wise gradients and, with ``renormalize``, their norms."""
+        for factors in module_factors(member, self.task, blocks, data, objective=objective,
+                                      chunk_size=self.chunk_size, name=name):
+            grads = LayerGradients.of(factors)
+            yield grads, grads.sq_norms().sqrt().clamp_min(1e-30) if self.renormalize else None
+
+    def _layer_scores(self, member: nn.Module, blocks: tuple[Block, ...], query: DataLike, train: DataLike,
+                      n_train: int) -> Tensor:
+        chunks = list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query"))
+        left = LayerGradients.cat([g for g, _ in chunks])
+        left_norms = torch.cat([q for _, q in chunks]).unsqueeze(1) if self.renormalize else None
+        out = None
+        col = 0
+        for right, norms in self._layers(member, blocks, train, Objective.TRAIN, "train"):
+            tile = left.dot(right)
+            if out is None:
+                out = tile.new_empty(len(left), n_train)
+            if norms is not None:
+                tile = tile / left_norms / norms.unsqueeze(0)
+            out[:, col : col + tile.shape[1]] = tile
+            col += tile.shape[1]
+        return out
+
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``."""
         n_train = num_examples(train, "train")
         total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
-            left = c.weight * torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
-            part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train"), n_train,
-                            query_chunk=self.query_chunk)
+            blocks = self._blocks(member)
+            if blocks is not None:
+                part = c.weight * self._layer_scores(member, blocks, query, train, n_train)
+            else:
+                left = c.weight * torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
+                part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train"), n_train,
+                                query_chunk=self.query_chunk)
             total = part if total is None else total + part
             report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
         return total
@@ -116,11 +170,20 @@ class TracIn:
         al.'s signal for mislabeled examples; constant with ``renormalize``)."""
         total: Tensor | None = None
         for c, member in self._models():
-            part = c.weight * torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
+            blocks = self._blocks(member)
+            if blocks is not None:
+                norms = [g.sq_norms() for g, _ in self._layers(member, blocks, train, Objective.TRAIN, "train")]
+                sq = torch.cat(norms)
+                if self.renormalize:  # ‖g/‖g‖‖² (0 for a zero gradient, as with vmap)
+                    sq = sq / sq.clamp_min(1e-60)
+            else:
+                sq = torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
+            part = c.weight * sq
             total = part if total is None else total + part
         return total
 
     def settings(self) -> dict:
-        return {"method": "tracin", "renormalize": self.renormalize, "n_checkpoints": len(self.checkpoints),
+        return {"method": "tracin", "renormalize": self.renormalize, "gradients": self.gradients,
+                "n_checkpoints": len(self.checkpoints),
                 "lrs": [c.lr for c in self.checkpoints], "steps": [c.steps for c in self.checkpoints],
                 "task": self.task.to_dict(), "chunk_size": self.chunk_size}

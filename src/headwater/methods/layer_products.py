@@ -1,0 +1,88 @@
+"""Inner products of per-example gradients, layer by layer, without forming them where possible.
+
+For a block (a supported layer, :mod:`headwater.curvature.kfac_blocks`) the gradient of
+example ``i`` is ``G_i = Σ_t s_it ã_itᵀ``. When the layer sees one position per example
+(a ``Linear`` layer on feature vectors) it is an outer product, so
+
+    ⟨G_q, G_i⟩ = (s_q · s_i)(ã_q · ã_i),        ‖G_i‖² = ‖s_i‖² ‖ã_i‖²,
+
+``out + width`` numbers per example instead of ``out · width``: a ``[n_q, n_i]`` tile
+costs two small matrix products and an elementwise product, and no ``[n, P]``
+gradient matrix is ever held. Blocks with several positions (token sequences,
+convolutions) form ``G_i`` (one ``[B, out, width]`` einsum per chunk) and take plain
+dot products. The sum over blocks is the dot product of the full gradients, so the
+numbers equal those of :func:`~headwater.gradients.per_example.per_example_gradients`
+up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerGradients"]
+
+Part = tuple[Tensor, Tensor] | Tensor  # (s [N, out], ã [N, width]) or G [N, out·width]
+
+
+def _full(part: Part) -> Tensor:
+    if isinstance(part, Tensor):
+        return part
+    s, a = part
+    return torch.einsum("bo,bi->boi", s, a).flatten(1)
+
+
+@dataclass(frozen=True)
+class LayerGradients:
+    """Per-example gradients of ``N`` examples, block by block (see the module docs)."""
+
+    parts: dict[str, Part]
+
+    @classmethod
+    def of(cls, factors: dict[str, tuple[Tensor, Tensor]]) -> LayerGradients:
+        """From :func:`~headwater.methods.factored.module_factors`' ``{module: (s [B, T, out],
+        ã [B, T, width])}``: kept as factors when ``T = 1``, else summed into ``G``."""
+        parts: dict[str, Part] = {}
+        for module, (s, a) in factors.items():
+            parts[module] = (s[:, 0], a[:, 0]) if s.shape[1] == 1 else \
+                torch.einsum("bto,bti->boi", s, a).flatten(1)
+        return cls(parts)
+
+    @classmethod
+    def cat(cls, chunks: Sequence[LayerGradients]) -> LayerGradients:
+        """The examples of every chunk, in order."""
+        parts: dict[str, Part] = {}
+        for module in chunks[0].parts:
+            pieces = [c.parts[module] for c in chunks]
+            if all(isinstance(p, tuple) for p in pieces):
+                parts[module] = (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
+            else:
+                parts[module] = torch.cat([_full(p) for p in pieces])
+        return cls(parts)
+
+    def __len__(self) -> int:
+        first = next(iter(self.parts.values()))
+        return (first[0] if isinstance(first, tuple) else first).shape[0]
+
+    def sq_norms(self) -> Tensor:
+        """``‖g_i‖²`` over every block, ``[N]``."""
+        total = None
+        for part in self.parts.values():
+            sq = part[0].pow(2).sum(1) * part[1].pow(2).sum(1) if isinstance(part, tuple) else part.pow(2).sum(1)
+            total = sq if total is None else total + sq
+        return total
+
+    def dot(self, other: LayerGradients) -> Tensor:
+        """``⟨g_q, g_i⟩`` for every pair, ``[N_self, N_other]``."""
+        total = None
+        for module, mine in self.parts.items():
+            theirs = other.parts[module]
+            if isinstance(mine, tuple) and isinstance(theirs, tuple):
+                tile = (mine[0] @ theirs[0].T) * (mine[1] @ theirs[1].T)
+            else:
+                tile = _full(mine) @ _full(theirs).T
+            total = tile if total is None else total + tile
+        return total
