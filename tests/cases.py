@@ -95,10 +95,14 @@ class TinyCausalLM(nn.Module):
         return self.head(h)
 
 
-def causal_lm(seed: int = 0, n_train: int = 16, n_query: int = 4, length: int = 5, prompt: int = 2) -> Case:
+def causal_lm(seed: int = 0, n_train: int = 16, n_query: int = 4, length: int = 5, prompt: int = 2,
+              tied: bool = False) -> Case:
     """A tiny causal language model (7 tokens, width 4; 239 parameters) on random token
-    sequences; queries score only their completion (the first ``prompt`` labels are -100)."""
+    sequences; queries score only their completion (the first ``prompt`` labels are -100).
+    ``tied``: the head's weight is the token embedding (as in GPT-2)."""
     model = _init(TinyCausalLM(max_len=length).double(), seed)
+    if tied:
+        model.head.weight = model.embed.weight
     g = _gen(seed + 1)
     ids = torch.randint(0, 7, (n_train + n_query, length), generator=g)
     labels = ids.clone()

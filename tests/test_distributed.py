@@ -127,6 +127,11 @@ def _compute(store_dir: Path) -> dict[str, Tensor | int]:
         headwater.influence(model, train, query, **options)
     _remove_stale(store_dir / "stored_projected")
     out["stored_projected/refit"] = headwater.influence(model, train, query, **options).values
+    # any other failure on one rank (an unreadable sidecar) also stops every rank, not only that one
+    if rank == size - 1:
+        next(store_dir.glob("stored_projected-train*.json")).write_text("{not json")
+    with pytest.raises(ValueError if rank == size - 1 else RuntimeError, match="store"):
+        headwater.influence(model, train, query, **options)
     result = headwater.influence(model, train, query, task=task, curvature="ekfac", top_k=3,
                                  self_influence=True, chunk_size=CHUNK)
     out["api/values"], out["api/indices"] = result.values, result.indices

@@ -46,3 +46,17 @@ def test_layout_round_trip():
     assert flat.shape == (10,)
     back = layout.unflatten(flat)
     assert all(torch.equal(back[k], params[k]) for k in params)
+
+
+@pytest.mark.parametrize("modules", [["q", "k", "v", "o", "mlp"], ["embed"], None])
+def test_tied_weights(modules):
+    """The head shares the embedding's weight (GPT-2): with or without the tied tensor among
+    the analysed parameters, its every use counts, as in a loop of backward passes."""
+    from cases import causal_lm
+
+    from headwater.task import LanguageModelingTask
+
+    case = causal_lm(tied=True)
+    task = LanguageModelingTask(modules=modules)
+    got = stack_gradients(case.model, task, case.train, chunk_size=5)
+    assert_close(got, loop_gradients(case.model, task, case.train), rtol=1e-10, what=f"tied, {modules}")

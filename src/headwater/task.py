@@ -11,6 +11,7 @@ The library applies every reduction itself; a task never averages over the batch
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -204,7 +205,9 @@ class LanguageModelingTask(Task):
     The GGN's output block is ``V × V`` per position: K-FAC/EK-FAC's ``"auto"``
     estimator samples targets from the model (:meth:`sample_targets`, unscored
     positions stay unscored). Restrict the analysed parameters to the linear layers
-    with ``modules=[...]`` for K-FAC/EK-FAC (embeddings are not a supported block).
+    with ``modules=[...]`` for K-FAC/EK-FAC (embeddings are not a supported block); their
+    input factor averages over every position, padded ones included, so fit them on
+    sequences of equal length rather than padded ones.
 
     Args:
         ignore_index: the label of unscored positions (``-100`` as in PyTorch).
@@ -272,12 +275,22 @@ def sample_per_example(task: Task, output: Tensor, targets: Tensor, *, seed: int
     ranks: a sampled true-Fisher estimate is the same with one process or several.
     """
     out = output.detach()
+    with_targets = _takes_targets(task)
     rows: list[list[Tensor]] = [[] for _ in range(draws)]
     for b in range(out.shape[0]):
         generator = torch.Generator(device=out.device).manual_seed(_example_seed(seed, first + b))
         for k in range(draws):
-            rows[k].append(task.sample_targets(out[b : b + 1], generator, targets[b : b + 1]))
+            rows[k].append(task.sample_targets(out[b : b + 1], generator, targets[b : b + 1]) if with_targets
+                           else task.sample_targets(out[b : b + 1], generator))
     return [torch.cat(r) for r in rows]
+
+
+def _takes_targets(task: Task) -> bool:
+    """Whether ``task.sample_targets`` accepts the batch's targets (a subclass written for
+    the earlier ``sample_targets(output, generator)`` does not)."""
+    params = inspect.signature(task.sample_targets).parameters.values()
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3 or any(
+        p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def default_task(targets: Tensor, *, weight_decay: float = 0.0) -> Task:

@@ -284,3 +284,17 @@ def test_registered_and_one_call_api():
     case = CASES["mlp"]()
     scores = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac")
     assert scores.values.shape == (5, 24) and torch.isfinite(scores.values).all()
+
+
+def test_a_task_written_for_the_two_argument_sample_targets_still_samples():
+    """``sample_targets(output, generator)`` (before it also received the targets) still works."""
+    case = CASES["mlp"]()
+
+    class OldTask(type(case.task)):
+        def sample_targets(self, output, generator):
+            return torch.multinomial(torch.softmax(output, dim=-1), 1, generator=generator).squeeze(-1)
+
+    old = OldTask(weight_decay=case.task.weight_decay)
+    a = KFAC(damping=1e-3, ggn_estimator="sampled", seed=4).fit(case.model, old, case.train)
+    b = KFAC(damping=1e-3, ggn_estimator="sampled", seed=4).fit(case.model, case.task, case.train)
+    assert_close(_dense(a, 51), _dense(b, 51), rtol=1e-12)  # the same draws as the built-in task

@@ -58,9 +58,9 @@ def test_exact_influence_matches_the_dense_ggn_oracle():
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
 def test_factored_curvature_over_token_positions(cls):
-    """K-FAC/EK-FAC on the attention and MLP linear layers ([B, T, d] inputs): block scores sum
-    to the flat influence with the same curvature, and EK-FAC is no farther from the exact
-    block-diagonal GGN than K-FAC."""
+    """K-FAC/EK-FAC on the attention and MLP linear layers ([B, T, d] inputs): every linear
+    layer is a block, and the block scores (from hooked per-position inputs and output
+    gradients) sum to the flat influence with the same curvature (vmap gradients)."""
     case = causal_lm()
     task = LanguageModelingTask(weight_decay=1e-2, modules=LINEAR)
     curv = cls(damping=1e-3, ggn_estimator="exact", chunk_size=5).fit(case.model, task, case.train)

@@ -143,18 +143,25 @@ def test_layerwise_products_equal_per_example_gradients(make, renormalize):
     """Layer by layer (outer products for one-position layers, G for convolutions and token
     sequences) gives the dot products of the full per-example gradients."""
     case = make()
-    state = {k: v.clone() for k, v in case.model.state_dict().items()}
-    ckpts = [Checkpoint(state, 0.1, 3), Checkpoint(state, 0.05, 1)]
+    g = torch.Generator().manual_seed(5)
+    states = [{k: v.clone() + 0.1 * i * torch.randn(v.shape, generator=g, dtype=v.dtype)
+               for k, v in case.model.state_dict().items()} for i in range(2)]
+    ckpts = [Checkpoint(states[0], 0.1, 3), Checkpoint(states[1], 0.05, 1)]
     kw = dict(renormalize=renormalize, chunk_size=3)
     layers = TracIn(case.model, case.task, ckpts, gradients="layers", **kw)
-    g_tr = loop_gradients(case.model, case.task, case.train)
-    g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
-    if renormalize:
-        g_tr, g_q = g_tr / g_tr.norm(dim=1, keepdim=True), g_q / g_q.norm(dim=1, keepdim=True)
-    want = 0.35 * g_q @ g_tr.T
+    want, want_self = 0.0, 0.0
+    for c, state in zip(ckpts, states, strict=True):  # each checkpoint's own gradients
+        model = copy.deepcopy(case.model)
+        model.load_state_dict(state)
+        g_tr = loop_gradients(model, case.task, case.train)
+        g_q = loop_gradients(model, case.task, case.query, measurement=True)
+        if renormalize:
+            g_tr, g_q = g_tr / g_tr.norm(dim=1, keepdim=True), g_q / g_q.norm(dim=1, keepdim=True)
+        want = want + c.weight * g_q @ g_tr.T
+        want_self = want_self + c.weight * g_tr.pow(2).sum(1)
     assert_close(layers.scores(case.query, case.train), want, rtol=1e-9, atol=1e-12 * float(want.abs().max()),
                  what="layer-wise scores")
-    assert_close(layers.self_influence(case.train), 0.35 * g_tr.pow(2).sum(1), rtol=1e-9, what="self-influence")
+    assert_close(layers.self_influence(case.train), want_self, rtol=1e-9, what="self-influence")
     vmapped = TracIn(case.model, case.task, ckpts, gradients="vmap", **kw).scores(case.query, case.train)
     assert_close(vmapped, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), what="vmap scores")
 
@@ -172,3 +179,52 @@ def test_unsupported_layers_fall_back_to_vmap_or_raise():
         TracIn(case.model, case.task, ckpts, gradients="layers").scores(case.query, case.train)
     with pytest.raises(ValueError, match="gradients"):
         TracIn(case.model, case.task, ckpts, gradients="loop")
+
+
+class _OutsideUse(nn.Module):
+    """``b``'s weight is also used by a plain ``F.linear`` outside ``b``'s forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + 0.5 * nn.functional.linear(h.flip(1), self.b.weight)
+
+
+@pytest.mark.parametrize("model", ["tied", "outside"])
+def test_layer_path_is_not_used_where_it_would_miss_a_use(model):
+    """Tied weights, or a parameter used outside its module: ``"auto"`` falls back to vmap
+    (exact), ``"layers"`` refuses."""
+    from cases import causal_lm
+
+    if model == "tied":  # two supported layers share one weight
+        case = causal_lm()
+        case.model.k.weight = case.model.q.weight
+        case.task.modules = ("q", "k", "v", "o", "mlp", "head")
+    else:
+        case = CASES["mlp"]()
+        torch.manual_seed(0)
+        case.model = _OutsideUse().double()
+    ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1)]
+    g_tr = loop_gradients(case.model, case.task, case.train)
+    g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
+    auto = TracIn(case.model, case.task, ckpts)
+    assert_close(auto.scores(case.query, case.train), 0.1 * g_q @ g_tr.T, rtol=1e-9)
+    assert_close(auto.self_influence(case.train), 0.1 * g_tr.pow(2).sum(1), rtol=1e-9)
+    with pytest.raises(ValueError, match="gradients"):
+        TracIn(case.model, case.task, ckpts, gradients="layers").scores(case.query, case.train)
+
+
+def test_renormalized_self_influence_of_a_zero_gradient_is_zero():
+    """float32, a training example whose loss has no gradient: 0, not NaN (as with vmap)."""
+    case = CASES["linreg"]()
+    model = case.model.float()
+    x, y = case.train[0].float(), case.train[1].float()
+    y[0] = model(x[:1]).detach()[0]  # zero residual: zero gradient
+    ckpts = [Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    for gradients in ("layers", "vmap"):
+        si = TracIn(model, case.task, ckpts, renormalize=True, gradients=gradients).self_influence((x, y))
+        assert torch.isfinite(si).all() and float(si[0]) < 1e-6, (gradients, si[:3])
+        assert_close(si[1:], torch.full_like(si[1:], 0.1), rtol=1e-5)

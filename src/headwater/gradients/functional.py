@@ -20,7 +20,9 @@ def bind(model: nn.Module, params: dict[str, Tensor]) -> Callable[[Tensor], Tens
     """
     own = dict(model.named_parameters(remove_duplicate=False))
     chosen = {id(own[k]) for k in params if k in own}  # a tied alias follows its substitute
-    full = {k: p.detach() for k, p in own.items() if k not in params and id(p) not in chosen}
+    detached: dict[int, Tensor] = {}  # tied names of a parameter share one detached tensor
+    full = {k: detached.setdefault(id(p), p.detach()) for k, p in own.items()
+            if k not in params and id(p) not in chosen}
     full.update(params)
 
     def call(inputs: Tensor) -> Tensor:

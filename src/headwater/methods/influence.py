@@ -225,8 +225,12 @@ class InfluenceFunction:
     def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
         """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""
         for g in grads:
-            sink.append((self.curvature.solve(g) * g).sum(dim=1))
+            sink.append(self._self_dots(g))
             yield g
+
+    def _self_dots(self, g: Tensor) -> Tensor:
+        """``gᵢᵀ (M + λI)⁻¹ gᵢ`` for each row of a chunk ``[B, P]``."""
+        return (self.curvature.solve(g) * g).sum(dim=1)
 
     def self_influence(self, train: DataLike) -> Tensor:
         """``∇ℓ(z_i)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)`` for every training example, ``[n_train]``
@@ -243,7 +247,7 @@ class InfluenceFunction:
         ref = next(iter(self.task.parameters(self.model).values()))
         out, done = [torch.empty(0, dtype=ref.dtype, device=ref.device)], 0
         for g in grads:
-            out.append((self.curvature.solve(g) * g).sum(dim=1))
+            out.append(self._self_dots(g))
             done += g.shape[0]
             report(self.progress, "self-influence", done, n)
         local = torch.cat(out)  # [n]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature.kfac_blocks import Block, find_blocks
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import module_factors
 from headwater.methods.layer_products import LayerGradients
@@ -41,6 +41,8 @@ from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = ["Checkpoint", "TracIn"]
+
+_PROBE = 4  # examples whose layer-wise gradient norms are checked against vmap's ("auto")
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,12 @@ class TracIn:
         renormalize: divide each gradient by its norm per checkpoint before the dot
             products (Hammoudeh & Lowd 2022).
         gradients: ``"auto"`` (layer by layer when every analysed parameter is in a
-            supported layer, else ``vmap``), ``"layers"`` (required; raises otherwise) or
-            ``"vmap"``. The numbers are the same up to rounding.
-        chunk_size, query_chunk: tile sizes; results do not depend on them.
+            supported layer and a check on a few examples agrees with ``vmap``, else
+            ``vmap``), ``"layers"`` (required: raises ``ValueError`` where ``"auto"``
+            would fall back) or ``"vmap"``. The
+            numbers are the same up to rounding.
+        chunk_size: examples per gradient step; results do not depend on it.
+        query_chunk: query rows per scoring tile of the ``vmap`` path.
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
@@ -113,16 +118,37 @@ class TracIn:
                                        chunk_size=self.chunk_size, name=name):
             yield g / g.norm(dim=1, keepdim=True).clamp_min(1e-30) if self.renormalize else g
 
-    def _blocks(self, member: nn.Module) -> tuple[Block, ...] | None:
-        """The supported layers holding every analysed parameter, or ``None`` for ``vmap``."""
+    def _blocks(self, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
+        """The supported layers holding every analysed parameter, or ``None`` for ``vmap``.
+
+        The layer-wise products see a parameter only through its module's forward, so
+        ``"auto"`` also falls back to ``vmap`` when an analysed parameter is shared by
+        several names (tied weights) or when the layer-wise squared gradient norms of the
+        first few ``probe`` examples differ from ``vmap``'s (a parameter also used
+        outside its module, a module whose forward hook never runs)."""
         if self.gradients == "vmap":
             return None
         try:
-            return find_blocks(member, self.task.parameters(member))
-        except ValueError:
+            params = self.task.parameters(member)
+            blocks = find_blocks(member, params)
+            analysed = {id(p) for p in params.values()}
+            if sum(id(p) in analysed for _, p in member.named_parameters(remove_duplicate=False)) > len(params):
+                raise ValueError("gradients: an analysed parameter is shared by several names (tied weights); "
+                                 "the layer-wise products would count one use only: use gradients='vmap'")
+            self._check_layers(member, blocks, probe)
+        except (ValueError, RuntimeError):
             if self.gradients == "layers":
                 raise
             return None
+        return blocks
+
+    def _check_layers(self, member: nn.Module, blocks: tuple[Block, ...], probe: DataLike) -> None:
+        few = next(iter_batches(probe, _PROBE, "train"))
+        want = next(per_example_gradients(member, self.task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
+        got = LayerGradients.of(next(module_factors(member, self.task, blocks, few, chunk_size=_PROBE,
+                                                    name="train"))).sq_norms()
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.max())):
+            raise ValueError("gradients: the layer-wise gradients miss part of the per-example gradients")
 
     def _layers(self, member: nn.Module, blocks: tuple[Block, ...], data: DataLike, objective: Objective,
                 name: str) -> Iterator[tuple[LayerGradients, Tensor | None]]:
@@ -154,7 +180,7 @@ class TracIn:
         n_train = num_examples(train, "train")
         total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
-            blocks = self._blocks(member)
+            blocks = self._blocks(member, train)
             if blocks is not None:
                 part = c.weight * self._layer_scores(member, blocks, query, train, n_train)
             else:
@@ -170,12 +196,12 @@ class TracIn:
         al.'s signal for mislabeled examples; constant with ``renormalize``)."""
         total: Tensor | None = None
         for c, member in self._models():
-            blocks = self._blocks(member)
+            blocks = self._blocks(member, train)
             if blocks is not None:
                 norms = [g.sq_norms() for g, _ in self._layers(member, blocks, train, Objective.TRAIN, "train")]
                 sq = torch.cat(norms)
                 if self.renormalize:  # ‖g/‖g‖‖² (0 for a zero gradient, as with vmap)
-                    sq = sq / sq.clamp_min(1e-60)
+                    sq = sq / sq.clamp_min(torch.finfo(sq.dtype).tiny)
             else:
                 sq = torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
             part = c.weight * sq

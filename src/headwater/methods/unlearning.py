@@ -216,8 +216,11 @@ def unlearn(
             # the removed examples is not part of it, and subtracting it can leave an indefinite
             # matrix (measured: 10x overshoot with EK-FAC on the digits logistic regression);
             # the same approximation of the remaining data is the consistent H_{-S}
-            refit = copy.deepcopy(curvature)
-            refit.state = None  # nothing of the full-data fit is kept or copied twice
+            state, curvature.state = curvature.state, None  # copy the settings, not the fitted state
+            try:
+                refit = copy.deepcopy(curvature)
+            finally:
+                curvature.state = state
             step = refit.fit(model, task, subset(train, keep)).solve(rhs)
         else:
             removed = curvature_matvec(

@@ -52,22 +52,28 @@ def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> Store
 
 
 def on_every_rank(open_store: Callable[[], T], path: Any) -> T:
-    """``open_store()``, refused on every rank when it is refused on any.
+    """``open_store()``, failing on every rank when it fails on any.
 
     Under ``torch.distributed`` each rank may open its own file (``path``): when one
-    rank's raises :class:`StoreMismatchError`, the others raise one too instead of
-    going on into a collective step that rank never reaches (collective; with one
-    process it is just ``open_store()``)."""
-    error: StoreMismatchError | None = None
+    rank's raises, the others raise too instead of going on into a collective step
+    that rank never reaches — :class:`StoreMismatchError` on every rank when each
+    failure is a mismatch (so the ranks can refit together), else the failing rank's
+    own error and ``RuntimeError`` on the others (collective; with one process it is
+    just ``open_store()``)."""
+    error: Exception | None = None
     try:
         result = open_store()
-    except StoreMismatchError as err:
+    except Exception as err:  # any failure: the other ranks must not wait for this one
         error = err
-    if not all_ranks(error is None):
-        raise error or StoreMismatchError(
+    if all_ranks(error is None):
+        return result
+    if all_ranks(error is None or isinstance(error, StoreMismatchError)):
+        raise error or StoreMismatchError(  # every rank refuses; e.g. the CLI refits together
             f"store: another rank's file beside {path} was written with other settings; "
             "delete the store or use another path")
-    return result
+    if error is not None:
+        raise error
+    raise RuntimeError(f"store: another rank failed to open its file beside {path} (see that rank's error)")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
