@@ -119,3 +119,32 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
     api = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=curvature,
                               damping=1e-2, chunk_size=5, top_k=top_k, self_influence=True)
     assert_close(api.self_influence, want_si, rtol=1e-10, what="API self-influence")
+
+
+def test_ekfac_scores_use_whole_gradients_when_layers_miss_a_use():
+    """A weight also used outside its module: block-by-block scoring from hooked layer
+    gradients would miss that use, so EK-FAC scores come from the whole (vmap) gradients."""
+    from torch import nn
+
+    from headwater.curvature import EKFAC
+
+    class OutsideUse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h) + 0.5 * nn.functional.linear(h.flip(1), self.b.weight)
+
+    case = CASES["mlp"]()
+    torch.manual_seed(0)
+    model = OutsideUse().double()
+    est = InfluenceFunction(model, case.task, EKFAC(damping=1e-2), chunk_size=5).fit(case.train)
+    g_tr = loop_gradients(model, case.task, case.train)
+    g_q = loop_gradients(model, case.task, case.query, measurement=True)
+    want = g_q @ est.curvature.solve(g_tr).T
+    assert_close(est.scores(case.query, case.train), want, rtol=1e-9)
+    values, _, si = est.attribute(case.query, case.train, self_influence=True)
+    assert_close(values, want, rtol=1e-9)
+    assert_close(si, (g_tr * est.curvature.solve(g_tr)).sum(1), rtol=1e-9)

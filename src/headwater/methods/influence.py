@@ -17,6 +17,7 @@ from headwater.distributed import all_ranks, barrier, gather_columns, shard, sha
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import factored_scores
+from headwater.methods.layer_products import layer_blocks
 from headwater.methods.scoring import pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
@@ -170,7 +171,7 @@ class InfluenceFunction:
         batched = self._by_query_batch(query, lambda batch: (self.scores(batch, train),))
         if batched is not None:
             return batched[0]
-        if isinstance(self.curvature, KroneckerCurvature):
+        if self._factored(train):
             return factored_scores(self.model, self.task, self.curvature, query, train,
                                    chunk_size=self.chunk_size, progress=self.progress)
         left = self.preconditioned_queries(query)
@@ -208,7 +209,7 @@ class InfluenceFunction:
         ref = next(iter(self.task.parameters(self.model).values()))
         sink = [torch.empty(0, dtype=ref.dtype, device=ref.device)]  # this rank's self-influence
         indices = None
-        if top_k is None and isinstance(self.curvature, KroneckerCurvature):
+        if top_k is None and self._factored(train):
             values = factored_scores(self.model, self.task, self.curvature, query, train,
                                      chunk_size=self.chunk_size, progress=self.progress, self_sink=sink)
         else:
@@ -221,6 +222,18 @@ class InfluenceFunction:
                 values, indices = sharded_top_k(left, grads, top_k, n_train=num_examples(train, "train"),
                                                 start=start, n_local=n_local, query_chunk=self.query_chunk)
         return values, indices, gather_columns(torch.cat(sink).unsqueeze(0))[0]
+
+    def _factored(self, train: DataLike) -> bool:
+        """Score K-FAC/EK-FAC block by block from hooked layer gradients, unless those would
+        miss a use of a parameter (:func:`~headwater.methods.layer_products.layer_blocks`):
+        then the flat path with ``vmap`` gradients."""
+        if not isinstance(self.curvature, KroneckerCurvature):
+            return False
+        try:
+            layer_blocks(self.model, self.task, train)
+        except ValueError:
+            return False
+        return True
 
     def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
         """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""

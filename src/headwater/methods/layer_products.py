@@ -21,9 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["LayerGradients"]
+from headwater.curvature.kfac_blocks import Block, find_blocks
+from headwater.data import DataLike, iter_batches
+from headwater.gradients.per_example import per_example_gradients
+from headwater.methods.factored import module_factors
+from headwater.task import Task
+
+__all__ = ["LayerGradients", "layer_blocks"]
+
+_PROBE = 4  # examples whose layer-wise gradient norms are checked against vmap's
 
 Part = tuple[Tensor, Tensor] | Tensor  # (s [N, out], ã [N, width]) or G [N, out·width]
 
@@ -86,3 +94,35 @@ class LayerGradients:
                 tile = _full(mine) @ _full(theirs).T
             total = tile if total is None else total + tile
         return total
+
+
+def layer_blocks(model: nn.Module, task: Task, probe: DataLike) -> tuple[Block, ...]:
+    """The supported layers holding every analysed parameter, when layer-wise gradients
+    (hooked inputs and output gradients) are the whole per-example gradients.
+
+    They see a parameter only through its module's forward, so this also refuses an
+    analysed parameter shared by several names (tied weights) and checks the first few
+    ``probe`` examples' squared gradient norms against ``vmap``'s (a parameter also used
+    outside its module, a module whose forward hook never runs).
+
+    Raises:
+        ValueError: naming ``gradients`` when the layer-wise gradients would be incomplete
+            (or ``modules`` when a parameter is outside a supported layer).
+    """
+    params = task.parameters(model)
+    blocks = find_blocks(model, params)
+    analysed = {id(p) for p in params.values()}
+    if sum(id(p) in analysed for _, p in model.named_parameters(remove_duplicate=False)) > len(params):
+        raise ValueError("gradients: an analysed parameter is shared by several names (tied weights); "
+                         "the layer-wise gradients would count one use only")
+    few = next(iter_batches(probe, _PROBE, "train"))
+    want = next(per_example_gradients(model, task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
+    try:
+        got = LayerGradients.of(next(module_factors(model, task, blocks, few, chunk_size=_PROBE,
+                                                    name="train"))).sq_norms()
+    except RuntimeError as err:  # e.g. a module whose forward hook never ran
+        raise ValueError(f"gradients: the layer-wise gradients cannot be taken: {err}") from err
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.max())):
+        raise ValueError("gradients: the layer-wise gradients miss part of the per-example gradients "
+                         "(a parameter used outside its module?)")
+    return blocks

@@ -31,18 +31,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block, find_blocks
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.curvature.kfac_blocks import Block
+from headwater.data import DataLike, num_examples
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import module_factors
-from headwater.methods.layer_products import LayerGradients
+from headwater.methods.layer_products import LayerGradients, layer_blocks
 from headwater.methods.scoring import pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = ["Checkpoint", "TracIn"]
-
-_PROBE = 4  # examples whose layer-wise gradient norms are checked against vmap's ("auto")
 
 
 @dataclass(frozen=True)
@@ -119,36 +117,16 @@ class TracIn:
             yield g / g.norm(dim=1, keepdim=True).clamp_min(1e-30) if self.renormalize else g
 
     def _blocks(self, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
-        """The supported layers holding every analysed parameter, or ``None`` for ``vmap``.
-
-        The layer-wise products see a parameter only through its module's forward, so
-        ``"auto"`` also falls back to ``vmap`` when an analysed parameter is shared by
-        several names (tied weights) or when the layer-wise squared gradient norms of the
-        first few ``probe`` examples differ from ``vmap``'s (a parameter also used
-        outside its module, a module whose forward hook never runs)."""
+        """The supported layers holding every analysed parameter, or ``None`` for ``vmap``
+        (see :func:`~headwater.methods.layer_products.layer_blocks`)."""
         if self.gradients == "vmap":
             return None
         try:
-            params = self.task.parameters(member)
-            blocks = find_blocks(member, params)
-            analysed = {id(p) for p in params.values()}
-            if sum(id(p) in analysed for _, p in member.named_parameters(remove_duplicate=False)) > len(params):
-                raise ValueError("gradients: an analysed parameter is shared by several names (tied weights); "
-                                 "the layer-wise products would count one use only: use gradients='vmap'")
-            self._check_layers(member, blocks, probe)
-        except (ValueError, RuntimeError):
+            return layer_blocks(member, self.task, probe)
+        except ValueError:
             if self.gradients == "layers":
                 raise
             return None
-        return blocks
-
-    def _check_layers(self, member: nn.Module, blocks: tuple[Block, ...], probe: DataLike) -> None:
-        few = next(iter_batches(probe, _PROBE, "train"))
-        want = next(per_example_gradients(member, self.task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
-        got = LayerGradients.of(next(module_factors(member, self.task, blocks, few, chunk_size=_PROBE,
-                                                    name="train"))).sq_norms()
-        if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.max())):
-            raise ValueError("gradients: the layer-wise gradients miss part of the per-example gradients")
 
     def _layers(self, member: nn.Module, blocks: tuple[Block, ...], data: DataLike, objective: Objective,
                 name: str) -> Iterator[tuple[LayerGradients, Tensor | None]]:
