@@ -298,3 +298,36 @@ def test_a_task_written_for_the_two_argument_sample_targets_still_samples():
     a = KFAC(damping=1e-3, ggn_estimator="sampled", seed=4).fit(case.model, old, case.train)
     b = KFAC(damping=1e-3, ggn_estimator="sampled", seed=4).fit(case.model, case.task, case.train)
     assert_close(_dense(a, 51), _dense(b, 51), rtol=1e-12)  # the same draws as the built-in task
+
+
+def test_ekfac_correction_takes_fresh_sampled_targets():
+    """Sampled EK-FAC: the basis comes from each example's first draw, the eigenvalues from its
+    second (independent of the basis, so ``E[Λ | Q] = diag(Qᵀ M Q)``). Checked by hand on a
+    softmax regression (one position: the signal is the cotangent ``p − e_y``)."""
+    from headwater.task import sample_per_example
+
+    g = _gen(3)
+    x = torch.randn(40, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    model = nn.Sequential(nn.Linear(4, 3).double())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(3, 4, generator=g, dtype=F64))
+    task = ClassificationTask()
+    curv = EKFAC(damping=0.0, ggn_estimator="sampled", seed=7, chunk_size=16).fit(model, task, (x, y))
+    with torch.no_grad():
+        logits = model(x)
+    p = logits.softmax(-1)
+    first, second = sample_per_example(task, logits, y, seed=7, first=0, draws=2)
+    a = torch.cat([x, torch.ones(40, 1, dtype=F64)], dim=1)  # [N, width], bias last
+    s_basis = p - nn.functional.one_hot(first, 3).double()  # [N, out]
+    s = curv.state
+    qs, qa = s.eigvecs_s["0"].double(), s.eigvecs_a["0"].double()
+    assert_close(qs @ torch.diag(s.eigvals_s["0"].double()) @ qs.T, s_basis.T @ s_basis / 40, rtol=1e-10,
+                 what="S from the first draws")
+
+    def eigenvalues(signal: Tensor) -> Tensor:
+        return ((signal @ qs)[:, :, None] * (a @ qa)[:, None, :]).square().mean(0)  # [out, width]
+
+    fresh = eigenvalues(p - nn.functional.one_hot(second, 3).double())
+    assert_close(s.corrected["0"].double(), fresh, rtol=1e-10, what="EK-FAC eigenvalues from the second draws")
+    assert not torch.allclose(eigenvalues(s_basis), fresh, rtol=1e-3)  # the test tells the two apart
