@@ -130,3 +130,16 @@ def test_hugging_face_style_output_objects():
     wrapped = headwater.influence(Wrapped(case.model), case.train, case.query, task=task, curvature="exact",
                                   damping=1e-3)
     assert_close(wrapped.values, plain.values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["identity", "cg", "ekfac"])
+def test_parameters_outside_the_analysed_modules_record_no_graph(curvature):
+    """The embeddings are not analysed: they enter as constants, so per-example gradients and
+    scores carry no autograd graph (which would keep every chunk's gradients alive)."""
+    case = causal_lm()
+    task = LanguageModelingTask(weight_decay=1e-2, modules=LINEAR)
+    grads = next(per_example_gradients(case.model, task, case.train, chunk_size=5))
+    assert grads.grad_fn is None and not grads.requires_grad
+    scores = headwater.influence(case.model, case.train, case.query, task=task, curvature=curvature, damping=1e-2)
+    assert scores.values.grad_fn is None and not scores.values.requires_grad
+    assert all(p.grad is None and p.requires_grad for p in case.model.parameters())
