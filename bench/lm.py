@@ -40,6 +40,7 @@ same recipe, vmapped, cached in bench/.cache; mean +- s.e. over queries).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -61,9 +62,11 @@ from torch import Tensor, nn
 import headwater
 from bench.measure import measure
 from bench.problems import CACHE_DIR
+from headwater.curvature import CURVATURES
 from headwater.curvature.kfac import GGNEstimator
-from headwater.evaluate.lds import LDSGroundTruth, lds, lds_ground_truth
+from headwater.evaluate.lds import LDSGroundTruth, lds, lds_ground_truth, spearman_rows
 from headwater.gradients.projection import KroneckerProjection
+from headwater.methods import InfluenceFunction
 from headwater.task import LanguageModelingTask
 from headwater.train.ensemble import TrainConfig, train_ensemble
 
@@ -229,48 +232,69 @@ def get_lm_problem(use_cache: bool = True) -> LMProblem:
 
 @dataclass(frozen=True)
 class Entry:
-    """One method: ``run(problem) -> scores [n_query, n_train]`` in headwater's convention."""
+    """One method: ``run(problem) -> (scores [n_query, n_train], note)`` in headwater's convention."""
 
     name: str
     library: str
-    run: Callable[[LMProblem], Tensor]
+    run: Callable[[LMProblem], tuple[Tensor, str]]
     settings: dict[str, Any] = field(default_factory=dict)
 
 
 def _headwater(curvature: str | None = None, *, damping: float | None = DAMPING, kind: str = "ggn",
-               projection: Callable[[], Any] | None = None, **options: Any) -> Callable[[LMProblem], Tensor]:
-    def run(problem: LMProblem) -> Tensor:
-        return headwater.influence(problem.model, problem.train, problem.query, task=problem.task(),
-                                   curvature=curvature, damping=damping, kind=kind,
-                                   projection=None if projection is None else projection(),
-                                   curvature_options=options).values
+               projection: tuple[int, int] | None = None, weight_decay: float = WEIGHT_DECAY,
+               **options: Any) -> Callable[[LMProblem], tuple[Tensor, str]]:
+    """``headwater.influence`` on the Linear layers; CG and LiSSA go through
+    ``InfluenceFunction`` so that their solver diagnostics reach the note."""
+    def run(problem: LMProblem) -> tuple[Tensor, str]:
+        task = problem.task(weight_decay)
+        if curvature in ("cg", "lissa"):
+            curv = CURVATURES[curvature](kind=kind, damping=damping, **options)
+            values = InfluenceFunction(problem.model, task, curv).fit(problem.train).scores(problem.query,
+                                                                                             problem.train)
+            return values, _solver_note(curv)
+        return headwater.influence(problem.model, problem.train, problem.query, task=task, curvature=curvature,
+                                   damping=damping, kind=kind,
+                                   projection=None if projection is None else KroneckerProjection(*projection),
+                                   curvature_options=options).values, ""
     return run
+
+
+def _solver_note(curv: Any) -> str:
+    info = curv.last_info
+    if info is None:
+        return ""
+    if hasattr(info, "residuals"):  # CG
+        res = info.residuals.double()
+        return (f"CG {'converged' if info.converged else 'NOT converged'} after {info.iterations} iterations: "
+                f"relative residual median {float(res.median()):.2f}, max {float(res.max()):.2f}")
+    return f"LiSSA scale {curv.fitted_scale:.3g}, last relative change {info.relative_change:.2g}"
+
+
+HEADWATER_METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("ekfac", {"curvature": "ekfac", "ggn_estimator": "auto"}),
+    ("ekfac-sampled", {"curvature": "ekfac", "ggn_estimator": "sampled"}),  # what "auto" resolves to
+    ("ekfac-seed1", {"curvature": "ekfac", "ggn_estimator": "sampled", "seed": 1}),  # other sampled targets
+    ("ekfac-exact-ggn", {"curvature": "ekfac", "ggn_estimator": "exact"}),  # T*V = 154 cotangents per sequence
+    ("ekfac-ef", {"curvature": "ekfac", "kind": "ef"}),
+    ("ekfac-heuristic", {"curvature": "ekfac", "damping": None}),
+    ("ekfac-heuristic-no-wd", {"curvature": "ekfac", "damping": None, "weight_decay": 0.0}),  # = Kronfluence's
+    ("kfac", {"curvature": "kfac", "ggn_estimator": "auto"}),
+    # the exact GGN, matrix-free: a fixed budget (it needs ~300 iterations to reach tol 0.1 at this damping)
+    ("cg-ekfac-30it", {"curvature": "cg", "preconditioner": "ekfac", "tol": 0.1, "max_iter": 30, "warn": False}),
+    ("lissa-ekfac", {"curvature": "lissa", "preconditioner": "ekfac", "depth": 8}),
+    ("kron-ggn-8x8", {"projection": (8, 8), "ggn_estimator": "auto"}),
+    ("kron-ggn-16x16", {"projection": (16, 16), "ggn_estimator": "auto"}),
+    ("identity", {"curvature": "identity"}),
+]
 
 
 def headwater_entries() -> list[Entry]:
     auto = GGNEstimator.AUTO.resolve(LENGTH * len(VOCAB)).value  # what "auto" does for [T, V] logits
-    rows: list[tuple[str, dict[str, Any]]] = [
-        ("ekfac", {"curvature": "ekfac", "ggn_estimator": "auto"}),
-        ("ekfac-sampled", {"curvature": "ekfac", "ggn_estimator": "sampled"}),  # = auto, checked below
-        ("ekfac-exact-ggn", {"curvature": "ekfac", "ggn_estimator": "exact"}),
-        ("ekfac-ef", {"curvature": "ekfac", "kind": "ef"}),
-        ("ekfac-heuristic", {"curvature": "ekfac", "damping": None}),
-        ("kfac", {"curvature": "kfac", "ggn_estimator": "auto"}),
-        ("cg-ekfac", {"curvature": "cg", "preconditioner": "ekfac", "tol": 0.1}),
-        ("lissa-ekfac", {"curvature": "lissa", "preconditioner": "ekfac", "depth": 8}),
-        ("kron-ggn-8x8", {"projection": (8, 8), "ggn_estimator": "auto"}),
-        ("kron-ggn-16x16", {"projection": (16, 16), "ggn_estimator": "auto"}),
-        ("identity", {"curvature": "identity"}),
-    ]
     entries = []
-    for name, spec in rows:
-        spec = dict(spec)
+    for name, spec in HEADWATER_METHODS:
         settings = {"damping": spec.get("damping", DAMPING), **spec}
         if spec.get("ggn_estimator") == "auto":
             settings["ggn_estimator"] = f"auto (= {auto})"
-        proj = spec.pop("projection", None)
-        if proj is not None:
-            spec["projection"] = lambda p=proj: KroneckerProjection(*p)
         entries.append(Entry(name, "headwater", _headwater(**spec), settings))
     return entries
 
@@ -313,8 +337,6 @@ def _kronfluence_scores(problem: LMProblem, *, damping_factor: float | None, emp
             ids, labels = batch
             return summed_nll(model(ids), labels)
 
-    import copy
-
     task = _LMTask()
     model = prepare_model(copy.deepcopy(problem.model), task)
     dt = torch.float32
@@ -346,13 +368,14 @@ def kronfluence_entries() -> list[Entry]:
     matched = DAMPING + WEIGHT_DECAY
     return [
         Entry("kronfluence-ekfac", "kronfluence",
-              lambda p: _kronfluence_scores(p, damping_factor=matched, empirical_fisher=False),
+              lambda p: (_kronfluence_scores(p, damping_factor=matched, empirical_fisher=False), ""),
               {"damping_factor": matched, "fisher": "true (sampled labels)"}),
         Entry("kronfluence-ekfac-heuristic", "kronfluence",
-              lambda p: _kronfluence_scores(p, damping_factor=None, empirical_fisher=False),
+              lambda p: (_kronfluence_scores(p, damping_factor=None, empirical_fisher=False),
+                         "heuristic damping: neither λ nor the L2 term enters"),
               {"damping_factor": "None (0.1 x mean eigenvalue per module)", "fisher": "true (sampled labels)"}),
         Entry("kronfluence-ekfac-ef", "kronfluence",
-              lambda p: _kronfluence_scores(p, damping_factor=matched, empirical_fisher=True),
+              lambda p: (_kronfluence_scores(p, damping_factor=matched, empirical_fisher=True), ""),
               {"damping_factor": matched, "fisher": "empirical"}),
     ]
 
@@ -382,16 +405,28 @@ def correlations(a: Tensor, b: Tensor) -> tuple[float, float]:
 
 REFERENCES = ("ekfac", "kronfluence-ekfac")
 
+#: Pairs whose agreement is reported: (a, b, what differs).
+PAIRS = [
+    ("ekfac-ef", "kronfluence-ekfac-ef", "empirical Fisher, matched damping: deterministic on both sides"),
+    ("ekfac", "kronfluence-ekfac", "true Fisher (one sampled label per scored token), matched damping"),
+    ("ekfac", "ekfac-seed1", "headwater alone, two sampling seeds: the Monte Carlo noise"),
+    ("ekfac-heuristic-no-wd", "kronfluence-ekfac-heuristic", "heuristic damping, no L2 term, sampled labels"),
+    ("ekfac", "ekfac-sampled", "ggn_estimator 'auto' vs 'sampled'"),
+    ("ekfac", "ekfac-exact-ggn", "sampled true Fisher vs the exact GGN expectation"),
+    ("ekfac", "cg-ekfac-30it", "EK-FAC vs the GGN itself (CG, 30 iterations)"),
+]
 
-def run(entries: list[Entry], problem: LMProblem, truth: LDSGroundTruth | None) -> list[dict[str, Any]]:
+
+def run(entries: list[Entry], problem: LMProblem, truth: LDSGroundTruth | None
+        ) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
     rows, scores = [], {}
     for entry in entries:
         print(f"[bench-lm] {entry.name} ...", file=sys.stderr, flush=True)
         row: dict[str, Any] = {"method": entry.name, "library": entry.library, "settings": entry.settings}
         try:
-            values, seconds, peak = measure(entry.run, problem)
+            (values, note), seconds, peak = measure(entry.run, problem)
             values = values.detach().cpu()
-            row.update(seconds=seconds, peak_mb=peak)
+            row.update(seconds=seconds, peak_mb=peak, note=note)
             if not torch.isfinite(values).all():
                 raise ValueError(f"{int((~torch.isfinite(values)).sum())} non-finite scores")
             scores[entry.name] = values
@@ -406,7 +441,39 @@ def run(entries: list[Entry], problem: LMProblem, truth: LDSGroundTruth | None) 
         for ref in REFERENCES:
             if row["method"] in scores and ref in scores:
                 row[f"vs {ref}"] = correlations(scores[row["method"]], scores[ref])
-    return rows
+    return rows, scores
+
+
+def pair_notes(scores: dict[str, Tensor]) -> list[str]:
+    """Agreement of the matched pairs: Pearson, Spearman, least-squares scale of a on b and the
+    largest difference relative to the largest score."""
+    lines = ["## Matched pairs", "",
+             "| a | b | what differs | Pearson | Spearman | scale a/b | max abs diff / max abs b |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for a, b, what in PAIRS:
+        if a in scores and b in scores:
+            x, y = scores[a].double(), scores[b].double()
+            pearson, spear = correlations(x, y)
+            scale = float((x * y).sum() / (y * y).sum())
+            diff = float((x - y).abs().max() / y.abs().max())
+            lines.append(f"| {a} | {b} | {what} | {pearson:.6f} | {spear:.4f} | {scale:.4f} | {diff:.2e} |")
+    return lines
+
+
+def noise_ceiling(truth: LDSGroundTruth) -> str:
+    """How well the retrained measurements can be predicted at all: the Spearman correlation of
+    two retraining seeds of the same subsets, per query, and (Spearman-Brown) the reliability of
+    their mean; its square root bounds the expected LDS of any attribution."""
+    seeds = truth.per_seed.shape[1]
+    if seeds < 2:
+        return ""
+    r = spearman_rows(truth.per_seed[:, 0].T, truth.per_seed[:, 1].T)
+    r = r[~torch.isnan(r)]
+    mean_r = float(r.mean())
+    reliability = seeds * mean_r / (1 + (seeds - 1) * mean_r)
+    return (f"Retraining noise: two seeds on the same half agree with Spearman {mean_r:.3f} (mean over queries); "
+            f"the {seeds}-seed mean then has reliability {reliability:.2f}, so no attribution can be expected to "
+            f"reach an LDS above about {max(reliability, 0.0) ** 0.5:.2f} here.")
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -453,7 +520,7 @@ def write_markdown(rows: list[dict[str, Any]], problem: LMProblem, truth: LDSGro
         settings = json.dumps(r["settings"], default=str)
         lines.append(f"| {r['method']} | {r['library']} | {_fmt(r.get('seconds'), '.1f')} | "
                      f"{_fmt(r.get('peak_mb'), '.0f')} | {lds_text} | {corr[0]} | {corr[1]} | "
-                     f"`{settings}` {r.get('error', '')} |")
+                     f"`{settings}` {r.get('error') or r.get('note', '')} |")
     if notes:
         lines += ["", *notes]
     path.write_text("\n".join(lines) + "\n")
@@ -467,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subsets", type=int, default=LDS_SUBSETS, help="random halves for the LDS")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--warmup", action="store_true", help="run both EK-FACs once untimed first")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -477,8 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     entries = headwater_entries() + ([] if args.no_peers else kronfluence_entries())
     if args.only:
         entries = [e for e in entries if e.name in args.only]
-    rows = run(entries, problem, truth)
-    write_markdown(rows, problem, truth, [], args.output)
+    if args.warmup:  # first calls pay imports and lazy initialisation: not timed
+        for entry in entries:
+            if entry.name in REFERENCES:
+                entry.run(problem)
+    rows, scores = run(entries, problem, truth)
+    notes = pair_notes(scores)
+    if truth is not None:
+        notes = [noise_ceiling(truth), "", *notes]
+    write_markdown(rows, problem, truth, notes, args.output)
     print(f"[bench-lm] wrote {args.output}", file=sys.stderr)
     return 0
 
