@@ -1,11 +1,11 @@
-# headwater: make demo | make test | make bench | make bench-extras
+# headwater: make demo | make test | make bench | make bench-extras | make bench-lm
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-extras lint clean
+.PHONY: setup demo test bench bench-extras bench-lm lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ bench:
 bench-extras:
 	bash bench/setup_peers.sh
 	.venv-bench/bin/python -m bench.extras --threads 1 --warmup
+
+# Influence on a small causal transformer language model, headwater vs Kronfluence (bench/lm.py).
+bench-lm:
+	bash bench/setup_peers.sh
+	.venv-bench/bin/python -m bench.lm --threads 1 --warmup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -16,18 +16,21 @@ LayerNorm, linear LM head; 40k parameters), trained with
 objective ``(1/n) Σ_i ℓ_i + (wd/2)‖θ‖²`` with ``ℓ_i`` the summed token cross-entropy of
 sequence ``i`` (``LanguageModelingTask``) and the L2 term on every parameter.
 
-Analysed parameters: the 13 ``nn.Linear`` layers (``modules=``; 37k parameters),
+Analysed parameters: the 13 ``nn.Linear`` layers (``modules=``; 38k parameters),
 for every method. Weight decay enters every curvature as ``+wd·I`` and the damping
 ``λ = DAMPING`` on top; Kronfluence gets ``damping_factor = λ + wd`` (bench/peers.py).
 
 Methods (same model, same process): headwater EK-FAC / K-FAC (``ggn_estimator="auto"``,
 which for ``T·V = 154`` outputs per sequence resolves to ``"sampled"``: one target
-sequence drawn from the model per training sequence, i.e. the true Fisher), EK-FAC with
-the exact GGN expectation, the empirical Fisher and the heuristic damping, CG on the
-exact GGN (EK-FAC preconditioned), LiSSA, the Kronecker projection (LoGra) and the
-identity (gradient similarity); Kronfluence EK-FAC (true Fisher with sampled labels;
-matched damping, its heuristic damping, and the empirical Fisher, the one setting in
-which both are deterministic and must agree to float32 round-off).
+sequence drawn from the model per training sequence, i.e. the true Fisher; checked equal
+to ``"sampled"``), EK-FAC with another sampling seed, with the exact GGN expectation (154
+cotangents per sequence), with the empirical Fisher and with the heuristic damping (with
+and without the L2 term), CG on the GGN itself (EK-FAC preconditioned, a budget of 30
+iterations: at this damping it needs ~300 to reach a relative residual of 0.1), LiSSA
+(EK-FAC preconditioned, depth 8), the Kronecker projection (LoGra) and the identity
+(gradient similarity); Kronfluence EK-FAC (true Fisher with sampled labels; matched
+damping and its heuristic damping) and with the empirical Fisher, the one setting in which
+both libraries are deterministic and must agree to float32 round-off.
 
 Columns: wall time and peak RSS increase (``bench.measure``), Pearson/Spearman of the
 flattened ``[100, 1000]`` score matrix with headwater's EK-FAC and Kronfluence's EK-FAC
@@ -44,6 +47,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -82,6 +86,7 @@ DAMPING = 1e-3  # absolute λ on the mean objective, on top of the weight decay
 LDS_SUBSETS, LDS_SEEDS = 100, 2
 IGNORE = -100
 _CACHE_FORMAT = 1
+LOAD_AT_START = [float("nan")]  # os.getloadavg()[0] when main() starts
 
 SETTINGS = {"problem": "lm-addition", "vocab": VOCAB, "length": LENGTH, "n_train": N_TRAIN,
             "n_query": N_QUERY, "corpus_seed": 0, "d_model": 48, "heads": 4, "blocks": 2, "d_mlp": 96,
@@ -492,7 +497,8 @@ def write_markdown(rows: list[dict[str, Any]], problem: LMProblem, truth: LDSGro
         "",
         f"Written by `make bench-lm` (python -m bench.lm) on {time.strftime('%Y-%m-%d')}; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Same process, same trained model for every library.",
+        f"{torch.get_num_threads()} threads, 1-minute load average {LOAD_AT_START[0]:.2f} at the start "
+        f"(2 cores). Same process, same trained model for every library.",
         "",
         f"Problem: character-level addition `^12+07=019;` ({len(VOCAB)} tokens, length {LENGTH}), "
         f"{N_TRAIN} training sequences (every label scored), {N_QUERY} queries with the prompt `^12+07=` "
@@ -538,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    LOAD_AT_START[0] = os.getloadavg()[0]
     problem = get_lm_problem()
     acc, nll = problem.completion_accuracy()
     print(f"[bench-lm] query completion accuracy {acc:.3f}, mean NLL {nll:.3f}", file=sys.stderr)
