@@ -50,13 +50,13 @@ from torch.func import functional_call, jacrev
 
 from bench.measure import measure
 from bench.problems import (
-    CACHE_DIR,
     Problem,
     _build_logreg,
     _build_mlp,
     _load_or_train,
     _train_logreg,
     _train_mlp,
+    cached,
     get_problem,
     margin,
     objective,
@@ -128,16 +128,8 @@ def _key(settings: dict[str, Any]) -> str:
 
 
 def _cached(name: str, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
-    """``compute()`` once per settings, kept in ``bench/.cache`` (temp file, then rename)."""
-    path = CACHE_DIR / f"extras-{name}-{_key(settings)}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    value = compute()
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
-    return value
+    """``compute()`` once per settings, kept in ``bench/.cache``."""
+    return cached(f"extras-{name}-{_key(settings)}", compute)
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:

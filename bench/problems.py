@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from torch import nn
 
 __all__ = [
     "Problem",
+    "cached",
     "digits_split",
     "get_problem",
     "logreg",
@@ -57,6 +59,19 @@ N_TRAIN = 1000
 N_TEST = 200
 WEIGHT_DECAY = 1e-3
 _CACHE_FORMAT = 1  # bump to invalidate every cached model
+
+
+def cached(key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``key``, kept in ``bench/.cache/<key>.pt`` (temp file, then rename)."""
+    path = CACHE_DIR / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    value = compute()
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
 
 
 # ----------------------------------------------------------------------------- data

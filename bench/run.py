@@ -31,7 +31,7 @@ import torch
 
 import headwater
 from bench.measure import measure
-from bench.problems import CACHE_DIR, Problem, get_problem
+from bench.problems import CACHE_DIR, Problem, cached, get_problem
 from headwater.curvature import CURVATURES
 from headwater.evaluate import leave_one_out
 from headwater.evaluate.lds import LDSGroundTruth, lds, lds_ground_truth
@@ -148,18 +148,6 @@ def peer_entries() -> list[Entry]:
 
 
 # ------------------------------------------------------------------ ground truth
-def _cached(key: str, compute: Callable[[], Any]) -> Any:
-    path = CACHE_DIR / f"{key}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    value = compute()
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
-    return value
-
-
 def loo_truth(problem: Problem) -> dict[str, torch.Tensor]:
     """Actual change of every test loss when each of ``N_LOO`` examples is removed."""
     def compute():
@@ -169,7 +157,7 @@ def loo_truth(problem: Problem) -> dict[str, torch.Tensor]:
                             (problem.X_test, problem.y_test), idx)
         return {"indices": idx, "actual": res.actual}
 
-    return _cached(f"loo-{problem.name}-{N_LOO}", compute)
+    return cached(f"loo-{problem.name}-{N_LOO}", compute)
 
 
 def loo_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:

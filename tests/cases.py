@@ -111,6 +111,19 @@ def causal_lm(seed: int = 0, n_train: int = 16, n_query: int = 4, length: int = 
     return Case("causal_lm", model, task, (ids[:n_train], labels[:n_train]), (ids[n_train:], labels[n_train:]))
 
 
+class OutsideUse(nn.Module):
+    """``b``'s weight is also used by a plain ``F.linear`` outside ``b``'s forward, which
+    hooks on ``b`` do not see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h) + 0.5 * nn.functional.linear(h.flip(1), self.b.weight)
+
+
 CASES = {"mlp": mlp, "cnn": cnn, "linreg": linear_regression}
 
 

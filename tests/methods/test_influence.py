@@ -124,18 +124,9 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
 def test_ekfac_scores_use_whole_gradients_when_layers_miss_a_use():
     """A weight also used outside its module: block-by-block scoring from hooked layer
     gradients would miss that use, so EK-FAC scores come from the whole (vmap) gradients."""
-    from torch import nn
+    from cases import OutsideUse
 
     from headwater.curvature import EKFAC
-
-    class OutsideUse(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.a(x))
-            return self.b(h) + 0.5 * nn.functional.linear(h.flip(1), self.b.weight)
 
     case = CASES["mlp"]()
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from cases import CASES, digits
+from cases import CASES, OutsideUse, digits
 from oracles import assert_close, loop_gradients
 from torch import nn
 
@@ -181,18 +181,6 @@ def test_unsupported_layers_fall_back_to_vmap_or_raise():
         TracIn(case.model, case.task, ckpts, gradients="loop")
 
 
-class _OutsideUse(nn.Module):
-    """``b``'s weight is also used by a plain ``F.linear`` outside ``b``'s forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h) + 0.5 * nn.functional.linear(h.flip(1), self.b.weight)
-
-
 @pytest.mark.parametrize("model", ["tied", "outside"])
 def test_layer_path_is_not_used_where_it_would_miss_a_use(model):
     """Tied weights, or a parameter used outside its module: ``"auto"`` falls back to vmap
@@ -206,7 +194,7 @@ def test_layer_path_is_not_used_where_it_would_miss_a_use(model):
     else:
         case = CASES["mlp"]()
         torch.manual_seed(0)
-        case.model = _OutsideUse().double()
+        case.model = OutsideUse().double()
     ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1)]
     g_tr = loop_gradients(case.model, case.task, case.train)
     g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
