@@ -76,8 +76,7 @@ class TracIn:
         gradients: ``"auto"`` (layer by layer when every analysed parameter is in a
             supported layer and a check on a few examples agrees with ``vmap``, else
             ``vmap``), ``"layers"`` (required: raises ``ValueError`` where ``"auto"``
-            would fall back) or ``"vmap"``. The
-            numbers are the same up to rounding.
+            would fall back) or ``"vmap"``. The numbers are the same up to rounding.
         chunk_size: examples per gradient step; results do not depend on it.
         query_chunk: query rows per scoring tile of the ``vmap`` path.
         progress: optional ``progress(stage, done, total)`` callback.
@@ -129,26 +128,24 @@ class TracIn:
             return None
 
     def _layers(self, member: nn.Module, blocks: tuple[Block, ...], data: DataLike, objective: Objective,
-                name: str) -> Iterator[tuple[LayerGradients, Tensor | None]]:
-        """Per chunk: the layer-wise gradients and, with ``renormalize``, their norms."""
+                name: str) -> Iterator[LayerGradients]:
+        """The layer-wise gradients of ``data``, chunk by chunk."""
         for factors in module_factors(member, self.task, blocks, data, objective=objective,
                                       chunk_size=self.chunk_size, name=name):
-            grads = LayerGradients.of(factors)
-            yield grads, grads.sq_norms().sqrt().clamp_min(1e-30) if self.renormalize else None
+            yield LayerGradients.of(factors)
 
     def _layer_scores(self, member: nn.Module, blocks: tuple[Block, ...], query: DataLike, train: DataLike,
                       n_train: int) -> Tensor:
-        chunks = list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query"))
-        left = LayerGradients.cat([g for g, _ in chunks])
-        left_norms = torch.cat([q for _, q in chunks]).unsqueeze(1) if self.renormalize else None
+        left = LayerGradients.cat(list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query")))
+        left_norms = left.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(1) if self.renormalize else None
         out = None
         col = 0
-        for right, norms in self._layers(member, blocks, train, Objective.TRAIN, "train"):
+        for right in self._layers(member, blocks, train, Objective.TRAIN, "train"):
             tile = left.dot(right)
             if out is None:
                 out = tile.new_empty(len(left), n_train)
-            if norms is not None:
-                tile = tile / left_norms / norms.unsqueeze(0)
+            if self.renormalize:
+                tile = tile / left_norms / right.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(0)
             out[:, col : col + tile.shape[1]] = tile
             col += tile.shape[1]
         return out
@@ -176,8 +173,7 @@ class TracIn:
         for c, member in self._models():
             blocks = self._blocks(member, train)
             if blocks is not None:
-                norms = [g.sq_norms() for g, _ in self._layers(member, blocks, train, Objective.TRAIN, "train")]
-                sq = torch.cat(norms)
+                sq = torch.cat([g.sq_norms() for g in self._layers(member, blocks, train, Objective.TRAIN, "train")])
                 if self.renormalize:  # ‖g/‖g‖‖² (0 for a zero gradient, as with vmap)
                     sq = sq / sq.clamp_min(torch.finfo(sq.dtype).tiny)
             else:
