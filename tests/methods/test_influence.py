@@ -78,12 +78,17 @@ def test_query_batches_give_the_same_scores_and_top_k(curvature):
     done = []
     batched = headwater.influence(case.model, case.train, case.query, query_batch=3, **kwargs,
                                   progress=lambda stage, d, total: done.append(stage) if d == total else None)
-    torch.testing.assert_close(batched.values, whole.values, rtol=1e-12, atol=1e-12)
+    # The batches change only the shapes of the products (the BLAS summation order), so the
+    # scores may differ by rounding amplified by the damped curvature's condition number (CG
+    # iterates on it): 100 * cond * eps of the largest score; a wrong batch moves them by O(1).
+    eig = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train)) + 1e-2
+    atol = 100 * float(eig.max() / eig.min()) * torch.finfo(whole.values.dtype).eps * float(whole.values.abs().max())
+    torch.testing.assert_close(batched.values, whole.values, rtol=0, atol=atol)
     assert sum("(train)" in s for s in done) == 3  # ceil(7 / 3) passes over the training data
     top = headwater.influence(case.model, case.train, case.query, query_batch=3, top_k=4, **kwargs)
     ref = whole.values.topk(4, dim=1)
     assert torch.equal(top.indices, ref.indices)
-    torch.testing.assert_close(top.values, ref.values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(top.values, ref.values, rtol=0, atol=atol)
     with pytest.raises(ValueError, match="query_batch"):
         headwater.influence(case.model, case.train, case.query, query_batch=0, **kwargs)
 

@@ -206,13 +206,22 @@ def test_layer_path_is_not_used_where_it_would_miss_a_use(model):
 
 
 def test_renormalized_self_influence_of_a_zero_gradient_is_zero():
-    """float32, a training example whose loss has no gradient: 0, not NaN (as with vmap)."""
+    """float32, a training example whose loss has no gradient (up to the rounding of the
+    forward pass, which depends on the batch shape and the CPU): 0, not NaN, and not the
+    rounding noise lifted to a unit gradient."""
     case = CASES["linreg"]()
     model = case.model.float()
     x, y = case.train[0].float(), case.train[1].float()
-    y[0] = model(x[:1]).detach()[0]  # zero residual: zero gradient
+    y[0] = model(x[:1]).detach()[0] + 1e-6  # residual 1e-6: a gradient at rounding level, below the floor
     ckpts = [Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
     for gradients in ("layers", "vmap"):
-        si = TracIn(model, case.task, ckpts, renormalize=True, gradients=gradients).self_influence((x, y))
-        assert torch.isfinite(si).all() and float(si[0]) < 1e-6, (gradients, si[:3])
+        est = TracIn(model, case.task, ckpts, renormalize=True, gradients=gradients)
+        si = est.self_influence((x, y))
+        assert torch.isfinite(si).all() and float(si[0]) == 0.0, (gradients, si[:3])
         assert_close(si[1:], torch.full_like(si[1:], 0.1), rtol=1e-5)
+        # below the floor (sqrt(eps) * median norm) the example's renormalised gradient is 0:
+        # its score column is 0, the others are cosines times the learning rate
+        s = est.scores((x, y), (x, y))
+        assert torch.isfinite(s).all() and float(s[:, 0].abs().max()) == 0.0 and float(s[0].abs().max()) == 0.0
+        assert_close(s[1:, 1:].diagonal(), torch.full((len(x) - 1,), 0.1), rtol=1e-5)
+        assert float(s[1:, 1:].abs().max()) <= 0.1 * (1 + 1e-5)

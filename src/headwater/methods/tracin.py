@@ -12,7 +12,11 @@ changes ``m(z_q)`` by about ``+score[q, i]/n`` — headwater's one convention
 
 With ``renormalize=True`` every gradient is divided by its norm at each checkpoint
 *before* the products are summed (gradient-aggregated renormalisation), which
-removes the dominance of high-loss, large-gradient examples.
+removes the dominance of high-loss, large-gradient examples. A gradient whose norm
+is below ``sqrt(eps) · median`` of the training gradients' norms at that checkpoint
+(``eps`` of the dtype) counts as zero: its renormalised gradient is 0 rather than
+rounding noise lifted to unit length (a fitted example's gradient is zero only up to
+the rounding of the forward pass, which depends on the batch shape and the CPU).
 
 When every analysed parameter sits in a supported layer (``nn.Linear``, convolutions,
 GPT-2 ``Conv1D``), the products are taken layer by layer from the layers' inputs and
@@ -110,10 +114,14 @@ class TracIn:
                 raise ValueError(f"checkpoints: a state does not fit the model: {err}") from err
             yield c, member
 
-    def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
+    def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str,
+               norms: list[Tensor] | None = None) -> Iterator[Tensor]:
+        """Per-example gradients chunk by chunk; their norms are appended to ``norms`` if given."""
         for g in per_example_gradients(model, self.task, data, objective=objective,
                                        chunk_size=self.chunk_size, name=name):
-            yield g / g.norm(dim=1, keepdim=True).clamp_min(1e-30) if self.renormalize else g
+            if norms is not None:
+                norms.append(g.norm(dim=1))
+            yield g
 
     def _blocks(self, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
         """The supported layers holding every analysed parameter, or ``None`` for ``vmap``
@@ -135,20 +143,19 @@ class TracIn:
             yield LayerGradients.of(factors)
 
     def _layer_scores(self, member: nn.Module, blocks: tuple[Block, ...], query: DataLike, train: DataLike,
-                      n_train: int) -> Tensor:
+                      n_train: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw products ``[n_query, n_train]`` and the query and training gradient norms."""
         left = LayerGradients.cat(list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query")))
-        left_norms = left.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(1) if self.renormalize else None
-        out = None
+        out, norms = None, []
         col = 0
         for right in self._layers(member, blocks, train, Objective.TRAIN, "train"):
             tile = left.dot(right)
             if out is None:
                 out = tile.new_empty(len(left), n_train)
-            if self.renormalize:
-                tile = tile / left_norms / right.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(0)
+            norms.append(right.sq_norms().sqrt())
             out[:, col : col + tile.shape[1]] = tile
             col += tile.shape[1]
-        return out
+        return out, left.sq_norms().sqrt(), torch.cat(norms)
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``."""
@@ -157,11 +164,16 @@ class TracIn:
         for k, (c, member) in enumerate(self._models()):
             blocks = self._blocks(member, train)
             if blocks is not None:
-                part = c.weight * self._layer_scores(member, blocks, query, train, n_train)
+                part, q_norms, t_norms = self._layer_scores(member, blocks, query, train, n_train)
             else:
-                left = c.weight * torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
-                part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train"), n_train,
+                t_list: list[Tensor] = []
+                left = torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
+                part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train", t_list), n_train,
                                 query_chunk=self.query_chunk)
+                q_norms, t_norms = left.norm(dim=1), torch.cat(t_list)
+            if self.renormalize:
+                part = part / _effective_norms(q_norms, t_norms).unsqueeze(1) / _effective_norms(t_norms, t_norms)
+            part = c.weight * part
             total = part if total is None else total + part
             report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
         return total
@@ -174,16 +186,24 @@ class TracIn:
             blocks = self._blocks(member, train)
             if blocks is not None:
                 sq = torch.cat([g.sq_norms() for g in self._layers(member, blocks, train, Objective.TRAIN, "train")])
-                if self.renormalize:  # ‖g/‖g‖‖² (0 for a zero gradient, as with vmap)
-                    sq = sq / sq.clamp_min(torch.finfo(sq.dtype).tiny)
             else:
                 sq = torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
+            if self.renormalize:  # ‖g/‖g‖‖²: 1, or 0 for a gradient below the floor
+                norms = sq.sqrt()
+                sq = torch.isfinite(_effective_norms(norms, norms)).to(sq.dtype)
             part = c.weight * sq
             total = part if total is None else total + part
         return total
 
     def settings(self) -> dict:
-        return {"method": "tracin", "renormalize": self.renormalize, "gradients": self.gradients,
+        return {"method": "tracin", "renormalize_floor": "sqrt(eps) * median training gradient norm", "renormalize": self.renormalize, "gradients": self.gradients,
                 "n_checkpoints": len(self.checkpoints),
                 "lrs": [c.lr for c in self.checkpoints], "steps": [c.steps for c in self.checkpoints],
                 "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+
+
+def _effective_norms(norms: Tensor, train_norms: Tensor) -> Tensor:
+    """``norms`` with those below ``sqrt(eps) · median(train_norms)`` set to ``inf``, so that
+    dividing by them renormalises a gradient to unit length, or to 0 below the floor."""
+    floor = math.sqrt(torch.finfo(norms.dtype).eps) * float(train_norms.median())
+    return torch.where(norms > floor, norms, torch.full_like(norms, math.inf))
