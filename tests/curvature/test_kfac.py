@@ -105,6 +105,7 @@ def test_one_example_cross_entropy_is_exact(kind):
         assert_close(_dense(curv, 21), oracle(case.model, task, one), what=f"{cls.name} {kind}")
 
 
+@pytest.mark.slow
 def test_sampled_fisher_approaches_exact():
     case = CASES["mlp"]()
     exact = KFAC(damping=0.0, ggn_estimator="exact").fit(case.model, case.task, case.train)
