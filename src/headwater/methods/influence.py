@@ -16,6 +16,7 @@ from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.estimator import Estimator
 from headwater.methods.factored import factored_scores
 from headwater.methods.layer_products import layer_blocks
 from headwater.methods.scoring import pairwise, sharded_top_k
@@ -46,7 +47,7 @@ def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]
             "n_train": num_examples(train, "train"), "train": data}
 
 
-class InfluenceFunction:
+class InfluenceFunction(Estimator):
     """``score[q, i] = ∇m(z_q)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)``.
 
     ``M`` is the curvature of the *mean* training objective. Removing training
@@ -73,6 +74,8 @@ class InfluenceFunction:
             ``query_batch × P`` instead of ``n_query × P``, same numbers.
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "influence"
 
     def __init__(self, model: nn.Module, task: Task, curvature: Curvature, *, chunk_size: int = 64,
                  query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None):

@@ -58,6 +58,7 @@ from headwater.gradients.per_example import (
     per_example_gradients,
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
+from headwater.methods.estimator import Estimator
 from headwater.methods.influence import fit_context
 from headwater.methods.scoring import pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
@@ -154,7 +155,7 @@ class _KroneckerFeatures:
         return weight, list(self._project(signals, cap.activations()))
 
 
-class ProjectedInfluence:
+class ProjectedInfluence(Estimator):
     """Influence functions on randomly projected gradients.
 
     Args:
@@ -176,6 +177,8 @@ class ProjectedInfluence:
         chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "influence"
 
     def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | KroneckerProjection | int, *,
                  kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,

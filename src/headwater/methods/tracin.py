@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from headwater.curvature.kfac_blocks import Block
 from headwater.data import DataLike, num_examples
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.estimator import Estimator
 from headwater.methods.factored import module_factors
 from headwater.methods.layer_products import LayerGradients, layer_blocks
 from headwater.methods.scoring import pairwise
@@ -63,7 +64,7 @@ class Checkpoint:
         return float(self.lr) * self.steps
 
 
-class TracIn:
+class TracIn(Estimator):
     """TracInCP scores ``[n_query, n_train]`` from a list of checkpoints.
 
     Args:
@@ -81,6 +82,8 @@ class TracIn:
         query_chunk: query rows per scoring tile of the ``vmap`` path.
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "tracin"
 
     def __init__(self, model: nn.Module, task: Task, checkpoints: Sequence[Checkpoint], *,
                  renormalize: bool = False, gradients: str = "auto", chunk_size: int = 64,
