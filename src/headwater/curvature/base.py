@@ -58,6 +58,10 @@ class Curvature(ABC):
     ``torch.distributed`` they are collective, so every rank must call them together
     with the same vectors."""
     kinds: ClassVar[tuple[MatrixKind, ...]] = tuple(MatrixKind)
+    block_features: ClassVar[bool] = False
+    """Block-diagonal over supported layers with a ``blocks`` attribute and
+    ``solve_blocks({module: [B, out, width]})`` (K-FAC, EK-FAC): estimators may score
+    from per-layer features instead of flat gradients."""
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  chunk_size: int = 64):

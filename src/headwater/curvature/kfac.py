@@ -175,6 +175,7 @@ class KroneckerCurvature(Curvature):
     """
 
     kinds = (MatrixKind.GGN, MatrixKind.EF)
+    block_features = True
     corrected: ClassVar[bool]
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,

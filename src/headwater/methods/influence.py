@@ -11,15 +11,14 @@ from torch import Tensor, nn
 
 from headwater import store as store_mod
 from headwater.curvature.base import Curvature
-from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
-from headwater.methods.estimator import Estimator
-from headwater.methods.factored import factored_scores
+from headwater.methods.estimator import Estimator, check_top_k
+from headwater.methods.factored import check_block_curvature, preconditioned_blocks, train_blocks
 from headwater.methods.layer_products import layer_blocks
-from headwater.methods.scoring import pairwise, sharded_top_k
+from headwater.methods.scoring import FeatureLike, pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint
@@ -94,6 +93,7 @@ class InfluenceFunction(Estimator):
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         self.query_batch = query_batch
+        self._blocks_complete: bool | None = None  # layer-wise gradients are whole (checked once)
 
     def _by_query_batch(self, query: DataLike, compute) -> tuple[Tensor, ...] | None:
         """``compute(batch)`` (a tuple of ``[rows, ...]`` tensors) for each batch of
@@ -169,29 +169,22 @@ class InfluenceFunction(Estimator):
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """All scores ``[n_query, n_train]``. With K-FAC/EK-FAC they are computed module by
-        module (:func:`~headwater.methods.factored.factored_scores`), never flattening the
+        module (:class:`~headwater.methods.factored.BlockFeatures`), never flattening the
         model; the numbers are the same."""
         batched = self._by_query_batch(query, lambda batch: (self.scores(batch, train),))
         if batched is not None:
             return batched[0]
-        if self._factored(train):
-            return factored_scores(self.model, self.task, self.curvature, query, train,
-                                   chunk_size=self.chunk_size, progress=self.progress)
-        left = self.preconditioned_queries(query)
-        grads, _, n_local = self._shard_grads(train)
-        return gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
+        return self._score(query, train)[0]
 
     def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
+        check_top_k(k)
         batched = self._by_query_batch(query, lambda batch: self.top_k(batch, train, k, largest=largest))
         if batched is not None:
             return batched
-        left = self.preconditioned_queries(query)
-        grads, start, n_local = self._shard_grads(train)
-        return sharded_top_k(left, grads, k, n_train=num_examples(train, "train"), start=start, n_local=n_local,
-                             largest=largest, query_chunk=self.query_chunk)
+        return self._score(query, train, k, largest=largest)
 
     def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
                   self_influence: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -205,38 +198,53 @@ class InfluenceFunction(Estimator):
         fused = (self_influence and not self.curvature.solve_streams_data
                  and (self.query_batch is None or num_examples(query, "query") <= self.query_batch))
         if not fused:
-            si = self.self_influence(train) if self_influence else None
-            if top_k is None:
-                return self.scores(query, train), None, si
-            return (*self.top_k(query, train, top_k), si)
+            return super().attribute(query, train, top_k=top_k, self_influence=self_influence)
         ref = next(iter(self.task.parameters(self.model).values()))
         sink = [torch.empty(0, dtype=ref.dtype, device=ref.device)]  # this rank's self-influence
-        indices = None
-        if top_k is None and self._factored(train):
-            values = factored_scores(self.model, self.task, self.curvature, query, train,
-                                     chunk_size=self.chunk_size, progress=self.progress, self_sink=sink)
-        else:
-            left = self.preconditioned_queries(query)
-            grads, start, n_local = self._shard_grads(train)
-            grads = self._teed(grads, sink)
-            if top_k is None:
-                values = gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
-            else:
-                values, indices = sharded_top_k(left, grads, top_k, n_train=num_examples(train, "train"),
-                                                start=start, n_local=n_local, query_chunk=self.query_chunk)
+        values, indices = self._score(query, train, top_k, self_sink=sink)
         return values, indices, gather_columns(torch.cat(sink).unsqueeze(0))[0]
 
-    def _factored(self, train: DataLike) -> bool:
-        """Score K-FAC/EK-FAC block by block from hooked layer gradients, unless those would
-        miss a use of a parameter (:func:`~headwater.methods.layer_products.layer_blocks`):
-        then the flat path with ``vmap`` gradients."""
-        if not isinstance(self.curvature, KroneckerCurvature):
+    def _score(self, query: DataLike, train: DataLike, k: int | None = None, *, largest: bool = True,
+               self_sink: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """The one tiled loop (:mod:`~headwater.methods.scoring`) over the curvature's features:
+        ``(scores, None)`` or, with ``k``, the streamed top-k ``(values, indices)``."""
+        left, chunks, start, n_local = self._features(query, train, self_sink)
+        if k is None:
+            return gather_columns(pairwise(left, chunks, n_local, query_chunk=self.query_chunk)), None
+        return sharded_top_k(left, chunks, k, n_train=num_examples(train, "train"), start=start,
+                             n_local=n_local, largest=largest, query_chunk=self.query_chunk)
+
+    def _features(self, query: DataLike, train: DataLike, self_sink: list[Tensor] | None
+                  ) -> tuple[FeatureLike, Iterable[FeatureLike], int, int]:
+        """Preconditioned query features, this rank's training feature chunks (each chunk's
+        self-influence appended to ``self_sink``), the shard's first global index and size."""
+        if self._block_features(train):
+            curvature = self.curvature
+            check_block_curvature(self.model, self.task, curvature)
+            left = preconditioned_blocks(self.model, self.task, curvature, query, chunk_size=self.chunk_size,
+                                         progress=self.progress)
+            start, stop = shard_range(num_examples(train, "train"))
+            chunks = train_blocks(self.model, self.task, curvature, train, chunk_size=self.chunk_size,
+                                  progress=self.progress, self_sink=self_sink)
+            return left, chunks, start, stop - start
+        left = self.preconditioned_queries(query)
+        grads, start, n_local = self._shard_grads(train)
+        return left, (grads if self_sink is None else self._teed(grads, self_sink)), start, n_local
+
+    def _block_features(self, train: DataLike) -> bool:
+        """Whether to score block by block: the curvature declares it
+        (``Curvature.block_features``, K-FAC/EK-FAC) and the hooked layer gradients are the
+        whole gradients (:func:`~headwater.methods.layer_products.layer_blocks`, checked once
+        per estimator); else the flat path with ``vmap`` gradients."""
+        if not self.curvature.block_features:
             return False
-        try:
-            layer_blocks(self.model, self.task, train)
-        except ValueError:
-            return False
-        return True
+        if self._blocks_complete is None:
+            try:
+                layer_blocks(self.model, self.task, train)
+                self._blocks_complete = True
+            except ValueError:
+                self._blocks_complete = False
+        return self._blocks_complete
 
     def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
         """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""

@@ -37,7 +37,7 @@ from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.estimator import Estimator
 from headwater.methods.factored import module_factors
 from headwater.methods.layer_products import LayerGradients, layer_blocks
-from headwater.methods.scoring import pairwise
+from headwater.methods.scoring import FeatureLike, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
@@ -137,34 +137,28 @@ class TracIn(Estimator):
                                       chunk_size=self.chunk_size, name=name):
             yield LayerGradients.of(factors)
 
-    def _layer_scores(self, member: nn.Module, blocks: tuple[Block, ...], query: DataLike, train: DataLike,
-                      n_train: int) -> Tensor:
-        left = LayerGradients.cat(list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query")))
-        left_norms = left.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(1) if self.renormalize else None
-        out = None
-        col = 0
-        for right in self._layers(member, blocks, train, Objective.TRAIN, "train"):
-            tile = left.dot(right)
-            if out is None:
-                out = tile.new_empty(len(left), n_train)
-            if self.renormalize:
-                tile = tile / left_norms / right.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(0)
-            out[:, col : col + tile.shape[1]] = tile
-            col += tile.shape[1]
-        return out
+    def _features(self, member: nn.Module, blocks: tuple[Block, ...] | None, data: DataLike,
+                  objective: Objective, name: str) -> Iterator[FeatureLike]:
+        """Per-example gradients of ``data`` at one checkpoint, chunk by chunk: layer-wise
+        (:class:`~headwater.methods.layer_products.LayerGradients`) with ``blocks``, else flat
+        ``vmap`` gradients ``[chunk, P]``; unit rows with ``renormalize``."""
+        if blocks is None:
+            yield from self._grads(member, data, objective, name)
+            return
+        for g in self._layers(member, blocks, data, objective, name):
+            yield g.scaled(g.sq_norms().sqrt().clamp_min(1e-30).reciprocal()) if self.renormalize else g
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
-        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``."""
+        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``, each checkpoint's
+        through the one tiled loop (:func:`~headwater.methods.scoring.pairwise`)."""
         n_train = num_examples(train, "train")
         total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
             blocks = self._blocks(member, train)
-            if blocks is not None:
-                part = c.weight * self._layer_scores(member, blocks, query, train, n_train)
-            else:
-                left = c.weight * torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
-                part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train"), n_train,
-                                query_chunk=self.query_chunk)
+            queries = list(self._features(member, blocks, query, Objective.MEASUREMENT, "query"))
+            left = torch.cat(queries) if blocks is None else LayerGradients.cat(queries)
+            part = c.weight * pairwise(left, self._features(member, blocks, train, Objective.TRAIN, "train"),
+                                       n_train, query_chunk=self.query_chunk)
             total = part if total is None else total + part
             report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
         return total
@@ -174,13 +168,8 @@ class TracIn(Estimator):
         al.'s signal for mislabeled examples; constant with ``renormalize``)."""
         total: Tensor | None = None
         for c, member in self._models():
-            blocks = self._blocks(member, train)
-            if blocks is not None:
-                sq = torch.cat([g.sq_norms() for g in self._layers(member, blocks, train, Objective.TRAIN, "train")])
-                if self.renormalize:  # ‖g/‖g‖‖² (0 for a zero gradient, as with vmap)
-                    sq = sq / sq.clamp_min(torch.finfo(sq.dtype).tiny)
-            else:
-                sq = torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
+            chunks = self._features(member, self._blocks(member, train), train, Objective.TRAIN, "train")
+            sq = torch.cat([g.pow(2).sum(1) if isinstance(g, Tensor) else g.sq_norms() for g in chunks])
             part = c.weight * sq
             total = part if total is None else total + part
         return total
