@@ -76,6 +76,7 @@ class LowRankCurvature(Curvature):
     """
 
     has_eigen = True
+    damping_in_state_only = True
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ GGN or empirical Fisher of the mean training objective (see ``operators``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -58,6 +59,9 @@ class Curvature(ABC):
     ``torch.distributed`` they are collective, so every rank must call them together
     with the same vectors."""
     kinds: ClassVar[tuple[MatrixKind, ...]] = tuple(MatrixKind)
+    damping_in_state_only: ClassVar[bool] = False
+    """The fitted state depends on the damping only through its ``damping`` field, so
+    :meth:`with_damping` re-derives a copy without a pass over the data."""
     block_features: ClassVar[bool] = False
     """Block-diagonal over supported layers with a ``blocks`` attribute and
     ``solve_blocks({module: [B, out, width]})`` (K-FAC, EK-FAC): estimators may score
@@ -91,6 +95,32 @@ class Curvature(ABC):
     @abstractmethod
     def _fit(self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None) -> Any:
         """Compute the frozen state record."""
+
+    def with_damping(self, damping: float, *, model: nn.Module | None = None, task: Task | None = None,
+                     data: DataLike | None = None) -> Self:
+        """A fitted copy with damping λ = ``damping`` (``self`` is unchanged).
+
+        Where the state depends on λ only through its value (``damping_in_state_only``)
+        the copy is re-derived at once; otherwise (LiSSA's scale and preconditioner,
+        K-FAC's eigenvalue shifts, M-FAC's Woodbury factor) it is refitted on ``model``,
+        ``task`` and ``data``, which must then be given.
+
+        Raises:
+            ValueError: naming ``damping`` for a bad value, ``data`` when a refit is needed
+                and the data are missing.
+        """
+        self._check_fitted()
+        if check_damping(damping) is None:
+            raise ValueError("damping: with_damping needs a float >= 0, got None")
+        twin = copy.copy(self)
+        twin.damping = float(damping)
+        if self.damping_in_state_only:
+            twin.state = dataclasses.replace(self.state, damping=float(damping))
+            return twin
+        if model is None or task is None or data is None:
+            raise ValueError(f"data: {type(self).__name__} refits to change its damping; pass model, task and "
+                             "data to with_damping")
+        return twin.fit(model, task, data)
 
     # -- reading -------------------------------------------------------------------
     @property

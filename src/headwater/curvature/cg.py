@@ -93,6 +93,7 @@ class CG(StreamingCurvature):
     """
 
     name = "cg"
+    damping_in_state_only = True
 
     def __init__(
         self,

@@ -84,6 +84,7 @@ class Diagonal(Curvature):
     """
 
     name = "diagonal"
+    damping_in_state_only = True
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class Exact(Curvature):
 
     name = "exact"
     has_eigen = True
+    damping_in_state_only = True
 
     def __init__(self, *, kind="ggn", damping=None, chunk_size=64, max_params: int | None = None):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
