@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
     BoundOperator,
-    default_damping,
     warn_if_indefinite,
 )
-from headwater.curvature.base import Curvature
+from headwater.curvature.base import Curvature, default_damping
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lowrank_solve
 from headwater.data import DataLike

@@ -25,10 +25,21 @@ from headwater.gradients.flat import ParamLayout
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
-__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "check_damping"]
+__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "check_damping", "default_damping"]
 
 DEFAULT_RELATIVE_DAMPING = 1e-3
 """With ``damping=None``, damping = this × the mean eigenvalue (trace / P) of ``M``."""
+
+
+def default_damping(mean_eigenvalue: float) -> float:
+    """The library's one default damping: ``DEFAULT_RELATIVE_DAMPING × max(trace(M)/P, 0)``.
+
+    Every curvature with ``damping=None`` applies it to its own estimate of ``trace(M)/P``
+    (exact eigenvalues, a Hutchinson estimate, the diagonal, the window of gradients, the
+    projected trace). The one deliberate exception is K-FAC/EK-FAC, which damps each block
+    by ``relative_damping × mean(Λ_block)`` (Kronfluence's heuristic; the bench's
+    ``-heuristic`` rows measure it)."""
+    return DEFAULT_RELATIVE_DAMPING * max(float(mean_eigenvalue), 0.0)
 
 
 def check_damping(damping: float | None) -> float | None:
@@ -47,8 +58,8 @@ class Curvature(ABC):
 
     Args:
         kind: ``"ggn"`` (default; positive semi-definite), ``"hessian"`` or ``"ef"``.
-        damping: λ added to the diagonal; ``None`` picks
-            ``DEFAULT_RELATIVE_DAMPING × trace(M)/P`` at fit time.
+        damping: λ added to the diagonal; ``None`` picks :func:`default_damping` at fit
+            time.
         chunk_size: examples per vectorised step while fitting.
     """
 

@@ -21,11 +21,10 @@ from torch import Tensor, nn
 
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
-    Preconditioner,
-    StreamingCurvature,
     extreme_eigenvalues,
     warn_if_indefinite,
 )
+from headwater.curvature._streaming import Preconditioner, StreamingCurvature
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import (
     CGInfo,
@@ -73,7 +72,7 @@ class CG(StreamingCurvature):
         max_iter: iteration cap per solve (``None``: ``10·P``). An unconverged solve
             warns, naming ``max_iter``/``tol``/``damping`` (unless ``warn=False``).
         preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"nystrom"`` or
-            ``"none"`` (see :class:`~headwater.curvature._matfree.Preconditioner`); default
+            ``"none"`` (see :class:`~headwater.curvature._streaming.Preconditioner`); default
             ``"nystrom"`` when ``preconditioner_rank > 0``, else none. EK-FAC is fitted
             once (one pass for the factors, one for the eigenvalues) and cuts the
             iterations most on networks made of linear/conv layers.

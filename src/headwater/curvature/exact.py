@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
+from headwater.curvature.base import Curvature, default_damping
 from headwater.curvature.operators import dense_curvature
 from headwater.data import DataLike
 from headwater.progress import ProgressFn
@@ -79,7 +79,7 @@ class Exact(Curvature):
         eigvals, eigvecs = torch.linalg.eigh(matrix)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * max(float(eigvals.mean()), 0.0)
+            damping = default_damping(float(eigvals.mean()))
         if float(eigvals[0]) + damping <= 0:
             warnings.warn(
                 f"curvature='exact' ({self.kind.value}): the damped matrix is not positive definite "

@@ -30,13 +30,12 @@ from torch import Tensor, nn
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
     BoundOperator,
-    Preconditioner,
-    StreamingCurvature,
     extreme_eigenvalues,
     rademacher,
     subset,
     warn_if_indefinite,
 )
+from headwater.curvature._streaming import Preconditioner, StreamingCurvature
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
 from headwater.data import DataLike, num_examples
@@ -81,7 +80,7 @@ class LiSSA(StreamingCurvature):
             every pass over the data.
         seed: seed of the mini-batch order, the trace probes and the Lanczos start.
         preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"none"`` (default);
-            see :class:`~headwater.curvature._matfree.Preconditioner`. Refitted by
+            see :class:`~headwater.curvature._streaming.Preconditioner`. Refitted by
             :meth:`bind` (not part of the saved state).
         tol: last relative change below which ``last_info.converged`` is set.
         trace_probes: Hutchinson probes for the default damping.

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._matfree import subset
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
+from headwater.curvature.base import Curvature, default_damping
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches
 from headwater.distributed import all_reduce_sum_, shard_range, world
@@ -151,7 +151,7 @@ class MFAC(Curvature):
         all_reduce_sum_(g)  # every rank's rows (the others are zero)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * (float(g.square().sum()) / (m * p) + task.weight_decay)
+            damping = default_damping(float(g.square().sum()) / (m * p) + task.weight_decay)
         mu = damping + task.weight_decay
         if mu <= 0:
             raise ValueError(f"damping: M-FAC needs damping + weight_decay > 0 (Woodbury divides by it), "

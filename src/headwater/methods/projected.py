@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater import store as store_mod
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
+from headwater.curvature.base import check_damping, default_damping
 from headwater.curvature.kfac import GGNEstimator, _cotangents
 from headwater.curvature.kfac_blocks import capture, find_blocks
 from headwater.curvature.operators import MatrixKind
@@ -278,7 +278,7 @@ class ProjectedInfluence(Estimator):
         gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * float(matrix.trace()) / gram_trace
+            damping = default_damping(float(matrix.trace()) / gram_trace)
         self.fitted_damping = float(damping)
         self._featurizer.add_gram_(matrix, damping)
         del mean
