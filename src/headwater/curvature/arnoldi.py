@@ -16,6 +16,7 @@ from torch import Tensor
 
 from headwater.curvature._lowrank import LowRankCurvature, LowRankState
 from headwater.curvature._matfree import CHUNK_SIZE
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, arnoldi
 
@@ -39,6 +40,12 @@ class Arnoldi(LowRankCurvature):
     """
 
     name = "arnoldi"
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·rank·P; working + 8·n_iter·P (Krylov basis)"""
+        return Memory(8 * size.rank * size.num_params, 8 * size.n_iter * size.num_params,
+                      f"rank {size.rank}, {size.n_iter} iterations")
 
     def __init__(
         self,

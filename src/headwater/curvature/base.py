@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
@@ -25,7 +26,7 @@ from headwater.gradients.flat import ParamLayout
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
-__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "check_damping", "default_damping"]
+__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "Memory", "ProblemSize", "check_damping", "default_damping"]
 
 DEFAULT_RELATIVE_DAMPING = 1e-3
 """With ``damping=None``, damping = this × the mean eigenvalue (trace / P) of ``M``."""
@@ -51,6 +52,46 @@ def check_damping(damping: float | None) -> float | None:
     if not math.isfinite(damping) or damping < 0:
         raise ValueError(f"damping: must be a finite float >= 0, got {damping}")
     return float(damping)
+
+
+@dataclass(frozen=True)
+class ProblemSize:
+    """The sizes a curvature's memory model reads (filled by :func:`headwater.plan.plan`).
+
+    Attributes:
+        num_params: analysed parameters ``P``.
+        n_train: training examples.
+        rhs: vectors solved at once (``min(n_query, query_chunk)``).
+        itemsize: bytes per element of the parameters' dtype.
+        outputs: model outputs per example ``C``.
+        blocks: ``(out_features, width)`` of each supported layer (empty if some analysed
+            parameter is outside one: no Kronecker-factored curvature then).
+        rank, n_iter: of the low-rank curvatures.
+    """
+
+    num_params: int
+    n_train: int
+    rhs: int
+    itemsize: int
+    outputs: int
+    blocks: tuple[tuple[int, int], ...]
+    rank: int = 50
+    n_iter: int = 100
+
+    @property
+    def linearisations(self) -> int:
+        """Bytes of the cached linearisations of the streaming operators (outputs only, <= 512 MiB)."""
+        return min(512 * 2**20, 4 * self.n_train * self.outputs * self.itemsize)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes a curvature keeps (``stored``: its fitted state) and adds to an estimator's
+    working set while solving (``working``: beyond the gradients, queries and scores)."""
+
+    stored: int
+    working: int
+    note: str = ""
 
 
 class Curvature(ABC):
@@ -93,6 +134,12 @@ class Curvature(ABC):
         self.state: Any = None
         self.layout: ParamLayout | None = None
         self.n_examples = 0
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """This curvature's memory model for a problem of ``size`` (``None``: not applicable,
+        e.g. a Kronecker-factored curvature without supported layers)."""
+        raise NotImplementedError(f"{cls.__name__} declares no memory model (Curvature.memory)")
 
     # -- fitting -------------------------------------------------------------------
     def fit(self, model: nn.Module, task: Task, data: DataLike, *,

@@ -25,6 +25,7 @@ from headwater.curvature._matfree import (
     warn_if_indefinite,
 )
 from headwater.curvature._streaming import Preconditioner, StreamingCurvature
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import (
     CGInfo,
@@ -93,6 +94,12 @@ class CG(StreamingCurvature):
 
     name = "cg"
     damping_in_state_only = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """working: 5 vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)"""
+        return Memory(0, 5 * size.rhs * size.num_params * size.itemsize + size.linearisations,
+                      "2 passes over the data per iteration")
 
     def __init__(
         self,

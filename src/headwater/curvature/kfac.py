@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, vmap
 
-from headwater.curvature.base import Curvature
+from headwater.curvature.base import Curvature, Memory, ProblemSize
 from headwater.curvature.kfac_blocks import Block, capture, find_blocks, from_blocks, to_blocks
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
@@ -359,9 +359,24 @@ class KFAC(KroneckerCurvature):
     name = "kfac"
     corrected = False
 
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)"""
+        if not size.blocks:
+            return None
+        return Memory(8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks), 0, "per-module scoring")
+
 
 class EKFAC(KroneckerCurvature):
     """EK-FAC: the K-FAC eigenbasis with eigenvalues refitted to per-example gradients."""
 
     name = "ekfac"
     corrected = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """K-FAC + 8·Σ out·width (corrected eigenvalues)"""
+        factors = KFAC.memory(size)
+        if factors is None:
+            return None
+        return Memory(factors.stored + 8 * sum(o * w for o, w in size.blocks), 0, factors.note)

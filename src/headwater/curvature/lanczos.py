@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from headwater.curvature._lowrank import LowRankCurvature
 from headwater.curvature._matfree import CHUNK_SIZE, BoundOperator, subset
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike, num_examples
@@ -57,6 +58,12 @@ class Lanczos(LowRankCurvature):
     """
 
     name = "lanczos"
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·rank·P; working + 8·n_iter·P (Krylov basis)"""
+        return Memory(8 * size.rank * size.num_params, 8 * size.n_iter * size.num_params,
+                      f"rank {size.rank}, {size.n_iter} iterations")
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ from headwater.curvature._matfree import (
     warn_if_indefinite,
 )
 from headwater.curvature._streaming import Preconditioner, StreamingCurvature
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
 from headwater.data import DataLike, num_examples
@@ -95,6 +96,12 @@ class LiSSA(StreamingCurvature):
     """
 
     name = "lissa"
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations"""
+        return Memory(0, 3 * size.rhs * size.num_params * size.itemsize + size.linearisations,
+                      "depth x repeats mini-batch passes")
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._matfree import subset
-from headwater.curvature.base import Curvature, default_damping
+from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches
 from headwater.distributed import all_reduce_sum_, shard_range, world
@@ -87,6 +87,13 @@ class MFAC(Curvature):
 
     name = "mfac"
     kinds = (MatrixKind.GGN, MatrixKind.EF)
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored m·P·b + 8·m² (W and the Cholesky factor; m = n_train by default); working + m·P·b (G)"""
+        m = size.n_train  # the default window: every training example
+        return Memory(m * size.num_params * size.itemsize + 8 * m * m, m * size.num_params * size.itemsize,
+                      "window of every training gradient (n_grads=None)")
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  chunk_size: int = 64, n_grads: int | None = None, block_size: int | None = None,

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from headwater.curvature._lowrank import LowRankCurvature, LowRankState
 from headwater.curvature._matfree import CHUNK_SIZE
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, nystrom
 
@@ -39,6 +40,12 @@ class Nystrom(LowRankCurvature):
 
     name = "nystrom"
     kinds = (MatrixKind.GGN, MatrixKind.EF)
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·rank·P; working + 16·(rank + oversample)·P (sketch)"""
+        return Memory(8 * size.rank * size.num_params, 16 * (size.rank + 10) * size.num_params,
+                      f"rank {size.rank}")
 
     def __init__(
         self,
