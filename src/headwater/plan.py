@@ -30,9 +30,9 @@ from torch import nn
 
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import ProblemSize
-from headwater.curvature.kfac_blocks import find_blocks
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.functional import detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import find_blocks
 from headwater.gradients.per_example import per_example_gradients
 from headwater.task import Task
 

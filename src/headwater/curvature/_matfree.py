@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from headwater.curvature.base import default_damping
 from headwater.curvature.operators import MatrixKind, curvature_matvec
@@ -30,7 +28,6 @@ __all__ = [
     "extreme_eigenvalues",
     "hutchinson_trace",
     "rademacher",
-    "subset",
     "warn_if_indefinite",
 ]
 
@@ -109,21 +106,6 @@ def extreme_eigenvalues(
         matvec, dim, n_iter=min(n_iter, dim), seed=seed, dtype=dtype, device=device
     )
     return float(eigvals.min()), float(eigvals.max())
-
-
-def subset(data: DataLike, indices: Tensor | Sequence[int]) -> DataLike:
-    """The examples ``indices`` of ``data`` (same form: tensor pair or Dataset), in that order."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    if isinstance(data, tuple | list):
-        inputs, targets = data
-        return inputs[idx.to(inputs.device)], targets[idx.to(targets.device)]
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    if isinstance(data, Dataset):
-        return Subset(data, idx.tolist())
-    raise TypeError(
-        f"data: expected an (inputs, targets) pair, a Dataset or a DataLoader, got {type(data).__name__}"
-    )
 
 
 class BoundOperator:

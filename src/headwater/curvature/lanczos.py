@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._lowrank import LowRankCurvature
-from headwater.curvature._matfree import CHUNK_SIZE, BoundOperator, subset
+from headwater.curvature._matfree import CHUNK_SIZE, BoundOperator
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lanczos
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, num_examples, subset
 from headwater.task import Task
 
 __all__ = ["Lanczos", "LanczosState", "SpectrumComparison", "minibatch_spectrum"]

@@ -32,14 +32,13 @@ from headwater.curvature._matfree import (
     BoundOperator,
     extreme_eigenvalues,
     rademacher,
-    subset,
     warn_if_indefinite,
 )
 from headwater.curvature._streaming import Preconditioner, StreamingCurvature
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, num_examples, subset
 from headwater.progress import ProgressFn
 from headwater.task import Task
 

@@ -43,10 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature._matfree import subset
 from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import MatrixKind
-from headwater.data import DataLike, iter_batches
+from headwater.data import DataLike, iter_batches, subset
 from headwater.distributed import all_reduce_sum_, shard_range, world
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import per_example_gradients

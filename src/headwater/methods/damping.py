@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature import CURVATURES, Curvature
-from headwater.curvature._matfree import subset
 from headwater.curvature.base import check_damping
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, num_examples, subset
 from headwater.evaluate.loo import LOOResult, TrainFn, leave_one_out
 from headwater.gradients.per_example import Objective, stack_gradients
 from headwater.progress import ProgressFn, report

@@ -1,6 +1,6 @@
 """Influence with K-FAC/EK-FAC computed module by module, never flattening the model.
 
-For each block ``m`` (a supported layer, see :mod:`headwater.curvature.kfac_blocks`)
+For each block ``m`` (a supported layer, see :mod:`headwater.gradients.layers`)
 
     score_m[q, i] = ⟨(M_m + (wd + λ_m) I)⁻¹ G_m(z_q),  G_m(z_i)⟩
 
@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature.kfac import KroneckerCurvature
-from headwater.curvature.kfac_blocks import Block, capture
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import Block, capture
 from headwater.gradients.per_example import Objective, check_batch, check_values
 from headwater.methods.scoring import Features, pairwise
 from headwater.progress import ProgressFn, report
@@ -70,7 +70,7 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
     Args:
         model: the model (left unchanged; evaluated in eval mode).
         task: loss, measurement and analysed parameters.
-        blocks: from :func:`~headwater.curvature.kfac_blocks.find_blocks` or a fitted
+        blocks: from :func:`~headwater.gradients.layers.find_blocks` or a fitted
             K-FAC/EK-FAC's ``.blocks``.
         data: an ``(inputs, targets)`` pair, a Dataset or a DataLoader.
         objective: ``"train"`` (training loss) or ``"measurement"``.

@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from headwater import store as store_mod
 from headwater.curvature.base import Curvature
 from headwater.data import DataLike, iter_batches, num_examples
-from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
+from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.estimator import Estimator, check_top_k
@@ -20,8 +19,8 @@ from headwater.methods.factored import check_block_curvature, preconditioned_blo
 from headwater.methods.layer_products import layer_blocks
 from headwater.methods.scoring import FeatureLike, pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
+from headwater.store.cached import cached, fingerprint
 from headwater.task import Task
-from headwater.train.ensemble import fingerprint
 
 __all__ = ["CONTEXT_EXAMPLES", "InfluenceFunction", "fit_context"]
 
@@ -123,21 +122,17 @@ class InfluenceFunction(Estimator):
         (by rank 0 under ``torch.distributed``; the ranks load only when every rank sees
         the store). A store fitted on anything else raises ``StoreMismatchError`` naming
         what differs (see :func:`fit_context`)."""
-        if store is None:
-            self.curvature.fit(self.model, self.task, train, progress=self.progress)
-            return self
-        context = fit_context(self.model, self.task, train)
-        if all_ranks(store_mod.exists(store)):  # ranks decide together: a fit is collective
-            layout = ParamLayout.of(self.task.parameters(self.model))
-            store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
+        self._blocks_complete = None
+        context = fit_context(self.model, self.task, train) if store is not None else None
+
+        def load() -> None:
+            self.curvature.load(store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context)
             if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
                 self.curvature.bind(self.model, self.task, train)
             report(self.progress, "curvature (loaded)", 1, 1)
-            return self
-        self.curvature.fit(self.model, self.task, train, progress=self.progress)
-        if world()[0] == 0:
-            self.curvature.save(store, context=context)
-        barrier()  # the store is complete before any rank goes on (and may look for it)
+
+        cached(store, load, lambda: self.curvature.fit(self.model, self.task, train, progress=self.progress),
+               lambda _: self.curvature.save(store, context=context))
         return self
 
     def _grads(self, data: DataLike, objective: Objective, name: str):

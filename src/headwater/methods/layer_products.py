@@ -1,6 +1,6 @@
 """Inner products of per-example gradients, layer by layer, without forming them where possible.
 
-For a block (a supported layer, :mod:`headwater.curvature.kfac_blocks`) the gradient of
+For a block (a supported layer, :mod:`headwater.gradients.layers`) the gradient of
 example ``i`` is ``G_i = Σ_t s_it ã_itᵀ``. When the layer sees one position per example
 (a ``Linear`` layer on feature vectors) it is an outer product, so
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block, find_blocks
 from headwater.data import DataLike, iter_batches
+from headwater.gradients.layers import Block, find_blocks
 from headwater.gradients.per_example import per_example_gradients
 from headwater.methods.factored import module_factors
 from headwater.methods.scoring import Features

@@ -36,12 +36,10 @@ from torch import Tensor, nn
 
 from headwater import store as store_mod
 from headwater.curvature.base import check_damping, default_damping
-from headwater.curvature.kfac import GGNEstimator, _cotangents
-from headwater.curvature.kfac_blocks import capture, find_blocks
+from headwater.curvature.kfac import GGNEstimator, output_cotangents
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import (
-    all_ranks,
     all_reduce_sum_,
     gather_columns,
     local_batches,
@@ -50,6 +48,7 @@ from headwater.distributed import (
 )
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import capture, find_blocks
 from headwater.gradients.per_example import (
     Objective,
     check_batch,
@@ -62,6 +61,7 @@ from headwater.methods.estimator import Estimator
 from headwater.methods.influence import fit_context
 from headwater.methods.scoring import pairwise, sharded_top_k
 from headwater.progress import ProgressFn, report
+from headwater.store.cached import cached
 from headwater.store.rows import RowStore
 from headwater.task import Task
 
@@ -262,17 +262,19 @@ class ProjectedInfluence(Estimator):
         features = self._train_features(train, row_key)
         curvature_path = self._path("curvature")
         # every rank loads, or every rank computes: the sum below is collective
-        if curvature_path is not None and all_ranks(store_mod.exists(curvature_path)):
-            mean = store_mod.on_every_rank(
-                lambda: store_mod.load(curvature_path, expect=self._curvature_key(row_key)), curvature_path)[0]["mean"]
-            mean = mean.to(self.device)
+        key = self._curvature_key(row_key)
+
+        def load() -> dict[str, Tensor]:
             report(self.progress, "projected curvature (loaded)", 1, 1)
-        else:
+            return store_mod.load(curvature_path, expect=key)[0]
+
+        def compute() -> dict[str, Tensor]:
             total = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train)
             all_reduce_sum_(total)
-            mean = total.div_(n)
-            if curvature_path is not None:
-                store_mod.save(curvature_path, {"mean": mean}, self._curvature_key(row_key))
+            return {"mean": total.div_(n)}
+
+        mean = cached(curvature_path, load, compute, lambda t: store_mod.save(curvature_path, t, key),
+                      per_rank=True)["mean"].to(self.device)
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         matrix = mean  # already saved (if stored): free to modify
         gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
@@ -338,8 +340,8 @@ class ProjectedInfluence(Estimator):
 
         def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
             estimator = self.estimator.resolve(out[0].numel())
-            return _cotangents(self.task, out, y, MatrixKind.GGN, estimator, self.seed, self._start + done,
-                               self.mc_samples)
+            return output_cotangents(self.task, out, y, MatrixKind.GGN, estimator, self.seed, self._start + done,
+                                     self.mc_samples)
 
         done = 0
         with evaluation_mode(self.model):

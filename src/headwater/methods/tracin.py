@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block
 from headwater.data import DataLike, num_examples
+from headwater.gradients.layers import Block
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.estimator import Estimator
 from headwater.methods.factored import module_factors
