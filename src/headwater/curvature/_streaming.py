@@ -87,6 +87,15 @@ class StreamingCurvature(Curvature):
         self._precondition = None
         return self._operator
 
+    def _attach_damped(self, model: nn.Module, task: Task, data: DataLike) -> tuple[BoundOperator, float]:
+        """:meth:`_attach`, and the damping: the set one or the default from a Hutchinson
+        trace (``trace_probes`` probes, ``seed + 1``)."""
+        op = self._attach(model, task, data)
+        damping = self.damping
+        if damping is None:
+            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
+        return op, damping
+
     def _attach_preconditioner(self, model: nn.Module, task: Task, data: DataLike, damping: float) -> None:
         """Fit an EK-FAC, K-FAC or diagonal preconditioner with ``damping`` (a Nyström one is
         part of the fitted state instead)."""

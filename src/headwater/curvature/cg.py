@@ -158,11 +158,8 @@ class CG(StreamingCurvature):
     def _fit(
         self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
     ) -> CGState:
-        op = self._attach(model, task, data)
+        op, damping = self._attach_damped(model, task, data)
         p = self.layout.num_params
-        damping = self.damping
-        if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
         if self.kind is MatrixKind.HESSIAN:
             smallest, _ = extreme_eigenvalues(
                 op.matvec,

@@ -153,11 +153,8 @@ class LiSSA(StreamingCurvature):
     def _fit(
         self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
     ) -> LissaState:
-        op = self._attach(model, task, data)
+        op, damping = self._attach_damped(model, task, data)
         p = self.layout.num_params
-        damping = self.damping
-        if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
         top = math.nan
         self._attach_preconditioner(model, task, data, float(damping))
         if self._precondition is not None:
