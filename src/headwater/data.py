@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = ["Batch", "DataLike", "as_tensors", "check_indices", "iter_batches", "num_examples"]
 
@@ -118,3 +118,18 @@ def check_indices(indices: Sequence[int] | Tensor, n: int, name: str = "indices"
     if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"{name}: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
     return idx
+
+
+def subset(data: DataLike, indices: Tensor | Sequence[int]) -> DataLike:
+    """The examples ``indices`` of ``data`` (same form: tensor pair or Dataset), in that order."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(data, tuple | list):
+        inputs, targets = data
+        return inputs[idx.to(inputs.device)], targets[idx.to(targets.device)]
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, Dataset):
+        return Subset(data, idx.tolist())
+    raise TypeError(
+        f"data: expected an (inputs, targets) pair, a Dataset or a DataLoader, got {type(data).__name__}"
+    )

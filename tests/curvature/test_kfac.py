@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 import headwater
 from headwater.curvature import CURVATURES, EKFAC, KFAC, Exact
-from headwater.curvature.kfac_blocks import find_blocks, from_blocks
 from headwater.gradients import stack_gradients
+from headwater.gradients.layers import find_blocks, from_blocks
 from headwater.methods import InfluenceFunction
 from headwater.methods.factored import factored_scores, module_gradients, module_scores
 from headwater.store import StoreMismatchError

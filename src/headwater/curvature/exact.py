@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
+from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import dense_curvature
 from headwater.data import DataLike
 from headwater.progress import ProgressFn
@@ -50,6 +50,13 @@ class Exact(Curvature):
 
     name = "exact"
     has_eigen = True
+    damping_in_state_only = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·(P² + P) (float64 eigenvectors, eigenvalues); working + 8·P² (the matrix)"""
+        p = size.num_params
+        return Memory(8 * (p * p + p), 8 * p * p)
 
     def __init__(self, *, kind="ggn", damping=None, chunk_size=64, max_params: int | None = None):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
@@ -78,7 +85,7 @@ class Exact(Curvature):
         eigvals, eigvecs = torch.linalg.eigh(matrix)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * max(float(eigvals.mean()), 0.0)
+            damping = default_damping(float(eigvals.mean()))
         if float(eigvals[0]) + damping <= 0:
             warnings.warn(
                 f"curvature='exact' ({self.kind.value}): the damped matrix is not positive definite "

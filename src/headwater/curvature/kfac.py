@@ -1,6 +1,6 @@
 """K-FAC and EK-FAC: per-module Kronecker-factored curvature.
 
-For a block (see :mod:`~headwater.curvature.kfac_blocks`) with per-example gradient
+For a block (see :mod:`~headwater.gradients.layers`) with per-example gradient
 ``G_n = Σ_t s_t ã_tᵀ``, K-FAC (Martens & Grosse 2015) approximates the block of the
 curvature of the mean loss by
 
@@ -60,18 +60,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, vmap
 
-from headwater.curvature.base import Curvature
-from headwater.curvature.kfac_blocks import Block, capture, find_blocks, from_blocks, to_blocks
+from headwater.curvature.base import Curvature, Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import Block, capture, find_blocks, from_blocks, to_blocks
 from headwater.gradients.per_example import check_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task, sample_per_example
 
-__all__ = ["EKFAC", "EXACT_MAX_OUTPUTS", "KFAC", "GGNEstimator", "KroneckerCurvature",
-           "KroneckerState"]
+__all__ = ["EKFAC", "EXACT_MAX_OUTPUTS", "KFAC", "GGNEstimator", "KroneckerCurvature", "KroneckerState",
+           "output_cotangents"]
 
 EXACT_MAX_OUTPUTS = 64
 """``ggn_estimator="auto"`` is ``"exact"`` up to this many model outputs per example."""
@@ -119,9 +119,9 @@ class KroneckerState:
         return torch.outer(self.eigvals_s[module], self.eigvals_a[module])
 
 
-def _cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
-                estimator: GGNEstimator, seed: int, first: int, mc_samples: int, skip: int = 0
-                ) -> tuple[float, Tensor]:
+def output_cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
+                      estimator: GGNEstimator, seed: int, first: int, mc_samples: int, skip: int = 0
+                      ) -> tuple[float, Tensor]:
     """Weight ``w`` and output cotangents ``c [K, *output.shape]``: the signals are
     ``s_k = J_zᵀ c_k`` and the curvature block is ``w Σ_k`` of their products.
     Sampled targets are drawn per example (``seed`` and its global index, the chunk's
@@ -175,6 +175,7 @@ class KroneckerCurvature(Curvature):
     """
 
     kinds = (MatrixKind.GGN, MatrixKind.EF)
+    block_features = True
     corrected: ClassVar[bool]
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
@@ -238,8 +239,8 @@ class KroneckerCurvature(Curvature):
                 with capture(model, blocks) as cap:
                     output = task.output(bind(model, live), x)
                 estimator = self.ggn_estimator.resolve(output[0].numel())
-                weight, cots = _cotangents(task, output, y, self.kind, estimator, self.seed,
-                                           start + done, self.mc_samples, skip_draws)
+                weight, cots = output_cotangents(task, output, y, self.kind, estimator, self.seed,
+                                                 start + done, self.mc_samples, skip_draws)
                 signals = cap.pullback(output, cots)
                 done += x.shape[0]
                 report(progress, stage, done, stop - start)
@@ -358,9 +359,24 @@ class KFAC(KroneckerCurvature):
     name = "kfac"
     corrected = False
 
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)"""
+        if not size.blocks:
+            return None
+        return Memory(8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks), 0, "per-module scoring")
+
 
 class EKFAC(KroneckerCurvature):
     """EK-FAC: the K-FAC eigenbasis with eigenvalues refitted to per-example gradients."""
 
     name = "ekfac"
     corrected = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """K-FAC + 8·Σ out·width (corrected eigenvalues)"""
+        factors = KFAC.memory(size)
+        if factors is None:
+            return None
+        return Memory(factors.stored + 8 * sum(o * w for o, w in size.blocks), 0, factors.note)

@@ -2,6 +2,7 @@
 
 from headwater.methods.ame import AMEResult, ame
 from headwater.methods.ensemble_scores import EnsembleScores, ensemble_scores
+from headwater.methods.estimator import Estimator
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.mislabels import MislabelRanking, detect_mislabels, mislabel_ranking
@@ -19,6 +20,7 @@ __all__ = [
     "AMEResult",
     "Checkpoint",
     "EnsembleScores",
+    "Estimator",
     "Hydra",
     "InfluenceFunction",
     "MislabelRanking",

@@ -1,6 +1,6 @@
 """Inner products of per-example gradients, layer by layer, without forming them where possible.
 
-For a block (a supported layer, :mod:`headwater.curvature.kfac_blocks`) the gradient of
+For a block (a supported layer, :mod:`headwater.gradients.layers`) the gradient of
 example ``i`` is ``G_i = Σ_t s_it ã_itᵀ``. When the layer sees one position per example
 (a ``Linear`` layer on feature vectors) it is an outer product, so
 
@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block, find_blocks
 from headwater.data import DataLike, iter_batches
+from headwater.gradients.layers import Block, find_blocks
 from headwater.gradients.per_example import per_example_gradients
 from headwater.methods.factored import module_factors
+from headwater.methods.scoring import Features
 from headwater.task import Task
 
 __all__ = ["LayerGradients", "layer_blocks"]
@@ -44,7 +45,7 @@ def _full(part: Part) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LayerGradients:
+class LayerGradients(Features):
     """Per-example gradients of ``N`` examples, block by block (see the module docs)."""
 
     parts: dict[str, Part]
@@ -74,6 +75,16 @@ class LayerGradients:
     def __len__(self) -> int:
         first = next(iter(self.parts.values()))
         return (first[0] if isinstance(first, tuple) else first).shape[0]
+
+    def __getitem__(self, rows: slice) -> LayerGradients:
+        return LayerGradients({m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
+                               for m, p in self.parts.items()})
+
+    def scaled(self, weights: Tensor) -> LayerGradients:
+        """Every example's gradient times ``weights [N]`` (the output factor of a pair)."""
+        w = weights.unsqueeze(1)
+        return LayerGradients({m: (p[0] * w, p[1]) if isinstance(p, tuple) else p * w
+                               for m, p in self.parts.items()})
 
     def sq_norms(self) -> Tensor:
         """``‖g_i‖²`` over every block, ``[N]``."""

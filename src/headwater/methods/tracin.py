@@ -35,12 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block
 from headwater.data import DataLike, num_examples
+from headwater.gradients.layers import Block
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.estimator import Estimator
 from headwater.methods.factored import module_factors
 from headwater.methods.layer_products import LayerGradients, layer_blocks
-from headwater.methods.scoring import pairwise
+from headwater.methods.scoring import FeatureLike, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
@@ -67,7 +68,7 @@ class Checkpoint:
         return float(self.lr) * self.steps
 
 
-class TracIn:
+class TracIn(Estimator):
     """TracInCP scores ``[n_query, n_train]`` from a list of checkpoints.
 
     Args:
@@ -85,6 +86,8 @@ class TracIn:
         query_chunk: query rows per scoring tile of the ``vmap`` path.
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "tracin"
 
     def __init__(self, model: nn.Module, task: Task, checkpoints: Sequence[Checkpoint], *,
                  renormalize: bool = False, gradients: str = "auto", chunk_size: int = 64,
@@ -114,13 +117,9 @@ class TracIn:
                 raise ValueError(f"checkpoints: a state does not fit the model: {err}") from err
             yield c, member
 
-    def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str,
-               norms: list[Tensor] | None = None) -> Iterator[Tensor]:
-        """Per-example gradients chunk by chunk; their norms are appended to ``norms`` if given."""
+    def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
         for g in per_example_gradients(model, self.task, data, objective=objective,
                                        chunk_size=self.chunk_size, name=name):
-            if norms is not None:
-                norms.append(g.norm(dim=1))
             yield g
 
     def _blocks(self, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
@@ -142,37 +141,33 @@ class TracIn:
                                       chunk_size=self.chunk_size, name=name):
             yield LayerGradients.of(factors)
 
-    def _layer_scores(self, member: nn.Module, blocks: tuple[Block, ...], query: DataLike, train: DataLike,
-                      n_train: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw products ``[n_query, n_train]`` and the query and training gradient norms."""
-        left = LayerGradients.cat(list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query")))
-        out, norms = None, []
-        col = 0
-        for right in self._layers(member, blocks, train, Objective.TRAIN, "train"):
-            tile = left.dot(right)
-            if out is None:
-                out = tile.new_empty(len(left), n_train)
-            norms.append(right.sq_norms().sqrt())
-            out[:, col : col + tile.shape[1]] = tile
-            col += tile.shape[1]
-        return out, left.sq_norms().sqrt(), torch.cat(norms)
+    def _features(self, member: nn.Module, blocks: tuple[Block, ...] | None, data: DataLike,
+                  objective: Objective, name: str, norms: list[Tensor]) -> Iterator[FeatureLike]:
+        """Per-example gradients of ``data`` at one checkpoint, chunk by chunk: layer-wise
+        (:class:`~headwater.methods.layer_products.LayerGradients`) with ``blocks``, else flat
+        ``vmap`` gradients ``[chunk, P]``; each chunk's gradient norms are appended to ``norms``."""
+        chunks = (self._grads(member, data, objective, name) if blocks is None
+                  else self._layers(member, blocks, data, objective, name))
+        for g in chunks:
+            norms.append(g.norm(dim=1) if isinstance(g, Tensor) else g.sq_norms().sqrt())
+            yield g
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
-        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``."""
+        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``, each checkpoint's
+        through the one tiled loop (:func:`~headwater.methods.scoring.pairwise`)."""
         n_train = num_examples(train, "train")
         total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
             blocks = self._blocks(member, train)
-            if blocks is not None:
-                part, q_norms, t_norms = self._layer_scores(member, blocks, query, train, n_train)
-            else:
-                t_list: list[Tensor] = []
-                left = torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
-                part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train", t_list), n_train,
-                                query_chunk=self.query_chunk)
-                q_norms, t_norms = left.norm(dim=1), torch.cat(t_list)
-            if self.renormalize:
-                part = part / _effective_norms(q_norms, t_norms).unsqueeze(1) / _effective_norms(t_norms, t_norms)
+            q_norms: list[Tensor] = []
+            t_norms: list[Tensor] = []
+            queries = list(self._features(member, blocks, query, Objective.MEASUREMENT, "query", q_norms))
+            left = torch.cat(queries) if blocks is None else LayerGradients.cat(queries)
+            part = pairwise(left, self._features(member, blocks, train, Objective.TRAIN, "train", t_norms),
+                            n_train, query_chunk=self.query_chunk)
+            if self.renormalize:  # unit gradients, from the raw products and the norms
+                t = torch.cat(t_norms)
+                part = part / _effective_norms(torch.cat(q_norms), t).unsqueeze(1) / _effective_norms(t, t)
             part = c.weight * part
             total = part if total is None else total + part
             report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
@@ -183,20 +178,19 @@ class TracIn:
         al.'s signal for mislabeled examples; constant with ``renormalize``)."""
         total: Tensor | None = None
         for c, member in self._models():
-            blocks = self._blocks(member, train)
-            if blocks is not None:
-                sq = torch.cat([g.sq_norms() for g in self._layers(member, blocks, train, Objective.TRAIN, "train")])
-            else:
-                sq = torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
-            if self.renormalize:  # ‖g/‖g‖‖²: 1, or 0 for a gradient below the floor
-                norms = sq.sqrt()
-                sq = torch.isfinite(_effective_norms(norms, norms)).to(sq.dtype)
+            norms: list[Tensor] = []
+            for _ in self._features(member, self._blocks(member, train), train, Objective.TRAIN, "train", norms):
+                pass
+            t = torch.cat(norms)
+            # ‖g/‖g‖‖² is 1, or 0 for a gradient below the floor
+            sq = torch.isfinite(_effective_norms(t, t)).to(t.dtype) if self.renormalize else t.pow(2)
             part = c.weight * sq
             total = part if total is None else total + part
         return total
 
     def settings(self) -> dict:
-        return {"method": "tracin", "renormalize_floor": "sqrt(eps) * median training gradient norm", "renormalize": self.renormalize, "gradients": self.gradients,
+        return {"method": "tracin", "renormalize": self.renormalize,
+                "renormalize_floor": "sqrt(eps) * median training gradient norm", "gradients": self.gradients,
                 "n_checkpoints": len(self.checkpoints),
                 "lrs": [c.lr for c in self.checkpoints], "steps": [c.steps for c in self.checkpoints],
                 "task": self.task.to_dict(), "chunk_size": self.chunk_size}
