@@ -76,29 +76,45 @@ class Metagradient:
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
 
     # ---------------------------------------------------------------- model as a function of θ
-    def _loss_fn(self, x: Tensor, y: Tensor, w: Tensor):
+    def _losses_fn(self, x: Tensor, y: Tensor):
+        """``θ -> ℓ_B(θ) [B]``, the per-example training losses of a batch at the flat ``θ``."""
         layout = self.run.layout
 
-        def loss(theta: Tensor) -> Tensor:
+        def losses(theta: Tensor) -> Tensor:
             fn = lambda inp: functional_call(self.model, layout.unflatten(theta), (inp,), strict=False)  # noqa: E731
-            return (w * self.task.train_loss(fn, (x, y))).mean()
+            return self.task.train_loss(fn, (x, y))
 
-        return loss
+        return losses
 
-    def _per_example(self, method, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Per-example gradients ``[B, P]`` of a task method at the flat ``theta``."""
+    def _batch_gradient(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """``g = ∇ (1/B) Σ_j w_j ℓ_j`` at ``theta``, ``[P]``."""
+        losses = self._losses_fn(x, y)
+        return grad(lambda t: (w * losses(t)).mean())(theta)
+
+    def _tangents(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """``(H_t V [Q, P], J_t V [Q, B])`` from one forward-over-reverse pass per query (vmapped):
+        the Hessian of the weighted batch loss and the per-example loss derivatives along
+        each row of ``V [Q, P]``; with ``hessian_free`` only ``J_t V`` (forward mode)."""
+        losses = self._losses_fn(x, y)
+        if self.hessian_free:
+            return None, vmap(lambda v: jvp(losses, (theta,), (v,))[1])(vectors)
+
+        def with_losses(t: Tensor) -> tuple[Tensor, Tensor]:
+            per = losses(t)
+            return (w * per).mean(), per
+
+        g = grad(with_losses, has_aux=True)
+        return vmap(lambda v: jvp(g, (theta,), (v,))[1])(vectors)
+
+    def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Per-query gradients of the measurement ``[Q, P]`` at the flat ``theta``."""
         layout = self.run.layout
 
         def single(t: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
             fn = lambda inp: functional_call(self.model, layout.unflatten(t), (inp,), strict=False)  # noqa: E731
-            return method(fn, (xi.unsqueeze(0), yi.unsqueeze(0))).sum()
+            return self.task.measurement(fn, (xi.unsqueeze(0), yi.unsqueeze(0))).sum()
 
         return vmap(grad(single), in_dims=(None, 0, 0))(theta, x, y)
-
-    def _hvp(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, vectors: Tensor) -> Tensor:
-        """``H_t V`` for the weighted batch loss at ``theta``, ``V [Q, P]``."""
-        g = grad(self._loss_fn(x, y, w))
-        return vmap(lambda v: jvp(g, (theta,), (v,))[1])(vectors)
 
     # ---------------------------------------------------------------- replay
     def _cast(self, ckpt: Checkpoint) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -108,38 +124,35 @@ class Metagradient:
         run = self.run
         return optimizer_step(run.optimizer, run.hyper, theta, state, g, run.lrs[t], count, run.max_norms[t])
 
-    def _forward(self, ckpt: Checkpoint, end: int, data) -> list[tuple[Tensor, tuple[Tensor, ...]]]:
-        """The states ``(θ_t, state_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward."""
+    def _forward(self, ckpt: Checkpoint, end: int, data) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor]]:
+        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward."""
         x_all, y_all, w_all = data
         theta, state = self._cast(ckpt)
         states = []
         for t in range(ckpt.step, end):
-            states.append((theta, state))
             idx = self.run.batches[t]
-            g = grad(self._loss_fn(x_all[idx], y_all[idx], w_all[idx]))(theta)
+            g = self._batch_gradient(theta, x_all[idx], y_all[idx], w_all[idx])
+            states.append((theta, state, g))
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
         return states
 
-    def _backward_step(self, t: int, count: int, theta: Tensor, state: tuple[Tensor, ...], adjoint, data,
+    def _backward_step(self, t: int, count: int, forward, adjoint, data,
                        out: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One reverse step: returns the adjoints of ``(θ_t, state_t)``; adds ``dm/dw`` into ``out``."""
         x_all, y_all, w_all = data
+        theta, state, g = forward
         idx = self.run.batches[t]
-        x, y, w = x_all[idx], y_all[idx], w_all[idx]
-        jac = self._per_example(self.task.train_loss, theta, x, y)  # [B, P]
-        g = w @ jac / len(idx)  # [P]
         _, pullback = vjp(lambda th, st, gg: self._step(t, th, st, gg, count), theta, state, g)
         a_theta, a_state, a_g = vmap(pullback)(adjoint)  # [Q, P] each
-        out[:, idx] += a_g @ jac.T / len(idx)
-        if not self.hessian_free:
-            a_theta = a_theta + self._hvp(theta, x, y, w, a_g)
-        return a_theta, a_state
+        hv, jv = self._tangents(theta, x_all[idx], y_all[idx], w_all[idx], a_g)  # [Q, P], [Q, B]
+        out[:, idx] += jv / len(idx)
+        return (a_theta if hv is None else a_theta + hv), a_state
 
     def _block(self, x_q: Tensor, y_q: Tensor, data, done: int, total: int) -> Tensor:
         run = self.run
         last = run.checkpoints[-1]
         theta_T = last.theta.to(self.dtype)
-        a_theta = self._per_example(self.task.measurement, theta_T, x_q, y_q)  # [Q, P]
+        a_theta = self._measurement_gradients(theta_T, x_q, y_q)  # [Q, P]
         check_values(a_theta.sum(1), x_q.shape[0], "query")
         a_state = tuple(torch.zeros_like(a_theta) for _ in last.state)
         out = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype)
@@ -147,9 +160,8 @@ class Metagradient:
         for start, end in zip(reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True):
             states = self._forward(start, end, data)
             for t in reversed(range(start.step, end)):
-                theta, state = states.pop()
                 count = start.count + t - start.step + 1
-                a_theta, a_state = self._backward_step(t, count, theta, state, (a_theta, a_state), data, out)
+                a_theta, a_state = self._backward_step(t, count, states.pop(), (a_theta, a_state), data, out)
                 done += 1
                 report(self.progress, "metagradient steps", done, total)
         return out
