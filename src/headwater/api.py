@@ -14,16 +14,18 @@ from headwater.data import DataLike, iter_batches
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
+from headwater.methods.metagradient import Metagradient
 from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.scoring import Scores
 from headwater.methods.tracin import Checkpoint, TracIn
 from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
+from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
 __all__ = ["METHODS", "influence"]
 
-METHODS = ("influence", "tracin", "hydra")
+METHODS = ("influence", "tracin", "hydra", "metagradient")
 """Estimators ``headwater.influence(method=...)`` accepts."""
 
 
@@ -46,6 +48,7 @@ def influence(
     curvature_options: dict[str, Any] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
     trajectory: Trajectory | None = None,
+    run: RunRecord | None = None,
     renormalize: bool = False,
     progress: ProgressFn | None = None,
     store: str | os.PathLike | None = None,
@@ -84,6 +87,7 @@ def influence(
         curvature_options: extra constructor arguments of the curvature class.
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
+        run: ``method="metagradient"``'s recorded run (:class:`~headwater.train.recorder.Recorder`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
         progress: optional ``progress(stage, done, total)`` callback.
         store: base path of resumable state for ``method="influence"``: the fitted
@@ -139,6 +143,11 @@ def influence(
             raise ValueError("checkpoints: method='tracin' needs the training checkpoints")
         estimator = TracIn(model, task, checkpoints, renormalize=renormalize, chunk_size=chunk_size,
                            query_chunk=query_chunk, progress=progress)
+    elif method == "metagradient":
+        if run is None or self_influence:
+            raise ValueError("run: method='metagradient' needs a recorded run (headwater.train.Recorder) "
+                             "and has no self_influence")
+        estimator = Metagradient(model, task, run, progress=progress)
     else:
         if trajectory is None:
             raise ValueError("trajectory: method='hydra' needs a recorded run (headwater.train.train_sgd)")
