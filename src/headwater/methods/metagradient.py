@@ -44,7 +44,7 @@ from headwater.gradients.per_example import check_values
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
-from headwater.train.steps import optimizer_step
+from headwater.train.steps import clip, clip_pullback, optimizer_step, update
 
 __all__ = ["Metagradient"]
 
@@ -136,14 +136,41 @@ class Metagradient:
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
         return states
 
+    def _pullback(self, t: int, count: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor, adjoint):
+        """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})`` ``[Q, P]``.
+
+        The update after clipping is elementwise, so its Jacobian is diagonal: one
+        forward-mode product with a tangent of ones per input gives each input's diagonal
+        (``jac[o][i] [P]``), and the pullback is ``a_i = Σ_o jac[o][i] ⊙ a_o`` for all
+        queries at once; clipping's pullback is applied after (:func:`clip_pullback`)."""
+        run = self.run
+        g_c = clip(g, run.max_norms[t])
+        inputs = (theta, *state, g_c)
+
+        def step(*args: Tensor) -> tuple[Tensor, ...]:
+            th, st = update(run.optimizer, run.hyper, args[0], tuple(args[1:-1]), args[-1], run.lrs[t], count)
+            return (th, *st)
+
+        outs = (adjoint[0], *adjoint[1])
+        grads = []
+        for i in range(len(inputs)):
+            tangent = tuple(torch.ones_like(v) if k == i else torch.zeros_like(v) for k, v in enumerate(inputs))
+            column = jvp(step, inputs, tangent)[1]  # the diagonal ∂out_o/∂in_i for every o
+            total = None
+            for a_out, d in zip(outs, column, strict=True):
+                if d.any():
+                    total = a_out * d if total is None else total.addcmul_(a_out, d)
+            grads.append(torch.zeros_like(outs[0]) if total is None else total)
+        a_g = clip_pullback(g, run.max_norms[t], grads[-1])
+        return grads[0], tuple(grads[1:-1]), a_g
+
     def _backward_step(self, t: int, count: int, forward, adjoint, data,
                        out: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One reverse step: returns the adjoints of ``(θ_t, state_t)``; adds ``dm/dw`` into ``out``."""
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        _, pullback = vjp(lambda th, st, gg: self._step(t, th, st, gg, count), theta, state, g)
-        a_theta, a_state, a_g = vmap(pullback)(adjoint)  # [Q, P] each
+        a_theta, a_state, a_g = self._pullback(t, count, theta, state, g, adjoint)  # [Q, P] each
         hv, jv = self._tangents(theta, x_all[idx], y_all[idx], w_all[idx], a_g)  # [Q, P], [Q, B]
         out[:, idx] += jv / len(idx)
         return (a_theta if hv is None else a_theta + hv), a_state

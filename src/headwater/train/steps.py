@@ -24,14 +24,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["optimizer_step"]
+__all__ = ["clip", "clip_pullback", "optimizer_step", "update"]
 
 
-def _clip(g: Tensor, max_norm: float | None) -> Tensor:
+def clip(g: Tensor, max_norm: float | None) -> Tensor:
+    """``g · min(1, c / (‖g‖ + 1e-6))`` (``clip_grad_norm_``'s arithmetic); ``g`` if no ``c``."""
     if max_norm is None:
         return g
     coef = (max_norm / (g.norm() + 1e-6)).clamp(max=1.0)
     return g * coef
+
+
+def clip_pullback(g: Tensor, max_norm: float | None, adjoint: Tensor) -> Tensor:
+    """``adjoint [Q, P] @ ∂clip(g)/∂g``: ``c a`` and, where clipping acts (``c < 1``), the
+    rank-one term ``−c/((‖g‖+1e-6)‖g‖) (a·g) g`` of the norm's derivative."""
+    if max_norm is None:
+        return adjoint
+    norm = g.norm()
+    coef = max_norm / (norm + 1e-6)
+    if coef >= 1:
+        return adjoint
+    return coef * adjoint - (coef / ((norm + 1e-6) * norm)) * (adjoint @ g)[:, None] * g
 
 
 def _safe_sqrt(s: Tensor) -> Tensor:
@@ -67,7 +80,13 @@ def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, 
 def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
                    lr: float, count: int, max_norm: float | None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One update (module docstring); ``count`` is Adam's step number (from 1)."""
-    g = _clip(g, max_norm)
+    return update(kind, hyper, theta, state, clip(g, max_norm), lr, count)
+
+
+def update(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+           lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The update from an already clipped gradient: elementwise, so its Jacobian is diagonal
+    (every output coordinate depends on the same coordinate of each input only)."""
     if kind == "sgd":
         return _sgd(hyper, theta, state, g, lr)
     if kind in ("adam", "adamw"):
