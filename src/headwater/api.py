@@ -15,6 +15,7 @@ from headwater.methods.scoring import Scores
 from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
+from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
 __all__ = ["METHODS", "AttributionSettings", "influence"]
@@ -39,6 +40,7 @@ def influence(
     curvature_options: dict[str, Any] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
     trajectory: Trajectory | None = None,
+    run: RunRecord | None = None,
     renormalize: bool = False,
     progress: ProgressFn | None = None,
     store: str | os.PathLike | None = None,
@@ -55,8 +57,9 @@ def influence(
         task: default: classification (cross-entropy) for integer targets,
             regression (squared error) for float targets.
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
-            ``checkpoints``; Pruthi et al. 2020) or ``"hydra"`` (needs ``trajectory``;
-            Chen et al. 2021).
+            ``checkpoints``; Pruthi et al. 2020), ``"hydra"`` (needs ``trajectory``;
+            Chen et al. 2021) or ``"metagradient"`` (needs ``run``; exact replay of the
+            recorded run, Ilyas & Engstrom 2025).
         curvature: a name in ``headwater.curvature.CURVATURES``; default ``"ekfac"``, or
             ``"exact"`` (the only choice) with ``projection``.
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
@@ -76,6 +79,7 @@ def influence(
             one more pass over the training gradients per batch; same numbers).
         curvature_options: extra constructor arguments of the curvature class.
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
+        run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
         progress: optional ``progress(stage, done, total)`` callback.
@@ -100,7 +104,7 @@ def influence(
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
-    inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, progress=progress)
+    inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, run=run, progress=progress)
     estimator = METHODS[method].build(model, task, settings, inputs, train)
     values, indices, si = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
     return Scores(values, indices, si, {**estimator.settings(), "top_k": top_k})

@@ -26,10 +26,12 @@ from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
+from headwater.methods.metagradient import Metagradient
 from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.tracin import Checkpoint, TracIn
 from headwater.progress import ProgressFn
 from headwater.task import Task
+from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
 __all__ = ["METHODS", "AttributionSettings", "Inputs", "MethodSpec"]
@@ -44,11 +46,13 @@ class Inputs:
     Attributes:
         checkpoints: TracIn's :class:`~headwater.methods.tracin.Checkpoint` list.
         trajectory: a recorded run (:func:`headwater.train.sgd.train_sgd`), for HYDRA.
+        run: a run recorded by :class:`~headwater.train.recorder.Recorder`, for the metagradient.
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
     checkpoints: Sequence[Checkpoint] | None = None
     trajectory: Trajectory | None = None
+    run: RunRecord | None = None
     progress: ProgressFn | None = None
 
 
@@ -174,10 +178,18 @@ def _hydra(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs,
     return Hydra(model, task, inputs.trajectory, progress=inputs.progress)
 
 
+def _metagradient(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+                  ) -> Estimator:
+    if inputs.run is None:
+        raise ValueError("run: method='metagradient' needs a recorded run (headwater.train.Recorder)")
+    return Metagradient(model, task, inputs.run, progress=inputs.progress)
+
+
 METHODS: dict[str, MethodSpec] = {
     "influence": MethodSpec(_influence, frozenset({"curvature", "damping", "projection", "kind", "query_batch",
                                                    "curvature_options", "store"})),
     "tracin": MethodSpec(_tracin, frozenset({"renormalize"})),
     "hydra": MethodSpec(_hydra, frozenset(), self_influence=False),
+    "metagradient": MethodSpec(_metagradient, frozenset(), self_influence=False),
 }
 """Method name -> :class:`MethodSpec`; a new method is one line here."""
