@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from headwater.curvature.kfac_blocks import find_blocks
+from headwater.curvature.kfac_blocks import Block, find_blocks
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.functional import detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import per_example_gradients
@@ -35,7 +35,8 @@ __all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "plan"]
 
 FORMULAS = {
     "exact": "stored 8·(P² + P) (float64 eigenvectors, eigenvalues); working + 8·P² (the matrix)",
-    "kfac": "stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)",
+    "kfac": "stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping; "
+            "a diagonal factor: its size)",
     "ekfac": "K-FAC + 8·Σ out·width (corrected eigenvalues)",
     "cg": "working: 5 vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)",
     "lissa": "working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations",
@@ -100,6 +101,14 @@ class Plan:
         return None
 
 
+def _factor_numel(block: Block) -> int:
+    """Numbers K-FAC stores for one block: both factors' eigenvalues and eigenvectors
+    (an embedding's input factor and the diagonal block's are diagonal), and a damping."""
+    a_side = block.width if block.layer != "dense" else block.width**2 + block.width
+    s_side = block.out_features if block.diagonal else block.out_features**2 + block.out_features
+    return a_side + s_side + 1
+
+
 def _gradient_seconds(model: nn.Module, task: Task, train: DataLike, chunk_size: int, n: int) -> float:
     """Time of one chunk of per-example gradients (second call), scaled to ``n`` examples."""
     batch = next(iter_batches(train, chunk_size, "train"))
@@ -142,10 +151,7 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
     with torch.no_grad(), evaluation_mode(model):
         x, _ = prepare_batch(next(iter_batches(query, 1, "query")), ref)
         outputs = task.output(model, x)[0].numel()
-    try:
-        blocks = find_blocks(model, params)
-    except ValueError:
-        blocks = ()
+    blocks = find_blocks(model, params, task, train)
     scores = 0 if top_k else nq * n * b
     chunk = min(chunk_size, n) * p * b
     queries = min(nq, query_batch or nq) * p * b  # preconditioned query gradients held at once
@@ -162,7 +168,7 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
         ("identity", 0, queries + chunk + scores, "gradient similarity"),
     ]
     if blocks:
-        factors = 8 * sum(bl.out_features**2 + bl.width**2 + bl.out_features + bl.width + 1 for bl in blocks)
+        factors = 8 * sum(_factor_numel(bl) for bl in blocks)
         corrected = 8 * sum(bl.out_features * bl.width for bl in blocks)
         rows += [("kfac", factors, queries + chunk + scores, "per-module scoring"),
                  ("ekfac", factors + corrected, queries + chunk + scores, "per-module scoring")]

@@ -102,6 +102,11 @@ class Task(ABC):
         """The model's output for a batch (override for dict inputs etc.)."""
         return model(inputs)
 
+    def attention_mask(self, inputs: Tensor) -> Tensor | None:
+        """Per-position weights ``[B, T]`` (1 = a real token, 0 = padding) that K-FAC/EK-FAC
+        use for their input statistics, or ``None`` (default: every position counts)."""
+        return None
+
     @abstractmethod
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         """Per-example training loss ``[B]`` from the output. Its Hessian in the

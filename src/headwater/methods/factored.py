@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature.kfac import KroneckerCurvature
-from headwater.curvature.kfac_blocks import Block, capture
+from headwater.curvature.kfac_blocks import Block, DiagonalPart, capture
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
@@ -62,7 +62,8 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
                    ) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
     """Yield each block's output gradients and inputs ``{module: (s [chunk, T, out],
     ã [chunk, T, width])}``, in order: the per-example gradient is ``Σ_t s_t ã_tᵀ``, from
-    one batched forward/backward pass with hooks.
+    one batched forward/backward pass with hooks (the diagonal block's, ``[chunk, 1, P_d]``
+    and ones, from ``vmap``: :class:`~headwater.curvature.kfac_blocks.DiagonalPart`).
 
     Args:
         model: the model (left unchanged; evaluated in eval mode).
@@ -82,6 +83,7 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
     params = detached(task.parameters(model))
     ref = next(iter(params.values()))
     value_fn = task.train_loss if objective is Objective.TRAIN else task.measurement
+    diagonal = DiagonalPart(model, task, blocks, params)
     total, done = num_examples(data, name), 0
     with evaluation_mode(model), torch.enable_grad():
         for batch in iter_batches(data, chunk_size, name):
@@ -92,7 +94,8 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
             with capture(model, blocks) as cap:
                 values = value_fn(bind(model, live), (x, y))
             check_values(values, x.shape[0], name, done)
-            signals, acts = cap.signals(values.sum()), cap.activations()
+            signals = {**cap.signals(values.sum()), **diagonal.gradients((x, y), value_fn)}
+            acts = {**cap.activations(), **diagonal.activations(x.shape[0], values)}
             done += x.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from headwater import store as store_mod
 from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
 from headwater.curvature.kfac import GGNEstimator, _cotangents
-from headwater.curvature.kfac_blocks import capture, find_blocks
+from headwater.curvature.kfac_blocks import DiagonalPart, capture, find_blocks
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import (
@@ -106,6 +106,7 @@ class _KroneckerFeatures:
         self.model, self.task, self.projection = model, task, projection
         params = detached(task.parameters(model))
         self.blocks = find_blocks(model, params)
+        self.diagonal = DiagonalPart(model, task, self.blocks, params)
         self.dtype = next(iter(params.values())).dtype
         device = next(iter(params.values())).device
         self.factors = [tuple(f.to(device) for f in projection.factors(j, b.out_features, b.width, self.dtype))
@@ -141,8 +142,8 @@ class _KroneckerFeatures:
             values = value_fn(bind(self.model, live), (x, y))
         check_values(values, x.shape[0], name)
         with torch.enable_grad():
-            signals = cap.signals(values.sum())
-        return self._project(signals, cap.activations())
+            signals = {**cap.signals(values.sum()), **self.diagonal.gradients((x, y), value_fn)}
+        return self._project(signals, {**cap.activations(), **self.diagonal.activations(x.shape[0], values)})
 
     def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -150,8 +151,9 @@ class _KroneckerFeatures:
             out = self.task.output(bind(self.model, live), x)
         weight, cotangents = cotangents_of(out)
         with torch.enable_grad():
-            signals = cap.pullback(out, cotangents)
-        return weight, list(self._project(signals, cap.activations()))
+            signals = {**cap.pullback(out, cotangents), **self.diagonal.pullback(x, cotangents)}
+        acts = {**cap.activations(), **self.diagonal.activations(x.shape[0], out)}
+        return weight, list(self._project(signals, acts))
 
 
 class ProjectedInfluence:
