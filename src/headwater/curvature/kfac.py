@@ -193,7 +193,8 @@ def _rotate(v: Tensor, basis: Tensor) -> Tensor:
 def _in_basis(v: Tensor, qs: Tensor, qa: Tensor, *, back: bool = False) -> Tensor:
     """``Q_Sᵀ V Q_A`` (``back``: ``Q_S V Q_Aᵀ``) for ``V [K, out, width]``; an empty basis
     is the identity (a diagonal factor)."""
-    v = _rotate(v, qa.T if back else qa)
+    if qa.numel():
+        v = v @ (qa.T if back else qa)
     return v if qs.numel() == 0 else (qs if back else qs.T) @ v
 
 
