@@ -12,12 +12,13 @@ from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
+from headwater.methods.auto import choose_curvature
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.scoring import Scores
 from headwater.methods.tracin import Checkpoint, TracIn
-from headwater.progress import ProgressFn
+from headwater.progress import ProgressFn, report
 from headwater.task import Task, default_task
 from headwater.train.sgd import Trajectory
 
@@ -64,8 +65,11 @@ def influence(
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
             ``checkpoints``; Pruthi et al. 2020) or ``"hydra"`` (needs ``trajectory``;
             Chen et al. 2021).
-        curvature: a name in ``headwater.curvature.CURVATURES``; default ``"ekfac"``, or
-            ``"exact"`` (the only choice) with ``projection``.
+        curvature: a name in ``headwater.curvature.CURVATURES``, or ``None`` (default):
+            the dense matrix solved by Cholesky when it fits the time and memory budget,
+            else ``"ekfac"`` (:func:`~headwater.methods.auto.choose_curvature`; the choice
+            and its reason go to ``progress`` as one stage and into ``settings``). With
+            ``projection``: ``"exact"`` (the only choice).
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
         projection: influence on randomly projected gradients
             (:class:`~headwater.methods.projected.ProjectedInfluence`): ``k`` or a
@@ -118,6 +122,7 @@ def influence(
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
+    choice, chosen = None, {}
     if method == "influence" and projection is not None:
         options = dict(curvature_options or {})
         if store is not None:
@@ -128,10 +133,14 @@ def influence(
                                             chunk_size=chunk_size, query_chunk=query_chunk, progress=progress,
                                             **options).fit(train)
     elif method == "influence":
-        curvature = "ekfac" if curvature is None else curvature
+        if curvature is None:  # the most accurate curvature the budget allows
+            choice = choose_curvature(model, task, train, kind=kind)
+            report(progress, choice.reason, 1, 1)
+            curvature, chosen = choice.name, choice.to_dict()
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
-        curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
+        options = {**(choice.options if choice else {}), **(curvature_options or {})}
+        curv = CURVATURES[curvature](kind=kind, damping=damping, **options)
         estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
                                       query_batch=query_batch, progress=progress).fit(train, store=store)
     elif method == "tracin":
@@ -145,7 +154,7 @@ def influence(
         if self_influence:
             raise ValueError("self_influence: not defined for method='hydra'")
         estimator = Hydra(model, task, trajectory, progress=progress)
-    settings = {**estimator.settings(), "top_k": top_k}
+    settings = {**estimator.settings(), **chosen, "top_k": top_k}
     if isinstance(estimator, InfluenceFunction):  # scores and self-influence from one training pass
         return Scores(*estimator.attribute(query, train, top_k=top_k, self_influence=self_influence), settings)
     si = estimator.self_influence(train) if self_influence else None

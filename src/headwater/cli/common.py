@@ -149,8 +149,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     g.add_argument("--method", default="influence",
                    help=f"estimator (default: influence; available: {', '.join(known_methods())})")
     g.add_argument("--curvature", default="auto",
-                   help="curvature approximation: 'auto' picks the best available "
-                        f"(now {best_curvature()!r}); one of {', '.join(sorted(CURVATURES))}")
+                   help="curvature approximation: 'auto' (default) solves the dense GGN when it fits "
+                        f"the time and memory budget, else {best_curvature()!r}; or one of "
+                        f"{', '.join(sorted(CURVATURES))}")
     g.add_argument("--kind", default="ggn", help="curvature matrix: ggn (default), hessian or ef")
     g.add_argument("--damping", type=float, default=None,
                    help="damping λ >= 0 added to the curvature (default: chosen relative to its scale)")
@@ -195,9 +196,9 @@ def check_attribution_options(args: argparse.Namespace) -> None:
             raise UserError("--projection: works with --method influence and --curvature exact (the projected "
                             f"curvature is a dense k x k matrix), not {args.method}/{args.curvature}")
         args.curvature = "exact"
-    if args.curvature == "auto":
+    if args.curvature == "auto" and args.method != "influence":
         args.curvature = best_curvature()
-    if args.curvature not in CURVATURES:
+    if args.curvature not in CURVATURES and args.curvature != "auto":
         raise UserError(f"--curvature: unknown curvature {args.curvature!r}; available: "
                         f"{', '.join(sorted(CURVATURES))}")
     if args.kind not in ("ggn", "hessian", "ef"):
