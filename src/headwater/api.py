@@ -65,7 +65,7 @@ def influence(
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
             ``checkpoints``; Pruthi et al. 2020) or ``"hydra"`` (needs ``trajectory``;
             Chen et al. 2021).
-        curvature: a name in ``headwater.curvature.CURVATURES``, or ``None`` (default):
+        curvature: a name in ``headwater.curvature.CURVATURES``, or ``None``/``"auto"`` (default):
             the dense matrix solved by Cholesky when it fits the time and memory budget,
             else ``"ekfac"`` (:func:`~headwater.methods.auto.choose_curvature`; the choice
             and its reason go to ``progress`` as one stage and into ``settings``). With
@@ -133,7 +133,7 @@ def influence(
                                             chunk_size=chunk_size, query_chunk=query_chunk, progress=progress,
                                             **options).fit(train)
     elif method == "influence":
-        if curvature is None:  # the most accurate curvature the budget allows
+        if curvature in (None, "auto"):  # the most accurate curvature the budget allows
             choice = choose_curvature(model, task, train, kind=kind)
             report(progress, choice.reason, 1, 1)
             curvature, chosen = choice.name, choice.to_dict()
