@@ -43,8 +43,7 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
 
     def run() -> Scores:
         return headwater.influence(
-            model, train, query, task=task, method=args.method,
-            curvature=None if args.curvature == "auto" else args.curvature,
+            model, train, query, task=task, method=args.method, curvature=args.curvature,
             damping=args.damping, kind=args.kind, self_influence=args.self_influence,
             chunk_size=args.chunk_size, progress=progress, projection=projection, store=store,
             query_batch=args.query_batch,
