@@ -60,8 +60,11 @@ def influence(
             ``checkpoints``; Pruthi et al. 2020), ``"hydra"`` (needs ``trajectory``;
             Chen et al. 2021) or ``"metagradient"`` (needs ``run``; exact replay of the
             recorded run, Ilyas & Engstrom 2025).
-        curvature: a name in ``headwater.curvature.CURVATURES``; default ``"ekfac"``, or
-            ``"exact"`` (the only choice) with ``projection``.
+        curvature: a name in ``headwater.curvature.CURVATURES``, or ``None``/``"auto"`` (default):
+            the dense matrix solved by Cholesky when it fits the time and memory budget,
+            else ``"ekfac"`` (:func:`~headwater.methods.auto.choose_curvature`; the choice
+            and its reason go to ``progress`` as one stage and into ``settings``). With
+            ``projection``: ``"exact"`` (the only choice).
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
         projection: influence on randomly projected gradients
             (:class:`~headwater.methods.projected.ProjectedInfluence`): ``k`` or a

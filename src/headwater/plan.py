@@ -141,10 +141,7 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
     with torch.no_grad(), evaluation_mode(model):
         x, _ = prepare_batch(next(iter_batches(query, 1, "query")), ref)
         outputs = task.output(model, x)[0].numel()
-    try:
-        blocks = find_blocks(model, params)
-    except ValueError:
-        blocks = ()
+    blocks = find_blocks(model, params, task, train)
     scores = 0 if top_k else nq * n * b
     chunk = min(chunk_size, n) * p * b
     queries = min(nq, query_batch or nq) * p * b  # preconditioned query gradients held at once

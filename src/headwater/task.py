@@ -102,6 +102,11 @@ class Task(ABC):
         """The model's output for a batch (override for dict inputs etc.)."""
         return model(inputs)
 
+    def attention_mask(self, inputs: Tensor) -> Tensor | None:
+        """Per-position weights ``[B, T]`` (1 = a real token, 0 = padding) that K-FAC/EK-FAC
+        use for their input statistics, or ``None`` (default: every position counts)."""
+        return None
+
     @abstractmethod
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         """Per-example training loss ``[B]`` from the output. Its Hessian in the
@@ -204,10 +209,8 @@ class LanguageModelingTask(Task):
 
     The GGN's output block is ``V × V`` per position: K-FAC/EK-FAC's ``"auto"``
     estimator samples targets from the model (:meth:`sample_targets`, unscored
-    positions stay unscored). Restrict the analysed parameters to the linear layers
-    with ``modules=[...]`` for K-FAC/EK-FAC (embeddings are not a supported block); their
-    input factor averages over every position, padded ones included, so fit them on
-    sequences of equal length rather than padded ones.
+    positions stay unscored). Their input factors average over every position; override
+    :meth:`Task.attention_mask` to leave padded positions out.
 
     Args:
         ignore_index: the label of unscored positions (``-100`` as in PyTorch).

@@ -31,7 +31,9 @@ def test_bad_settings_name_the_field(kwargs, field):
 
 def test_settings_are_frozen_and_resolve_the_curvature():
     s = AttributionSettings()
-    assert s.resolved_curvature() == "ekfac"
+    assert s.resolved_curvature() is None  # chosen at fit by the budget (methods/auto.py)
+    assert AttributionSettings(curvature="auto").curvature is None
+    assert AttributionSettings(curvature="kfac").resolved_curvature() == "kfac"
     assert AttributionSettings(projection=8).resolved_curvature() == "exact"
     with pytest.raises(AttributeError):
         s.damping = 1.0  # type: ignore[misc]

@@ -152,8 +152,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     g.add_argument("--method", default="influence",
                    help=f"estimator (default: influence; available: {', '.join(known_methods())})")
     g.add_argument("--curvature", default="auto",
-                   help="curvature approximation: 'auto' picks the best available "
-                        f"(now {best_curvature()!r}); one of {', '.join(sorted(CURVATURES))}")
+                   help="curvature approximation: 'auto' (default) solves the dense GGN when it fits "
+                        f"the time and memory budget, else {best_curvature()!r}; or one of "
+                        f"{', '.join(sorted(CURVATURES))}")
     g.add_argument("--kind", default="ggn", help="curvature matrix: ggn (default), hessian or ef")
     g.add_argument("--damping", type=float, default=None,
                    help="damping λ >= 0 added to the curvature (default: chosen relative to its scale)")
@@ -195,10 +196,8 @@ def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike |
         raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}")
     projection = parse_projection(args.projection, args.seed)
     curvature: str | None = args.curvature
-    if "curvature" not in METHODS[args.method].options:
-        curvature = None
-    elif curvature == "auto":
-        curvature = None if projection is not None else best_curvature()
+    if "curvature" not in METHODS[args.method].options or curvature == "auto":
+        curvature = None  # 'auto': chosen at fit by the budget (headwater.methods.auto)
     try:
         return AttributionSettings(
             method=args.method, curvature=curvature, damping=args.damping, projection=projection,
@@ -211,12 +210,14 @@ def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike |
 
 
 def check_attribution_options(args: argparse.Namespace) -> None:
-    """Validate the cheap options before any long step; resolves ``--curvature auto``."""
+    """Validate the cheap options before any long step (``--curvature auto`` is resolved at fit)."""
+    from headwater.methods.registry import METHODS
+
     settings = attribution_settings(args)
-    if settings.curvature is not None or settings.projection is not None:
-        args.curvature = settings.resolved_curvature()
-    elif args.curvature == "auto":
-        args.curvature = best_curvature()
+    if settings.projection is not None:
+        args.curvature = "exact"
+    elif "curvature" not in METHODS[args.method].options and args.curvature == "auto":
+        args.curvature = best_curvature()  # recorded in the config; the method reads no curvature
     if args.top_k <= 0:
         raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
     if args.threads is not None:

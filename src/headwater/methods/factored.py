@@ -38,7 +38,7 @@ from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
-from headwater.gradients.layers import Block, capture
+from headwater.gradients.layers import Block, DiagonalPart, capture
 from headwater.gradients.per_example import Objective, check_batch, check_values
 from headwater.methods.scoring import Features, pairwise
 from headwater.progress import ProgressFn, report
@@ -65,7 +65,8 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
                    ) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
     """Yield each block's output gradients and inputs ``{module: (s [chunk, T, out],
     ã [chunk, T, width])}``, in order: the per-example gradient is ``Σ_t s_t ã_tᵀ``, from
-    one batched forward/backward pass with hooks.
+    one batched forward/backward pass with hooks (the diagonal block's, ``[chunk, 1, P_d]``
+    and ones, from ``vmap``: :class:`~headwater.gradients.layers.DiagonalPart`).
 
     Args:
         model: the model (left unchanged; evaluated in eval mode).
@@ -85,6 +86,7 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
     params = detached(task.parameters(model))
     ref = next(iter(params.values()))
     value_fn = task.train_loss if objective is Objective.TRAIN else task.measurement
+    diagonal = DiagonalPart(model, task, blocks, params)
     total, done = num_examples(data, name), 0
     with evaluation_mode(model), torch.enable_grad():
         for batch in iter_batches(data, chunk_size, name):
@@ -95,7 +97,8 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
             with capture(model, blocks) as cap:
                 values = value_fn(bind(model, live), (x, y))
             check_values(values, x.shape[0], name, done)
-            signals, acts = cap.signals(values.sum()), cap.activations()
+            signals = {**cap.signals(values.sum()), **diagonal.gradients((x, y), value_fn)}
+            acts = {**cap.activations(), **diagonal.activations(x.shape[0], values)}
             done += x.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}

@@ -71,12 +71,14 @@ class InfluenceFunction(Estimator):
             batch streaming the training gradients once more: memory
             ``query_batch × P`` instead of ``n_query × P``, same numbers.
         progress: optional ``progress(stage, done, total)`` callback.
+        notes: entries added to :meth:`settings` (e.g. how the curvature was chosen).
     """
 
     method = "influence"
 
     def __init__(self, model: nn.Module, task: Task, curvature: Curvature, *, chunk_size: int = 64,
-                 query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None):
+                 query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None,
+                 notes: dict[str, Any] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -92,6 +94,7 @@ class InfluenceFunction(Estimator):
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         self.query_batch = query_batch
+        self.notes = dict(notes or {})
         self._blocks_complete: bool | None = None  # layer-wise gradients are whole (checked once)
 
     def _by_query_batch(self, query: DataLike, compute) -> tuple[Tensor, ...] | None:
@@ -274,4 +277,5 @@ class InfluenceFunction(Estimator):
 
     def settings(self) -> dict[str, Any]:
         return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch}
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch,
+                **self.notes}

@@ -48,7 +48,7 @@ from headwater.distributed import (
 )
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
-from headwater.gradients.layers import capture, find_blocks
+from headwater.gradients.layers import DiagonalPart, capture, find_blocks
 from headwater.gradients.per_example import (
     Objective,
     check_batch,
@@ -107,6 +107,7 @@ class _KroneckerFeatures:
         self.model, self.task, self.projection = model, task, projection
         params = detached(task.parameters(model))
         self.blocks = find_blocks(model, params)
+        self.diagonal = DiagonalPart(model, task, self.blocks, params)
         self.dtype = next(iter(params.values())).dtype
         device = next(iter(params.values())).device
         self.factors = [tuple(f.to(device) for f in projection.factors(j, b.out_features, b.width, self.dtype))
@@ -142,8 +143,8 @@ class _KroneckerFeatures:
             values = value_fn(bind(self.model, live), (x, y))
         check_values(values, x.shape[0], name)
         with torch.enable_grad():
-            signals = cap.signals(values.sum())
-        return self._project(signals, cap.activations())
+            signals = {**cap.signals(values.sum()), **self.diagonal.gradients((x, y), value_fn)}
+        return self._project(signals, {**cap.activations(), **self.diagonal.activations(x.shape[0], values)})
 
     def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -151,8 +152,9 @@ class _KroneckerFeatures:
             out = self.task.output(bind(self.model, live), x)
         weight, cotangents = cotangents_of(out)
         with torch.enable_grad():
-            signals = cap.pullback(out, cotangents)
-        return weight, list(self._project(signals, cap.activations()))
+            signals = {**cap.pullback(out, cotangents), **self.diagonal.pullback(x, cotangents)}
+        acts = {**cap.activations(), **self.diagonal.activations(x.shape[0], out)}
+        return weight, list(self._project(signals, acts))
 
 
 class ProjectedInfluence(Estimator):

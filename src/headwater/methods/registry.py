@@ -24,12 +24,13 @@ from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.estimator import Estimator, check_top_k
+from headwater.methods.auto import choose_curvature
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.metagradient import Metagradient
 from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.tracin import Checkpoint, TracIn
-from headwater.progress import ProgressFn
+from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
@@ -96,6 +97,8 @@ class AttributionSettings:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
         object.__setattr__(self, "damping", check_damping(self.damping))
+        if self.curvature == "auto":  # the same as None: chosen at fit (methods/auto.py)
+            object.__setattr__(self, "curvature", None)
         if self.top_k is not None:
             check_top_k(self.top_k)
         for name in ("chunk_size", "query_chunk") + (("query_batch",) if self.query_batch is not None else ()):
@@ -121,11 +124,12 @@ class AttributionSettings:
         """The fields as keyword arguments of :func:`headwater.influence` (not copied)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
-    def resolved_curvature(self) -> str:
-        """The curvature name in use: the default ``"ekfac"`` (``"exact"`` with ``projection``)."""
+    def resolved_curvature(self) -> str | None:
+        """The curvature name given, ``"exact"`` with ``projection``, or ``None``: the most
+        accurate one the budget allows, chosen at fit (:func:`~headwater.methods.auto.choose_curvature`)."""
         if self.curvature is not None:
             return self.curvature
-        return "exact" if self.projection is not None else "ekfac"
+        return "exact" if self.projection is not None else None
 
 
 _OPTIONAL = ("curvature", "damping", "projection", "kind", "query_batch", "curvature_options",
@@ -147,7 +151,7 @@ def _check_influence(s: AttributionSettings) -> None:
         options = s.curvature_options or {}
         if s.store is not None and options.get("store") not in (None, s.store):
             raise ValueError("store: given twice (also in curvature_options) with different paths")
-    elif s.resolved_curvature() not in CURVATURES:
+    elif s.curvature is not None and s.curvature not in CURVATURES:
         raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {s.curvature!r}")
 
 
@@ -160,9 +164,15 @@ def _influence(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inp
         return ProjectedInfluence(model, task, s.projection, kind=s.kind, damping=s.damping,
                                   chunk_size=s.chunk_size, query_chunk=s.query_chunk, progress=inputs.progress,
                                   **options).fit(train)
-    curvature = CURVATURES[s.resolved_curvature()](kind=s.kind, damping=s.damping, **options)
+    name, notes = s.curvature, None
+    if name is None:  # the most accurate curvature the budget allows, said in one line
+        choice = choose_curvature(model, task, train, kind=s.kind)
+        report(inputs.progress, choice.reason, 1, 1)
+        name, options, notes = choice.name, {**choice.options, **options}, choice.to_dict()
+    curvature = CURVATURES[name](kind=s.kind, damping=s.damping, **options)
     return InfluenceFunction(model, task, curvature, chunk_size=s.chunk_size, query_chunk=s.query_chunk,
-                             query_batch=s.query_batch, progress=inputs.progress).fit(train, store=s.store)
+                             query_batch=s.query_batch, progress=inputs.progress,
+                             notes=notes).fit(train, store=s.store)
 
 
 def _tracin(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike) -> Estimator:

@@ -18,11 +18,13 @@ is below ``sqrt(eps) · median`` of the training gradients' norms at that checkp
 rounding noise lifted to unit length (a fitted example's gradient is zero only up to
 the rounding of the forward pass, which depends on the batch shape and the CPU).
 
-When every analysed parameter sits in a supported layer (``nn.Linear``, convolutions,
-GPT-2 ``Conv1D``), the products are taken layer by layer from the layers' inputs and
-output gradients (:class:`~headwater.methods.layer_products.LayerGradients`): a layer
-that sees one position per example never forms its per-example gradient. Otherwise
-(or with ``gradients="vmap"``) they come from ``vmap``-ed per-example gradients.
+By default the products are taken layer by layer from the supported layers' inputs and
+output gradients (``nn.Linear``, convolutions, ``Conv1D``, ``nn.Embedding``; the other
+parameters' gradients come from ``vmap``:
+:class:`~headwater.methods.layer_products.LayerGradients`): a layer that sees one
+position per example never forms its per-example gradient. When a check on a few
+examples disagrees with ``vmap`` (a weight used outside its module), or with
+``gradients="vmap"``, they come from ``vmap``-ed per-example gradients.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class TracIn(Estimator):
         checkpoints: the :class:`Checkpoint` list (at least one).
         renormalize: divide each gradient by its norm per checkpoint before the dot
             products (Hammoudeh & Lowd 2022).
-        gradients: ``"auto"`` (layer by layer when every analysed parameter is in a
-            supported layer and a check on a few examples agrees with ``vmap``, else
+        gradients: ``"auto"`` (layer by layer when a check on a few examples agrees
+            with ``vmap``, else
             ``vmap``), ``"layers"`` (required: raises ``ValueError`` where ``"auto"``
             would fall back) or ``"vmap"``. The numbers are the same up to rounding.
         chunk_size: examples per gradient step; results do not depend on it.
