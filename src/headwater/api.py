@@ -117,7 +117,8 @@ def influence(
         raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
-        task = default_task(targets)
+        task = default_task(targets, encoder_decoder=bool(getattr(getattr(model, "config", None),
+                                                                  "is_encoder_decoder", False)))
     if method == "influence" and projection is not None:
         options = dict(curvature_options or {})
         if store is not None:

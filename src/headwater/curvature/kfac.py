@@ -241,7 +241,7 @@ class KroneckerCurvature(Curvature):
                 weight, cots = _cotangents(task, output, y, self.kind, estimator, self.seed,
                                            start + done, self.mc_samples, skip_draws)
                 signals = cap.pullback(output, cots)
-                done += x.shape[0]
+                done += y.shape[0]
                 report(progress, stage, done, stop - start)
                 yield cap.activations(), weight, signals
 

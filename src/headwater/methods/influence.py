@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
 
 from headwater import store as store_mod
 from headwater.curvature.base import Curvature
 from headwater.curvature.kfac import KroneckerCurvature
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.data import DataLike, as_tensors, iter_batches, num_examples
 from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
@@ -37,10 +38,9 @@ def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]
     too), the number of training examples and their contents: all of them for an
     ``(inputs, targets)`` pair of tensors, the first :data:`CONTEXT_EXAMPLES` of a
     Dataset or DataLoader (so a change past those is not noticed)."""
-    if isinstance(train, tuple | list):
-        data = fingerprint(*map(torch.as_tensor, train))
-    else:
-        data = fingerprint(*map(torch.as_tensor, next(iter_batches(train, CONTEXT_EXAMPLES, "train"))))
+    whole = isinstance(train, tuple | list | Mapping)
+    data = fingerprint(*tree_flatten(as_tensors(train, "train") if whole
+                                     else next(iter_batches(train, CONTEXT_EXAMPLES, "train")))[0])
     task_key = {k: v for k, v in task.to_dict().items() if k != "measurement"}  # fits never use it
     return {"task": task_key, "model": fingerprint(*model.state_dict().values()),
             "n_train": num_examples(train, "train"), "train": data}

@@ -39,7 +39,7 @@ from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
 from headwater.curvature.kfac import GGNEstimator, _cotangents
 from headwater.curvature.kfac_blocks import capture, find_blocks
 from headwater.curvature.operators import MatrixKind
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.data import DataLike, iter_batches, num_examples, take
 from headwater.distributed import (
     all_ranks,
     all_reduce_sum_,
@@ -139,7 +139,7 @@ class _KroneckerFeatures:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad(), capture(self.model, self.blocks) as cap:
             values = value_fn(bind(self.model, live), (x, y))
-        check_values(values, x.shape[0], name)
+        check_values(values, y.shape[0], name)
         with torch.enable_grad():
             signals = cap.signals(values.sum())
         return self._project(signals, cap.activations())
@@ -298,13 +298,14 @@ class ProjectedInfluence:
         out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)]
         done = 0
         for batch in local_batches(train, self.chunk_size, "train"):
-            size = batch[0].shape[0] if isinstance(batch[0], Tensor) else len(batch[1])
+            size = batch[1].shape[0]
             skip = 0 if rows is None else max(0, min(size, rows.rows_done - done))
             if skip < size:
                 if done == 0:
                     check_batch(self.model, self.task, batch, "train")
                 with evaluation_mode(self.model):
-                    phi = self._featurizer.features((batch[0][skip:], batch[1][skip:]), Objective.TRAIN, "train")
+                    phi = self._featurizer.features((take(batch[0], slice(skip, None)), batch[1][skip:]),
+                                                    Objective.TRAIN, "train")
                 if rows is None:
                     out.append(phi)
                 else:
@@ -345,7 +346,7 @@ class ProjectedInfluence:
                 weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
                 psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
                 total.add_(psi.T @ psi, alpha=weight)  # in place, float64 sum
-                done += x.shape[0]
+                done += y.shape[0]
                 report(self.progress, "projected GGN", done, self._n_local)
         return total
 
