@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
@@ -147,15 +147,19 @@ def influence(
             raise ValueError("self_influence: not defined for method='hydra'")
         estimator = Hydra(model, task, trajectory, progress=progress)
     settings = {**estimator.settings(), "top_k": top_k}
-    if isinstance(estimator, InfluenceFunction):  # scores and self-influence from one training pass
-        return Scores(*estimator.attribute(query, train, top_k=top_k, self_influence=self_influence), settings)
+    if isinstance(estimator, InfluenceFunction):  # scores, opponents and self-influence from one training pass
+        opponents: list[tuple[Tensor, Tensor]] = []
+        values, indices, si = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence,
+                                                  opponents=opponents)
+        return Scores(values, indices, si, settings, *(opponents[0] if opponents else (None, None)))
     si = estimator.self_influence(train) if self_influence else None
     if top_k is not None and method == "influence":  # streamed: never holds n_query x n_train
-        return Scores(*estimator.top_k(query, train, top_k), si, settings)
+        (values, indices), (low, low_indices) = estimator.extremes(query, train, top_k)
+        return Scores(values, indices, si, settings, low, low_indices)
     values = estimator.scores(query, train)
     if top_k is not None:
         if top_k > values.shape[1]:
             raise ValueError(f"top_k: asked for {top_k} but there are only {values.shape[1]} training examples")
-        top = values.topk(top_k, dim=1)
-        return Scores(top.values, top.indices, si, settings)
+        top, low = values.topk(top_k, dim=1), values.topk(top_k, dim=1, largest=False)
+        return Scores(top.values, top.indices, si, settings, low.values, low.indices)
     return Scores(values, None, si, settings)

@@ -19,7 +19,7 @@ from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import factored_scores
 from headwater.methods.layer_products import layer_blocks
-from headwater.methods.scoring import pairwise, sharded_top_k
+from headwater.methods.scoring import pairwise, sharded_extremes
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint
@@ -182,30 +182,44 @@ class InfluenceFunction:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
-        batched = self._by_query_batch(query, lambda batch: self.top_k(batch, train, k, largest=largest))
+        return self.extremes(query, train, k, sides=(largest,))[0]
+
+    def extremes(self, query: DataLike, train: DataLike, k: int, *, sides: tuple[bool, ...] = (True, False)
+                 ) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`top_k` for several sides from one pass over the training data; the default
+        gives the proponents (``k`` largest) and the opponents (``k`` smallest)."""
+        batched = self._by_query_batch(
+            query, lambda batch: tuple(t for pair in self.extremes(batch, train, k, sides=sides) for t in pair))
         if batched is not None:
-            return batched
+            return [(batched[2 * s], batched[2 * s + 1]) for s in range(len(sides))]
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
-        return sharded_top_k(left, grads, k, n_train=num_examples(train, "train"), start=start, n_local=n_local,
-                             largest=largest, query_chunk=self.query_chunk)
+        return sharded_extremes(left, grads, k, n_train=num_examples(train, "train"), start=start,
+                                n_local=n_local, sides=sides, query_chunk=self.query_chunk)
 
     def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                  self_influence: bool = False, opponents: list[tuple[Tensor, Tensor]] | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(values, indices, self_influence)``: :meth:`scores` (``indices`` ``None``) or,
         with ``top_k``, :meth:`top_k`; with ``self_influence``, also :meth:`self_influence`.
+        With ``top_k`` and an ``opponents`` list, the ``(values, indices)`` of the ``k``
+        smallest scores are appended to it, from the same pass.
 
         Both come from one pass over the training gradients: each chunk is scored against
         the queries and dotted with its own preconditioned gradient. The numbers are those
         of the separate methods. Curvatures whose solve streams over the data (CG, LiSSA)
         and several query batches (``query_batch``) make the passes separately."""
+        sides = (True,) if opponents is None else (True, False)
         fused = (self_influence and not self.curvature.solve_streams_data
                  and (self.query_batch is None or num_examples(query, "query") <= self.query_batch))
         if not fused:
             si = self.self_influence(train) if self_influence else None
             if top_k is None:
                 return self.scores(query, train), None, si
-            return (*self.top_k(query, train, top_k), si)
+            best = self.extremes(query, train, top_k, sides=sides)
+            if opponents is not None:
+                opponents.append(best[1])
+            return (*best[0], si)
         ref = next(iter(self.task.parameters(self.model).values()))
         sink = [torch.empty(0, dtype=ref.dtype, device=ref.device)]  # this rank's self-influence
         indices = None
@@ -219,8 +233,11 @@ class InfluenceFunction:
             if top_k is None:
                 values = gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
             else:
-                values, indices = sharded_top_k(left, grads, top_k, n_train=num_examples(train, "train"),
-                                                start=start, n_local=n_local, query_chunk=self.query_chunk)
+                best = sharded_extremes(left, grads, top_k, n_train=num_examples(train, "train"), start=start,
+                                        n_local=n_local, sides=sides, query_chunk=self.query_chunk)
+                values, indices = best[0]
+                if opponents is not None:
+                    opponents.append(best[1])
         return values, indices, gather_columns(torch.cat(sink).unsqueeze(0))[0]
 
     def _factored(self, train: DataLike) -> bool:

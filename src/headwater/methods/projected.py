@@ -59,7 +59,7 @@ from headwater.gradients.per_example import (
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.influence import fit_context
-from headwater.methods.scoring import pairwise, sharded_top_k
+from headwater.methods.scoring import pairwise, sharded_extremes
 from headwater.progress import ProgressFn, report
 from headwater.store.rows import RowStore
 from headwater.task import Task
@@ -377,10 +377,16 @@ class ProjectedInfluence:
     def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
               ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
+        return self.extremes(query, train, k, sides=(largest,))[0]
+
+    def extremes(self, query: DataLike, train: DataLike | None, k: int, *,
+                 sides: tuple[bool, ...] = (True, False)) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`top_k` for several sides (default: proponents and opponents) in one pass."""
         left = self.preconditioned_queries(query)
         self._check_train(train)
-        return sharded_top_k(left, self._feature_chunks(self._features), k, n_train=self._n, start=self._start,
-                             n_local=self._features.shape[0], largest=largest, query_chunk=self.query_chunk)
+        return sharded_extremes(left, self._feature_chunks(self._features), k, n_train=self._n,
+                                start=self._start, n_local=self._features.shape[0], sides=sides,
+                                query_chunk=self.query_chunk)
 
     def self_influence(self, train: DataLike | None = None) -> Tensor:
         """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""

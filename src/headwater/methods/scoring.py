@@ -20,7 +20,7 @@ from torch import Tensor
 
 from headwater.distributed import gather_columns, world
 
-__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_top_k"]
+__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_extremes", "sharded_top_k"]
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,22 @@ class Scores:
     """Attribution scores.
 
     Attributes:
-        values: ``[n_query, n_train]``, or ``[n_query, k]`` with ``indices`` when top-k.
+        values: ``[n_query, n_train]``, or with ``top_k`` the ``k`` largest scores per query
+            ``[n_query, k]`` (proponents, most helpful first).
         indices: training indices ``[n_query, k]`` of a top-k result, else ``None``.
         self_influence: ``[n_train]`` where computed, else ``None``.
         settings: everything needed to reproduce the result.
+        opponent_values: with ``top_k``, the ``k`` smallest scores per query ``[n_query, k]``
+            (opponents, most harmful first), else ``None``.
+        opponent_indices: their training indices ``[n_query, k]``, else ``None``.
     """
 
     values: Tensor
     indices: Tensor | None = None
     self_influence: Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    opponent_values: Tensor | None = None
+    opponent_indices: Tensor | None = None
 
 
 def _tiles(left: Tensor, chunk: Tensor, query_chunk: int) -> Iterable[tuple[slice, Tensor]]:
@@ -63,23 +69,29 @@ def pairwise(left: Tensor, train_grads: Iterable[Tensor], n_train: int, *, query
 def pairwise_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, largest: bool = True,
                    query_chunk: int = 256) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (or smallest) scores per query, streamed: ``(values, indices)``, ``[n_query, k]``."""
+    return _streamed_best(left, train_grads, k, (largest,), query_chunk)[0]
+
+
+def _streamed_best(left: Tensor, train_grads: Iterable[Tensor], k: int, sides: tuple[bool, ...],
+                   query_chunk: int) -> list[tuple[Tensor, Tensor]]:
+    """For each side (``True``: largest, ``False``: smallest), the best ``k`` scores per query
+    and their training indices, from one pass over ``train_grads``."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"top_k: must be a positive integer, got {k!r}")
-    best_v = torch.empty(left.shape[0], 0, dtype=left.dtype, device=left.device)
-    best_i = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
+    best = [(left.new_empty(left.shape[0], 0),
+             torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)) for _ in sides]
     col = 0
     for chunk in train_grads:
         tile = torch.cat([t for _, t in _tiles(left, chunk, query_chunk)])
         idx = torch.arange(col, col + chunk.shape[0], device=left.device).expand(left.shape[0], -1)
-        cand_v = torch.cat([best_v, tile], dim=1)
-        cand_i = torch.cat([best_i, idx], dim=1)
-        keep = min(k, cand_v.shape[1])
-        best_v, pos = cand_v.topk(keep, dim=1, largest=largest, sorted=True)
-        best_i = cand_i.gather(1, pos)
+        for s, largest in enumerate(sides):
+            cand_v, cand_i = torch.cat([best[s][0], tile], dim=1), torch.cat([best[s][1], idx], dim=1)
+            values, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1, largest=largest, sorted=True)
+            best[s] = (values, cand_i.gather(1, pos))
         col += chunk.shape[0]
-    if best_v.shape[1] < k:
-        raise ValueError(f"top_k: asked for {k} but there are only {best_v.shape[1]} training examples")
-    return best_v, best_i
+    if col < k:
+        raise ValueError(f"top_k: asked for {k} but there are only {col} training examples")
+    return best
 
 
 def sharded_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_train: int, start: int,
@@ -87,18 +99,26 @@ def sharded_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_trai
     """:func:`pairwise_top_k` over this rank's ``n_local`` training rows (global indices from
     ``start``), merged across ranks by :func:`gather_top_k` (collective; an empty shard
     takes part with no candidates). ``n_train`` is the global count, checked against ``k``."""
+    return sharded_extremes(left, train_grads, k, n_train=n_train, start=start, n_local=n_local,
+                            sides=(largest,), query_chunk=query_chunk)[0]
+
+
+def sharded_extremes(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_train: int, start: int,
+                     n_local: int, sides: tuple[bool, ...] = (True, False), query_chunk: int = 256
+                     ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`sharded_top_k` for several sides at once (default: the ``k`` largest scores,
+    proponents, and the ``k`` smallest, opponents) from one pass over the training gradients."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"top_k: must be a positive integer, got {k!r}")
     if k > n_train:
         raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
     if n_local == 0:
-        values = left.new_empty(left.shape[0], 0)
-        indices = torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)
+        found = [(left.new_empty(left.shape[0], 0),
+                  torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)) for _ in sides]
     else:
-        values, indices = pairwise_top_k(left, train_grads, min(k, n_local), largest=largest,
-                                         query_chunk=query_chunk)
-        indices = indices + start  # global training indices
-    return gather_top_k(values, indices, k, largest=largest)
+        found = [(v, i + start) for v, i in  # global training indices
+                 _streamed_best(left, train_grads, min(k, n_local), sides, query_chunk)]
+    return [gather_top_k(v, i, k, largest=largest) for (v, i), largest in zip(found, sides, strict=True)]
 
 
 def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True
