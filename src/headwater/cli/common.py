@@ -218,10 +218,23 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         if args.threads <= 0:
             raise UserError(f"--threads: must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
+    check_device(args.device)
+
+
+def check_device(device: str, name: str = "--device") -> None:
+    """Raise :class:`UserError` (one line) unless tensors can be made on ``device``."""
     try:
-        torch.empty(0, device=args.device)
+        kind = torch.device(device).type
     except (RuntimeError, ValueError) as err:
-        raise UserError(f"--device: cannot use device {args.device!r} ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{name}: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind)
+    if available is not None and not available():
+        raise UserError(f"{name}: {device!r} is not available (torch {torch.__version__} on this machine has "
+                        f"no usable {kind} device); use --device cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise UserError(f"{name}: cannot use device {device!r} ({str(err).splitlines()[0]})") from err
 
 
 def parse_projection(spec: str | None, seed: int) -> RandomProjection | KroneckerProjection | None:

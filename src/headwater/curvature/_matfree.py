@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from enum import Enum
-from typing import Self
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -224,6 +224,9 @@ def fit_preconditioner(
     return curvature.fit(model, task, data).solve
 
 
+_Self = TypeVar("_Self", bound="StreamingCurvature")
+
+
 class StreamingCurvature(Curvature):
     """A curvature whose ``solve`` runs passes over the training data (CG, LiSSA).
 
@@ -260,7 +263,7 @@ class StreamingCurvature(Curvature):
                 self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
             )
 
-    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
+    def bind(self: _Self, model: nn.Module, task: Task, data: DataLike) -> _Self:
         """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) state
         without refitting it (an EK-FAC, K-FAC or diagonal preconditioner is refitted: it is
         not part of the saved state). The parameters must have the fitted layout."""

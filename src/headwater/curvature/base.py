@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,9 @@ def check_damping(damping: float | None) -> float | None:
     if not math.isfinite(damping) or damping < 0:
         raise ValueError(f"damping: must be a finite float >= 0, got {damping}")
     return float(damping)
+
+
+_Self = TypeVar("_Self", bound="Curvature")
 
 
 class Curvature(ABC):
@@ -76,8 +79,8 @@ class Curvature(ABC):
         self.n_examples = 0
 
     # -- fitting -------------------------------------------------------------------
-    def fit(self, model: nn.Module, task: Task, data: DataLike, *,
-            progress: ProgressFn | None = None) -> Self:
+    def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
+            progress: ProgressFn | None = None) -> _Self:
         """Fit to ``model`` on ``data``; returns ``self``. The model is left unchanged."""
         self.n_examples = num_examples(data, "train")
         self.layout = ParamLayout.of(task.parameters(model))
@@ -148,8 +151,8 @@ class Curvature(ABC):
                 "state": scalars, "tensor_dicts": groups, "context": context}
         store.save(path, tensors, meta)
 
-    def load(self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
-             device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> Self:
+    def load(self: _Self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
+             device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> _Self:
         """Read a state saved with the same settings (and parameter layout and ``context``,
         if given; else ``StoreMismatchError``)."""
         expect = self.settings()
