@@ -3,22 +3,26 @@
 __version__ = "0.1.0"
 
 from headwater.api import influence
+from headwater.bars import ProgressBars
 from headwater.methods import InfluenceFunction, Scores
 from headwater.task import (
     ClassificationTask,
     LanguageModelingTask,
     Measurement,
     RegressionTask,
+    Seq2SeqTask,
     Task,
 )
 
 __all__ = [
     "ClassificationTask",
     "InfluenceFunction",
+    "ProgressBars",
     "LanguageModelingTask",
     "Measurement",
     "RegressionTask",
     "Scores",
+    "Seq2SeqTask",
     "Task",
     "__version__",
     "influence",

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from headwater.bars import as_progress
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
@@ -47,7 +48,7 @@ def influence(
     checkpoints: Sequence[Checkpoint] | None = None,
     trajectory: Trajectory | None = None,
     renormalize: bool = False,
-    progress: ProgressFn | None = None,
+    progress: bool | ProgressFn | None = True,
     store: str | os.PathLike | None = None,
 ) -> Scores:
     """Scores of every training example for every query.
@@ -85,7 +86,11 @@ def influence(
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
-        progress: optional ``progress(stage, done, total)`` callback.
+        progress: ``True`` (default) shows a tqdm bar with ETA for every step that runs
+            over a second (gradients, curvature fits, damping probes, CG/LiSSA
+            iterations, scoring), as Kronfluence does; ``False`` is silent; a callable
+            ``progress(stage, done, total)`` receives the counts instead
+            (:class:`headwater.bars.ProgressBars` is the tqdm one).
         store: base path of resumable state for ``method="influence"``: the fitted
             curvature (with ``projection``: the projected training gradients, by chunk,
             and the projected curvature) is saved there, and a later call with the same
@@ -100,6 +105,7 @@ def influence(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    progress = as_progress(progress)
     damping = check_damping(damping)
     if projection is not None:
         if method != "influence":

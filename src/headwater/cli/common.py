@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import headwater
 from headwater import store
+from headwater.bars import ProgressBars
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
@@ -51,39 +52,6 @@ class UserError(Exception):
 
 
 # -- progress and logging ------------------------------------------------------------
-
-
-class ProgressBars:
-    """A ``progress(stage, done, total)`` callback drawing one tqdm bar (with ETA) per stage.
-
-    A stage whose count goes back down (it runs again) gets a fresh bar.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self._bars: dict[str, tqdm] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self._bars.get(stage)
-        if bar is not None and (done < bar.n or total != bar.total):
-            bar.close()
-            bar = None
-        if bar is None:
-            bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=True,
-                       bar_format="{desc:<26} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                  "[{elapsed}<{remaining}]")
-            self._bars[stage] = bar
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            del self._bars[stage]
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
 
 
 class _TqdmHandler(logging.Handler):

@@ -155,7 +155,7 @@ class CG(StreamingCurvature):
         p = self.layout.num_params
         damping = self.damping
         if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
+            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=progress)
         if self.kind is MatrixKind.HESSIAN:
             smallest, _ = extreme_eigenvalues(
                 op.matvec,
@@ -196,6 +196,7 @@ class CG(StreamingCurvature):
             tol=self.tol,
             max_iter=self.max_iter,
             preconditioner=precond,
+            progress=self.progress,
         )
         if self.warn and not self.last_info.converged:
             warnings.warn(

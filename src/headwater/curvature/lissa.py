@@ -152,7 +152,7 @@ class LiSSA(StreamingCurvature):
         p = self.layout.num_params
         damping = self.damping
         if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
+            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=progress)
         top = math.nan
         self._attach_preconditioner(model, task, data, float(damping))
         if self._precondition is not None:
@@ -237,6 +237,7 @@ class LiSSA(StreamingCurvature):
                 repeats=self.repeats,
                 damping=damping,
                 tol=self.tol,
+                progress=self.progress,
             )
         except RuntimeError as err:
             if self.batch_size is None or "diverged" not in str(err):
