@@ -47,7 +47,7 @@ def check_batch(model: nn.Module, task: Task, batch: tuple[Inputs, Tensor], name
     params = task.parameters(model)
     fn = bind(model, detached(params))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model):  # never a train-mode forward (BatchNorm statistics)
             values = _value_fn(task, objective)(fn, batch)
     except (RuntimeError, IndexError) as err:
         raise ValueError(
