@@ -6,8 +6,27 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
 
+from headwater.data import as_tensors
 from headwater.task import Task
+
+
+def _pair(data):
+    """``(inputs, targets)``; inputs may be a tensor, a tuple or a dict (a dict batch is split)."""
+    return as_tensors(data)
+
+
+def _n(x) -> int:
+    return tree_flatten(x)[0][0].shape[0]
+
+
+def _row(x, i: int):
+    return tree_map(lambda t: t[i : i + 1], x)
+
+
+def _output(model, task, params, x) -> Tensor:
+    return task.output(lambda *a, **k: functional_call(model, params, a, k), x)
 
 
 def _flat(task: Task, model: nn.Module) -> tuple[list[str], list[tuple[int, ...]], Tensor]:
@@ -29,13 +48,13 @@ def _unflat(names, shapes, flat: Tensor) -> dict[str, Tensor]:
 
 def loop_gradients(model: nn.Module, task: Task, data, measurement: bool = False) -> Tensor:
     """Per-example gradients ``[N, P]`` by one backward pass per example."""
-    x, y = data
+    x, y = _pair(data)
     params = list(task.parameters(model).values())
     rows = []
     was = model.training
     model.eval()
-    for i in range(x.shape[0]):
-        batch = (x[i : i + 1], y[i : i + 1])
+    for i in range(_n(x)):
+        batch = (_row(x, i), y[i : i + 1])
         value = (task.measurement if measurement else task.train_loss)(model, batch).sum()
         grads = torch.autograd.grad(value, params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
@@ -45,10 +64,10 @@ def loop_gradients(model: nn.Module, task: Task, data, measurement: bool = False
 
 def _objective(model, task, data):
     names, shapes, flat = _flat(task, model)
-    x, y = data
+    x, y = _pair(data)
 
     def f(theta: Tensor) -> Tensor:
-        out = functional_call(model, _unflat(names, shapes, theta), (x,))
+        out = _output(model, task, _unflat(names, shapes, theta), x)
         return task.loss(out, y).mean() + 0.5 * task.weight_decay * theta.pow(2).sum()
 
     return f, flat
@@ -65,19 +84,19 @@ def dense_ggn(model: nn.Module, task: Task, data) -> Tensor:
     """(1/n) Σ J_iᵀ H_i J_i + wd I with J and H from autograd, one example at a time."""
     model.eval()
     names, shapes, flat = _flat(task, model)
-    x, y = data
+    x, y = _pair(data)
     total = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype)
-    for i in range(x.shape[0]):
-        shape = functional_call(model, _unflat(names, shapes, flat), (x[i : i + 1],)).shape  # [1, *out]
+    for i in range(_n(x)):
+        shape = _output(model, task, _unflat(names, shapes, flat), _row(x, i)).shape  # [1, *out]
 
         def out_fn(theta, i=i):
-            return functional_call(model, _unflat(names, shapes, theta), (x[i : i + 1],)).reshape(-1)
+            return _output(model, task, _unflat(names, shapes, theta), _row(x, i)).reshape(-1)
 
         jac = jacobian(out_fn, flat)  # [C, P]
         out = out_fn(flat).detach()
         h = hessian(lambda o, i=i, shape=shape: task.loss(o.reshape(shape), y[i : i + 1]).sum(), out)
         total += jac.T @ h @ jac
-    return total / x.shape[0] + task.weight_decay * torch.eye(flat.numel(), dtype=flat.dtype)
+    return total / _n(x) + task.weight_decay * torch.eye(flat.numel(), dtype=flat.dtype)
 
 
 def dense_ef(model: nn.Module, task: Task, data) -> Tensor:

@@ -7,18 +7,21 @@ from headwater.version import __version__
 
 if TYPE_CHECKING:
     from headwater.api import influence
+    from headwater.bars import ProgressBars
     from headwater.methods import InfluenceFunction, Scores
     from headwater.task import (
         ClassificationTask,
         LanguageModelingTask,
         Measurement,
         RegressionTask,
+        Seq2SeqTask,
         Task,
     )
 
 _LAZY = {"influence": "headwater.api", "InfluenceFunction": "headwater.methods", "Scores": "headwater.methods",
-         **dict.fromkeys(("ClassificationTask", "LanguageModelingTask", "Measurement", "RegressionTask", "Task"),
-                         "headwater.task")}
+         "ProgressBars": "headwater.bars",
+         **dict.fromkeys(("ClassificationTask", "LanguageModelingTask", "Measurement", "RegressionTask",
+                          "Seq2SeqTask", "Task"), "headwater.task")}
 """Public names loaded on first use, so importing a subpackage (``headwater.store``) loads
 only what it needs."""
 
@@ -34,10 +37,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ClassificationTask",
     "InfluenceFunction",
+    "ProgressBars",
     "LanguageModelingTask",
     "Measurement",
     "RegressionTask",
     "Scores",
+    "Seq2SeqTask",
     "Task",
     "__version__",
     "influence",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from headwater.bars import as_progress
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.registry import METHODS, AttributionSettings, Inputs
@@ -42,7 +44,7 @@ def influence(
     trajectory: Trajectory | None = None,
     run: RunRecord | None = None,
     renormalize: bool = False,
-    progress: ProgressFn | None = None,
+    progress: bool | ProgressFn | None = True,
     store: str | os.PathLike | None = None,
 ) -> Scores:
     """Scores of every training example for every query.
@@ -85,7 +87,11 @@ def influence(
         run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
-        progress: optional ``progress(stage, done, total)`` callback.
+        progress: ``True`` (default) shows a tqdm bar with ETA for every step that runs
+            over a second (gradients, curvature fits, damping probes, CG/LiSSA
+            iterations, scoring), as Kronfluence does; ``False`` is silent; a callable
+            ``progress(stage, done, total)`` receives the counts instead
+            (:class:`headwater.bars.ProgressBars` is the tqdm one).
         store: base path of resumable state for ``method="influence"``: the fitted
             curvature (with ``projection``: the projected training gradients, by chunk,
             and the projected curvature) is saved there, and a later call with the same
@@ -106,8 +112,9 @@ def influence(
         curvature_options=curvature_options, renormalize=renormalize, store=store)
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
-        task = default_task(targets)
-    inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, run=run, progress=progress)
+        task = default_task(targets, encoder_decoder=bool(getattr(getattr(model, "config", None),
+                                                                  "is_encoder_decoder", False)))
+    inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress))
     estimator = METHODS[method].build(model, task, settings, inputs, train)
-    values, indices, si = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
-    return Scores(values, indices, si, {**estimator.settings(), "top_k": top_k})
+    result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
+    return dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -22,18 +22,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from headwater.data import Inputs, call_model
+
 __all__ = [
     "ClassificationTask",
     "LanguageModelingTask",
     "Measurement",
     "RegressionTask",
+    "Seq2SeqTask",
     "Task",
     "default_task",
+    "model_output",
     "sample_per_example",
     "select_parameters",
 ]
 
-ModelFn = Callable[[Tensor], Tensor]
+ModelFn = Callable[..., Any]
+
+
+def model_output(out: Any) -> Tensor:
+    """The tensor a task scores: ``out`` itself, or its ``logits`` (a Hugging Face output
+    object or a dict with ``"logits"``)."""
+    if isinstance(out, Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"the model returned {type(out).__name__}; expected a tensor or an output with "
+                    "`.logits` (override Task.output for other outputs)")
 
 
 class Measurement(str, Enum):
@@ -56,6 +72,7 @@ def select_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[s
         ValueError: if nothing is selected or a name matches no parameter.
     """
     named = dict(model.named_parameters())
+    canonical = _tied_names(model)
     if modules is None:
         chosen = {k: p for k, p in named.items() if p.requires_grad}
         if not chosen:
@@ -65,7 +82,8 @@ def select_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[s
         modules = [modules]
     chosen = {}
     for prefix in modules:
-        hits = {k: p for k, p in named.items() if k == prefix or k.startswith(prefix + ".")}
+        hits = {canonical.get(k, k): p for k, p in dict(model.named_parameters(remove_duplicate=False)).items()
+                if k == prefix or k.startswith(prefix + ".")}
         if not hits:
             raise ValueError(
                 f"modules: {prefix!r} matches no parameter; parameters are e.g. "
@@ -75,6 +93,26 @@ def select_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[s
     if not chosen:
         raise ValueError("modules: selected no parameters")
     return {k: named[k] for k in named if k in chosen}
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Each alias of a tied parameter (e.g. ``lm_head.weight``) -> the name it is analysed
+    under (the first registered, e.g. ``transformer.wte.weight``)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def tied_note(model: nn.Module, names: Sequence[str]) -> str:
+    """`` (x is tied to y, analysed once as y)`` for the tied parameters among ``names``."""
+    aliases = _tied_names(model)
+    tied = {a: c for a, c in aliases.items() if c in names or a in names}
+    return "".join(f"; {a} is tied to {c} (analysed once, as {c})" for a, c in tied.items())
 
 
 class Task(ABC):
@@ -98,13 +136,18 @@ class Task(ABC):
         """The analysed parameters of ``model``."""
         return select_parameters(model, self.modules)
 
-    def output(self, model: ModelFn, inputs: Tensor) -> Tensor:
-        """The model's output for a batch (override for dict inputs etc.)."""
-        return model(inputs)
+    def output(self, model: ModelFn, inputs: Inputs) -> Tensor:
+        """The model's output for a batch: ``model(x)``, ``model(*x)`` for a tuple,
+        ``model(**x)`` for a dict (without its ``"labels"``), unwrapped to its ``.logits``
+        when it is a Hugging Face output (override for anything else)."""
+        return model_output(call_model(model, inputs))
 
-    def attention_mask(self, inputs: Tensor) -> Tensor | None:
+    def attention_mask(self, inputs: Inputs) -> Tensor | None:
         """Per-position weights ``[B, T]`` (1 = a real token, 0 = padding) that K-FAC/EK-FAC
-        use for their input statistics, or ``None`` (default: every position counts)."""
+        use for their input statistics, or ``None`` (every position counts). Default: the
+        ``attention_mask`` of a dict batch (as Hugging Face tokenizers give it), else ``None``."""
+        if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
+            return inputs["attention_mask"]
         return None
 
     @abstractmethod
@@ -157,6 +200,9 @@ class ClassificationTask(Task):
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         if output.dim() != 2:
             raise ValueError(f"ClassificationTask expects logits [B, C], got shape {tuple(output.shape)}")
+        if targets.is_floating_point() or targets.is_complex():
+            raise TypeError(f"ClassificationTask: targets must be integer class labels, got {targets.dtype}; "
+                            "convert them with .long() (or use RegressionTask for real-valued targets)")
         return F.cross_entropy(output, targets.long(), reduction="none")
 
     def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
@@ -180,6 +226,11 @@ class RegressionTask(Task):
     """Squared error ``ℓ = ½‖f(x) − y‖²`` per example (the ½ makes the GGN ``JᵀJ``)."""
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        if targets.numel() != output.numel():
+            raise ValueError(
+                f"RegressionTask: the model's outputs {tuple(output.shape)} and the targets {tuple(targets.shape)} "
+                "differ in size" + ("; integer class labels pick ClassificationTask: convert them with .long() or "
+                                    "pass task=ClassificationTask()" if output.dim() == 2 and targets.dim() == 1 else ""))
         diff = output - targets.reshape(output.shape).to(output.dtype)
         return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
@@ -207,10 +258,13 @@ class LanguageModelingTask(Task):
     positive score (proponent) means the training sequence makes the completion more
     likely.
 
+    Inputs may also be a Hugging Face dict batch (``input_ids``, ``attention_mask``,
+    ``labels``): its ``labels`` are the targets and are not passed to the model.
+
     The GGN's output block is ``V × V`` per position: K-FAC/EK-FAC's ``"auto"``
     estimator samples targets from the model (:meth:`sample_targets`, unscored
-    positions stay unscored). Their input factors average over every position; override
-    :meth:`Task.attention_mask` to leave padded positions out.
+    positions stay unscored). Their input factors leave out the positions a dict batch's
+    ``attention_mask`` marks as padding (:meth:`Task.attention_mask`).
 
     Args:
         ignore_index: the label of unscored positions (``-100`` as in PyTorch).
@@ -224,36 +278,87 @@ class LanguageModelingTask(Task):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
         self.ignore_index = ignore_index
 
-    def output(self, model: ModelFn, inputs: Tensor) -> Tensor:
-        out = model(inputs)
-        return getattr(out, "logits", out)
-
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
-        if output.dim() != 3:
-            raise ValueError(f"LanguageModelingTask expects logits [B, T, V], got shape {tuple(output.shape)}")
-        if targets.shape != output.shape[:2]:
-            raise ValueError(f"LanguageModelingTask: targets must be token ids [B, T] = {tuple(output.shape[:2])}, "
-                             f"got shape {tuple(targets.shape)}")
-        labels = targets[:, 1:].long()
-        per_token = F.cross_entropy(output[:, :-1].transpose(1, 2), labels, ignore_index=self.ignore_index,
-                                    reduction="none")  # [B, T-1], 0 where unscored
-        return per_token.sum(dim=1)
+        return _token_nll(output, targets, self.ignore_index, shift=1, name=type(self).__name__)
 
     def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
         """Each scored position's next token drawn from the model; unscored ones (and the
         first position, which nothing predicts) stay ``ignore_index``."""
-        b, t, v = output.shape
-        logits = output[:, :-1].detach()
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).reshape(-1, v)
-        drawn = torch.multinomial(probs, 1, generator=generator).reshape(b, t - 1)
-        sampled = torch.full((b, t), self.ignore_index, dtype=torch.long, device=output.device)
-        sampled[:, 1:] = drawn
-        if targets is not None:
-            sampled[targets.reshape(b, t) == self.ignore_index] = self.ignore_index
-        return sampled
+        return _sample_tokens(output, generator, targets, self.ignore_index, shift=1)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "ignore_index": self.ignore_index}
+
+
+class Seq2SeqTask(Task):
+    """Token cross-entropy of an encoder-decoder model (T5, BART, ...), summed over each target.
+
+    Inputs are a dict batch ``{"input_ids", "attention_mask", "labels"}`` as Hugging Face
+    tokenizers make them (the targets are its ``labels [B, T]``). The labels are passed to
+    the model, which shifts them right into the decoder's inputs (teacher forcing); a
+    batch that has its own ``decoder_input_ids`` uses those. The logits ``[B, T, V]`` at
+    position ``t`` predict ``labels[:, t]`` (no shift here); a label equal to
+    ``ignore_index`` (padding) is not scored.
+
+    An example's loss, and the default query measurement, is ``−log p(target | source)
+    = Σ_t −log p(y_t | y_<t, source)``: a positive score (proponent) means the training
+    pair makes the query's target more likely given its source.
+
+    Args:
+        ignore_index: the label of unscored positions (``-100`` as in Hugging Face).
+        weight_decay, modules: as :class:`Task`.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, weight_decay: float = 0.0,
+                 modules: Sequence[str] | None = None):
+        super().__init__(weight_decay=weight_decay, modules=modules)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
+    def output(self, model: ModelFn, inputs: Inputs) -> Tensor:
+        if not isinstance(inputs, Mapping) or not ({"labels", "decoder_input_ids"} & set(inputs)):
+            raise TypeError("Seq2SeqTask: inputs must be a dict batch with 'labels' (or 'decoder_input_ids') "
+                            "for the decoder, e.g. {'input_ids', 'attention_mask', 'labels'}")
+        return model_output(call_model(model, inputs, labels=True))
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        return _token_nll(output, targets, self.ignore_index, shift=0, name=type(self).__name__)
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+        """Each scored position's token drawn from the model (the decoder keeps its inputs);
+        unscored positions stay ``ignore_index``."""
+        return _sample_tokens(output, generator, targets, self.ignore_index, shift=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "ignore_index": self.ignore_index}
+
+
+def _token_nll(output: Tensor, targets: Tensor, ignore_index: int, *, shift: int, name: str) -> Tensor:
+    """``Σ_t −log p(targets[:, t + shift])`` from the logits at ``t``, per sequence ``[B]``."""
+    if output.dim() != 3:
+        raise ValueError(f"{name} expects logits [B, T, V], got shape {tuple(output.shape)}")
+    if targets.shape != output.shape[:2]:
+        raise ValueError(f"{name}: targets must be token ids [B, T] = {tuple(output.shape[:2])}, "
+                         f"got shape {tuple(targets.shape)}")
+    t = output.shape[1]
+    labels = targets[:, shift:].long()
+    per_token = F.cross_entropy(output[:, : t - shift].transpose(1, 2), labels, ignore_index=ignore_index,
+                                reduction="none")  # [B, T - shift], 0 where unscored
+    return per_token.sum(dim=1)
+
+
+def _sample_tokens(output: Tensor, generator: torch.Generator, targets: Tensor | None, ignore_index: int,
+                   *, shift: int) -> Tensor:
+    b, t, v = output.shape
+    logits = output[:, : t - shift].detach()
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).reshape(-1, v)
+    drawn = torch.multinomial(probs, 1, generator=generator).reshape(b, t - shift)
+    sampled = torch.full((b, t), ignore_index, dtype=torch.long, device=output.device)
+    sampled[:, shift:] = drawn
+    if targets is not None:
+        sampled[targets.reshape(b, t) == ignore_index] = ignore_index
+    return sampled
 
 
 _MASK64 = (1 << 64) - 1
@@ -296,9 +401,13 @@ def _takes_targets(task: Task) -> bool:
         p.kind is p.VAR_POSITIONAL for p in params)
 
 
-def default_task(targets: Tensor, *, weight_decay: float = 0.0) -> Task:
-    """Classification for integer targets, regression for floating targets."""
+def default_task(targets: Tensor, *, weight_decay: float = 0.0, encoder_decoder: bool = False) -> Task:
+    """The task the targets imply: integer labels ``[B]`` → classification; integer token
+    labels ``[B, T]`` → :class:`LanguageModelingTask` (or :class:`Seq2SeqTask` for an
+    ``encoder_decoder`` model); floating targets → regression."""
     if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+        if targets.dim() == 2 and targets.dtype != torch.bool:
+            return (Seq2SeqTask if encoder_decoder else LanguageModelingTask)(weight_decay=weight_decay)
         return ClassificationTask(weight_decay=weight_decay)
     if targets.is_floating_point():
         return RegressionTask(weight_decay=weight_decay)

@@ -109,7 +109,8 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
             passes.append(stage)
 
     est.progress = progress
-    values, indices, si = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
+    got = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
+    values, indices, si = got.values, got.indices, got.self_influence
     assert len(passes) == (2 if curvature == "cg" else 1), passes
     est.progress = None
     want = est.scores(case.query, case.train)
@@ -121,6 +122,9 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
     else:
         assert torch.equal(indices, want.topk(top_k, dim=1).indices)
         assert_close(values, want.topk(top_k, dim=1).values, rtol=1e-10)
+        low = want.topk(top_k, dim=1, largest=False)  # the opponents, from the same pass
+        assert torch.equal(got.opponent_indices, low.indices)
+        assert_close(got.opponent_values, low.values, rtol=1e-10)
     api = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=curvature,
                               damping=1e-2, chunk_size=5, top_k=top_k, self_influence=True)
     assert_close(api.self_influence, want_si, rtol=1e-10, what="API self-influence")
@@ -141,6 +145,7 @@ def test_ekfac_scores_use_whole_gradients_when_layers_miss_a_use():
     g_q = loop_gradients(model, case.task, case.query, measurement=True)
     want = g_q @ est.curvature.solve(g_tr).T
     assert_close(est.scores(case.query, case.train), want, rtol=1e-9)
-    values, _, si = est.attribute(case.query, case.train, self_influence=True)
+    got = est.attribute(case.query, case.train, self_influence=True)
+    values, si = got.values, got.self_influence
     assert_close(values, want, rtol=1e-9)
     assert_close(si, (g_tr * est.curvature.solve(g_tr)).sum(1), rtol=1e-9)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import headwater
 from headwater import store
+from headwater.bars import ProgressBars
 from headwater.curvature import CURVATURES
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 
@@ -54,39 +55,6 @@ class UserError(Exception):
 
 
 # -- progress and logging ------------------------------------------------------------
-
-
-class ProgressBars:
-    """A ``progress(stage, done, total)`` callback drawing one tqdm bar (with ETA) per stage.
-
-    A stage whose count goes back down (it runs again) gets a fresh bar.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self._bars: dict[str, tqdm] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self._bars.get(stage)
-        if bar is not None and (done < bar.n or total != bar.total):
-            bar.close()
-            bar = None
-        if bar is None:
-            bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=True,
-                       bar_format="{desc:<26} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                  "[{elapsed}<{remaining}]")
-            self._bars[stage] = bar
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            del self._bars[stage]
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
 
 
 class _TqdmHandler(logging.Handler):
@@ -224,10 +192,23 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         if args.threads <= 0:
             raise UserError(f"--threads: must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
+    check_device(args.device)
+
+
+def check_device(device: str, name: str = "--device") -> None:
+    """Raise :class:`UserError` (one line) unless tensors can be made on ``device``."""
     try:
-        torch.empty(0, device=args.device)
+        kind = torch.device(device).type
     except (RuntimeError, ValueError) as err:
-        raise UserError(f"--device: cannot use device {args.device!r} ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{name}: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind)
+    if available is not None and not available():
+        raise UserError(f"{name}: {device!r} is not available (torch {torch.__version__} on this machine has "
+                        f"no usable {kind} device); use --device cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise UserError(f"{name}: cannot use device {device!r} ({str(err).splitlines()[0]})") from err
 
 
 def parse_projection(spec: str | None, seed: int) -> RandomProjection | KroneckerProjection | None:

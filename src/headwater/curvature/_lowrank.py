@@ -161,7 +161,7 @@ class LowRankCurvature(Curvature):
             if eigvals.numel() == p:  # the whole space: the trace is exact
                 damping = default_damping(float(eigvals.double().sum()) / p)
             else:
-                damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
+                damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=progress)
         floor = task.weight_decay if self.kind is not MatrixKind.HESSIAN else 0.0
         if self.residual and floor + damping <= 0:
             raise ValueError(

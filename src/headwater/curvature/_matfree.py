@@ -18,6 +18,7 @@ from headwater.curvature.base import default_damping
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike
+from headwater.progress import ProgressFn, report
 from headwater.gradients.flat import ParamLayout
 from headwater.task import Task
 
@@ -55,6 +56,7 @@ def hutchinson_trace(
     dtype: torch.dtype,
     device: torch.device,
     batch: int = 8,
+    progress: ProgressFn | None = None,
 ) -> float:
     """Hutchinson's estimate ``trace(M) ≈ (1/s) Σ_j z_jᵀ M z_j`` with Rademacher ``z_j``.
 
@@ -65,6 +67,7 @@ def hutchinson_trace(
     for start in range(0, probes, batch):
         z = rademacher(min(batch, probes - start), dim, seed + start, dtype, device)  # [b, P]
         total += float((z * matvec(z)).sum())
+        report(progress, "damping probes", min(start + batch, probes), probes)
     return total / probes
 
 
@@ -134,10 +137,11 @@ class BoundOperator:
         ref = next(iter(task.parameters(model).values()))
         self.dtype, self.device = ref.dtype, ref.device
 
-    def default_damping(self, *, probes: int, seed: int) -> float:
+    def default_damping(self, *, probes: int, seed: int, progress: ProgressFn | None = None) -> float:
         """The library's default damping, from a Hutchinson estimate of ``trace(M)/P``."""
         p = self.layout.num_params
-        trace = hutchinson_trace(self.matvec, p, probes=probes, seed=seed, dtype=self.dtype, device=self.device)
+        trace = hutchinson_trace(self.matvec, p, probes=probes, seed=seed, dtype=self.dtype, device=self.device,
+                                 progress=progress)
         return default_damping(trace / p)
 
     def on(self, data: DataLike) -> MatVec:

@@ -4,7 +4,7 @@ fitted preconditioners (EK-FAC, K-FAC, diagonal; a Nyström one is fitted by CG 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Self
+from typing import TypeVar
 
 from torch import nn
 
@@ -59,6 +59,9 @@ def fit_preconditioner(
     return curvature.fit(model, task, data).solve
 
 
+_Self = TypeVar("_Self", bound="StreamingCurvature")
+
+
 class StreamingCurvature(Curvature):
     """A curvature whose ``solve`` runs passes over the training data (CG, LiSSA).
 
@@ -80,6 +83,7 @@ class StreamingCurvature(Curvature):
             ) from err
         self._operator: BoundOperator | None = None
         self._precondition: MatVec | None = None
+        self.progress: ProgressFn | None = None  # told about each solve's iterations
 
     def _attach(self, model: nn.Module, task: Task, data: DataLike) -> BoundOperator:
         """Bind the data's operator (and drop a preconditioner of other data)."""
@@ -87,13 +91,19 @@ class StreamingCurvature(Curvature):
         self._precondition = None
         return self._operator
 
+    def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
+            progress: ProgressFn | None = None) -> _Self:
+        """As :meth:`Curvature.fit`; ``progress`` also hears every later solve's iterations."""
+        self.progress = progress
+        return super().fit(model, task, data, progress=progress)
+
     def _attach_damped(self, model: nn.Module, task: Task, data: DataLike) -> tuple[BoundOperator, float]:
         """:meth:`_attach`, and the damping: the set one or the default from a Hutchinson
         trace (``trace_probes`` probes, ``seed + 1``)."""
         op = self._attach(model, task, data)
         damping = self.damping
         if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1)
+            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=self.progress)
         return op, damping
 
     def _attach_preconditioner(self, model: nn.Module, task: Task, data: DataLike, damping: float) -> None:
@@ -104,7 +114,7 @@ class StreamingCurvature(Curvature):
                 self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
             )
 
-    def bind(self, model: nn.Module, task: Task, data: DataLike) -> Self:
+    def bind(self: _Self, model: nn.Module, task: Task, data: DataLike) -> _Self:
         """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) state
         without refitting it (an EK-FAC, K-FAC or diagonal preconditioner is refitted: it is
         not part of the saved state). The parameters must have the fitted layout."""

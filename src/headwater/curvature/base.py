@@ -14,7 +14,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,9 @@ class Memory:
     note: str = ""
 
 
+_Self = TypeVar("_Self", bound="Curvature")
+
+
 class Curvature(ABC):
     """An approximation of the curvature of the mean training objective.
 
@@ -142,8 +145,8 @@ class Curvature(ABC):
         raise NotImplementedError(f"{cls.__name__} declares no memory model (Curvature.memory)")
 
     # -- fitting -------------------------------------------------------------------
-    def fit(self, model: nn.Module, task: Task, data: DataLike, *,
-            progress: ProgressFn | None = None) -> Self:
+    def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
+            progress: ProgressFn | None = None) -> _Self:
         """Fit to ``model`` on ``data``; returns ``self``. The model is left unchanged."""
         self.n_examples = num_examples(data, "train")
         self.layout = ParamLayout.of(task.parameters(model))
@@ -154,8 +157,8 @@ class Curvature(ABC):
     def _fit(self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None) -> Any:
         """Compute the frozen state record."""
 
-    def with_damping(self, damping: float, *, model: nn.Module | None = None, task: Task | None = None,
-                     data: DataLike | None = None) -> Self:
+    def with_damping(self: _Self, damping: float, *, model: nn.Module | None = None, task: Task | None = None,
+                     data: DataLike | None = None) -> _Self:
         """A fitted copy with damping λ = ``damping`` (``self`` is unchanged).
 
         Where the state depends on λ only through its value (``damping_in_state_only``)
@@ -240,8 +243,8 @@ class Curvature(ABC):
                 "state": scalars, "tensor_dicts": groups, "context": context}
         store.save(path, tensors, meta)
 
-    def load(self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
-             device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> Self:
+    def load(self: _Self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
+             device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> _Self:
         """Read a state saved with the same settings (and parameter layout and ``context``,
         if given; else ``StoreMismatchError``)."""
         expect = self.settings()

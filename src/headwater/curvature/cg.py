@@ -200,6 +200,7 @@ class CG(StreamingCurvature):
             tol=self.tol,
             max_iter=self.max_iter,
             preconditioner=precond,
+            progress=self.progress,
         )
         if self.warn and not self.last_info.converged:
             warnings.warn(

@@ -253,7 +253,7 @@ def _ggn_diagonal(
             for c in range(a.shape[2]):
                 g = pullback(x, a[:, :, c])  # [B, P]
                 total += (w[:, c : c + 1] * g.pow(2)).sum(0)
-            done += x.shape[0]
+            done += y.shape[0]
             report(progress, "diagonal (ggn)", done, stop - start)
     all_reduce_sum_(total)  # Σ over every rank's shard
     return total / n + task.weight_decay

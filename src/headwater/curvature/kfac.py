@@ -277,8 +277,8 @@ class KroneckerCurvature(Curvature):
                 weight, cots = output_cotangents(task, output, y, self.kind, estimator, self.seed,
                                                  start + done, self.mc_samples, skip_draws)
                 signals = {**cap.pullback(output, cots), **diagonal.pullback(x, cots)}
-                acts = {**cap.activations(), **diagonal.activations(x.shape[0], output)}
-                done += x.shape[0]
+                acts = {**cap.activations(), **diagonal.activations(y.shape[0], output)}
+                done += y.shape[0]
                 report(progress, stage, done, stop - start)
                 yield acts, weight, signals, task.attention_mask(x)
 

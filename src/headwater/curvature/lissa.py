@@ -239,6 +239,7 @@ class LiSSA(StreamingCurvature):
                 repeats=self.repeats,
                 damping=damping,
                 tol=self.tol,
+                progress=self.progress,
             )
         except RuntimeError as err:
             if self.batch_size is None or "diverged" not in str(err):

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import MatrixKind
-from headwater.data import DataLike, iter_batches, subset
+from headwater.data import DataLike, iter_batches, subset, take
 from headwater.distributed import all_reduce_sum_, shard_range, world
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import per_example_gradients
@@ -130,12 +130,12 @@ class MFAC(Curvature):
         taken = 0
         for batch in iter_batches(data, self.chunk_size, "train"):
             x, y = prepare_batch(batch, ref)
-            x, y = x[: m - taken], y[: m - taken]
+            x, y = take(x, slice(0, m - taken)), y[: m - taken]
             if self.kind is MatrixKind.GGN:
                 with torch.no_grad(), evaluation_mode(model):
                     y = sample_per_example(task, task.output(bind(model, params), x), y, seed=self.seed,
                                            first=start + taken)[0]
-            taken += x.shape[0]
+            taken += y.shape[0]
             yield x, y
             if taken >= m:
                 return

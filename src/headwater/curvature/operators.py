@@ -20,12 +20,14 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.data import DataLike, Inputs, iter_batches, num_examples, one_example
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.flat import ParamLayout
-from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
 from headwater.gradients.per_example import check_batch, per_example_gradients
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
@@ -68,10 +70,11 @@ def _chunk_matvec(model, task, layout, theta, kind, x, y) -> Callable[[Tensor], 
     """
 
     def outputs(t: Tensor) -> Tensor:
-        return task.output(bind(model, layout.unflatten(t)), x)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            return task.output(bind(model, layout.unflatten(t)), x)
 
     if kind is MatrixKind.EF:
-        grads = torch.cat(list(per_example_gradients(model, task, (x, y), chunk_size=x.shape[0])))
+        grads = torch.cat(list(per_example_gradients(model, task, (x, y), chunk_size=y.shape[0])))
         return lambda v: (v @ grads.T) @ grads  # [K, P]
     if kind is MatrixKind.HESSIAN:
         _, hvp_fn = vjp(grad(lambda t: task.loss(outputs(t), y).sum()), theta)
@@ -106,6 +109,10 @@ class _OutputBytes(TorchFunctionMode):
         return result
 
 
+def _rows(inputs: Inputs) -> int:
+    return tree_flatten(inputs)[0][0].shape[0]
+
+
 def _linearisation_bytes(model, task, layout, theta, kind, x, n: int) -> float:
     """Rough bytes of every chunk's cached linearisation over ``n`` examples: 4× the
     tensors of a forward pass (the vjp graph, its transpose, outputs), or the EF's
@@ -115,7 +122,7 @@ def _linearisation_bytes(model, task, layout, theta, kind, x, n: int) -> float:
     counter = _OutputBytes()
     with torch.no_grad(), counter:
         task.output(bind(model, layout.unflatten(theta)), x)
-    return 4.0 * counter.total * n / x.shape[0]
+    return 4.0 * counter.total * n / _rows(x)
 
 
 def curvature_matvec(
@@ -155,7 +162,7 @@ def curvature_matvec(
         chunks.clear()
         for batch in local_batches(data, chunk_size, "train"):
             x, y = prepare_batch(batch, theta)
-            op = (_chunk_matvec(model, task, layout, theta, kind, x, y), x.shape[0])
+            op = (_chunk_matvec(model, task, layout, theta, kind, x, y), y.shape[0])
             if cache:
                 chunks.append(op)
             yield op
@@ -200,7 +207,7 @@ def dense_curvature(
             if done == 0:
                 check_batch(model, task, (x, y), "train")
             total += _dense_chunk(model, task, layout, theta, kind, x, y)
-            done += x.shape[0]
+            done += y.shape[0]
             report(progress, f"dense {kind.value}", done, stop - start)
     all_reduce_sum_(total)  # Σ over every rank's shard
     total = total / n
@@ -211,23 +218,23 @@ def dense_curvature(
 def _dense_chunk(model, task, layout, theta, kind, x, y) -> Tensor:
     p = layout.num_params
     if kind is MatrixKind.EF:
-        g = torch.cat(list(per_example_gradients(model, task, (x, y), chunk_size=x.shape[0])))
+        g = torch.cat(list(per_example_gradients(model, task, (x, y), chunk_size=y.shape[0])))
         return g.T @ g
     if kind is MatrixKind.HESSIAN:
         eye = torch.eye(p, dtype=theta.dtype, device=theta.device)
         hvp = _chunk_matvec(model, task, layout, theta, kind, x, y)
         return torch.cat([hvp(eye[i : i + 256]) for i in range(0, p, 256)])
 
-    def out_single(t: Tensor, xi: Tensor) -> Tensor:
-        return task.output(bind(model, layout.unflatten(t)), xi.unsqueeze(0)).squeeze(0)
+    def out_single(t: Tensor, xi: Inputs) -> Tensor:
+        return task.output(bind(model, layout.unflatten(t)), one_example(xi)).squeeze(0)
 
     def loss_single(o: Tensor, yi: Tensor) -> Tensor:
         return task.loss(o.unsqueeze(0), yi.unsqueeze(0)).sum()
 
-    jac = vmap(jacrev(out_single), in_dims=(None, 0))(theta, x)  # [B, *out, P]
-    outs = vmap(out_single, in_dims=(None, 0))(theta, x)  # [B, *out]
+    jac = vmap_examples(jacrev(out_single), in_dims=(None, 0))(theta, x)  # [B, *out, P]
+    outs = vmap_examples(out_single, in_dims=(None, 0))(theta, x)  # [B, *out]
     h_out = vmap(hessian(loss_single))(outs, y)  # [B, *out, *out]
-    b = x.shape[0]
+    b = y.shape[0]
     c = outs[0].numel()
     jac = jac.reshape(b, c, p)
     hj = torch.bmm(h_out.reshape(b, c, c), jac)  # [B, C, P]

@@ -23,6 +23,7 @@ Shared conventions (documented once, here):
   argument.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ from headwater.curvature.eigensolvers import (
     nystrom,
     nystrom_preconditioner,
 )
+from headwater.progress import ProgressFn, report
 
 __all__ = [
     "ArnoldiInfo",
@@ -109,6 +111,15 @@ class LissaInfo:
 # ----------------------------------------------------------------------------- CG
 
 
+def _cg_percent(rel: Tensor, tol: float, it: int, max_iter: int) -> int:
+    """Percent of the way to convergence: the worst relative residual's progress from 1 to
+    ``tol`` in log scale, or the share of ``max_iter`` used, whichever is further (< 100)."""
+    by_iter = it / max_iter
+    worst = float(rel.max())
+    by_residual = math.log(max(worst, tol)) / math.log(tol) if 0 < tol < 1 and worst < 1 else 0.0
+    return min(99, int(100 * max(by_iter, by_residual)))
+
+
 def conjugate_gradient(
     matvec: MatVec,
     B: Tensor,
@@ -118,6 +129,7 @@ def conjugate_gradient(
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
     x0: Tensor | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``(A + damping I) x_k = b_k`` for every row by (preconditioned) CG.
 
@@ -142,6 +154,9 @@ def conjugate_gradient(
         preconditioner: Symmetric positive definite ``R [K, P] -> M^{-1} R``,
             e.g. :func:`nystrom_preconditioner`; default none.
         x0: ``Tensor [K, P]``, starting point; default zeros.
+        progress: optional ``progress(stage, done, total)`` callback, told after every
+            iteration how far (in percent) the worst row has come from its starting
+            residual to ``tol`` on a log scale, or of ``max_iter`` if that is further.
 
     Returns:
         ``X [K, P]`` (dtype and device of ``B``) and a :class:`CGInfo`. Rows that
@@ -195,9 +210,11 @@ def conjugate_gradient(
                 f"{B.dtype}; increase `damping` (now {damping:g})"
             )
         done[active] = rel[active] <= tol
+        report(progress, "CG iterations", _cg_percent(rel, tol, it, max_iter), 100)
         still = active[~done[active]]
         if still.numel() > 0:
             _cg_direction(preconditioner, R, P_dir, rz, still)
+    report(progress, "CG iterations", 100, 100)
     info = CGInfo(
         iterations=int(iters.max().item()),
         iterations_per_row=iters,
@@ -255,6 +272,7 @@ def lissa(
     repeats: int = 1,
     damping: float = 0.0,
     tol: float = 1e-3,
+    progress: ProgressFn | None = None,
 ) -> tuple[Tensor, LissaInfo]:
     """Estimate ``(A + damping I)^{-1} b`` for every row by the LiSSA recursion.
 
@@ -281,6 +299,7 @@ def lissa(
         repeats: Independent recursions averaged (``>= 1``).
         damping: ``damping >= 0`` added to the diagonal of ``A``.
         tol: Threshold on the last relative change for the ``converged`` flag.
+        progress: optional ``progress(stage, done, total)`` callback, told after every step.
 
     Returns:
         ``X [K, P]`` (dtype and device of ``B``) and a :class:`LissaInfo`.
@@ -315,6 +334,7 @@ def lissa(
             change = (X_new - X).norm(dim=1) / x_norm.clamp_min(torch.finfo(B.dtype).tiny)
             X = X_new
             norms[r, t] = (x_norm / scale).mean().item()
+            report(progress, "LiSSA steps", step + 1, repeats * depth)
         relative_change = max(relative_change, change.max().item())
         total += X
     info = LissaInfo(norms=norms, relative_change=relative_change, converged=relative_change < tol)

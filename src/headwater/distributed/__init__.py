@@ -21,21 +21,15 @@ block (e.g. to score on rank 0 only after distributed training).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    IterableDataset,
-    SequentialSampler,
-    Subset,
-)
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from headwater.data import Batch, DataLike, iter_batches, num_examples
+from headwater.data import Batch, DataLike, as_tensors, is_sequential, iter_batches, num_examples, take
 
 __all__ = [
     "all_ranks",
@@ -86,13 +80,6 @@ def shard_range(n: int) -> tuple[int, int]:
     return rank * n // size, (rank + 1) * n // size
 
 
-def _sequential(loader: DataLoader) -> bool:
-    batches = loader.batch_sampler
-    if batches is None:
-        return isinstance(loader.sampler, SequentialSampler)
-    return type(batches) is BatchSampler and isinstance(batches.sampler, SequentialSampler)
-
-
 def shard(data: DataLike, name: str = "data") -> DataLike:
     """This rank's part of ``data``: the examples of :func:`shard_range`, same form.
 
@@ -119,13 +106,13 @@ def shard(data: DataLike, name: str = "data") -> DataLike:
         raise ValueError(f"{name}: an IterableDataset cannot be sharded by index; pass a "
                          "map-style Dataset or an (inputs, targets) pair")
     start, stop = shard_range(n)
-    if isinstance(data, tuple | list):
-        inputs, targets = data
-        return inputs[start:stop], targets[start:stop]
+    if isinstance(data, tuple | list | Mapping):
+        inputs, targets = as_tensors(data, name)
+        return take(inputs, slice(start, stop)), targets[start:stop]
     part = Subset(source, range(start, stop))
     if not isinstance(data, DataLoader):
         return part
-    if not _sequential(data):
+    if not is_sequential(data):
         raise ValueError(f"{name}: under torch.distributed a DataLoader must read its dataset "
                          "in order (no sampler, no shuffle); pass it without one, or its dataset")
     batch_size = None if data.batch_sampler is None else data.batch_sampler.batch_size

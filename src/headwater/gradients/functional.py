@@ -4,15 +4,47 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["bind", "detached", "evaluation_mode", "first_param", "prepare_batch"]
+from headwater.data import Inputs, map_inputs
+
+__all__ = ["bind", "detached", "evaluation_mode", "first_param", "prepare_batch", "vmap_examples"]
+
+
+_DATA_DEPENDENT = "data-dependent control flow"
+
+
+def vmap_examples(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Callable[..., Any]:
+    """``vmap(fn, in_dims)`` over the examples, or a loop over them when the model branches on
+    its inputs' values (e.g. a Hugging Face attention mask checked with ``.all()``), which
+    ``vmap`` cannot trace. Same numbers either way; the loop is slower."""
+    mapped = vmap(fn, in_dims=in_dims)
+
+    def looped(*args: Any) -> Any:
+        batched = [a for a, d in zip(args, in_dims) if d is not None]
+        n = tree_flatten(batched[0])[0][0].shape[0]
+        rows = [fn(*(a if d is None else tree_map(lambda t: t[i], a) for a, d in zip(args, in_dims)))
+                for i in range(n)]
+        return tree_map(lambda *ts: torch.stack(ts), rows[0], *rows[1:])
+
+    def call(*args: Any) -> Any:
+        try:
+            return mapped(*args)
+        except RuntimeError as err:
+            if _DATA_DEPENDENT not in str(err):
+                raise
+            return looped(*args)
+
+    return call
 
 
 def bind(model: nn.Module, params: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
-    """``inputs -> model(inputs)`` with ``params`` substituted for the named parameters.
+    """``(*args, **kwargs) -> model(*args, **kwargs)`` with ``params`` substituted for the named parameters.
 
     Other parameters take the model's own values, detached (so nothing computed through
     ``bind`` keeps an autograd graph back to parameters that are not analysed), and buffers
@@ -25,8 +57,8 @@ def bind(model: nn.Module, params: dict[str, Tensor]) -> Callable[[Tensor], Tens
             if k not in params and id(p) not in chosen}
     full.update(params)
 
-    def call(inputs: Tensor) -> Tensor:
-        return functional_call(model, full, (inputs,), strict=False)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return functional_call(model, full, args, kwargs, strict=False)
 
     return call
 
@@ -43,18 +75,16 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def prepare_batch(
-    batch: tuple[Tensor, Tensor], like: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Move a batch to the parameters' device; floating inputs take their dtype."""
+def _to_like(t: Tensor, like: Tensor) -> Tensor:
+    t = t.to(like.device, like.dtype) if t.is_floating_point() else t.to(like.device)
+    return t.contiguous()  # some models .view() their inputs
+
+
+def prepare_batch(batch: tuple[Inputs, Tensor], like: Tensor) -> tuple[Inputs, Tensor]:
+    """Move a batch (every tensor of its inputs) to the parameters' device; floating
+    tensors take their dtype."""
     inputs, targets = batch
-    inputs = inputs.to(like.device)
-    if inputs.is_floating_point():
-        inputs = inputs.to(like.dtype)
-    targets = targets.to(like.device)
-    if targets.is_floating_point():
-        targets = targets.to(like.dtype)
-    return inputs, targets
+    return map_inputs(lambda t: _to_like(t, like), inputs), _to_like(targets, like)
 
 
 def detached(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:

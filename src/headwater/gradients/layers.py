@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch.func import grad, vmap
+from torch.func import grad
 
 from headwater.gradients.flat import ParamLayout
-from headwater.data import DataLike, iter_batches
-from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.data import DataLike, Inputs, iter_batches, one_example, take
+from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
 from headwater.gradients.per_example import output_pullbacks
 
 __all__ = ["DIAGONAL", "Block", "Capture", "DiagonalPart", "capture", "find_blocks", "from_blocks",
@@ -191,7 +191,7 @@ def _batched(model: nn.Module, task: Any, params: dict[str, Tensor], candidates:
     dimension of every input and output."""
     ref = next(iter(params.values()))
     x, y = prepare_batch(next(iter_batches(data, 3, "train")), ref)
-    sizes = [s for s in (3, 2) if s <= x.shape[0]] or [x.shape[0]]
+    sizes = [s for s in (3, 2) if s <= y.shape[0]] or [y.shape[0]]
     ok = set(candidates)
     for size in sizes:
         seen: dict[str, bool] = {}
@@ -206,7 +206,7 @@ def _batched(model: nn.Module, task: Any, params: dict[str, Tensor], candidates:
         handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
         try:
             with torch.no_grad(), evaluation_mode(model):
-                task.output(bind(model, detached(params)), x[:size])
+                task.output(bind(model, detached(params)), take(x, slice(0, size)))
         finally:
             for handle in handles:
                 handle.remove()
@@ -334,23 +334,23 @@ class DiagonalPart:
         self.model, self.task = model, task
         self.params = {} if self.block is None else {n: params[n].detach() for n in self.block.params}
 
-    def pullback(self, inputs: Tensor, cotangents: Tensor) -> dict[str, Tensor]:
+    def pullback(self, inputs: Inputs, cotangents: Tensor) -> dict[str, Tensor]:
         """``{DIAGONAL: J_iᵀ c_k [K, B, 1, P_d]}`` for cotangents ``c [K, B, *output]``."""
         if self.block is None:
             return {}
         fn = output_pullbacks(self.model, self.task, self.params)
         return {DIAGONAL: torch.stack([fn(inputs, c) for c in cotangents]).unsqueeze(2)}
 
-    def gradients(self, batch: tuple[Tensor, Tensor], value_fn: Callable) -> dict[str, Tensor]:
+    def gradients(self, batch: tuple[Inputs, Tensor], value_fn: Callable) -> dict[str, Tensor]:
         """``{DIAGONAL: ∇ value_fn(z_i) [B, 1, P_d]}`` for a per-example ``value_fn(model, batch)``."""
         if self.block is None:
             return {}
         model, layout = self.model, ParamLayout.of(self.params)
 
-        def single(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            return value_fn(bind(model, p), (x.unsqueeze(0), y.unsqueeze(0))).sum()
+        def single(p: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
+            return value_fn(bind(model, p), (one_example(x), y.unsqueeze(0))).sum()
 
-        grads = vmap(grad(single), in_dims=(None, 0, 0))(self.params, *batch)
+        grads = vmap_examples(grad(single), in_dims=(None, 0, 0))(self.params, *batch)
         return {DIAGONAL: layout.flatten(grads, batch_dims=1).unsqueeze(1)}
 
     def activations(self, batch_size: int, like: Tensor) -> dict[str, Tensor]:

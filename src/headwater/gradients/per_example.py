@@ -12,11 +12,11 @@ from enum import Enum
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad
 
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.data import DataLike, Inputs, describe, iter_batches, num_examples, one_example
 from headwater.gradients.flat import ParamLayout
-from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
@@ -34,7 +34,7 @@ def _value_fn(task: Task, objective: Objective):
     return task.train_loss if objective is Objective.TRAIN else task.measurement
 
 
-def check_batch(model: nn.Module, task: Task, batch: tuple[Tensor, Tensor], name: str,
+def check_batch(model: nn.Module, task: Task, batch: tuple[Inputs, Tensor], name: str,
                 objective: Objective = Objective.TRAIN, offset: int = 0) -> Tensor:
     """Evaluate ``task`` on ``batch`` with a readable error when it does not fit.
 
@@ -47,14 +47,14 @@ def check_batch(model: nn.Module, task: Task, batch: tuple[Tensor, Tensor], name
     params = task.parameters(model)
     fn = bind(model, detached(params))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model):  # never a train-mode forward (BatchNorm statistics)
             values = _value_fn(task, objective)(fn, batch)
     except (RuntimeError, IndexError) as err:
         raise ValueError(
-            f"{name}: inputs of shape {tuple(batch[0].shape)} / targets of shape "
+            f"{name}: inputs of {describe(batch[0])} / targets of shape "
             f"{tuple(batch[1].shape)} do not fit the model or task: {err}"
         ) from err
-    check_values(values, batch[0].shape[0], name, offset)
+    check_values(values, batch[1].shape[0], name, offset)
     return values
 
 
@@ -102,12 +102,12 @@ def per_example_gradients(
     value_fn = _value_fn(task, objective)
     total = num_examples(data, name)
 
-    def single(p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        value = value_fn(bind(model, p), (x.unsqueeze(0), y.unsqueeze(0)))
+    def single(p: dict[str, Tensor], x: Inputs, y: Tensor) -> tuple[Tensor, Tensor]:
+        value = value_fn(bind(model, p), (one_example(x), y.unsqueeze(0)))
         total = value.sum()
         return total, total.detach()
 
-    per_example = vmap(grad(single, has_aux=True), in_dims=(None, 0, 0))
+    per_example = vmap_examples(grad(single, has_aux=True), in_dims=(None, 0, 0))
     done = 0
     with evaluation_mode(model):
         for batch in iter_batches(data, chunk_size, name):
@@ -118,8 +118,8 @@ def per_example_gradients(
                 grads, values = per_example(params, x, y)
             except RuntimeError as err:
                 raise ValueError(f"{name}: could not differentiate the model on this data: {err}") from err
-            check_values(values, x.shape[0], name, done)
-            done += x.shape[0]
+            check_values(values, y.shape[0], name, done)
+            done += y.shape[0]
             report(progress, f"gradients ({name})", done, total)
             yield layout.flatten(grads, batch_dims=1)
 
@@ -134,8 +134,8 @@ def output_pullbacks(model: nn.Module, task: Task, params: dict[str, Tensor]) ->
     of ``⟨f(x_i), c_i⟩`` in the (detached) analysed ``params``, flat, vectorised over examples."""
     layout = ParamLayout.of(params)
 
-    def contracted(p: dict[str, Tensor], xi: Tensor, ci: Tensor) -> Tensor:
-        return (task.output(bind(model, p), xi.unsqueeze(0)).reshape(-1) * ci.reshape(-1)).sum()
+    def contracted(p: dict[str, Tensor], xi: Inputs, ci: Tensor) -> Tensor:
+        return (task.output(bind(model, p), one_example(xi)).reshape(-1) * ci.reshape(-1)).sum()
 
-    per_example = vmap(grad(contracted), in_dims=(None, 0, 0))
+    per_example = vmap_examples(grad(contracted), in_dims=(None, 0, 0))
     return lambda x, c: layout.flatten(per_example(params, x, c), batch_dims=1)

@@ -12,29 +12,17 @@ removing training example ``i`` changes query ``q``'s measurement by about
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor
 
 from headwater.data import DataLike
+from headwater.methods.scoring import Scores, check_top_k, top_k_of
 
-__all__ = ["Estimator", "check_top_k", "top_k_of"]
-
-
-def check_top_k(k: Any, n_train: int | None = None) -> int:
-    """Validate a ``top_k``: a positive integer, at most ``n_train`` when given."""
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
-    if n_train is not None and k > n_train:
-        raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
-    return k
+__all__ = ["Estimator", "check_top_k", "top_k_of"]  # the checks live in scoring, beside the loop
 
 
-def top_k_of(values: Tensor, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
-    """``(values, indices)`` ``[n_query, k]`` of the ``k`` largest (smallest) of a full score matrix."""
-    check_top_k(k, values.shape[1])
-    top = values.topk(k, dim=1, largest=largest)
-    return top.values, top.indices
+_Self = TypeVar("_Self", bound="Estimator")
 
 
 class Estimator(ABC):
@@ -48,7 +36,7 @@ class Estimator(ABC):
     method: ClassVar[str]
     """The name ``headwater.influence(method=...)`` knows it by."""
 
-    def fit(self, train: DataLike) -> Self:
+    def fit(self: _Self, train: DataLike) -> _Self:
         """Prepare what depends on the training data only; returns ``self``."""
         return self
 
@@ -70,12 +58,21 @@ class Estimator(ABC):
     def settings(self) -> dict[str, Any]:
         """Everything needed to reproduce the scores (JSON-friendly)."""
 
+    def extremes(self, query: DataLike, train: DataLike, k: int) -> tuple[tuple[Tensor, Tensor], ...]:
+        """The proponents (``k`` largest scores) and the opponents (``k`` smallest), each
+        ``(values, indices)`` ``[n_query, k]``; by default from the full matrix (estimators
+        that stream override this with one pass)."""
+        values = self.scores(query, train)
+        return top_k_of(values, k), top_k_of(values, k, largest=False)
+
     def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(values, indices, self_influence)``: :meth:`scores` (``indices`` ``None``) or,
-        with ``top_k``, :meth:`top_k`; with ``self_influence``, also :meth:`self_influence`
-        (estimators that can take both from one pass over the training data override this)."""
+                  self_influence: bool = False) -> Scores:
+        """:meth:`scores` or, with ``top_k``, the proponents and opponents (:meth:`extremes`);
+        with ``self_influence``, also :meth:`self_influence`; as a
+        :class:`~headwater.methods.scoring.Scores` without settings (estimators that can take
+        both from one pass over the training data override this)."""
         si = self.self_influence(train) if self_influence else None
         if top_k is None:
-            return self.scores(query, train), None, si
-        return (*self.top_k(query, train, top_k), si)
+            return Scores(self.scores(query, train), self_influence=si)
+        (values, indices), (low, low_indices) = self.extremes(query, train, check_top_k(top_k))
+        return Scores(values, indices, si, opponent_values=low, opponent_indices=low_indices)

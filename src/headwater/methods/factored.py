@@ -96,10 +96,10 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
             live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             with capture(model, blocks) as cap:
                 values = value_fn(bind(model, live), (x, y))
-            check_values(values, x.shape[0], name, done)
+            check_values(values, y.shape[0], name, done)
             signals = {**cap.signals(values.sum()), **diagonal.gradients((x, y), value_fn)}
-            acts = {**cap.activations(), **diagonal.activations(x.shape[0], values)}
-            done += x.shape[0]
+            acts = {**cap.activations(), **diagonal.activations(y.shape[0], values)}
+            done += y.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
 
 from headwater.curvature.base import Curvature
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.data import DataLike, as_tensors, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.factored import check_block_curvature, preconditioned_blocks, train_blocks
 from headwater.methods.layer_products import layer_blocks
-from headwater.methods.scoring import FeatureLike, pairwise, sharded_top_k
+from headwater.methods.scoring import FeatureLike, Scores, pairwise, sharded_extremes
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import cached, fingerprint
 from headwater.task import Task
@@ -36,10 +38,9 @@ def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]
     too), the number of training examples and their contents: all of them for an
     ``(inputs, targets)`` pair of tensors, the first :data:`CONTEXT_EXAMPLES` of a
     Dataset or DataLoader (so a change past those is not noticed)."""
-    if isinstance(train, tuple | list):
-        data = fingerprint(*map(torch.as_tensor, train))
-    else:
-        data = fingerprint(*map(torch.as_tensor, next(iter_batches(train, CONTEXT_EXAMPLES, "train"))))
+    whole = isinstance(train, tuple | list | Mapping)
+    data = fingerprint(*tree_flatten(as_tensors(train, "train") if whole
+                                     else next(iter_batches(train, CONTEXT_EXAMPLES, "train")))[0])
     task_key = {k: v for k, v in task.to_dict().items() if k != "measurement"}  # fits never use it
     return {"task": task_key, "model": fingerprint(*model.state_dict().values()),
             "n_train": num_examples(train, "train"), "train": data}
@@ -172,45 +173,62 @@ class InfluenceFunction(Estimator):
         batched = self._by_query_batch(query, lambda batch: (self.scores(batch, train),))
         if batched is not None:
             return batched[0]
-        return self._score(query, train)[0]
+        return self._all(query, train)
 
     def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
+        return self._sides(query, train, k, (largest,))[0]
+
+    def extremes(self, query: DataLike, train: DataLike, k: int) -> tuple[tuple[Tensor, Tensor], ...]:
+        """The proponents (``k`` largest) and the opponents (``k`` smallest) from one pass."""
+        return self._sides(query, train, k, (True, False))
+
+    def _sides(self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...]
+               ) -> tuple[tuple[Tensor, Tensor], ...]:
         check_top_k(k)
-        batched = self._by_query_batch(query, lambda batch: self.top_k(batch, train, k, largest=largest))
+        batched = self._by_query_batch(
+            query, lambda batch: tuple(t for pair in self._sides(batch, train, k, sides) for t in pair))
         if batched is not None:
-            return batched
-        return self._score(query, train, k, largest=largest)
+            return tuple((batched[2 * s], batched[2 * s + 1]) for s in range(len(sides)))
+        return self._best(query, train, k, sides)
 
     def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(values, indices, self_influence)``: :meth:`scores` (``indices`` ``None``) or,
-        with ``top_k``, :meth:`top_k`; with ``self_influence``, also :meth:`self_influence`.
+                  self_influence: bool = False) -> Scores:
+        """As :meth:`Estimator.attribute <headwater.methods.estimator.Estimator.attribute>`.
 
-        Both come from one pass over the training gradients: each chunk is scored against
-        the queries and dotted with its own preconditioned gradient. The numbers are those
-        of the separate methods. Curvatures whose solve streams over the data (CG, LiSSA)
-        and several query batches (``query_batch``) make the passes separately."""
+        The scores (or the proponents and opponents) and the self-influence come from one
+        pass over the training gradients: each chunk is scored against the queries and
+        dotted with its own preconditioned gradient. The numbers are those of the separate
+        methods. Curvatures whose solve streams over the data (CG, LiSSA) and several query
+        batches (``query_batch``) make the passes separately."""
         fused = (self_influence and not self.curvature.solve_streams_data
                  and (self.query_batch is None or num_examples(query, "query") <= self.query_batch))
         if not fused:
             return super().attribute(query, train, top_k=top_k, self_influence=self_influence)
         ref = next(iter(self.task.parameters(self.model).values()))
         sink = [torch.empty(0, dtype=ref.dtype, device=ref.device)]  # this rank's self-influence
-        values, indices = self._score(query, train, top_k, self_sink=sink)
-        return values, indices, gather_columns(torch.cat(sink).unsqueeze(0))[0]
+        if top_k is None:
+            result = Scores(self._all(query, train, self_sink=sink))
+        else:
+            (values, indices), (low, low_indices) = self._best(query, train, top_k, (True, False), self_sink=sink)
+            result = Scores(values, indices, opponent_values=low, opponent_indices=low_indices)
+        return dataclasses.replace(result, self_influence=gather_columns(torch.cat(sink).unsqueeze(0))[0])
 
-    def _score(self, query: DataLike, train: DataLike, k: int | None = None, *, largest: bool = True,
-               self_sink: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
-        """The one tiled loop (:mod:`~headwater.methods.scoring`) over the curvature's features:
-        ``(scores, None)`` or, with ``k``, the streamed top-k ``(values, indices)``."""
+    def _all(self, query: DataLike, train: DataLike, *, self_sink: list[Tensor] | None = None) -> Tensor:
+        """The one tiled loop (:mod:`~headwater.methods.scoring`) over the curvature's
+        features: every score ``[n_query, n_train]``."""
+        left, chunks, _, n_local = self._features(query, train, self_sink)
+        return gather_columns(pairwise(left, chunks, n_local, query_chunk=self.query_chunk))
+
+    def _best(self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...], *,
+              self_sink: list[Tensor] | None = None) -> tuple[tuple[Tensor, Tensor], ...]:
+        """The same loop, streamed: for each side (``True``: the ``k`` largest scores,
+        ``False``: the ``k`` smallest) ``(values, indices)``, each ``[n_query, k]``."""
         left, chunks, start, n_local = self._features(query, train, self_sink)
-        if k is None:
-            return gather_columns(pairwise(left, chunks, n_local, query_chunk=self.query_chunk)), None
-        return sharded_top_k(left, chunks, k, n_train=num_examples(train, "train"), start=start,
-                             n_local=n_local, largest=largest, query_chunk=self.query_chunk)
+        return tuple(sharded_extremes(left, chunks, k, n_train=num_examples(train, "train"), start=start,
+                                      n_local=n_local, sides=sides, query_chunk=self.query_chunk))
 
     def _features(self, query: DataLike, train: DataLike, self_sink: list[Tensor] | None
                   ) -> tuple[FeatureLike, Iterable[FeatureLike], int, int]:

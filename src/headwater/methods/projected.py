@@ -38,7 +38,7 @@ from headwater import store as store_mod
 from headwater.curvature.base import check_damping, default_damping
 from headwater.curvature.kfac import GGNEstimator, output_cotangents
 from headwater.curvature.operators import MatrixKind
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.data import DataLike, iter_batches, num_examples, take
 from headwater.distributed import (
     all_reduce_sum_,
     gather_columns,
@@ -59,7 +59,7 @@ from headwater.gradients.per_example import (
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.estimator import Estimator
 from headwater.methods.influence import fit_context
-from headwater.methods.scoring import pairwise, sharded_top_k
+from headwater.methods.scoring import pairwise, sharded_extremes
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import cached
 from headwater.store.rows import RowStore
@@ -141,10 +141,10 @@ class _KroneckerFeatures:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad(), capture(self.model, self.blocks) as cap:
             values = value_fn(bind(self.model, live), (x, y))
-        check_values(values, x.shape[0], name)
+        check_values(values, y.shape[0], name)
         with torch.enable_grad():
             signals = {**cap.signals(values.sum()), **self.diagonal.gradients((x, y), value_fn)}
-        return self._project(signals, {**cap.activations(), **self.diagonal.activations(x.shape[0], values)})
+        return self._project(signals, {**cap.activations(), **self.diagonal.activations(y.shape[0], values)})
 
     def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -153,7 +153,7 @@ class _KroneckerFeatures:
         weight, cotangents = cotangents_of(out)
         with torch.enable_grad():
             signals = {**cap.pullback(out, cotangents), **self.diagonal.pullback(x, cotangents)}
-        acts = {**cap.activations(), **self.diagonal.activations(x.shape[0], out)}
+        acts = {**cap.activations(), **self.diagonal.activations(out.shape[0], out)}
         return weight, list(self._project(signals, acts))
 
 
@@ -305,13 +305,14 @@ class ProjectedInfluence(Estimator):
         out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)]
         done = 0
         for batch in local_batches(train, self.chunk_size, "train"):
-            size = batch[0].shape[0] if isinstance(batch[0], Tensor) else len(batch[1])
+            size = batch[1].shape[0]
             skip = 0 if rows is None else max(0, min(size, rows.rows_done - done))
             if skip < size:
                 if done == 0:
                     check_batch(self.model, self.task, batch, "train")
                 with evaluation_mode(self.model):
-                    phi = self._featurizer.features((batch[0][skip:], batch[1][skip:]), Objective.TRAIN, "train")
+                    phi = self._featurizer.features((take(batch[0], slice(skip, None)), batch[1][skip:]),
+                                                    Objective.TRAIN, "train")
                 if rows is None:
                     out.append(phi)
                 else:
@@ -352,7 +353,7 @@ class ProjectedInfluence(Estimator):
                 weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
                 psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
                 total.add_(psi.T @ psi, alpha=weight)  # in place, float64 sum
-                done += x.shape[0]
+                done += y.shape[0]
                 report(self.progress, "projected GGN", done, self._n_local)
         return total
 
@@ -383,10 +384,16 @@ class ProjectedInfluence(Estimator):
     def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
               ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
+        return self.extremes(query, train, k, sides=(largest,))[0]
+
+    def extremes(self, query: DataLike, train: DataLike | None, k: int, *,
+                 sides: tuple[bool, ...] = (True, False)) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`top_k` for several sides (default: proponents and opponents) in one pass."""
         left = self.preconditioned_queries(query)
         self._check_train(train)
-        return sharded_top_k(left, self._feature_chunks(self._features), k, n_train=self._n, start=self._start,
-                             n_local=self._features.shape[0], largest=largest, query_chunk=self.query_chunk)
+        return sharded_extremes(left, self._feature_chunks(self._features), k, n_train=self._n,
+                                start=self._start, n_local=self._features.shape[0], sides=sides,
+                                query_chunk=self.query_chunk)
 
     def self_influence(self, train: DataLike | None = None) -> Tensor:
         """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""

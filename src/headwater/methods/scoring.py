@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from headwater.distributed import gather_columns, world
-from headwater.methods.estimator import check_top_k
 
-__all__ = ["FeatureLike", "Features", "Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_top_k"]
+__all__ = ["FeatureLike", "Features", "Scores", "check_top_k", "gather_top_k", "pairwise", "pairwise_top_k",
+           "sharded_extremes", "sharded_top_k", "top_k_of"]
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,39 @@ class Scores:
     """Attribution scores.
 
     Attributes:
-        values: ``[n_query, n_train]``, or ``[n_query, k]`` with ``indices`` when top-k.
+        values: ``[n_query, n_train]``, or with ``top_k`` the ``k`` largest scores per query
+            ``[n_query, k]`` (proponents, most helpful first).
         indices: training indices ``[n_query, k]`` of a top-k result, else ``None``.
         self_influence: ``[n_train]`` where computed, else ``None``.
         settings: everything needed to reproduce the result.
+        opponent_values: with ``top_k``, the ``k`` smallest scores per query ``[n_query, k]``
+            (opponents, most harmful first), else ``None``.
+        opponent_indices: their training indices ``[n_query, k]``, else ``None``.
     """
 
     values: Tensor
     indices: Tensor | None = None
     self_influence: Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    opponent_values: Tensor | None = None
+    opponent_indices: Tensor | None = None
+
+
+def check_top_k(k: Any, n_train: int | None = None) -> int:
+    """Validate a ``top_k``: a positive integer, at most ``n_train`` when given."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
+    if n_train is not None and k > n_train:
+        raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
+    return k
+
+
+def top_k_of(values: Tensor, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` ``[n_query, k]`` of the ``k`` largest (smallest) of a full score matrix."""
+    check_top_k(k, values.shape[1])
+    top = values.topk(k, dim=1, largest=largest)
+    return top.values, top.indices
+
 
 
 class Features(ABC):
@@ -107,24 +130,30 @@ def _empty_scores(left: FeatureLike, n_train: int) -> Tensor:
 def pairwise_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, largest: bool = True,
                    query_chunk: int = 256) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (or smallest) scores per query, streamed: ``(values, indices)``, ``[n_query, k]``."""
+    return _streamed_best(left, train_grads, k, (largest,), query_chunk)[0]
+
+
+def _streamed_best(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, sides: tuple[bool, ...],
+                   query_chunk: int) -> list[tuple[Tensor, Tensor]]:
+    """For each side (``True``: largest, ``False``: smallest), the best ``k`` scores per query
+    and their training indices, from one pass over ``train_grads``."""
     check_top_k(k)
-    best_v = best_i = None
+    best: list[tuple[Tensor, Tensor]] | None = None
     col = 0
     for chunk in train_grads:
         tile = torch.cat([t for _, t in _tiles(left, chunk, query_chunk)])
-        if best_v is None:
-            best_v = tile.new_empty(len(left), 0)
-            best_i = torch.empty(len(left), 0, dtype=torch.long, device=tile.device)
+        if best is None:
+            best = [(tile.new_empty(len(left), 0), torch.empty(len(left), 0, dtype=torch.long, device=tile.device))
+                    for _ in sides]
         idx = torch.arange(col, col + len(chunk), device=tile.device).expand(len(left), -1)
-        cand_v = torch.cat([best_v, tile], dim=1)
-        cand_i = torch.cat([best_i, idx], dim=1)
-        keep = min(k, cand_v.shape[1])
-        best_v, pos = cand_v.topk(keep, dim=1, largest=largest, sorted=True)
-        best_i = cand_i.gather(1, pos)
+        for s, largest in enumerate(sides):
+            cand_v, cand_i = torch.cat([best[s][0], tile], dim=1), torch.cat([best[s][1], idx], dim=1)
+            values, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1, largest=largest, sorted=True)
+            best[s] = (values, cand_i.gather(1, pos))
         col += len(chunk)
     if col < k:
         raise ValueError(f"top_k: asked for {k} but there are only {col} training examples")
-    return best_v, best_i
+    return best
 
 
 def sharded_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, n_train: int, start: int,
@@ -132,15 +161,23 @@ def sharded_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int,
     """:func:`pairwise_top_k` over this rank's ``n_local`` training rows (global indices from
     ``start``), merged across ranks by :func:`gather_top_k` (collective; an empty shard
     takes part with no candidates). ``n_train`` is the global count, checked against ``k``."""
+    return sharded_extremes(left, train_grads, k, n_train=n_train, start=start, n_local=n_local,
+                            sides=(largest,), query_chunk=query_chunk)[0]
+
+
+def sharded_extremes(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, n_train: int, start: int,
+                     n_local: int, sides: tuple[bool, ...] = (True, False), query_chunk: int = 256
+                     ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`sharded_top_k` for several sides at once (default: the ``k`` largest scores,
+    proponents, and the ``k`` smallest, opponents) from one pass over the training features."""
     check_top_k(k, n_train)
     if n_local == 0:
         values = _empty_scores(left, 0)
-        indices = torch.empty(len(left), 0, dtype=torch.long, device=values.device)
+        found = [(values, torch.empty(len(left), 0, dtype=torch.long, device=values.device)) for _ in sides]
     else:
-        values, indices = pairwise_top_k(left, train_grads, min(k, n_local), largest=largest,
-                                         query_chunk=query_chunk)
-        indices = indices + start  # global training indices
-    return gather_top_k(values, indices, k, largest=largest)
+        found = [(v, i + start) for v, i in  # global training indices
+                 _streamed_best(left, train_grads, min(k, n_local), sides, query_chunk)]
+    return [gather_top_k(v, i, k, largest=largest) for (v, i), largest in zip(found, sides, strict=True)]
 
 
 def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True

@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Self
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +186,9 @@ def _positive(name: str, value: object) -> float:
     return float(value)
 
 
+_Self = TypeVar("_Self", bound="LinearizedLaplace")
+
+
 class LinearizedLaplace:
     """Linearised Laplace posterior, predictive and evidence (see the module docstring).
 
@@ -259,7 +262,7 @@ class LinearizedLaplace:
         self.state: LaplaceState | None = None
 
     # -- fitting -------------------------------------------------------------------
-    def fit(self, train: DataLike, *, progress: ProgressFn | None = None) -> Self:
+    def fit(self: _Self, train: DataLike, *, progress: ProgressFn | None = None) -> _Self:
         """Fit the curvature (if needed) and the prior-independent sums on ``train``."""
         n = num_examples(train, "train")
         theta, layout = flat_parameters(self.model, self.task)
@@ -460,8 +463,8 @@ class LinearizedLaplace:
         return self._solve(parts, torch.eye(p, dtype=torch.float64, device=self.state.theta.device))
 
     def optimize_prior(
-        self, *, optimize_noise: bool = False, max_iter: int = 100, tol: float = 1e-9
-    ) -> Self:
+        self: _Self, *, optimize_noise: bool = False, max_iter: int = 100, tol: float = 1e-9
+    ) -> _Self:
         """Set ``δ`` (and ``σ²`` with ``optimize_noise``) to maximise the log evidence.
 
         Optimises ``log δ`` per group (and ``log σ²``) by L-BFGS on
