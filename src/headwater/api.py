@@ -15,7 +15,7 @@ from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.projected import ProjectedInfluence
-from headwater.methods.scoring import Scores
+from headwater.methods.scoring import Scores, check_scores
 from headwater.methods.tracin import Checkpoint, TracIn
 from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
@@ -147,14 +147,15 @@ def influence(
         estimator = Hydra(model, task, trajectory, progress=progress)
     settings = {**estimator.settings(), "top_k": top_k}
     if isinstance(estimator, InfluenceFunction):  # scores and self-influence from one training pass
-        return Scores(*estimator.attribute(query, train, top_k=top_k, self_influence=self_influence), settings)
+        values, indices, si = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
+        return check_scores(Scores(values, indices, si, settings))
     si = estimator.self_influence(train) if self_influence else None
     if top_k is not None and method == "influence":  # streamed: never holds n_query x n_train
-        return Scores(*estimator.top_k(query, train, top_k), si, settings)
+        return check_scores(Scores(*estimator.top_k(query, train, top_k), si, settings))
     values = estimator.scores(query, train)
     if top_k is not None:
         if top_k > values.shape[1]:
             raise ValueError(f"top_k: asked for {top_k} but there are only {values.shape[1]} training examples")
         top = values.topk(top_k, dim=1)
-        return Scores(top.values, top.indices, si, settings)
-    return Scores(values, None, si, settings)
+        return check_scores(Scores(top.values, top.indices, si, settings))
+    return check_scores(Scores(values, None, si, settings))

@@ -40,6 +40,7 @@ from headwater.curvature._matfree import (
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
 from headwater.data import DataLike, num_examples
+from headwater.errors import NumericalError
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -241,7 +242,7 @@ class LiSSA(StreamingCurvature):
         except RuntimeError as err:
             if self.batch_size is None or "diverged" not in str(err):
                 raise
-            raise RuntimeError(
+            raise NumericalError(
                 f"{err} (with batch_size={self.batch_size} a mini-batch's top eigenvalue can "
                 "exceed the full-data one: increase `scale` or `batch_size`)"
             ) from err

@@ -36,6 +36,7 @@ from headwater.curvature.kfac import KroneckerCurvature
 from headwater.curvature.kfac_blocks import Block, capture
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
+from headwater.errors import check_finite_rows
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch, check_values
@@ -93,6 +94,8 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
                 values = value_fn(bind(model, live), (x, y))
             check_values(values, x.shape[0], name, done)
             signals, acts = cap.signals(values.sum()), cap.activations()
+            check_finite_rows([*signals.values(), *acts.values()], what="layer gradient", name=name,
+                              offset=done)  # the per-example gradients are Σ_t s_t ã_tᵀ
             done += x.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}

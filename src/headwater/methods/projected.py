@@ -48,6 +48,7 @@ from headwater.distributed import (
     shard_range,
     world,
 )
+from headwater.errors import check_finite_rows
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import (
@@ -305,6 +306,7 @@ class ProjectedInfluence:
                     check_batch(self.model, self.task, batch, "train")
                 with evaluation_mode(self.model):
                     phi = self._featurizer.features((batch[0][skip:], batch[1][skip:]), Objective.TRAIN, "train")
+                check_finite_rows(phi, what="projected gradient", name="train", offset=self._start + done + skip)
                 if rows is None:
                     out.append(phi)
                 else:
@@ -361,6 +363,7 @@ class ProjectedInfluence:
         with evaluation_mode(self.model):
             phi = torch.cat([self._featurizer.features(batch, Objective.MEASUREMENT, "query")
                              for batch in iter_batches(query, self.chunk_size, "query")]).double()
+        check_finite_rows(phi, what="projected gradient", name="query")
         return torch.cholesky_solve(phi.T, self._chol).T.to(self.dtype)
 
     def scores(self, query: DataLike, train: DataLike | None = None) -> Tensor:

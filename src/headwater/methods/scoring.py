@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from headwater.distributed import gather_columns, world
+from headwater.errors import check_finite_rows
 
-__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_top_k"]
+__all__ = ["Scores", "check_scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_top_k"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class Scores:
     indices: Tensor | None = None
     self_influence: Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def check_scores(scores: Scores) -> Scores:
+    """``scores``, after checking that no value is NaN/inf (naming the training examples, or
+    the queries of a top-k result, where one is)."""
+    cause = "an overflow in the scores; try float64 or a larger damping"
+    if scores.indices is None:
+        check_finite_rows(scores.values.T, what="score", name="train", cause=cause)
+    else:
+        check_finite_rows(scores.values, what="top-k score", name="query", cause=cause)
+    if scores.self_influence is not None:
+        check_finite_rows(scores.self_influence.unsqueeze(1), what="self-influence", name="train", cause=cause)
+    return scores
 
 
 def _tiles(left: Tensor, chunk: Tensor, query_chunk: int) -> Iterable[tuple[slice, Tensor]]:
