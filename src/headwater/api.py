@@ -11,6 +11,7 @@ from torch import nn
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
+from headwater.errors import check_option_names
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
@@ -21,10 +22,21 @@ from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
 from headwater.train.sgd import Trajectory
 
-__all__ = ["METHODS", "influence"]
+__all__ = ["METHODS", "check_curvature_options", "influence"]
 
 METHODS = ("influence", "tracin", "hydra")
 """Estimators ``headwater.influence(method=...)`` accepts."""
+
+
+def check_curvature_options(curvature: str | None, options: dict[str, Any] | None, *, projected: bool) -> None:
+    """``ConfigError`` naming an option the curvature class (or, ``projected``, the projected
+    estimator) does not take, listing the valid ones; ``curvature`` is a known name."""
+    if projected:
+        reserved = ("model", "task", "projection", "kind", "damping", "chunk_size", "query_chunk", "progress")
+        check_option_names(ProjectedInfluence, options or {}, what="curvature_options", reserved=reserved)
+    else:
+        check_option_names(CURVATURES[curvature or "ekfac"], options or {}, what="curvature_options",
+                           reserved=("kind", "damping"))
 
 
 def influence(
@@ -49,6 +61,7 @@ def influence(
     renormalize: bool = False,
     progress: ProgressFn | None = None,
     store: str | os.PathLike | None = None,
+    read_only_store: bool = False,
 ) -> Scores:
     """Scores of every training example for every query.
 
@@ -90,7 +103,11 @@ def influence(
             curvature (with ``projection``: the projected training gradients, by chunk,
             and the projected curvature) is saved there, and a later call with the same
             settings, model and training data loads it instead of refitting; a store of
-            anything else raises ``headwater.store.StoreMismatchError``.
+            anything else raises ``headwater.store.StoreMismatchError``; a damaged store is
+            recomputed after one warning line (``Scores.settings["store"]`` says what was
+            loaded, resumed or recomputed).
+        read_only_store: with ``store``, raise ``headwater.errors.StoreError`` for a damaged
+            or missing store instead of recomputing it.
 
     Returns:
         :class:`~headwater.methods.scoring.Scores`.
@@ -119,11 +136,14 @@ def influence(
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets)
     if method == "influence" and projection is not None:
+        check_curvature_options(None, curvature_options, projected=True)
         options = dict(curvature_options or {})
         if store is not None:
             if options.get("store") not in (None, store):
                 raise ValueError("store: given twice (also in curvature_options) with different paths")
             options["store"] = store
+        if read_only_store:
+            options["read_only"] = True
         estimator: Any = ProjectedInfluence(model, task, projection, kind=kind, damping=damping,
                                             chunk_size=chunk_size, query_chunk=query_chunk, progress=progress,
                                             **options).fit(train)
@@ -131,9 +151,11 @@ def influence(
         curvature = "ekfac" if curvature is None else curvature
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
+        check_curvature_options(curvature, curvature_options, projected=False)
         curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
         estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
-                                      query_batch=query_batch, progress=progress).fit(train, store=store)
+                                      query_batch=query_batch, progress=progress,
+                                      ).fit(train, store=store, read_only=read_only_store)
     elif method == "tracin":
         if checkpoints is None:
             raise ValueError("checkpoints: method='tracin' needs the training checkpoints")

@@ -16,13 +16,15 @@ command line prints it and exits with status 2 (anything else is a bug: exit 1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["ConfigError", "HeadwaterError", "InputError", "NonFiniteError", "NumericalError", "StoreError",
-           "check_finite_rows"]
+           "check_finite_rows", "check_option_names"]
 
 _SHOWN = 5  # offending indices named in a message
 
@@ -93,3 +95,17 @@ def check_finite_rows(values: Tensor | Iterable[Tensor], *, what: str, name: str
     rows = [int(i) + offset for i in (~finite).nonzero()[:, 0].tolist()]
     raise NonFiniteError(f"{name}: the {what} of example{'s' if len(rows) > 1 else ''} {_indices(rows)} "
                          f"{'are' if len(rows) > 1 else 'is'} NaN/inf; likely cause: {cause}", tuple(rows))
+
+
+def check_option_names(target: Callable[..., Any], options: dict[str, Any], *, what: str,
+                       reserved: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` naming the first key of ``options`` that ``target`` (a class
+    or function) does not take as a keyword, or takes from another argument (``reserved``),
+    and listing the valid ones. ``what`` names the options (e.g. ``"curvature_options"``)."""
+    params = inspect.signature(target).parameters
+    valid = sorted(n for n, p in params.items() if n != "self" and n not in set(reserved)
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    for key in options:
+        if key not in valid:
+            owner = getattr(target, "__name__", str(target))
+            raise ConfigError(f"{what}: unknown option {key!r} for {owner}; valid: {', '.join(valid) or 'none'}")

@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 import headwater
 from headwater import store
+from headwater.api import check_curvature_options
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
+from headwater.errors import ConfigError
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "add_attribution_options",
     "best_curvature",
     "check_attribution_options",
+    "check_device",
     "known_methods",
     "parse_curvature_options",
     "parse_projection",
@@ -46,7 +49,7 @@ CONFIG_NAME = "config.json"
 _CURVATURE_PREFERENCE = ("ekfac", "kfac", "exact")
 
 
-class UserError(Exception):
+class UserError(ConfigError):
     """A mistake in the command line or the user's files: printed as one line, no traceback."""
 
 
@@ -206,7 +209,13 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         check_damping(args.damping)
     except (TypeError, ValueError) as err:
         raise UserError(f"--{err}") from err
-    parse_curvature_options(args.curvature_options)
+    options = parse_curvature_options(args.curvature_options)
+    if options and args.method != "influence":
+        raise UserError(f"--curvature-option: used by --method influence only, not {args.method}")
+    try:
+        check_curvature_options(args.curvature, options, projected=args.projection is not None)
+    except ConfigError as err:
+        raise UserError(f"--curvature-option: {str(err).partition(': ')[2]}") from err
     if args.top_k <= 0:
         raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
     if args.chunk_size <= 0:
@@ -218,10 +227,23 @@ def check_attribution_options(args: argparse.Namespace) -> None:
         if args.threads <= 0:
             raise UserError(f"--threads: must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
+    check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """``UserError`` unless this torch can allocate on ``device`` (a CUDA or MPS device it
+    was built without or cannot see included)."""
     try:
-        torch.empty(0, device=args.device)
+        dev = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise UserError(f"--device: cannot use device {args.device!r} ({str(err).splitlines()[0]})") from err
+        raise UserError(f"--device: not a torch device: {device!r} (e.g. cpu, cuda, cuda:1, mps)") from err
+    usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(dev.type, lambda: True)
+    if not usable():
+        raise UserError(f"--device: this torch {torch.__version__} has no usable {dev.type} device; use --device cpu")
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise UserError(f"--device: cannot use device {device!r} ({str(err).splitlines()[0]})") from err
 
 
 def parse_projection(spec: str | None, seed: int) -> RandomProjection | KroneckerProjection | None:
@@ -271,7 +293,7 @@ def prepare_output(path: str | os.PathLike | None) -> Path:
 
 # -- run configuration -----------------------------------------------------------------
 
-_NOT_SAVED = {"config", "func", "quiet", "verbose", "traceback", "distributed"}
+_NOT_SAVED = {"config", "func", "quiet", "verbose", "debug", "distributed"}
 
 
 def config_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from headwater import store
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, num_examples
-from headwater.errors import NonFiniteError, NumericalError
-from headwater.gradients.per_example import per_example_gradients
+from headwater.errors import NonFiniteError
 from headwater.gradients.flat import ParamLayout
+from headwater.gradients.per_example import per_example_gradients
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -64,8 +64,8 @@ def _finite_state(name: str, state: Any) -> Any:
     for field in dataclasses.fields(state):
         value = getattr(state, field.name)
         parts = value.values() if isinstance(value, dict) else [value]
-        if any(isinstance(t, Tensor) and not bool(t.isfinite().all())
-               or field.name == "damping" and isinstance(t, float) and not math.isfinite(t) for t in parts):
+        if any((isinstance(t, Tensor) and not bool(t.isfinite().all()))
+               or (field.name == "damping" and isinstance(t, float) and not math.isfinite(t)) for t in parts):
             raise NonFiniteError(f"curvature: the fitted {name} `{field.name}` holds NaN/inf")
     return state
 

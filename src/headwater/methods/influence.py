@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from headwater.curvature.base import Curvature
 from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
+from headwater.errors import StoreError
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.factored import factored_scores
@@ -24,6 +26,8 @@ from headwater.task import Task
 from headwater.train.ensemble import fingerprint
 
 __all__ = ["CONTEXT_EXAMPLES", "InfluenceFunction", "fit_context"]
+
+log = logging.getLogger("headwater.store")
 
 
 CONTEXT_EXAMPLES = 256
@@ -91,6 +95,7 @@ class InfluenceFunction:
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         self.query_batch = query_batch
+        self.store_status: str | None = None  # what fit() did with its store, in one line
 
     def _by_query_batch(self, query: DataLike, compute) -> tuple[Tensor, ...] | None:
         """``compute(batch)`` (a tuple of ``[rows, ...]`` tensors) for each batch of
@@ -110,7 +115,8 @@ class InfluenceFunction:
             row += parts[0].shape[0]
         return tuple(out)
 
-    def fit(self, train: DataLike, *, store: str | os.PathLike | None = None) -> InfluenceFunction:
+    def fit(self, train: DataLike, *, store: str | os.PathLike | None = None,
+            read_only: bool = False) -> InfluenceFunction:
         """Fit the curvature on the training data.
 
         With ``store`` (a base path), a curvature fitted earlier with the same settings,
@@ -119,18 +125,32 @@ class InfluenceFunction:
         it is fitted and saved there
         (by rank 0 under ``torch.distributed``; the ranks load only when every rank sees
         the store). A store fitted on anything else raises ``StoreMismatchError`` naming
-        what differs (see :func:`fit_context`)."""
+        what differs (see :func:`fit_context`); a damaged one (size or checksum) is
+        refitted after one warning line, or with ``read_only`` raises ``StoreError``
+        (as does a missing one). :attr:`store_status` and :meth:`settings` say which."""
         if store is None:
             self.curvature.fit(self.model, self.task, train, progress=self.progress)
             return self
         context = fit_context(self.model, self.task, train)
+        self.store_status = f"curvature fitted and saved to {store}"
         if all_ranks(store_mod.exists(store)):  # ranks decide together: a fit is collective
             layout = ParamLayout.of(self.task.parameters(self.model))
-            store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
-            if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
-                self.curvature.bind(self.model, self.task, train)
-            report(self.progress, "curvature (loaded)", 1, 1)
-            return self
+            try:
+                store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
+            except store_mod.StoreDamagedError as err:
+                if read_only:
+                    raise
+                log.warning("%s; refitting it", err)
+                self.store_status = f"curvature refitted: {err}"
+            else:
+                if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
+                    self.curvature.bind(self.model, self.task, train)
+                report(self.progress, "curvature (loaded)", 1, 1)
+                self.store_status = f"curvature loaded from {store} (checksum verified)"
+                log.info("reusing the stored curvature: %s", store)
+                return self
+        elif read_only:
+            raise StoreError(f"store: no complete store at {store} to read (read_only=True)")
         self.curvature.fit(self.model, self.task, train, progress=self.progress)
         if world()[0] == 0:
             self.curvature.save(store, context=context)
@@ -268,4 +288,5 @@ class InfluenceFunction:
 
     def settings(self) -> dict[str, Any]:
         return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch}
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch,
+                **({"store": self.store_status} if self.store_status else {})}

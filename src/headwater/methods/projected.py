@@ -27,6 +27,7 @@ Both add ``Π (λ_wd I) Πᵀ`` for the task's weight decay.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ from headwater.store.rows import RowStore
 from headwater.task import Task
 
 __all__ = ["ProjectedInfluence"]
+
+log = logging.getLogger("headwater.store")
 
 
 class _FlatFeatures:
@@ -173,7 +176,9 @@ class ProjectedInfluence:
             only, see :func:`~headwater.methods.influence.fit_context`) and the
             projected curvature (``<store>-curvature``; also on ``kind`` and the
             estimator) are written there and reused by a later run that matches
-            (else ``StoreMismatchError`` naming what differs).
+            (else ``StoreMismatchError`` naming what differs). Damaged rows or a damaged
+            curvature are recomputed after one warning line.
+        read_only: raise ``StoreError`` for a damaged store instead of recomputing it.
         chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
         progress: optional ``progress(stage, done, total)`` callback.
     """
@@ -181,8 +186,8 @@ class ProjectedInfluence:
     def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | KroneckerProjection | int, *,
                  kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1, seed: int = 0,
-                 store: str | os.PathLike | None = None, chunk_size: int = 64, query_chunk: int = 256,
-                 progress: ProgressFn | None = None):
+                 store: str | os.PathLike | None = None, read_only: bool = False, chunk_size: int = 64,
+                 query_chunk: int = 256, progress: ProgressFn | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -201,7 +206,8 @@ class ProjectedInfluence:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
         self.model, self.task, self.projection = model, task, projection
         self.damping, self.mc_samples, self.seed = check_damping(damping), mc_samples, seed
-        self.store = None if store is None else Path(store)
+        self.store, self.read_only = None if store is None else Path(store), read_only
+        self.store_status: dict[str, str] = {}  # what fit() did with each store, one line each
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         params = detached(task.parameters(model))
         self.layout = ParamLayout.of(params)
@@ -218,7 +224,8 @@ class ProjectedInfluence:
         return {"method": "influence", "curvature": "projected", "projection": self._projection_settings(),
                 "kind": self.kind.value, "damping": self.damping, "fitted_damping": self.fitted_damping,
                 "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size,
+                **({"store": dict(self.store_status)} if self.store_status else {})}
 
     def _projection_settings(self) -> dict[str, Any]:
         return {"type": type(self.projection).__name__, **self.projection.settings()}
@@ -260,12 +267,8 @@ class ProjectedInfluence:
         features = self._train_features(train, row_key)
         curvature_path = self._path("curvature")
         # every rank loads, or every rank computes: the sum below is collective
-        if curvature_path is not None and all_ranks(store_mod.exists(curvature_path)):
-            mean = store_mod.on_every_rank(
-                lambda: store_mod.load(curvature_path, expect=self._curvature_key(row_key)), curvature_path)[0]["mean"]
-            mean = mean.to(self.device)
-            report(self.progress, "projected curvature (loaded)", 1, 1)
-        else:
+        mean = self._load_curvature(curvature_path, row_key)
+        if mean is None:
             total = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train)
             all_reduce_sum_(total)
             mean = total.div_(n)
@@ -287,15 +290,37 @@ class ProjectedInfluence:
         self._chol, self._features = chol, features
         return self
 
+    def _load_curvature(self, path: Path | None, row_key: dict[str, Any]) -> Tensor | None:
+        """The stored mean ``M`` (``[k, k]``), or ``None`` when there is none or it is damaged
+        (then recomputed; with ``read_only`` a damaged one raises)."""
+        if path is None or not all_ranks(store_mod.exists(path)):  # every rank loads, or every rank computes
+            return None
+        try:
+            mean = store_mod.on_every_rank(lambda: store_mod.load(path, expect=self._curvature_key(row_key)),
+                                           path)[0]["mean"]
+        except store_mod.StoreDamagedError as err:
+            if self.read_only:
+                raise
+            log.warning("%s; recomputing it", err)
+            self.store_status["curvature"] = f"recomputed: {err}"
+            return None
+        report(self.progress, "projected curvature (loaded)", 1, 1)
+        self.store_status["curvature"] = f"loaded from {path} (checksum verified)"
+        return mean.to(self.device)
+
     def _train_features(self, train: DataLike, key: dict[str, Any]) -> RowStore | Tensor:
         """This rank's projected training gradients ``[n_local, k]``, resuming a partial store."""
         rows, path, n_local = None, self._path("train"), self._n_local
         if path is not None:  # every rank opens (or is refused) together, empty shards too
             dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
             rows = store_mod.on_every_rank(
-                lambda: RowStore(path, (n_local, self.dim), dtype, key) if n_local > 0 else None, path)
-            if rows is not None and rows.complete:
-                return rows
+                lambda: RowStore(path, (n_local, self.dim), dtype, key, read_only=self.read_only)
+                if n_local > 0 else None, path)
+            if rows is not None:
+                self.store_status["train"] = rows.status
+                log.info("projected training gradients: %s", rows.status)
+                if rows.complete:
+                    return rows
         out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)]
         done = 0
         for batch in local_batches(train, self.chunk_size, "train"):
