@@ -13,7 +13,7 @@ from headwater.bars import as_progress
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.registry import METHODS, AttributionSettings, Inputs
-from headwater.methods.scoring import Scores
+from headwater.methods.scoring import Scores, check_scores
 from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
@@ -46,6 +46,7 @@ def influence(
     renormalize: bool = False,
     progress: bool | ProgressFn | None = True,
     store: str | os.PathLike | None = None,
+    read_only_store: bool = False,
 ) -> Scores:
     """Scores of every training example for every query.
 
@@ -96,7 +97,11 @@ def influence(
             curvature (with ``projection``: the projected training gradients, by chunk,
             and the projected curvature) is saved there, and a later call with the same
             settings, model and training data loads it instead of refitting; a store of
-            anything else raises ``headwater.store.StoreMismatchError``.
+            anything else raises ``headwater.store.StoreMismatchError``; a damaged store is
+            recomputed after one warning line (``Scores.settings["store"]`` says what was
+            loaded, resumed or recomputed).
+        read_only_store: with ``store``, raise ``headwater.errors.StoreError`` for a damaged
+            or missing store instead of recomputing it.
 
     Returns:
         :class:`~headwater.methods.scoring.Scores`.
@@ -109,7 +114,8 @@ def influence(
     settings = AttributionSettings(
         method=method, curvature=curvature, damping=damping, projection=projection, top_k=top_k, kind=kind,
         self_influence=self_influence, chunk_size=chunk_size, query_chunk=query_chunk, query_batch=query_batch,
-        curvature_options=curvature_options, renormalize=renormalize, store=store)
+        curvature_options=curvature_options, renormalize=renormalize, store=store,
+        read_only_store=read_only_store)
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets, encoder_decoder=bool(getattr(getattr(model, "config", None),
@@ -117,4 +123,4 @@ def influence(
     inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress))
     estimator = METHODS[method].build(model, task, settings, inputs, train)
     result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
-    return dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k})
+    return check_scores(dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k}))

@@ -200,7 +200,8 @@ def _bad_spec(tmp_path: Path) -> Path:
 USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
                "damaged store", "output is a file", "library error", "bad curvature option", "bad projection",
                "projection with cg", "plan without memory", "query batch with projection",
-               "distributed without torchrun"]
+               "distributed without torchrun", "cuda this torch lacks", "mps this torch lacks",
+               "unknown curvature option", "unknown projection option", "zero projection", "inf input"]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -225,7 +226,33 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "query batch with projection": ["demo", "--projection", "64", "--query-batch", "8", "-o", "x"],
         "distributed without torchrun": ["score", str(EXAMPLE), "--distributed", "-o", "x"],
         "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
+        # checked before the spec runs: the spec leaves a marker file when it is executed
+        "cuda this torch lacks": ["score", str(_marking_spec(tmp_path)), "--device", "cuda", "-o", "x"],
+        "mps this torch lacks": ["score", str(_marking_spec(tmp_path)), "--device", "mps", "-o", "x"],
+        "unknown curvature option": ["score", str(_marking_spec(tmp_path)), "--curvature", "arnoldi",
+                                     "--curvature-option", "rnak=3", "-o", "x"],
+        "unknown projection option": ["score", str(_marking_spec(tmp_path)), "--projection", "8",
+                                      "--curvature-option", "rank=3", "-o", "x"],
+        "zero projection": ["score", str(_marking_spec(tmp_path)), "--projection", "0x4", "-o", "x"],
+        "inf input": ["score", str(_marking_spec(tmp_path, bad="float('inf')")), "--curvature", "ekfac", "--quiet",
+                      "--no-report", "-o", str(tmp_path / "x")],
     }[case]
+
+
+def _marking_spec(tmp_path: Path, bad: str | None = None) -> Path:
+    """A valid spec that writes ``ran`` beside itself when executed (``bad``: a value put
+    into training input 3)."""
+    spec = tmp_path / "marking_spec.py"
+    spec.write_text(
+        "import pathlib, torch\n"
+        "pathlib.Path(__file__).with_name('ran').write_text('')\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))\n"
+        "train = (torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))\n"
+        "query = (torch.randn(3, 4, generator=g), torch.tensor([0, 1, 2]))\n"
+        + (f"train[0][3, 1] = {bad}\n" if bad else "")
+    )
+    return spec
 
 
 def _assert_one_line(stderr: str) -> None:
@@ -240,8 +267,34 @@ def test_user_errors_print_one_line(case, tmp_path, monkeypatch, capsys):
     """In process (fast): main() returns non-zero and writes one line to stderr."""
     monkeypatch.chdir(tmp_path)
     code = main(_error_args(case, tmp_path))
-    assert code != 0
-    _assert_one_line(capsys.readouterr().err)
+    assert code == 2
+    err = capsys.readouterr().err
+    _assert_one_line(err)
+    if "this torch lacks" in case or "option" in case or "projection" in case:
+        assert not (tmp_path / "ran").exists(), "validated only after the spec was executed"
+    if case == "unknown curvature option":
+        assert "'rnak'" in err and "rank" in err  # the unknown key and the valid ones
+    if case == "inf input":
+        assert "train: the" in err and "example 3" in err
+
+
+def test_a_bug_exits_1_with_a_note_above_the_traceback_and_debug_shows_user_errors(tmp_path, monkeypatch,
+                                                                                   capsys):
+    import headwater.cli.score as score
+
+    monkeypatch.chdir(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal invariant failed")
+
+    monkeypatch.setattr(score, "check_attribution_options", broken)
+    assert main(["score", "spec.py", "-o", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("headwater: this is a bug, please report it")
+    assert "Traceback" in err and "an internal invariant failed" in err
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="--method"):  # --debug: the user error's traceback
+        main(["demo", "--method", "no-such-method", "--debug", "-o", "x"])
 
 
 @pytest.mark.parametrize("case", ["missing spec", "library error"])

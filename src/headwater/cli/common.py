@@ -21,6 +21,7 @@ from tqdm import tqdm
 import headwater
 from headwater import store
 from headwater.bars import ProgressBars
+from headwater.errors import ConfigError
 from headwater.curvature import CURVATURES
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 
@@ -36,6 +37,7 @@ __all__ = [
     "attribution_settings",
     "best_curvature",
     "check_attribution_options",
+    "check_device",
     "known_methods",
     "parse_curvature_options",
     "parse_projection",
@@ -50,7 +52,7 @@ CONFIG_NAME = "config.json"
 _CURVATURE_PREFERENCE = ("ekfac", "kfac", "exact")
 
 
-class UserError(Exception):
+class UserError(ConfigError):
     """A mistake in the command line or the user's files: printed as one line, no traceback."""
 
 
@@ -154,6 +156,10 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     r.add_argument("--no-report", dest="report", action="store_false", help="do not write the HTML report")
 
 
+_FLAGS = {"curvature_options": "curvature-option"}
+"""Settings fields whose command-line flag is not the field's name with dashes."""
+
+
 def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike | None = None
                          ) -> AttributionSettings:
     """The validated :class:`~headwater.methods.registry.AttributionSettings` of the command
@@ -174,7 +180,8 @@ def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike |
             curvature_options=parse_curvature_options(args.curvature_options) or None)
     except (TypeError, ValueError) as err:
         field, sep, message = str(err).partition(": ")
-        raise UserError(f"--{field.replace('_', '-')}: {message}" if sep else str(err)) from err
+        flag = _FLAGS.get(field, field.replace("_", "-"))
+        raise UserError(f"--{flag}: {message}" if sep else str(err)) from err
 
 
 def check_attribution_options(args: argparse.Namespace) -> None:
@@ -258,7 +265,7 @@ def prepare_output(path: str | os.PathLike | None) -> Path:
 
 # -- run configuration -----------------------------------------------------------------
 
-_NOT_SAVED = {"config", "func", "quiet", "verbose", "traceback", "distributed"}
+_NOT_SAVED = {"config", "func", "quiet", "verbose", "debug", "distributed"}
 
 
 def config_args(args: argparse.Namespace) -> dict[str, Any]:

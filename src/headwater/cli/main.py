@@ -1,8 +1,9 @@
 """``headwater``: trace a model's predictions back to the training examples that caused them.
 
 Commands: ``demo``, ``score``, ``plan``, ``report``, ``bench``. Run ``headwater <command> --help``.
-Mistakes in the command line or the user's files print one line to stderr and exit
-with status 2 (``--traceback`` shows the full error instead).
+Mistakes in the command line or the user's files, bad data and damaged stores print one
+line to stderr and exit with status 2 (``--debug`` shows the full traceback instead);
+anything unexpected is a bug: a one-line note, the traceback and status 1.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -18,6 +20,8 @@ from headwater.version import __version__
 __all__ = ["build_parser", "main"]
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+_BUG_NOTE = "headwater: this is a bug, please report it with the traceback below (headwater {version})\n"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +39,7 @@ def _common_flags() -> argparse.ArgumentParser:
                    help="no progress bars or log messages (results are still printed)")
     g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="debug log messages")
-    g.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+    g.add_argument("--debug", "--traceback", dest="debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error instead of one line")
     return flags
 
@@ -64,7 +68,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         from headwater.cli import bench
 
         return argparse.Namespace(command="bench", bench_args=argv[1:], func=bench.run,
-                                  quiet=False, verbose=False, traceback=False)
+                                  quiet=False, verbose=False, debug=False)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -72,7 +76,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if getattr(args, "config", None):
         commands[args.command].set_defaults(**load_config_defaults(args.config, args.command))
         args = parser.parse_args(argv)
-    for name in ("quiet", "verbose", "traceback"):
+    for name in ("quiet", "verbose", "debug"):
         setattr(args, name, getattr(args, name, False))
     return args
 
@@ -83,11 +87,13 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``headwater`` console script; returns the exit status."""
-    from headwater.cli.common import UserError, setup_logging
+    """Entry point of the ``headwater`` console script; returns the exit status: 0, 2 for a
+    user's mistake (one line), 1 for a bug (note and traceback), 130 when interrupted."""
+    from headwater.cli.common import setup_logging
+    from headwater.errors import HeadwaterError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    show_traceback = "--traceback" in argv
+    debug = bool({"--debug", "--traceback"} & set(argv))
     try:
         args = _parse(argv)
         setup_logging(args.quiet, args.verbose)
@@ -95,13 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("headwater: interrupted\n")
         return 130
-    except (UserError, ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError,
-            IsADirectoryError) as err:
-        if show_traceback:
+    except (HeadwaterError, ValueError, TypeError, OSError) as err:  # OSError: a missing file, a full disk
+        if debug:
             raise
         logging.getLogger("headwater").debug("error", exc_info=True)
         sys.stderr.write(f"headwater: error: {_one_line(err)}\n")
         return EXIT_USER_ERROR
+    except Exception:
+        sys.stderr.write(_BUG_NOTE.format(version=__version__))
+        traceback.print_exc()
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from headwater.cli.common import (
     UserError,
     add_attribution_options,
     check_attribution_options,
+    check_device,
     prepare_output,
 )
 from headwater.cli.run import attribute, write_outputs
@@ -90,7 +91,7 @@ class Spec:
                 raise
             except Exception as err:
                 raise UserError(f"spec: {self.ref}: `{name}()` raised {type(err).__name__}: "
-                                f"{err} (rerun with --traceback)") from err
+                                f"{err} (rerun with --debug)") from err
         return value
 
 
@@ -110,17 +111,17 @@ def load_spec(ref: str) -> Spec:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as err:
-            raise UserError(f"spec: {ref} failed: {type(err).__name__}: {err} (rerun with --traceback)") from err
+            raise UserError(f"spec: {ref} failed: {type(err).__name__}: {err} (rerun with --debug)") from err
         return Spec(ref, module)
     try:
         module = importlib.import_module(ref)
     except ModuleNotFoundError as err:
         if err.name and ref.startswith(err.name):
             raise UserError(f"spec: no file or module named {ref!r}") from err
-        raise UserError(f"spec: importing {ref} failed: {err} (rerun with --traceback)") from err
+        raise UserError(f"spec: importing {ref} failed: {err} (rerun with --debug)") from err
     except Exception as err:
         raise UserError(f"spec: importing {ref} failed: {type(err).__name__}: {err} "
-                        "(rerun with --traceback)") from err
+                        "(rerun with --debug)") from err
     return Spec(ref, module)
 
 
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserError("--distributed: RANK/WORLD_SIZE are not set; start the command with torchrun "
                         "(e.g. torchrun --standalone --nproc_per_node=2 -m headwater score SPEC --distributed)")
+    check_device(args.device)
     cuda = args.device.startswith("cuda")
     if cuda:
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"

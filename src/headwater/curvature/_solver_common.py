@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from headwater.errors import NumericalError
+
 __all__ = ["BREAKDOWN_TOL", "DGKS", "LISSA_BLOWUP", "MatVec", "StepMatVec", "apply", "check_batch", "check_int",
            "check_real", "resolve", "start_vector"]
 
@@ -75,9 +77,9 @@ def apply(matvec: Callable[..., Tensor], V: Tensor, where: str, *extra: int) -> 
             f"`matvec` must map [K, P] to [K, P]: got {got} for input {tuple(V.shape)} ({where})"
         )
     if not torch.isfinite(out).all():
-        raise RuntimeError(
+        raise NumericalError(
             f"`matvec` returned NaN or inf ({where}): the operator is not finite; check the "
-            "model's loss and parameters for NaN/inf, or use a wider `dtype`"
+            "model's loss and parameters for NaN/inf, or use a wider `dtype`", non_finite=True
         )
     return out
 

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from headwater import store
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, num_examples
+from headwater.errors import NonFiniteError
 from headwater.gradients.flat import ParamLayout
+from headwater.gradients.per_example import per_example_gradients
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -97,6 +99,33 @@ class Memory:
 _Self = TypeVar("_Self", bound="Curvature")
 
 
+def _diagnose(model: nn.Module, task: Task, data: DataLike, chunk_size: int, err: Exception) -> None:
+    """After a failed fit: one pass over the per-example gradients, raising the error that
+    names a non-finite example; else, for a non-finite fit, a :class:`NonFiniteError`
+    saying so. Returns for other failures."""
+    for _ in per_example_gradients(model, task, data, chunk_size=chunk_size, name="train"):
+        pass
+    if isinstance(err, NonFiniteError | torch.linalg.LinAlgError) or getattr(err, "non_finite", False):
+        raise NonFiniteError(f"train: the fitted curvature is not finite ({' '.join(str(err).split())}) although "
+                             "every per-example gradient is; likely cause: extreme values in the training inputs "
+                             "(whose squares overflow) or in the model's parameters: rescale them or use float64"
+                             ) from err
+
+
+def _finite_state(name: str, state: Any) -> Any:
+    """``state``, after checking that its tensors and its damping are finite (other float
+    fields may hold NaN for "unknown")."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        parts = value.values() if isinstance(value, dict) else [value]
+        if any((isinstance(t, Tensor) and not bool(t.isfinite().all()))
+               or (field.name == "damping" and isinstance(t, float) and not math.isfinite(t)) for t in parts):
+            raise NonFiniteError(f"curvature: the fitted {name} `{field.name}` holds NaN/inf")
+    return state
+
+
 class Curvature(ABC):
     """An approximation of the curvature of the mean training objective.
 
@@ -150,7 +179,11 @@ class Curvature(ABC):
         """Fit to ``model`` on ``data``; returns ``self``. The model is left unchanged."""
         self.n_examples = num_examples(data, "train")
         self.layout = ParamLayout.of(task.parameters(model))
-        self.state = self._fit(model, task, data, progress)
+        try:
+            self.state = _finite_state(self.name, self._fit(model, task, data, progress))
+        except Exception as err:  # name the training examples behind a failed fit, if any
+            _diagnose(model, task, data, self.chunk_size, err)
+            raise
         return self
 
     @abstractmethod

@@ -39,6 +39,7 @@ from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
 from headwater.data import DataLike, num_examples, subset
+from headwater.errors import NumericalError
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -244,7 +245,7 @@ class LiSSA(StreamingCurvature):
         except RuntimeError as err:
             if self.batch_size is None or "diverged" not in str(err):
                 raise
-            raise RuntimeError(
+            raise NumericalError(
                 f"{err} (with batch_size={self.batch_size} a mini-batch's top eigenvalue can "
                 "exceed the full-data one: increase `scale` or `batch_size`)"
             ) from err

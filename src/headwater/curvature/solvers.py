@@ -47,6 +47,7 @@ from headwater.curvature.eigensolvers import (
     nystrom,
     nystrom_preconditioner,
 )
+from headwater.errors import NumericalError
 from headwater.progress import ProgressFn, report
 
 __all__ = [
@@ -205,7 +206,7 @@ def conjugate_gradient(
         rel[active] = R[active].norm(dim=1) / denom[active]
         iters[active] = it
         if not bool(torch.isfinite(rel).all()):
-            raise RuntimeError(
+            raise NumericalError(
                 f"CG produced NaN/inf at iteration {it}: the system is too ill-conditioned for "
                 f"{B.dtype}; increase `damping` (now {damping:g})"
             )
@@ -239,7 +240,7 @@ def _precondition(preconditioner: MatVec | None, R: Tensor) -> Tensor:
     if not isinstance(Z, Tensor) or Z.shape != R.shape:
         raise ValueError("`preconditioner` must map [K, P] to [K, P]")
     if not torch.isfinite(Z).all():
-        raise RuntimeError("`preconditioner` returned NaN or inf: check its `damping`")
+        raise NumericalError("`preconditioner` returned NaN or inf: check its `damping`")
     return Z
 
 
@@ -343,19 +344,19 @@ def lissa(
 
 def _lissa_divergence(
     X: Tensor, AX: Tensor, bad: Tensor, step: int, x_norm: Tensor, scale: float, damping: float
-) -> RuntimeError:
+) -> NumericalError:
     """Build the divergence error; the Rayleigh quotient estimates the culprit eigenvalue."""
     row = int(bad.nonzero()[0, 0])
     x, ax = X[row].double(), AX[row].double()
     curvature = (x @ ax / (x @ x)).item()  # eigenvalue of A + damping I along x
     size = f"|x| = {x_norm[row].item():.3g}"
     if curvature <= 0:
-        return RuntimeError(
+        return NumericalError(
             f"LiSSA diverged at step {step} ({size}): A + damping I has a negative eigenvalue "
             f"(~{curvature:.3g}); increase `damping` (now {damping:g}) above "
             f"{damping - curvature:.3g}, or use a positive semi-definite curvature such as the GGN"
         )
-    return RuntimeError(
+    return NumericalError(
         f"LiSSA diverged at step {step} ({size}): increase `scale` (now {scale:g}) above the "
         f"top eigenvalue of A + damping I (~{curvature:.3g})"
     )

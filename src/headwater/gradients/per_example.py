@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from headwater.data import DataLike, Inputs, describe, iter_batches, num_examples, one_example
+from headwater.errors import InputError, check_finite_rows
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
 from headwater.progress import ProgressFn, report
@@ -50,7 +51,7 @@ def check_batch(model: nn.Module, task: Task, batch: tuple[Inputs, Tensor], name
         with torch.no_grad(), evaluation_mode(model):  # never a train-mode forward (BatchNorm statistics)
             values = _value_fn(task, objective)(fn, batch)
     except (RuntimeError, IndexError) as err:
-        raise ValueError(
+        raise InputError(
             f"{name}: inputs of {describe(batch[0])} / targets of shape "
             f"{tuple(batch[1].shape)} do not fit the model or task: {err}"
         ) from err
@@ -61,14 +62,14 @@ def check_batch(model: nn.Module, task: Task, batch: tuple[Inputs, Tensor], name
 def check_values(values: Tensor, batch_size: int, name: str, offset: int = 0) -> None:
     """Raise ``ValueError`` naming ``name`` for a wrong shape or a NaN/inf value."""
     if values.shape != (batch_size,):
-        raise ValueError(
+        raise InputError(
             f"{name}: the task must return one value per example ([{batch_size}]), "
             f"got shape {tuple(values.shape)}"
         )
     bad = ~torch.isfinite(values)
     if bad.any():
         first = int(bad.nonzero()[0, 0]) + offset
-        raise ValueError(f"{name}: the loss/measurement of example {first} is {values[first - offset].item()} (NaN/inf)")
+        raise InputError(f"{name}: the loss/measurement of example {first} is {values[first - offset].item()} (NaN/inf)")
 
 
 def per_example_gradients(
@@ -117,11 +118,13 @@ def per_example_gradients(
             try:
                 grads, values = per_example(params, x, y)
             except RuntimeError as err:
-                raise ValueError(f"{name}: could not differentiate the model on this data: {err}") from err
+                raise InputError(f"{name}: could not differentiate the model on this data: {err}") from err
             check_values(values, y.shape[0], name, done)
+            flat = layout.flatten(grads, batch_dims=1)  # [B, P]
+            check_finite_rows(flat, what="gradient", name=name, offset=done)
             done += y.shape[0]
             report(progress, f"gradients ({name})", done, total)
-            yield layout.flatten(grads, batch_dims=1)
+            yield flat
 
 
 def stack_gradients(model: nn.Module, task: Task, data: DataLike, **kwargs) -> Tensor:

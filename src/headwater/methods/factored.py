@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
+from headwater.errors import check_finite_rows
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.layers import Block, DiagonalPart, capture
@@ -99,6 +100,8 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
             check_values(values, y.shape[0], name, done)
             signals = {**cap.signals(values.sum()), **diagonal.gradients((x, y), value_fn)}
             acts = {**cap.activations(), **diagonal.activations(y.shape[0], values)}
+            check_finite_rows([*signals.values(), *acts.values()], what="layer gradient", name=name,
+                              offset=done)  # the per-example gradients are Σ_t s_t ã_tᵀ
             done += y.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}

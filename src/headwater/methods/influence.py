@@ -27,6 +27,7 @@ from headwater.task import Task
 __all__ = ["CONTEXT_EXAMPLES", "InfluenceFunction", "fit_context"]
 
 
+
 CONTEXT_EXAMPLES = 256
 """Examples of a Dataset/DataLoader fingerprinted by :func:`fit_context` (pairs of tensors: all)."""
 
@@ -97,6 +98,7 @@ class InfluenceFunction(Estimator):
         self.query_batch = query_batch
         self.notes = dict(notes or {})
         self._blocks_complete: bool | None = None  # layer-wise gradients are whole (checked once)
+        self.store_status: str | None = None  # what fit() did with its store, in one line
 
     def _by_query_batch(self, query: DataLike, compute) -> tuple[Tensor, ...] | None:
         """``compute(batch)`` (a tuple of ``[rows, ...]`` tensors) for each batch of
@@ -116,7 +118,8 @@ class InfluenceFunction(Estimator):
             row += parts[0].shape[0]
         return tuple(out)
 
-    def fit(self, train: DataLike, *, store: str | os.PathLike | None = None) -> InfluenceFunction:
+    def fit(self, train: DataLike, *, store: str | os.PathLike | None = None,
+            read_only: bool = False) -> InfluenceFunction:
         """Fit the curvature on the training data.
 
         With ``store`` (a base path), a curvature fitted earlier with the same settings,
@@ -125,7 +128,9 @@ class InfluenceFunction(Estimator):
         it is fitted and saved there
         (by rank 0 under ``torch.distributed``; the ranks load only when every rank sees
         the store). A store fitted on anything else raises ``StoreMismatchError`` naming
-        what differs (see :func:`fit_context`)."""
+        what differs (see :func:`fit_context`); a damaged one (size or checksum) is
+        refitted after one warning line, or with ``read_only`` raises ``StoreError``
+        (as does a missing one). :attr:`store_status` and :meth:`settings` say which."""
         self._blocks_complete = None
         context = fit_context(self.model, self.task, train) if store is not None else None
 
@@ -135,8 +140,11 @@ class InfluenceFunction(Estimator):
                 self.curvature.bind(self.model, self.task, train)
             report(self.progress, "curvature (loaded)", 1, 1)
 
+        def note(what: str) -> None:
+            self.store_status = f"curvature {what}"
+
         cached(store, load, lambda: self.curvature.fit(self.model, self.task, train, progress=self.progress),
-               lambda _: self.curvature.save(store, context=context))
+               lambda _: self.curvature.save(store, context=context), read_only=read_only, note=note)
         return self
 
     def _grads(self, data: DataLike, objective: Objective, name: str):
@@ -296,4 +304,4 @@ class InfluenceFunction(Estimator):
     def settings(self) -> dict[str, Any]:
         return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,
                 "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch,
-                **self.notes}
+                **self.notes, **({"store": self.store_status} if self.store_status else {})}

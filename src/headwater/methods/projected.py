@@ -27,6 +27,7 @@ Both add ``Π (λ_wd I) Πᵀ`` for the task's weight decay.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from headwater.distributed import (
     shard_range,
     world,
 )
+from headwater.errors import check_finite_rows
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.layers import DiagonalPart, capture, find_blocks
@@ -66,6 +68,8 @@ from headwater.store.rows import RowStore
 from headwater.task import Task
 
 __all__ = ["ProjectedInfluence"]
+
+log = logging.getLogger("headwater.store")
 
 
 class _FlatFeatures:
@@ -175,7 +179,9 @@ class ProjectedInfluence(Estimator):
             only, see :func:`~headwater.methods.influence.fit_context`) and the
             projected curvature (``<store>-curvature``; also on ``kind`` and the
             estimator) are written there and reused by a later run that matches
-            (else ``StoreMismatchError`` naming what differs).
+            (else ``StoreMismatchError`` naming what differs). Damaged rows or a damaged
+            curvature are recomputed after one warning line.
+        read_only: raise ``StoreError`` for a damaged store instead of recomputing it.
         chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
         progress: optional ``progress(stage, done, total)`` callback.
     """
@@ -185,8 +191,8 @@ class ProjectedInfluence(Estimator):
     def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | KroneckerProjection | int, *,
                  kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1, seed: int = 0,
-                 store: str | os.PathLike | None = None, chunk_size: int = 64, query_chunk: int = 256,
-                 progress: ProgressFn | None = None):
+                 store: str | os.PathLike | None = None, read_only: bool = False, chunk_size: int = 64,
+                 query_chunk: int = 256, progress: ProgressFn | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -205,7 +211,8 @@ class ProjectedInfluence(Estimator):
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
         self.model, self.task, self.projection = model, task, projection
         self.damping, self.mc_samples, self.seed = check_damping(damping), mc_samples, seed
-        self.store = None if store is None else Path(store)
+        self.store, self.read_only = None if store is None else Path(store), read_only
+        self.store_status: dict[str, str] = {}  # what fit() did with each store, one line each
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         params = detached(task.parameters(model))
         self.layout = ParamLayout.of(params)
@@ -222,7 +229,8 @@ class ProjectedInfluence(Estimator):
         return {"method": "influence", "curvature": "projected", "projection": self._projection_settings(),
                 "kind": self.kind.value, "damping": self.damping, "fitted_damping": self.fitted_damping,
                 "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size,
+                **({"store": dict(self.store_status)} if self.store_status else {})}
 
     def _projection_settings(self) -> dict[str, Any]:
         return {"type": type(self.projection).__name__, **self.projection.settings()}
@@ -276,7 +284,8 @@ class ProjectedInfluence(Estimator):
             return {"mean": total.div_(n)}
 
         mean = cached(curvature_path, load, compute, lambda t: store_mod.save(curvature_path, t, key),
-                      per_rank=True)["mean"].to(self.device)
+                      per_rank=True, read_only=self.read_only,
+                      note=lambda what: self.store_status.__setitem__("curvature", what))["mean"].to(self.device)
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         matrix = mean  # already saved (if stored): free to modify
         gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
@@ -299,9 +308,13 @@ class ProjectedInfluence(Estimator):
         if path is not None:  # every rank opens (or is refused) together, empty shards too
             dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
             rows = store_mod.on_every_rank(
-                lambda: RowStore(path, (n_local, self.dim), dtype, key) if n_local > 0 else None, path)
-            if rows is not None and rows.complete:
-                return rows
+                lambda: RowStore(path, (n_local, self.dim), dtype, key, read_only=self.read_only)
+                if n_local > 0 else None, path)
+            if rows is not None:
+                self.store_status["train"] = rows.status
+                log.info("projected training gradients: %s", rows.status)
+                if rows.complete:
+                    return rows
         out: list[Tensor] = [torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)]
         done = 0
         for batch in local_batches(train, self.chunk_size, "train"):
@@ -313,6 +326,7 @@ class ProjectedInfluence(Estimator):
                 with evaluation_mode(self.model):
                     phi = self._featurizer.features((take(batch[0], slice(skip, None)), batch[1][skip:]),
                                                     Objective.TRAIN, "train")
+                check_finite_rows(phi, what="projected gradient", name="train", offset=self._start + done + skip)
                 if rows is None:
                     out.append(phi)
                 else:
@@ -369,6 +383,7 @@ class ProjectedInfluence(Estimator):
         with evaluation_mode(self.model):
             phi = torch.cat([self._featurizer.features(batch, Objective.MEASUREMENT, "query")
                              for batch in iter_batches(query, self.chunk_size, "query")]).double()
+        check_finite_rows(phi, what="projected gradient", name="query")
         return torch.cholesky_solve(phi.T, self._chol).T.to(self.dtype)
 
     def scores(self, query: DataLike, train: DataLike | None = None) -> Tensor:

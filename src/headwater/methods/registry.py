@@ -22,6 +22,7 @@ from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
+from headwater.errors import check_option_names
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.auto import choose_curvature
@@ -35,7 +36,7 @@ from headwater.task import Task
 from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
-__all__ = ["METHODS", "AttributionSettings", "Inputs", "MethodSpec"]
+__all__ = ["METHODS", "AttributionSettings", "Inputs", "MethodSpec", "check_curvature_options"]
 
 Projection = int | RandomProjection | KroneckerProjection
 
@@ -92,6 +93,7 @@ class AttributionSettings:
     curvature_options: dict[str, Any] | None = None
     renormalize: bool = False
     store: str | os.PathLike | None = None
+    read_only_store: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -133,8 +135,20 @@ class AttributionSettings:
 
 
 _OPTIONAL = ("curvature", "damping", "projection", "kind", "query_batch", "curvature_options",
-             "renormalize", "store")
+             "renormalize", "store", "read_only_store")
 """Settings only some methods read (the others are common to every method)."""
+
+
+def check_curvature_options(curvature: str | None, options: dict[str, Any] | None, *, projected: bool) -> None:
+    """``ConfigError`` naming an option the curvature class (or, ``projected``, the projected
+    estimator) does not take, listing the valid ones; ``curvature`` is a known name (``None``:
+    the automatic choice, whose options are EK-FAC's)."""
+    if projected:
+        reserved = ("model", "task", "projection", "kind", "damping", "chunk_size", "query_chunk", "progress")
+        check_option_names(ProjectedInfluence, options or {}, what="curvature_options", reserved=reserved)
+    else:
+        check_option_names(CURVATURES[curvature or "ekfac"], options or {}, what="curvature_options",
+                           reserved=("kind", "damping"))
 
 
 def _check_influence(s: AttributionSettings) -> None:
@@ -153,6 +167,7 @@ def _check_influence(s: AttributionSettings) -> None:
             raise ValueError("store: given twice (also in curvature_options) with different paths")
     elif s.curvature is not None and s.curvature not in CURVATURES:
         raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {s.curvature!r}")
+    check_curvature_options(s.curvature, s.curvature_options, projected=s.projection is not None)
 
 
 def _influence(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
@@ -161,6 +176,8 @@ def _influence(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inp
     if s.projection is not None:
         if s.store is not None:
             options["store"] = s.store
+        if s.read_only_store:
+            options["read_only"] = True
         return ProjectedInfluence(model, task, s.projection, kind=s.kind, damping=s.damping,
                                   chunk_size=s.chunk_size, query_chunk=s.query_chunk, progress=inputs.progress,
                                   **options).fit(train)
@@ -172,7 +189,7 @@ def _influence(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inp
     curvature = CURVATURES[name](kind=s.kind, damping=s.damping, **options)
     return InfluenceFunction(model, task, curvature, chunk_size=s.chunk_size, query_chunk=s.query_chunk,
                              query_batch=s.query_batch, progress=inputs.progress,
-                             notes=notes).fit(train, store=s.store)
+                             notes=notes).fit(train, store=s.store, read_only=s.read_only_store)
 
 
 def _tracin(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike) -> Estimator:
@@ -197,7 +214,7 @@ def _metagradient(model: nn.Module, task: Task, s: AttributionSettings, inputs: 
 
 METHODS: dict[str, MethodSpec] = {
     "influence": MethodSpec(_influence, frozenset({"curvature", "damping", "projection", "kind", "query_batch",
-                                                   "curvature_options", "store"})),
+                                                   "curvature_options", "store", "read_only_store"})),
     "tracin": MethodSpec(_tracin, frozenset({"renormalize"})),
     "hydra": MethodSpec(_hydra, frozenset(), self_influence=False),
     "metagradient": MethodSpec(_metagradient, frozenset(), self_influence=False),

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from headwater.distributed import gather_columns, world
+from headwater.errors import check_finite_rows
 
-__all__ = ["FeatureLike", "Features", "Scores", "check_top_k", "gather_top_k", "pairwise", "pairwise_top_k",
+__all__ = ["FeatureLike", "Features", "Scores", "check_scores", "check_top_k", "gather_top_k", "pairwise", "pairwise_top_k",
            "sharded_extremes", "sharded_top_k", "top_k_of"]
 
 
@@ -52,6 +53,21 @@ class Scores:
     settings: dict[str, Any] = field(default_factory=dict)
     opponent_values: Tensor | None = None
     opponent_indices: Tensor | None = None
+
+
+def check_scores(scores: Scores) -> Scores:
+    """``scores``, after checking that no value is NaN/inf (naming the training examples, or
+    the queries of a top-k result, where one is)."""
+    cause = "an overflow in the scores; try float64 or a larger damping"
+    if scores.indices is None:
+        check_finite_rows(scores.values.T, what="score", name="train", cause=cause)
+    else:
+        check_finite_rows(scores.values, what="top-k score", name="query", cause=cause)
+    if scores.opponent_values is not None:
+        check_finite_rows(scores.opponent_values, what="top-k score", name="query", cause=cause)
+    if scores.self_influence is not None:
+        check_finite_rows(scores.self_influence.unsqueeze(1), what="self-influence", name="train", cause=cause)
+    return scores
 
 
 def check_top_k(k: Any, n_train: int | None = None) -> int:

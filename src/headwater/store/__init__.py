@@ -2,12 +2,17 @@
 
 ``save(path, tensors, meta)`` writes ``path.safetensors`` and ``path.json`` through
 temporary files and renames, the sidecar last, so a half-written store is never
-presented as complete. ``load(path, expect=...)`` refuses a store whose settings
-differ from what the caller expects.
+presented as complete; the sidecar records the tensor file's size and checksum
+(BLAKE2b). ``load(path, expect=...)`` refuses a store whose settings differ from what
+the caller expects (:class:`StoreMismatchError`) and one whose file is damaged —
+truncated, oversized, altered or unreadable (:class:`StoreDamagedError`). A write the
+system refuses (a full disk) raises :class:`~headwater.errors.StoreError` and leaves
+the earlier store in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,14 +25,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from headwater.distributed import all_ranks
+from headwater.errors import StoreError
 from headwater.version import __version__
 
-__all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "mismatch", "on_every_rank", "save"]
+__all__ = ["StoreDamagedError", "StoreMismatchError", "atomic_write_bytes", "exists", "file_digest", "load",
+           "mismatch", "on_every_rank", "save", "write_error"]
 
 T = TypeVar("T")
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(StoreError):
     """A store on disk was written with other settings than the ones requested.
 
     Attributes:
@@ -37,6 +44,24 @@ class StoreMismatchError(ValueError):
     def __init__(self, message: str, keys: tuple[str, ...] = ()):
         super().__init__(message)
         self.keys = keys
+
+
+class StoreDamagedError(StoreError):
+    """A store's file is truncated, oversized, altered or unreadable (recompute it)."""
+
+
+def write_error(path: Any, err: OSError) -> StoreError:
+    """The one-line error for a write the system refused (e.g. a full disk)."""
+    return StoreError(f"store: could not write {path}: {err.strerror or err}; the earlier store (if any) is unchanged")
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b (16 bytes, hex) of a file's bytes, read in blocks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> StoreMismatchError | None:
@@ -56,10 +81,11 @@ def on_every_rank(open_store: Callable[[], T], path: Any) -> T:
 
     Under ``torch.distributed`` each rank may open its own file (``path``): when one
     rank's raises, the others raise too instead of going on into a collective step
-    that rank never reaches — :class:`StoreMismatchError` on every rank when each
-    failure is a mismatch (so the ranks can refit together), else the failing rank's
-    own error and ``RuntimeError`` on the others (collective; with one process it is
-    just ``open_store()``)."""
+    that rank never reaches — :class:`StoreMismatchError` on every rank when any
+    failure is a mismatch and each is a mismatch or damage, :class:`StoreDamagedError`
+    when each is damage (so the ranks can refit together), else the failing rank's own
+    error and ``RuntimeError`` on the others (collective; with one process it is just
+    ``open_store()``)."""
     error: Exception | None = None
     try:
         result = open_store()
@@ -67,9 +93,11 @@ def on_every_rank(open_store: Callable[[], T], path: Any) -> T:
         error = err
     if all_ranks(error is None):
         return result
-    if all_ranks(error is None or isinstance(error, StoreMismatchError)):
-        raise error or StoreMismatchError(  # every rank refuses; e.g. the CLI refits together
-            f"store: another rank's file beside {path} was written with other settings; "
+    if all_ranks(error is None or isinstance(error, StoreMismatchError | StoreDamagedError)):
+        if all_ranks(not isinstance(error, StoreMismatchError)):
+            raise error or StoreDamagedError(f"store: another rank's file beside {path} is damaged")
+        raise error if isinstance(error, StoreMismatchError) else StoreMismatchError(  # e.g. the CLI refits
+            f"store: a rank's file beside {path} was written with other settings; "
             "delete the store or use another path")
     if error is not None:
         raise error
@@ -100,8 +128,8 @@ def _publish(tmp: str, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` via a temporary file in the same folder and a rename."""
+def _write_temp(target: Path, data: bytes) -> str:
+    """``data`` in a new temporary file beside ``target`` (synced to disk); its path."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -109,6 +137,16 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a temporary file in the same folder and a rename."""
+    tmp = _write_temp(target, data)
+    try:
         _publish(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -116,19 +154,29 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
 
 
 def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Save a tensor dict and its settings at ``path`` (two files, sidecar last)."""
+    """Save a tensor dict and its settings at ``path`` (two files, sidecar last).
+
+    Both files are written to temporary files first and only then renamed over the
+    earlier ones, so a failing write (e.g. a full disk) leaves the earlier store as it
+    was and raises :class:`~headwater.errors.StoreError` in one line."""
     tensor_path, meta_path = _paths(path)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, suffix=".tmp")
-    os.close(fd)
+    temps: list[str] = []
     try:
+        tensor_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, prefix=f".{tensor_path.name}.", suffix=".tmp")
+        os.close(fd)
+        temps.append(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        _publish(tmp, tensor_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    record = {"headwater_version": __version__, "meta": meta}
-    atomic_write_bytes(meta_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+        record = {"headwater_version": __version__, "meta": meta,
+                  "file": {"bytes": os.path.getsize(tmp), "blake2b": file_digest(Path(tmp))}}
+        temps.append(_write_temp(meta_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode()))
+        _publish(temps[0], tensor_path)
+        _publish(temps[1], meta_path)
+    except OSError as err:
+        raise write_error(tensor_path, err) from err
+    finally:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -152,17 +200,28 @@ def load(
     Raises:
         FileNotFoundError: if the store is missing or incomplete.
         StoreMismatchError: if a setting in ``expect`` differs, naming it.
+        StoreDamagedError: if the file's size or checksum is not the one written, or it is unreadable.
     """
     tensor_path, meta_path = _paths(path)
     if not meta_path.is_file() or not tensor_path.is_file():
         raise FileNotFoundError(f"store: no complete store at {path} (expected {tensor_path.name} and {meta_path.name})")
     try:
         record = json.loads(meta_path.read_text())
-        meta = record["meta"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"store: unreadable metadata at {meta_path}: {err}") from err
+        meta, recorded = record["meta"], record.get("file") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise StoreDamagedError(f"store: {meta_path} is damaged (unreadable: {err})") from err
     expect = expect or {}
     error = mismatch(path, {k: meta.get(k) for k in expect}, expect)
     if error is not None:
         raise error
-    return load_file(str(tensor_path), device=str(device)), meta
+    size = tensor_path.stat().st_size
+    if "blake2b" not in recorded:
+        raise StoreDamagedError(f"store: {tensor_path} has no recorded checksum (an older version's store)")
+    if size != recorded.get("bytes"):
+        raise StoreDamagedError(f"store: {tensor_path} is damaged ({size} bytes, {recorded.get('bytes')} written)")
+    if file_digest(tensor_path) != recorded["blake2b"]:
+        raise StoreDamagedError(f"store: {tensor_path} is damaged (its bytes fail their checksum)")
+    try:
+        return load_file(str(tensor_path), device=str(device)), meta
+    except Exception as err:  # safetensors' own errors: a header the checksum could not catch
+        raise StoreDamagedError(f"store: {tensor_path} is damaged ({' '.join(str(err).split())})") from err

@@ -13,6 +13,7 @@ each rank) and every rank waits until it is complete. Writing is atomic
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ from torch import Tensor
 
 from headwater import store
 from headwater.distributed import all_ranks, barrier, world
+
+log = logging.getLogger("headwater.store")
 
 __all__ = ["cached", "cached_tensors", "fingerprint"]
 
@@ -39,19 +42,39 @@ def fingerprint(*tensors: Tensor) -> str:
 
 
 def cached(path: str | os.PathLike | None, load: Callable[[], T], compute: Callable[[], T],
-           save: Callable[[T], None], *, per_rank: bool = False) -> T:
+           save: Callable[[T], None], *, per_rank: bool = False, read_only: bool = False,
+           note: Callable[[str], None] | None = None) -> T:
     """``load()`` when the store at ``path`` exists on every rank, else ``compute()`` then
     ``save(value)`` (on rank 0 only unless ``per_rank``: a file per rank) and a barrier.
     ``path=None``: just ``compute()``. ``load`` raises ``StoreMismatchError`` for a store of
-    other settings (then on every rank, see :func:`~headwater.store.on_every_rank`)."""
+    other settings (then on every rank, see :func:`~headwater.store.on_every_rank`).
+
+    A damaged store (``StoreDamagedError``: size, checksum or header) is recomputed after one
+    warning line; with ``read_only`` it raises instead, and so does a missing store
+    (``StoreError``). ``note``, if given, hears one line saying what was done."""
     if path is None:
         return compute()
+    tell = note or (lambda _: None)
+    what = f"computed and saved to {path}"
     if all_ranks(store.exists(path)):
-        return store.on_every_rank(load, path)
+        try:
+            value = store.on_every_rank(load, path)
+        except store.StoreDamagedError as err:
+            if read_only:
+                raise
+            log.warning("%s; recomputing it", err)
+            what = f"recomputed: {err}"
+        else:
+            log.info("reusing the stored %s", path)
+            tell(f"loaded from {path} (checksum verified)")
+            return value
+    elif read_only:
+        raise store.StoreError(f"store: no complete store at {path} to read (read_only=True)")
     value = compute()
     if per_rank or world()[0] == 0:
         save(value)
     barrier()  # the store is complete before any rank goes on (and may look for it)
+    tell(what)
     return value
 
 
