@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.factored import check_block_curvature, preconditioned_blocks, train_blocks
 from headwater.methods.layer_products import layer_blocks
-from headwater.methods.scoring import FeatureLike, pairwise, sharded_top_k
+from headwater.methods.scoring import FeatureLike, score_shard, teed
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import cached, fingerprint
 from headwater.task import Task
@@ -207,10 +207,8 @@ class InfluenceFunction(Estimator):
         """The one tiled loop (:mod:`~headwater.methods.scoring`) over the curvature's features:
         ``(scores, None)`` or, with ``k``, the streamed top-k ``(values, indices)``."""
         left, chunks, start, n_local = self._features(query, train, self_sink)
-        if k is None:
-            return gather_columns(pairwise(left, chunks, n_local, query_chunk=self.query_chunk)), None
-        return sharded_top_k(left, chunks, k, n_train=num_examples(train, "train"), start=start,
-                             n_local=n_local, largest=largest, query_chunk=self.query_chunk)
+        return score_shard(left, chunks, n_train=num_examples(train, "train"), start=start, n_local=n_local,
+                           k=k, largest=largest, query_chunk=self.query_chunk)
 
     def _features(self, query: DataLike, train: DataLike, self_sink: list[Tensor] | None
                   ) -> tuple[FeatureLike, Iterable[FeatureLike], int, int]:
@@ -227,7 +225,7 @@ class InfluenceFunction(Estimator):
             return left, chunks, start, stop - start
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
-        return left, (grads if self_sink is None else self._teed(grads, self_sink)), start, n_local
+        return left, (grads if self_sink is None else teed(grads, self_sink, self._self_dots)), start, n_local
 
     def _block_features(self, train: DataLike) -> bool:
         """Whether to score block by block: the curvature declares it
@@ -243,12 +241,6 @@ class InfluenceFunction(Estimator):
             except ValueError:
                 self._blocks_complete = False
         return self._blocks_complete
-
-    def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
-        """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""
-        for g in grads:
-            sink.append(self._self_dots(g))
-            yield g
 
     def _self_dots(self, g: Tensor) -> Tensor:
         """``gᵢᵀ (M + λI)⁻¹ gᵢ`` for each row of a chunk ``[B, P]``."""

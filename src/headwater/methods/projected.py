@@ -59,7 +59,7 @@ from headwater.gradients.per_example import (
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.estimator import Estimator
 from headwater.methods.influence import fit_context
-from headwater.methods.scoring import pairwise, sharded_top_k
+from headwater.methods.scoring import score_shard, teed
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import cached
 from headwater.store.rows import RowStore
@@ -374,27 +374,43 @@ class ProjectedInfluence(Estimator):
         """All scores ``[n_query, n_train]`` (``train`` is only checked: the projected
         training gradients of :meth:`fit` are used; under ``torch.distributed`` each
         rank scores its rows and every rank returns all columns)."""
-        left = self.preconditioned_queries(query)
-        self._check_train(train)
-        local = pairwise(left, self._feature_chunks(self._features), self._features.shape[0],
-                         query_chunk=self.query_chunk)
-        return gather_columns(local)
+        return self._score(query, train)[0]
 
     def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
               ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
+        return self._score(query, train, k, largest=largest)
+
+    def attribute(self, query: DataLike, train: DataLike | None, *, top_k: int | None = None,
+                  self_influence: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """As :meth:`Estimator.attribute`, the self-influence from the same pass over the
+        stored training features as the scores."""
+        sink = [torch.zeros(0, dtype=self.dtype, device=self.device)] if self_influence else None
+        values, indices = self._score(query, train, top_k, self_sink=sink)
+        return values, indices, None if sink is None else gather_columns(torch.cat(sink).unsqueeze(0))[0]
+
+    def _score(self, query: DataLike, train: DataLike | None, k: int | None = None, *, largest: bool = True,
+               self_sink: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """The one tiled loop (:func:`~headwater.methods.scoring.score_shard`) over this rank's
+        stored features; each chunk's self-influence appended to ``self_sink`` if given."""
         left = self.preconditioned_queries(query)
         self._check_train(train)
-        return sharded_top_k(left, self._feature_chunks(self._features), k, n_train=self._n, start=self._start,
-                             n_local=self._features.shape[0], largest=largest, query_chunk=self.query_chunk)
+        chunks = self._feature_chunks(self._features)
+        if self_sink is not None:
+            chunks = teed(chunks, self_sink, self._self_dots)
+        return score_shard(left, chunks, n_train=self._n, start=self._start, n_local=self._features.shape[0],
+                           k=k, largest=largest, query_chunk=self.query_chunk)
+
+    def _self_dots(self, phi: Tensor) -> Tensor:
+        """``φᵢᵀ K⁻¹ φᵢ`` for each row of a chunk ``[B, k]``."""
+        solved = torch.cholesky_solve(phi.double().T, self._chol).T
+        return (solved * phi.double()).sum(dim=1).to(self.dtype)
 
     def self_influence(self, train: DataLike | None = None) -> Tensor:
         """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""
         self._check_train(train)
         out = [torch.zeros(0, dtype=self.dtype, device=self.device)]
-        for phi in self._feature_chunks(self._features):
-            solved = torch.cholesky_solve(phi.double().T, self._chol).T
-            out.append((solved * phi.double()).sum(dim=1).to(self.dtype))
+        out += [self._self_dots(phi) for phi in self._feature_chunks(self._features)]
         return gather_columns(torch.cat(out).unsqueeze(0))[0]
 
     def _check_train(self, train: DataLike | None) -> None:

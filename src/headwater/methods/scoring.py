@@ -18,9 +18,9 @@ candidates merged (:func:`gather_top_k`) so every rank returns the global result
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,7 +28,11 @@ from torch import Tensor
 from headwater.distributed import gather_columns, world
 from headwater.methods.estimator import check_top_k
 
-__all__ = ["FeatureLike", "Features", "Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_top_k"]
+__all__ = ["FeatureLike", "Features", "Scores", "gather_top_k", "pairwise", "pairwise_top_k", "score_shard",
+           "sharded_top_k", "teed"]
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,26 @@ def sharded_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int,
                                          query_chunk=query_chunk)
         indices = indices + start  # global training indices
     return gather_top_k(values, indices, k, largest=largest)
+
+
+def score_shard(left: FeatureLike, chunks: Iterable[FeatureLike], *, n_train: int, start: int, n_local: int,
+                k: int | None = None, largest: bool = True, query_chunk: int = 256
+                ) -> tuple[Tensor, Tensor | None]:
+    """The one loop over this rank's ``n_local`` training rows (global indices from ``start``):
+    ``(scores [n_query, n_train] gathered in global order, None)`` or, with ``k``, the
+    top-k ``(values, indices)`` merged across ranks (:func:`sharded_top_k`). Collective."""
+    if k is None:
+        return gather_columns(pairwise(left, chunks, n_local, query_chunk=query_chunk)), None
+    return sharded_top_k(left, chunks, k, n_train=n_train, start=start, n_local=n_local, largest=largest,
+                         query_chunk=query_chunk)
+
+
+def teed(chunks: Iterable[T], sink: list[Tensor], self_dots: Callable[[T], Tensor]) -> Iterator[T]:
+    """``chunks`` unchanged, appending each chunk's self-influence ``self_dots(chunk) [B]`` to
+    ``sink`` on the way (the fused self-influence of one pass over the training data)."""
+    for chunk in chunks:
+        sink.append(self_dots(chunk))
+        yield chunk
 
 
 def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True
