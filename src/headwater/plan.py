@@ -38,6 +38,7 @@ from headwater.task import Task
 
 __all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "formulas", "plan"]
 
+
 def formulas() -> dict[str, str]:
     """The memory model of each row: a curvature's from its ``memory`` classmethod (the one
     its row is computed with; every registered curvature), the projections' from :func:`plan`."""
