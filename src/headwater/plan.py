@@ -36,16 +36,22 @@ from headwater.gradients.layers import find_blocks
 from headwater.gradients.per_example import per_example_gradients
 from headwater.task import Task
 
-__all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "plan"]
+__all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "formulas", "plan"]
 
-FORMULAS = {
-    **{name: inspect.getdoc(cls.memory) or "" for name, cls in CURVATURES.items()},
-    "projection": "stored n_train·k·b (on disk with store=) + 8·k²; working: Π blocks <= 256 MiB",
-    "kronecker projection": "stored n_train·k·b + 8·k², k = Σ min(k_out, out)·min(k_in, width); "
-                            "no [chunk, P] gradient",
-}
-"""The memory model of each row: a curvature's from its ``memory`` classmethod (the one
-its row is computed with), the projections' from :func:`plan`."""
+
+def formulas() -> dict[str, str]:
+    """The memory model of each row: a curvature's from its ``memory`` classmethod (the one
+    its row is computed with; every registered curvature), the projections' from :func:`plan`."""
+    return {
+        **{name: inspect.getdoc(cls.memory) or "" for name, cls in CURVATURES.items()},
+        "projection": "stored n_train·k·b (on disk with store=) + 8·k²; working: Π blocks <= 256 MiB",
+        "kronecker projection": "stored n_train·k·b + 8·k², k = Σ min(k_out, out)·min(k_in, width); "
+                                "no [chunk, P] gradient",
+    }
+
+
+FORMULAS = formulas()
+""":func:`formulas` of the curvatures registered at import."""
 
 
 PREFERENCE = ("exact", "cg", "lanczos", "lissa", "kronecker projection", "nystrom", "ekfac", "kfac",

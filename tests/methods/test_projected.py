@@ -258,3 +258,25 @@ def test_kronecker_projection_sums_over_sequence_positions():
     est = ProjectedInfluence(model, task, KroneckerProjection(8, 8), damping=1e-3, ggn_estimator="exact").fit(train)
     expected = influence_scores(model, task, train, query, dense_ggn(model, task, train), damping=1e-3)
     assert_close(est.scores(query), expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_fused_attribute_is_the_separate_methods(top_k):
+    """Scores (or top-k) and self-influence from one pass over the stored features equal
+    the separate methods; with ``k = P`` the self-influence is the dense ``gᵢᵀ(M+λI)⁻¹gᵢ``."""
+    case = mlp(n_train=30)
+    est = ProjectedInfluence(case.model, case.task, 51, damping=1e-2, chunk_size=7, query_chunk=2).fit(case.train)
+    got = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
+    values, indices, si = got.values, got.indices, got.self_influence
+    if top_k is None:
+        assert indices is None
+        assert torch.equal(values, est.scores(case.query, case.train))
+    else:
+        ref_values, ref_indices = est.top_k(case.query, case.train, top_k)
+        assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
+        low_values, low_indices = est.top_k(case.query, case.train, top_k, largest=False)
+        assert torch.equal(got.opponent_indices, low_indices) and torch.equal(got.opponent_values, low_values)
+    assert torch.equal(si, est.self_influence(case.train))
+    g = loop_gradients(case.model, case.task, case.train)
+    matrix = dense_ggn(case.model, case.task, case.train) + 1e-2 * torch.eye(g.shape[1], dtype=g.dtype)
+    assert_close(si, (torch.linalg.solve(matrix, g.T).T * g).sum(1), rtol=1e-6)

@@ -231,3 +231,35 @@ def test_renormalized_self_influence_of_a_zero_gradient_is_zero():
         assert torch.isfinite(s).all() and float(s[:, 0].abs().max()) == 0.0 and float(s[0].abs().max()) == 0.0
         assert_close(s[1:, 1:].diagonal(), torch.full((len(x) - 1,), 0.1), rtol=1e-5)
         assert float(s[1:, 1:].abs().max()) <= 0.1 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fused_self_influence_and_one_layer_check_per_checkpoint(renormalize, monkeypatch):
+    """``attribute`` takes the self-influence from the same pass as the scores (equal to the
+    separate methods), and the layer-path check runs once per checkpoint, not per call."""
+    import headwater.methods.tracin as tracin_module
+
+    case = CASES["mlp"]()
+    ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1, 2),
+             Checkpoint({k: 0.5 * v for k, v in case.model.state_dict().items()}, 0.05)]
+    calls = []
+    check = tracin_module.layer_blocks
+    monkeypatch.setattr(tracin_module, "layer_blocks", lambda *args: calls.append(1) or check(*args))
+    est = TracIn(case.model, case.task, ckpts, renormalize=renormalize)
+    got = est.attribute(case.query, case.train, top_k=3, self_influence=True)
+    values, indices, si = got.values, got.indices, got.self_influence
+    full = est.scores(case.query, case.train)
+    assert torch.equal(indices, full.topk(3, dim=1).indices) and torch.equal(values, full.topk(3, dim=1).values)
+    assert torch.equal(si, est.self_influence(case.train))
+    sq = loop_gradients(case.model, case.task, case.train).pow(2).sum(1)
+    sq_half = loop_gradients(_scaled(case.model, 0.5), case.task, case.train).pow(2).sum(1)
+    if renormalize:  # every gradient is far above the floor: unit length at each checkpoint
+        sq, sq_half = torch.ones_like(sq), torch.ones_like(sq_half)
+    assert_close(si, 0.2 * sq + 0.05 * sq_half, rtol=1e-9)
+    assert len(calls) == len(ckpts)
+
+
+def _scaled(model: nn.Module, factor: float) -> nn.Module:
+    out = copy.deepcopy(model)
+    out.load_state_dict({k: factor * v for k, v in model.state_dict().items()})
+    return out

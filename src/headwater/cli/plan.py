@@ -17,7 +17,7 @@ import torch
 from headwater.cli.common import UserError
 from headwater.cli.score import load_spec
 from headwater.data import as_tensors
-from headwater.plan import FORMULAS, plan
+from headwater.plan import formulas, plan
 from headwater.task import default_task
 
 __all__ = ["add_parser", "format_plan", "run"]
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"num_params": result.num_params, "n_train": result.n_train, "n_query": result.n_query,
                           "outputs": result.outputs, "seconds_per_pass": result.seconds_per_pass,
-                          "budget_bytes": result.budget, "formulas": FORMULAS,
+                          "budget_bytes": result.budget, "formulas": formulas(),
                           "recommended": None if result.recommended() is None else result.recommended().method,
                           "rows": [{"method": r.method, "stored_bytes": r.stored, "working_bytes": r.working,
                                     "fits": r.fits, "note": r.note} for r in result.rows]}, indent=2))

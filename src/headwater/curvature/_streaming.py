@@ -67,13 +67,23 @@ class StreamingCurvature(Curvature):
 
     It holds the data's operator and an optional fitted preconditioner in this process;
     neither is part of the saved state, so after ``load`` call :meth:`bind`.
+
+    Args:
+        preconditioner: see :class:`Preconditioner`.
+        seed: seed of the method's random draws (the trace probes use ``seed + 1``).
+        trace_probes: Hutchinson probes for the default damping (``damping=None``).
+        (others as :class:`~headwater.curvature.base.Curvature`)
     """
 
     solve_streams_data = True
 
     def __init__(self, *, kind: MatrixKind | str, damping: float | None, chunk_size: int,
-                 preconditioner: Preconditioner | str):
+                 preconditioner: Preconditioner | str, seed: int, trace_probes: int):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        for arg, value, low in (("seed", seed, 0), ("trace_probes", trace_probes, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
+        self.seed, self.trace_probes = seed, trace_probes
         try:
             self.preconditioner = Preconditioner(preconditioner)
         except ValueError as err:

@@ -118,14 +118,13 @@ class CG(StreamingCurvature):
     ):
         if preconditioner is None:
             preconditioner = Preconditioner.NYSTROM if preconditioner_rank else Preconditioner.NONE
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner)
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner,
+                         seed=seed, trace_probes=trace_probes)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
         for arg, value, low in (
             ("preconditioner_rank", preconditioner_rank, 0),
             ("oversample", oversample, 0),
-            ("seed", seed, 0),
-            ("trace_probes", trace_probes, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
@@ -148,7 +147,6 @@ class CG(StreamingCurvature):
             )
         self.tol, self.max_iter = float(tol), max_iter
         self.preconditioner_rank, self.oversample = preconditioner_rank, oversample
-        self.seed, self.trace_probes = seed, trace_probes
         self.last_info: CGInfo | None = None
 
     @classmethod

@@ -118,12 +118,11 @@ class LiSSA(StreamingCurvature):
         trace_probes: int = 16,
         preconditioner: Preconditioner | str = Preconditioner.NONE,
     ):
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner)
+        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner,
+                         seed=seed, trace_probes=trace_probes)
         for arg, value, low in (
             ("depth", depth, 1),
             ("repeats", repeats, 1),
-            ("seed", seed, 0),
-            ("trace_probes", trace_probes, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
@@ -140,9 +139,9 @@ class LiSSA(StreamingCurvature):
             raise ValueError(f"scale: must be a finite float > 0 or None, got {scale!r}")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
-        self.depth, self.repeats, self.batch_size, self.seed = depth, repeats, batch_size, seed
+        self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
         self.scale = None if scale is None else float(scale)
-        self.tol, self.trace_probes = float(tol), trace_probes
+        self.tol = float(tol)
         if self.preconditioner is Preconditioner.NYSTROM:
             raise ValueError("preconditioner: 'nystrom' is available for CG only")
         self.last_info: LissaInfo | None = None

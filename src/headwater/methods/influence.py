@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from headwater.gradients.per_example import Objective, per_example_gradients
 from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.factored import check_block_curvature, preconditioned_blocks, train_blocks
 from headwater.methods.layer_products import layer_blocks
-from headwater.methods.scoring import FeatureLike, Scores, pairwise, sharded_extremes
+from headwater.methods.scoring import FeatureLike, Scores, pairwise, sharded_extremes, teed
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import cached, fingerprint
 from headwater.task import Task
@@ -253,7 +253,7 @@ class InfluenceFunction(Estimator):
             return left, chunks, start, stop - start
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
-        return left, (grads if self_sink is None else self._teed(grads, self_sink)), start, n_local
+        return left, (grads if self_sink is None else teed(grads, self_sink, self._self_dots)), start, n_local
 
     def _block_features(self, train: DataLike) -> bool:
         """Whether to score block by block: the curvature declares it
@@ -269,12 +269,6 @@ class InfluenceFunction(Estimator):
             except ValueError:
                 self._blocks_complete = False
         return self._blocks_complete
-
-    def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
-        """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""
-        for g in grads:
-            sink.append(self._self_dots(g))
-            yield g
 
     def _self_dots(self, g: Tensor) -> Tensor:
         """``gᵢᵀ (M + λI)⁻¹ gᵢ`` for each row of a chunk ``[B, P]``."""

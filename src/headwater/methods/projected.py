@@ -27,8 +27,10 @@ Both add ``Π (λ_wd I) Πᵀ`` for the task's weight decay.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ from headwater.gradients.per_example import (
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.estimator import Estimator
 from headwater.methods.influence import fit_context
-from headwater.methods.scoring import pairwise, sharded_extremes
+from headwater.methods.scoring import Scores, pairwise, sharded_extremes, teed
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import cached
 from headwater.store.rows import RowStore
@@ -390,33 +392,53 @@ class ProjectedInfluence(Estimator):
         """All scores ``[n_query, n_train]`` (``train`` is only checked: the projected
         training gradients of :meth:`fit` are used; under ``torch.distributed`` each
         rank scores its rows and every rank returns all columns)."""
-        left = self.preconditioned_queries(query)
-        self._check_train(train)
-        local = pairwise(left, self._feature_chunks(self._features), self._features.shape[0],
-                         query_chunk=self.query_chunk)
-        return gather_columns(local)
+        return self.attribute(query, train).values
 
     def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
               ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
         return self.extremes(query, train, k, sides=(largest,))[0]
 
-    def extremes(self, query: DataLike, train: DataLike | None, k: int, *,
-                 sides: tuple[bool, ...] = (True, False)) -> list[tuple[Tensor, Tensor]]:
-        """:meth:`top_k` for several sides (default: proponents and opponents) in one pass."""
+    def extremes(self, query: DataLike, train: DataLike | None, k: int, *, sides: tuple[bool, ...] = (True, False),
+                 self_sink: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`top_k` for several sides (default: proponents and opponents) in one pass over
+        this rank's stored features (each chunk's self-influence appended to ``self_sink``)."""
         left = self.preconditioned_queries(query)
+        return sharded_extremes(left, self._chunks(train, self_sink), k, n_train=self._n, start=self._start,
+                                n_local=self._features.shape[0], sides=sides, query_chunk=self.query_chunk)
+
+    def attribute(self, query: DataLike, train: DataLike | None, *, top_k: int | None = None,
+                  self_influence: bool = False) -> Scores:
+        """As :meth:`Estimator.attribute`, the self-influence from the same pass over the
+        stored training features as the scores."""
+        sink = [torch.zeros(0, dtype=self.dtype, device=self.device)] if self_influence else None
+        if top_k is None:
+            left = self.preconditioned_queries(query)
+            result = Scores(gather_columns(pairwise(left, self._chunks(train, sink), self._features.shape[0],
+                                                    query_chunk=self.query_chunk)))
+        else:
+            (values, indices), (low, low_indices) = self.extremes(query, train, top_k, self_sink=sink)
+            result = Scores(values, indices, opponent_values=low, opponent_indices=low_indices)
+        si = None if sink is None else gather_columns(torch.cat(sink).unsqueeze(0))[0]
+        return dataclasses.replace(result, self_influence=si)
+
+    def _chunks(self, train: DataLike | None, self_sink: list[Tensor] | None) -> Iterable[Tensor]:
+        """This rank's stored training features chunk by chunk (each chunk's self-influence
+        appended to ``self_sink`` if given)."""
         self._check_train(train)
-        return sharded_extremes(left, self._feature_chunks(self._features), k, n_train=self._n,
-                                start=self._start, n_local=self._features.shape[0], sides=sides,
-                                query_chunk=self.query_chunk)
+        chunks = self._feature_chunks(self._features)
+        return chunks if self_sink is None else teed(chunks, self_sink, self._self_dots)
+
+    def _self_dots(self, phi: Tensor) -> Tensor:
+        """``φᵢᵀ K⁻¹ φᵢ`` for each row of a chunk ``[B, k]``."""
+        solved = torch.cholesky_solve(phi.double().T, self._chol).T
+        return (solved * phi.double()).sum(dim=1).to(self.dtype)
 
     def self_influence(self, train: DataLike | None = None) -> Tensor:
         """``φ_ℓ(z_i)ᵀ K⁻¹ φ_ℓ(z_i)`` for every training example."""
         self._check_train(train)
         out = [torch.zeros(0, dtype=self.dtype, device=self.device)]
-        for phi in self._feature_chunks(self._features):
-            solved = torch.cholesky_solve(phi.double().T, self._chol).T
-            out.append((solved * phi.double()).sum(dim=1).to(self.dtype))
+        out += [self._self_dots(phi) for phi in self._feature_chunks(self._features)]
         return gather_columns(torch.cat(out).unsqueeze(0))[0]
 
     def _check_train(self, train: DataLike | None) -> None:

@@ -18,9 +18,9 @@ candidates merged (:func:`gather_top_k`) so every rank returns the global result
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,8 +28,11 @@ from torch import Tensor
 from headwater.distributed import gather_columns, world
 from headwater.errors import check_finite_rows
 
-__all__ = ["FeatureLike", "Features", "Scores", "check_scores", "check_top_k", "gather_top_k", "pairwise", "pairwise_top_k",
-           "sharded_extremes", "sharded_top_k", "top_k_of"]
+__all__ = ["FeatureLike", "Features", "Scores", "check_scores", "check_top_k", "gather_top_k", "pairwise",
+           "pairwise_top_k", "sharded_extremes", "sharded_top_k", "teed", "top_k_of"]
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,14 @@ def sharded_extremes(left: FeatureLike, train_grads: Iterable[FeatureLike], k: i
         found = [(v, i + start) for v, i in  # global training indices
                  _streamed_best(left, train_grads, min(k, n_local), sides, query_chunk)]
     return [gather_top_k(v, i, k, largest=largest) for (v, i), largest in zip(found, sides, strict=True)]
+
+
+def teed(chunks: Iterable[T], sink: list[Tensor], self_dots: Callable[[T], Tensor]) -> Iterator[T]:
+    """``chunks`` unchanged, appending each chunk's self-influence ``self_dots(chunk) [B]`` to
+    ``sink`` on the way (the fused self-influence of one pass over the training data)."""
+    for chunk in chunks:
+        sink.append(self_dots(chunk))
+        yield chunk
 
 
 def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True

@@ -40,10 +40,10 @@ from torch import Tensor, nn
 from headwater.data import DataLike, num_examples
 from headwater.gradients.layers import Block
 from headwater.gradients.per_example import Objective, per_example_gradients
-from headwater.methods.estimator import Estimator
+from headwater.methods.estimator import Estimator, top_k_of
 from headwater.methods.factored import module_factors
 from headwater.methods.layer_products import LayerGradients, layer_blocks
-from headwater.methods.scoring import FeatureLike, pairwise
+from headwater.methods.scoring import FeatureLike, Scores, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
@@ -109,6 +109,7 @@ class TracIn(Estimator):
         self.model, self.task, self.checkpoints = model, task, checkpoints
         self.renormalize, self.gradients = bool(renormalize), gradients
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
+        self._checked_blocks: dict[int, tuple[Block, ...] | None] = {}  # per checkpoint, see _blocks
 
     def _models(self) -> Iterator[tuple[Checkpoint, nn.Module]]:
         for c in self.checkpoints:
@@ -120,21 +121,23 @@ class TracIn(Estimator):
             yield c, member
 
     def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
-        for g in per_example_gradients(model, self.task, data, objective=objective,
-                                       chunk_size=self.chunk_size, name=name):
-            yield g
+        yield from per_example_gradients(model, self.task, data, objective=objective, chunk_size=self.chunk_size,
+                                         name=name)
 
-    def _blocks(self, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
+    def _blocks(self, index: int, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
         """The supported layers holding every analysed parameter, or ``None`` for ``vmap``
-        (see :func:`~headwater.methods.layer_products.layer_blocks`)."""
+        (see :func:`~headwater.methods.layer_products.layer_blocks`); checked once per
+        checkpoint ``index`` and remembered."""
         if self.gradients == "vmap":
             return None
-        try:
-            return layer_blocks(member, self.task, probe)
-        except ValueError:
-            if self.gradients == "layers":
-                raise
-            return None
+        if index not in self._checked_blocks:
+            try:
+                self._checked_blocks[index] = layer_blocks(member, self.task, probe)
+            except ValueError:
+                if self.gradients == "layers":
+                    raise
+                self._checked_blocks[index] = None
+        return self._checked_blocks[index]
 
     def _layers(self, member: nn.Module, blocks: tuple[Block, ...], data: DataLike, objective: Objective,
                 name: str) -> Iterator[LayerGradients]:
@@ -157,36 +160,54 @@ class TracIn(Estimator):
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``, each checkpoint's
         through the one tiled loop (:func:`~headwater.methods.scoring.pairwise`)."""
+        return self._scores(query, train, self_influence=False)[0]
+
+    def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
+                  self_influence: bool = False) -> Scores:
+        """As :meth:`Estimator.attribute`, the self-influence from the training gradients'
+        norms of the same pass as the scores."""
+        values, si = self._scores(query, train, self_influence=self_influence)
+        if top_k is None:
+            return Scores(values, self_influence=si)
+        (top, indices), (low, low_indices) = top_k_of(values, top_k), top_k_of(values, top_k, largest=False)
+        return Scores(top, indices, si, opponent_values=low, opponent_indices=low_indices)
+
+    def _scores(self, query: DataLike, train: DataLike, *, self_influence: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`scores` and, if asked, :meth:`self_influence`, from one pass per checkpoint."""
         n_train = num_examples(train, "train")
         total: Tensor | None = None
+        self_total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
-            blocks = self._blocks(member, train)
+            blocks = self._blocks(k, member, train)
             q_norms: list[Tensor] = []
             t_norms: list[Tensor] = []
             queries = list(self._features(member, blocks, query, Objective.MEASUREMENT, "query", q_norms))
             left = torch.cat(queries) if blocks is None else LayerGradients.cat(queries)
             part = pairwise(left, self._features(member, blocks, train, Objective.TRAIN, "train", t_norms),
                             n_train, query_chunk=self.query_chunk)
+            t = torch.cat(t_norms)
             if self.renormalize:  # unit gradients, from the raw products and the norms
-                t = torch.cat(t_norms)
                 part = part / _effective_norms(torch.cat(q_norms), t).unsqueeze(1) / _effective_norms(t, t)
-            part = c.weight * part
-            total = part if total is None else total + part
+            total = c.weight * part if total is None else total + c.weight * part
+            if self_influence:
+                own = c.weight * self._squared_norms(t)
+                self_total = own if self_total is None else self_total + own
             report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
-        return total
+        return total, self_total
+
+    def _squared_norms(self, norms: Tensor) -> Tensor:
+        """``‖g‖²`` from the norms; with ``renormalize`` ``‖g/‖g‖‖²``: 1, or 0 below the floor."""
+        return torch.isfinite(_effective_norms(norms, norms)).to(norms.dtype) if self.renormalize else norms.pow(2)
 
     def self_influence(self, train: DataLike) -> Tensor:
         """``Σ_c η_c s_c ‖∇ℓ(z_i; θ_c)‖²`` per training example ``[n_train]`` (Pruthi et
         al.'s signal for mislabeled examples; constant with ``renormalize``)."""
         total: Tensor | None = None
-        for c, member in self._models():
+        for k, (c, member) in enumerate(self._models()):
             norms: list[Tensor] = []
-            for _ in self._features(member, self._blocks(member, train), train, Objective.TRAIN, "train", norms):
+            for _ in self._features(member, self._blocks(k, member, train), train, Objective.TRAIN, "train", norms):
                 pass
-            t = torch.cat(norms)
-            # ‖g/‖g‖‖² is 1, or 0 for a gradient below the floor
-            sq = torch.isfinite(_effective_norms(t, t)).to(t.dtype) if self.renormalize else t.pow(2)
-            part = c.weight * sq
+            part = c.weight * self._squared_norms(torch.cat(norms))
             total = part if total is None else total + part
         return total
 
