@@ -71,7 +71,8 @@ def train(recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task) -> tup
         opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                               weight_decay=WEIGHT_DECAY)
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], weight_decay=WEIGHT_DECAY)
+        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], eps=recipe.get("eps", 1e-8),
+                               weight_decay=WEIGHT_DECAY)
     steps = recipe["epochs"] * math.ceil(x.shape[0] / 50)
     warm = recipe["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 0.1 + 0.9 * t / warm) if warm else 1.0)

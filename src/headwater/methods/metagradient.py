@@ -50,6 +50,7 @@ __all__ = ["Metagradient"]
 
 
 class Metagradient:
+    _CHUNK = 100  # queries per vmapped batch of tangents: memory of the HVP halved at 200, same speed
     """Exact metagradient scores ``[n_query, n_train]`` of a recorded run (module docstring).
 
     Args:
@@ -97,14 +98,14 @@ class Metagradient:
         each row of ``V [Q, P]``; with ``hessian_free`` only ``J_t V`` (forward mode)."""
         losses = self._losses_fn(x, y)
         if self.hessian_free:
-            return None, vmap(lambda v: jvp(losses, (theta,), (v,))[1])(vectors)
+            return None, vmap(lambda v: jvp(losses, (theta,), (v,))[1], chunk_size=self._CHUNK)(vectors)
 
         def with_losses(t: Tensor) -> tuple[Tensor, Tensor]:
             per = losses(t)
             return (w * per).mean(), per
 
         g = grad(with_losses, has_aux=True)
-        return vmap(lambda v: jvp(g, (theta,), (v,))[1])(vectors)
+        return vmap(lambda v: jvp(g, (theta,), (v,))[1], chunk_size=self._CHUNK)(vectors)
 
     def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-query gradients of the measurement ``[Q, P]`` at the flat ``theta``."""
