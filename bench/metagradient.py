@@ -44,7 +44,7 @@ WEIGHT_DECAY = 1e-3
 FRACTIONS = (0.01, 0.05, 0.5)
 RESULTS = Path(__file__).resolve().parent / "metagradient_results.md"
 
-# name: architecture, optimizer, lr, momentum, epochs, warm-up steps (linear from 10%)
+# name: architecture, optimizer, lr, momentum, epochs, warm-up steps (linear from 10%), decay (linear to 0)
 RECIPES: dict[str, dict[str, Any]] = {
     "mlp-sgd-sharp": {"arch": "mlp", "opt": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 10, "warmup": 0},
     "mlp-sgd-smooth": {"arch": "mlp", "opt": "sgd", "lr": 0.01, "momentum": 0.9, "epochs": 20, "warmup": 0},
@@ -74,8 +74,13 @@ def train(recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task) -> tup
         opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], eps=recipe.get("eps", 1e-8),
                                weight_decay=WEIGHT_DECAY)
     steps = recipe["epochs"] * math.ceil(x.shape[0] / 50)
-    warm = recipe["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 0.1 + 0.9 * t / warm) if warm else 1.0)
+    warm, decay = recipe["warmup"], recipe.get("decay", 0)
+
+    def factor(t: int) -> float:  # linear warm-up from 10%, then (with decay) linear decay to 0
+        up = min(1.0, 0.1 + 0.9 * t / warm) if warm else 1.0
+        return up * (1.0 - t / steps if decay else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     rec = Recorder(model, opt, n_train=x.shape[0], checkpoint_every=round(math.sqrt(steps)), seed=1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(recipe["epochs"]):

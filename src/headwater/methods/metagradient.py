@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from headwater.data import DataLike, as_tensors
 from headwater.gradients.functional import evaluation_mode, prepare_batch
