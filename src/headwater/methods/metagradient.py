@@ -8,13 +8,16 @@ For every query ``q`` this module computes the exact derivative ``d m(z_q; θ_T)
 by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``, ``a_state = 0``, step
 ``t`` does
 
-    (a_θ, a_state, a_g) ← vjp of F_t at (θ_t, state_t, g_t) applied to (a_θ, a_state)
+    (a_θ, a_state, a_g) ← the VJP of F_t at (θ_t, state_t, g_t) applied to (a_θ, a_state)
     d m/d w_i += a_g · ∇ℓ_i(θ_t) / B          for i ∈ B_t
     a_θ ← a_θ + H_t a_g                         (H_t: Hessian of the weighted batch loss)
 
-All queries are carried at once (``a_θ, a_g: [Q, P]``): the VJP of ``F_t`` and the
-Hessian-vector products are vmapped over the queries, and the weight gradients of every
-query come from one per-example Jacobian ``[B, P]`` per step. Memory is
+All queries are carried at once (``a_θ, a_g: [Q, P]``). The update ``F_t`` is
+elementwise after clipping, so its VJP is a few elementwise products with its diagonal
+Jacobian (one forward-mode product per input, shared by every query; clipping's rank-one
+term by hand). ``H_t a_g`` and ``J_t a_g`` (``J_t [B, P]``: per-example loss gradients,
+never formed) come from one forward-over-reverse pass per query, vmapped over the
+queries in chunks; ``J_t a_g`` is ``[Q, B]``, the weight derivatives of the batch. Memory is
 ``O(checkpoints·P + segment·P + Q·P)``: the states between two recorded checkpoints are
 recomputed forward from the earlier one, segment by segment from the last (REPLAY's
 scheme with the recorder's ``checkpoint_every``; about √T is the usual choice).
