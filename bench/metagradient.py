@@ -69,10 +69,10 @@ def train(recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task) -> tup
     model = build(recipe["arch"])
     if recipe["opt"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
-                              weight_decay=WEIGHT_DECAY)
+                              weight_decay=recipe.get("wd", WEIGHT_DECAY))
     else:
         opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], eps=recipe.get("eps", 1e-8),
-                               weight_decay=WEIGHT_DECAY)
+                               weight_decay=recipe.get("wd", WEIGHT_DECAY))
     steps = recipe["epochs"] * math.ceil(x.shape[0] / 50)
     warm, decay = recipe["warmup"], recipe.get("decay", 0)
 
@@ -142,7 +142,7 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     free = Metagradient(model, task, run, hessian_free=True).scores((xq, yq), (x, y))
     estimators["Hessian-free (HYDRA)"] = (free, time.perf_counter() - start)
     start = time.perf_counter()
-    ek = headwater.influence(model, (x, y), (xq, yq), task=ClassificationTask(weight_decay=WEIGHT_DECAY)).values
+    ek = headwater.influence(model, (x, y), (xq, yq), task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY))).values
     estimators["EK-FAC influence"] = (ek, time.perf_counter() - start)
     start = time.perf_counter()
     tr = headwater.influence(model, (x, y), (xq, yq), task=task, method="tracin",
