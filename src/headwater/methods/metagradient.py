@@ -143,8 +143,10 @@ class Metagradient:
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
         return states
 
-    def _pullback(self, t: int, count: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor, adjoint):
-        """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})`` ``[Q, P]``.
+    def _pullback(self, t: int, count: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+                  carry: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+        """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})``
+        (``carry = [a_θ, *a_state]``, each ``[Q, P]``; emptied, so that they are freed here).
 
         The update after clipping is elementwise, so its Jacobian is diagonal: one
         forward-mode product with a tangent of ones per input gives each input's diagonal
@@ -158,7 +160,8 @@ class Metagradient:
             th, st = update(run.optimizer, run.hyper, args[0], tuple(args[1:-1]), args[-1], run.lrs[t], count)
             return (th, *st)
 
-        outs = (adjoint[0], *adjoint[1])
+        outs = tuple(carry)
+        carry.clear()
         grads = []
         for i in range(len(inputs)):
             tangent = tuple(torch.ones_like(v) if k == i else torch.zeros_like(v) for k, v in enumerate(inputs))
@@ -171,16 +174,18 @@ class Metagradient:
         a_g = clip_pullback(g, run.max_norms[t], grads[-1])
         return grads[0], tuple(grads[1:-1]), a_g
 
-    def _backward_step(self, t: int, count: int, forward, adjoint, data,
-                       out: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """One reverse step: returns the adjoints of ``(θ_t, state_t)``; adds ``dm/dw`` into ``out``."""
+    def _backward_step(self, t: int, count: int, forward, carry: list[Tensor], data, out: Tensor) -> None:
+        """One reverse step: ``carry`` goes from the adjoints of step ``t+1`` to those of
+        ``(θ_t, state_t)``; ``dm/dw`` of the batch is added into ``out``."""
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        a_theta, a_state, a_g = self._pullback(t, count, theta, state, g, adjoint)  # [Q, P] each
+        a_theta, a_state, a_g = self._pullback(t, count, theta, state, g, carry)  # [Q, P] each
         hv, jv = self._tangents(theta, x_all[idx], y_all[idx], w_all[idx], a_g)  # [Q, P], [Q, B]
         out[:, idx] += jv / len(idx)
-        return (a_theta if hv is None else a_theta + hv), a_state
+        if hv is not None:
+            a_theta.add_(hv)
+        carry.extend((a_theta, *a_state))
 
     def _block(self, x_q: Tensor, y_q: Tensor, data, done: int, total: int) -> Tensor:
         run = self.run
@@ -188,14 +193,15 @@ class Metagradient:
         theta_T = last.theta.to(self.dtype)
         a_theta = self._measurement_gradients(theta_T, x_q, y_q)  # [Q, P]
         check_values(a_theta.sum(1), x_q.shape[0], "query")
-        a_state = tuple(torch.zeros_like(a_theta) for _ in last.state)
+        carry = [a_theta, *(torch.zeros_like(a_theta) for _ in last.state)]  # adjoints of (θ_t, state_t)
+        del a_theta
         out = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype)
         ckpts = run.checkpoints
         for start, end in zip(reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True):
             states = self._forward(start, end, data)
             for t in reversed(range(start.step, end)):
                 count = start.count + t - start.step + 1
-                a_theta, a_state = self._backward_step(t, count, states.pop(), (a_theta, a_state), data, out)
+                self._backward_step(t, count, states.pop(), carry, data, out)
                 done += 1
                 report(self.progress, "metagradient steps", done, total)
         return out
