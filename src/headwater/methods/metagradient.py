@@ -47,7 +47,7 @@ from headwater.gradients.per_example import check_values
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
-from headwater.train.steps import clip, clip_pullback, optimizer_step, update
+from headwater.train.steps import clip, clip_pullback, optimizer_step, sgd_pullback, update
 
 __all__ = ["Metagradient"]
 
@@ -148,11 +148,16 @@ class Metagradient:
         """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})``
         (``carry = [a_θ, *a_state]``, each ``[Q, P]``; emptied, so that they are freed here).
 
-        The update after clipping is elementwise, so its Jacobian is diagonal: one
+        SGD's is written out (:func:`~headwater.train.steps.sgd_pullback`). Otherwise: the
+        update after clipping is elementwise, so its Jacobian is diagonal: one
         forward-mode product with a tangent of ones per input gives each input's diagonal
         (``jac[o][i] [P]``), and the pullback is ``a_i = Σ_o jac[o][i] ⊙ a_o`` for all
         queries at once; clipping's pullback is applied after (:func:`clip_pullback`)."""
         run = self.run
+        if run.optimizer == "sgd":  # by hand: three passes over [Q, P] instead of six
+            a_theta, a_state, a_g = sgd_pullback(run.hyper, run.lrs[t], carry[0], tuple(carry[1:]))
+            carry.clear()
+            return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
         g_c = clip(g, run.max_norms[t])
         inputs = (theta, *state, g_c)
 

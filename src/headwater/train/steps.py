@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["clip", "clip_pullback", "optimizer_step", "update"]
+__all__ = ["clip", "clip_pullback", "optimizer_step", "sgd_pullback", "update"]
 
 
 def clip(g: Tensor, max_norm: float | None) -> Tensor:
@@ -62,6 +62,27 @@ def _sgd(hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Ten
     v = mu * state[0] + d
     step = d + mu * v if hyper["nesterov"] else v
     return theta - lr * step, (v,)
+
+
+def sgd_pullback(hyper: dict[str, Any], lr: float, a_theta: Tensor,
+                 a_state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """The SGD update's pullback by hand, in place on the given adjoints ``[Q, P]``.
+
+    From ``a_θ'``, ``a_v'``: ``ā = a_v' − η(μ if Nesterov else 1) a_θ'`` (total adjoint of
+    ``v'``), ``a_d = ā − η a_θ'`` with Nesterov else ``ā``; then ``a_g = a_d``,
+    ``a_v = μ ā``, ``a_θ = a_θ' + λ a_d``. Without momentum ``v`` passes through:
+    ``a_d = −η a_θ'``. Returns ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    """
+    mu, wd = hyper["momentum"], hyper["weight_decay"]
+    if not mu:
+        a_d = a_theta * (-lr)
+        return (a_theta.add_(a_d, alpha=wd) if wd else a_theta), a_state, a_d
+    a_total = a_state[0].add_(a_theta, alpha=-lr * (mu if hyper["nesterov"] else 1.0))
+    a_d = a_total.add(a_theta, alpha=-lr) if hyper["nesterov"] else a_total
+    a_v = a_total * mu
+    if wd:
+        a_theta.add_(a_d, alpha=wd)
+    return a_theta, (a_v,), a_d
 
 
 def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
