@@ -47,7 +47,7 @@ from headwater.gradients.per_example import check_values
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
-from headwater.train.steps import clip, clip_pullback, optimizer_step, sgd_pullback, update
+from headwater.train.steps import adam_pullback, clip, clip_pullback, optimizer_step, sgd_pullback
 
 __all__ = ["Metagradient"]
 
@@ -146,38 +146,19 @@ class Metagradient:
     def _pullback(self, t: int, count: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
                   carry: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})``
-        (``carry = [a_θ, *a_state]``, each ``[Q, P]``; emptied, so that they are freed here).
-
-        SGD's is written out (:func:`~headwater.train.steps.sgd_pullback`). Otherwise: the
-        update after clipping is elementwise, so its Jacobian is diagonal: one
-        forward-mode product with a tangent of ones per input gives each input's diagonal
-        (``jac[o][i] [P]``), and the pullback is ``a_i = Σ_o jac[o][i] ⊙ a_o`` for all
-        queries at once; clipping's pullback is applied after (:func:`clip_pullback`)."""
+        (``carry = [a_θ, *a_state]``, each ``[Q, P]``, updated in place and emptied): the
+        update's pullback written out (:func:`~headwater.train.steps.sgd_pullback`,
+        :func:`~headwater.train.steps.adam_pullback`: a few elementwise passes for all
+        queries at once), then clipping's (:func:`~headwater.train.steps.clip_pullback`)."""
         run = self.run
-        if run.optimizer == "sgd":  # by hand: three passes over [Q, P] instead of six
-            a_theta, a_state, a_g = sgd_pullback(run.hyper, run.lrs[t], carry[0], tuple(carry[1:]))
-            carry.clear()
-            return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
-        g_c = clip(g, run.max_norms[t])
-        inputs = (theta, *state, g_c)
-
-        def step(*args: Tensor) -> tuple[Tensor, ...]:
-            th, st = update(run.optimizer, run.hyper, args[0], tuple(args[1:-1]), args[-1], run.lrs[t], count)
-            return (th, *st)
-
-        outs = tuple(carry)
+        a_theta, a_state = carry[0], tuple(carry[1:])
         carry.clear()
-        grads = []
-        for i in range(len(inputs)):
-            tangent = tuple(torch.ones_like(v) if k == i else torch.zeros_like(v) for k, v in enumerate(inputs))
-            column = jvp(step, inputs, tangent)[1]  # the diagonal ∂out_o/∂in_i for every o
-            total = None
-            for a_out, d in zip(outs, column, strict=True):
-                if d.any():
-                    total = a_out * d if total is None else total.addcmul_(a_out, d)
-            grads.append(torch.zeros_like(outs[0]) if total is None else total)
-        a_g = clip_pullback(g, run.max_norms[t], grads[-1])
-        return grads[0], tuple(grads[1:-1]), a_g
+        if run.optimizer == "sgd":
+            a_theta, a_state, a_g = sgd_pullback(run.hyper, run.lrs[t], a_theta, a_state)
+        else:
+            a_theta, a_state, a_g = adam_pullback(run.optimizer, run.hyper, theta, state,
+                                                  clip(g, run.max_norms[t]), run.lrs[t], count, a_theta, a_state)
+        return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
 
     def _backward_step(self, t: int, count: int, forward, carry: list[Tensor], data, out: Tensor) -> None:
         """One reverse step: ``carry`` goes from the adjoints of step ``t+1`` to those of

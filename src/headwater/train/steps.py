@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["clip", "clip_pullback", "optimizer_step", "sgd_pullback", "update"]
+__all__ = ["adam_pullback", "clip", "clip_pullback", "optimizer_step", "sgd_pullback", "update"]
 
 
 def clip(g: Tensor, max_norm: float | None) -> Tensor:
@@ -96,6 +96,41 @@ def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, 
     s = beta2 * state[1] + (1 - beta2) * g * g
     denom = _safe_sqrt(s) / (1 - beta2**count) ** 0.5 + eps
     return theta - (lr / (1 - beta1**count)) * m / denom, (m, s)
+
+
+def adam_pullback(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+                  lr: float, count: int, a_theta: Tensor,
+                  a_state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Adam's / AdamW's pullback by hand at ``(θ, (m, s), g)`` (``g`` clipped), in place on
+    the adjoints ``[Q, P]``.
+
+    With ``r = √s'/c₂ + ε``, ``c₂ = √(1−β2^k)``, ``α = η/(1−β1^k)``:
+    ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
+    ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
+    Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
+    ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    """
+    (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
+    if wd and kind == "adam":
+        g = g + wd * theta
+    m = beta1 * state[0] + (1 - beta1) * g
+    root = _safe_sqrt(beta2 * state[1] + (1 - beta2) * g * g)
+    c2 = (1 - beta2**count) ** 0.5
+    r = root / c2 + eps
+    alpha = lr / (1 - beta1**count)
+    a_m, a_s = a_state
+    a_m.addcmul_(a_theta, -alpha / r)
+    safe_root = torch.where(root > 0, root, torch.ones_like(root))
+    a_s.addcmul_(a_theta, torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root)))
+    a_g = a_m * (1 - beta1)
+    a_g.addcmul_(a_s, 2 * (1 - beta2) * g)
+    a_m.mul_(beta1)
+    a_s.mul_(beta2)
+    if wd and kind == "adam":
+        a_theta.add_(a_g, alpha=wd)
+    elif wd:
+        a_theta.mul_(1 - lr * wd)
+    return a_theta, (a_m, a_s), a_g
 
 
 def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
