@@ -13,9 +13,9 @@ by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``, ``a_state = 
     a_θ ← a_θ + H_t a_g                         (H_t: Hessian of the weighted batch loss)
 
 All queries are carried at once (``a_θ, a_g: [Q, P]``). The update ``F_t`` is
-elementwise after clipping, so its VJP is a few elementwise products with its diagonal
-Jacobian (one forward-mode product per input, shared by every query; clipping's rank-one
-term by hand). ``H_t a_g`` and ``J_t a_g`` (``J_t [B, P]``: per-example loss gradients,
+elementwise after clipping, so its VJP, written out per optimizer in
+:mod:`headwater.train.steps`, is a few elementwise passes over the adjoints, in place
+(clipping's rank-one term by hand). ``H_t a_g`` and ``J_t a_g`` (``J_t [B, P]``: per-example loss gradients,
 never formed) come from one forward-over-reverse pass per query, vmapped over the
 queries in chunks; ``J_t a_g`` is ``[Q, B]``, the weight derivatives of the batch. Memory is
 ``O(checkpoints·P + segment·P + Q·P)``: the states between two recorded checkpoints are

@@ -3,8 +3,8 @@
 ``optimizer_step(kind, hyper, theta, state, g, lr, count, max_norm)`` maps the
 parameters ``theta [P]``, the optimizer state (a tuple of ``[P]`` tensors) and the
 batch gradient ``g [P]`` of ``(1/B) Σ w_j ℓ_j`` to the next parameters and state,
-with the same arithmetic as the recorded optimizer (up to rounding), so that
-``torch.func.vjp`` differentiates the run's own update:
+with the same arithmetic as the recorded optimizer (up to rounding); ``sgd_pullback`` and
+``adam_pullback`` are its VJPs written out, for a batch of adjoints ``[Q, P]`` at once:
 
 - clipping (``max_norm``): ``g ← g · min(1, c / (‖g‖ + 1e-6))`` as in
   ``clip_grad_norm_``; differentiable except where ``‖g‖ + 1e-6 = c`` (the kink).
@@ -141,8 +141,7 @@ def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple
 
 def update(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
            lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The update from an already clipped gradient: elementwise, so its Jacobian is diagonal
-    (every output coordinate depends on the same coordinate of each input only)."""
+    """The update from an already clipped gradient (elementwise in the coordinates)."""
     if kind == "sgd":
         return _sgd(hyper, theta, state, g, lr)
     if kind in ("adam", "adamw"):
