@@ -43,6 +43,11 @@ bench-lm:
 	bash bench/setup_peers.sh
 	.venv-bench/bin/python -m bench.lm --threads 1 --warmup
 
+# Exact metagradients of recorded runs vs influence and TracIn, single-model LDS
+# (bench/metagradient_results.md; headwater only, about 10 minutes).
+bench-metagradient: setup
+	$(PY) -m bench.metagradient --threads 1
+
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 

@@ -12,8 +12,9 @@ same initialisation, order and learning rates), ``--subsets`` replays per fracti
 
 Estimators on the same run: exact metagradient (REPLAY), its Hessian-free variant
 (HYDRA's approximation), EK-FAC influence (headwater's default) and TracIn over the
-recorded checkpoints. Time: the metagradient of all 200 queries as a multiple of one
-training run (the median of 3 runs of the recorded loop, same dtype, same process).
+recorded checkpoints. Time: CPU time of this process (``time.process_time``, one thread:
+robust to other processes on a shared machine), the metagradient of all 200 queries as a
+multiple of one training run (the median of 3 runs of the recorded loop, same dtype).
 Peak memory: rise of the process's peak RSS (VmHWM reset through /proc/self/clear_refs)
 during the metagradient, against ``(model + optimizer state + n_query) · P`` floats.
 
@@ -44,14 +45,14 @@ WEIGHT_DECAY = 1e-3
 FRACTIONS = (0.01, 0.05, 0.5)
 RESULTS = Path(__file__).resolve().parent / "metagradient_results.md"
 
-# name: architecture, optimizer, lr, momentum, epochs, warm-up steps (linear from 10%)
+# name: architecture, optimizer, lr, momentum, epochs, warm-up steps (linear from 10%), decay (linear to 0)
 RECIPES: dict[str, dict[str, Any]] = {
     "mlp-sgd-sharp": {"arch": "mlp", "opt": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 10, "warmup": 0},
-    "mlp-sgd-smooth": {"arch": "mlp", "opt": "sgd", "lr": 0.01, "momentum": 0.9, "epochs": 20, "warmup": 0},
+    "mlp-sgd-smooth": {"arch": "mlp", "opt": "sgd", "lr": 0.01, "momentum": 0.9, "epochs": 20, "warmup": 0,
+                       "decay": 1},
     "mlp-adam-sharp": {"arch": "mlp", "opt": "adam", "lr": 1e-2, "momentum": 0.0, "epochs": 10, "warmup": 0},
-    "mlp-adam-smooth": {"arch": "mlp", "opt": "adam", "lr": 1e-3, "momentum": 0.0, "epochs": 20, "warmup": 100},
-    "cnn-sgd-sharp": {"arch": "cnn", "opt": "sgd", "lr": 0.1, "momentum": 0.9, "epochs": 10, "warmup": 0},
-    "cnn-sgd-smooth": {"arch": "cnn", "opt": "sgd", "lr": 0.03, "momentum": 0.9, "epochs": 20, "warmup": 0},
+    "mlp-adam-smooth": {"arch": "mlp", "opt": "adam", "lr": 1e-3, "momentum": 0.0, "epochs": 20, "warmup": 100,
+                        "decay": 1},
 }
 
 
@@ -59,9 +60,7 @@ def build(arch: str) -> nn.Module:
     torch.manual_seed(0)
     if arch == "mlp":
         return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    raise ValueError(f"arch: only 'mlp' here, got {arch!r}")
 
 
 def train(recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task) -> tuple[nn.Module, RunRecord]:
@@ -69,12 +68,18 @@ def train(recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task) -> tup
     model = build(recipe["arch"])
     if recipe["opt"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
-                              weight_decay=WEIGHT_DECAY)
+                              weight_decay=recipe.get("wd", WEIGHT_DECAY))
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], weight_decay=WEIGHT_DECAY)
+        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], eps=recipe.get("eps", 1e-8),
+                               weight_decay=recipe.get("wd", WEIGHT_DECAY))
     steps = recipe["epochs"] * math.ceil(x.shape[0] / 50)
-    warm = recipe["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 0.1 + 0.9 * t / warm) if warm else 1.0)
+    warm, decay = recipe["warmup"], recipe.get("decay", 0)
+
+    def factor(t: int) -> float:  # linear warm-up from 10%, then (with decay) linear decay to 0
+        up = min(1.0, 0.1 + 0.9 * t / warm) if warm else 1.0
+        return up * (1.0 - t / steps if decay else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     rec = Recorder(model, opt, n_train=x.shape[0], checkpoint_every=round(math.sqrt(steps)), seed=1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(recipe["epochs"]):
@@ -100,9 +105,9 @@ def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor,
         base = _rss_kib("VmRSS")
     except OSError:
         base = -1
-    start = time.perf_counter()
+    start = time.process_time()
     scores = Metagradient(model, task, run).scores(query, train)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     peak = (_rss_kib("VmHWM") - base) / 1024 if base >= 0 else float("nan")
     return scores, seconds, peak
 
@@ -121,9 +126,9 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     train(recipe, x, y, task)  # warm-up
     times = []
     for _ in range(3):
-        start = time.perf_counter()
+        start = time.process_time()
         model, run = train(recipe, x, y, task)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     one_run = sorted(times)[1]  # the median of 3: the machine may be shared
     with torch.no_grad():
         acc = float((model(xq).argmax(1) == yq).float().mean())
@@ -132,16 +137,16 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     n_state = len(run.checkpoints[0].state)
     budget = (1 + n_state + xq.shape[0]) * p * 4 / 2**20
     estimators = {"metagradient (exact)": (scores, seconds)}
-    start = time.perf_counter()
+    start = time.process_time()
     free = Metagradient(model, task, run, hessian_free=True).scores((xq, yq), (x, y))
-    estimators["Hessian-free (HYDRA)"] = (free, time.perf_counter() - start)
-    start = time.perf_counter()
-    ek = headwater.influence(model, (x, y), (xq, yq), task=ClassificationTask(weight_decay=WEIGHT_DECAY)).values
-    estimators["EK-FAC influence"] = (ek, time.perf_counter() - start)
-    start = time.perf_counter()
+    estimators["Hessian-free (HYDRA)"] = (free, time.process_time() - start)
+    start = time.process_time()
+    ek = headwater.influence(model, (x, y), (xq, yq), task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY))).values
+    estimators["EK-FAC influence"] = (ek, time.process_time() - start)
+    start = time.process_time()
     tr = headwater.influence(model, (x, y), (xq, yq), task=task, method="tracin",
                              checkpoints=tracin_checkpoints(run)).values
-    estimators["TracIn (checkpoints)"] = (tr, time.perf_counter() - start)
+    estimators["TracIn (checkpoints)"] = (tr, time.process_time() - start)
     truths = {f: single_model_ground_truth(model, task, (x, y), (xq, yq), run, fraction=f, n_subsets=subsets,
                                            store_dir=CACHE_DIR / "metagradient") for f in FRACTIONS}
     rows = []
@@ -158,7 +163,8 @@ def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
     lines = ["# Exact metagradients (REPLAY) vs influence: single-model LDS on the digits", "",
              f"`make bench-metagradient` (python -m bench.metagradient), {platform.machine()}, torch "
              f"{torch.__version__}, {torch.get_num_threads()} thread(s), float32, {subsets} replays per drop "
-             f"fraction (LDS ± standard error over the 200 test queries), {total:.0f} s in all.", "",
+             f"fraction (LDS ± standard error over the 200 test queries), {total:.0f} s of CPU time in all. "
+             "Times are CPU seconds of the process.", "",
              "| recipe | test acc | steps | one run (s) | estimator | LDS 1% | LDS 5% | LDS 50% | time (runs) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -171,7 +177,17 @@ def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
     for r in results:
         lines.append(f"| {r['name']} | {r['P']} | {r['seconds']:.1f} | {r['seconds'] / r['one_run']:.1f} | "
                      f"{r['peak']:.1f} | {r['budget']:.1f} | {r['peak'] / r['budget']:.1f} |")
-    lines += ["", "Recipes: " + "; ".join(f"{r['name']}: {r['recipe']}" for r in results), ""]
+    lines += ["", "Recipes: " + "; ".join(f"{r['name']}: {r['recipe']}" for r in results), "",
+              "Reading: the exact metagradient is exact for each run (tests: finite differences of "
+              "retraining to 1e-5 in float64), so its LDS measures how linear the run's response to "
+              "dropping data is: the sharp and smooth recipe of one optimizer reach the same test "
+              "accuracy, the smooth one is far more attributable. Its time is dominated by the "
+              "200 batched Hessian-vector products per step (forward-over-reverse, vmapped; about "
+              "Q·B·P·6 multiply-adds, at this machine's matrix-multiply rate); the Hessian-free "
+              "column shows the rest (replay, optimizer pullback, J·a products). The peak RSS rise "
+              "counts every [Q, P] tensor alive in a step (adjoints of θ and the optimizer state, "
+              "the pullback's outputs, the Hessian products of a chunk of 100 queries) plus the "
+              "allocator's slack.", ""]
     RESULTS.write_text("\n".join(lines))
 
 
@@ -183,10 +199,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start = time.process_time()
     results = [bench_recipe(name, RECIPES[name], args.subsets) for name in args.recipes]
     if not args.no_write:
-        write(results, args.subsets, time.perf_counter() - start)
+        write(results, args.subsets, time.process_time() - start)
 
 
 if __name__ == "__main__":

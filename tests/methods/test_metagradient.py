@@ -18,6 +18,7 @@ from headwater.train.recorder import Recorder, RunRecord, load_run, replay
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-2),
     "sgd_plain": lambda p: torch.optim.SGD(p, lr=0.3),
+    "sgd_heavy_ball": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, weight_decay=1e-2),
     "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=1e-2),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
 }
@@ -47,7 +48,7 @@ def measured(case, task, run: RunRecord, weights: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("make", "optimizer"), [(mlp, "sgd"), (mlp, "adam"), (cnn, "sgd"), (cnn, "adamw"),
-                                                 (mlp, "sgd_plain")])
+                                                 (mlp, "sgd_plain"), (mlp, "sgd_heavy_ball")])
 def test_equals_finite_differences_of_retraining(make, optimizer):
     case = make(n_train=20, n_query=3)
     task, run = record(case, optimizer)

@@ -23,8 +23,8 @@ from torch.func import functional_call
 
 from headwater import store
 from headwater.data import DataLike, as_tensors
-from headwater.gradients.functional import evaluation_mode
 from headwater.evaluate.lds import LDSGroundTruth, settings_key, subset_masks
+from headwater.gradients.functional import evaluation_mode
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint

@@ -3,8 +3,8 @@
 ``optimizer_step(kind, hyper, theta, state, g, lr, count, max_norm)`` maps the
 parameters ``theta [P]``, the optimizer state (a tuple of ``[P]`` tensors) and the
 batch gradient ``g [P]`` of ``(1/B) Σ w_j ℓ_j`` to the next parameters and state,
-with the same arithmetic as the recorded optimizer (up to rounding), so that
-``torch.func.vjp`` differentiates the run's own update:
+with the same arithmetic as the recorded optimizer (up to rounding); ``sgd_pullback`` and
+``adam_pullback`` are its VJPs written out, for a batch of adjoints ``[Q, P]`` at once:
 
 - clipping (``max_norm``): ``g ← g · min(1, c / (‖g‖ + 1e-6))`` as in
   ``clip_grad_norm_``; differentiable except where ``‖g‖ + 1e-6 = c`` (the kink).
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["clip", "clip_pullback", "optimizer_step", "update"]
+__all__ = ["adam_pullback", "clip", "clip_pullback", "optimizer_step", "sgd_pullback", "update"]
 
 
 def clip(g: Tensor, max_norm: float | None) -> Tensor:
@@ -64,6 +64,27 @@ def _sgd(hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Ten
     return theta - lr * step, (v,)
 
 
+def sgd_pullback(hyper: dict[str, Any], lr: float, a_theta: Tensor,
+                 a_state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """The SGD update's pullback by hand, in place on the given adjoints ``[Q, P]``.
+
+    From ``a_θ'``, ``a_v'``: ``ā = a_v' − η(μ if Nesterov else 1) a_θ'`` (total adjoint of
+    ``v'``), ``a_d = ā − η a_θ'`` with Nesterov else ``ā``; then ``a_g = a_d``,
+    ``a_v = μ ā``, ``a_θ = a_θ' + λ a_d``. Without momentum ``v`` passes through:
+    ``a_d = −η a_θ'``. Returns ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    """
+    mu, wd = hyper["momentum"], hyper["weight_decay"]
+    if not mu:
+        a_d = a_theta * (-lr)
+        return (a_theta.add_(a_d, alpha=wd) if wd else a_theta), a_state, a_d
+    a_total = a_state[0].add_(a_theta, alpha=-lr * (mu if hyper["nesterov"] else 1.0))
+    a_d = a_total.add(a_theta, alpha=-lr) if hyper["nesterov"] else a_total
+    a_v = a_total * mu
+    if wd:
+        a_theta.add_(a_d, alpha=wd)
+    return a_theta, (a_v,), a_d
+
+
 def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
           lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
     (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
@@ -77,6 +98,41 @@ def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, 
     return theta - (lr / (1 - beta1**count)) * m / denom, (m, s)
 
 
+def adam_pullback(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+                  lr: float, count: int, a_theta: Tensor,
+                  a_state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Adam's / AdamW's pullback by hand at ``(θ, (m, s), g)`` (``g`` clipped), in place on
+    the adjoints ``[Q, P]``.
+
+    With ``r = √s'/c₂ + ε``, ``c₂ = √(1−β2^k)``, ``α = η/(1−β1^k)``:
+    ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
+    ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
+    Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
+    ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    """
+    (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
+    if wd and kind == "adam":
+        g = g + wd * theta
+    m = beta1 * state[0] + (1 - beta1) * g
+    root = _safe_sqrt(beta2 * state[1] + (1 - beta2) * g * g)
+    c2 = (1 - beta2**count) ** 0.5
+    r = root / c2 + eps
+    alpha = lr / (1 - beta1**count)
+    a_m, a_s = a_state
+    a_m.addcmul_(a_theta, -alpha / r)
+    safe_root = torch.where(root > 0, root, torch.ones_like(root))
+    a_s.addcmul_(a_theta, torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root)))
+    a_g = a_m * (1 - beta1)
+    a_g.addcmul_(a_s, 2 * (1 - beta2) * g)
+    a_m.mul_(beta1)
+    a_s.mul_(beta2)
+    if wd and kind == "adam":
+        a_theta.add_(a_g, alpha=wd)
+    elif wd:
+        a_theta.mul_(1 - lr * wd)
+    return a_theta, (a_m, a_s), a_g
+
+
 def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
                    lr: float, count: int, max_norm: float | None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One update (module docstring); ``count`` is Adam's step number (from 1)."""
@@ -85,8 +141,7 @@ def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple
 
 def update(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
            lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The update from an already clipped gradient: elementwise, so its Jacobian is diagonal
-    (every output coordinate depends on the same coordinate of each input only)."""
+    """The update from an already clipped gradient (elementwise in the coordinates)."""
     if kind == "sgd":
         return _sgd(hyper, theta, state, g, lr)
     if kind in ("adam", "adamw"):
