@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from torch.func import hessian, vmap
 
 from headwater.curvature.base import Curvature, Memory, ProblemSize
+from headwater.curvature.defaults import FACTORED_RELATIVE_DAMPING
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
@@ -197,7 +198,8 @@ class KroneckerCurvature(Curvature):
     Args:
         kind: ``"ggn"`` (default) or ``"ef"``.
         damping: absolute λ, or ``None`` for ``relative_damping × mean(Λ)`` per block.
-        relative_damping: factor of the per-block default damping (default 0.1).
+        relative_damping: factor of the per-block default damping (default 0.1, the
+            ``"factored"`` rule of :mod:`~headwater.curvature.defaults`).
         ggn_estimator: ``"auto"`` (default), ``"exact"`` or ``"sampled"`` (module docs).
         mc_samples: sampled targets per example with ``"sampled"``.
         seed: seed of the sampled targets.
@@ -212,7 +214,7 @@ class KroneckerCurvature(Curvature):
     corrected: ClassVar[bool]
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
-                 chunk_size: int = 64, relative_damping: float = 0.1,
+                 chunk_size: int = 64, relative_damping: float = FACTORED_RELATIVE_DAMPING,
                  ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1,
                  seed: int = 0, factor_dtype: str | None = None):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)

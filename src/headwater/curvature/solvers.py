@@ -118,6 +118,7 @@ def conjugate_gradient(
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
     x0: Tensor | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``(A + damping I) x_k = b_k`` for every row by (preconditioned) CG.
 
@@ -142,6 +143,7 @@ def conjugate_gradient(
         preconditioner: Symmetric positive definite ``R [K, P] -> M^{-1} R``,
             e.g. :func:`nystrom_preconditioner`; default none.
         x0: ``Tensor [K, P]``, starting point; default zeros.
+        callback: called after every iteration with ``(iteration, relative residuals [K])``.
 
     Returns:
         ``X [K, P]`` (dtype and device of ``B``) and a :class:`CGInfo`. Rows that
@@ -195,6 +197,8 @@ def conjugate_gradient(
                 f"{B.dtype}; increase `damping` (now {damping:g})"
             )
         done[active] = rel[active] <= tol
+        if callback is not None:
+            callback(it, rel)
         still = active[~done[active]]
         if still.numel() > 0:
             _cg_direction(preconditioner, R, P_dir, rz, still)
