@@ -1,11 +1,11 @@
-# headwater: make demo | make test | make bench | make bench-extras | make bench-lm
+# headwater: make demo | make test | make bench | make bench-extras | make bench-lm | make bench-defaults
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-extras:
 bench-lm:
 	bash bench/setup_peers.sh
 	.venv-bench/bin/python -m bench.lm --threads 1 --warmup
+
+# Every curvature at its defaults on the digits MLP and CNN, the damping rule's held-out
+# choice, CG vs EK-FAC (bench/defaults_results.md); headwater only, one thread.
+bench-defaults: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.defaults
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

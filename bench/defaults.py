@@ -69,7 +69,7 @@ def sweep(problem: Problem, lines: list[str]) -> None:
     truth = _truth(problem)
     even = torch.arange(problem.X_test.shape[0]) % 2 == 0
     mean_eig = float(Diagonal().fit(problem.model, task, train).state.diagonal.double().mean())
-    fits = {"ekfac": EKFAC(), "arnoldi (rank 50)": Arnoldi()}
+    fits = {"ekfac": EKFAC(), "arnoldi (rank 100)": Arnoldi()}
     if problem.name == "cnn":
         fits["exact"] = Exact()
     for name, curv in fits.items():
@@ -122,9 +122,29 @@ def defaults(problem: Problem, lines: list[str], names: tuple[str, ...]) -> None
         print(lines[-1], flush=True)
 
 
+def cg_vs_ekfac(problem: Problem, lines: list[str], n_query: int = 50) -> None:
+    """CG at its defaults against EK-FAC on the first ``n_query`` test points (CG's cost
+    grows with the number of right-hand sides): time, iterations, residual, LDS."""
+    task, (train, query) = _task(problem), _data(problem)
+    query = (query[0][:n_query], query[1][:n_query])
+    truth = _truth(problem)
+    truth = dataclasses.replace(truth, actual=truth.actual[:, :n_query], per_seed=truth.per_seed[..., :n_query])
+    for name in ("ekfac", "cg"):
+        t0 = time.perf_counter()
+        est = InfluenceFunction(problem.model, task, CURVATURES[name]()).fit(train)
+        values = est.scores(query, train)
+        seconds = time.perf_counter() - t0
+        info = getattr(est.curvature, "last_info", None)
+        detail = "" if info is None else (f"{info.iterations} iterations, worst relative residual "
+                                          f"{float(info.residuals.max()):.2g}")
+        lines.append(f"| {problem.name} | {name} | {lds(values, truth).mean:.3f} | {seconds:.1f} s | "
+                     f"{est.curvature.fitted_damping:.3g} | {detail} |")
+        print(lines[-1], flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    what = sys.argv[1:] or ["sweep", "defaults"]
+    what = sys.argv[1:] or ["sweep", "defaults", "cg"]
     lines = [f"# Defaults (bench/defaults.py), written {time.strftime('%Y-%m-%d %H:%M')}", ""]
     problems = {"mlp": mlp(), "cnn": cnn()}
     if "sweep" in what:
@@ -141,6 +161,11 @@ def main() -> None:
         defaults(problems["mlp"], lines, (None, *cheap))
         defaults(problems["cnn"], lines, (None, *cheap))
         defaults(cnn_bn(), lines, (None, "ekfac", "kfac", "diagonal", "identity"))
+        lines.append("")
+    if "cg" in what:
+        lines += ["## CG at its defaults vs EK-FAC (first 50 test digits)", "",
+                  "| problem | curvature | LDS | time | damping | solve |", "|---|---|---:|---:|---:|---|"]
+        cg_vs_ekfac(problems["cnn"], lines)
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}")
 
