@@ -23,6 +23,7 @@ Shared conventions (documented once, here):
   argument.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
