@@ -31,7 +31,6 @@ from headwater.task import Task
 __all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "Memory", "ProblemSize", "check_damping", "default_damping"]
 
 
-
 def default_damping(mean_eigenvalue: float) -> float:
     """The library's default damping of a whole-space curvature:
     ``DEFAULT_RELATIVE_DAMPING × max(trace(M)/P, 0)``, the ``"full"`` case of the one

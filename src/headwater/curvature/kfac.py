@@ -73,7 +73,8 @@ from torch import Tensor, nn
 from torch.func import hessian, vmap
 
 from headwater.curvature.base import Curvature, Memory, ProblemSize
-from headwater.curvature.defaults import FACTORED_RELATIVE_DAMPING
+from headwater.curvature.defaults import FACTORED_RELATIVE_DAMPING, DampingScale
+from headwater.curvature.defaults import default_damping as rule
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
@@ -326,7 +327,8 @@ class KroneckerCurvature(Curvature):
                                                                  eig_a[b.module][0].clamp_min(0)))
                  for b in blocks}
         damping = torch.tensor([self.damping if self.damping is not None else
-                                self.relative_damping * float(grids[b.module].mean()) for b in blocks],
+                                rule(float(grids[b.module].mean()), DampingScale.FACTORED, self.relative_damping)
+                                for b in blocks],
                                dtype=torch.float64)
         low = min(float(g.min()) + task.weight_decay + float(d) for g, d in zip(grids.values(), damping))
         if low <= 0:
