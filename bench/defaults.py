@@ -29,7 +29,14 @@ from torch import nn
 
 import headwater
 from bench.cnn_problem import cnn, cnn_lds_truth
-from bench.problems import CACHE_DIR, WEIGHT_DECAY, Problem, _load_or_train, _tensors, _train_mlp, mlp
+from bench.problems import (
+    WEIGHT_DECAY,
+    Problem,
+    _load_or_train,
+    _tensors,
+    _train_mlp,
+    mlp,
+)
 from bench.run import lds_truth
 from headwater.curvature import CURVATURES, EKFAC, Arnoldi, Diagonal, Exact
 from headwater.evaluate.lds import lds

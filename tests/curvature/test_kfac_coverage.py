@@ -9,7 +9,7 @@ import headwater
 from headwater.curvature import EKFAC, KFAC
 from headwater.gradients.layers import DIAGONAL
 from headwater.methods import InfluenceFunction
-from headwater.task import ClassificationTask, RegressionTask
+from headwater.task import ClassificationTask
 
 F64 = torch.float64
 

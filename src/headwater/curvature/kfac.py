@@ -79,7 +79,14 @@ from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
-from headwater.gradients.layers import Block, DiagonalPart, capture, find_blocks, from_blocks, to_blocks
+from headwater.gradients.layers import (
+    Block,
+    DiagonalPart,
+    capture,
+    find_blocks,
+    from_blocks,
+    to_blocks,
+)
 from headwater.gradients.per_example import check_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task, sample_per_example
