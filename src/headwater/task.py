@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -102,9 +102,12 @@ class Task(ABC):
         """The model's output for a batch (override for dict inputs etc.)."""
         return model(inputs)
 
-    def attention_mask(self, inputs: Tensor) -> Tensor | None:
+    def attention_mask(self, inputs: Any) -> Tensor | None:
         """Per-position weights ``[B, T]`` (1 = a real token, 0 = padding) that K-FAC/EK-FAC
-        use for their input statistics, or ``None`` (default: every position counts)."""
+        use for their input statistics, or ``None`` (every position counts). Default: the
+        ``"attention_mask"`` entry of dict inputs (a Hugging Face batch), else ``None``."""
+        if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
+            return inputs["attention_mask"]
         return None
 
     @abstractmethod

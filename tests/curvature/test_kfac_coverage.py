@@ -205,3 +205,9 @@ def test_kronecker_projection_covers_norms_and_refuses_a_shared_position_embeddi
     with pytest.raises(ValueError, match="'pos'"):
         headwater.influence(case.model, case.train, case.query, task=case.task,
                             projection=KroneckerProjection(8, 8))
+
+
+def test_default_attention_mask_reads_a_hugging_face_batch():
+    ids, mask = torch.tensor([[3, 4, 0]]), torch.tensor([[1, 1, 0]])
+    assert ClassificationTask().attention_mask({"input_ids": ids, "attention_mask": mask}) is mask
+    assert ClassificationTask().attention_mask(ids) is None
