@@ -149,6 +149,7 @@ class CG(StreamingCurvature):
             )
         self.tol, self.max_iter = float(tol), max_iter
         self.preconditioner_rank, self.oversample = preconditioner_rank, oversample
+        self._progress: ProgressFn | None = None  # set by fit; solves report to it
         self.seed, self.trace_probes = seed, trace_probes
         self.last_info: CGInfo | None = None
 
@@ -219,8 +220,7 @@ class CG(StreamingCurvature):
         """``progress("cg iterations", i, estimated total)``: the total assumes the worst
         row's residual keeps shrinking at its average rate so far (geometric convergence),
         so a progress bar shows the remaining time from the first iterations on."""
-        progress = getattr(self, "_progress", None)
-        if progress is None:
+        if self._progress is None:
             return
         cap = self.max_iter if self.max_iter is not None else 10 * self.layout.num_params
         worst = float(residuals.max())
@@ -230,7 +230,7 @@ class CG(StreamingCurvature):
             total = min(cap, max(iteration, math.ceil(iteration * math.log(self.tol) / math.log(worst))))
         else:
             total = cap
-        report(progress, "cg iterations", iteration, total)
+        report(self._progress, "cg iterations", iteration, total)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._bound().matvec(v) + self.state.damping * v
