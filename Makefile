@@ -1,11 +1,11 @@
-# headwater: make demo | make test | make bench | make bench-extras | make bench-lm
+# headwater: make demo | make test | make bench | make bench-extras | make bench-lm | make bench-defaults
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults lint clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ bench-lm:
 # (bench/metagradient_results.md; headwater only, about 10 minutes).
 bench-metagradient: setup
 	$(PY) -m bench.metagradient --threads 1
+# Every curvature at its defaults on the digits MLP and CNN, the damping rule's held-out
+# choice, CG vs EK-FAC (bench/defaults_results.md); headwater only, one thread.
+bench-defaults: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.defaults
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -6,6 +6,7 @@ from cases import CASES
 from oracles import assert_close, dense_ef, dense_ggn, dense_hessian
 
 from headwater.curvature import Exact, dense_curvature
+from headwater.curvature.defaults import DEFAULT_RELATIVE_DAMPING
 from headwater.store import StoreMismatchError
 
 ORACLES = {"hessian": dense_hessian, "ggn": dense_ggn, "ef": dense_ef}
@@ -47,7 +48,7 @@ def test_default_damping_is_relative_to_mean_eigenvalue():
     case = CASES["mlp"]()
     curv = Exact().fit(case.model, case.task, case.train)
     mean_eig = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train)).mean().item()
-    assert curv.fitted_damping == pytest.approx(1e-3 * mean_eig, rel=1e-9)
+    assert curv.fitted_damping == pytest.approx(DEFAULT_RELATIVE_DAMPING * mean_eig, rel=1e-9)
 
 
 def test_indefinite_undamped_warns():
@@ -81,7 +82,7 @@ def test_cholesky_solver_equals_the_dense_solve(damping, tmp_path):
     case = CASES["cnn"]()
     curv = Exact(damping=damping, solver="cholesky").fit(case.model, case.task, case.train)
     dense = dense_ggn(case.model, case.task, case.train)
-    lam = damping if damping is not None else 1e-3 * float(dense.diagonal().mean())
+    lam = damping if damping is not None else DEFAULT_RELATIVE_DAMPING * float(dense.diagonal().mean())
     assert curv.fitted_damping == pytest.approx(lam, rel=1e-12)
     same = Exact(damping=damping).fit(case.model, case.task, case.train)  # eigh: same default
     assert curv.fitted_damping == pytest.approx(same.fitted_damping, rel=1e-12)

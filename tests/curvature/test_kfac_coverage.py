@@ -9,7 +9,7 @@ import headwater
 from headwater.curvature import EKFAC, KFAC
 from headwater.gradients.layers import DIAGONAL
 from headwater.methods import InfluenceFunction
-from headwater.task import ClassificationTask, RegressionTask
+from headwater.task import ClassificationTask
 
 F64 = torch.float64
 
@@ -184,3 +184,30 @@ def test_causal_lm_without_module_selection(tied):
     g_tr = loop_gradients(case.model, case.task, case.train)
     g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
     assert_close(est.scores(case.query, case.train), g_q @ est.curvature.solve(g_tr).T, rtol=1e-9)
+
+
+def test_kronecker_projection_covers_norms_and_refuses_a_shared_position_embedding():
+    """Per-layer projection with a diagonal block: with projections that keep every side
+    whole it is the exact influence; a module called on ``arange(T)`` is named."""
+    from cases import causal_lm
+
+    from headwater.gradients.projection import KroneckerProjection
+
+    model = _init(TextClassifier().double(), 21)
+    ids = torch.randint(1, 6, (10, 4), generator=_gen(22))
+    y = torch.randint(0, 3, (10,), generator=_gen(23))
+    task = ClassificationTask(weight_decay=1e-2)
+    train, query = (ids[:7], y[:7]), (ids[7:], y[7:])
+    got = headwater.influence(model, train, query, task=task, projection=KroneckerProjection(64, 64), damping=0.1)
+    want = headwater.influence(model, train, query, task=task, curvature="exact", damping=0.1)
+    assert_close(got.values, want.values, rtol=1e-7)
+    case = causal_lm()
+    with pytest.raises(ValueError, match="'pos'"):
+        headwater.influence(case.model, case.train, case.query, task=case.task,
+                            projection=KroneckerProjection(8, 8))
+
+
+def test_default_attention_mask_reads_a_hugging_face_batch():
+    ids, mask = torch.tensor([[3, 4, 0]]), torch.tensor([[1, 1, 0]])
+    assert ClassificationTask().attention_mask({"input_ids": ids, "attention_mask": mask}) is mask
+    assert ClassificationTask().attention_mask(ids) is None

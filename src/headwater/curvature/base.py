@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from headwater import store
+from headwater.curvature.defaults import DEFAULT_RELATIVE_DAMPING, DampingScale
+from headwater.curvature.defaults import default_damping as rule
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, num_examples
 from headwater.errors import NonFiniteError
@@ -30,19 +32,17 @@ from headwater.task import Task
 
 __all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "Memory", "ProblemSize", "check_damping", "default_damping"]
 
-DEFAULT_RELATIVE_DAMPING = 1e-3
-"""With ``damping=None``, damping = this × the mean eigenvalue (trace / P) of ``M``."""
-
 
 def default_damping(mean_eigenvalue: float) -> float:
-    """The library's one default damping: ``DEFAULT_RELATIVE_DAMPING × max(trace(M)/P, 0)``.
+    """The library's default damping of a whole-space curvature:
+    ``DEFAULT_RELATIVE_DAMPING × max(trace(M)/P, 0)``, the ``"full"`` case of the one
+    rule in :mod:`~headwater.curvature.defaults` (where the measurements are).
 
-    Every curvature with ``damping=None`` applies it to its own estimate of ``trace(M)/P``
-    (exact eigenvalues, a Hutchinson estimate, the diagonal, the window of gradients, the
-    projected trace). The one deliberate exception is K-FAC/EK-FAC, which damps each block
-    by ``relative_damping × mean(Λ_block)`` (Kronfluence's heuristic; the bench's
-    ``-heuristic`` rows measure it)."""
-    return DEFAULT_RELATIVE_DAMPING * max(float(mean_eigenvalue), 0.0)
+    Every whole-space curvature with ``damping=None`` applies it to its own estimate of
+    ``trace(M)/P`` (exact eigenvalues, a Hutchinson estimate, the diagonal, the window of
+    gradients, the projected trace); the low-rank ones damp by their smallest kept
+    eigenvalue and K-FAC/EK-FAC each block by ``0.1 × mean(Λ_block)`` (same module)."""
+    return rule(mean_eigenvalue, DampingScale.FULL)
 
 
 def check_damping(damping: float | None) -> float | None:

@@ -13,6 +13,7 @@ call :meth:`CG.bind` with the same model, task and data before solving.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from headwater.curvature.solvers import (
     nystrom_preconditioner,
 )
 from headwater.data import DataLike
-from headwater.progress import ProgressFn
+from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = ["CG", "CGState"]
@@ -74,7 +75,7 @@ class CG(StreamingCurvature):
             warns, naming ``max_iter``/``tol``/``damping`` (unless ``warn=False``).
         preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"nystrom"`` or
             ``"none"`` (see :class:`~headwater.curvature._streaming.Preconditioner`); default
-            ``"nystrom"`` when ``preconditioner_rank > 0``, else none. EK-FAC is fitted
+            ``"nystrom"`` when ``preconditioner_rank > 0``, else ``"ekfac"``. EK-FAC is fitted
             once (one pass for the factors, one for the eigenvalues) and cuts the
             iterations most on networks made of linear/conv layers.
         preconditioner_rank: rank of the Nyström preconditioner (GGN/EF only).
@@ -117,7 +118,7 @@ class CG(StreamingCurvature):
         warn: bool = True,
     ):
         if preconditioner is None:
-            preconditioner = Preconditioner.NYSTROM if preconditioner_rank else Preconditioner.NONE
+            preconditioner = Preconditioner.NYSTROM if preconditioner_rank else Preconditioner.EKFAC
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner,
                          seed=seed, trace_probes=trace_probes)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
@@ -198,7 +199,7 @@ class CG(StreamingCurvature):
             tol=self.tol,
             max_iter=self.max_iter,
             preconditioner=precond,
-            progress=self.progress,
+            callback=self._report,
         )
         if self.warn and not self.last_info.converged:
             warnings.warn(
@@ -210,6 +211,22 @@ class CG(StreamingCurvature):
                 stacklevel=3,
             )
         return x
+
+    def _report(self, iteration: int, residuals: Tensor) -> None:
+        """``progress("CG iterations", i, estimated total)``: the total assumes the worst
+        row's residual keeps shrinking at its average rate so far (geometric convergence),
+        so a progress bar shows the remaining time from the first iterations on."""
+        if self.progress is None:
+            return
+        cap = self.max_iter if self.max_iter is not None else 10 * self.layout.num_params
+        worst = float(residuals.max())
+        if worst <= self.tol or self.tol <= 0:
+            total = iteration
+        elif 0 < worst < 1:
+            total = min(cap, max(iteration, math.ceil(iteration * math.log(self.tol) / math.log(worst))))
+        else:
+            total = cap
+        report(self.progress, "CG iterations", iteration, total)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._bound().matvec(v) + self.state.damping * v

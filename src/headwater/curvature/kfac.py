@@ -73,11 +73,20 @@ from torch import Tensor, nn
 from torch.func import hessian, vmap
 
 from headwater.curvature.base import Curvature, Memory, ProblemSize
+from headwater.curvature.defaults import FACTORED_RELATIVE_DAMPING, DampingScale
+from headwater.curvature.defaults import default_damping as rule
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
-from headwater.gradients.layers import Block, DiagonalPart, capture, find_blocks, from_blocks, to_blocks
+from headwater.gradients.layers import (
+    Block,
+    DiagonalPart,
+    capture,
+    find_blocks,
+    from_blocks,
+    to_blocks,
+)
 from headwater.gradients.per_example import check_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task, sample_per_example
@@ -197,7 +206,8 @@ class KroneckerCurvature(Curvature):
     Args:
         kind: ``"ggn"`` (default) or ``"ef"``.
         damping: absolute λ, or ``None`` for ``relative_damping × mean(Λ)`` per block.
-        relative_damping: factor of the per-block default damping (default 0.1).
+        relative_damping: factor of the per-block default damping (default 0.1, the
+            ``"factored"`` rule of :mod:`~headwater.curvature.defaults`).
         ggn_estimator: ``"auto"`` (default), ``"exact"`` or ``"sampled"`` (module docs).
         mc_samples: sampled targets per example with ``"sampled"``.
         seed: seed of the sampled targets.
@@ -212,7 +222,7 @@ class KroneckerCurvature(Curvature):
     corrected: ClassVar[bool]
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
-                 chunk_size: int = 64, relative_damping: float = 0.1,
+                 chunk_size: int = 64, relative_damping: float = FACTORED_RELATIVE_DAMPING,
                  ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1,
                  seed: int = 0, factor_dtype: str | None = None):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
@@ -324,7 +334,8 @@ class KroneckerCurvature(Curvature):
                                                                  eig_a[b.module][0].clamp_min(0)))
                  for b in blocks}
         damping = torch.tensor([self.damping if self.damping is not None else
-                                self.relative_damping * float(grids[b.module].mean()) for b in blocks],
+                                rule(float(grids[b.module].mean()), DampingScale.FACTORED, self.relative_damping)
+                                for b in blocks],
                                dtype=torch.float64)
         low = min(float(g.min()) + task.weight_decay + float(d) for g, d in zip(grids.values(), damping))
         if low <= 0:

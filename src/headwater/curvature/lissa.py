@@ -80,7 +80,7 @@ class LiSSA(StreamingCurvature):
             slice ``(r·depth + t) mod n_batches`` of a seeded permutation, redrawn
             every pass over the data.
         seed: seed of the mini-batch order, the trace probes and the Lanczos start.
-        preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"none"`` (default);
+        preconditioner: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"none"``;
             see :class:`~headwater.curvature._streaming.Preconditioner`. Refitted by
             :meth:`bind` (not part of the saved state).
         tol: last relative change below which ``last_info.converged`` is set.
@@ -116,7 +116,7 @@ class LiSSA(StreamingCurvature):
         seed: int = 0,
         tol: float = 1e-3,
         trace_probes: int = 16,
-        preconditioner: Preconditioner | str = Preconditioner.NONE,
+        preconditioner: Preconditioner | str = Preconditioner.EKFAC,
     ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner,
                          seed=seed, trace_probes=trace_probes)

@@ -23,7 +23,7 @@ Shared conventions (documented once, here):
   argument.
 """
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,15 +112,6 @@ class LissaInfo:
 # ----------------------------------------------------------------------------- CG
 
 
-def _cg_percent(rel: Tensor, tol: float, it: int, max_iter: int) -> int:
-    """Percent of the way to convergence: the worst relative residual's progress from 1 to
-    ``tol`` in log scale, or the share of ``max_iter`` used, whichever is further (< 100)."""
-    by_iter = it / max_iter
-    worst = float(rel.max())
-    by_residual = math.log(max(worst, tol)) / math.log(tol) if 0 < tol < 1 and worst < 1 else 0.0
-    return min(99, int(100 * max(by_iter, by_residual)))
-
-
 def conjugate_gradient(
     matvec: MatVec,
     B: Tensor,
@@ -130,7 +121,7 @@ def conjugate_gradient(
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
     x0: Tensor | None = None,
-    progress: ProgressFn | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``(A + damping I) x_k = b_k`` for every row by (preconditioned) CG.
 
@@ -155,9 +146,7 @@ def conjugate_gradient(
         preconditioner: Symmetric positive definite ``R [K, P] -> M^{-1} R``,
             e.g. :func:`nystrom_preconditioner`; default none.
         x0: ``Tensor [K, P]``, starting point; default zeros.
-        progress: optional ``progress(stage, done, total)`` callback, told after every
-            iteration how far (in percent) the worst row has come from its starting
-            residual to ``tol`` on a log scale, or of ``max_iter`` if that is further.
+        callback: called after every iteration with ``(iteration, relative residuals [K])``.
 
     Returns:
         ``X [K, P]`` (dtype and device of ``B``) and a :class:`CGInfo`. Rows that
@@ -211,11 +200,11 @@ def conjugate_gradient(
                 f"{B.dtype}; increase `damping` (now {damping:g})"
             )
         done[active] = rel[active] <= tol
-        report(progress, "CG iterations", _cg_percent(rel, tol, it, max_iter), 100)
+        if callback is not None:
+            callback(it, rel)
         still = active[~done[active]]
         if still.numel() > 0:
             _cg_direction(preconditioner, R, P_dir, rz, still)
-    report(progress, "CG iterations", 100, 100)
     info = CGInfo(
         iterations=int(iters.max().item()),
         iterations_per_row=iters,

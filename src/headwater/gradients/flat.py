@@ -51,7 +51,7 @@ class ParamLayout:
             raise ValueError(f"expected a last dimension of {self.num_params}, got {flat.shape[-1]}")
         batch = flat.shape[:-1]
         return {
-            name: flat[..., sl].reshape(*batch, *shape)
+            name: flat[..., sl].reshape((*batch, *shape))  # a tuple: 0-d parameters too
             for (name, sl), shape in zip(self.slices().items(), self.shapes, strict=True)
         }
 

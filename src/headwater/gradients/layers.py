@@ -43,11 +43,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from torch.func import grad
 
-from headwater.gradients.flat import ParamLayout
 from headwater.data import DataLike, Inputs, iter_batches, one_example, take
+from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
 from headwater.gradients.per_example import output_pullbacks
 
@@ -194,24 +193,32 @@ def _batched(model: nn.Module, task: Any, params: dict[str, Tensor], candidates:
     sizes = [s for s in (3, 2) if s <= y.shape[0]] or [y.shape[0]]
     ok = set(candidates)
     for size in sizes:
-        seen: dict[str, bool] = {}
-
-        def hook(name: str):
-            def record(module: nn.Module, args: tuple, output: Any) -> None:
-                fits = bool(args) and isinstance(output, Tensor) and args[0].dim() > 0 \
-                    and args[0].shape[0] == size and output.dim() > 0 and output.shape[0] == size
-                seen[name] = seen.get(name, True) and fits
-            return record
-
-        handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
-        try:
-            with torch.no_grad(), evaluation_mode(model):
-                task.output(bind(model, detached(params)), take(x, slice(0, size)))
-        finally:
-            for handle in handles:
-                handle.remove()
-        ok &= {n for n, fits in seen.items() if fits}
+        seen = _probe(model, task, params, candidates, take(x, slice(0, size)))
+        ok &= {n for n, shapes in seen.items() if all(s == size for s in shapes)}
     return ok
+
+
+def _probe(model: nn.Module, task: Any, params: dict[str, Tensor], candidates: dict[str, nn.Module],
+           x: Tensor) -> dict[str, list[int | None]]:
+    """Per candidate called in one forward pass on ``x``: the first dimension of each
+    call's input and output (``None`` for a non-tensor or a scalar)."""
+    seen: dict[str, list[int | None]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            for t in (args[0] if args else None, output):
+                seen.setdefault(name, []).append(
+                    t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            task.output(bind(model, detached(params)), x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _inputs(module: nn.Module, x: Tensor, kind: str, dtype: torch.dtype) -> Tensor:

@@ -132,10 +132,14 @@ class _KroneckerFeatures:
             start += block.shape[0]
         return trace
 
-    def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor]) -> Tensor:
+    def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor], batch_size: int) -> Tensor:
         """``signals {module: [..., B, T, out]}``, ``acts {module: [B, T, width]}`` -> ``[..., B, dim]``."""
         parts = []
         for b, (po, pi) in zip(self.blocks, self.factors, strict=True):
+            if acts[b.module].shape[0] != batch_size:
+                raise ValueError(f"projection: module {b.module!r} is not called once per example (its input's "
+                                 "first dimension is not the batch, e.g. a position embedding on arange(T)); "
+                                 "leave it out with the task's modules=")
             s, a = signals[b.module] @ po.T, acts[b.module] @ pi.T
             parts.append(torch.einsum("...bto,bti->...boi", s, a).flatten(-2))
         return torch.cat(parts, dim=-1)
@@ -150,7 +154,8 @@ class _KroneckerFeatures:
         check_values(values, y.shape[0], name)
         with torch.enable_grad():
             signals = {**cap.signals(values.sum()), **self.diagonal.gradients((x, y), value_fn)}
-        return self._project(signals, {**cap.activations(), **self.diagonal.activations(y.shape[0], values)})
+        acts = {**cap.activations(), **self.diagonal.activations(y.shape[0], values)}
+        return self._project(signals, acts, y.shape[0])
 
     def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -160,7 +165,7 @@ class _KroneckerFeatures:
         with torch.enable_grad():
             signals = {**cap.pullback(out, cotangents), **self.diagonal.pullback(x, cotangents)}
         acts = {**cap.activations(), **self.diagonal.activations(out.shape[0], out)}
-        return weight, list(self._project(signals, acts))
+        return weight, list(self._project(signals, acts, out.shape[0]))
 
 
 class ProjectedInfluence(Estimator):
