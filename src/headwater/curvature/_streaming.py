@@ -37,6 +37,10 @@ class Preconditioner(str, Enum):
     DIAGONAL = "diagonal"
 
 
+_PRECONDITIONERS = {Preconditioner.EKFAC: EKFAC, Preconditioner.KFAC: KFAC, Preconditioner.DIAGONAL: Diagonal}
+"""Curvature classes CG and LiSSA can be preconditioned with (a Nyström one is fitted by CG)."""
+
+
 def fit_preconditioner(
     which: Preconditioner,
     model: nn.Module,
@@ -46,15 +50,12 @@ def fit_preconditioner(
     damping: float,
     chunk_size: int,
 ) -> MatVec:
-    """Fit a Kronecker-factored or diagonal curvature with ``damping`` and return its ``solve``."""
-    if which is Preconditioner.DIAGONAL:
-        method = "hutchinson" if kind is MatrixKind.HESSIAN else "exact"
-        curvature = Diagonal(kind=kind, damping=damping, chunk_size=chunk_size, method=method)
-    elif which in (Preconditioner.EKFAC, Preconditioner.KFAC):
-        cls = EKFAC if which is Preconditioner.EKFAC else KFAC
-        factor_kind = MatrixKind.GGN if kind is MatrixKind.HESSIAN else kind
-        curvature = cls(kind=factor_kind, damping=damping, chunk_size=chunk_size)
-    else:
+    """Fit the curvature named by ``which`` as a preconditioner (its class's
+    :meth:`~headwater.curvature.base.Curvature.preconditioner` ability) with ``damping``
+    and return its ``solve``."""
+    cls = _PRECONDITIONERS.get(which)
+    curvature = None if cls is None else cls.preconditioner(kind, damping, chunk_size)
+    if curvature is None:
         raise ValueError(f"preconditioner: {which.value!r} is not fitted here")
     return curvature.fit(model, task, data).solve
 

@@ -173,6 +173,12 @@ class Curvature(ABC):
         e.g. a Kronecker-factored curvature without supported layers)."""
         raise NotImplementedError(f"{cls.__name__} declares no memory model (Curvature.memory)")
 
+    @classmethod
+    def preconditioner(cls, kind: MatrixKind, damping: float, chunk_size: int) -> Self | None:
+        """An unfitted instance approximating ``M + damping·I`` of ``kind`` cheaply enough to
+        precondition CG and LiSSA, or ``None`` when this class cannot (the default)."""
+        return None
+
     # -- fitting -------------------------------------------------------------------
     def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
             progress: ProgressFn | None = None) -> _Self:

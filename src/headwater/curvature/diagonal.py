@@ -173,6 +173,12 @@ class Diagonal(Curvature):
     def _matvec(self, v: Tensor) -> Tensor:
         return v * (self.state.diagonal.to(v.dtype) + self.state.damping)
 
+    @classmethod
+    def preconditioner(cls, kind: MatrixKind, damping: float, chunk_size: int) -> Diagonal:
+        """The exact diagonal (GGN/EF) or its Hutchinson estimate (Hessian)."""
+        method = "hutchinson" if kind is MatrixKind.HESSIAN else "exact"
+        return cls(kind=kind, damping=damping, chunk_size=chunk_size, method=method)
+
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),

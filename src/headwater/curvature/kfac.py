@@ -246,6 +246,12 @@ class KroneckerCurvature(Curvature):
     def _state_type(cls) -> type:
         return KroneckerState
 
+    @classmethod
+    def preconditioner(cls, kind: MatrixKind, damping: float, chunk_size: int) -> KroneckerCurvature:
+        """The factors of the same kind (of the GGN for ``kind="hessian"``)."""
+        return cls(kind=MatrixKind.GGN if kind is MatrixKind.HESSIAN else kind, damping=damping,
+                   chunk_size=chunk_size)
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "relative_damping": self.relative_damping,
                 "ggn_estimator": self.ggn_estimator.value, "mc_samples": self.mc_samples,
