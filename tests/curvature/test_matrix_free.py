@@ -438,7 +438,7 @@ def test_cg_reports_iterations_with_an_estimated_total():
         case.model, case.task, case.train, progress=lambda stage, done, total: seen.append((stage, done, total)))
     seen.clear()
     x = curv.solve(_rhs(2, 51))
-    rows = [(done, total) for stage, done, total in seen if stage == "cg iterations"]
+    rows = [(done, total) for stage, done, total in seen if stage == "CG iterations"]
     assert [d for d, _ in rows] == list(range(1, curv.last_info.iterations + 1))
     assert all(total >= done for done, total in rows) and rows[-1][1] == rows[-1][0]
     assert_close(x, torch.linalg.solve(_dense(case, "ggn", 1e-2), _rhs(2, 51).T).T, rtol=1e-6)
