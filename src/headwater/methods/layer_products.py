@@ -27,7 +27,7 @@ from headwater.curvature.kfac_blocks import Block, find_blocks
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.per_example import per_example_gradients
 from headwater.methods.factored import module_factors
-from headwater.task import Task
+from headwater.task import Task, tied_note
 
 __all__ = ["LayerGradients", "layer_blocks"]
 
@@ -113,8 +113,8 @@ def layer_blocks(model: nn.Module, task: Task, probe: DataLike) -> tuple[Block, 
     blocks = find_blocks(model, params)
     analysed = {id(p) for p in params.values()}
     if sum(id(p) in analysed for _, p in model.named_parameters(remove_duplicate=False)) > len(params):
-        raise ValueError("gradients: an analysed parameter is shared by several names (tied weights); "
-                         "the layer-wise gradients would count one use only")
+        raise ValueError("gradients: an analysed parameter is shared by several names (tied weights"
+                         f"{tied_note(model, list(params))}); the layer-wise gradients would count one use only")
     few = next(iter_batches(probe, _PROBE, "train"))
     want = next(per_example_gradients(model, task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
     try:
