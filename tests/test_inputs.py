@@ -122,7 +122,8 @@ def test_top_k_returns_proponents_and_opponents():
 
 @pytest.mark.parametrize("device", ["cuda", "mps", "cuda:3"])
 def test_an_unavailable_device_is_one_line_and_exit_2(device, capsys):
-    if device.startswith("cuda") and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+    kind = device.split(":")[0]
+    if {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}[kind]():
         pytest.skip(f"{device} is available here")
     assert main(["demo", "--device", device, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -17,9 +17,9 @@ from headwater.task import (
 __all__ = [
     "ClassificationTask",
     "InfluenceFunction",
-    "ProgressBars",
     "LanguageModelingTask",
     "Measurement",
+    "ProgressBars",
     "RegressionTask",
     "Scores",
     "Seq2SeqTask",

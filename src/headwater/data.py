@@ -15,7 +15,7 @@ the model otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,9 +42,9 @@ __all__ = [
 LABELS = "labels"
 """The key of a dict batch that holds the targets (as in Hugging Face)."""
 
-Inputs = Union[Tensor, tuple[Tensor, ...], dict[str, Tensor]]
+Inputs = Tensor | tuple[Tensor, ...] | dict[str, Tensor]
 Batch = tuple[Inputs, Tensor]
-DataLike = Union[tuple[Inputs, Tensor], Mapping[str, Tensor], Dataset, DataLoader]
+DataLike = tuple[Inputs, Tensor] | Mapping[str, Tensor] | Dataset | DataLoader
 
 
 def map_inputs(fn: Callable[[Tensor], Tensor], inputs: Inputs) -> Inputs:

@@ -28,7 +28,7 @@ def vmap_examples(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Ca
     def looped(*args: Any) -> Any:
         batched = [a for a, d in zip(args, in_dims) if d is not None]
         n = tree_flatten(batched[0])[0][0].shape[0]
-        rows = [fn(*(a if d is None else tree_map(lambda t: t[i], a) for a, d in zip(args, in_dims)))
+        rows = [fn(*(a if d is None else tree_map(lambda t, i=i: t[i], a) for a, d in zip(args, in_dims)))
                 for i in range(n)]
         return tree_map(lambda *ts: torch.stack(ts), rows[0], *rows[1:])
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from headwater import store as store_mod
 from headwater.curvature.base import Curvature
