@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
 from headwater.data import Inputs, map_inputs
@@ -33,12 +34,13 @@ def vmap_examples(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Ca
         return tree_map(lambda *ts: torch.stack(ts), rows[0], *rows[1:])
 
     def call(*args: Any) -> Any:
-        try:
-            return mapped(*args)
-        except RuntimeError as err:
-            if _DATA_DEPENDENT not in str(err):
-                raise
-            return looped(*args)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no batching rule
+            try:
+                return mapped(*args)
+            except RuntimeError as err:
+                if _DATA_DEPENDENT not in str(err):
+                    raise
+                return looped(*args)
 
     return call
 
