@@ -21,9 +21,9 @@ from tqdm import tqdm
 import headwater
 from headwater import store
 from headwater.bars import ProgressBars
-from headwater.gradients.functional import check_device as core_check_device
 from headwater.curvature import CURVATURES
 from headwater.curvature.base import check_damping
+from headwater.gradients.functional import check_device as core_check_device
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 
 __all__ = [
