@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-extras bench-lm lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (subprocess CLI runs, torchrun, retraining): under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # The benchmarks run headwater beside the reference libraries in one process: they live
 # in a separate bench-only environment (.venv-bench; pyDVL needs numpy<2).

@@ -42,6 +42,8 @@ from headwater.methods import InfluenceFunction
 from headwater.methods.projected import ProjectedInfluence
 from headwater.store import StoreMismatchError
 
+pytestmark = pytest.mark.slow  # subprocesses and multi-process runs: `make test-fast` leaves them out
+
 WORLD = 2
 N_TRAIN = 23  # uneven shards: 11 + 12
 CHUNK = 5  # several chunks per rank

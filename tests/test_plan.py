@@ -9,7 +9,7 @@ import pytest
 import torch
 from cases import cnn, mlp
 
-from headwater.curvature import EKFAC, KFAC, Diagonal, Exact
+from headwater.curvature import EKFAC, KFAC, MFAC, Diagonal, Exact
 from headwater.gradients.projection import KroneckerProjection
 from headwater.methods.projected import ProjectedInfluence
 from headwater.plan import plan
@@ -32,7 +32,8 @@ def test_stored_sizes_are_the_fitted_states(make, tmp_path):
                   kronecker_dims=(2, 3))
     assert result.num_params == sum(p.numel() for p in case.model.parameters())
     assert result.outputs == 3 and result.factored
-    for name, curvature in (("exact", Exact()), ("kfac", KFAC()), ("ekfac", EKFAC()), ("diagonal", Diagonal())):
+    for name, curvature in (("exact", Exact()), ("kfac", KFAC()), ("ekfac", EKFAC()), ("diagonal", Diagonal()),
+                            ("mfac", MFAC())):
         curvature.fit(case.model, case.task, case.train)
         assert result.row(name).stored == _state_bytes(curvature), name
     for method, projection in (("projection 16", 16), ("kronecker projection 2x3", KroneckerProjection(2, 3))):

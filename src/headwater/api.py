@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from headwater.bars import as_progress
-from headwater.curvature import CURVATURES
-from headwater.curvature.base import check_damping
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
-from headwater.methods.hydra import Hydra
-from headwater.methods.influence import InfluenceFunction
-from headwater.methods.projected import ProjectedInfluence
+from headwater.methods.registry import METHODS, AttributionSettings, Inputs
 from headwater.methods.scoring import Scores
-from headwater.methods.tracin import Checkpoint, TracIn
+from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
 from headwater.task import Task, default_task
+from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
-__all__ = ["METHODS", "influence"]
-
-METHODS = ("influence", "tracin", "hydra")
-"""Estimators ``headwater.influence(method=...)`` accepts."""
+__all__ = ["METHODS", "AttributionSettings", "influence"]
 
 
 def influence(
@@ -47,6 +42,7 @@ def influence(
     curvature_options: dict[str, Any] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
     trajectory: Trajectory | None = None,
+    run: RunRecord | None = None,
     renormalize: bool = False,
     progress: bool | ProgressFn | None = True,
     store: str | os.PathLike | None = None,
@@ -63,10 +59,14 @@ def influence(
         task: default: classification (cross-entropy) for integer targets,
             regression (squared error) for float targets.
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
-            ``checkpoints``; Pruthi et al. 2020) or ``"hydra"`` (needs ``trajectory``;
-            Chen et al. 2021).
-        curvature: a name in ``headwater.curvature.CURVATURES``; default ``"ekfac"``, or
-            ``"exact"`` (the only choice) with ``projection``.
+            ``checkpoints``; Pruthi et al. 2020), ``"hydra"`` (needs ``trajectory``;
+            Chen et al. 2021) or ``"metagradient"`` (needs ``run``; exact replay of the
+            recorded run, Ilyas & Engstrom 2025).
+        curvature: a name in ``headwater.curvature.CURVATURES``, or ``None``/``"auto"`` (default):
+            the dense matrix solved by Cholesky when it fits the time and memory budget,
+            else ``"ekfac"`` (:func:`~headwater.methods.auto.choose_curvature`; the choice
+            and its reason go to ``progress`` as one stage and into ``settings``). With
+            ``projection``: ``"exact"`` (the only choice).
         damping: λ; ``None`` lets the curvature pick a default relative to its scale.
         projection: influence on randomly projected gradients
             (:class:`~headwater.methods.projected.ProjectedInfluence`): ``k`` or a
@@ -84,6 +84,7 @@ def influence(
             one more pass over the training gradients per batch; same numbers).
         curvature_options: extra constructor arguments of the curvature class.
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
+        run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
         progress: ``True`` (default) shows a tqdm bar with ETA for every step that runs
@@ -101,71 +102,19 @@ def influence(
         :class:`~headwater.methods.scoring.Scores`.
 
     Raises:
-        ValueError / TypeError naming the argument for bad input.
+        ValueError / TypeError naming the argument for bad input (the rules are those of
+        :class:`~headwater.methods.registry.AttributionSettings`; an option the method does
+        not use is refused).
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
-    progress = as_progress(progress)
-    damping = check_damping(damping)
-    if projection is not None:
-        if method != "influence":
-            raise ValueError(f"projection: gradient projection is available for method='influence' only, "
-                             f"not {method!r}")
-        if curvature not in (None, "exact"):
-            raise ValueError(f"curvature: with projection the projected curvature is dense (k x k); pass "
-                             f"curvature='exact' or None, not {curvature!r}")
-    if query_batch is not None and (method != "influence" or projection is not None):
-        raise ValueError("query_batch: batches the preconditioned queries of method='influence' without "
-                         f"projection (method={method!r}, projection={'set' if projection is not None else None})")
-    if store is not None and method != "influence":
-        raise ValueError(f"store: resumable state is kept for method='influence' only, not {method!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-        raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
+    settings = AttributionSettings(
+        method=method, curvature=curvature, damping=damping, projection=projection, top_k=top_k, kind=kind,
+        self_influence=self_influence, chunk_size=chunk_size, query_chunk=query_chunk, query_batch=query_batch,
+        curvature_options=curvature_options, renormalize=renormalize, store=store)
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(targets, encoder_decoder=bool(getattr(getattr(model, "config", None),
                                                                   "is_encoder_decoder", False)))
-    if method == "influence" and projection is not None:
-        options = dict(curvature_options or {})
-        if store is not None:
-            if options.get("store") not in (None, store):
-                raise ValueError("store: given twice (also in curvature_options) with different paths")
-            options["store"] = store
-        estimator: Any = ProjectedInfluence(model, task, projection, kind=kind, damping=damping,
-                                            chunk_size=chunk_size, query_chunk=query_chunk, progress=progress,
-                                            **options).fit(train)
-    elif method == "influence":
-        curvature = "ekfac" if curvature is None else curvature
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {curvature!r}")
-        curv = CURVATURES[curvature](kind=kind, damping=damping, **(curvature_options or {}))
-        estimator = InfluenceFunction(model, task, curv, chunk_size=chunk_size, query_chunk=query_chunk,
-                                      query_batch=query_batch, progress=progress).fit(train, store=store)
-    elif method == "tracin":
-        if checkpoints is None:
-            raise ValueError("checkpoints: method='tracin' needs the training checkpoints")
-        estimator = TracIn(model, task, checkpoints, renormalize=renormalize, chunk_size=chunk_size,
-                           query_chunk=query_chunk, progress=progress)
-    else:
-        if trajectory is None:
-            raise ValueError("trajectory: method='hydra' needs a recorded run (headwater.train.train_sgd)")
-        if self_influence:
-            raise ValueError("self_influence: not defined for method='hydra'")
-        estimator = Hydra(model, task, trajectory, progress=progress)
-    settings = {**estimator.settings(), "top_k": top_k}
-    if isinstance(estimator, InfluenceFunction):  # scores, opponents and self-influence from one training pass
-        opponents: list[tuple[Tensor, Tensor]] = []
-        values, indices, si = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence,
-                                                  opponents=opponents)
-        return Scores(values, indices, si, settings, *(opponents[0] if opponents else (None, None)))
-    si = estimator.self_influence(train) if self_influence else None
-    if top_k is not None and method == "influence":  # streamed: never holds n_query x n_train
-        (values, indices), (low, low_indices) = estimator.extremes(query, train, top_k)
-        return Scores(values, indices, si, settings, low, low_indices)
-    values = estimator.scores(query, train)
-    if top_k is not None:
-        if top_k > values.shape[1]:
-            raise ValueError(f"top_k: asked for {top_k} but there are only {values.shape[1]} training examples")
-        top, low = values.topk(top_k, dim=1), values.topk(top_k, dim=1, largest=False)
-        return Scores(top.values, top.indices, si, settings, low.values, low.indices)
-    return Scores(values, None, si, settings)
+    inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress))
+    estimator = METHODS[method].build(model, task, settings, inputs, train)
+    result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
+    return dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k})

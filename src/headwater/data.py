@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SequentialSampler,
+    Subset,
+)
 
 __all__ = [
     "LABELS",
@@ -36,6 +43,7 @@ __all__ = [
     "map_inputs",
     "num_examples",
     "one_example",
+    "subset",
     "take",
 ]
 
@@ -240,3 +248,21 @@ def check_indices(indices: Sequence[int] | Tensor, n: int, name: str = "indices"
     if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"{name}: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
     return idx
+
+
+def subset(data: DataLike, indices: Tensor | Sequence[int]) -> DataLike:
+    """The examples ``indices`` of ``data`` (same form: an (inputs, targets) pair, a dict
+    batch or a Dataset), in that order."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(data, Mapping):
+        return tree_map(lambda t: t[idx.to(t.device)], dict(data))
+    if isinstance(data, tuple | list):
+        inputs, targets = data
+        return tree_map(lambda t: t[idx.to(t.device)], inputs), targets[idx.to(targets.device)]
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, Dataset):
+        return Subset(data, idx.tolist())
+    raise TypeError(
+        f"data: expected an (inputs, targets) pair, a Dataset or a DataLoader, got {type(data).__name__}"
+    )

@@ -11,6 +11,8 @@ per example ``C``) and the sizes of the data, and returns per method the bytes o
   ``[n_query, k]``), the method's vectors (CG's block of right-hand sides, a Krylov
   basis, a sketch) and the score matrix ``[n_query, n_train]`` (dropped with ``top_k``).
 
+Each curvature's sizes come from its own memory model (``Curvature.memory``, over a
+:class:`~headwater.curvature.base.ProblemSize`); every registered curvature gets a row.
 The numbers are the sizes of those tensors (formulas in :data:`FORMULAS`), not a
 measurement of the process: allocator slack, the model's activations and
 framework overheads come on top. The stored sizes are exact for K-FAC, EK-FAC,
@@ -19,34 +21,31 @@ exact, diagonal and the projections (tested against what is written).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from headwater.curvature.kfac_blocks import find_blocks
+from headwater.curvature import CURVATURES
+from headwater.curvature.base import ProblemSize
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.functional import detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import find_blocks
 from headwater.gradients.per_example import per_example_gradients
 from headwater.task import Task
 
 __all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "plan"]
 
 FORMULAS = {
-    "exact": "stored 8·(P² + P) (float64 eigenvectors, eigenvalues); working + 8·P² (the matrix)",
-    "kfac": "stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)",
-    "ekfac": "K-FAC + 8·Σ out·width (corrected eigenvalues)",
-    "cg": "working: 5 vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)",
-    "lissa": "working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations",
-    "lanczos": "stored 8·rank·P; working + 8·n_iter·P (Krylov basis)",
-    "nystrom": "stored 8·rank·P; working + 16·(rank + oversample)·P (sketch)",
-    "diagonal": "stored 8·P",
-    "identity": "nothing",
+    **{name: inspect.getdoc(cls.memory) or "" for name, cls in CURVATURES.items()},
     "projection": "stored n_train·k·b (on disk with store=) + 8·k²; working: Π blocks <= 256 MiB",
     "kronecker projection": "stored n_train·k·b + 8·k², k = Σ min(k_out, out)·min(k_in, width); "
                             "no [chunk, P] gradient",
 }
+"""The memory model of each row: a curvature's from its ``memory`` classmethod (the one
+its row is computed with), the projections' from :func:`plan`."""
 
 
 PREFERENCE = ("exact", "cg", "lanczos", "lissa", "kronecker projection", "nystrom", "ekfac", "kfac",
@@ -142,30 +141,18 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
     with torch.no_grad(), evaluation_mode(model):
         x, _ = prepare_batch(next(iter_batches(query, 1, "query")), ref)
         outputs = task.output(model, x)[0].numel()
-    try:
-        blocks = find_blocks(model, params)
-    except ValueError:
-        blocks = ()
+    blocks = find_blocks(model, params, task, train)
     scores = 0 if top_k else nq * n * b
     chunk = min(chunk_size, n) * p * b
     queries = min(nq, query_batch or nq) * p * b  # preconditioned query gradients held at once
-    rhs = min(nq, query_chunk) * p * b
-    cache = min(512 * 2**20, 4 * n * outputs * b)  # order of the cached linearisations (outputs only)
-
-    rows = [
-        ("exact", 8 * (p * p + p), 8 * p * p + queries + chunk + scores, ""),
-        ("cg", 0, 5 * rhs + cache + queries + chunk + scores, "2 passes over the data per iteration"),
-        ("lissa", 0, 3 * rhs + cache + queries + chunk + scores, "depth x repeats mini-batch passes"),
-        ("lanczos", 8 * rank * p, 8 * n_iter * p + queries + chunk + scores, f"rank {rank}, {n_iter} iterations"),
-        ("nystrom", 8 * rank * p, 16 * (rank + 10) * p + queries + chunk + scores, f"rank {rank}"),
-        ("diagonal", 8 * p, queries + chunk + scores, ""),
-        ("identity", 0, queries + chunk + scores, "gradient similarity"),
-    ]
+    size = ProblemSize(p, n, min(nq, query_chunk), b, outputs,
+                       tuple((bl.out_features, bl.width) for bl in blocks), rank=rank, n_iter=n_iter)
+    rows = []
+    for name, cls in CURVATURES.items():
+        memory = cls.memory(size)
+        if memory is not None:
+            rows.append((name, memory.stored, memory.working + queries + chunk + scores, memory.note))
     if blocks:
-        factors = 8 * sum(bl.out_features**2 + bl.width**2 + bl.out_features + bl.width + 1 for bl in blocks)
-        corrected = 8 * sum(bl.out_features * bl.width for bl in blocks)
-        rows += [("kfac", factors, queries + chunk + scores, "per-module scoring"),
-                 ("ekfac", factors + corrected, queries + chunk + scores, "per-module scoring")]
         k_out, k_in = kronecker_dims
         kdim = sum(min(k_out, bl.out_features) * min(k_in, bl.width) for bl in blocks)
         rows.append((f"kronecker projection {k_out}x{k_in}", n * kdim * b + 8 * kdim**2,

@@ -143,6 +143,14 @@ class Task(ABC):
         when it is a Hugging Face output (override for anything else)."""
         return model_output(call_model(model, inputs))
 
+    def attention_mask(self, inputs: Inputs) -> Tensor | None:
+        """Per-position weights ``[B, T]`` (1 = a real token, 0 = padding) that K-FAC/EK-FAC
+        use for their input statistics, or ``None`` (every position counts). Default: the
+        ``attention_mask`` of a dict batch (as Hugging Face tokenizers give it), else ``None``."""
+        if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
+            return inputs["attention_mask"]
+        return None
+
     @abstractmethod
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         """Per-example training loss ``[B]`` from the output. Its Hessian in the
@@ -256,7 +264,8 @@ class LanguageModelingTask(Task):
 
     The GGN's output block is ``V × V`` per position: K-FAC/EK-FAC's ``"auto"``
     estimator samples targets from the model (:meth:`sample_targets`, unscored
-    positions stay unscored).
+    positions stay unscored). Their input factors leave out the positions a dict batch's
+    ``attention_mask`` marks as padding (:meth:`Task.attention_mask`).
 
     Args:
         ignore_index: the label of unscored positions (``-100`` as in PyTorch).

@@ -19,6 +19,8 @@ from headwater.cli.demo import LeNet, digits_pixels, digits_split, flip_labels
 from headwater.cli.main import main
 from headwater.report import load_result
 
+pytestmark = pytest.mark.slow  # subprocesses and multi-process runs: `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits_mlp.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

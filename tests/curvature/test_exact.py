@@ -74,3 +74,24 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
         Exact(damping=0.5).load(tmp_path / "exact")
     with pytest.raises(FileNotFoundError, match="store"):
         Exact(damping=0.05).load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("damping", [0.3, None])
+def test_cholesky_solver_equals_the_dense_solve(damping, tmp_path):
+    case = CASES["cnn"]()
+    curv = Exact(damping=damping, solver="cholesky").fit(case.model, case.task, case.train)
+    dense = dense_ggn(case.model, case.task, case.train)
+    lam = damping if damping is not None else 1e-3 * float(dense.diagonal().mean())
+    assert curv.fitted_damping == pytest.approx(lam, rel=1e-12)
+    same = Exact(damping=damping).fit(case.model, case.task, case.train)  # eigh: same default
+    assert curv.fitted_damping == pytest.approx(same.fitted_damping, rel=1e-12)
+    damped = dense + lam * torch.eye(77, dtype=torch.float64)
+    v = torch.randn(3, 77, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert_close(curv.solve(v), torch.linalg.solve(damped, v.T).T, rtol=1e-8, what="solve")
+    assert_close(curv.matvec(v), v @ damped, rtol=1e-9, what="matvec")
+    with pytest.raises(NotImplementedError, match="cholesky"):
+        curv.eigen()
+    curv.save(tmp_path / "c")
+    assert_close(Exact(damping=damping, solver="cholesky").load(tmp_path / "c").solve(v), curv.solve(v))
+    with pytest.raises(ValueError, match="solver"):
+        Exact(solver="lu")

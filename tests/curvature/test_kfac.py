@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 import headwater
 from headwater.curvature import CURVATURES, EKFAC, KFAC, Exact
-from headwater.curvature.kfac_blocks import find_blocks, from_blocks
 from headwater.gradients import stack_gradients
+from headwater.gradients.layers import DIAGONAL, find_blocks, from_blocks
 from headwater.methods import InfluenceFunction
 from headwater.methods.factored import factored_scores, module_gradients, module_scores
 from headwater.store import StoreMismatchError
@@ -105,6 +105,7 @@ def test_one_example_cross_entropy_is_exact(kind):
         assert_close(_dense(curv, 21), oracle(case.model, task, one), what=f"{cls.name} {kind}")
 
 
+@pytest.mark.slow
 def test_sampled_fisher_approaches_exact():
     case = CASES["mlp"]()
     exact = KFAC(damping=0.0, ggn_estimator="exact").fit(case.model, case.task, case.train)
@@ -230,15 +231,17 @@ def test_model_unchanged():
         assert p.grad is None and p.requires_grad == flags[k] and torch.equal(p, before[k])
 
 
-def test_unsupported_parameters_are_named():
+def test_parameters_outside_supported_layers_form_the_diagonal_block():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
     data = (torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,)))
-    with pytest.raises(ValueError, match=r"1\.weight.*1\.bias|modules"):
-        KFAC().fit(model, ClassificationTask(), data)
+    curv = KFAC().fit(model, ClassificationTask(), data)
+    assert [b.module for b in curv.blocks] == ["0", "2", DIAGONAL]
+    assert curv.blocks[-1].params == ("1.weight", "1.bias")
     curv = KFAC().fit(model, ClassificationTask(modules=["0", "2"]), data)  # selection skips the norm
     assert [b.module for b in curv.blocks] == ["0", "2"]
-    with pytest.raises(ValueError, match="groups"):
-        find_blocks(nn.Conv2d(2, 2, 3, groups=2), dict(nn.Conv2d(2, 2, 3, groups=2).named_parameters()))
+    grouped = nn.Conv2d(2, 2, 3, groups=2)
+    blocks = find_blocks(grouped, dict(grouped.named_parameters()))
+    assert [b.params for b in blocks] == [("weight", "bias")]  # grouped convolution: diagonal
     with pytest.raises(ValueError, match="kind"):
         KFAC(kind="hessian")
     with pytest.raises(ValueError, match="factor_dtype"):

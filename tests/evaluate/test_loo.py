@@ -27,6 +27,7 @@ def logreg_loo():
     return loo, scores, task, (xtr, ytr, xte, yte)
 
 
+@pytest.mark.slow  # the module's retraining fixture takes ~30 s
 def test_predicted_matches_actual_loo(logreg_loo):
     loo, scores, _, _ = logreg_loo
     predicted = scores[:, loo.indices] / 1000  # score / n = predicted change of the test loss
@@ -39,6 +40,7 @@ def test_predicted_matches_actual_loo(logreg_loo):
     assert 0.9 < ratio < 1.2, f"median actual/predicted = {ratio:.3f}"
 
 
+@pytest.mark.slow
 def test_dropping_top_proponent_raises_query_loss(logreg_loo):
     loo, scores, task, (xtr, ytr, xte, yte) = logreg_loo
     for q in range(3):

@@ -66,8 +66,6 @@ DEFAULT_TASKS = {"gpt2": LanguageModelingTask, "llama": LanguageModelingTask, "b
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="EK-FAC does not yet cover embeddings/LayerNorm (whole-model K-FAC coverage lands separately)")
 def test_default_ekfac_runs_on_every_architecture(name):
     build, batch = CASES[name]
     scores = headwater.influence(build(), batch(8, 1), batch(3, 2), curvature="ekfac").values

@@ -4,7 +4,7 @@ import pytest
 import torch
 from cases import CASES
 
-from headwater.curvature import Exact
+from headwater.curvature import EKFAC, Exact, LiSSA
 from headwater.methods.damping import DampingCurve, GroundTruth, select_damping
 
 
@@ -92,3 +92,39 @@ def test_bad_arguments():
         select_damping(
             case.model, case.task, case.train, case.query, [1.0], curvature="nope", indices=[0, 1]
         )
+
+
+def test_lissa_with_an_ekfac_preconditioner_converges_at_every_candidate():
+    """LiSSA's scale and EK-FAC preconditioner depend on the damping: each candidate is a
+    refitted copy (``with_damping``), so every solve matches the dense one; re-using the
+    fitted state with only its damping field swapped diverged at damping 1 and 10."""
+    case = CASES["mlp"]()
+    dampings = [0.1, 1.0, 10.0]
+    options = {"depth": 300, "preconditioner": "ekfac", "tol": 1e-12}
+    curve = select_damping(case.model, case.task, case.train, case.query, dampings, curvature="lissa",
+                           curvature_options=options, indices=[0, 3, 5, 7, 11, 13])
+    exact = select_damping(case.model, case.task, case.train, case.query, dampings, curvature="exact",
+                           ground_truth=curve.ground_truth)
+    torch.testing.assert_close(curve.agreement, exact.agreement, rtol=1e-6, atol=1e-8)
+    fitted = LiSSA(damping=dampings[0], **options).fit(case.model, case.task, case.train)
+    v = torch.randn(2, fitted.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for damping in dampings[1:]:
+        moved = fitted.with_damping(damping, model=case.model, task=case.task, data=case.train)
+        dense = Exact(damping=damping).fit(case.model, case.task, case.train)
+        torch.testing.assert_close(moved.solve(v), dense.solve(v), rtol=1e-8, atol=1e-10)
+        assert fitted.fitted_damping == dampings[0] and moved.fitted_damping == damping
+
+
+def test_with_damping_re_derives_or_names_the_missing_data():
+    case = CASES["mlp"]()
+    exact = Exact(damping=1e-2).fit(case.model, case.task, case.train)
+    moved = exact.with_damping(1.0)  # the eigendecomposition is kept
+    assert moved.state.eigvecs is exact.state.eigvecs and exact.fitted_damping == 1e-2
+    dense = Exact(damping=1.0).fit(case.model, case.task, case.train)
+    v = torch.randn(3, exact.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(moved.solve(v), dense.solve(v), rtol=1e-10, atol=1e-12)
+    kfac = EKFAC(damping=1e-2).fit(case.model, case.task, case.train)
+    with pytest.raises(ValueError, match="data"):
+        kfac.with_damping(1.0)
+    with pytest.raises(ValueError, match="damping"):
+        exact.with_damping(None)

@@ -78,12 +78,17 @@ def test_query_batches_give_the_same_scores_and_top_k(curvature):
     done = []
     batched = headwater.influence(case.model, case.train, case.query, query_batch=3, **kwargs,
                                   progress=lambda stage, d, total: done.append(stage) if d == total else None)
-    torch.testing.assert_close(batched.values, whole.values, rtol=1e-12, atol=1e-12)
+    # The batches change only the shapes of the products (the BLAS summation order), so the
+    # scores may differ by rounding amplified by the damped curvature's condition number (CG
+    # iterates on it): 100 * cond * eps of the largest score; a wrong batch moves them by O(1).
+    eig = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train)) + 1e-2
+    atol = 100 * float(eig.max() / eig.min()) * torch.finfo(whole.values.dtype).eps * float(whole.values.abs().max())
+    torch.testing.assert_close(batched.values, whole.values, rtol=0, atol=atol)
     assert sum("(train)" in s for s in done) == 3  # ceil(7 / 3) passes over the training data
     top = headwater.influence(case.model, case.train, case.query, query_batch=3, top_k=4, **kwargs)
     ref = whole.values.topk(4, dim=1)
     assert torch.equal(top.indices, ref.indices)
-    torch.testing.assert_close(top.values, ref.values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(top.values, ref.values, rtol=0, atol=atol)
     with pytest.raises(ValueError, match="query_batch"):
         headwater.influence(case.model, case.train, case.query, query_batch=0, **kwargs)
 
@@ -104,7 +109,8 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
             passes.append(stage)
 
     est.progress = progress
-    values, indices, si = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
+    got = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
+    values, indices, si = got.values, got.indices, got.self_influence
     assert len(passes) == (2 if curvature == "cg" else 1), passes
     est.progress = None
     want = est.scores(case.query, case.train)
@@ -116,6 +122,9 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
     else:
         assert torch.equal(indices, want.topk(top_k, dim=1).indices)
         assert_close(values, want.topk(top_k, dim=1).values, rtol=1e-10)
+        low = want.topk(top_k, dim=1, largest=False)  # the opponents, from the same pass
+        assert torch.equal(got.opponent_indices, low.indices)
+        assert_close(got.opponent_values, low.values, rtol=1e-10)
     api = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=curvature,
                               damping=1e-2, chunk_size=5, top_k=top_k, self_influence=True)
     assert_close(api.self_influence, want_si, rtol=1e-10, what="API self-influence")
@@ -136,6 +145,7 @@ def test_ekfac_scores_use_whole_gradients_when_layers_miss_a_use():
     g_q = loop_gradients(model, case.task, case.query, measurement=True)
     want = g_q @ est.curvature.solve(g_tr).T
     assert_close(est.scores(case.query, case.train), want, rtol=1e-9)
-    values, _, si = est.attribute(case.query, case.train, self_influence=True)
+    got = est.attribute(case.query, case.train, self_influence=True)
+    values, si = got.values, got.self_influence
     assert_close(values, want, rtol=1e-9)
     assert_close(si, (g_tr * est.curvature.solve(g_tr)).sum(1), rtol=1e-9)

@@ -75,8 +75,6 @@ def test_resnet_from_a_dataloader_runs_exact_cg_and_identity(resnet):
     assert identity.values.shape == (5, 60) and torch.isfinite(identity.values).all()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="EK-FAC does not yet cover BatchNorm (whole-model K-FAC coverage lands separately)")
 def test_resnet_runs_with_the_default_curvature(resnet):
     model, (xtr, ytr), (xte, yte) = resnet
     scores = headwater.influence(model, DataLoader(TensorDataset(xtr[:40], ytr[:40]), batch_size=16),

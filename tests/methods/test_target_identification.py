@@ -89,6 +89,7 @@ def test_target_ranks_first_and_its_top_influences_are_the_poisons():
     assert auprc(-result.attack_scores(), poisoned) < 0.1
 
 
+@pytest.mark.slow
 def test_identification_over_ten_attacks():
     """Ten seeded attacks (attacker's class, poisons, target and candidates all vary).
     Measured with renormalized influence: target ranks [0,3,0,3,0,4,1,1,0,11] among 30

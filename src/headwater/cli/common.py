@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -22,9 +22,11 @@ import headwater
 from headwater import store
 from headwater.bars import ProgressBars
 from headwater.curvature import CURVATURES
-from headwater.curvature.base import check_damping
 from headwater.gradients.functional import check_device as core_check_device
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
+
+if TYPE_CHECKING:
+    from headwater.methods.registry import AttributionSettings
 
 __all__ = [
     "CONFIG_NAME",
@@ -32,6 +34,7 @@ __all__ = [
     "Timer",
     "UserError",
     "add_attribution_options",
+    "attribution_settings",
     "best_curvature",
     "check_attribution_options",
     "known_methods",
@@ -99,9 +102,9 @@ class Timer:
 
 def known_methods() -> tuple[str, ...]:
     """The estimator names ``headwater.influence(method=...)`` accepts."""
-    from headwater import api
+    from headwater.methods.registry import METHODS
 
-    return api.METHODS
+    return tuple(METHODS)
 
 
 def best_curvature() -> str:
@@ -118,8 +121,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     g.add_argument("--method", default="influence",
                    help=f"estimator (default: influence; available: {', '.join(known_methods())})")
     g.add_argument("--curvature", default="auto",
-                   help="curvature approximation: 'auto' picks the best available "
-                        f"(now {best_curvature()!r}); one of {', '.join(sorted(CURVATURES))}")
+                   help="curvature approximation: 'auto' (default) solves the dense GGN when it fits "
+                        f"the time and memory budget, else {best_curvature()!r}; or one of "
+                        f"{', '.join(sorted(CURVATURES))}")
     g.add_argument("--kind", default="ggn", help="curvature matrix: ggn (default), hessian or ef")
     g.add_argument("--damping", type=float, default=None,
                    help="damping λ >= 0 added to the curvature (default: chosen relative to its scale)")
@@ -151,38 +155,40 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
     r.add_argument("--no-report", dest="report", action="store_false", help="do not write the HTML report")
 
 
-def check_attribution_options(args: argparse.Namespace) -> None:
-    """Validate the cheap options before any long step; resolves ``--curvature auto``."""
-    methods = known_methods()
-    if args.method not in methods:
-        raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(methods)}")
-    if args.projection is not None:
-        parse_projection(args.projection, args.seed)
-        if args.query_batch is not None:
-            raise UserError("--query-batch: not used with --projection (its queries are k-dimensional)")
-        if args.method != "influence" or args.curvature not in ("auto", "exact"):
-            raise UserError("--projection: works with --method influence and --curvature exact (the projected "
-                            f"curvature is a dense k x k matrix), not {args.method}/{args.curvature}")
-        args.curvature = "exact"
-    if args.curvature == "auto":
-        args.curvature = best_curvature()
-    if args.curvature not in CURVATURES:
-        raise UserError(f"--curvature: unknown curvature {args.curvature!r}; available: "
-                        f"{', '.join(sorted(CURVATURES))}")
-    if args.kind not in ("ggn", "hessian", "ef"):
-        raise UserError(f"--kind: expected ggn, hessian or ef, got {args.kind!r}")
+def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike | None = None
+                         ) -> AttributionSettings:
+    """The validated :class:`~headwater.methods.registry.AttributionSettings` of the command
+    line (``--curvature auto`` resolved); an invalid value raises :class:`UserError` naming the flag."""
+    from headwater.methods.registry import METHODS, AttributionSettings
+
+    if args.method not in METHODS:
+        raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}")
+    projection = parse_projection(args.projection, args.seed)
+    curvature: str | None = args.curvature
+    if "curvature" not in METHODS[args.method].options or curvature == "auto":
+        curvature = None  # 'auto': chosen at fit by the budget (headwater.methods.auto)
     try:
-        check_damping(args.damping)
+        return AttributionSettings(
+            method=args.method, curvature=curvature, damping=args.damping, projection=projection,
+            kind=args.kind, self_influence=args.self_influence, chunk_size=args.chunk_size,
+            query_batch=args.query_batch, store=store,
+            curvature_options=parse_curvature_options(args.curvature_options) or None)
     except (TypeError, ValueError) as err:
-        raise UserError(f"--{err}") from err
-    parse_curvature_options(args.curvature_options)
+        field, sep, message = str(err).partition(": ")
+        raise UserError(f"--{field.replace('_', '-')}: {message}" if sep else str(err)) from err
+
+
+def check_attribution_options(args: argparse.Namespace) -> None:
+    """Validate the cheap options before any long step (``--curvature auto`` is resolved at fit)."""
+    from headwater.methods.registry import METHODS
+
+    settings = attribution_settings(args)
+    if settings.projection is not None:
+        args.curvature = "exact"
+    elif "curvature" not in METHODS[args.method].options and args.curvature == "auto":
+        args.curvature = best_curvature()  # recorded in the config; the method reads no curvature
     if args.top_k <= 0:
         raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
-    if args.chunk_size <= 0:
-        raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
-    if args.query_batch is not None and (args.query_batch <= 0 or args.method != "influence"):
-        raise UserError(f"--query-batch: a positive integer, for --method influence only; got {args.query_batch} "
-                        f"with --method {args.method}")
     if args.threads is not None:
         if args.threads <= 0:
             raise UserError(f"--threads: must be a positive integer, got {args.threads}")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from headwater import __version__
+from headwater.version import __version__
 
 __all__ = ["build_parser", "main"]
 

@@ -14,8 +14,7 @@ import headwater
 from headwater.cli.common import (
     ProgressBars,
     Timer,
-    parse_curvature_options,
-    parse_projection,
+    attribution_settings,
     write_config,
 )
 from headwater.data import DataLike
@@ -33,22 +32,16 @@ log = logging.getLogger("headwater.cli")
 def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | None,
               args: argparse.Namespace, progress: ProgressBars, timer: Timer) -> Scores:
     """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator."""
-    projection = parse_projection(args.projection, args.seed)
     store = None
     if args.method == "influence":
-        store = Path(args.out) / ("projected" if projection is not None else "curvature")
+        store = Path(args.out) / ("projected" if args.projection is not None else "curvature")
+    settings = attribution_settings(args, store=store)
     log.info("scoring with method=%s, curvature=%s (%s), damping=%s%s", args.method, args.curvature,
              args.kind, "auto" if args.damping is None else args.damping,
-             "" if projection is None else f", projection={args.projection}")
+             "" if args.projection is None else f", projection={args.projection}")
 
     def run() -> Scores:
-        return headwater.influence(
-            model, train, query, task=task, method=args.method, curvature=args.curvature,
-            damping=args.damping, kind=args.kind, self_influence=args.self_influence,
-            chunk_size=args.chunk_size, progress=progress, projection=projection, store=store,
-            query_batch=args.query_batch,
-            curvature_options=parse_curvature_options(args.curvature_options) or None,
-        )
+        return headwater.influence(model, train, query, task=task, progress=progress, **settings.as_kwargs())
 
     with timer("attribution"):
         try:

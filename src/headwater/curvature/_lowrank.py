@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
     BoundOperator,
-    default_damping,
     warn_if_indefinite,
 )
-from headwater.curvature.base import Curvature
+from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lowrank_solve
 from headwater.data import DataLike
@@ -69,6 +68,9 @@ class LowRankCurvature(Curvature):
             the damping, ``(v − UUᵀv)/(μ + λ)``; needs ``μ + λ > 0``.
         seed: seed of the random start vector / sketch and of the trace probes.
         trace_probes: Hutchinson probes for the default damping (``damping=None``).
+        n_iter: Krylov steps of Arnoldi and Lanczos (``rank <= n_iter <= P``); default
+            ``min(P, 2·rank)``. Too few steps collapse quality: the kept pairs must converge.
+        oversample: Nyström's extra sketch columns (``>= 0``).
         (others as :class:`~headwater.curvature.base.Curvature`)
 
     Memory: ``O(k·P)`` for the state plus the method's Krylov basis / sketch and one
@@ -76,6 +78,10 @@ class LowRankCurvature(Curvature):
     """
 
     has_eigen = True
+    damping_in_state_only = True
+    option: ClassVar[str]
+    """The method's own setting: ``"n_iter"`` (Arnoldi, Lanczos) or ``"oversample"`` (Nyström);
+    passing the other one raises."""
 
     def __init__(
         self,
@@ -87,6 +93,8 @@ class LowRankCurvature(Curvature):
         residual: bool = True,
         seed: int = 0,
         trace_probes: int = 16,
+        n_iter: int | None = None,
+        oversample: int = 10,
     ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
         for arg, value, low in (
@@ -99,6 +107,27 @@ class LowRankCurvature(Curvature):
         if not isinstance(residual, bool):
             raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
         self.rank, self.residual, self.seed, self.trace_probes = rank, residual, seed, trace_probes
+        for arg, given in (("n_iter", n_iter is not None), ("oversample", oversample != 10)):
+            if given and arg != self.option:
+                raise ValueError(f"{arg}: not a setting of {type(self).__name__} (its own is {self.option!r})")
+        if n_iter is not None and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < rank):
+            raise ValueError(f"n_iter: must be an integer >= rank ({rank}), got {n_iter!r}")
+        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+            raise ValueError(f"oversample: must be an integer >= 0, got {oversample!r}")
+        self.n_iter, self.oversample = n_iter, oversample
+
+    def _steps(self, dim: int) -> int:
+        """The Krylov steps for an operator of size ``dim``: ``n_iter`` or ``min(dim, 2·rank)``."""
+        n_iter = min(dim, 2 * self.rank) if self.n_iter is None else self.n_iter
+        if n_iter > dim:
+            raise ValueError(f"n_iter: must be <= the number of analysed parameters ({dim}), got {n_iter}")
+        return n_iter
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·rank·P; working + 8·n_iter·P (Krylov basis)"""
+        return Memory(8 * size.rank * size.num_params, 8 * size.n_iter * size.num_params,
+                      f"rank {size.rank}, {size.n_iter} iterations")
 
     @classmethod
     def _state_type(cls) -> type:
@@ -202,4 +231,5 @@ class LowRankCurvature(Curvature):
             "residual": self.residual,
             "seed": self.seed,
             "trace_probes": self.trace_probes,
+            self.option: getattr(self, self.option),
         }

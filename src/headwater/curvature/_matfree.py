@@ -1,7 +1,7 @@
 """Shared pieces of the matrix-free curvatures (CG, LiSSA, Arnoldi, Lanczos, Nyström, Diagonal).
 
-- the one damping policy: ``damping = DEFAULT_RELATIVE_DAMPING × trace(M)/P``, the
-  trace from a seeded Hutchinson estimate where ``M`` is only available as products;
+- the trace for the one damping policy (:func:`~headwater.curvature.base.default_damping`)
+  from a seeded Hutchinson estimate where ``M`` is only available as products;
 - the warning for an indefinite, (nearly) undamped system;
 - extreme eigenvalues by a short Lanczos run (LiSSA's scale, indefiniteness checks);
 - subsets of a data set (mini-batches, held-out samples).
@@ -10,15 +10,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from enum import Enum
-from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
+from headwater.curvature.base import default_damping
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike
@@ -29,14 +25,10 @@ from headwater.task import Task
 __all__ = [
     "CHUNK_SIZE",
     "BoundOperator",
-    "Preconditioner",
     "check_layout",
-    "default_damping",
     "extreme_eigenvalues",
-    "fit_preconditioner",
     "hutchinson_trace",
     "rademacher",
-    "subset",
     "warn_if_indefinite",
 ]
 
@@ -79,11 +71,6 @@ def hutchinson_trace(
     return total / probes
 
 
-def default_damping(mean_eigenvalue: float) -> float:
-    """The library's one default: ``DEFAULT_RELATIVE_DAMPING × max(trace(M)/P, 0)``."""
-    return DEFAULT_RELATIVE_DAMPING * max(float(mean_eigenvalue), 0.0)
-
-
 def warn_if_indefinite(
     name: str,
     kind: MatrixKind,
@@ -122,21 +109,6 @@ def extreme_eigenvalues(
         matvec, dim, n_iter=min(n_iter, dim), seed=seed, dtype=dtype, device=device
     )
     return float(eigvals.min()), float(eigvals.max())
-
-
-def subset(data: DataLike, indices: Tensor | Sequence[int]) -> DataLike:
-    """The examples ``indices`` of ``data`` (same form: tensor pair or Dataset), in that order."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    if isinstance(data, tuple | list):
-        inputs, targets = data
-        return inputs[idx.to(inputs.device)], targets[idx.to(targets.device)]
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    if isinstance(data, Dataset):
-        return Subset(data, idx.tolist())
-    raise TypeError(
-        f"data: expected an (inputs, targets) pair, a Dataset or a DataLoader, got {type(data).__name__}"
-    )
 
 
 class BoundOperator:
@@ -185,109 +157,3 @@ def check_layout(expected: ParamLayout | None, got: ParamLayout, name: str) -> N
             f"{[list(s) for s in expected.shapes]}, but these select {list(got.names)} with shapes "
             f"{[list(s) for s in got.shapes]}"
         )
-
-
-class Preconditioner(str, Enum):
-    """A preconditioner ``P⁻¹ ≈ (M + λI)⁻¹`` for CG and LiSSA, fitted once.
-
-    ``"ekfac"``/``"kfac"``: the Kronecker-factored curvature of the same kind (the GGN
-    for ``kind="hessian"``) with the same damping; ``"diagonal"``: the exact diagonal
-    (GGN/EF) or its Hutchinson estimate (Hessian); ``"nystrom"``: a randomized Nyström
-    sketch of ``M`` (fitted by CG itself, rank ``preconditioner_rank``).
-    """
-
-    NONE = "none"
-    NYSTROM = "nystrom"
-    EKFAC = "ekfac"
-    KFAC = "kfac"
-    DIAGONAL = "diagonal"
-
-
-def fit_preconditioner(
-    which: Preconditioner,
-    model: nn.Module,
-    task: Task,
-    data: DataLike,
-    kind: MatrixKind,
-    damping: float,
-    chunk_size: int,
-) -> MatVec:
-    """Fit a Kronecker-factored or diagonal curvature with ``damping`` and return its ``solve``."""
-    from headwater.curvature.diagonal import Diagonal
-    from headwater.curvature.kfac import EKFAC, KFAC
-
-    if which is Preconditioner.DIAGONAL:
-        method = "hutchinson" if kind is MatrixKind.HESSIAN else "exact"
-        curvature = Diagonal(kind=kind, damping=damping, chunk_size=chunk_size, method=method)
-    elif which in (Preconditioner.EKFAC, Preconditioner.KFAC):
-        cls = EKFAC if which is Preconditioner.EKFAC else KFAC
-        factor_kind = MatrixKind.GGN if kind is MatrixKind.HESSIAN else kind
-        curvature = cls(kind=factor_kind, damping=damping, chunk_size=chunk_size)
-    else:
-        raise ValueError(f"preconditioner: {which.value!r} is not fitted here")
-    return curvature.fit(model, task, data).solve
-
-
-_Self = TypeVar("_Self", bound="StreamingCurvature")
-
-
-class StreamingCurvature(Curvature):
-    """A curvature whose ``solve`` runs passes over the training data (CG, LiSSA).
-
-    It holds the data's operator and an optional fitted preconditioner in this process;
-    neither is part of the saved state, so after ``load`` call :meth:`bind`.
-    """
-
-    solve_streams_data = True
-
-    def __init__(self, *, kind: MatrixKind | str, damping: float | None, chunk_size: int,
-                 preconditioner: Preconditioner | str):
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
-        try:
-            self.preconditioner = Preconditioner(preconditioner)
-        except ValueError as err:
-            raise ValueError(
-                f"preconditioner: expected one of {[p.value for p in Preconditioner]}, "
-                f"got {preconditioner!r}"
-            ) from err
-        self._operator: BoundOperator | None = None
-        self._precondition: MatVec | None = None
-        self.progress: ProgressFn | None = None  # told about each solve's iterations
-
-    def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
-            progress: ProgressFn | None = None) -> _Self:
-        """As :meth:`Curvature.fit`; ``progress`` also hears every later solve's iterations."""
-        self.progress = progress
-        return super().fit(model, task, data, progress=progress)
-
-    def _attach(self, model: nn.Module, task: Task, data: DataLike) -> BoundOperator:
-        """Bind the data's operator (and drop a preconditioner of other data)."""
-        self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
-        self._precondition = None
-        return self._operator
-
-    def _attach_preconditioner(self, model: nn.Module, task: Task, data: DataLike, damping: float) -> None:
-        """Fit an EK-FAC, K-FAC or diagonal preconditioner with ``damping`` (a Nyström one is
-        part of the fitted state instead)."""
-        if self.preconditioner not in (Preconditioner.NONE, Preconditioner.NYSTROM):
-            self._precondition = fit_preconditioner(
-                self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
-            )
-
-    def bind(self: _Self, model: nn.Module, task: Task, data: DataLike) -> _Self:
-        """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) state
-        without refitting it (an EK-FAC, K-FAC or diagonal preconditioner is refitted: it is
-        not part of the saved state). The parameters must have the fitted layout."""
-        self._check_fitted()
-        check_layout(self.layout, ParamLayout.of(task.parameters(model)), type(self).__name__)
-        self._attach(model, task, data)
-        self._attach_preconditioner(model, task, data, self.state.damping)
-        return self
-
-    def _bound(self) -> BoundOperator:
-        if self._operator is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no operator in this process: call .fit(model, task, data), "
-                "or .bind(model, task, data) after .load(...)"
-            )
-        return self._operator

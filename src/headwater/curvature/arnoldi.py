@@ -15,8 +15,6 @@ import torch
 from torch import Tensor
 
 from headwater.curvature._lowrank import LowRankCurvature, LowRankState
-from headwater.curvature._matfree import CHUNK_SIZE
-from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, arnoldi
 
 __all__ = ["Arnoldi", "LowRankState"]
@@ -39,46 +37,13 @@ class Arnoldi(LowRankCurvature):
     """
 
     name = "arnoldi"
-
-    def __init__(
-        self,
-        *,
-        kind: MatrixKind | str = MatrixKind.GGN,
-        damping: float | None = None,
-        chunk_size: int = CHUNK_SIZE,
-        rank: int = 50,
-        n_iter: int | None = None,
-        residual: bool = True,
-        seed: int = 0,
-        trace_probes: int = 16,
-    ):
-        super().__init__(
-            kind=kind,
-            damping=damping,
-            chunk_size=chunk_size,
-            rank=rank,
-            residual=residual,
-            seed=seed,
-            trace_probes=trace_probes,
-        )
-        if n_iter is not None and (
-            isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < rank
-        ):
-            raise ValueError(f"n_iter: must be an integer >= rank ({rank}), got {n_iter!r}")
-        self.n_iter = n_iter
+    option = "n_iter"
 
     def _decompose(
         self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        n_iter = min(dim, 2 * self.rank) if self.n_iter is None else self.n_iter
-        if n_iter > dim:
-            raise ValueError(
-                f"n_iter: must be <= the number of analysed parameters ({dim}), got {n_iter}"
-            )
+        n_iter = self._steps(dim)
         eigvals, eigvecs, self.info = arnoldi(
             matvec, dim, n_iter=n_iter, top_k=self.rank, seed=self.seed, dtype=dtype, device=device
         )
         return eigvals, eigvecs, {}
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "n_iter": self.n_iter}

@@ -8,10 +8,12 @@ GGN or empirical Fisher of the mean training objective (see ``operators``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -25,10 +27,21 @@ from headwater.gradients.functional import check_device
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
-__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "check_damping"]
+__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "Memory", "ProblemSize", "check_damping", "default_damping"]
 
 DEFAULT_RELATIVE_DAMPING = 1e-3
 """With ``damping=None``, damping = this × the mean eigenvalue (trace / P) of ``M``."""
+
+
+def default_damping(mean_eigenvalue: float) -> float:
+    """The library's one default damping: ``DEFAULT_RELATIVE_DAMPING × max(trace(M)/P, 0)``.
+
+    Every curvature with ``damping=None`` applies it to its own estimate of ``trace(M)/P``
+    (exact eigenvalues, a Hutchinson estimate, the diagonal, the window of gradients, the
+    projected trace). The one deliberate exception is K-FAC/EK-FAC, which damps each block
+    by ``relative_damping × mean(Λ_block)`` (Kronfluence's heuristic; the bench's
+    ``-heuristic`` rows measure it)."""
+    return DEFAULT_RELATIVE_DAMPING * max(float(mean_eigenvalue), 0.0)
 
 
 def check_damping(damping: float | None) -> float | None:
@@ -42,6 +55,46 @@ def check_damping(damping: float | None) -> float | None:
     return float(damping)
 
 
+@dataclass(frozen=True)
+class ProblemSize:
+    """The sizes a curvature's memory model reads (filled by :func:`headwater.plan.plan`).
+
+    Attributes:
+        num_params: analysed parameters ``P``.
+        n_train: training examples.
+        rhs: vectors solved at once (``min(n_query, query_chunk)``).
+        itemsize: bytes per element of the parameters' dtype.
+        outputs: model outputs per example ``C``.
+        blocks: ``(out_features, width)`` of each supported layer (empty if some analysed
+            parameter is outside one: no Kronecker-factored curvature then).
+        rank, n_iter: of the low-rank curvatures.
+    """
+
+    num_params: int
+    n_train: int
+    rhs: int
+    itemsize: int
+    outputs: int
+    blocks: tuple[tuple[int, int], ...]
+    rank: int = 50
+    n_iter: int = 100
+
+    @property
+    def linearisations(self) -> int:
+        """Bytes of the cached linearisations of the streaming operators (outputs only, <= 512 MiB)."""
+        return min(512 * 2**20, 4 * self.n_train * self.outputs * self.itemsize)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes a curvature keeps (``stored``: its fitted state) and adds to an estimator's
+    working set while solving (``working``: beyond the gradients, queries and scores)."""
+
+    stored: int
+    working: int
+    note: str = ""
+
+
 _Self = TypeVar("_Self", bound="Curvature")
 
 
@@ -50,8 +103,8 @@ class Curvature(ABC):
 
     Args:
         kind: ``"ggn"`` (default; positive semi-definite), ``"hessian"`` or ``"ef"``.
-        damping: λ added to the diagonal; ``None`` picks
-            ``DEFAULT_RELATIVE_DAMPING × trace(M)/P`` at fit time.
+        damping: λ added to the diagonal; ``None`` picks :func:`default_damping` at fit
+            time.
         chunk_size: examples per vectorised step while fitting.
     """
 
@@ -62,6 +115,13 @@ class Curvature(ABC):
     ``torch.distributed`` they are collective, so every rank must call them together
     with the same vectors."""
     kinds: ClassVar[tuple[MatrixKind, ...]] = tuple(MatrixKind)
+    damping_in_state_only: ClassVar[bool] = False
+    """The fitted state depends on the damping only through its ``damping`` field, so
+    :meth:`with_damping` re-derives a copy without a pass over the data."""
+    block_features: ClassVar[bool] = False
+    """Block-diagonal over supported layers with a ``blocks`` attribute and
+    ``solve_blocks({module: [B, out, width]})`` (K-FAC, EK-FAC): estimators may score
+    from per-layer features instead of flat gradients."""
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  chunk_size: int = 64):
@@ -79,6 +139,12 @@ class Curvature(ABC):
         self.layout: ParamLayout | None = None
         self.n_examples = 0
 
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """This curvature's memory model for a problem of ``size`` (``None``: not applicable,
+        e.g. a Kronecker-factored curvature without supported layers)."""
+        raise NotImplementedError(f"{cls.__name__} declares no memory model (Curvature.memory)")
+
     # -- fitting -------------------------------------------------------------------
     def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
             progress: ProgressFn | None = None) -> _Self:
@@ -91,6 +157,32 @@ class Curvature(ABC):
     @abstractmethod
     def _fit(self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None) -> Any:
         """Compute the frozen state record."""
+
+    def with_damping(self: _Self, damping: float, *, model: nn.Module | None = None, task: Task | None = None,
+                     data: DataLike | None = None) -> _Self:
+        """A fitted copy with damping λ = ``damping`` (``self`` is unchanged).
+
+        Where the state depends on λ only through its value (``damping_in_state_only``)
+        the copy is re-derived at once; otherwise (LiSSA's scale and preconditioner,
+        K-FAC's eigenvalue shifts, M-FAC's Woodbury factor) it is refitted on ``model``,
+        ``task`` and ``data``, which must then be given.
+
+        Raises:
+            ValueError: naming ``damping`` for a bad value, ``data`` when a refit is needed
+                and the data are missing.
+        """
+        self._check_fitted()
+        if check_damping(damping) is None:
+            raise ValueError("damping: with_damping needs a float >= 0, got None")
+        twin = copy.copy(self)
+        twin.damping = float(damping)
+        if self.damping_in_state_only:
+            twin.state = dataclasses.replace(self.state, damping=float(damping))
+            return twin
+        if model is None or task is None or data is None:
+            raise ValueError(f"data: {type(self).__name__} refits to change its damping; pass model, task and "
+                             "data to with_damping")
+        return twin.fit(model, task, data)
 
     # -- reading -------------------------------------------------------------------
     @property

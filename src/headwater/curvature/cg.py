@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
-    Preconditioner,
-    StreamingCurvature,
     extreme_eigenvalues,
     warn_if_indefinite,
 )
+from headwater.curvature._streaming import Preconditioner, StreamingCurvature
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import (
     CGInfo,
@@ -73,7 +73,7 @@ class CG(StreamingCurvature):
         max_iter: iteration cap per solve (``None``: ``10·P``). An unconverged solve
             warns, naming ``max_iter``/``tol``/``damping`` (unless ``warn=False``).
         preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"nystrom"`` or
-            ``"none"`` (see :class:`~headwater.curvature._matfree.Preconditioner`); default
+            ``"none"`` (see :class:`~headwater.curvature._streaming.Preconditioner`); default
             ``"nystrom"`` when ``preconditioner_rank > 0``, else none. EK-FAC is fitted
             once (one pass for the factors, one for the eigenvalues) and cuts the
             iterations most on networks made of linear/conv layers.
@@ -93,6 +93,13 @@ class CG(StreamingCurvature):
     """
 
     name = "cg"
+    damping_in_state_only = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """working: 5 vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)"""
+        return Memory(0, 5 * size.rhs * size.num_params * size.itemsize + size.linearisations,
+                      "2 passes over the data per iteration")
 
     def __init__(
         self,
@@ -151,11 +158,8 @@ class CG(StreamingCurvature):
     def _fit(
         self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
     ) -> CGState:
-        op = self._attach(model, task, data)
+        op, damping = self._attach_damped(model, task, data)
         p = self.layout.num_params
-        damping = self.damping
-        if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=progress)
         if self.kind is MatrixKind.HESSIAN:
             smallest, _ = extreme_eigenvalues(
                 op.matvec,

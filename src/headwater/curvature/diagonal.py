@@ -30,11 +30,10 @@ from torch.func import hessian, vmap
 
 from headwater.curvature._matfree import (
     BoundOperator,
-    default_damping,
     rademacher,
     warn_if_indefinite,
 )
-from headwater.curvature.base import Curvature
+from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard, shard_range
@@ -84,6 +83,12 @@ class Diagonal(Curvature):
     """
 
     name = "diagonal"
+    damping_in_state_only = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·P"""
+        return Memory(8 * size.num_params, 0)
 
     def __init__(
         self,

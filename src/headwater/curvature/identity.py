@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from headwater.curvature.base import Curvature
+from headwater.curvature.base import Curvature, Memory, ProblemSize
 from headwater.data import DataLike
 from headwater.progress import ProgressFn
 from headwater.task import Task
@@ -32,6 +32,11 @@ class Identity(Curvature):
     """``(M + λI)⁻¹ ≈ I``: gradient similarity (see the module docstring; damping ignored)."""
 
     name = "identity"
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """nothing"""
+        return Memory(0, 0, "gradient similarity")
 
     @classmethod
     def _state_type(cls) -> type:

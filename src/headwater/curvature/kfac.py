@@ -1,6 +1,6 @@
 """K-FAC and EK-FAC: per-module Kronecker-factored curvature.
 
-For a block (see :mod:`~headwater.curvature.kfac_blocks`) with per-example gradient
+For a block (see :mod:`~headwater.gradients.layers`) with per-example gradient
 ``G_n = Σ_t s_t ã_tᵀ``, K-FAC (Martens & Grosse 2015) approximates the block of the
 curvature of the mean loss by
 
@@ -43,8 +43,20 @@ processes or the chunk size either.
 
 Damping ``None`` takes, per block, ``relative_damping × mean(Λ)`` (Kronfluence's
 heuristic with factor 0.1; the mean excludes the weight decay). The task's weight
-decay enters as ``+wd·I``, like every curvature of the library. Analysed parameters
-outside supported modules raise ``ValueError`` (no silent diagonal fallback).
+decay enters as ``+wd·I``, like every curvature of the library.
+
+Coverage (:mod:`~headwater.gradients.layers`): every linear, convolution, ``Conv1D``
+and embedding layer is a Kronecker block (an embedding's input factor is diagonal: the
+token frequencies, its eigenbasis the identity); every other analysed parameter
+(normalisation layers, biases of unsupported layers, free or tied parameters) is in
+one diagonal block, ``diag(M)`` of the same matrix kind and estimator,
+``(1/N) Σ_n w Σ_k (J_nᵀ c_k)²`` from per-example gradients through the whole model
+(for EK-FAC this is also its corrected eigenvalues in the identity basis).
+
+Padding: when ``task.attention_mask(inputs)`` returns a ``[B, T]`` mask, positions
+where it is 0 are left out of ``A`` (and of its position count) for every block with
+``T`` positions per example, as Kronfluence does; the gradients themselves are the
+model's.
 """
 
 from __future__ import annotations
@@ -60,18 +72,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, vmap
 
-from headwater.curvature.base import Curvature
-from headwater.curvature.kfac_blocks import Block, capture, find_blocks, from_blocks, to_blocks
+from headwater.curvature.base import Curvature, Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import Block, DiagonalPart, capture, find_blocks, from_blocks, to_blocks
 from headwater.gradients.per_example import check_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task, sample_per_example
 
-__all__ = ["EKFAC", "EXACT_MAX_OUTPUTS", "KFAC", "GGNEstimator", "KroneckerCurvature",
-           "KroneckerState"]
+__all__ = ["EKFAC", "EXACT_MAX_OUTPUTS", "KFAC", "GGNEstimator", "KroneckerCurvature", "KroneckerState",
+           "output_cotangents"]
 
 EXACT_MAX_OUTPUTS = 64
 """``ggn_estimator="auto"`` is ``"exact"`` up to this many model outputs per example."""
@@ -119,9 +131,9 @@ class KroneckerState:
         return torch.outer(self.eigvals_s[module], self.eigvals_a[module])
 
 
-def _cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
-                estimator: GGNEstimator, seed: int, first: int, mc_samples: int, skip: int = 0
-                ) -> tuple[float, Tensor]:
+def output_cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
+                      estimator: GGNEstimator, seed: int, first: int, mc_samples: int, skip: int = 0
+                      ) -> tuple[float, Tensor]:
     """Weight ``w`` and output cotangents ``c [K, *output.shape]``: the signals are
     ``s_k = J_zᵀ c_k`` and the curvature block is ``w Σ_k`` of their products.
     Sampled targets are drawn per example (``seed`` and its global index, the chunk's
@@ -150,12 +162,33 @@ def _cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition in float64. On CPU through numpy's LAPACK: torch's
     multi-threaded CPU ``eigh`` can be 1000x slower for ~100x100 factors when cores are
-    oversubscribed (measured: 2.9 s vs 2 ms for 128x128 on a loaded 2-core machine)."""
+    oversubscribed (measured: 2.9 s vs 2 ms for 128x128 on a loaded 2-core machine).
+    A vector is a diagonal factor: its values, and empty eigenvectors (the identity)."""
+    if matrix.dim() == 1:
+        return matrix.double(), matrix.new_empty(0, dtype=torch.float64)
     matrix = 0.5 * (matrix + matrix.T).double()
     if matrix.device.type != "cpu":
         return torch.linalg.eigh(matrix)
     vals, vecs = np.linalg.eigh(matrix.numpy())
     return torch.from_numpy(vals), torch.from_numpy(np.ascontiguousarray(vecs))
+
+
+def _add_moment(total: Tensor, rows: Tensor, weight: float) -> None:
+    """``total += weight · rowsᵀ rows`` (only its diagonal when ``total`` is a vector)."""
+    total.add_(rows.square().sum(0) if total.dim() == 1 else rows.T @ rows, alpha=weight)
+
+
+def _rotate(v: Tensor, basis: Tensor) -> Tensor:
+    """``v @ basis`` on the last axis; an empty ``basis`` is the identity."""
+    return v if basis.numel() == 0 else v @ basis
+
+
+def _in_basis(v: Tensor, qs: Tensor, qa: Tensor, *, back: bool = False) -> Tensor:
+    """``Q_Sᵀ V Q_A`` (``back``: ``Q_S V Q_Aᵀ``) for ``V [K, out, width]``; an empty basis
+    is the identity (a diagonal factor)."""
+    if qa.numel():
+        v = v @ (qa.T if back else qa)
+    return v if qs.numel() == 0 else (qs if back else qs.T) @ v
 
 
 class KroneckerCurvature(Curvature):
@@ -175,6 +208,7 @@ class KroneckerCurvature(Curvature):
     """
 
     kinds = (MatrixKind.GGN, MatrixKind.EF)
+    block_features = True
     corrected: ClassVar[bool]
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
@@ -221,12 +255,14 @@ class KroneckerCurvature(Curvature):
     # -- fitting ---------------------------------------------------------------------
     def _stream(self, model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike,
                 stage: str, progress: ProgressFn | None, skip_draws: int = 0
-                ) -> Iterator[tuple[dict[str, Tensor], float, dict[str, Tensor]]]:
+                ) -> Iterator[tuple[dict[str, Tensor], float, dict[str, Tensor], Tensor | None]]:
         """Per chunk of this rank's shard: activations ``{module: [B, T, width]}``, the
-        weight ``w`` and the signals ``{module: [K, B, T, out]}`` (the block is ``w Σ_k``
-        over them). Sampled targets: each example's draws after its first ``skip_draws``."""
+        weight ``w``, the signals ``{module: [K, B, T, out]}`` (the block is ``w Σ_k``
+        over them) and the task's attention mask ``[B, T]`` (or ``None``). Sampled
+        targets: each example's draws after its first ``skip_draws``."""
         params = detached(task.parameters(model))
         ref = next(iter(params.values()))
+        diagonal = DiagonalPart(model, task, blocks, params)
         start, stop = shard_range(self.n_examples)
         done = 0
         with evaluation_mode(model), torch.enable_grad():
@@ -238,39 +274,50 @@ class KroneckerCurvature(Curvature):
                 with capture(model, blocks) as cap:
                     output = task.output(bind(model, live), x)
                 estimator = self.ggn_estimator.resolve(output[0].numel())
-                weight, cots = _cotangents(task, output, y, self.kind, estimator, self.seed,
-                                           start + done, self.mc_samples, skip_draws)
-                signals = cap.pullback(output, cots)
+                weight, cots = output_cotangents(task, output, y, self.kind, estimator, self.seed,
+                                                 start + done, self.mc_samples, skip_draws)
+                signals = {**cap.pullback(output, cots), **diagonal.pullback(x, cots)}
+                acts = {**cap.activations(), **diagonal.activations(y.shape[0], output)}
                 done += y.shape[0]
                 report(progress, stage, done, stop - start)
-                yield cap.activations(), weight, signals
+                yield acts, weight, signals, task.attention_mask(x)
+
+    def _factors(self, model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike,
+                 progress: ProgressFn | None) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        """Eigendecompositions of ``A`` and ``S`` per block (``(values, vectors)``; empty
+        vectors mean the identity: a diagonal factor), summed over every rank's shard."""
+        ref = next(iter(task.parameters(model).values()))
+
+        def zeros(size: int, diagonal: bool) -> Tensor:
+            shape = (size,) if diagonal else (size, size)
+            return torch.zeros(shape, dtype=torch.float64, device=ref.device)
+
+        sums = {b.module: (zeros(b.width, b.layer != "dense"), zeros(b.out_features, b.diagonal))
+                for b in blocks}
+        positions = {b.module: torch.zeros((), dtype=torch.float64, device=ref.device) for b in blocks}
+        for acts, w, signals, mask in self._stream(model, task, blocks, data, "kfac factors", progress):
+            for b in blocks:
+                a = acts[b.module].double()  # [B, T, width]
+                if mask is not None and not b.diagonal and mask.shape == a.shape[:2]:
+                    m = mask.to(a)  # padded positions are not counted
+                    a = a * m.unsqueeze(2).sqrt()
+                    positions[b.module] += m.sum()
+                else:
+                    positions[b.module] += a.shape[0] * a.shape[1]
+                _add_moment(sums[b.module][0], a.flatten(0, 1), 1.0)
+                _add_moment(sums[b.module][1], signals[b.module].flatten(0, 2).double(), w)
+        all_reduce_sum_([*(t for pair in sums.values() for t in pair), *positions.values()])
+        eig_a = {k: _eigh(a / max(float(positions[k]), 1.0)) for k, (a, _) in sums.items()}
+        eig_s = {k: _eigh(s / self.n_examples) for k, (_, s) in sums.items()}
+        return eig_a, eig_s
 
     def _fit(self, model: nn.Module, task: Task, data: DataLike,
              progress: ProgressFn | None) -> KroneckerState:
         params = task.parameters(model)
-        blocks = find_blocks(model, params)
+        blocks = find_blocks(model, params, task, data)
         ref = next(iter(params.values()))
         store = _DTYPES.get(self.factor_dtype, ref.dtype)
-        zeros = {b.module: (torch.zeros(b.width, b.width, dtype=torch.float64, device=ref.device),
-                            torch.zeros(b.out_features, b.out_features, dtype=torch.float64,
-                                        device=ref.device)) for b in blocks}
-        positions = dict.fromkeys(zeros, 0)
-        for acts, w, signals in self._stream(model, task, blocks, data, "kfac factors", progress):
-            for b in blocks:
-                a = acts[b.module].flatten(0, 1).double()  # [B·T, width]
-                zeros[b.module][0].add_(a.T @ a)
-                positions[b.module] += a.shape[0]
-                s = signals[b.module].flatten(0, 2).double()  # [K·B·T, out]
-                zeros[b.module][1].add_(s.T @ s, alpha=w)
-        counts = torch.tensor([positions[b.module] for b in blocks], dtype=torch.long,
-                              device=ref.device)
-        all_reduce_sum_([*(t for pair in zeros.values() for t in pair), counts])  # Σ over ranks
-        positions = {b.module: int(c) for b, c in zip(blocks, counts.tolist(), strict=True)}
-        eig_a, eig_s = {}, {}
-        for b in blocks:
-            a_sum, s_sum = zeros[b.module]
-            eig_a[b.module] = _eigh(a_sum / max(positions[b.module], 1))
-            eig_s[b.module] = _eigh(s_sum / self.n_examples)
+        eig_a, eig_s = self._factors(model, task, blocks, data, progress)
         corrected = self._correct(model, task, blocks, data, eig_a, eig_s, progress) \
             if self.corrected else {}
         grids = {b.module: corrected.get(b.module, torch.outer(eig_s[b.module][0].clamp_min(0),
@@ -305,22 +352,26 @@ class KroneckerCurvature(Curvature):
 
         With one position per example (``T = 1``), ``(Q_Sᵀ s ãᵀ Q_A)² = (Q_Sᵀ s)² (Q_Aᵀ ã)²ᵀ``,
         so the sum is one ``[out, B] @ [B, width]`` product and no per-example ``G_n``
-        is formed; otherwise ``G_n`` is formed one signal at a time.
+        is formed; otherwise ``G_n`` is formed one signal at a time. The diagonal block
+        is not corrected: its K-FAC eigenvalues are already the diagonal of its block.
         """
+        blocks = tuple(b for b in blocks if not b.diagonal)
+        if not blocks:
+            return {}
         sums = {b.module: torch.zeros(b.out_features, b.width, dtype=torch.float64,
-                                      device=eig_a[b.module][1].device) for b in blocks}
-        for acts, w, signals in self._stream(model, task, blocks, data, "ekfac correction",
-                                             progress, skip_draws=self.mc_samples):
+                                      device=eig_a[b.module][0].device) for b in blocks}
+        for acts, w, signals, _ in self._stream(model, task, blocks, data, "ekfac correction",
+                                                progress, skip_draws=self.mc_samples):
             for b in blocks:
                 qa, qs = eig_a[b.module][1], eig_s[b.module][1]
                 a, s = acts[b.module], signals[b.module]  # [B, T, width], [K, B, T, out]
-                ra = a.to(qa.dtype) @ qa  # [B, T, width]
+                ra = _rotate(a.to(torch.float64), qa)  # [B, T, width]
+                rs = _rotate(s.to(torch.float64), qs)  # [K, B, T, out]
                 if a.shape[1] == 1:
-                    rs2 = (s[:, :, 0].to(qs.dtype) @ qs).square().sum(0)  # [B, out]
-                    sums[b.module].add_(rs2.T @ ra[:, 0].square(), alpha=w)
+                    sums[b.module].add_(rs[:, :, 0].square().sum(0).T @ ra[:, 0].square(), alpha=w)
                     continue
-                for sk in s:
-                    g = torch.einsum("bto,bti->boi", sk.to(qs.dtype) @ qs, ra)  # [B, out, width]
+                for sk in rs:
+                    g = torch.einsum("bto,bti->boi", sk, ra)  # [B, out, width]
                     sums[b.module].add_(g.square().sum(0), alpha=w)
         all_reduce_sum_(list(sums.values()))  # Σ over every rank's shard
         return {k: v / self.n_examples for k, v in sums.items()}
@@ -336,8 +387,8 @@ class KroneckerCurvature(Curvature):
             qa = s.eigvecs_a[b.module].to(v.device, dtype)
             qs = s.eigvecs_s[b.module].to(v.device, dtype)
             scale = (s.eigenvalues(b.module).to(v.device, dtype) + s.weight_decay + damping) ** power
-            rotated = (qs.T @ v.to(dtype) @ qa).mul_(scale)  # [K, out, width], in place
-            out[b.module] = (qs @ rotated @ qa.T).to(v.dtype)
+            rotated = _in_basis(v.to(dtype), qs, qa) * scale  # [K, out, width]
+            out[b.module] = _in_basis(rotated, qs, qa, back=True).to(v.dtype)
         return out
 
     def _flat(self, v: Tensor, power: int) -> Tensor:
@@ -358,9 +409,24 @@ class KFAC(KroneckerCurvature):
     name = "kfac"
     corrected = False
 
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)"""
+        if not size.blocks:
+            return None
+        return Memory(8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks), 0, "per-module scoring")
+
 
 class EKFAC(KroneckerCurvature):
     """EK-FAC: the K-FAC eigenbasis with eigenvalues refitted to per-example gradients."""
 
     name = "ekfac"
     corrected = True
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory | None:
+        """K-FAC + 8·Σ out·width (corrected eigenvalues)"""
+        factors = KFAC.memory(size)
+        if factors is None:
+            return None
+        return Memory(factors.stored + 8 * sum(o * w for o, w in size.blocks), 0, factors.note)

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature._lowrank import LowRankCurvature
-from headwater.curvature._matfree import CHUNK_SIZE, BoundOperator, subset
+from headwater.curvature._matfree import BoundOperator
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lanczos
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, num_examples, subset
 from headwater.task import Task
 
 __all__ = ["Lanczos", "LanczosState", "SpectrumComparison", "minibatch_spectrum"]
@@ -57,33 +57,7 @@ class Lanczos(LowRankCurvature):
     """
 
     name = "lanczos"
-
-    def __init__(
-        self,
-        *,
-        kind: MatrixKind | str = MatrixKind.GGN,
-        damping: float | None = None,
-        chunk_size: int = CHUNK_SIZE,
-        rank: int = 50,
-        n_iter: int | None = None,
-        residual: bool = True,
-        seed: int = 0,
-        trace_probes: int = 16,
-    ):
-        super().__init__(
-            kind=kind,
-            damping=damping,
-            chunk_size=chunk_size,
-            rank=rank,
-            residual=residual,
-            seed=seed,
-            trace_probes=trace_probes,
-        )
-        if n_iter is not None and (
-            isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < rank
-        ):
-            raise ValueError(f"n_iter: must be an integer >= rank ({rank}), got {n_iter!r}")
-        self.n_iter = n_iter
+    option = "n_iter"
 
     @classmethod
     def _state_type(cls) -> type:
@@ -92,11 +66,7 @@ class Lanczos(LowRankCurvature):
     def _decompose(
         self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        n_iter = min(dim, 2 * self.rank) if self.n_iter is None else self.n_iter
-        if n_iter > dim:
-            raise ValueError(
-                f"n_iter: must be <= the number of analysed parameters ({dim}), got {n_iter}"
-            )
+        n_iter = self._steps(dim)
         ritz, vecs, self.info = lanczos(
             matvec, dim, n_iter=n_iter, seed=self.seed, dtype=dtype, device=device
         )
@@ -109,8 +79,6 @@ class Lanczos(LowRankCurvature):
         self._check_fitted()
         return self.state.ritz_values
 
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "n_iter": self.n_iter}
 
 
 @dataclass(frozen=True)

@@ -30,16 +30,15 @@ from torch import Tensor, nn
 from headwater.curvature._matfree import (
     CHUNK_SIZE,
     BoundOperator,
-    Preconditioner,
-    StreamingCurvature,
     extreme_eigenvalues,
     rademacher,
-    subset,
     warn_if_indefinite,
 )
+from headwater.curvature._streaming import Preconditioner, StreamingCurvature
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, num_examples, subset
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
@@ -81,7 +80,7 @@ class LiSSA(StreamingCurvature):
             every pass over the data.
         seed: seed of the mini-batch order, the trace probes and the Lanczos start.
         preconditioner: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"none"`` (default);
-            see :class:`~headwater.curvature._matfree.Preconditioner`. Refitted by
+            see :class:`~headwater.curvature._streaming.Preconditioner`. Refitted by
             :meth:`bind` (not part of the saved state).
         tol: last relative change below which ``last_info.converged`` is set.
         trace_probes: Hutchinson probes for the default damping.
@@ -96,6 +95,12 @@ class LiSSA(StreamingCurvature):
     """
 
     name = "lissa"
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations"""
+        return Memory(0, 3 * size.rhs * size.num_params * size.itemsize + size.linearisations,
+                      "depth x repeats mini-batch passes")
 
     def __init__(
         self,
@@ -148,11 +153,8 @@ class LiSSA(StreamingCurvature):
     def _fit(
         self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
     ) -> LissaState:
-        op = self._attach(model, task, data)
+        op, damping = self._attach_damped(model, task, data)
         p = self.layout.num_params
-        damping = self.damping
-        if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=progress)
         top = math.nan
         self._attach_preconditioner(model, task, data, float(damping))
         if self._precondition is not None:

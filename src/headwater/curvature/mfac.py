@@ -43,10 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature._matfree import subset
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, Curvature
+from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import MatrixKind
-from headwater.data import DataLike, iter_batches, take
+from headwater.data import DataLike, iter_batches, subset, take
 from headwater.distributed import all_reduce_sum_, shard_range, world
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.gradients.per_example import per_example_gradients
@@ -87,6 +86,13 @@ class MFAC(Curvature):
 
     name = "mfac"
     kinds = (MatrixKind.GGN, MatrixKind.EF)
+
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored m·P·b + 8·m² (W and the Cholesky factor; m = n_train by default); working + m·P·b (G)"""
+        m = size.n_train  # the default window: every training example
+        return Memory(m * size.num_params * size.itemsize + 8 * m * m, m * size.num_params * size.itemsize,
+                      "window of every training gradient (n_grads=None)")
 
     def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
                  chunk_size: int = 64, n_grads: int | None = None, block_size: int | None = None,
@@ -151,7 +157,7 @@ class MFAC(Curvature):
         all_reduce_sum_(g)  # every rank's rows (the others are zero)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * (float(g.square().sum()) / (m * p) + task.weight_decay)
+            damping = default_damping(float(g.square().sum()) / (m * p) + task.weight_decay)
         mu = damping + task.weight_decay
         if mu <= 0:
             raise ValueError(f"damping: M-FAC needs damping + weight_decay > 0 (Woodbury divides by it), "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from headwater.curvature._lowrank import LowRankCurvature, LowRankState
-from headwater.curvature._matfree import CHUNK_SIZE
+from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, nystrom
 
@@ -38,32 +38,14 @@ class Nystrom(LowRankCurvature):
     """
 
     name = "nystrom"
+    option = "oversample"
     kinds = (MatrixKind.GGN, MatrixKind.EF)
 
-    def __init__(
-        self,
-        *,
-        kind: MatrixKind | str = MatrixKind.GGN,
-        damping: float | None = None,
-        chunk_size: int = CHUNK_SIZE,
-        rank: int = 50,
-        oversample: int = 10,
-        residual: bool = True,
-        seed: int = 0,
-        trace_probes: int = 16,
-    ):
-        super().__init__(
-            kind=kind,
-            damping=damping,
-            chunk_size=chunk_size,
-            rank=rank,
-            residual=residual,
-            seed=seed,
-            trace_probes=trace_probes,
-        )
-        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-            raise ValueError(f"oversample: must be an integer >= 0, got {oversample!r}")
-        self.oversample = oversample
+    @classmethod
+    def memory(cls, size: ProblemSize) -> Memory:
+        """stored 8·rank·P; working + 16·(rank + oversample)·P (sketch)"""
+        return Memory(8 * size.rank * size.num_params, 16 * (size.rank + 10) * size.num_params,
+                      f"rank {size.rank}")
 
     def _decompose(
         self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
@@ -78,6 +60,3 @@ class Nystrom(LowRankCurvature):
             device=device,
         )
         return eigvals, eigvecs, {}
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "oversample": self.oversample}

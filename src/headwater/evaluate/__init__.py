@@ -11,6 +11,7 @@ from headwater.evaluate.lds import LDSGroundTruth, LDSResult, lds, lds_ground_tr
 from headwater.evaluate.loo import LOOResult, leave_one_out, measure
 from headwater.evaluate.pbrf import PBRFResult, pbrf
 from headwater.evaluate.retrain_loo import RetrainLOOResult, retrain_leave_one_out
+from headwater.evaluate.single_model import single_model_ground_truth
 
 __all__ = [
     "DetectionCurve",
@@ -29,4 +30,5 @@ __all__ = [
     "precision_at_k",
     "recall_at_fraction",
     "retrain_leave_one_out",
+    "single_model_ground_truth",
 ]

@@ -36,11 +36,11 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
-from headwater import store
 from headwater.data import DataLike, as_tensors, num_examples
 from headwater.progress import ProgressFn
+from headwater.store.cached import cached_tensors, fingerprint
 from headwater.task import Task
-from headwater.train.ensemble import TrainConfig, ensemble_measurements, fingerprint, train_ensemble
+from headwater.train.ensemble import TrainConfig, ensemble_measurements, train_ensemble
 
 __all__ = ["LDSGroundTruth", "LDSResult", "lds", "lds_ground_truth", "settings_key", "spearman_rows", "subset_masks"]
 
@@ -143,23 +143,20 @@ def lds_ground_truth(
                 "seeds_per_subset": seeds_per_subset, "seed": int(seed), "config": config.to_dict(),
                 "task": task.to_dict(), "train": fingerprint(x_t, y_t), "query": fingerprint(x_q, y_q),
                 "model": _model_key(model, config)}
-    path = None
-    if store_dir is not None:
-        path = Path(store_dir) / f"lds-{settings_key(settings)}"
-        if store.exists(path):
-            tensors, _ = store.load(path, expect=settings)
-            return LDSGroundTruth(tensors["masks"].bool(), tensors["actual"], tensors["per_seed"], settings)
-    weights = masks.repeat_interleave(seeds_per_subset, dim=0)  # [m*s, n]
-    member_seeds = [int(seed) * 1_000_000 + k for k in range(weights.shape[0])]
-    ensemble = train_ensemble(model, task, (x_t, y_t), weights, config=config, seeds=member_seeds,
-                              store_path=None if path is None else path.with_name(path.name + ".models"),
-                              progress=progress)
-    measured = ensemble_measurements(model, task, ensemble, (x_q, y_q))  # [m*s, n_query]
-    per_seed = measured.reshape(n_subsets, seeds_per_subset, -1)
-    actual = per_seed.mean(dim=1)
-    if path is not None:
-        store.save(path, {"masks": masks.to(torch.uint8), "actual": actual, "per_seed": per_seed}, settings)
-    return LDSGroundTruth(masks, actual, per_seed, settings)
+    path = None if store_dir is None else Path(store_dir) / f"lds-{settings_key(settings)}"
+
+    def retrain() -> dict[str, Tensor]:
+        weights = masks.repeat_interleave(seeds_per_subset, dim=0)  # [m*s, n]
+        member_seeds = [int(seed) * 1_000_000 + k for k in range(weights.shape[0])]
+        ensemble = train_ensemble(model, task, (x_t, y_t), weights, config=config, seeds=member_seeds,
+                                  store_path=None if path is None else path.with_name(path.name + ".models"),
+                                  progress=progress)
+        measured = ensemble_measurements(model, task, ensemble, (x_q, y_q))  # [m*s, n_query]
+        per_seed = measured.reshape(n_subsets, seeds_per_subset, -1)
+        return {"masks": masks.to(torch.uint8), "actual": per_seed.mean(dim=1), "per_seed": per_seed}
+
+    tensors = cached_tensors(path, settings, retrain)
+    return LDSGroundTruth(tensors["masks"].bool(), tensors["actual"], tensors["per_seed"], settings)
 
 
 def settings_key(settings: dict[str, Any]) -> str:

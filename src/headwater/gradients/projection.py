@@ -120,7 +120,7 @@ class KroneckerProjection:
     "What is Your Data Worth to GPT?").
 
     For a layer's per-example gradient ``G = Σ_t s_t ã_tᵀ`` (see
-    :mod:`headwater.curvature.kfac_blocks`) the projection is
+    :mod:`headwater.gradients.layers`) the projection is
     ``Σ_t (P_out s_t)(P_in ã_t)ᵀ``: the gradient itself is never formed, and the cost per
     position is ``out·k_out + width·k_in`` instead of ``out·width·k``. ``P_out ⊗ P_in`` is a
     random projection of ``vec(G)`` with ``E[(P_out ⊗ P_in)ᵀ(P_out ⊗ P_in)] = I``. A side

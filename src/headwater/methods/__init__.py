@@ -2,8 +2,10 @@
 
 from headwater.methods.ame import AMEResult, ame
 from headwater.methods.ensemble_scores import EnsembleScores, ensemble_scores
+from headwater.methods.estimator import Estimator
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
+from headwater.methods.metagradient import Metagradient
 from headwater.methods.mislabels import MislabelRanking, detect_mislabels, mislabel_ranking
 from headwater.methods.renormalized import Renormalization, RenormalizedInfluence
 from headwater.methods.scoring import Scores, pairwise, pairwise_top_k
@@ -19,8 +21,10 @@ __all__ = [
     "AMEResult",
     "Checkpoint",
     "EnsembleScores",
+    "Estimator",
     "Hydra",
     "InfluenceFunction",
+    "Metagradient",
     "MislabelRanking",
     "Renormalization",
     "RenormalizedInfluence",

@@ -17,7 +17,6 @@ compare LOO this way); the curve ``λ -> agreement`` is returned with its argmax
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -26,30 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature import (
-    CG,
-    CURVATURES,
-    Arnoldi,
-    Curvature,
-    Diagonal,
-    Exact,
-    Lanczos,
-    LiSSA,
-    Nystrom,
-)
-from headwater.curvature._matfree import subset
+from headwater.curvature import CURVATURES, Curvature
 from headwater.curvature.base import check_damping
-from headwater.data import DataLike, num_examples
+from headwater.data import DataLike, num_examples, subset
 from headwater.evaluate.loo import LOOResult, TrainFn, leave_one_out
 from headwater.gradients.per_example import Objective, stack_gradients
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = ["Agreement", "DampingCurve", "GroundTruth", "select_damping"]
-
-_DAMPING_ONLY_IN_STATE = (Exact, CG, LiSSA, Arnoldi, Lanczos, Nystrom, Diagonal)
-"""Curvatures whose fitted state depends on the damping only through its ``damping``
-field: fitted once, then re-used for every candidate."""
 
 
 class Agreement(str, Enum):
@@ -249,11 +233,10 @@ def select_damping(
     per_query = []
     fitted: Curvature | None = None
     for j, damping in enumerate(candidates):
-        if isinstance(fitted, _DAMPING_ONLY_IN_STATE):
-            fitted.damping = damping
-            fitted.state = dataclasses.replace(fitted.state, damping=damping)
-        else:
+        if fitted is None:
             fitted = _make_curvature(curvature, damping, kind, options).fit(at, task, train)
+        else:  # re-derived, or refitted where the state depends on the damping (LiSSA, K-FAC, M-FAC)
+            fitted = fitted.with_damping(damping, model=at, task=task, data=train)
         predicted = fitted.solve(g_query) @ g_removed.T / n  # [q, m]
         if metric is Agreement.SPEARMAN:
             predicted = _ranks(predicted)

@@ -1,6 +1,6 @@
 """Influence with K-FAC/EK-FAC computed module by module, never flattening the model.
 
-For each block ``m`` (a supported layer, see :mod:`headwater.curvature.kfac_blocks`)
+For each block ``m`` (a supported layer, see :mod:`headwater.gradients.layers`)
 
     score_m[q, i] = ⟨(M_m + (wd + λ_m) I)⁻¹ G_m(z_q),  G_m(z_i)⟩
 
@@ -28,21 +28,24 @@ global order, so every rank returns the whole ``[n_query, n_train]`` (collective
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from headwater.curvature.kfac import KroneckerCurvature
-from headwater.curvature.kfac_blocks import Block, capture
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import Block, DiagonalPart, capture
 from headwater.gradients.per_example import Objective, check_batch, check_values
+from headwater.methods.scoring import Features, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["factored_scores", "module_factors", "module_gradients", "module_scores"]
+__all__ = ["BlockFeatures", "check_block_curvature", "factored_scores", "module_factors", "module_gradients", "module_scores",
+           "preconditioned_blocks", "train_blocks"]
 
 
 def module_gradients(model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike, *,
@@ -62,12 +65,13 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
                    ) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
     """Yield each block's output gradients and inputs ``{module: (s [chunk, T, out],
     ã [chunk, T, width])}``, in order: the per-example gradient is ``Σ_t s_t ã_tᵀ``, from
-    one batched forward/backward pass with hooks.
+    one batched forward/backward pass with hooks (the diagonal block's, ``[chunk, 1, P_d]``
+    and ones, from ``vmap``: :class:`~headwater.gradients.layers.DiagonalPart`).
 
     Args:
         model: the model (left unchanged; evaluated in eval mode).
         task: loss, measurement and analysed parameters.
-        blocks: from :func:`~headwater.curvature.kfac_blocks.find_blocks` or a fitted
+        blocks: from :func:`~headwater.gradients.layers.find_blocks` or a fitted
             K-FAC/EK-FAC's ``.blocks``.
         data: an ``(inputs, targets)`` pair, a Dataset or a DataLoader.
         objective: ``"train"`` (training loss) or ``"measurement"``.
@@ -82,6 +86,7 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
     params = detached(task.parameters(model))
     ref = next(iter(params.values()))
     value_fn = task.train_loss if objective is Objective.TRAIN else task.measurement
+    diagonal = DiagonalPart(model, task, blocks, params)
     total, done = num_examples(data, name), 0
     with evaluation_mode(model), torch.enable_grad():
         for batch in iter_batches(data, chunk_size, name):
@@ -92,13 +97,14 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
             with capture(model, blocks) as cap:
                 values = value_fn(bind(model, live), (x, y))
             check_values(values, y.shape[0], name, done)
-            signals, acts = cap.signals(values.sum()), cap.activations()
+            signals = {**cap.signals(values.sum()), **diagonal.gradients((x, y), value_fn)}
+            acts = {**cap.activations(), **diagonal.activations(y.shape[0], values)}
             done += y.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}
 
 
-def _check(model: nn.Module, task: Task, curvature: KroneckerCurvature) -> None:
+def check_block_curvature(model: nn.Module, task: Task, curvature: KroneckerCurvature) -> None:
     if not isinstance(curvature, KroneckerCurvature):
         raise TypeError(f"curvature: expected a fitted KFAC or EKFAC, got {type(curvature).__name__}")
     curvature._check_fitted()
@@ -107,9 +113,32 @@ def _check(model: nn.Module, task: Task, curvature: KroneckerCurvature) -> None:
                          "in model; refit it or pass the matching task")
 
 
-def _preconditioned_queries(model: nn.Module, task: Task, curvature: KroneckerCurvature,
-                            query: DataLike, chunk_size: int, progress: ProgressFn | None
-                            ) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class BlockFeatures(Features):
+    """Per-module features ``{module: [N, out·width]}``; their dot product is the sum over
+    modules (``stacked=True``: one ``[M, N_self, N_other]`` slice per module instead)."""
+
+    parts: dict[str, Tensor]
+    stacked: bool = False
+
+    @classmethod
+    def of(cls, grads: dict[str, Tensor], *, stacked: bool = False) -> BlockFeatures:
+        """From block gradients or preconditioned blocks ``{module: [N, out, width]}``."""
+        return cls({m: g.reshape(g.shape[0], -1) for m, g in grads.items()}, stacked)
+
+    def __len__(self) -> int:
+        return next(iter(self.parts.values())).shape[0]
+
+    def __getitem__(self, rows: slice) -> BlockFeatures:
+        return BlockFeatures({m: p[rows] for m, p in self.parts.items()}, self.stacked)
+
+    def dot(self, other: BlockFeatures) -> Tensor:
+        tiles = [mine @ other.parts[m].to(mine.dtype).T for m, mine in self.parts.items()]
+        return torch.stack(tiles) if self.stacked else sum(tiles[1:], tiles[0])
+
+
+def preconditioned_blocks(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike, *,
+                          chunk_size: int, progress: ProgressFn | None, stacked: bool = False) -> BlockFeatures:
     """``(M_m + (wd + λ_m) I)⁻¹ G_m(z_q)`` per block, ``{module: [n_query, out·width]}``,
     written into preallocated rows (no concatenated copy)."""
     blocks, n_query = curvature.blocks, num_examples(query, "query")
@@ -122,39 +151,27 @@ def _preconditioned_queries(model: nn.Module, task: Task, curvature: KroneckerCu
                 left[module] = pre.new_empty(n_query, pre[0].numel())
             left[module][row : row + pre.shape[0]] = pre.reshape(pre.shape[0], -1)
         row += pre.shape[0]
-    return left
+    return BlockFeatures(left, stacked)
 
 
-def _score_tiles(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                 train: DataLike, n_local: int, chunk_size: int, progress: ProgressFn | None,
-                 self_sink: list[Tensor] | None = None) -> Iterator[tuple[str, int, Tensor]]:
-    """``(module, first column, score_m tile [n_query, chunk])`` over this rank's shard
-    of the training data (``n_local`` examples; columns counted within the shard).
-    With ``self_sink``, each chunk's self-influence ``Σ_m ⟨(M_m + …)⁻¹ G_m, G_m⟩ [chunk]``
-    is appended to it from the same gradients."""
-    left = _preconditioned_queries(model, task, curvature, query, chunk_size, progress)
-    if n_local == 0:
+def train_blocks(model: nn.Module, task: Task, curvature: KroneckerCurvature, train: DataLike, *,
+                 chunk_size: int, progress: ProgressFn | None, stacked: bool = False,
+                 self_sink: list[Tensor] | None = None) -> Iterator[BlockFeatures]:
+    """This rank's shard of the training block gradients, chunk by chunk; with ``self_sink``
+    each chunk's self-influence ``Σ_m ⟨(M_m + …)⁻¹ G_m, G_m⟩ [chunk]`` is appended to it."""
+    if _shard_size(train) == 0:
         return
-    col = 0
-    for grads in module_gradients(model, task, curvature.blocks, shard(train, "train"),
-                                  objective=Objective.TRAIN, chunk_size=chunk_size, name="train",
-                                  progress=progress):
+    for grads in module_gradients(model, task, curvature.blocks, shard(train, "train"), objective=Objective.TRAIN,
+                                  chunk_size=chunk_size, name="train", progress=progress):
         if self_sink is not None:
             solved = curvature.solve_blocks(grads)
             self_sink.append(sum((solved[m] * g).sum(dim=(1, 2)) for m, g in grads.items()))
-        for module, g in grads.items():  # [B, out, width]
-            yield module, col, left[module] @ g.reshape(g.shape[0], -1).T
-        col += g.shape[0]
+        yield BlockFeatures.of(grads, stacked=stacked)
 
 
 def _shard_size(train: DataLike) -> int:
     start, stop = shard_range(num_examples(train, "train"))
     return stop - start
-
-
-def _like(model: nn.Module, task: Task) -> Tensor:
-    """A tensor with the dtype and device of the scores (those of the analysed parameters)."""
-    return next(iter(task.parameters(model).values())).detach()
 
 
 def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
@@ -177,28 +194,24 @@ def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, q
         TypeError: if ``curvature`` is not a K-FAC/EK-FAC.
         ValueError: if it was fitted on other parameters, or for bad data.
     """
-    n_query, n_local = num_examples(query, "query"), _shard_size(train)
-    _check(model, task, curvature)
-    like = _like(model, task)
-    out = {b.module: like.new_zeros(n_query, n_local) for b in curvature.blocks}
-    for module, col, tile in _score_tiles(model, task, curvature, query, train, n_local,
-                                          chunk_size, progress):
-        out[module][:, col : col + tile.shape[1]] = tile
-    return {module: gather_columns(block) for module, block in out.items()}
+    check_block_curvature(model, task, curvature)
+    left = preconditioned_blocks(model, task, curvature, query, chunk_size=chunk_size, progress=progress,
+                                 stacked=True)
+    chunks = train_blocks(model, task, curvature, train, chunk_size=chunk_size, progress=progress, stacked=True)
+    stacked = pairwise(left, chunks, _shard_size(train), query_chunk=max(len(left), 1))  # [M, n_query, n_local]
+    return {module: gather_columns(block) for module, block in zip(left.parts, stacked, strict=True)}
 
 
 def factored_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                    train: DataLike, *, chunk_size: int = 64, progress: ProgressFn | None = None,
-                    self_sink: list[Tensor] | None = None) -> Tensor:
+                    train: DataLike, *, chunk_size: int = 64, query_chunk: int = 256,
+                    progress: ProgressFn | None = None, self_sink: list[Tensor] | None = None) -> Tensor:
     """Total influence ``[n_query, n_train]``: the sum over modules of :func:`module_scores`
-    (same arguments; same convention as ``InfluenceFunction.scores``), accumulated tile
-    by tile without keeping the per-module matrices. With ``self_sink`` (a list), the
-    self-influence of this rank's training examples is appended to it chunk by chunk,
-    from the same pass over the training gradients."""
-    n_query, n_local = num_examples(query, "query"), _shard_size(train)
-    _check(model, task, curvature)
-    total = _like(model, task).new_zeros(n_query, n_local)
-    for _, col, tile in _score_tiles(model, task, curvature, query, train, n_local, chunk_size,
-                                     progress, self_sink):
-        total[:, col : col + tile.shape[1]] += tile
-    return gather_columns(total)
+    (same arguments; same convention as ``InfluenceFunction.scores``), through the one tiled
+    loop (:func:`~headwater.methods.scoring.pairwise`) without keeping the per-module
+    matrices. With ``self_sink`` (a list), the self-influence of this rank's training
+    examples is appended to it chunk by chunk, from the same pass over the training gradients."""
+    check_block_curvature(model, task, curvature)
+    left = preconditioned_blocks(model, task, curvature, query, chunk_size=chunk_size, progress=progress)
+    chunks = train_blocks(model, task, curvature, train, chunk_size=chunk_size, progress=progress,
+                          self_sink=self_sink)
+    return gather_columns(pairwise(left, chunks, _shard_size(train), query_chunk=query_chunk))

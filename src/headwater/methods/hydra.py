@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from headwater.data import DataLike, as_tensors, num_examples
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import check_values
+from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.sgd import Trajectory
@@ -38,7 +39,7 @@ from headwater.train.sgd import Trajectory
 __all__ = ["Hydra"]
 
 
-class Hydra:
+class Hydra(Estimator):
     """Hypergradient scores ``[n_query, n_train]`` for a recorded SGD trajectory.
 
     Args:
@@ -49,6 +50,8 @@ class Hydra:
         hessian_free: drop the ``H_t`` terms (faster, approximate).
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "hydra"
 
     def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory, *, hessian_free: bool = False,
                  progress: ProgressFn | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -10,19 +11,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from headwater import store as store_mod
 from headwater.curvature.base import Curvature
-from headwater.curvature.kfac import KroneckerCurvature
 from headwater.data import DataLike, as_tensors, iter_batches, num_examples
-from headwater.distributed import all_ranks, barrier, gather_columns, shard, shard_range, world
+from headwater.distributed import gather_columns, shard, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
-from headwater.methods.factored import factored_scores
+from headwater.methods.estimator import Estimator, check_top_k
+from headwater.methods.factored import check_block_curvature, preconditioned_blocks, train_blocks
 from headwater.methods.layer_products import layer_blocks
-from headwater.methods.scoring import pairwise, sharded_extremes
+from headwater.methods.scoring import FeatureLike, Scores, pairwise, sharded_extremes
 from headwater.progress import ProgressFn, report
+from headwater.store.cached import cached, fingerprint
 from headwater.task import Task
-from headwater.train.ensemble import fingerprint
 
 __all__ = ["CONTEXT_EXAMPLES", "InfluenceFunction", "fit_context"]
 
@@ -46,7 +46,7 @@ def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]
             "n_train": num_examples(train, "train"), "train": data}
 
 
-class InfluenceFunction:
+class InfluenceFunction(Estimator):
     """``score[q, i] = ∇m(z_q)ᵀ (M + λI)⁻¹ ∇ℓ(z_i)``.
 
     ``M`` is the curvature of the *mean* training objective. Removing training
@@ -72,10 +72,14 @@ class InfluenceFunction:
             batch streaming the training gradients once more: memory
             ``query_batch × P`` instead of ``n_query × P``, same numbers.
         progress: optional ``progress(stage, done, total)`` callback.
+        notes: entries added to :meth:`settings` (e.g. how the curvature was chosen).
     """
 
+    method = "influence"
+
     def __init__(self, model: nn.Module, task: Task, curvature: Curvature, *, chunk_size: int = 64,
-                 query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None):
+                 query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None,
+                 notes: dict[str, Any] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -91,6 +95,8 @@ class InfluenceFunction:
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         self.query_batch = query_batch
+        self.notes = dict(notes or {})
+        self._blocks_complete: bool | None = None  # layer-wise gradients are whole (checked once)
 
     def _by_query_batch(self, query: DataLike, compute) -> tuple[Tensor, ...] | None:
         """``compute(batch)`` (a tuple of ``[rows, ...]`` tensors) for each batch of
@@ -120,21 +126,17 @@ class InfluenceFunction:
         (by rank 0 under ``torch.distributed``; the ranks load only when every rank sees
         the store). A store fitted on anything else raises ``StoreMismatchError`` naming
         what differs (see :func:`fit_context`)."""
-        if store is None:
-            self.curvature.fit(self.model, self.task, train, progress=self.progress)
-            return self
-        context = fit_context(self.model, self.task, train)
-        if all_ranks(store_mod.exists(store)):  # ranks decide together: a fit is collective
-            layout = ParamLayout.of(self.task.parameters(self.model))
-            store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
+        self._blocks_complete = None
+        context = fit_context(self.model, self.task, train) if store is not None else None
+
+        def load() -> None:
+            self.curvature.load(store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context)
             if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
                 self.curvature.bind(self.model, self.task, train)
             report(self.progress, "curvature (loaded)", 1, 1)
-            return self
-        self.curvature.fit(self.model, self.task, train, progress=self.progress)
-        if world()[0] == 0:
-            self.curvature.save(store, context=context)
-        barrier()  # the store is complete before any rank goes on (and may look for it)
+
+        cached(store, load, lambda: self.curvature.fit(self.model, self.task, train, progress=self.progress),
+               lambda _: self.curvature.save(store, context=context))
         return self
 
     def _grads(self, data: DataLike, objective: Objective, name: str):
@@ -166,91 +168,99 @@ class InfluenceFunction:
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """All scores ``[n_query, n_train]``. With K-FAC/EK-FAC they are computed module by
-        module (:func:`~headwater.methods.factored.factored_scores`), never flattening the
+        module (:class:`~headwater.methods.factored.BlockFeatures`), never flattening the
         model; the numbers are the same."""
         batched = self._by_query_batch(query, lambda batch: (self.scores(batch, train),))
         if batched is not None:
             return batched[0]
-        if self._factored(train):
-            return factored_scores(self.model, self.task, self.curvature, query, train,
-                                   chunk_size=self.chunk_size, progress=self.progress)
-        left = self.preconditioned_queries(query)
-        grads, _, n_local = self._shard_grads(train)
-        return gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
+        return self._all(query, train)
 
     def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
-        return self.extremes(query, train, k, sides=(largest,))[0]
+        return self._sides(query, train, k, (largest,))[0]
 
-    def extremes(self, query: DataLike, train: DataLike, k: int, *, sides: tuple[bool, ...] = (True, False)
-                 ) -> list[tuple[Tensor, Tensor]]:
-        """:meth:`top_k` for several sides from one pass over the training data; the default
-        gives the proponents (``k`` largest) and the opponents (``k`` smallest)."""
+    def extremes(self, query: DataLike, train: DataLike, k: int) -> tuple[tuple[Tensor, Tensor], ...]:
+        """The proponents (``k`` largest) and the opponents (``k`` smallest) from one pass."""
+        return self._sides(query, train, k, (True, False))
+
+    def _sides(self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...]
+               ) -> tuple[tuple[Tensor, Tensor], ...]:
+        check_top_k(k)
         batched = self._by_query_batch(
-            query, lambda batch: tuple(t for pair in self.extremes(batch, train, k, sides=sides) for t in pair))
+            query, lambda batch: tuple(t for pair in self._sides(batch, train, k, sides) for t in pair))
         if batched is not None:
-            return [(batched[2 * s], batched[2 * s + 1]) for s in range(len(sides))]
-        left = self.preconditioned_queries(query)
-        grads, start, n_local = self._shard_grads(train)
-        return sharded_extremes(left, grads, k, n_train=num_examples(train, "train"), start=start,
-                                n_local=n_local, sides=sides, query_chunk=self.query_chunk)
+            return tuple((batched[2 * s], batched[2 * s + 1]) for s in range(len(sides)))
+        return self._best(query, train, k, sides)
 
     def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False, opponents: list[tuple[Tensor, Tensor]] | None = None
-                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(values, indices, self_influence)``: :meth:`scores` (``indices`` ``None``) or,
-        with ``top_k``, :meth:`top_k`; with ``self_influence``, also :meth:`self_influence`.
-        With ``top_k`` and an ``opponents`` list, the ``(values, indices)`` of the ``k``
-        smallest scores are appended to it, from the same pass.
+                  self_influence: bool = False) -> Scores:
+        """As :meth:`Estimator.attribute <headwater.methods.estimator.Estimator.attribute>`.
 
-        Both come from one pass over the training gradients: each chunk is scored against
-        the queries and dotted with its own preconditioned gradient. The numbers are those
-        of the separate methods. Curvatures whose solve streams over the data (CG, LiSSA)
-        and several query batches (``query_batch``) make the passes separately."""
-        sides = (True,) if opponents is None else (True, False)
+        The scores (or the proponents and opponents) and the self-influence come from one
+        pass over the training gradients: each chunk is scored against the queries and
+        dotted with its own preconditioned gradient. The numbers are those of the separate
+        methods. Curvatures whose solve streams over the data (CG, LiSSA) and several query
+        batches (``query_batch``) make the passes separately."""
         fused = (self_influence and not self.curvature.solve_streams_data
                  and (self.query_batch is None or num_examples(query, "query") <= self.query_batch))
         if not fused:
-            si = self.self_influence(train) if self_influence else None
-            if top_k is None:
-                return self.scores(query, train), None, si
-            best = self.extremes(query, train, top_k, sides=sides)
-            if opponents is not None:
-                opponents.append(best[1])
-            return (*best[0], si)
+            return super().attribute(query, train, top_k=top_k, self_influence=self_influence)
         ref = next(iter(self.task.parameters(self.model).values()))
         sink = [torch.empty(0, dtype=ref.dtype, device=ref.device)]  # this rank's self-influence
-        indices = None
-        if top_k is None and self._factored(train):
-            values = factored_scores(self.model, self.task, self.curvature, query, train,
-                                     chunk_size=self.chunk_size, progress=self.progress, self_sink=sink)
+        if top_k is None:
+            result = Scores(self._all(query, train, self_sink=sink))
         else:
-            left = self.preconditioned_queries(query)
-            grads, start, n_local = self._shard_grads(train)
-            grads = self._teed(grads, sink)
-            if top_k is None:
-                values = gather_columns(pairwise(left, grads, n_local, query_chunk=self.query_chunk))
-            else:
-                best = sharded_extremes(left, grads, top_k, n_train=num_examples(train, "train"), start=start,
-                                        n_local=n_local, sides=sides, query_chunk=self.query_chunk)
-                values, indices = best[0]
-                if opponents is not None:
-                    opponents.append(best[1])
-        return values, indices, gather_columns(torch.cat(sink).unsqueeze(0))[0]
+            (values, indices), (low, low_indices) = self._best(query, train, top_k, (True, False), self_sink=sink)
+            result = Scores(values, indices, opponent_values=low, opponent_indices=low_indices)
+        return dataclasses.replace(result, self_influence=gather_columns(torch.cat(sink).unsqueeze(0))[0])
 
-    def _factored(self, train: DataLike) -> bool:
-        """Score K-FAC/EK-FAC block by block from hooked layer gradients, unless those would
-        miss a use of a parameter (:func:`~headwater.methods.layer_products.layer_blocks`):
-        then the flat path with ``vmap`` gradients."""
-        if not isinstance(self.curvature, KroneckerCurvature):
+    def _all(self, query: DataLike, train: DataLike, *, self_sink: list[Tensor] | None = None) -> Tensor:
+        """The one tiled loop (:mod:`~headwater.methods.scoring`) over the curvature's
+        features: every score ``[n_query, n_train]``."""
+        left, chunks, _, n_local = self._features(query, train, self_sink)
+        return gather_columns(pairwise(left, chunks, n_local, query_chunk=self.query_chunk))
+
+    def _best(self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...], *,
+              self_sink: list[Tensor] | None = None) -> tuple[tuple[Tensor, Tensor], ...]:
+        """The same loop, streamed: for each side (``True``: the ``k`` largest scores,
+        ``False``: the ``k`` smallest) ``(values, indices)``, each ``[n_query, k]``."""
+        left, chunks, start, n_local = self._features(query, train, self_sink)
+        return tuple(sharded_extremes(left, chunks, k, n_train=num_examples(train, "train"), start=start,
+                                      n_local=n_local, sides=sides, query_chunk=self.query_chunk))
+
+    def _features(self, query: DataLike, train: DataLike, self_sink: list[Tensor] | None
+                  ) -> tuple[FeatureLike, Iterable[FeatureLike], int, int]:
+        """Preconditioned query features, this rank's training feature chunks (each chunk's
+        self-influence appended to ``self_sink``), the shard's first global index and size."""
+        if self._block_features(train):
+            curvature = self.curvature
+            check_block_curvature(self.model, self.task, curvature)
+            left = preconditioned_blocks(self.model, self.task, curvature, query, chunk_size=self.chunk_size,
+                                         progress=self.progress)
+            start, stop = shard_range(num_examples(train, "train"))
+            chunks = train_blocks(self.model, self.task, curvature, train, chunk_size=self.chunk_size,
+                                  progress=self.progress, self_sink=self_sink)
+            return left, chunks, start, stop - start
+        left = self.preconditioned_queries(query)
+        grads, start, n_local = self._shard_grads(train)
+        return left, (grads if self_sink is None else self._teed(grads, self_sink)), start, n_local
+
+    def _block_features(self, train: DataLike) -> bool:
+        """Whether to score block by block: the curvature declares it
+        (``Curvature.block_features``, K-FAC/EK-FAC) and the hooked layer gradients are the
+        whole gradients (:func:`~headwater.methods.layer_products.layer_blocks`, checked once
+        per estimator); else the flat path with ``vmap`` gradients."""
+        if not self.curvature.block_features:
             return False
-        try:
-            layer_blocks(self.model, self.task, train)
-        except ValueError:
-            return False
-        return True
+        if self._blocks_complete is None:
+            try:
+                layer_blocks(self.model, self.task, train)
+                self._blocks_complete = True
+            except ValueError:
+                self._blocks_complete = False
+        return self._blocks_complete
 
     def _teed(self, grads: Iterable[Tensor], sink: list[Tensor]) -> Iterator[Tensor]:
         """``grads`` unchanged, appending each chunk's self-influence to ``sink`` on the way."""
@@ -285,4 +295,5 @@ class InfluenceFunction:
 
     def settings(self) -> dict[str, Any]:
         return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch}
+                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch,
+                **self.notes}

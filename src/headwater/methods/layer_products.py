@@ -1,6 +1,6 @@
 """Inner products of per-example gradients, layer by layer, without forming them where possible.
 
-For a block (a supported layer, :mod:`headwater.curvature.kfac_blocks`) the gradient of
+For a block (a supported layer, :mod:`headwater.gradients.layers`) the gradient of
 example ``i`` is ``G_i = Σ_t s_it ã_itᵀ``. When the layer sees one position per example
 (a ``Linear`` layer on feature vectors) it is an outer product, so
 
@@ -10,7 +10,9 @@ example ``i`` is ``G_i = Σ_t s_it ã_itᵀ``. When the layer sees one position 
 costs two small matrix products and an elementwise product, and no ``[n, P]``
 gradient matrix is ever held. Blocks with several positions (token sequences,
 convolutions) form ``G_i`` (one ``[B, out, width]`` einsum per chunk) and take plain
-dot products. The sum over blocks is the dot product of the full gradients, so the
+dot products. The diagonal block (parameters outside supported layers) holds its flat
+per-example gradients as ``s`` with ``ã = 1``. The sum over blocks is the dot product of
+the full gradients, so the
 numbers equal those of :func:`~headwater.gradients.per_example.per_example_gradients`
 up to rounding.
 """
@@ -23,11 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block, find_blocks
 from headwater.data import DataLike, iter_batches
+from headwater.gradients.layers import Block, find_blocks
 from headwater.gradients.per_example import per_example_gradients
 from headwater.methods.factored import module_factors
-from headwater.task import Task, tied_note
+from headwater.methods.scoring import Features
+from headwater.task import Task
 
 __all__ = ["LayerGradients", "layer_blocks"]
 
@@ -44,7 +47,7 @@ def _full(part: Part) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LayerGradients:
+class LayerGradients(Features):
     """Per-example gradients of ``N`` examples, block by block (see the module docs)."""
 
     parts: dict[str, Part]
@@ -75,6 +78,16 @@ class LayerGradients:
         first = next(iter(self.parts.values()))
         return (first[0] if isinstance(first, tuple) else first).shape[0]
 
+    def __getitem__(self, rows: slice) -> LayerGradients:
+        return LayerGradients({m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
+                               for m, p in self.parts.items()})
+
+    def scaled(self, weights: Tensor) -> LayerGradients:
+        """Every example's gradient times ``weights [N]`` (the output factor of a pair)."""
+        w = weights.unsqueeze(1)
+        return LayerGradients({m: (p[0] * w, p[1]) if isinstance(p, tuple) else p * w
+                               for m, p in self.parts.items()})
+
     def sq_norms(self) -> Tensor:
         """``‖g_i‖²`` over every block, ``[N]``."""
         total = None
@@ -97,24 +110,19 @@ class LayerGradients:
 
 
 def layer_blocks(model: nn.Module, task: Task, probe: DataLike) -> tuple[Block, ...]:
-    """The supported layers holding every analysed parameter, when layer-wise gradients
-    (hooked inputs and output gradients) are the whole per-example gradients.
+    """The blocks holding every analysed parameter (supported layers, then the diagonal
+    block of the others, whose gradients come from ``vmap``), when the layer-wise
+    gradients are the whole per-example gradients.
 
-    They see a parameter only through its module's forward, so this also refuses an
-    analysed parameter shared by several names (tied weights) and checks the first few
-    ``probe`` examples' squared gradient norms against ``vmap``'s (a parameter also used
-    outside its module, a module whose forward hook never runs).
+    Hooks see a layer's parameters only through its module's forward, so this checks the
+    first few ``probe`` examples' squared gradient norms against ``vmap``'s (a parameter
+    also used outside its module, a module whose forward hook never runs).
 
     Raises:
-        ValueError: naming ``gradients`` when the layer-wise gradients would be incomplete
-            (or ``modules`` when a parameter is outside a supported layer).
+        ValueError: naming ``gradients`` when the layer-wise gradients would be incomplete.
     """
     params = task.parameters(model)
-    blocks = find_blocks(model, params)
-    analysed = {id(p) for p in params.values()}
-    if sum(id(p) in analysed for _, p in model.named_parameters(remove_duplicate=False)) > len(params):
-        raise ValueError("gradients: an analysed parameter is shared by several names (tied weights"
-                         f"{tied_note(model, list(params))}); the layer-wise gradients would count one use only")
+    blocks = find_blocks(model, params, task, probe)
     few = next(iter_batches(probe, _PROBE, "train"))
     want = next(per_example_gradients(model, task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
     try:

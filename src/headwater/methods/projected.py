@@ -35,13 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from headwater import store as store_mod
-from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING, check_damping
-from headwater.curvature.kfac import GGNEstimator, _cotangents
-from headwater.curvature.kfac_blocks import capture, find_blocks
+from headwater.curvature.base import check_damping, default_damping
+from headwater.curvature.kfac import GGNEstimator, output_cotangents
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, num_examples, take
 from headwater.distributed import (
-    all_ranks,
     all_reduce_sum_,
     gather_columns,
     local_batches,
@@ -50,6 +48,7 @@ from headwater.distributed import (
 )
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.gradients.layers import DiagonalPart, capture, find_blocks
 from headwater.gradients.per_example import (
     Objective,
     check_batch,
@@ -58,9 +57,11 @@ from headwater.gradients.per_example import (
     per_example_gradients,
 )
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
+from headwater.methods.estimator import Estimator
 from headwater.methods.influence import fit_context
 from headwater.methods.scoring import pairwise, sharded_extremes
 from headwater.progress import ProgressFn, report
+from headwater.store.cached import cached
 from headwater.store.rows import RowStore
 from headwater.task import Task
 
@@ -106,6 +107,7 @@ class _KroneckerFeatures:
         self.model, self.task, self.projection = model, task, projection
         params = detached(task.parameters(model))
         self.blocks = find_blocks(model, params)
+        self.diagonal = DiagonalPart(model, task, self.blocks, params)
         self.dtype = next(iter(params.values())).dtype
         device = next(iter(params.values())).device
         self.factors = [tuple(f.to(device) for f in projection.factors(j, b.out_features, b.width, self.dtype))
@@ -141,8 +143,8 @@ class _KroneckerFeatures:
             values = value_fn(bind(self.model, live), (x, y))
         check_values(values, y.shape[0], name)
         with torch.enable_grad():
-            signals = cap.signals(values.sum())
-        return self._project(signals, cap.activations())
+            signals = {**cap.signals(values.sum()), **self.diagonal.gradients((x, y), value_fn)}
+        return self._project(signals, {**cap.activations(), **self.diagonal.activations(y.shape[0], values)})
 
     def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -150,11 +152,12 @@ class _KroneckerFeatures:
             out = self.task.output(bind(self.model, live), x)
         weight, cotangents = cotangents_of(out)
         with torch.enable_grad():
-            signals = cap.pullback(out, cotangents)
-        return weight, list(self._project(signals, cap.activations()))
+            signals = {**cap.pullback(out, cotangents), **self.diagonal.pullback(x, cotangents)}
+        acts = {**cap.activations(), **self.diagonal.activations(out.shape[0], out)}
+        return weight, list(self._project(signals, acts))
 
 
-class ProjectedInfluence:
+class ProjectedInfluence(Estimator):
     """Influence functions on randomly projected gradients.
 
     Args:
@@ -176,6 +179,8 @@ class ProjectedInfluence:
         chunk_size, query_chunk: examples per gradient step / query rows per scoring tile.
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "influence"
 
     def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | KroneckerProjection | int, *,
                  kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
@@ -259,23 +264,25 @@ class ProjectedInfluence:
         features = self._train_features(train, row_key)
         curvature_path = self._path("curvature")
         # every rank loads, or every rank computes: the sum below is collective
-        if curvature_path is not None and all_ranks(store_mod.exists(curvature_path)):
-            mean = store_mod.on_every_rank(
-                lambda: store_mod.load(curvature_path, expect=self._curvature_key(row_key)), curvature_path)[0]["mean"]
-            mean = mean.to(self.device)
+        key = self._curvature_key(row_key)
+
+        def load() -> dict[str, Tensor]:
             report(self.progress, "projected curvature (loaded)", 1, 1)
-        else:
+            return store_mod.load(curvature_path, expect=key)[0]
+
+        def compute() -> dict[str, Tensor]:
             total = self._ef(features) if self.kind is MatrixKind.EF else self._ggn(train)
             all_reduce_sum_(total)
-            mean = total.div_(n)
-            if curvature_path is not None:
-                store_mod.save(curvature_path, {"mean": mean}, self._curvature_key(row_key))
+            return {"mean": total.div_(n)}
+
+        mean = cached(curvature_path, load, compute, lambda t: store_mod.save(curvature_path, t, key),
+                      per_rank=True)["mean"].to(self.device)
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         matrix = mean  # already saved (if stored): free to modify
         gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
         damping = self.damping
         if damping is None:
-            damping = DEFAULT_RELATIVE_DAMPING * float(matrix.trace()) / gram_trace
+            damping = default_damping(float(matrix.trace()) / gram_trace)
         self.fitted_damping = float(damping)
         self._featurizer.add_gram_(matrix, damping)
         del mean
@@ -336,8 +343,8 @@ class ProjectedInfluence:
 
         def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
             estimator = self.estimator.resolve(out[0].numel())
-            return _cotangents(self.task, out, y, MatrixKind.GGN, estimator, self.seed, self._start + done,
-                               self.mc_samples)
+            return output_cotangents(self.task, out, y, MatrixKind.GGN, estimator, self.seed, self._start + done,
+                                     self.mc_samples)
 
         done = 0
         with evaluation_mode(self.model):

@@ -52,6 +52,7 @@ from torch import Tensor
 from headwater.data import DataLike, num_examples
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.estimator import Estimator
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.scoring import pairwise, pairwise_top_k
 
@@ -80,7 +81,7 @@ def layer_slices(layout: ParamLayout) -> dict[str, list[slice]]:
     return groups
 
 
-class RenormalizedInfluence:
+class RenormalizedInfluence(Estimator):
     """Renormalized influence scores ``[n_query, n_train]`` (see the module docstring
     for the formula, what the score approximates and its sign).
 
@@ -96,6 +97,8 @@ class RenormalizedInfluence:
         TypeError / ValueError naming the argument; ``RuntimeError`` if the
         curvature is not fitted.
     """
+
+    method = "renormalized_influence"
 
     def __init__(self, influence: InfluenceFunction, *, norm: Renormalization | str = Renormalization.GRADIENT,
                  normalize_query: bool = False):

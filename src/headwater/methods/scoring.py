@@ -1,8 +1,14 @@
-"""The shared tiled scoring loop: ``scores = L @ Gᵀ`` by (query tile × train chunk).
+"""The one tiled scoring loop: ``scores = ⟨L, G⟩`` by (query tile × train chunk).
 
-``L [n_query, P]`` holds the query vectors after preconditioning (for influence,
-``(H + λI)⁻¹ ∇m(q)``); training gradients arrive chunk by chunk, so memory is
-``O(n_query·P + chunk·P)`` plus the output, never ``n_train × P``.
+``L`` holds the query features after preconditioning (for influence,
+``(H + λI)⁻¹ ∇m(q)``), ``G`` the training features, arriving chunk by chunk, so
+memory is ``O(n_query·P + chunk·P)`` plus the output, never ``n_train × P``. A
+feature is a flat ``[N, P]`` tensor (per-example gradients, projected gradients)
+or :class:`Features` with its own dot product: per-module blocks for K-FAC/EK-FAC
+(:class:`~headwater.methods.factored.BlockFeatures`), layer factors for TracIn
+(:class:`~headwater.methods.layer_products.LayerGradients`). ``pairwise`` (all
+scores) and ``pairwise_top_k`` (streamed) share the tiles; a fused self-influence
+taps the training chunks on their way in.
 
 Under ``torch.distributed`` each rank scores its shard of the training data; the
 columns are gathered (:func:`~headwater.distributed.gather_columns`) and top-k
@@ -11,6 +17,7 @@ candidates merged (:func:`gather_top_k`) so every rank returns the global result
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +27,8 @@ from torch import Tensor
 
 from headwater.distributed import gather_columns, world
 
-__all__ = ["Scores", "gather_top_k", "pairwise", "pairwise_top_k", "sharded_extremes", "sharded_top_k"]
+__all__ = ["FeatureLike", "Features", "Scores", "check_top_k", "gather_top_k", "pairwise", "pairwise_top_k",
+           "sharded_extremes", "sharded_top_k", "top_k_of"]
 
 
 @dataclass(frozen=True)
@@ -46,55 +54,109 @@ class Scores:
     opponent_indices: Tensor | None = None
 
 
-def _tiles(left: Tensor, chunk: Tensor, query_chunk: int) -> Iterable[tuple[slice, Tensor]]:
-    for start in range(0, left.shape[0], query_chunk):
+def check_top_k(k: Any, n_train: int | None = None) -> int:
+    """Validate a ``top_k``: a positive integer, at most ``n_train`` when given."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
+    if n_train is not None and k > n_train:
+        raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
+    return k
+
+
+def top_k_of(values: Tensor, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` ``[n_query, k]`` of the ``k`` largest (smallest) of a full score matrix."""
+    check_top_k(k, values.shape[1])
+    top = values.topk(k, dim=1, largest=largest)
+    return top.values, top.indices
+
+
+
+class Features(ABC):
+    """Per-example features of ``N`` examples that are not one flat ``[N, P]`` tensor
+    (per-module blocks, layer factors); a flat tensor is used as it is."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, rows: slice) -> Features:
+        """The features of examples ``rows``."""
+
+    @abstractmethod
+    def dot(self, other: Features) -> Tensor:
+        """``⟨f_q, f_i⟩`` for every pair, ``[N_self, N_other]`` (or ``[..., N_self, N_other]``)."""
+
+
+FeatureLike = Tensor | Features
+"""What the loop consumes: a flat ``[N, P]`` tensor or :class:`Features`."""
+
+
+def _dot(left: FeatureLike, right: FeatureLike) -> Tensor:
+    if isinstance(left, Tensor):
+        return left @ right.to(left.dtype).T
+    return left.dot(right)
+
+
+def _tiles(left: FeatureLike, chunk: FeatureLike, query_chunk: int) -> Iterable[tuple[slice, Tensor]]:
+    for start in range(0, len(left), query_chunk):
         rows = slice(start, start + query_chunk)
-        yield rows, left[rows] @ chunk.to(left.dtype).T
+        yield rows, _dot(left[rows], chunk)
 
 
-def pairwise(left: Tensor, train_grads: Iterable[Tensor], n_train: int, *, query_chunk: int = 256) -> Tensor:
-    """All scores ``[n_query, n_train]``."""
-    out = torch.empty(left.shape[0], n_train, dtype=left.dtype, device=left.device)
+def pairwise(left: FeatureLike, train_grads: Iterable[FeatureLike], n_train: int, *,
+             query_chunk: int = 256) -> Tensor:
+    """All scores ``[n_query, n_train]`` (``[..., n_query, n_train]`` when the features'
+    dot product has leading dimensions, e.g. one score matrix per module)."""
+    out: Tensor | None = None
     col = 0
-    for chunk in train_grads:  # [B, P]
-        cols = slice(col, col + chunk.shape[0])
+    for chunk in train_grads:  # [B, P] or Features of B examples
+        cols = slice(col, col + len(chunk))
         for rows, tile in _tiles(left, chunk, query_chunk):
-            out[rows, cols] = tile
-        col += chunk.shape[0]
+            if out is None:
+                out = tile.new_empty(*tile.shape[:-2], len(left), n_train)
+            out[..., rows, cols] = tile
+        col += len(chunk)
     if col != n_train:
         raise RuntimeError(f"expected {n_train} training gradients, got {col}")
-    return out
+    return _empty_scores(left, n_train) if out is None else out  # None: an empty shard
 
 
-def pairwise_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, largest: bool = True,
+def _empty_scores(left: FeatureLike, n_train: int) -> Tensor:
+    """An uninitialised score matrix for ``left`` (dtype, device, leading dimensions of its dot)."""
+    probe = _dot(left[0:0], left[0:0])  # [..., 0, 0]
+    return probe.new_empty(*probe.shape[:-2], len(left), n_train)
+
+
+def pairwise_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, largest: bool = True,
                    query_chunk: int = 256) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (or smallest) scores per query, streamed: ``(values, indices)``, ``[n_query, k]``."""
     return _streamed_best(left, train_grads, k, (largest,), query_chunk)[0]
 
 
-def _streamed_best(left: Tensor, train_grads: Iterable[Tensor], k: int, sides: tuple[bool, ...],
+def _streamed_best(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, sides: tuple[bool, ...],
                    query_chunk: int) -> list[tuple[Tensor, Tensor]]:
     """For each side (``True``: largest, ``False``: smallest), the best ``k`` scores per query
     and their training indices, from one pass over ``train_grads``."""
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
-    best = [(left.new_empty(left.shape[0], 0),
-             torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)) for _ in sides]
+    check_top_k(k)
+    best: list[tuple[Tensor, Tensor]] | None = None
     col = 0
     for chunk in train_grads:
         tile = torch.cat([t for _, t in _tiles(left, chunk, query_chunk)])
-        idx = torch.arange(col, col + chunk.shape[0], device=left.device).expand(left.shape[0], -1)
+        if best is None:
+            best = [(tile.new_empty(len(left), 0), torch.empty(len(left), 0, dtype=torch.long, device=tile.device))
+                    for _ in sides]
+        idx = torch.arange(col, col + len(chunk), device=tile.device).expand(len(left), -1)
         for s, largest in enumerate(sides):
             cand_v, cand_i = torch.cat([best[s][0], tile], dim=1), torch.cat([best[s][1], idx], dim=1)
             values, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1, largest=largest, sorted=True)
             best[s] = (values, cand_i.gather(1, pos))
-        col += chunk.shape[0]
+        col += len(chunk)
     if col < k:
         raise ValueError(f"top_k: asked for {k} but there are only {col} training examples")
     return best
 
 
-def sharded_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_train: int, start: int,
+def sharded_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, n_train: int, start: int,
                   n_local: int, largest: bool = True, query_chunk: int = 256) -> tuple[Tensor, Tensor]:
     """:func:`pairwise_top_k` over this rank's ``n_local`` training rows (global indices from
     ``start``), merged across ranks by :func:`gather_top_k` (collective; an empty shard
@@ -103,18 +165,15 @@ def sharded_top_k(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_trai
                             sides=(largest,), query_chunk=query_chunk)[0]
 
 
-def sharded_extremes(left: Tensor, train_grads: Iterable[Tensor], k: int, *, n_train: int, start: int,
+def sharded_extremes(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, n_train: int, start: int,
                      n_local: int, sides: tuple[bool, ...] = (True, False), query_chunk: int = 256
                      ) -> list[tuple[Tensor, Tensor]]:
     """:func:`sharded_top_k` for several sides at once (default: the ``k`` largest scores,
-    proponents, and the ``k`` smallest, opponents) from one pass over the training gradients."""
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"top_k: must be a positive integer, got {k!r}")
-    if k > n_train:
-        raise ValueError(f"top_k: asked for {k} but there are only {n_train} training examples")
+    proponents, and the ``k`` smallest, opponents) from one pass over the training features."""
+    check_top_k(k, n_train)
     if n_local == 0:
-        found = [(left.new_empty(left.shape[0], 0),
-                  torch.empty(left.shape[0], 0, dtype=torch.long, device=left.device)) for _ in sides]
+        values = _empty_scores(left, 0)
+        found = [(values, torch.empty(len(left), 0, dtype=torch.long, device=values.device)) for _ in sides]
     else:
         found = [(v, i + start) for v, i in  # global training indices
                  _streamed_best(left, train_grads, min(k, n_local), sides, query_chunk)]

@@ -12,13 +12,19 @@ changes ``m(z_q)`` by about ``+score[q, i]/n`` — headwater's one convention
 
 With ``renormalize=True`` every gradient is divided by its norm at each checkpoint
 *before* the products are summed (gradient-aggregated renormalisation), which
-removes the dominance of high-loss, large-gradient examples.
+removes the dominance of high-loss, large-gradient examples. A gradient whose norm
+is below ``sqrt(eps) · median`` of the training gradients' norms at that checkpoint
+(``eps`` of the dtype) counts as zero: its renormalised gradient is 0 rather than
+rounding noise lifted to unit length (a fitted example's gradient is zero only up to
+the rounding of the forward pass, which depends on the batch shape and the CPU).
 
-When every analysed parameter sits in a supported layer (``nn.Linear``, convolutions,
-GPT-2 ``Conv1D``), the products are taken layer by layer from the layers' inputs and
-output gradients (:class:`~headwater.methods.layer_products.LayerGradients`): a layer
-that sees one position per example never forms its per-example gradient. Otherwise
-(or with ``gradients="vmap"``) they come from ``vmap``-ed per-example gradients.
+By default the products are taken layer by layer from the supported layers' inputs and
+output gradients (``nn.Linear``, convolutions, ``Conv1D``, ``nn.Embedding``; the other
+parameters' gradients come from ``vmap``:
+:class:`~headwater.methods.layer_products.LayerGradients`): a layer that sees one
+position per example never forms its per-example gradient. When a check on a few
+examples disagrees with ``vmap`` (a weight used outside its module), or with
+``gradients="vmap"``, they come from ``vmap``-ed per-example gradients.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.kfac_blocks import Block
 from headwater.data import DataLike, num_examples
+from headwater.gradients.layers import Block
 from headwater.gradients.per_example import Objective, per_example_gradients
+from headwater.methods.estimator import Estimator
 from headwater.methods.factored import module_factors
 from headwater.methods.layer_products import LayerGradients, layer_blocks
-from headwater.methods.scoring import pairwise
+from headwater.methods.scoring import FeatureLike, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
@@ -63,7 +70,7 @@ class Checkpoint:
         return float(self.lr) * self.steps
 
 
-class TracIn:
+class TracIn(Estimator):
     """TracInCP scores ``[n_query, n_train]`` from a list of checkpoints.
 
     Args:
@@ -73,14 +80,16 @@ class TracIn:
         checkpoints: the :class:`Checkpoint` list (at least one).
         renormalize: divide each gradient by its norm per checkpoint before the dot
             products (Hammoudeh & Lowd 2022).
-        gradients: ``"auto"`` (layer by layer when every analysed parameter is in a
-            supported layer and a check on a few examples agrees with ``vmap``, else
+        gradients: ``"auto"`` (layer by layer when a check on a few examples agrees
+            with ``vmap``, else
             ``vmap``), ``"layers"`` (required: raises ``ValueError`` where ``"auto"``
             would fall back) or ``"vmap"``. The numbers are the same up to rounding.
         chunk_size: examples per gradient step; results do not depend on it.
         query_chunk: query rows per scoring tile of the ``vmap`` path.
         progress: optional ``progress(stage, done, total)`` callback.
     """
+
+    method = "tracin"
 
     def __init__(self, model: nn.Module, task: Task, checkpoints: Sequence[Checkpoint], *,
                  renormalize: bool = False, gradients: str = "auto", chunk_size: int = 64,
@@ -113,7 +122,7 @@ class TracIn:
     def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
         for g in per_example_gradients(model, self.task, data, objective=objective,
                                        chunk_size=self.chunk_size, name=name):
-            yield g / g.norm(dim=1, keepdim=True).clamp_min(1e-30) if self.renormalize else g
+            yield g
 
     def _blocks(self, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
         """The supported layers holding every analysed parameter, or ``None`` for ``vmap``
@@ -134,34 +143,34 @@ class TracIn:
                                       chunk_size=self.chunk_size, name=name):
             yield LayerGradients.of(factors)
 
-    def _layer_scores(self, member: nn.Module, blocks: tuple[Block, ...], query: DataLike, train: DataLike,
-                      n_train: int) -> Tensor:
-        left = LayerGradients.cat(list(self._layers(member, blocks, query, Objective.MEASUREMENT, "query")))
-        left_norms = left.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(1) if self.renormalize else None
-        out = None
-        col = 0
-        for right in self._layers(member, blocks, train, Objective.TRAIN, "train"):
-            tile = left.dot(right)
-            if out is None:
-                out = tile.new_empty(len(left), n_train)
-            if self.renormalize:
-                tile = tile / left_norms / right.sq_norms().sqrt().clamp_min(1e-30).unsqueeze(0)
-            out[:, col : col + tile.shape[1]] = tile
-            col += tile.shape[1]
-        return out
+    def _features(self, member: nn.Module, blocks: tuple[Block, ...] | None, data: DataLike,
+                  objective: Objective, name: str, norms: list[Tensor]) -> Iterator[FeatureLike]:
+        """Per-example gradients of ``data`` at one checkpoint, chunk by chunk: layer-wise
+        (:class:`~headwater.methods.layer_products.LayerGradients`) with ``blocks``, else flat
+        ``vmap`` gradients ``[chunk, P]``; each chunk's gradient norms are appended to ``norms``."""
+        chunks = (self._grads(member, data, objective, name) if blocks is None
+                  else self._layers(member, blocks, data, objective, name))
+        for g in chunks:
+            norms.append(g.norm(dim=1) if isinstance(g, Tensor) else g.sq_norms().sqrt())
+            yield g
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
-        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``."""
+        """``Σ_c η_c s_c ∇m(z_q; θ_c)ᵀ∇ℓ(z_i; θ_c)``, ``[n_query, n_train]``, each checkpoint's
+        through the one tiled loop (:func:`~headwater.methods.scoring.pairwise`)."""
         n_train = num_examples(train, "train")
         total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
             blocks = self._blocks(member, train)
-            if blocks is not None:
-                part = c.weight * self._layer_scores(member, blocks, query, train, n_train)
-            else:
-                left = c.weight * torch.cat(list(self._grads(member, query, Objective.MEASUREMENT, "query")))
-                part = pairwise(left, self._grads(member, train, Objective.TRAIN, "train"), n_train,
-                                query_chunk=self.query_chunk)
+            q_norms: list[Tensor] = []
+            t_norms: list[Tensor] = []
+            queries = list(self._features(member, blocks, query, Objective.MEASUREMENT, "query", q_norms))
+            left = torch.cat(queries) if blocks is None else LayerGradients.cat(queries)
+            part = pairwise(left, self._features(member, blocks, train, Objective.TRAIN, "train", t_norms),
+                            n_train, query_chunk=self.query_chunk)
+            if self.renormalize:  # unit gradients, from the raw products and the norms
+                t = torch.cat(t_norms)
+                part = part / _effective_norms(torch.cat(q_norms), t).unsqueeze(1) / _effective_norms(t, t)
+            part = c.weight * part
             total = part if total is None else total + part
             report(self.progress, "tracin checkpoints", k + 1, len(self.checkpoints))
         return total
@@ -171,19 +180,26 @@ class TracIn:
         al.'s signal for mislabeled examples; constant with ``renormalize``)."""
         total: Tensor | None = None
         for c, member in self._models():
-            blocks = self._blocks(member, train)
-            if blocks is not None:
-                sq = torch.cat([g.sq_norms() for g in self._layers(member, blocks, train, Objective.TRAIN, "train")])
-                if self.renormalize:  # ‖g/‖g‖‖² (0 for a zero gradient, as with vmap)
-                    sq = sq / sq.clamp_min(torch.finfo(sq.dtype).tiny)
-            else:
-                sq = torch.cat([g.pow(2).sum(1) for g in self._grads(member, train, Objective.TRAIN, "train")])
+            norms: list[Tensor] = []
+            for _ in self._features(member, self._blocks(member, train), train, Objective.TRAIN, "train", norms):
+                pass
+            t = torch.cat(norms)
+            # ‖g/‖g‖‖² is 1, or 0 for a gradient below the floor
+            sq = torch.isfinite(_effective_norms(t, t)).to(t.dtype) if self.renormalize else t.pow(2)
             part = c.weight * sq
             total = part if total is None else total + part
         return total
 
     def settings(self) -> dict:
-        return {"method": "tracin", "renormalize": self.renormalize, "gradients": self.gradients,
+        return {"method": "tracin", "renormalize": self.renormalize,
+                "renormalize_floor": "sqrt(eps) * median training gradient norm", "gradients": self.gradients,
                 "n_checkpoints": len(self.checkpoints),
                 "lrs": [c.lr for c in self.checkpoints], "steps": [c.steps for c in self.checkpoints],
                 "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+
+
+def _effective_norms(norms: Tensor, train_norms: Tensor) -> Tensor:
+    """``norms`` with those below ``sqrt(eps) · median(train_norms)`` set to ``inf``, so that
+    dividing by them renormalises a gradient to unit length, or to 0 below the floor."""
+    floor = math.sqrt(torch.finfo(norms.dtype).eps) * float(train_norms.median())
+    return torch.where(norms > floor, norms, torch.full_like(norms, math.inf))

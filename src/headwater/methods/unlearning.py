@@ -35,12 +35,11 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature._matfree import subset
 from headwater.curvature.base import Curvature
 from headwater.curvature.exact import Exact
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import conjugate_gradient
-from headwater.data import DataLike, check_indices, num_examples
+from headwater.data import DataLike, check_indices, num_examples, subset
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import detached
 from headwater.gradients.per_example import per_example_gradients

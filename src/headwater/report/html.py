@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from headwater import __version__, store
+from headwater import store
 from headwater.report import figures
 from headwater.report.results import RunResult, top_indices
+from headwater.version import __version__
 
 __all__ = ["render"]
 

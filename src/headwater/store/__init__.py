@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from headwater import __version__
 from headwater.distributed import all_ranks
+from headwater.version import __version__
 
 __all__ = ["StoreMismatchError", "atomic_write_bytes", "exists", "load", "mismatch", "on_every_rank", "save"]
 

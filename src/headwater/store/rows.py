@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headwater import __version__
 from headwater.store import atomic_write_bytes, mismatch
+from headwater.version import __version__
 
 __all__ = ["RowStore"]
 

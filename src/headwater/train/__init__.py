@@ -7,16 +7,21 @@ from headwater.train.ensemble import (
     train_ensemble,
 )
 from headwater.train.lbfgs import minimize_objective, objective_value
+from headwater.train.recorder import Recorder, RunRecord, load_run, replay
 from headwater.train.sgd import SGDConfig, Trajectory, train_sgd
 
 __all__ = [
     "Ensemble",
+    "Recorder",
+    "RunRecord",
     "SGDConfig",
     "TrainConfig",
     "Trajectory",
     "ensemble_measurements",
+    "load_run",
     "minimize_objective",
     "objective_value",
+    "replay",
     "train_ensemble",
     "train_sgd",
 ]

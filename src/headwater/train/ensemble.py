@@ -36,7 +36,6 @@ members, and a rerun with the same store path skips finished passes.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -49,10 +48,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from headwater import store
 from headwater.data import DataLike, as_tensors
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.progress import ProgressFn, report
+from headwater.store.cached import cached_tensors, fingerprint
 from headwater.task import Task
 from headwater.train.lbfgs import minimize_objective
 
@@ -211,16 +210,6 @@ class Ensemble:
         state = {k: v[index] for k, v in {**self.params, **self.buffers}.items()}
         out.load_state_dict(state, strict=False)
         return out
-
-
-def fingerprint(*tensors: Tensor) -> str:
-    """A short SHA-256 of the tensors' dtypes, shapes and bytes (store keys)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:20]
 
 
 def check_weights(weights: Tensor, n: int, name: str = "weights") -> Tensor:
@@ -517,17 +506,15 @@ def train_ensemble(
         expect = {**settings, "members": [start, stop], "seeds": seed_list[start:stop],
                   "weights": fingerprint(w[start:stop]),
                   "start": _start_fingerprint(model, config, seed_list[start])}
-        if path is not None and store.exists(path):
-            tensors, _ = store.load(path, expect=expect, device=problem.device)
-            results.extend({k[6:]: v[m] for k, v in tensors.items() if k.startswith("state.")}
-                           for m in range(stop - start))
-        else:
+
+        def retrain(start: int = start, stop: int = stop) -> dict[str, Tensor]:
             starts = [_initial_state(model, config, s) for s in seed_list[start:stop]]
             trained = trainer(problem, starts, w[start:stop], order_seeds[start:stop])
-            if path is not None:
-                stacked = {f"state.{k}": torch.stack([t[k] for t in trained]) for k in trained[0]}
-                store.save(path, stacked, expect)
-            results.extend(trained)
+            return {f"state.{k}": torch.stack([t[k] for t in trained]) for k in trained[0]}
+
+        tensors = cached_tensors(path, expect, retrain, device=problem.device)
+        results.extend({k[6:]: v[m] for k, v in tensors.items() if k.startswith("state.")}
+                       for m in range(stop - start))
         report(progress, "retraining", stop, count)
     params = {k: torch.stack([r[k] for r in results]) for k in problem.param_names}
     buffers = {k: torch.stack([r[k] for r in results]) for k in problem.buffer_names if k in results[0]}

@@ -1,0 +1,97 @@
+"""The default curvature: the most accurate one the time and memory budget allows.
+
+The exact damped matrix (GGN by default) is the most accurate influence curvature
+(bench: LDS 0.66 on the digits CNN against 0.48-0.58 for EK-FAC, M-FAC, Arnoldi), and
+for small models it is affordable: forming it costs about ``n · C · P²``
+multiply-adds (``n`` training examples, ``C`` model outputs per example, ``P``
+analysed parameters: one Jacobian outer product per output and example), its
+Cholesky factor ``P³/3``, and it holds two float64 ``P × P`` matrices. EK-FAC costs
+about two passes of ``C`` backward passes over the data whatever ``P``.
+
+:func:`choose_curvature` estimates the dense fit's time from that count at
+:data:`DENSE_MACS_PER_SECOND` and takes ``"exact"`` (solved by Cholesky in float64)
+when it fits in :data:`TIME_BUDGET_SECONDS` and in half the memory ``Exact``
+allows, else ``"ekfac"``. Measured with one thread on a 2-core machine (bench/
+defaults.py): the digits CNN (3,658 parameters, n = 1,000, C = 10) fits densely in
+~27 s (EK-FAC ~3 s); the digits MLP (17,226 parameters) would take ~10 minutes densely
+and gets EK-FAC. The Cholesky factor alone runs at :data:`CHOLESKY_MACS_PER_SECOND`
+(P = 8,000: 20 s; 17,000: ~3 minutes), so within a minute the dense range ends near
+10,000 parameters however few the examples; a larger ``budget_seconds`` extends it to a
+few tens of thousands (memory allowing: 2.4 GB per float64 matrix at P = 17,000).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from headwater.curvature.exact import Exact
+from headwater.data import DataLike, iter_batches, num_examples
+from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
+from headwater.task import Task
+
+__all__ = ["CHOLESKY_MACS_PER_SECOND", "DENSE_MACS_PER_SECOND", "TIME_BUDGET_SECONDS", "CurvatureChoice", "choose_curvature"]
+
+DENSE_MACS_PER_SECOND = 5e9
+"""Multiply-adds per second of the dense GGN fit, measured with one thread (the digits
+CNN: 1.3e11 multiply-adds in ~27 s)."""
+
+CHOLESKY_MACS_PER_SECOND = 9e9
+"""Multiply-adds per second of a float64 Cholesky factorisation, one thread (P = 4,000-8,000)."""
+
+TIME_BUDGET_SECONDS = 60.0
+"""The dense fit is chosen when its estimated time is at most this."""
+
+
+@dataclass(frozen=True)
+class CurvatureChoice:
+    """The chosen curvature ``name`` with constructor ``options`` and a one-line reason."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"curvature_choice": self.name, "curvature_choice_reason": self.reason}
+
+
+def choose_curvature(model: nn.Module, task: Task, train: DataLike, *, kind: str = "ggn",
+                     budget_seconds: float = TIME_BUDGET_SECONDS,
+                     max_params: int | None = None) -> CurvatureChoice:
+    """``"exact"`` (Cholesky) when the dense matrix fits the time and memory budget,
+    else ``"ekfac"`` (see the module docs).
+
+    Args:
+        model, task, train: as for :func:`headwater.influence`.
+        kind: ``"ggn"``, ``"hessian"`` or ``"ef"`` (EK-FAC has no Hessian: then the
+            fallback is ``"cg"``).
+        budget_seconds: time budget of the dense fit.
+        max_params: memory limit on ``P`` (default: :class:`~headwater.curvature.Exact`'s).
+    """
+    params = task.parameters(model)
+    p = sum(t.numel() for t in params.values())
+    n = num_examples(train, "train")
+    outputs = _outputs(model, task, train, params)
+    per_example = {"ggn": outputs, "ef": 1}.get(kind, p)  # the Hessian: P products per example
+    seconds = n * per_example * p * p / DENSE_MACS_PER_SECOND + p**3 / 3 / CHOLESKY_MACS_PER_SECOND
+    limit = max_params if max_params is not None else Exact().max_params
+    size = f"{p:,} parameters, {n:,} examples x {per_example:,} outputs"
+    if seconds <= budget_seconds and p <= limit:
+        return CurvatureChoice("exact", {"solver": "cholesky"},
+                               f"curvature=exact (dense {kind}, Cholesky in float64): {size}, estimated "
+                               f"{seconds:.0f} s <= budget {budget_seconds:.0f} s")
+    fallback = "cg" if kind == "hessian" else "ekfac"
+    why = f"~{seconds:,.0f} s > budget {budget_seconds:.0f} s" if p <= limit else \
+        f"{p:,} > {limit:,} parameters for memory"
+    return CurvatureChoice(fallback, {}, f"curvature={fallback}: the dense {kind} would need {why} ({size})")
+
+
+def _outputs(model: nn.Module, task: Task, train: DataLike, params: dict[str, torch.Tensor]) -> int:
+    """Model outputs per example (one forward pass on one training example)."""
+    ref = next(iter(params.values()))
+    x, _ = prepare_batch(next(iter_batches(train, 1, "train")), ref)
+    with torch.no_grad(), evaluation_mode(model):
+        return int(task.output(bind(model, detached(params)), x)[0].numel())

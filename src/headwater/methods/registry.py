@@ -1,0 +1,205 @@
+"""The estimators ``headwater.influence(method=...)`` knows, and its validated settings.
+
+:class:`AttributionSettings` holds every option of one call, validated in
+``__post_init__`` (errors name the field); the CLI builds the same object, so the
+rules live here once. :data:`METHODS` maps a method name to a :class:`MethodSpec`:
+the settings fields the method reads and a builder returning a fitted
+:class:`~headwater.methods.estimator.Estimator`. Adding a method is one builder in
+its own module and one line in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from headwater.curvature import CURVATURES
+from headwater.curvature.base import check_damping
+from headwater.curvature.operators import MatrixKind
+from headwater.data import DataLike
+from headwater.gradients.projection import KroneckerProjection, RandomProjection
+from headwater.methods.estimator import Estimator, check_top_k
+from headwater.methods.auto import choose_curvature
+from headwater.methods.hydra import Hydra
+from headwater.methods.influence import InfluenceFunction
+from headwater.methods.metagradient import Metagradient
+from headwater.methods.projected import ProjectedInfluence
+from headwater.methods.tracin import Checkpoint, TracIn
+from headwater.progress import ProgressFn, report
+from headwater.task import Task
+from headwater.train.recorder import RunRecord
+from headwater.train.sgd import Trajectory
+
+__all__ = ["METHODS", "AttributionSettings", "Inputs", "MethodSpec"]
+
+Projection = int | RandomProjection | KroneckerProjection
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What an estimator is given besides its settings (objects, not settings).
+
+    Attributes:
+        checkpoints: TracIn's :class:`~headwater.methods.tracin.Checkpoint` list.
+        trajectory: a recorded run (:func:`headwater.train.sgd.train_sgd`), for HYDRA.
+        run: a run recorded by :class:`~headwater.train.recorder.Recorder`, for the metagradient.
+        progress: optional ``progress(stage, done, total)`` callback.
+    """
+
+    checkpoints: Sequence[Checkpoint] | None = None
+    trajectory: Trajectory | None = None
+    run: RunRecord | None = None
+    progress: ProgressFn | None = None
+
+
+Builder = Callable[[nn.Module, Task, "AttributionSettings", Inputs, DataLike], Estimator]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: the optional settings it reads (any other one set raises) and its
+    ``build(model, task, settings, inputs, train) -> fitted Estimator``."""
+
+    build: Builder
+    options: frozenset[str]
+    self_influence: bool = True
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """The options of :func:`headwater.influence` (documented there), validated.
+
+    Raises:
+        ValueError / TypeError naming the field for a bad value or an option the
+        chosen method does not use.
+    """
+
+    method: str = "influence"
+    curvature: str | None = None
+    damping: float | None = None
+    projection: Projection | None = None
+    top_k: int | None = None
+    kind: str = "ggn"
+    self_influence: bool = False
+    chunk_size: int = 64
+    query_chunk: int = 256
+    query_batch: int | None = None
+    curvature_options: dict[str, Any] | None = None
+    renormalize: bool = False
+    store: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "damping", check_damping(self.damping))
+        if self.curvature == "auto":  # the same as None: chosen at fit (methods/auto.py)
+            object.__setattr__(self, "curvature", None)
+        if self.top_k is not None:
+            check_top_k(self.top_k)
+        for name in ("chunk_size", "query_chunk") + (("query_batch",) if self.query_batch is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.kind not in [k.value for k in MatrixKind]:
+            raise ValueError(f"kind: expected one of {[k.value for k in MatrixKind]}, got {self.kind!r}")
+        if self.curvature_options is not None and not isinstance(self.curvature_options, dict):
+            raise TypeError(f"curvature_options: expected a dict, got {type(self.curvature_options).__name__}")
+        spec = METHODS[self.method]
+        for field in dataclasses.fields(self):
+            if field.name in _OPTIONAL and field.name not in spec.options and \
+                    getattr(self, field.name) != field.default:
+                users = [name for name, s in METHODS.items() if field.name in s.options]
+                raise ValueError(f"{field.name}: not used by method={self.method!r} (used by: {', '.join(users)})")
+        if self.self_influence and not spec.self_influence:
+            raise ValueError(f"self_influence: not defined for method={self.method!r}")
+        if self.method == "influence":
+            _check_influence(self)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments of :func:`headwater.influence` (not copied)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def resolved_curvature(self) -> str | None:
+        """The curvature name given, ``"exact"`` with ``projection``, or ``None``: the most
+        accurate one the budget allows, chosen at fit (:func:`~headwater.methods.auto.choose_curvature`)."""
+        if self.curvature is not None:
+            return self.curvature
+        return "exact" if self.projection is not None else None
+
+
+_OPTIONAL = ("curvature", "damping", "projection", "kind", "query_batch", "curvature_options",
+             "renormalize", "store")
+"""Settings only some methods read (the others are common to every method)."""
+
+
+def _check_influence(s: AttributionSettings) -> None:
+    if s.projection is not None:
+        if isinstance(s.projection, bool) or not isinstance(s.projection, Projection):
+            raise TypeError("projection: expected a positive int, a RandomProjection or a KroneckerProjection, "
+                            f"got {s.projection!r}")
+        if s.curvature not in (None, "exact"):
+            raise ValueError(f"curvature: with projection the projected curvature is dense (k x k); pass "
+                             f"curvature='exact' or None, not {s.curvature!r}")
+        if s.query_batch is not None:
+            raise ValueError("query_batch: batches the preconditioned queries of method='influence' without "
+                             "projection (its queries are k-dimensional)")
+        options = s.curvature_options or {}
+        if s.store is not None and options.get("store") not in (None, s.store):
+            raise ValueError("store: given twice (also in curvature_options) with different paths")
+    elif s.curvature is not None and s.curvature not in CURVATURES:
+        raise ValueError(f"curvature: expected one of {sorted(CURVATURES)}, got {s.curvature!r}")
+
+
+def _influence(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+               ) -> Estimator:
+    options = dict(s.curvature_options or {})
+    if s.projection is not None:
+        if s.store is not None:
+            options["store"] = s.store
+        return ProjectedInfluence(model, task, s.projection, kind=s.kind, damping=s.damping,
+                                  chunk_size=s.chunk_size, query_chunk=s.query_chunk, progress=inputs.progress,
+                                  **options).fit(train)
+    name, notes = s.curvature, None
+    if name is None:  # the most accurate curvature the budget allows, said in one line
+        choice = choose_curvature(model, task, train, kind=s.kind)
+        report(inputs.progress, choice.reason, 1, 1)
+        name, options, notes = choice.name, {**choice.options, **options}, choice.to_dict()
+    curvature = CURVATURES[name](kind=s.kind, damping=s.damping, **options)
+    return InfluenceFunction(model, task, curvature, chunk_size=s.chunk_size, query_chunk=s.query_chunk,
+                             query_batch=s.query_batch, progress=inputs.progress,
+                             notes=notes).fit(train, store=s.store)
+
+
+def _tracin(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike) -> Estimator:
+    if inputs.checkpoints is None:
+        raise ValueError("checkpoints: method='tracin' needs the training checkpoints")
+    return TracIn(model, task, inputs.checkpoints, renormalize=s.renormalize, chunk_size=s.chunk_size,
+                  query_chunk=s.query_chunk, progress=inputs.progress)
+
+
+def _hydra(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike) -> Estimator:
+    if inputs.trajectory is None:
+        raise ValueError("trajectory: method='hydra' needs a recorded run (headwater.train.train_sgd)")
+    return Hydra(model, task, inputs.trajectory, progress=inputs.progress)
+
+
+def _metagradient(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+                  ) -> Estimator:
+    if inputs.run is None:
+        raise ValueError("run: method='metagradient' needs a recorded run (headwater.train.Recorder)")
+    return Metagradient(model, task, inputs.run, progress=inputs.progress)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "influence": MethodSpec(_influence, frozenset({"curvature", "damping", "projection", "kind", "query_batch",
+                                                   "curvature_options", "store"})),
+    "tracin": MethodSpec(_tracin, frozenset({"renormalize"})),
+    "hydra": MethodSpec(_hydra, frozenset(), self_influence=False),
+    "metagradient": MethodSpec(_metagradient, frozenset(), self_influence=False),
+}
+"""Method name -> :class:`MethodSpec`; a new method is one line here."""

@@ -1,0 +1,94 @@
+"""Functional optimizer steps on flat tensors, equal to ``torch.optim``'s updates.
+
+``optimizer_step(kind, hyper, theta, state, g, lr, count, max_norm)`` maps the
+parameters ``theta [P]``, the optimizer state (a tuple of ``[P]`` tensors) and the
+batch gradient ``g [P]`` of ``(1/B) Σ w_j ℓ_j`` to the next parameters and state,
+with the same arithmetic as the recorded optimizer (up to rounding), so that
+``torch.func.vjp`` differentiates the run's own update:
+
+- clipping (``max_norm``): ``g ← g · min(1, c / (‖g‖ + 1e-6))`` as in
+  ``clip_grad_norm_``; differentiable except where ``‖g‖ + 1e-6 = c`` (the kink).
+- SGD: ``d = g + λθ; v ← μ v + d; θ ← θ − η (d + μ v if Nesterov else v)``
+  (``v`` starts at 0, equal to torch's first-step ``v = d`` without dampening).
+- Adam: ``g ← g + λθ`` (coupled decay); AdamW: ``θ ← θ(1 − ηλ)``; then
+  ``m ← β1 m + (1−β1) g``, ``s ← β2 s + (1−β2) g²`` and
+  ``θ ← θ − (η / (1−β1^k)) m / (√s / √(1−β2^k) + ε)`` with ``k = count``.
+  ``√s`` is not differentiable at ``s = 0`` (a coordinate whose gradient has always
+  been exactly 0, so ``m = 0`` too): its derivative is taken as 0 there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["clip", "clip_pullback", "optimizer_step", "update"]
+
+
+def clip(g: Tensor, max_norm: float | None) -> Tensor:
+    """``g · min(1, c / (‖g‖ + 1e-6))`` (``clip_grad_norm_``'s arithmetic); ``g`` if no ``c``."""
+    if max_norm is None:
+        return g
+    coef = (max_norm / (g.norm() + 1e-6)).clamp(max=1.0)
+    return g * coef
+
+
+def clip_pullback(g: Tensor, max_norm: float | None, adjoint: Tensor) -> Tensor:
+    """``adjoint [Q, P] @ ∂clip(g)/∂g``: ``c a`` and, where clipping acts (``c < 1``), the
+    rank-one term ``−c/((‖g‖+1e-6)‖g‖) (a·g) g`` of the norm's derivative."""
+    if max_norm is None:
+        return adjoint
+    norm = g.norm()
+    coef = max_norm / (norm + 1e-6)
+    if coef >= 1:
+        return adjoint
+    return coef * adjoint - (coef / ((norm + 1e-6) * norm)) * (adjoint @ g)[:, None] * g
+
+
+def _safe_sqrt(s: Tensor) -> Tensor:
+    """``√s`` with derivative 0 (not inf) where ``s = 0``."""
+    positive = s > 0
+    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+
+
+def _sgd(hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+         lr: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+    mu, wd = hyper["momentum"], hyper["weight_decay"]
+    d = g + wd * theta if wd else g
+    if not mu:
+        return theta - lr * d, state
+    v = mu * state[0] + d
+    step = d + mu * v if hyper["nesterov"] else v
+    return theta - lr * step, (v,)
+
+
+def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+          lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
+    if wd and kind == "adam":
+        g = g + wd * theta
+    elif wd:
+        theta = theta * (1 - lr * wd)
+    m = beta1 * state[0] + (1 - beta1) * g
+    s = beta2 * state[1] + (1 - beta2) * g * g
+    denom = _safe_sqrt(s) / (1 - beta2**count) ** 0.5 + eps
+    return theta - (lr / (1 - beta1**count)) * m / denom, (m, s)
+
+
+def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+                   lr: float, count: int, max_norm: float | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One update (module docstring); ``count`` is Adam's step number (from 1)."""
+    return update(kind, hyper, theta, state, clip(g, max_norm), lr, count)
+
+
+def update(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
+           lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The update from an already clipped gradient: elementwise, so its Jacobian is diagonal
+    (every output coordinate depends on the same coordinate of each input only)."""
+    if kind == "sgd":
+        return _sgd(hyper, theta, state, g, lr)
+    if kind in ("adam", "adamw"):
+        return _adam(kind, hyper, theta, state, g, lr, count)
+    raise ValueError(f"kind: expected 'sgd', 'adam' or 'adamw', got {kind!r}")

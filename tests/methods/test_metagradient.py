@@ -1,0 +1,136 @@
+"""Exact metagradients of a recorded run: finite differences of real retraining, checkpointing
+and query batching invariance, recorder round trip, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cases import cnn, mlp
+from oracles import assert_close
+from torch.func import functional_call
+
+from headwater.methods.metagradient import Metagradient
+from headwater.task import ClassificationTask
+from headwater.train.recorder import Recorder, RunRecord, load_run, replay
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "sgd_plain": lambda p: torch.optim.SGD(p, lr=0.3),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+}
+
+
+def record(case, optimizer: str, *, every: int = 3, epochs: int = 3, batch: int = 8, clip: bool = True):
+    """Train ``case.model`` in place with a user-style loop (warm-up schedule, clipping in
+    epoch 1) and return its :class:`RunRecord`."""
+    task = ClassificationTask(measurement=case.task.measure)  # the optimizer holds the weight decay
+    x, y = case.train
+    opt = OPTIMIZERS[optimizer](case.model.parameters())
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 0.3, 1.0, total_iters=4)
+    rec = Recorder(case.model, opt, n_train=x.shape[0], checkpoint_every=every, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    for epoch in range(epochs):
+        for idx in torch.randperm(x.shape[0], generator=gen).split(batch):
+            opt.zero_grad()
+            task.train_loss(case.model, (x[idx], y[idx])).mean().backward()
+            rec.step(idx, max_norm=0.5 if clip and epoch == 1 else None)
+            sched.step()
+    return task, rec.finish()
+
+
+def measured(case, task, run: RunRecord, weights: torch.Tensor) -> torch.Tensor:
+    params = replay(case.model, task, case.train, run, weights=weights)
+    return task.measurement(lambda inp: functional_call(case.model, params, (inp,)), case.query)
+
+
+@pytest.mark.parametrize(("make", "optimizer"), [(mlp, "sgd"), (mlp, "adam"), (cnn, "sgd"), (cnn, "adamw"),
+                                                 (mlp, "sgd_plain")])
+def test_equals_finite_differences_of_retraining(make, optimizer):
+    case = make(n_train=20, n_query=3)
+    task, run = record(case, optimizer)
+    hyper = Metagradient(case.model, task, run).hypergradients(case.query, case.train)  # [Q, n]
+    n, eps = case.train[0].shape[0], 1e-5
+    fd = torch.zeros_like(hyper)
+    for i in range(0, n, 3):  # every third example: the test stays fast
+        up, down = torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+        up[i], down[i] = 1 + eps, 1 - eps
+        fd[:, i] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    cols = list(range(0, n, 3))
+    assert fd[:, cols].abs().max() > 1e-4  # the run does depend on the weights
+    assert_close(hyper[:, cols], fd[:, cols], rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer):
+    case = mlp(n_train=20, n_query=4)
+    start = {k: v.clone() for k, v in case.model.state_dict().items()}
+    task, sparse = record(case, optimizer, every=4)
+    case.model.load_state_dict(start)
+    _, dense = record(case, optimizer, every=10_000)  # one segment: every state recomputed from step 0
+    assert len(sparse.checkpoints) > 3 and len(dense.checkpoints) == 2
+    full = Metagradient(case.model, task, sparse).scores(case.query, case.train)
+    assert_close(full, Metagradient(case.model, task, dense).scores(case.query, case.train), rtol=0, atol=1e-10,
+                 what="checkpointed vs all states")
+    single = Metagradient(case.model, task, sparse, query_block=1).scores(case.query, case.train)
+    assert_close(full, single, rtol=0, atol=1e-10, what="batched vs one query at a time")
+
+
+def test_sign_removing_top_proponent_raises_query_loss():
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, "sgd", clip=False)
+    scores = Metagradient(case.model, task, run).scores(case.query, case.train)
+    base = measured(case, task, run, torch.ones(20, dtype=torch.float64))
+    for q in range(3):
+        weights = torch.ones(20, dtype=torch.float64)
+        weights[int(scores[q].argmax())] = 0
+        assert measured(case, task, run, weights)[q] > base[q]
+
+
+def test_hessian_free_differs_and_is_cheaper_path():
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, "sgd", clip=False)
+    exact = Metagradient(case.model, task, run).scores(case.query, case.train)
+    free = Metagradient(case.model, task, run, hessian_free=True).scores(case.query, case.train)
+    assert not torch.allclose(exact, free, rtol=1e-3)
+    assert torch.corrcoef(torch.stack([exact.flatten(), free.flatten()]))[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_recorder_round_trip_and_replay_are_bit_identical(tmp_path, optimizer):
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, optimizer, every=5)
+    run.save(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    assert loaded.settings() == run.settings() and loaded.lrs == run.lrs and loaded.max_norms == run.max_norms
+    assert all(torch.equal(a, b) for a, b in zip(loaded.batches, run.batches, strict=True))
+    for a, b in zip(loaded.checkpoints, run.checkpoints, strict=True):
+        assert a.step == b.step and a.count == b.count and torch.equal(a.theta, b.theta)
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    final = replay(case.model, task, case.train, loaded)
+    for name, p in case.model.named_parameters():
+        assert torch.equal(final[name], p.detach()), name
+    assert math.isclose(run.lrs[0], 0.3 * OPTIMIZERS[optimizer](case.model.parameters()).defaults["lr"])
+
+
+def test_bad_input_is_refused():
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, "sgd")
+    with pytest.raises(TypeError, match="run"):
+        Metagradient(case.model, task, object())
+    with pytest.raises(ValueError, match="weight_decay"):
+        Metagradient(case.model, ClassificationTask(weight_decay=0.1), run)
+    with pytest.raises(ValueError, match="train"):
+        Metagradient(case.model, task, run).scores(case.query, (case.train[0][:10], case.train[1][:10]))
+    with pytest.raises(ValueError, match="query_block"):
+        Metagradient(case.model, task, run, query_block=0)
+    opt = torch.optim.RMSprop(case.model.parameters())
+    with pytest.raises(TypeError, match="optimizer"):
+        Recorder(case.model, opt, n_train=20)
+    rec = Recorder(case.model, torch.optim.SGD(case.model.parameters(), lr=0.1), n_train=20)
+    with pytest.raises(ValueError, match="indices"):
+        rec.step([20])
+    with pytest.raises(ValueError, match="no step"):
+        rec.finish()
