@@ -6,6 +6,7 @@ Run it with
 
 A spec defines ``model``, ``train`` and ``query`` (and optionally ``task``,
 ``image_shape``, ``class_names``); each may be a value or a function returning it.
+``display`` (optional) maps inputs to the images the report draws.
 """
 
 import numpy as np
@@ -27,6 +28,11 @@ train = (torch.from_numpy(_x[_train]), torch.from_numpy(_y[_train]))  # (inputs 
 query = (torch.from_numpy(_x[_query]), torch.from_numpy(_y[_query]))  # the 40 examples to explain
 task = headwater.ClassificationTask(weight_decay=WEIGHT_DECAY)  # cross-entropy + L2, as trained below
 image_shape = (8, 8)  # show the flat inputs as images in the report
+
+
+def display(inputs: torch.Tensor) -> torch.Tensor:
+    """The report's images: the raw pixel values 0..16 (ink) of the scaled inputs."""
+    return (inputs * 16.0).reshape(-1, 8, 8)
 
 
 def model() -> nn.Module:

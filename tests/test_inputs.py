@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import headwater
+import headwater.curvature
 from headwater.cli.main import main
 from headwater.gradients import stack_gradients
 from headwater.task import ClassificationTask, RegressionTask
@@ -122,8 +123,18 @@ def test_top_k_returns_proponents_and_opponents():
 
 @pytest.mark.parametrize("device", ["cuda", "mps", "cuda:3"])
 def test_an_unavailable_device_is_one_line_and_exit_2(device, capsys):
-    if device.startswith("cuda") and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+    kind = device.split(":")[0]
+    if {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}[kind]():
         pytest.skip(f"{device} is available here")
     assert main(["demo", "--device", device, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device" in err[0] and "not available" in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_an_unavailable_device_in_the_api_names_the_argument(tmp_path):
+    curvature = headwater.curvature.Exact(damping=0.1)
+    with pytest.raises(ValueError, match=r"^device: 'cuda:1' is not available .*use 'cpu'$"):
+        curvature.load(tmp_path / "nothing", device="cuda:1")
+    with pytest.raises(ValueError, match=r"^device: 'gpu' is not a torch device"):
+        curvature.load(tmp_path / "nothing", device="gpu")

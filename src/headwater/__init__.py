@@ -37,9 +37,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ClassificationTask",
     "InfluenceFunction",
-    "ProgressBars",
     "LanguageModelingTask",
     "Measurement",
+    "ProgressBars",
     "RegressionTask",
     "Scores",
     "Seq2SeqTask",

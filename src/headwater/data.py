@@ -15,12 +15,19 @@ the model otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SequentialSampler,
+    Subset,
+)
 
 __all__ = [
     "LABELS",
@@ -43,9 +50,9 @@ __all__ = [
 LABELS = "labels"
 """The key of a dict batch that holds the targets (as in Hugging Face)."""
 
-Inputs = Union[Tensor, tuple[Tensor, ...], dict[str, Tensor]]
+Inputs = Tensor | tuple[Tensor, ...] | dict[str, Tensor]
 Batch = tuple[Inputs, Tensor]
-DataLike = Union[tuple[Inputs, Tensor], Mapping[str, Tensor], Dataset, DataLoader]
+DataLike = tuple[Inputs, Tensor] | Mapping[str, Tensor] | Dataset | DataLoader
 
 
 def map_inputs(fn: Callable[[Tensor], Tensor], inputs: Inputs) -> Inputs:

@@ -35,6 +35,7 @@ __all__ = [
     "model_output",
     "sample_per_example",
     "select_parameters",
+    "tied_note",
 ]
 
 ModelFn = Callable[..., Any]

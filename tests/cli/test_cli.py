@@ -15,7 +15,7 @@ from PIL import Image
 
 import headwater
 from headwater import store
-from headwater.cli.demo import LeNet, digits_split, flip_labels
+from headwater.cli.demo import LeNet, digits_pixels, digits_split, flip_labels
 from headwater.cli.main import main
 from headwater.report import load_result
 
@@ -102,6 +102,17 @@ def test_demo_top_proponent_is_what_the_api_returns(demo):
         assert int(first_row[1]) == train_index
 
 
+def test_demo_report_draws_raw_pixels_not_standardised_inputs(demo):
+    out, _ = demo
+    args = json.loads((out / "config.json").read_text())["args"]
+    result = load_result(out)
+    pixels_tr, pixels_te = digits_pixels(args["seed"], args["n_train"], args["n_test"])
+    assert torch.equal(result.train_images, pixels_tr) and torch.equal(result.query_images, pixels_te)
+    assert result.train_images.min() == 0 and result.train_images.max() == 16  # ink 0..16, background 0
+    x_tr = digits_split(args["seed"], args["n_train"], args["n_test"])[0]
+    assert x_tr.min() < 0  # the model saw standardised inputs; the report shows the pixels
+
+
 def test_config_reproduces_the_run(demo, tmp_path):
     out, _ = demo
     again = tmp_path / "again"
@@ -128,6 +139,7 @@ def test_score_runs_the_example_spec(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = load_result(out)
     assert result.scores.shape == (40, 600)
+    assert result.train_images.shape == (600, 8, 8) and result.train_images.max() == 16  # the spec's display
     lines = (out / "top_k.csv").read_text().splitlines()
     assert lines[0].startswith("query,")
     assert len(lines) == 1 + 40 * 2 * 5

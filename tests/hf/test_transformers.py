@@ -9,7 +9,7 @@ from oracles import assert_close, dense_ggn, influence_scores, loop_gradients
 
 import headwater
 from headwater.gradients import stack_gradients
-from headwater.task import ClassificationTask, LanguageModelingTask, Seq2SeqTask
+from headwater.task import ClassificationTask, LanguageModelingTask, Seq2SeqTask, tied_note
 
 ORACLE_CASES = [
     (gpt2, lm_batch, LanguageModelingTask()),
@@ -76,3 +76,7 @@ def test_tied_lm_head_is_analysed_once_under_its_embedding_name():
     model = gpt2()
     task = LanguageModelingTask(modules=["lm_head"])
     assert list(task.parameters(model)) == ["transformer.wte.weight"]
+    assert list(LanguageModelingTask().parameters(model)).count("transformer.wte.weight") == 1
+    assert "lm_head" not in " ".join(LanguageModelingTask().parameters(model))
+    assert tied_note(model, ["transformer.wte.weight"]) == (
+        "; lm_head.weight is tied to transformer.wte.weight (analysed once, as transformer.wte.weight)")

@@ -23,6 +23,7 @@ from headwater import store
 from headwater.bars import ProgressBars
 from headwater.errors import ConfigError
 from headwater.curvature import CURVATURES
+from headwater.gradients.functional import check_device as core_check_device
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 
 if TYPE_CHECKING:
@@ -205,17 +206,9 @@ def check_attribution_options(args: argparse.Namespace) -> None:
 def check_device(device: str, name: str = "--device") -> None:
     """Raise :class:`UserError` (one line) unless tensors can be made on ``device``."""
     try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"{name}: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind)
-    if available is not None and not available():
-        raise UserError(f"{name}: {device!r} is not available (torch {torch.__version__} on this machine has "
-                        f"no usable {kind} device); use --device cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, ValueError, AssertionError) as err:
-        raise UserError(f"{name}: cannot use device {device!r} ({str(err).splitlines()[0]})") from err
+        core_check_device(device, name)
+    except ValueError as err:
+        raise UserError(str(err).replace("use 'cpu'", "use --device cpu")) from err
 
 
 def parse_projection(spec: str | None, seed: int) -> RandomProjection | KroneckerProjection | None:

@@ -31,7 +31,7 @@ from headwater.cli.run import attribute, write_outputs
 from headwater.report import RunResult, format_top_k_table
 from headwater.task import ClassificationTask
 
-__all__ = ["LeNet", "add_parser", "digits_split", "run", "train_model"]
+__all__ = ["LeNet", "add_parser", "digits_pixels", "digits_split", "run", "train_model"]
 
 log = logging.getLogger("headwater.cli")
 
@@ -55,8 +55,8 @@ class LeNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
 
 
-def digits_split(seed: int, n_train: int, n_test: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train [n,1,8,8], y_train [n], x_test, y_test)``, standardised float32 / int64."""
+def _digits(seed: int, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw pixels ``[1797, 64]`` (0..16), labels, and the train/test rows of the seeded split."""
     from sklearn.datasets import load_digits
 
     if n_train <= 0 or n_test <= 0 or n_train + n_test > N_DIGITS:
@@ -64,13 +64,25 @@ def digits_split(seed: int, n_train: int, n_test: int) -> tuple[Tensor, Tensor, 
                         f"got {n_train} + {n_test}")
     x, y = load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(y))
-    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
-    x = x.astype(np.float32)
+    return x.astype(np.float32), y, perm[:n_train], perm[n_train : n_train + n_test]
+
+
+def digits_split(seed: int, n_train: int, n_test: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train [n,1,8,8], y_train [n], x_test, y_test)``, standardised float32 / int64."""
+    x, y, tr, te = _digits(seed, n_train, n_test)
     mean, std = x[tr].mean(axis=0), x[tr].std(axis=0)
     std[std == 0] = 1.0
     x = ((x - mean) / std).reshape(-1, 1, 8, 8)
     as_x, as_y = torch.from_numpy, lambda a: torch.from_numpy(a.astype(np.int64))
     return as_x(x[tr]).contiguous(), as_y(y[tr]), as_x(x[te]).contiguous(), as_y(y[te])
+
+
+def digits_pixels(seed: int, n_train: int, n_test: int) -> tuple[Tensor, Tensor]:
+    """The raw pixel values (0 = background .. 16 = ink) ``[n, 8, 8]`` of :func:`digits_split`'s
+    train and test examples, for display."""
+    x, _, tr, te = _digits(seed, n_train, n_test)
+    x = torch.from_numpy(x.reshape(-1, 8, 8))
+    return x[tr].contiguous(), x[te].contiguous()
 
 
 def flip_labels(y: Tensor, fraction: float, seed: int, n_classes: int = 10) -> tuple[Tensor, Tensor]:
@@ -160,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     progress, timer = ProgressBars(enabled=not args.quiet), Timer()
 
     x_tr, y_clean, x_te, y_te = digits_split(args.seed, args.n_train, args.n_test)
+    pixels_tr, pixels_te = digits_pixels(args.seed, args.n_train, args.n_test)  # shown as people see them
     y_tr, flipped = flip_labels(y_clean, args.label_noise, args.seed)
     log.info("digits: %d train (%d labels flipped), %d test; LeNet, %d epochs, seed %d",
              len(y_tr), int(flipped.sum()), len(y_te), args.epochs, args.seed)
@@ -183,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     result = RunResult(
         scores=scores.values.detach().cpu(), train_labels=y_tr, query_labels=y_te, query_predictions=pred,
         self_influence=None if scores.self_influence is None else scores.self_influence.detach().cpu(),
-        train_images=x_tr[:, 0], query_images=x_te[:, 0], flipped=flipped if flipped.any() else None,
+        train_images=pixels_tr, query_images=pixels_te, flipped=flipped if flipped.any() else None,
         shown=tuple(queries), settings=scores.settings,
     )
     result = write_outputs(folder, "demo", args, result, timer, accuracy=accuracy, shown=list(queries))

@@ -9,6 +9,10 @@ A spec is a ``.py`` file or an importable module defining:
     task    a headwater Task (optional; default: classification for integer targets,
             regression for float targets)
     image_shape   (H, W) to show inputs as images in the report (optional)
+    display       a function ``inputs [n, ...] -> images [n, H, W]`` (or ``[n, H, W, 3]``
+                  RGB) that undoes the preprocessing, so the report shows the examples
+                  as people see them: raw pixel values, ink dark on light (optional;
+                  called with the inputs, not without arguments)
     class_names   display names of the classes (optional)
 
 Any of these may instead be a function without arguments that returns the value
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from headwater.cli.common import (
     ProgressBars,
@@ -47,7 +52,7 @@ from headwater.cli.common import (
     prepare_output,
 )
 from headwater.cli.run import attribute, write_outputs
-from headwater.data import as_tensors, iter_batches
+from headwater.data import as_tensors, iter_batches, map_inputs
 from headwater.distributed import world
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch
@@ -125,8 +130,22 @@ def load_spec(ref: str) -> Spec:
     return Spec(ref, module)
 
 
-def _images(inputs: Tensor, image_shape: Any) -> Tensor | None:
-    """``[n, H, W]`` views of the inputs for display, or ``None`` if they are not images."""
+def _images(inputs: Any, image_shape: Any, display: Any = None) -> Tensor | None:
+    """``[n, H, W]`` (or ``[n, H, W, 3]``) images of the inputs for display, or ``None`` if
+    they are not images. ``display`` maps the inputs to them; otherwise the inputs are drawn as
+    they are (reshaped to ``image_shape``)."""
+    if display is not None:
+        if not callable(display):
+            raise UserError(f"spec: `display` must be a function inputs -> images, got {type(display).__name__}")
+        images = torch.as_tensor(display(inputs)).detach().cpu()
+        n = _rows(inputs)
+        if images.shape[0] != n or not (images.dim() == 3 or (images.dim() == 4 and images.shape[-1] == 3)):
+            raise UserError(f"spec: `display` must return images [{n}, H, W] or [{n}, H, W, 3], got "
+                            f"{tuple(images.shape)}")
+        return images.float()
+    if not isinstance(inputs, Tensor):
+        return None
+    inputs = inputs.cpu()
     if image_shape is not None:
         shape = tuple(int(s) for s in image_shape)
         if len(shape) != 2 or math.prod(shape) != inputs[0].numel():
@@ -139,6 +158,10 @@ def _images(inputs: Tensor, image_shape: Any) -> Tensor | None:
     return None
 
 
+def _rows(inputs: Any) -> int:
+    return int(tree_flatten(inputs)[0][0].shape[0])
+
+
 def _first_param(model: nn.Module, task: Task) -> Tensor:
     return next(iter(task.parameters(model).values()))
 
@@ -149,7 +172,7 @@ def _predictions(model: nn.Module, task: Task, query: Any, device: str) -> Tenso
     out = []
     with torch.no_grad(), evaluation_mode(model):
         for x, _ in iter_batches(query, 512, "query"):
-            logits = task.output(model, x.to(device))
+            logits = task.output(model, map_inputs(lambda t: t.to(device), x))
             out.append(logits.argmax(dim=-1).cpu())
     return torch.cat(out)
 
@@ -210,9 +233,10 @@ def _run(args: argparse.Namespace) -> int:
     model = model.to(args.device)
     x_train, y_train = as_tensors(train, "train")
     x_query, y_query = as_tensors(query, "query")
-    n_scores = x_query.shape[0] * x_train.shape[0]
+    n_train, n_query = y_train.shape[0], y_query.shape[0]
+    n_scores = n_query * n_train
     if n_scores > _MAX_SCORES:
-        raise UserError(f"query: {x_query.shape[0]} x {x_train.shape[0]} scores do not fit in memory; "
+        raise UserError(f"query: {n_query} x {n_train} scores do not fit in memory; "
                         "score fewer queries per run")
     task = task or default_task(y_train)
     for name, data, objective in (("train", train, Objective.TRAIN), ("query", query, Objective.MEASUREMENT)):
@@ -220,22 +244,23 @@ def _run(args: argparse.Namespace) -> int:
                     name, objective)  # fail fast, before any long step
     log.info("spec %s: %s with %d analysed parameters; %d train, %d query examples", args.spec,
              type(model).__name__, sum(p.numel() for p in task.parameters(model).values()),
-             x_train.shape[0], x_query.shape[0])
+             n_train, n_query)
 
     scores = attribute(model, train, query, task, args, progress, timer)
     if world()[0] != 0:  # every rank holds the same scores; rank 0 writes them
         return 0
-    queries = args.queries or list(range(min(3, x_query.shape[0])))
-    bad = [q for q in queries if not 0 <= q < x_query.shape[0]]
+    queries = args.queries or list(range(min(3, n_query)))
+    bad = [q for q in queries if not 0 <= q < n_query]
     if bad:
-        raise UserError(f"--queries: indices {bad} are outside [0, {x_query.shape[0]})")
+        raise UserError(f"--queries: indices {bad} are outside [0, {n_query})")
     image_shape = spec.get("image_shape", required=False)
     class_names = spec.get("class_names", required=False) or ()
+    display = getattr(spec.module, "display", None)  # a function of the inputs: not called by get
     result = RunResult(
         scores=scores.values.detach().cpu(), train_labels=y_train.cpu(), query_labels=y_query.cpu(),
         query_predictions=_predictions(model, task, query, args.device),
         self_influence=None if scores.self_influence is None else scores.self_influence.detach().cpu(),
-        train_images=_images(x_train.cpu(), image_shape), query_images=_images(x_query.cpu(), image_shape),
+        train_images=_images(x_train, image_shape, display), query_images=_images(x_query, image_shape, display),
         shown=tuple(queries), settings=scores.settings, class_names=tuple(str(c) for c in class_names),
     )
     write_outputs(folder, "score", args, result, timer, spec=str(args.spec))

@@ -18,8 +18,8 @@ from headwater.curvature.base import default_damping
 from headwater.curvature.operators import MatrixKind, curvature_matvec
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike
-from headwater.progress import ProgressFn, report
 from headwater.gradients.flat import ParamLayout
+from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = [

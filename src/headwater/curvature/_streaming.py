@@ -16,6 +16,7 @@ from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec
 from headwater.data import DataLike
 from headwater.gradients.flat import ParamLayout
+from headwater.progress import ProgressFn
 from headwater.task import Task
 
 __all__ = ["Preconditioner", "StreamingCurvature", "fit_preconditioner"]

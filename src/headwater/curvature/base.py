@@ -26,6 +26,7 @@ from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, num_examples
 from headwater.errors import NonFiniteError
 from headwater.gradients.flat import ParamLayout
+from headwater.gradients.functional import check_device
 from headwater.gradients.per_example import per_example_gradients
 from headwater.progress import ProgressFn
 from headwater.task import Task
@@ -286,6 +287,7 @@ class Curvature(ABC):
              device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> _Self:
         """Read a state saved with the same settings (and parameter layout and ``context``,
         if given; else ``StoreMismatchError``)."""
+        device = check_device(device)
         expect = self.settings()
         if layout is not None:
             expect["layout"] = layout.to_dict()

@@ -27,7 +27,13 @@ from torch.utils._pytree import tree_flatten
 from headwater.data import DataLike, Inputs, iter_batches, num_examples, one_example
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.flat import ParamLayout
-from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
+from headwater.gradients.functional import (
+    bind,
+    detached,
+    evaluation_mode,
+    prepare_batch,
+    vmap_examples,
+)
 from headwater.gradients.per_example import check_batch, per_example_gradients
 from headwater.progress import ProgressFn, report
 from headwater.task import Task

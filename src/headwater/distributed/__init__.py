@@ -29,7 +29,15 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from headwater.data import Batch, DataLike, as_tensors, is_sequential, iter_batches, num_examples, take
+from headwater.data import (
+    Batch,
+    DataLike,
+    as_tensors,
+    is_sequential,
+    iter_batches,
+    num_examples,
+    take,
+)
 
 __all__ = [
     "all_ranks",

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
 from headwater.data import Inputs, map_inputs
 
-__all__ = ["bind", "detached", "evaluation_mode", "first_param", "prepare_batch", "vmap_examples"]
+__all__ = ["bind", "check_device", "detached", "evaluation_mode", "first_param", "prepare_batch", "vmap_examples"]
 
 
 _DATA_DEPENDENT = "data-dependent control flow"
@@ -28,17 +29,18 @@ def vmap_examples(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Ca
     def looped(*args: Any) -> Any:
         batched = [a for a, d in zip(args, in_dims) if d is not None]
         n = tree_flatten(batched[0])[0][0].shape[0]
-        rows = [fn(*(a if d is None else tree_map(lambda t: t[i], a) for a, d in zip(args, in_dims)))
+        rows = [fn(*(a if d is None else tree_map(lambda t, i=i: t[i], a) for a, d in zip(args, in_dims)))
                 for i in range(n)]
         return tree_map(lambda *ts: torch.stack(ts), rows[0], *rows[1:])
 
     def call(*args: Any) -> Any:
-        try:
-            return mapped(*args)
-        except RuntimeError as err:
-            if _DATA_DEPENDENT not in str(err):
-                raise
-            return looped(*args)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no batching rule
+            try:
+                return mapped(*args)
+            except RuntimeError as err:
+                if _DATA_DEPENDENT not in str(err):
+                    raise
+                return looped(*args)
 
     return call
 
@@ -85,6 +87,28 @@ def prepare_batch(batch: tuple[Inputs, Tensor], like: Tensor) -> tuple[Inputs, T
     tensors take their dtype."""
     inputs, targets = batch
     return map_inputs(lambda t: _to_like(t, like), inputs), _to_like(targets, like)
+
+
+def check_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` once tensors can be made there.
+
+    Raises:
+        ValueError: naming ``name`` (one line) for a malformed device or one this torch
+            build or machine does not have (``"cuda"`` on a CPU-only torch, ``"mps"`` off a Mac).
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"{name}: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(parsed.type)
+    if available is not None and not available():
+        raise ValueError(f"{name}: {str(device)!r} is not available (torch {torch.__version__} on this machine "
+                         f"has no usable {parsed.type} device); use 'cpu'")
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise ValueError(f"{name}: cannot use device {str(device)!r} ({str(err).splitlines()[0]})") from err
+    return parsed
 
 
 def detached(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:

@@ -17,7 +17,13 @@ from torch.func import grad
 from headwater.data import DataLike, Inputs, describe, iter_batches, num_examples, one_example
 from headwater.errors import InputError, check_finite_rows
 from headwater.gradients.flat import ParamLayout
-from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
+from headwater.gradients.functional import (
+    bind,
+    detached,
+    evaluation_mode,
+    prepare_batch,
+    vmap_examples,
+)
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 

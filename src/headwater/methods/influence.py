@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from headwater.curvature.base import Curvature
 from headwater.data import DataLike, as_tensors, iter_batches, num_examples

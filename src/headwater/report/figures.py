@@ -25,7 +25,14 @@ def _png(fig: Figure) -> bytes:
 
 
 def _show_image(ax, image: Tensor, title: str, color: str = "black") -> None:
-    ax.imshow(image.float().cpu().numpy(), cmap="gray_r", interpolation="nearest")
+    """A grayscale image ``[H, W]`` with larger values darker (ink on paper, as raw digit
+    pixels are), or an RGB image ``[H, W, 3]`` scaled to its own range."""
+    pixels = image.float().cpu().numpy()
+    if pixels.ndim == 3:
+        low, high = pixels.min(), pixels.max()
+        ax.imshow((pixels - low) / (high - low if high > low else 1.0), interpolation="nearest")
+    else:
+        ax.imshow(pixels, cmap="gray_r", interpolation="nearest")
     ax.set_title(title, fontsize=8, color=color)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -32,7 +32,9 @@ class RunResult:
         train_labels, query_labels: ``[n_train]``, ``[n_query]`` targets.
         query_predictions: ``[n_query]`` predicted classes (classification), or ``None``.
         self_influence: ``[n_train]``, or ``None``.
-        train_images, query_images: ``[n, H, W]`` for image data, else ``None``.
+        train_images, query_images: ``[n, H, W]`` (larger = darker, as raw digit pixels)
+            or ``[n, H, W, 3]`` RGB for image data, as people see them (not standardised
+            model inputs), else ``None``.
         flipped: ``[n_train]`` bool, training labels known to be corrupted (demo), or ``None``.
         shown: query indices the report details.
         settings: the estimator's settings (``Scores.settings``).
