@@ -1,12 +1,14 @@
-"""The default curvature: dense (Cholesky) when it fits the budget, else EK-FAC."""
+"""The default curvature: dense (Cholesky) when it fits the budget, else Arnoldi when its
+products fit, else EK-FAC."""
 
 import torch
 from cases import CASES
 from oracles import assert_close
 
 import headwater
-from headwater.curvature import EKFAC, Exact
+from headwater.curvature import EKFAC, Arnoldi, Exact
 from headwater.methods import InfluenceFunction
+from headwater.methods import auto
 from headwater.methods.auto import choose_curvature
 
 
@@ -43,3 +45,18 @@ def test_the_estimate_grows_with_examples_outputs_and_parameters():
     assert choose_curvature(case.model, case.task, big, budget_seconds=1e-3).name == "ekfac"
     assert choose_curvature(case.model, case.task, case.train, budget_seconds=1e-3).name == "exact"
     assert torch.equal(case.train[0], x)
+
+
+def test_between_dense_and_ekfac_arnoldi_when_its_products_fit(monkeypatch):
+    """Over the dense budget, Arnoldi at its defaults (rank 100: 200 products of M over the
+    data, timed on a few examples) is next when those fit the budget; its scores are the
+    default Arnoldi's."""
+    case = CASES["cnn"]()
+    monkeypatch.setattr(auto, "DENSE_MACS_PER_SECOND", 1.0)  # the dense fit now takes ages
+    choice = choose_curvature(case.model, case.task, case.train)
+    assert choice.name == "arnoldi" and "200 products" in choice.reason, choice.reason
+    assert choose_curvature(case.model, case.task, case.train, budget_seconds=0.0).name == "ekfac"
+    scores = headwater.influence(case.model, case.train, case.query, task=case.task, progress=False)
+    assert scores.settings["curvature_choice"] == "arnoldi"
+    want = InfluenceFunction(case.model, case.task, Arnoldi()).fit(case.train).scores(case.query, case.train)
+    assert_close(scores.values, want, rtol=1e-10)

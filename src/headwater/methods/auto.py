@@ -11,7 +11,11 @@ about two passes of ``C`` backward passes over the data whatever ``P``.
 :func:`choose_curvature` estimates the dense fit's time from that count at
 :data:`DENSE_MACS_PER_SECOND` and takes ``"exact"`` (solved by Cholesky in float64)
 when it fits in :data:`TIME_BUDGET_SECONDS` and in half the memory ``Exact``
-allows, else ``"ekfac"``. Measured with one thread on a 2-core machine (bench/
+allows; else ``"arnoldi"`` at its defaults (rank 100, 200 products of ``M`` over the
+data, each timed on :data:`PROBE_EXAMPLES` examples and extrapolated) when those fit
+the same budget; else ``"ekfac"``. Arnoldi ranks well above EK-FAC at its defaults
+(bench/defaults_results.md, LDS: digits MLP 0.718 vs 0.573 in 10 s vs 3 s; CNN 0.462
+vs 0.362), EK-FAC scales to any data size in two passes. Measured with one thread on a 2-core machine (bench/
 defaults.py): the digits CNN (3,658 parameters, n = 1,000, C = 10) fits densely in
 ~27 s (EK-FAC ~3 s); the digits MLP (17,226 parameters) would take ~10 minutes densely
 and gets EK-FAC. The Cholesky factor alone runs at :data:`CHOLESKY_MACS_PER_SECOND`
@@ -22,6 +26,8 @@ few tens of thousands (memory allowing: 2.4 GB per float64 matrix at P = 17,000)
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +35,8 @@ import torch
 from torch import nn
 
 from headwater.curvature.exact import Exact
-from headwater.data import DataLike, iter_batches, num_examples
+from headwater.curvature.operators import curvature_matvec
+from headwater.data import DataLike, iter_batches, num_examples, subset
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.task import Task
 
@@ -43,7 +50,13 @@ CHOLESKY_MACS_PER_SECOND = 9e9
 """Multiply-adds per second of a float64 Cholesky factorisation, one thread (P = 4,000-8,000)."""
 
 TIME_BUDGET_SECONDS = 60.0
-"""The dense fit is chosen when its estimated time is at most this."""
+"""The dense fit (else Arnoldi) is chosen when its estimated time is at most this."""
+
+ARNOLDI_STEPS = 200
+"""Arnoldi's default steps (2 × its default rank 100): products of ``M`` over the data."""
+
+PROBE_EXAMPLES = 64
+"""Examples on which one ``M``-vector product is timed to estimate Arnoldi's cost."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,9 @@ class CurvatureChoice:
 def choose_curvature(model: nn.Module, task: Task, train: DataLike, *, kind: str = "ggn",
                      budget_seconds: float = TIME_BUDGET_SECONDS,
                      max_params: int | None = None) -> CurvatureChoice:
-    """``"exact"`` (Cholesky) when the dense matrix fits the time and memory budget,
-    else ``"ekfac"`` (see the module docs).
+    """``"exact"`` (Cholesky) when the dense matrix fits the time and memory budget, else
+    ``"arnoldi"`` (rank 100) when its products over the data do, else ``"ekfac"`` (see the
+    module docs).
 
     Args:
         model, task, train: as for :func:`headwater.influence`.
@@ -83,10 +97,34 @@ def choose_curvature(model: nn.Module, task: Task, train: DataLike, *, kind: str
         return CurvatureChoice("exact", {"solver": "cholesky"},
                                f"curvature=exact (dense {kind}, Cholesky in float64): {size}, estimated "
                                f"{seconds:.0f} s <= budget {budget_seconds:.0f} s")
-    fallback = "cg" if kind == "hessian" else "ekfac"
     why = f"~{seconds:,.0f} s > budget {budget_seconds:.0f} s" if p <= limit else \
         f"{p:,} > {limit:,} parameters for memory"
+    if kind != "hessian" and ARNOLDI_STEPS * p * 8 <= limit * limit * 8:  # the Krylov basis fits
+        krylov = ARNOLDI_STEPS * _matvec_seconds(model, task, train, kind)
+        if krylov <= budget_seconds:
+            return CurvatureChoice("arnoldi", {}, f"curvature=arnoldi (rank {ARNOLDI_STEPS // 2}): the dense {kind} "
+                                   f"would need {why} ({size}); {ARNOLDI_STEPS} products over the data "
+                                   f"estimated {krylov:.0f} s")
+        why += f"; Arnoldi ~{krylov:,.0f} s"
+    fallback = "cg" if kind == "hessian" else "ekfac"
     return CurvatureChoice(fallback, {}, f"curvature={fallback}: the dense {kind} would need {why} ({size})")
+
+
+def _matvec_seconds(model: nn.Module, task: Task, train: DataLike, kind: str) -> float:
+    """Seconds of one ``M``-vector product over all of ``train``, extrapolated from a product
+    on its first :data:`PROBE_EXAMPLES` examples (the faster of two calls: the second reuses
+    the linearisations, as Arnoldi's later steps do)."""
+    n = num_examples(train, "train")
+    probe = subset(train, range(min(n, PROBE_EXAMPLES)))
+    matvec = curvature_matvec(model, task, probe, kind)
+    v = torch.zeros(1, sum(t.numel() for t in task.parameters(model).values()),
+                    dtype=next(iter(task.parameters(model).values())).dtype)
+    best = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        matvec(v)
+        best = min(best, time.perf_counter() - start)
+    return best * n / min(n, PROBE_EXAMPLES)
 
 
 def _outputs(model: nn.Module, task: Task, train: DataLike, params: dict[str, torch.Tensor]) -> int:
