@@ -7,8 +7,7 @@ from oracles import assert_close
 
 import headwater
 from headwater.curvature import EKFAC, Arnoldi, Exact
-from headwater.methods import InfluenceFunction
-from headwater.methods import auto
+from headwater.methods import InfluenceFunction, auto
 from headwater.methods.auto import choose_curvature
 
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 import headwater
 from headwater import store
 from headwater.bars import ProgressBars
-from headwater.errors import ConfigError
 from headwater.curvature import CURVATURES
+from headwater.errors import ConfigError
 from headwater.gradients.functional import check_device as core_check_device
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 

@@ -175,7 +175,7 @@ class Curvature(ABC):
         raise NotImplementedError(f"{cls.__name__} declares no memory model (Curvature.memory)")
 
     @classmethod
-    def preconditioner(cls, kind: MatrixKind, damping: float, chunk_size: int) -> Self | None:
+    def preconditioner(cls, kind: MatrixKind, damping: float, chunk_size: int) -> Curvature | None:
         """An unfitted instance approximating ``M + damping·I`` of ``kind`` cheaply enough to
         precondition CG and LiSSA, or ``None`` when this class cannot (the default)."""
         return None

@@ -47,7 +47,13 @@ from torch.func import grad
 
 from headwater.data import DataLike, Inputs, iter_batches, one_example, take
 from headwater.gradients.flat import ParamLayout
-from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch, vmap_examples
+from headwater.gradients.functional import (
+    bind,
+    detached,
+    evaluation_mode,
+    prepare_batch,
+    vmap_examples,
+)
 from headwater.gradients.per_example import output_pullbacks
 
 __all__ = ["DIAGONAL", "Block", "Capture", "DiagonalPart", "capture", "find_blocks", "from_blocks",

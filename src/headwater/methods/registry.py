@@ -24,8 +24,8 @@ from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike
 from headwater.errors import check_option_names
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
-from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.auto import choose_curvature
+from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.metagradient import Metagradient
