@@ -48,7 +48,7 @@ def test_the_estimate_grows_with_examples_outputs_and_parameters():
 
 def test_between_dense_and_ekfac_arnoldi_when_its_products_fit(monkeypatch):
     """Over the dense budget, Arnoldi at its defaults (rank 100: 200 products of M over the
-    data, timed on a few examples) is next when those fit the budget; its scores are the
+    data, counted on a few examples) is next when those fit the budget; its scores are the
     default Arnoldi's."""
     case = CASES["cnn"]()
     monkeypatch.setattr(auto, "DENSE_MACS_PER_SECOND", 1.0)  # the dense fit now takes ages

@@ -12,7 +12,7 @@ about two passes of ``C`` backward passes over the data whatever ``P``.
 :data:`DENSE_MACS_PER_SECOND` and takes ``"exact"`` (solved by Cholesky in float64)
 when it fits in :data:`TIME_BUDGET_SECONDS` and in half the memory ``Exact``
 allows; else ``"arnoldi"`` at its defaults (rank 100, 200 products of ``M`` over the
-data, each timed on :data:`PROBE_EXAMPLES` examples and extrapolated) when those fit
+data, each counted on :data:`PROBE_EXAMPLES` examples and extrapolated) when those fit
 the same budget; else ``"ekfac"``. Arnoldi ranks well above EK-FAC at its defaults
 (bench/defaults_results.md, LDS: digits MLP 0.718 vs 0.573 in 10 s vs 3 s; CNN 0.462
 vs 0.362), EK-FAC scales to any data size in two passes. Measured with one thread on a 2-core machine (bench/
@@ -26,13 +26,12 @@ few tens of thousands (memory allowing: 2.4 GB per float64 matrix at P = 17,000)
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from headwater.curvature.exact import Exact
 from headwater.curvature.operators import curvature_matvec
@@ -56,7 +55,12 @@ ARNOLDI_STEPS = 200
 """Arnoldi's default steps (2 × its default rank 100): products of ``M`` over the data."""
 
 PROBE_EXAMPLES = 64
-"""Examples on which one ``M``-vector product is timed to estimate Arnoldi's cost."""
+"""Examples on which one ``M``-vector product's operations are counted to estimate Arnoldi's cost."""
+
+ARNOLDI_FLOPS_PER_SECOND = 2e9
+"""Floating-point operations per second of Arnoldi's products, one thread, measured on the
+digits MLP (200 products of 6.6 MFLOP per 64 examples over 1,000 examples: 10 s) and CNN
+(17 MFLOP per 64: 26 s)."""
 
 
 @dataclass(frozen=True)
@@ -111,20 +115,20 @@ def choose_curvature(model: nn.Module, task: Task, train: DataLike, *, kind: str
 
 
 def _matvec_seconds(model: nn.Module, task: Task, train: DataLike, kind: str) -> float:
-    """Seconds of one ``M``-vector product over all of ``train``, extrapolated from a product
-    on its first :data:`PROBE_EXAMPLES` examples (the faster of two calls: the second reuses
-    the linearisations, as Arnoldi's later steps do)."""
+    """Estimated seconds of one ``M``-vector product over all of ``train``: the floating-point
+    operations of a product on its first :data:`PROBE_EXAMPLES` examples (counted, not timed,
+    so the choice does not depend on the machine's load; the second call, which reuses the
+    linearisations as Arnoldi's later steps do), scaled to ``n`` at
+    :data:`ARNOLDI_FLOPS_PER_SECOND`."""
     n = num_examples(train, "train")
-    probe = subset(train, range(min(n, PROBE_EXAMPLES)))
-    matvec = curvature_matvec(model, task, probe, kind)
-    v = torch.zeros(1, sum(t.numel() for t in task.parameters(model).values()),
-                    dtype=next(iter(task.parameters(model).values())).dtype)
-    best = math.inf
-    for _ in range(2):
-        start = time.perf_counter()
+    m = min(n, PROBE_EXAMPLES)
+    params = task.parameters(model)
+    matvec = curvature_matvec(model, task, subset(train, range(m)), kind)
+    v = torch.zeros(1, sum(t.numel() for t in params.values()), dtype=next(iter(params.values())).dtype)
+    matvec(v)
+    with FlopCounterMode(display=False) as counter:
         matvec(v)
-        best = min(best, time.perf_counter() - start)
-    return best * n / min(n, PROBE_EXAMPLES)
+    return counter.get_total_flops() * (n / m) / ARNOLDI_FLOPS_PER_SECOND
 
 
 def _outputs(model: nn.Module, task: Task, train: DataLike, params: dict[str, torch.Tensor]) -> int:
