@@ -302,7 +302,10 @@ def test_registered_and_one_call_api():
     assert CURVATURES["kfac"] is KFAC and CURVATURES["ekfac"] is EKFAC
     case = CASES["mlp"]()
     scores = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac")
-    assert scores.values.shape == (5, 24) and torch.isfinite(scores.values).all()
+    curv = EKFAC().fit(case.model, case.task, case.train)  # the oracle: dense gradients, EK-FAC's solve
+    g_query = stack_gradients(case.model, case.task, case.query, objective="measurement")  # [5, P]
+    want = curv.solve(g_query) @ stack_gradients(case.model, case.task, case.train).T
+    assert_close(scores.values, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), what="one-call API")
 
 
 def test_a_task_written_for_the_two_argument_sample_targets_still_samples():
