@@ -176,6 +176,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
                         "projected training gradients) is kept there too, and a rerun with the same "
                         "settings, model and data reuses or resumes it" +
                         (f" (default: {out_default})" if out_default else " (required)"))
+    r.add_argument("--read-only-store", action="store_true",
+                   help="use the stored curvature or projected gradients in --out as they are: a damaged or "
+                        "mismatched store is an error (exit 2) instead of being recomputed")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     r.add_argument("--threads", type=int, default=threads_default,

@@ -46,7 +46,7 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
             model, train, query, task=task, method=args.method, curvature=args.curvature,
             damping=args.damping, kind=args.kind, self_influence=args.self_influence,
             chunk_size=args.chunk_size, progress=progress, projection=projection, store=store,
-            query_batch=args.query_batch,
+            query_batch=args.query_batch, read_only_store=args.read_only_store and store is not None,
             curvature_options=parse_curvature_options(args.curvature_options) or None,
         )
 
@@ -54,6 +54,8 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
         try:
             scores = run()
         except StoreMismatchError as err:  # an earlier run in this folder used other settings
+            if args.read_only_store:
+                raise
             log.info("refitting: %s holds a fit of other %s", store.name, ", ".join(err.keys))
             _remove_stale(store)
             scores = run()
