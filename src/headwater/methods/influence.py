@@ -133,37 +133,29 @@ class InfluenceFunction:
             return self
         context = fit_context(self.model, self.task, train)
         self.store_status = f"curvature fitted and saved to {store}"
-        if self._load_stored(train, store, context, read_only):
-            return self
+        if all_ranks(store_mod.exists(store)):  # ranks decide together: a fit is collective
+            layout = ParamLayout.of(self.task.parameters(self.model))
+            try:
+                store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
+            except store_mod.StoreDamagedError as err:
+                if read_only:
+                    raise
+                log.warning("%s; refitting it", err)
+                self.store_status = f"curvature refitted: {err}"
+            else:
+                if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
+                    self.curvature.bind(self.model, self.task, train)
+                report(self.progress, "curvature (loaded)", 1, 1)
+                self.store_status = f"curvature loaded from {store} (checksum verified)"
+                log.info("reusing the stored curvature: %s", store)
+                return self
+        elif read_only:
+            raise StoreError(f"store: no complete store at {store} to read (read_only=True)")
         self.curvature.fit(self.model, self.task, train, progress=self.progress)
         if world()[0] == 0:
             self.curvature.save(store, context=context)
         barrier()  # the store is complete before any rank goes on (and may look for it)
         return self
-
-    def _load_stored(self, train: DataLike, store: str | os.PathLike, context: dict[str, Any],
-                     read_only: bool) -> bool:
-        """Load the stored curvature if every rank sees one (a fit is collective); ``False``
-        when there is none or it is damaged (then refitted, unless ``read_only``)."""
-        if not all_ranks(store_mod.exists(store)):
-            if read_only:
-                raise StoreError(f"store: no complete store at {store} to read (read_only=True)")
-            return False
-        layout = ParamLayout.of(self.task.parameters(self.model))
-        try:
-            store_mod.on_every_rank(lambda: self.curvature.load(store, layout=layout, context=context), store)
-        except store_mod.StoreDamagedError as err:
-            if read_only:
-                raise
-            log.warning("%s; refitting it", err)
-            self.store_status = f"curvature refitted: {err}"
-            return False
-        if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
-            self.curvature.bind(self.model, self.task, train)
-        report(self.progress, "curvature (loaded)", 1, 1)
-        self.store_status = f"curvature loaded from {store} (checksum verified)"
-        log.info("reusing the stored curvature: %s", store)
-        return True
 
     def _grads(self, data: DataLike, objective: Objective, name: str):
         return per_example_gradients(self.model, self.task, data, objective=objective,
