@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/headwater demo
 
+# The suite twice: with 1 and with 2 torch threads (no result may depend on the split).
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --threads 1
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q --threads 2
 
 # Everything but the tests marked slow (subprocess CLI runs, torchrun, retraining): under a minute.
 test-fast: setup

@@ -1,5 +1,7 @@
 """Shared test set-up: the helpers (``cases``, ``oracles``) importable from every test
-folder, and one torch thread (tiny models run faster without thread hand-offs)."""
+folder, and a fixed number of torch threads per test: ``--threads N`` (default 1; tiny
+models run faster without thread hand-offs). ``make test`` runs the suite with 1 and with
+2 threads, so no result may depend on how a reduction is split between threads."""
 
 import sys
 from pathlib import Path
@@ -10,7 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--threads", type=int, default=1, help="torch threads in every test (default 1)")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Every test on one torch thread, whatever an earlier test (e.g. a CLI run) set."""
-    torch.set_num_threads(1)
+def _threads(request):
+    """Every test on ``--threads`` torch threads, whatever an earlier test (e.g. a CLI run) set."""
+    torch.set_num_threads(request.config.getoption("--threads"))

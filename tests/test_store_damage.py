@@ -161,3 +161,32 @@ def test_the_cli_refuses_a_damaged_results_store_in_one_line(tmp_path):
     with pytest.raises(store.StoreDamagedError, match="checksum"):
         store.load(tmp_path / "results")
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_the_cli_recomputes_a_damaged_curvature_in_one_warning_line_or_refuses_it_read_only(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from headwater.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spec.py").write_text(
+        "import torch\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))\n"
+        "train = (torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))\n"
+        "query = (torch.randn(3, 4, generator=g), torch.tensor([0, 1, 2]))\n")
+    args = ["score", "spec.py", "--curvature", "kfac", "--no-report", "--threads", "1", "-o", "out"]
+    assert main(args) == 0
+    clean = (tmp_path / "out" / "results.safetensors").read_bytes()
+    capsys.readouterr()
+    _truncate(tmp_path / "out" / "curvature.safetensors", 0.5)
+    assert main([*args, "--read-only-store", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "curvature.safetensors is damaged" in err[0], err
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert sum("is damaged" in line for line in err.splitlines()) == 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["settings"]["store"].startswith(
+        "curvature recomputed")
+    from safetensors.torch import load
+
+    assert torch.equal(load(clean)["scores"], load((tmp_path / "out" / "results.safetensors").read_bytes())["scores"])

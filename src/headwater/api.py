@@ -101,7 +101,7 @@ def influence(
             recomputed after one warning line (``Scores.settings["store"]`` says what was
             loaded, resumed or recomputed).
         read_only_store: with ``store``, raise ``headwater.errors.StoreError`` for a damaged
-            or missing store instead of recomputing it.
+            store instead of recomputing it (and for a missing fitted curvature).
 
     Returns:
         :class:`~headwater.methods.scoring.Scores`.

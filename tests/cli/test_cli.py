@@ -17,6 +17,7 @@ import headwater
 from headwater import store
 from headwater.cli.demo import LeNet, digits_pixels, digits_split, flip_labels
 from headwater.cli.main import main
+from headwater.gradients.projection import KroneckerProjection
 from headwater.report import load_result
 
 pytestmark = pytest.mark.slow  # subprocesses and multi-process runs: `make test-fast` leaves them out
@@ -140,11 +141,32 @@ def test_score_runs_the_example_spec(tmp_path):
     result = load_result(out)
     assert result.scores.shape == (40, 600)
     assert result.train_images.shape == (600, 8, 8) and result.train_images.max() == 16  # the spec's display
+    want = _api_scores(self_influence=True)  # the oracle: the same run (default curvature) through the API
+    torch.testing.assert_close(result.scores, want.values, rtol=1e-4, atol=1e-5 * float(want.values.abs().max()))
+    torch.testing.assert_close(result.self_influence, want.self_influence, rtol=1e-4,
+                               atol=1e-5 * float(want.self_influence.abs().max()))
     lines = (out / "top_k.csv").read_text().splitlines()
     assert lines[0].startswith("query,")
     assert len(lines) == 1 + 40 * 2 * 5
     assert (out / "report" / "index.html").is_file()
     assert json.loads((out / "config.json").read_text())["args"]["spec"] == str(EXAMPLE)
+
+
+def _api_scores(**kwargs):
+    """The example spec loaded as ``headwater score`` does (seeds, one thread), scored with
+    ``headwater.influence``."""
+    import random
+
+    import numpy as np
+
+    from headwater.cli.score import load_spec
+
+    torch.set_num_threads(1)  # as the command (--threads 1): the float32 training then runs alike
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    model, train, query, task = load_spec(str(EXAMPLE)).parts()
+    return headwater.influence(model, train, query, task=task, **kwargs)
 
 
 def test_score_with_a_projection_stores_and_reuses_the_projected_gradients(tmp_path):
@@ -153,7 +175,9 @@ def test_score_with_a_projection_stores_and_reuses_the_projected_gradients(tmp_p
     proc = headwater_cli("score", str(EXAMPLE), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     first = load_result(out)
-    assert first.scores.shape == (40, 600) and first.settings["curvature"] == "projected"
+    assert first.settings["curvature"] == "projected"
+    want = _api_scores(projection=KroneckerProjection(8, 8, seed=0), curvature="exact")
+    torch.testing.assert_close(first.scores, want.values, rtol=1e-4, atol=1e-5 * float(want.values.abs().max()))
     assert first.settings["projection"] == {"type": "KroneckerProjection", "dim_out": 8, "dim_in": 8,
                                             "kind": "rademacher", "seed": 0}
     stored = json.loads((out / "projected-train.json").read_text())

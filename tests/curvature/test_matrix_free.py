@@ -171,7 +171,7 @@ def test_lissa_minibatch_seeded_and_divergence_names_scale():
     a = LiSSA(seed=1, **kw).fit(case.model, case.task, case.train).solve(v)
     b = LiSSA(seed=1, **kw).fit(case.model, case.task, case.train).solve(v)
     c = LiSSA(seed=2, **kw).fit(case.model, case.task, case.train).solve(v)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, b) and _rel(a, c) > 1e-3  # another seed: other mini-batches, other noise
     assert _rel(a, want) < 0.25  # stochastic: noisy, but the right answer
     with pytest.raises(RuntimeError, match="scale"):
         LiSSA(damping=0.1, depth=500, scale=0.05).fit(case.model, case.task, case.train).solve(v)

@@ -148,6 +148,9 @@ def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | No
                         "projected training gradients) is kept there too, and a rerun with the same "
                         "settings, model and data reuses or resumes it" +
                         (f" (default: {out_default})" if out_default else " (required)"))
+    r.add_argument("--read-only-store", action="store_true",
+                   help="use the stored curvature or projected gradients in --out as they are: a damaged or "
+                        "mismatched store is an error (exit 2) instead of being recomputed")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     r.add_argument("--threads", type=int, default=threads_default,
@@ -178,6 +181,7 @@ def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike |
             method=args.method, curvature=curvature, damping=args.damping, projection=projection,
             kind=args.kind, self_influence=args.self_influence, chunk_size=args.chunk_size,
             query_batch=args.query_batch, store=store,
+            read_only_store=bool(getattr(args, "read_only_store", False)) and store is not None,
             curvature_options=parse_curvature_options(args.curvature_options) or None)
     except (TypeError, ValueError) as err:
         field, sep, message = str(err).partition(": ")

@@ -47,6 +47,8 @@ def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | N
         try:
             scores = run()
         except StoreMismatchError as err:  # an earlier run in this folder used other settings
+            if args.read_only_store:
+                raise
             log.info("refitting: %s holds a fit of other %s", store.name, ", ".join(err.keys))
             _remove_stale(store)
             scores = run()

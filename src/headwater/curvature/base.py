@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -106,7 +107,8 @@ def _diagnose(model: nn.Module, task: Task, data: DataLike, chunk_size: int, err
     saying so. Returns for other failures."""
     for _ in per_example_gradients(model, task, data, chunk_size=chunk_size, name="train"):
         pass
-    if isinstance(err, NonFiniteError | torch.linalg.LinAlgError) or getattr(err, "non_finite", False):
+    if isinstance(err, NonFiniteError | torch.linalg.LinAlgError | np.linalg.LinAlgError) \
+            or getattr(err, "non_finite", False):
         raise NonFiniteError(f"train: the fitted curvature is not finite ({' '.join(str(err).split())}) although "
                              "every per-example gradient is; likely cause: extreme values in the training inputs "
                              "(whose squares overflow) or in the model's parameters: rescale them or use float64"
@@ -188,7 +190,7 @@ class Curvature(ABC):
         self.layout = ParamLayout.of(task.parameters(model))
         try:
             self.state = _finite_state(self.name, self._fit(model, task, data, progress))
-        except Exception as err:  # name the training examples behind a failed fit, if any
+        except (RuntimeError, NonFiniteError, np.linalg.LinAlgError) as err:  # name the examples behind it
             _diagnose(model, task, data, self.chunk_size, err)
             raise
         return self
