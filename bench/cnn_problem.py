@@ -37,31 +37,59 @@ def _build_cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
     )
 
 
 def cnn(*, use_cache: bool = True) -> Problem:
     """The trained CNN problem (float32). Inputs stay ``[N, 64]``; the model's first
     layer reshapes them, so every peer adapter and ``bench.run`` helper applies as is."""
-    settings = {"problem": "cnn", "arch": "lenet c8-c16-32-10 tanh avgpool",
-                "weight_decay": WEIGHT_DECAY, "train_dtype": "float32", "optimizer": "Adam",
-                "lr": 3e-3, "epochs": 40, "batch_size": 50, "seed": 0, "n_train": 1000,
-                "n_test": 200}
+    settings = {
+        "problem": "cnn",
+        "arch": "lenet c8-c16-32-10 tanh avgpool",
+        "weight_decay": WEIGHT_DECAY,
+        "train_dtype": "float32",
+        "optimizer": "Adam",
+        "lr": 3e-3,
+        "epochs": 40,
+        "batch_size": 50,
+        "seed": 0,
+        "n_train": 1000,
+        "n_test": 200,
+    }
     Xtr, ytr, Xte, yte = _tensors(torch.float32)
     # the MLP's trainer is architecture-agnostic: Adam on mean CE + wd/2 ||theta||^2
     model = _load_or_train(
-        "cnn", settings, lambda: _build_cnn(settings["seed"]),
-        lambda m: _train_mlp(m, Xtr, ytr, WEIGHT_DECAY, settings["epochs"],
-                             settings["batch_size"], settings["lr"], settings["seed"]),
-        use_cache)
+        "cnn",
+        settings,
+        lambda: _build_cnn(settings["seed"]),
+        lambda m: _train_mlp(
+            m,
+            Xtr,
+            ytr,
+            WEIGHT_DECAY,
+            settings["epochs"],
+            settings["batch_size"],
+            settings["lr"],
+            settings["seed"],
+        ),
+        use_cache,
+    )
     return Problem("cnn", Xtr, ytr, Xte, yte, model, WEIGHT_DECAY, settings)
 
 
-def cnn_lds_truth(problem: Problem, n_subsets: int = CNN_LDS_SUBSETS,
-                  seeds_per_subset: int = CNN_LDS_SEEDS):
+def cnn_lds_truth(
+    problem: Problem, n_subsets: int = CNN_LDS_SUBSETS, seeds_per_subset: int = CNN_LDS_SEEDS
+):
     """Margins after retraining on random halves (cached in ``bench/.cache``)."""
     from bench.run import _print_progress
     from headwater.evaluate.lds import lds_ground_truth
@@ -70,11 +98,21 @@ def cnn_lds_truth(problem: Problem, n_subsets: int = CNN_LDS_SUBSETS,
 
     s = problem.settings
     task = ClassificationTask(weight_decay=problem.weight_decay, measurement="margin")
-    config = TrainConfig(optimizer="adam", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"])
-    return lds_ground_truth(problem.model, task, (problem.X_train, problem.y_train),
-                            (problem.X_test, problem.y_test), n_subsets=n_subsets, alpha=0.5,
-                            seeds_per_subset=seeds_per_subset, config=config, store_dir=CACHE_DIR,
-                            progress=_print_progress)
+    config = TrainConfig(
+        optimizer="adam", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"]
+    )
+    return lds_ground_truth(
+        problem.model,
+        task,
+        (problem.X_train, problem.y_train),
+        (problem.X_test, problem.y_test),
+        n_subsets=n_subsets,
+        alpha=0.5,
+        seeds_per_subset=seeds_per_subset,
+        config=config,
+        store_dir=CACHE_DIR,
+        progress=_print_progress,
+    )
 
 
 def cnn_lds_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
@@ -87,8 +125,10 @@ def cnn_lds_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
 if __name__ == "__main__":
     p = cnn()
     n_params = sum(q.numel() for q in p.model.parameters())
-    print(f"cnn: {n_params} parameters, train acc {p.train_accuracy():.3f}, "
-          f"test acc {p.test_accuracy():.3f}, ||grad|| {p.grad_norm():.2e}")
+    print(
+        f"cnn: {n_params} parameters, train acc {p.train_accuracy():.3f}, "
+        f"test acc {p.test_accuracy():.3f}, ||grad|| {p.grad_norm():.2e}"
+    )
     if "--lds-truth" in sys.argv:
         gt = cnn_lds_truth(p)
         print("lds truth", tuple(gt.actual.shape))

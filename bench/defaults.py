@@ -90,28 +90,54 @@ def sweep(problem: Problem, lines: list[str]) -> None:
         chosen = max(GRID, key=lambda c: _mean(per_query[c][even]))
         best = max(GRID, key=lambda c: _mean(per_query[c]))
         curve = ", ".join(f"{c:g}: {_mean(per_query[c]):.3f}" for c in GRID)
-        lines.append(f"| {problem.name} | {name} | {mean_eig:.3g} | {chosen:g} | "
-                     f"{_mean(per_query[chosen][~even]):.3f} | {_mean(per_query[best]):.3f} (c={best:g}) | "
-                     f"{curve} | {time.perf_counter() - t0:.0f} s |")
+        lines.append(
+            f"| {problem.name} | {name} | {mean_eig:.3g} | {chosen:g} | "
+            f"{_mean(per_query[chosen][~even]):.3f} | {_mean(per_query[best]):.3f} (c={best:g}) | "
+            f"{curve} | {time.perf_counter() - t0:.0f} s |"
+        )
         print(lines[-1], flush=True)
 
 
 def _build_bn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Tanh(),
-                         nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Tanh(),
-                         nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(64, 32), nn.Tanh(),
-                         nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
+    )
 
 
 def cnn_bn() -> Problem:
     """The CNN with BatchNorm after each convolution and Dropout (trained like ``cnn``)."""
     xtr, ytr, xte, yte = _tensors(torch.float32)
     settings = {"model": "cnn_bn", "lr": 1e-3, "epochs": 60, "batch_size": 50, "seed": 0}
-    model = _load_or_train("cnn_bn", settings, lambda: _build_bn(0),
-                           lambda m: _train_mlp(m, xtr, ytr, WEIGHT_DECAY, settings["epochs"],
-                                                settings["batch_size"], settings["lr"], settings["seed"]),
-                           use_cache=True)
+    model = _load_or_train(
+        "cnn_bn",
+        settings,
+        lambda: _build_bn(0),
+        lambda m: _train_mlp(
+            m,
+            xtr,
+            ytr,
+            WEIGHT_DECAY,
+            settings["epochs"],
+            settings["batch_size"],
+            settings["lr"],
+            settings["seed"],
+        ),
+        use_cache=True,
+    )
     return Problem("cnn_bn", xtr, ytr, xte, yte, model.eval(), WEIGHT_DECAY, settings)
 
 
@@ -125,8 +151,10 @@ def defaults(problem: Problem, lines: list[str], names: tuple[str, ...]) -> None
         seconds = time.perf_counter() - t0
         quality = f"{lds(scores.values, truth).mean:.3f}" if truth is not None else "n/a"
         damping = scores.settings.get("fitted_damping", float("nan"))
-        lines.append(f"| {problem.name} | {name or 'None (auto)'} | {quality} | {seconds:.1f} s | {damping:.3g} | "
-                     f"{scores.settings.get('curvature_choice_reason', '')} |")
+        lines.append(
+            f"| {problem.name} | {name or 'None (auto)'} | {quality} | {seconds:.1f} s | {damping:.3g} | "
+            f"{scores.settings.get('curvature_choice_reason', '')} |"
+        )
         print(lines[-1], flush=True)
 
 
@@ -136,48 +164,75 @@ def cg_vs_ekfac(problem: Problem, lines: list[str], n_query: int = 50) -> None:
     task, (train, query) = _task(problem), _data(problem)
     query = (query[0][:n_query], query[1][:n_query])
     truth = _truth(problem)
-    truth = dataclasses.replace(truth, actual=truth.actual[:, :n_query], per_seed=truth.per_seed[..., :n_query])
+    truth = dataclasses.replace(
+        truth, actual=truth.actual[:, :n_query], per_seed=truth.per_seed[..., :n_query]
+    )
     for name in ("ekfac", "cg"):
         t0 = time.perf_counter()
         est = InfluenceFunction(problem.model, task, CURVATURES[name]()).fit(train)
         values = est.scores(query, train)
         seconds = time.perf_counter() - t0
         info = getattr(est.curvature, "last_info", None)
-        detail = "" if info is None else (f"{info.iterations} iterations, worst relative residual "
-                                          f"{float(info.residuals.max()):.2g}")
-        lines.append(f"| {problem.name} | {name} | {lds(values, truth).mean:.3f} | {seconds:.1f} s | "
-                     f"{est.curvature.fitted_damping:.3g} | {detail} |")
+        detail = (
+            ""
+            if info is None
+            else (
+                f"{info.iterations} iterations, worst relative residual "
+                f"{float(info.residuals.max()):.2g}"
+            )
+        )
+        lines.append(
+            f"| {problem.name} | {name} | {lds(values, truth).mean:.3f} | {seconds:.1f} s | "
+            f"{est.curvature.fitted_damping:.3g} | {detail} |"
+        )
         print(lines[-1], flush=True)
 
 
 def main() -> None:
     torch.set_num_threads(1)
     what = sys.argv[1:] or ["sweep", "defaults", "cg"]
-    lines = [f"# Defaults (bench/defaults.py), written {time.strftime('%Y-%m-%d %H:%M')}", "",
-             f"One thread; load average {os.getloadavg()[0]:.1f} at start (a loaded 2-core machine: times are "
-             "comparable within a run only). LDS on the margin against retraining on random halves (MLP: "
-             "100 x 2, CNN: 50 x 1; `bench.run` / `bench.cnn_problem`). The rule each default follows and "
-             "why: `headwater.curvature.defaults` and `headwater.methods.auto`.", ""]
+    lines = [
+        f"# Defaults (bench/defaults.py), written {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"One thread; load average {os.getloadavg()[0]:.1f} at start (a loaded 2-core machine: times are "
+        "comparable within a run only). LDS on the margin against retraining on random halves (MLP: "
+        "100 x 2, CNN: 50 x 1; `bench.run` / `bench.cnn_problem`). The rule each default follows and "
+        "why: `headwater.curvature.defaults` and `headwater.methods.auto`.",
+        "",
+    ]
     problems = {"mlp": mlp(), "cnn": cnn()}
     if "sweep" in what:
-        lines += ["## Damping rule: c × mean eigenvalue, c chosen on even test points", "",
-                  "Every method here gets the same absolute damping c × trace(M)/P (EK-FAC on every block).", "",
-                  "| problem | method | mean eig (trace/P) | c chosen on even | LDS on odd | best in-sample | "
-                  "curve (all 200) | time |", "|---|---|---:|---:|---:|---:|---|---:|"]
+        lines += [
+            "## Damping rule: c × mean eigenvalue, c chosen on even test points",
+            "",
+            "Every method here gets the same absolute damping c × trace(M)/P (EK-FAC on every block).",
+            "",
+            "| problem | method | mean eig (trace/P) | c chosen on even | LDS on odd | best in-sample | "
+            "curve (all 200) | time |",
+            "|---|---|---:|---:|---:|---:|---|---:|",
+        ]
         for problem in problems.values():
             sweep(problem, lines)
         lines.append("")
     if "defaults" in what:
-        lines += ["## Every curvature at its defaults", "",
-                  "| problem | curvature | LDS | time | damping | choice |", "|---|---|---:|---:|---:|---|"]
+        lines += [
+            "## Every curvature at its defaults",
+            "",
+            "| problem | curvature | LDS | time | damping | choice |",
+            "|---|---|---:|---:|---:|---|",
+        ]
         cheap = tuple(n for n in CURVATURES if n not in ("cg", "lissa", "exact"))
         defaults(problems["mlp"], lines, (None, *cheap))
         defaults(problems["cnn"], lines, (None, *cheap))
         defaults(cnn_bn(), lines, (None, "ekfac", "kfac", "diagonal", "identity"))
         lines.append("")
     if "cg" in what:
-        lines += ["## CG at its defaults vs EK-FAC (first 50 test digits)", "",
-                  "| problem | curvature | LDS | time | damping | solve |", "|---|---|---:|---:|---:|---|"]
+        lines += [
+            "## CG at its defaults vs EK-FAC (first 50 test digits)",
+            "",
+            "| problem | curvature | LDS | time | damping | solve |",
+            "|---|---|---:|---:|---:|---|",
+        ]
         cg_vs_ekfac(problems["cnn"], lines)
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}")

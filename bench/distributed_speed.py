@@ -35,7 +35,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "cg-tol1e-5": {"curvature": "cg", "damping": 1e-3, "curvature_options": {"tol": 1e-5}},
     "ekfac": {"curvature": "ekfac", "damping": 1e-3},
     "lissa": {"curvature": "lissa", "damping": 1e-3, "curvature_options": {"depth": 20}},
-    "kron-ggn-32x32": {"projection": "32x32", "damping": 1e-3, "curvature_options": {"ggn_estimator": "exact"}},
+    "kron-ggn-32x32": {
+        "projection": "32x32",
+        "damping": 1e-3,
+        "curvature_options": {"ggn_estimator": "exact"},
+    },
 }
 
 
@@ -45,8 +49,13 @@ def _call(name: str) -> torch.Tensor:
     options = dict(METHODS[name])
     if "projection" in options:
         options["projection"] = KroneckerProjection(*map(int, options["projection"].split("x")))
-    return headwater.influence(problem.model, (problem.X_train, problem.y_train),
-                               (problem.X_test, problem.y_test), task=task, **options).values
+    return headwater.influence(
+        problem.model,
+        (problem.X_train, problem.y_train),
+        (problem.X_test, problem.y_test),
+        task=task,
+        **options,
+    ).values
 
 
 def _timed(name: str) -> tuple[torch.Tensor, float]:
@@ -62,8 +71,13 @@ def _timed(name: str) -> tuple[torch.Tensor, float]:
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=10))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(minutes=10),
+    )
     try:
         out = {name: _timed(name) for name in names}
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
@@ -82,9 +96,16 @@ def main() -> None:
     get_problem("mlp")  # trains and caches the model once, before the ranks start
     single = {name: _timed(name) for name in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(args.world, str(Path(tmp) / "rendezvous"), tmp, args.methods),
-                           nprocs=args.world, start_method="spawn", join=True)
-        ranks = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(args.world)]
+        mp.start_processes(
+            _worker,
+            args=(args.world, str(Path(tmp) / "rendezvous"), tmp, args.methods),
+            nprocs=args.world,
+            start_method="spawn",
+            join=True,
+        )
+        ranks = [
+            torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(args.world)
+        ]
     lines = [
         "# Influence under torch.distributed (bench/distributed_speed.py)",
         "",
@@ -100,8 +121,12 @@ def main() -> None:
     for name in args.methods:
         scores, seconds = single[name]
         multi = max(r[name][1] for r in ranks)
-        diff = max(float((r[name][0] - scores).abs().max()) for r in ranks) / float(scores.abs().max())
-        lines.append(f"| {name} | {seconds:.2f} | {multi:.2f} | {seconds / multi:.2f}x | {diff:.1e} |")
+        diff = max(float((r[name][0] - scores).abs().max()) for r in ranks) / float(
+            scores.abs().max()
+        )
+        lines.append(
+            f"| {name} | {seconds:.2f} | {multi:.2f} | {seconds / multi:.2f}x | {diff:.1e} |"
+        )
         print(lines[-1], flush=True)
     args.output.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")

@@ -61,9 +61,16 @@ __all__ = ["headwater_factored", "main"]
 CHUNK = 64  # examples per forward/backward (the library default); memory scales with it
 
 
-def headwater_factored(problem: Problem, *, curvature: str = "ekfac", damping: float | None,
-                       measurement: str, chunk_size: int = CHUNK, weight_decay: bool = True,
-                       **options: Any) -> torch.Tensor:
+def headwater_factored(
+    problem: Problem,
+    *,
+    curvature: str = "ekfac",
+    damping: float | None,
+    measurement: str,
+    chunk_size: int = CHUNK,
+    weight_decay: bool = True,
+    **options: Any,
+) -> torch.Tensor:
     """K-FAC/EK-FAC influence ``[n_test, n_train]`` (fit + per-module scoring).
     ``weight_decay=False`` leaves the L2 term out of the curvature (then ``damping`` is the
     whole damping, as in Kronfluence's heuristic); per-example gradients never include it."""
@@ -75,13 +82,20 @@ def headwater_factored(problem: Problem, *, curvature: str = "ekfac", damping: f
     return factored_scores(problem.model, task, curv, query, train, chunk_size=chunk_size)
 
 
-def headwater_api(problem: Problem, *, damping: float | None, measurement: str,
-                  **options: Any) -> torch.Tensor:
+def headwater_api(
+    problem: Problem, *, damping: float | None, measurement: str, **options: Any
+) -> torch.Tensor:
     """The same through ``headwater.influence`` (flat per-example gradients, tiled)."""
     task = ClassificationTask(weight_decay=problem.weight_decay, measurement=measurement)
-    return headwater.influence(problem.model, (problem.X_train, problem.y_train),
-                               (problem.X_test, problem.y_test), task=task, curvature="ekfac",
-                               damping=damping, curvature_options=options or None).values
+    return headwater.influence(
+        problem.model,
+        (problem.X_train, problem.y_train),
+        (problem.X_test, problem.y_test),
+        task=task,
+        curvature="ekfac",
+        damping=damping,
+        curvature_options=options or None,
+    ).values
 
 
 def _trim() -> None:
@@ -93,16 +107,23 @@ def _trim() -> None:
         pass
 
 
-def _ours(name: str, fn: Callable[..., torch.Tensor], problem: Problem, warm: set[str],
-          **kw: Any) -> dict[str, Any]:
+def _ours(
+    name: str, fn: Callable[..., torch.Tensor], problem: Problem, warm: set[str], **kw: Any
+) -> dict[str, Any]:
     if "headwater" not in warm:
         fn(problem, **kw)
         warm.add("headwater")
     _trim()
     scores, seconds, peak = measure(fn, problem, **kw)
     settings = {k: v for k, v in kw.items() if k != "measurement"}
-    return {"name": name, "library": "headwater", "scores": scores, "seconds": seconds,
-            "peak_mb": peak, "note": str(settings)}
+    return {
+        "name": name,
+        "library": "headwater",
+        "scores": scores,
+        "seconds": seconds,
+        "peak_mb": peak,
+        "note": str(settings),
+    }
 
 
 def _peer(name: str, fn: Callable, problem: Problem, warm: set[str], **kw: Any) -> dict[str, Any]:
@@ -112,14 +133,24 @@ def _peer(name: str, fn: Callable, problem: Problem, warm: set[str], **kw: Any) 
         warm.add(library)
     _trim()
     r = fn(problem.model, problem, **kw)
-    note = ", ".join(f"{k}={r.settings[k]}" for k in ("damping_factor", "peer_damping", "fisher",
-                                                       "measurement") if k in r.settings)
-    return {"name": name, "library": library, "scores": r.scores, "seconds": r.seconds,
-            "peak_mb": r.peak_mb, "note": "; ".join(x for x in (note, r.note) if x)}
+    note = ", ".join(
+        f"{k}={r.settings[k]}"
+        for k in ("damping_factor", "peer_damping", "fisher", "measurement")
+        if k in r.settings
+    )
+    return {
+        "name": name,
+        "library": library,
+        "scores": r.scores,
+        "seconds": r.seconds,
+        "peak_mb": r.peak_mb,
+        "note": "; ".join(x for x in (note, r.note) if x),
+    }
 
 
-def _rows(problem: Problem, mode: str, damping: float, measurement: str, sweep: bool
-          ) -> tuple[list[dict[str, Any]], str]:
+def _rows(
+    problem: Problem, mode: str, damping: float, measurement: str, sweep: bool
+) -> tuple[list[dict[str, Any]], str]:
     """The measured rows and the name of the reference row (Kronfluence, matched)."""
     try:
         from bench import peers
@@ -129,38 +160,84 @@ def _rows(problem: Problem, mode: str, damping: float, measurement: str, sweep: 
     warm: set[str] = set()
     m = measurement
     if mode == "matched-ef":
-        rows = [_ours("headwater-ekfac-ef", headwater_factored, problem, warm, damping=damping,
-                      measurement=m, kind="ef")]
+        rows = [
+            _ours(
+                "headwater-ekfac-ef",
+                headwater_factored,
+                problem,
+                warm,
+                damping=damping,
+                measurement=m,
+                kind="ef",
+            )
+        ]
         if peers is not None:
-            rows.append(_peer("kronfluence-ekfac-ef", peers.kronfluence_ekfac, problem, warm,
-                              damping=damping, measurement=m, empirical_fisher=True))
+            rows.append(
+                _peer(
+                    "kronfluence-ekfac-ef",
+                    peers.kronfluence_ekfac,
+                    problem,
+                    warm,
+                    damping=damping,
+                    measurement=m,
+                    empirical_fisher=True,
+                )
+            )
         return rows, "kronfluence-ekfac-ef"
     ours: list[tuple[str, Callable, dict[str, Any]]] = [
         ("headwater-ekfac", headwater_factored, {"damping": damping}),
         ("headwater-ekfac-heuristic", headwater_factored, {"damping": None}),
-        ("headwater-ekfac-sampled", headwater_factored,
-         {"damping": damping, "ggn_estimator": "sampled"}),
+        (
+            "headwater-ekfac-sampled",
+            headwater_factored,
+            {"damping": damping, "ggn_estimator": "sampled"},
+        ),
         ("headwater-kfac", headwater_factored, {"curvature": "kfac", "damping": damping}),
         ("headwater-kfac-heuristic", headwater_factored, {"curvature": "kfac", "damping": None}),
         ("headwater-ekfac-api", headwater_api, {"damping": damping}),
-        ("headwater-ekfac-heuristic-no-wd", headwater_factored,
-         {"damping": None, "weight_decay": False}),
-        ("headwater-kfac-heuristic-no-wd", headwater_factored,
-         {"curvature": "kfac", "damping": None, "weight_decay": False}),
+        (
+            "headwater-ekfac-heuristic-no-wd",
+            headwater_factored,
+            {"damping": None, "weight_decay": False},
+        ),
+        (
+            "headwater-kfac-heuristic-no-wd",
+            headwater_factored,
+            {"curvature": "kfac", "damping": None, "weight_decay": False},
+        ),
     ]
     if sweep:
         for d in (0.0, 1e-2, 3e-2, 1e-1):
-            ours += [(f"headwater-ekfac-d{d:g}", headwater_factored, {"damping": d}),
-                     (f"headwater-kfac-d{d:g}", headwater_factored,
-                      {"curvature": "kfac", "damping": d})]
+            ours += [
+                (f"headwater-ekfac-d{d:g}", headwater_factored, {"damping": d}),
+                (f"headwater-kfac-d{d:g}", headwater_factored, {"curvature": "kfac", "damping": d}),
+            ]
     rows = [_ours(name, fn, problem, warm, measurement=m, **kw) for name, fn, kw in ours]
     if peers is not None:
-        rows.append(_peer("kronfluence-ekfac", peers.kronfluence_ekfac, problem, warm,
-                          damping=damping, measurement=m))
-        rows.append(_peer("kronfluence-ekfac-heuristic", peers.kronfluence_ekfac, problem, warm,
-                          damping=damping, measurement=m, heuristic_damping=True))
-        rows.append(_peer("pydvl-ekfac", peers.pydvl_ekfac, problem, warm, damping=damping,
-                          measurement=m))
+        rows.append(
+            _peer(
+                "kronfluence-ekfac",
+                peers.kronfluence_ekfac,
+                problem,
+                warm,
+                damping=damping,
+                measurement=m,
+            )
+        )
+        rows.append(
+            _peer(
+                "kronfluence-ekfac-heuristic",
+                peers.kronfluence_ekfac,
+                problem,
+                warm,
+                damping=damping,
+                measurement=m,
+                heuristic_damping=True,
+            )
+        )
+        rows.append(
+            _peer("pydvl-ekfac", peers.pydvl_ekfac, problem, warm, damping=damping, measurement=m)
+        )
     return rows, "kronfluence-ekfac"
 
 
@@ -187,14 +264,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # a loaded 2-core machine: threads only add contention
     problem, lds_quality = _problem(args.problem)
     rows, ref_name = _rows(problem, args.mode, args.damping, args.measurement, args.sweep)
-    ref = next((r["scores"] for r in rows if r["name"] == ref_name and r["scores"] is not None),
-               None)
-    title = (f"{args.problem}, mode {args.mode}, damping {args.damping:g} (+ weight decay "
-             f"{problem.weight_decay:g}), measurement {args.measurement}; Pearson/Spearman vs "
-             f"{ref_name}")
-    lines = [title, "",
-             "| method | time (s) | peak (MiB) | LDS | Pearson vs ref | Spearman vs ref | settings |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    ref = next(
+        (r["scores"] for r in rows if r["name"] == ref_name and r["scores"] is not None), None
+    )
+    title = (
+        f"{args.problem}, mode {args.mode}, damping {args.damping:g} (+ weight decay "
+        f"{problem.weight_decay:g}), measurement {args.measurement}; Pearson/Spearman vs "
+        f"{ref_name}"
+    )
+    lines = [
+        title,
+        "",
+        "| method | time (s) | peak (MiB) | LDS | Pearson vs ref | Spearman vs ref | settings |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         agree = compare(r["scores"], ref) if ref is not None else {}
         lds = ""
@@ -204,9 +287,11 @@ def main(argv: list[str] | None = None) -> None:
             lds = f"{q['lds']:.3f} +- {q['lds_se']:.3f}"
             if flip:  # pyDVL: query gradients of the loss, which moves opposite to the margin
                 lds += " (of -scores)"
-        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {lds} | "
-                     f"{agree.get('pearson', float('nan')):.6f} | "
-                     f"{agree.get('spearman', float('nan')):.4f} | {r['note']} |")
+        lines.append(
+            f"| {r['name']} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {lds} | "
+            f"{agree.get('pearson', float('nan')):.6f} | "
+            f"{agree.get('spearman', float('nan')):.4f} | {r['note']} |"
+        )
         print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     if args.output:

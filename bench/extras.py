@@ -80,12 +80,22 @@ MLP_CHECKPOINT_EVERY = 40  # epochs of the MLP's own Adam run between TracIn che
 # TracIn checkpoints of the logreg (its L-BFGS fit has no trajectory): minibatch SGD from zero.
 LOGREG_SGD = {"optimizer": "SGD", "lr": 0.1, "batch_size": 50, "epochs": 20, "every": 4, "seed": 0}
 # Section 2: a short SGD run from the bench recipe's initialisation, a checkpoint per epoch.
-AGREEMENT_SGD = {"optimizer": "SGD", "lr": 0.05, "batch_size": 50, "epochs": 5, "every": 1, "seed": 0}
+AGREEMENT_SGD = {
+    "optimizer": "SGD",
+    "lr": 0.05,
+    "batch_size": 50,
+    "epochs": 5,
+    "every": 1,
+    "seed": 0,
+}
 FORGET_SIZES, FORGET_SEED = (10, 50), 0
 FINETUNE_EPOCHS = (1, 5)
 RETRAIN_TOL = 1e-10
 WARMUP_REPEAT_BELOW = 5.0  # seconds: with --warmup, faster calls are timed on a second run
-CG_SELF = {"preconditioner_rank": 200, "tol": 0.1}  # bench.run's cg-nystrom200 (plain CG: 87 s on the MLP)
+CG_SELF = {
+    "preconditioner_rank": 200,
+    "tol": 0.1,
+}  # bench.run's cg-nystrom200 (plain CG: 87 s on the MLP)
 LAST_LAYER = {"logreg": None, "mlp": ["4"]}  # analysed parameters in sections 3 and 4
 
 
@@ -111,7 +121,11 @@ def _run(row: Row, fn: Callable[[], Any], warmup: bool) -> Any:
     again and the second call kept (the first pays imports and lazy initialisation; for
     slower calls that overhead is negligible and they are not repeated). An exception
     becomes ``row.error``."""
-    print(f"[extras] {row.section}/{row.problem}: {row.method} ({row.library}) ...", file=sys.stderr, flush=True)
+    print(
+        f"[extras] {row.section}/{row.problem}: {row.method} ({row.library}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         result, row.seconds, row.peak_mb = measure(fn)
         if warmup and row.seconds < WARMUP_REPEAT_BELOW:
@@ -124,7 +138,9 @@ def _run(row: Row, fn: Callable[[], Any], warmup: bool) -> Any:
 
 
 def _key(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def _cached(name: str, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
@@ -147,13 +163,29 @@ def _max_rel(a: Tensor, b: Tensor) -> float:
 
 
 def _pearson(a: Tensor, b: Tensor) -> float:
-    return float(np.corrcoef(a.detach().double().flatten().numpy(), b.detach().double().flatten().numpy())[0, 1])
+    return float(
+        np.corrcoef(a.detach().double().flatten().numpy(), b.detach().double().flatten().numpy())[
+            0, 1
+        ]
+    )
 
 
 # ------------------------------------------------------------------ training runs with checkpoints
 
-def sgd_checkpoints(model: nn.Module, x: Tensor, y: Tensor, weight_decay: float, *, lr: float,
-                    batch_size: int, epochs: int, every: int, seed: int, **_: Any) -> list[Checkpoint]:
+
+def sgd_checkpoints(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    weight_decay: float,
+    *,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    every: int,
+    seed: int,
+    **_: Any,
+) -> list[Checkpoint]:
     """Minibatch SGD on mean CE + (wd/2)‖θ‖² **in place**; a checkpoint after every ``every``
     epochs, with the learning rate and the ``every · ⌈n/batch_size⌉`` steps it stands for."""
     g = torch.Generator().manual_seed(seed)
@@ -164,7 +196,7 @@ def sgd_checkpoints(model: nn.Module, x: Tensor, y: Tensor, weight_decay: float,
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             opt.zero_grad()
             objective(model, x[idx], y[idx], weight_decay).backward()
             opt.step()
@@ -185,8 +217,10 @@ def _plain(ckpts: list[Checkpoint]) -> list[tuple[dict[str, Tensor], float, int]
 
 # ------------------------------------------------------------------ 1. mislabel detection
 
-def flip_labels(y: Tensor, fraction: float = FLIP_FRACTION, seed: int = FLIP_SEED,
-                n_classes: int = 10) -> tuple[Tensor, Tensor]:
+
+def flip_labels(
+    y: Tensor, fraction: float = FLIP_FRACTION, seed: int = FLIP_SEED, n_classes: int = 10
+) -> tuple[Tensor, Tensor]:
     """A seeded ``fraction`` of the labels moved to another class (uniform among the other
     ``n_classes − 1``); returns ``(labels, flagged)``."""
     g = torch.Generator().manual_seed(seed)
@@ -216,15 +250,35 @@ def flipped_problem(name: str) -> Flipped:
     base = get_problem(name)
     y, flagged = flip_labels(base.y_train)
     x = base.X_train
-    settings = {**base.settings, "flip_fraction": FLIP_FRACTION, "flip_seed": FLIP_SEED,
-                "labels": _labels_hash(y)}
+    settings = {
+        **base.settings,
+        "flip_fraction": FLIP_FRACTION,
+        "flip_seed": FLIP_SEED,
+        "labels": _labels_hash(y),
+    }
     if name == "logreg":
-        model = _load_or_train("logreg-flipped", settings, lambda: _build_logreg(torch.float64),
-                               lambda m: _train_logreg(m, x, y, base.weight_decay, settings["grad_tol"]), True)
-        ckpts = _restore(_cached("logreg-flipped-sgd", {**settings, **LOGREG_SGD}, lambda: _plain(
-            sgd_checkpoints(_build_logreg(torch.float64), x, y, base.weight_decay, **LOGREG_SGD))))
-        trajectory = {"run": "separate minibatch SGD from zero (the L-BFGS fit has no trajectory)",
-                      **LOGREG_SGD}
+        model = _load_or_train(
+            "logreg-flipped",
+            settings,
+            lambda: _build_logreg(torch.float64),
+            lambda m: _train_logreg(m, x, y, base.weight_decay, settings["grad_tol"]),
+            True,
+        )
+        ckpts = _restore(
+            _cached(
+                "logreg-flipped-sgd",
+                {**settings, **LOGREG_SGD},
+                lambda: _plain(
+                    sgd_checkpoints(
+                        _build_logreg(torch.float64), x, y, base.weight_decay, **LOGREG_SGD
+                    )
+                ),
+            )
+        )
+        trajectory = {
+            "run": "separate minibatch SGD from zero (the L-BFGS fit has no trajectory)",
+            **LOGREG_SGD,
+        }
     else:
         s = base.settings
         steps = MLP_CHECKPOINT_EVERY * -(-base.n_train // s["batch_size"])
@@ -237,8 +291,17 @@ def flipped_problem(name: str) -> Flipped:
                 if epoch % MLP_CHECKPOINT_EVERY == 0:
                     states.append(_state(module))
 
-            _train_mlp(m, x, y, base.weight_decay, s["epochs"], s["batch_size"], s["lr"], s["seed"],
-                       on_epoch=record)
+            _train_mlp(
+                m,
+                x,
+                y,
+                base.weight_decay,
+                s["epochs"],
+                s["batch_size"],
+                s["lr"],
+                s["seed"],
+                on_epoch=record,
+            )
             return {"final": _state(m), "checkpoints": states}
 
         blob = _cached("mlp-flipped", {**settings, "every": MLP_CHECKPOINT_EVERY}, train)
@@ -246,9 +309,15 @@ def flipped_problem(name: str) -> Flipped:
         model.load_state_dict(blob["final"])
         model.eval()
         ckpts = [Checkpoint(st, s["lr"], steps) for st in blob["checkpoints"]]
-        trajectory = {"run": "the model's own Adam training (lr = Adam's step size)",
-                      "every": MLP_CHECKPOINT_EVERY, "lr": s["lr"], "steps": steps}
-    problem = Problem(f"{name}-flipped", x, y, base.X_test, base.y_test, model, base.weight_decay, settings)
+        trajectory = {
+            "run": "the model's own Adam training (lr = Adam's step size)",
+            "every": MLP_CHECKPOINT_EVERY,
+            "lr": s["lr"],
+            "steps": steps,
+        }
+    problem = Problem(
+        f"{name}-flipped", x, y, base.X_test, base.y_test, model, base.weight_decay, settings
+    )
     return Flipped(problem, flagged, ckpts, {**trajectory, "n_checkpoints": len(ckpts)})
 
 
@@ -270,7 +339,9 @@ def _renormalized_self(problem: Problem, curvature: Any) -> Tensor:
 def _tracin_self(fp: Flipped, renormalize: bool) -> Tensor:
     p = fp.problem
     task = ClassificationTask(weight_decay=p.weight_decay)
-    return TracIn(p.model, task, fp.checkpoints, renormalize=renormalize).self_influence((p.X_train, p.y_train))
+    return TracIn(p.model, task, fp.checkpoints, renormalize=renormalize).self_influence(
+        (p.X_train, p.y_train)
+    )
 
 
 def _peers() -> Any:
@@ -278,12 +349,17 @@ def _peers() -> Any:
     try:
         from bench import extras_peers
     except ImportError as err:
-        print(f"[extras] peers unavailable ({err}); run `make bench-extras` to set them up", file=sys.stderr)
+        print(
+            f"[extras] peers unavailable ({err}); run `make bench-extras` to set them up",
+            file=sys.stderr,
+        )
         return None
     return extras_peers
 
 
-def mislabel_entries(fp: Flipped, damping: float) -> list[tuple[str, str, dict[str, Any], Callable[[], Tensor]]]:
+def mislabel_entries(
+    fp: Flipped, damping: float
+) -> list[tuple[str, str, dict[str, Any], Callable[[], Tensor]]]:
     """``(method, library, settings, run)``; ``run()`` returns a suspicion score per example."""
     p = fp.problem
     x, y, wd = p.X_train, p.y_train, p.weight_decay
@@ -298,15 +374,33 @@ def mislabel_entries(fp: Flipped, damping: float) -> list[tuple[str, str, dict[s
 
     entries = [("loss", "baseline", {}, loss)]
     if base == "logreg":  # the MLP's dense 17k x 17k GGN: minutes and ~7 GB (as in bench.run)
-        entries.append(("if-exact-ggn", "headwater", {**d, "curvature": "exact"},
-                        lambda: _influence_self(p, Exact(damping=damping))))
+        entries.append(
+            (
+                "if-exact-ggn",
+                "headwater",
+                {**d, "curvature": "exact"},
+                lambda: _influence_self(p, Exact(damping=damping)),
+            )
+        )
     entries += [
-        ("if-ekfac", "headwater", {**d, "curvature": "ekfac", **ek},
-         lambda: _influence_self(p, EKFAC(damping=damping, **ek))),
-        ("if-cg-nystrom200", "headwater", {**d, "curvature": "cg", **CG_SELF},
-         lambda: _influence_self(p, CG(damping=damping, **CG_SELF))),
-        ("renormalized-ekfac", "headwater", {**d, "curvature": "ekfac", "norm": "gradient"},
-         lambda: _renormalized_self(p, EKFAC(damping=damping, **ek))),
+        (
+            "if-ekfac",
+            "headwater",
+            {**d, "curvature": "ekfac", **ek},
+            lambda: _influence_self(p, EKFAC(damping=damping, **ek)),
+        ),
+        (
+            "if-cg-nystrom200",
+            "headwater",
+            {**d, "curvature": "cg", **CG_SELF},
+            lambda: _influence_self(p, CG(damping=damping, **CG_SELF)),
+        ),
+        (
+            "renormalized-ekfac",
+            "headwater",
+            {**d, "curvature": "ekfac", "norm": "gradient"},
+            lambda: _renormalized_self(p, EKFAC(damping=damping, **ek)),
+        ),
         ("tracin", "headwater", {"checkpoints": fp.trajectory}, lambda: _tracin_self(fp, False)),
         ("tracin-gas", "headwater", {"renormalize": True}, lambda: _tracin_self(fp, True)),
     ]
@@ -314,26 +408,57 @@ def mislabel_entries(fp: Flipped, damping: float) -> list[tuple[str, str, dict[s
     if ep is None:
         return entries
     entries += [
-        ("captum-tracincp", "captum", {"checkpoints": "same as tracin", "sample_wise_grads_per_batch": True},
-         lambda: ep.captum_tracin_self(p.model, fp.checkpoints, x, y)),
-        ("kronfluence-ekfac", "kronfluence", {**peer, "fisher": "true (sampled labels, seed 0)"},
-         lambda: ep.kronfluence_ekfac_self(p.model, x, y, damping_factor=damping + wd)),
-        ("dattri-tracin", "dattri", {"checkpoints": "same as tracin", "proj_dim": 512},
-         lambda: ep.dattri_tracin_self(p.model, fp.checkpoints, x, y)),
-        ("pydvl-ekfac", "pydvl", {**peer, "dtype": "float32", "how": "diagonal of n x n pairwise (no self API)"},
-         lambda: ep.pydvl_ekfac_self(p.model, x, y, damping=damping, weight_decay=wd)),
+        (
+            "captum-tracincp",
+            "captum",
+            {"checkpoints": "same as tracin", "sample_wise_grads_per_batch": True},
+            lambda: ep.captum_tracin_self(p.model, fp.checkpoints, x, y),
+        ),
+        (
+            "kronfluence-ekfac",
+            "kronfluence",
+            {**peer, "fisher": "true (sampled labels, seed 0)"},
+            lambda: ep.kronfluence_ekfac_self(p.model, x, y, damping_factor=damping + wd),
+        ),
+        (
+            "dattri-tracin",
+            "dattri",
+            {"checkpoints": "same as tracin", "proj_dim": 512},
+            lambda: ep.dattri_tracin_self(p.model, fp.checkpoints, x, y),
+        ),
+        (
+            "pydvl-ekfac",
+            "pydvl",
+            {**peer, "dtype": "float32", "how": "diagonal of n x n pairwise (no self API)"},
+            lambda: ep.pydvl_ekfac_self(p.model, x, y, damping=damping, weight_decay=wd),
+        ),
     ]
     if base == "logreg":
         entries += [
-            ("captum-naive", "captum", {**peer, "hessian": "dense, summed loss, all directions"},
-             lambda: ep.captum_naive_self(p.model, x, y, damping=damping, weight_decay=wd)),
-            ("dattri-explicit", "dattri", {**peer, "hessian": "dense"},
-             lambda: ep.dattri_explicit_self(p.model, x, y, damping=damping, weight_decay=wd)),
+            (
+                "captum-naive",
+                "captum",
+                {**peer, "hessian": "dense, summed loss, all directions"},
+                lambda: ep.captum_naive_self(p.model, x, y, damping=damping, weight_decay=wd),
+            ),
+            (
+                "dattri-explicit",
+                "dattri",
+                {**peer, "hessian": "dense"},
+                lambda: ep.dattri_explicit_self(p.model, x, y, damping=damping, weight_decay=wd),
+            ),
         ]
     else:
-        entries.append(("dattri-ekfac", "dattri", {**peer, "batch_size": p.n_train},
-                        lambda: ep.dattri_ekfac_self(p.model, x, y, damping=damping, weight_decay=wd,
-                                                     batch_size=p.n_train)))
+        entries.append(
+            (
+                "dattri-ekfac",
+                "dattri",
+                {**peer, "batch_size": p.n_train},
+                lambda: ep.dattri_ekfac_self(
+                    p.model, x, y, damping=damping, weight_decay=wd, batch_size=p.n_train
+                ),
+            )
+        )
     return entries
 
 
@@ -342,10 +467,17 @@ def mislabel_rows(problems: list[str], peers: bool, warmup: bool) -> list[Row]:
     for name in problems:
         fp = flipped_problem(name)
         with torch.no_grad():
-            train_acc = float((fp.problem.model(fp.problem.X_train).argmax(-1) == fp.problem.y_train).double().mean())
+            train_acc = float(
+                (fp.problem.model(fp.problem.X_train).argmax(-1) == fp.problem.y_train)
+                .double()
+                .mean()
+            )
             test_acc = fp.problem.test_accuracy()
-        print(f"[extras] {name} on flipped labels: train acc {train_acc:.3f} (of the flipped labels), "
-              f"test acc {test_acc:.3f}", file=sys.stderr)
+        print(
+            f"[extras] {name} on flipped labels: train acc {train_acc:.3f} (of the flipped labels), "
+            f"test acc {test_acc:.3f}",
+            file=sys.stderr,
+        )
         for method, library, settings, fn in mislabel_entries(fp, DAMPING[name]):
             if not peers and library not in ("headwater", "baseline"):
                 continue
@@ -354,31 +486,54 @@ def mislabel_rows(problems: list[str], peers: bool, warmup: bool) -> list[Row]:
             if scores is not None:
                 scores = scores.detach().double().cpu().reshape(-1)
                 if torch.isfinite(scores).all():
-                    row.metrics = {"auprc": auprc(scores, fp.flagged),
-                                   "recall@10%": recall_at_fraction(scores, fp.flagged, 0.1)}
+                    row.metrics = {
+                        "auprc": auprc(scores, fp.flagged),
+                        "recall@10%": recall_at_fraction(scores, fp.flagged, 0.1),
+                    }
                     spread = float((scores.max() - scores.min()) / scores.abs().max())
                     if spread < 1e-5:  # float32 rounding of unit norms summed over checkpoints
-                        row.note = (f"the same score for every example up to rounding (relative spread "
-                                    f"{spread:.0e}): the order is rounding noise")
+                        row.note = (
+                            f"the same score for every example up to rounding (relative spread "
+                            f"{spread:.0e}): the order is rounding noise"
+                        )
                 else:
                     row.error = f"non-finite scores ({int((~torch.isfinite(scores)).sum())} of {scores.numel()})"
             rows.append(row)
-        rows.append(Row("mislabel", name, "random order (expected)", "-", {},
-                        metrics={"auprc": float(fp.flagged.double().mean()), "recall@10%": 0.1},
-                        note=f"train acc on flipped labels {train_acc:.3f}, test acc {test_acc:.3f}"))
+        rows.append(
+            Row(
+                "mislabel",
+                name,
+                "random order (expected)",
+                "-",
+                {},
+                metrics={"auprc": float(fp.flagged.double().mean()), "recall@10%": 0.1},
+                note=f"train acc on flipped labels {train_acc:.3f}, test acc {test_acc:.3f}",
+            )
+        )
     return rows
 
 
 # ------------------------------------------------------------------ 2. TracIn agreement
 
+
 def agreement_run(name: str) -> tuple[Problem, nn.Module, list[Checkpoint]]:
     """The bench problem's data, its recipe's initialisation (logreg: zeros), and the
     checkpoints of a short SGD run (``AGREEMENT_SGD``), cached."""
     p = get_problem(name)
-    build = (lambda: _build_logreg(torch.float64)) if name == "logreg" else \
-        (lambda: _build_mlp(torch.float32, p.settings["seed"]))
-    ckpts = _restore(_cached(f"{name}-tracin-agreement", {**p.settings, **AGREEMENT_SGD}, lambda: _plain(
-        sgd_checkpoints(build(), p.X_train, p.y_train, p.weight_decay, **AGREEMENT_SGD))))
+    build = (
+        (lambda: _build_logreg(torch.float64))
+        if name == "logreg"
+        else (lambda: _build_mlp(torch.float32, p.settings["seed"]))
+    )
+    ckpts = _restore(
+        _cached(
+            f"{name}-tracin-agreement",
+            {**p.settings, **AGREEMENT_SGD},
+            lambda: _plain(
+                sgd_checkpoints(build(), p.X_train, p.y_train, p.weight_decay, **AGREEMENT_SGD)
+            ),
+        )
+    )
     model = build()
     model.load_state_dict(ckpts[-1].state)
     model.eval()
@@ -396,19 +551,31 @@ def _tracin_problem_rows(name: str, peers: bool, warmup: bool) -> list[Row]:
     train, query = (p.X_train, p.y_train), (p.X_test, p.y_test)
     settings = {**AGREEMENT_SGD, "n_checkpoints": len(ckpts), "measurement": "loss"}
     entries: list[tuple[str, str, dict[str, Any], Callable[[], Tensor], Callable[[], Tensor]]] = [
-        ("tracin", "headwater", settings,
-         lambda: TracIn(model, task, ckpts).scores(query, train),
-         lambda: TracIn(model, task, ckpts).self_influence(train)),
+        (
+            "tracin",
+            "headwater",
+            settings,
+            lambda: TracIn(model, task, ckpts).scores(query, train),
+            lambda: TracIn(model, task, ckpts).self_influence(train),
+        ),
     ]
     ep = _peers() if peers else None
     if ep is not None:
         entries += [
-            ("tracincp", "captum", {"lr": "η·steps per checkpoint", "sample_wise_grads_per_batch": True},
-             lambda: ep.captum_tracin_scores(model, ckpts, *train, *query),
-             lambda: ep.captum_tracin_self(model, ckpts, *train)),
-            ("tracin", "dattri", {"weight_list": "η·steps per checkpoint", "proj_dim": 512},
-             lambda: ep.dattri_tracin_scores(model, ckpts, *train, *query),
-             lambda: ep.dattri_tracin_self(model, ckpts, *train)),
+            (
+                "tracincp",
+                "captum",
+                {"lr": "η·steps per checkpoint", "sample_wise_grads_per_batch": True},
+                lambda: ep.captum_tracin_scores(model, ckpts, *train, *query),
+                lambda: ep.captum_tracin_self(model, ckpts, *train),
+            ),
+            (
+                "tracin",
+                "dattri",
+                {"weight_list": "η·steps per checkpoint", "proj_dim": 512},
+                lambda: ep.dattri_tracin_scores(model, ckpts, *train, *query),
+                lambda: ep.dattri_tracin_self(model, ckpts, *train),
+            ),
         ]
     ref: dict[str, Tensor] = {}
     for method, library, st, scores_fn, self_fn in entries:
@@ -420,12 +587,16 @@ def _tracin_problem_rows(name: str, peers: bool, warmup: bool) -> list[Row]:
                 if library == "headwater":
                     ref[what] = out
                 elif what in ref:
-                    row.metrics = {"pearson": _pearson(out, ref[what]), "max_rel": _max_rel(out, ref[what])}
+                    row.metrics = {
+                        "pearson": _pearson(out, ref[what]),
+                        "max_rel": _max_rel(out, ref[what]),
+                    }
             rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------ 3. linearised Laplace
+
 
 def _laplace_task(problem: Problem) -> ClassificationTask:
     return ClassificationTask(weight_decay=problem.weight_decay, modules=LAST_LAYER[problem.name])
@@ -445,23 +616,33 @@ def dense_laplace(problem: Problem, prior: float) -> dict[str, Any]:
         ps, o = dict(params), 0
         for k, s in zip(names, shapes, strict=True):
             c = int(np.prod(s))
-            ps[k] = th[o:o + c].reshape(s)
+            ps[k] = th[o : o + c].reshape(s)
             o += c
         return functional_call(model, ps, (x,))
 
     jac = jacrev(f)(theta, problem.X_train)  # [n, C, P]
     probs = torch.softmax(f(theta, problem.X_train), -1)  # [n, C]
     lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-    precision = torch.einsum("ncp,ncd,ndq->pq", jac, lam, jac) + prior * torch.eye(theta.numel(), dtype=theta.dtype)
+    precision = torch.einsum("ncp,ncd,ndq->pq", jac, lam, jac) + prior * torch.eye(
+        theta.numel(), dtype=theta.dtype
+    )
     jt = jacrev(f)(theta, problem.X_test)  # [N, C, P]
-    solved = torch.linalg.solve(precision, jt.flatten(0, 1).T).T.reshape(jt.shape)  # J* P⁻¹: [N, C, P]
+    solved = torch.linalg.solve(precision, jt.flatten(0, 1).T).T.reshape(
+        jt.shape
+    )  # J* P⁻¹: [N, C, P]
     cov = torch.einsum("ncp,ndp->ncd", jt, solved)
     mean = f(theta, problem.X_test)
-    p_probit = torch.softmax(mean / torch.sqrt(1 + torch.pi / 8 * torch.diagonal(cov, dim1=1, dim2=2)), -1)
+    p_probit = torch.softmax(
+        mean / torch.sqrt(1 + torch.pi / 8 * torch.diagonal(cov, dim1=1, dim2=2)), -1
+    )
     with torch.no_grad():
         loss_sum = per_example_loss(model, problem.X_train, problem.y_train).sum()
-    lml = (-loss_sum - 0.5 * prior * theta @ theta + 0.5 * theta.numel() * np.log(prior)
-           - 0.5 * torch.linalg.slogdet(precision.detach())[1])
+    lml = (
+        -loss_sum
+        - 0.5 * prior * theta @ theta
+        + 0.5 * theta.numel() * np.log(prior)
+        - 0.5 * torch.linalg.slogdet(precision.detach())[1]
+    )
     return {"cov": cov.detach(), "probs": p_probit.detach(), "lml": float(lml.detach())}
 
 
@@ -472,10 +653,14 @@ def headwater_laplace(problem: Problem, prior: float, optimize: bool = False) ->
     task = _laplace_task(problem)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # stationarity (the MLP is not a MAP)
-        la = LinearizedLaplace(problem.model, task, Exact(damping=1e-12), prior_precision=prior,
-                               recenter=False).fit((problem.X_train, problem.y_train))
-        out = {"cov": la.predict(problem.X_test).covariance, "probs": la.probabilities(problem.X_test),
-               "lml": float(la.log_marginal_likelihood())}
+        la = LinearizedLaplace(
+            problem.model, task, Exact(damping=1e-12), prior_precision=prior, recenter=False
+        ).fit((problem.X_train, problem.y_train))
+        out = {
+            "cov": la.predict(problem.X_test).covariance,
+            "probs": la.probabilities(problem.X_test),
+            "lml": float(la.log_marginal_likelihood()),
+        }
         if optimize:
             la.optimize_prior()
             out["prior"] = float(la.prior_precision[0])
@@ -492,20 +677,37 @@ def _laplace_problem_rows(name: str, peers: bool, warmup: bool) -> list[Row]:
     p = get_problem(name, torch.float64)
     prior = p.n_train * p.weight_decay  # the prior under which the trained θ̂ is the MAP
     last = LAST_LAYER[name] is not None
-    what = {"weights": "last layer (650)" if last else "all (650)", "prior_precision": prior,
-            "dtype": "float64", "curvature": "full GGN"}
+    what = {
+        "weights": "last layer (650)" if last else "all (650)",
+        "prior_precision": prior,
+        "dtype": "float64",
+        "curvature": "full GGN",
+    }
     entries: list[tuple[str, str, dict[str, Any], Callable[[], dict[str, Any]]]] = [
         ("dense closed form", "reference", what, lambda: dense_laplace(p, prior)),
-        ("linearized-laplace", "headwater", {**what, "recenter": False},
-         lambda: headwater_laplace(p, prior)),
+        (
+            "linearized-laplace",
+            "headwater",
+            {**what, "recenter": False},
+            lambda: headwater_laplace(p, prior),
+        ),
     ]
     ep = _peers() if peers else None
     if ep is not None:
-        entries.append(("laplace (glm, probit)", "laplace-torch",
-                        {**what, "subset_of_weights": "last_layer" if last else "all",
-                         "backend": "CurvlinopsGGN"},
-                        lambda: ep.laplace_torch(p.model, p.X_train, p.y_train, p.X_test,
-                                                 prior_precision=prior, last_layer=last)))
+        entries.append(
+            (
+                "laplace (glm, probit)",
+                "laplace-torch",
+                {
+                    **what,
+                    "subset_of_weights": "last_layer" if last else "all",
+                    "backend": "CurvlinopsGGN",
+                },
+                lambda: ep.laplace_torch(
+                    p.model, p.X_train, p.y_train, p.X_test, prior_precision=prior, last_layer=last
+                ),
+            )
+        )
     results: dict[str, dict[str, Any]] = {}
     for method, library, st, fn in entries:
         row = Row("laplace", name, method, library, st, group="posterior")
@@ -515,20 +717,38 @@ def _laplace_problem_rows(name: str, peers: bool, warmup: bool) -> list[Row]:
             row.metrics["lml"] = out["lml"]
             if "reference" in results and library != "reference":
                 ref = results["reference"]
-                row.metrics.update(cov_vs_dense=_max_rel(out["cov"], ref["cov"]),
-                                   prob_vs_dense=_max_rel(out["probs"], ref["probs"]),
-                                   lml_vs_dense=abs(out["lml"] - ref["lml"]) / abs(ref["lml"]))
+                row.metrics.update(
+                    cov_vs_dense=_max_rel(out["cov"], ref["cov"]),
+                    prob_vs_dense=_max_rel(out["probs"], ref["probs"]),
+                    lml_vs_dense=abs(out["lml"] - ref["lml"]) / abs(ref["lml"]),
+                )
         rows.append(row)
     if "headwater" in results and "laplace-torch" in results:
         hw, lt = results["headwater"], results["laplace-torch"]
-        rows[-1].metrics.update(cov_vs_headwater=_max_rel(lt["cov"], hw["cov"]),
-                                prob_vs_headwater=_max_rel(lt["probs"], hw["probs"]))
+        rows[-1].metrics.update(
+            cov_vs_headwater=_max_rel(lt["cov"], hw["cov"]),
+            prob_vs_headwater=_max_rel(lt["probs"], hw["probs"]),
+        )
     # evidence maximisation over a scalar prior, from the MAP-matched prior
-    opt_entries = [("optimize_prior (L-BFGS)", "headwater", lambda: headwater_laplace(p, prior, True))]
+    opt_entries = [
+        ("optimize_prior (L-BFGS)", "headwater", lambda: headwater_laplace(p, prior, True))
+    ]
     if ep is not None:
-        opt_entries.append(("optimize_prior_precision (marglik, Adam 100 x 0.1)", "laplace-torch",
-                            lambda: ep.laplace_torch(p.model, p.X_train, p.y_train, p.X_test,
-                                                     prior_precision=prior, last_layer=last, optimize=True)))
+        opt_entries.append(
+            (
+                "optimize_prior_precision (marglik, Adam 100 x 0.1)",
+                "laplace-torch",
+                lambda: ep.laplace_torch(
+                    p.model,
+                    p.X_train,
+                    p.y_train,
+                    p.X_test,
+                    prior_precision=prior,
+                    last_layer=last,
+                    optimize=True,
+                ),
+            )
+        )
     for method, library, fn in opt_entries:
         row = Row("laplace", name, method, library, {**what, "start": prior}, group="optimize")
         out = _run(row, fn, warmup)
@@ -541,6 +761,7 @@ def _laplace_problem_rows(name: str, peers: bool, warmup: bool) -> list[Row]:
 
 # ------------------------------------------------------------------ 4. unlearning
 
+
 def unlearning_problem(name: str) -> tuple[Problem, ClassificationTask, str]:
     """float64 model at an exact optimum of the analysed parameters: the logreg as it is;
     the MLP's last layer re-optimised by full-batch L-BFGS with the hidden layers fixed (the
@@ -551,12 +772,26 @@ def unlearning_problem(name: str) -> tuple[Problem, ClassificationTask, str]:
         return p, task, "all weights (650), exact optimum"
     model = p.fresh_model()
     minimize_objective(model, task, (p.X_train, p.y_train), tol=RETRAIN_TOL)
-    return Problem(p.name, p.X_train, p.y_train, p.X_test, p.y_test, model, p.weight_decay, p.settings), task, \
-        "last layer (650), hidden layers fixed, last layer re-optimised by L-BFGS"
+    return (
+        Problem(
+            p.name, p.X_train, p.y_train, p.X_test, p.y_test, model, p.weight_decay, p.settings
+        ),
+        task,
+        "last layer (650), hidden layers fixed, last layer re-optimised by L-BFGS",
+    )
 
 
-def finetune(model: nn.Module, task: ClassificationTask, x: Tensor, y: Tensor, *, epochs: int,
-             lr: float, batch_size: int, seed: int) -> nn.Module:
+def finetune(
+    model: nn.Module,
+    task: ClassificationTask,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> nn.Module:
     """A copy of ``model`` after ``epochs`` of minibatch Adam on the analysed parameters
     (the bench MLP's recipe: lr 1e-3, batch 50) over ``(x, y)``."""
     m = copy.deepcopy(model)
@@ -567,10 +802,11 @@ def finetune(model: nn.Module, task: ClassificationTask, x: Tensor, y: Tensor, *
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             opt.zero_grad()
             loss = per_example_loss(m, x[idx], y[idx]).mean() + 0.5 * task.weight_decay * sum(
-                (q * q).sum() for q in params)
+                (q * q).sum() for q in params
+            )
             loss.backward()
             opt.step()
     for q in m.parameters():
@@ -597,8 +833,9 @@ def unlearning_rows(problems: list[str], warmup: bool) -> list[Row]:
     return rows
 
 
-def _unlearning_set_rows(p: Problem, task: ClassificationTask, analysed: str, forget: Tensor,
-                         warmup: bool) -> list[Row]:
+def _unlearning_set_rows(
+    p: Problem, task: ClassificationTask, analysed: str, forget: Tensor, warmup: bool
+) -> list[Row]:
     train, n, k, damping = (p.X_train, p.y_train), p.n_train, forget.numel(), DAMPING[p.name]
     keep = torch.ones(n, dtype=torch.bool)
     keep[forget] = False
@@ -609,44 +846,82 @@ def _unlearning_set_rows(p: Problem, task: ClassificationTask, analysed: str, fo
         minimize_objective(m, task, train, weights=keep.double() / (n - k), tol=RETRAIN_TOL)
         return m
 
-    ref = Row("unlearning", p.name, "retrain (reference)", "-",
-              {**common, "how": f"L-BFGS on the remaining objective from θ̂ to ‖∇‖ < {RETRAIN_TOL:g}"})
+    ref = Row(
+        "unlearning",
+        p.name,
+        "retrain (reference)",
+        "-",
+        {**common, "how": f"L-BFGS on the remaining objective from θ̂ to ‖∇‖ < {RETRAIN_TOL:g}"},
+    )
     truth = _run(ref, retrain, warmup)
     if truth is None:
         return [ref]
     theta0, m0 = _flat(p.model, task), _margins(p.model, p)
     theta_r, m_r = _flat(truth, task), _margins(truth, p)
-    ref.metrics = {"param_change": float((theta0 - theta_r).norm()), "margin_change": float((m0 - m_r).norm())}
+    ref.metrics = {
+        "param_change": float((theta0 - theta_r).norm()),
+        "margin_change": float((m0 - m_r).norm()),
+    }
 
     def fitted(curvature: Any, correction: bool) -> nn.Module:
         curvature.fit(p.model, task, train)
         return unlearn(p.model, task, train, forget, curvature=curvature, correction=correction)
 
     def tune(epochs: int) -> Callable[[], nn.Module]:
-        return lambda: finetune(p.model, task, p.X_train[keep], p.y_train[keep], epochs=epochs, lr=1e-3,
-                                batch_size=50, seed=0)
+        return lambda: finetune(
+            p.model,
+            task,
+            p.X_train[keep],
+            p.y_train[keep],
+            epochs=epochs,
+            lr=1e-3,
+            batch_size=50,
+            seed=0,
+        )
 
     entries: list[tuple[str, str, dict[str, Any], Callable[[], nn.Module]]] = [
-        ("unlearn exact Newton", "headwater", {"curvature": None, "kind": "hessian", "tol": 1e-10},
-         lambda: unlearn(p.model, task, train, forget)),
-        ("unlearn influence step (exact GGN of all data)", "headwater",
-         {"curvature": "exact", "damping": damping, "correction": False},
-         lambda: fitted(Exact(damping=damping), False)),
-        ("unlearn EK-FAC", "headwater", {"curvature": "ekfac", "damping": damping, "correction": False},
-         lambda: fitted(EKFAC(damping=damping), False)),
-        ("unlearn EK-FAC refitted on the remaining data", "headwater",
-         {"curvature": "ekfac", "damping": damping, "correction": True},
-         lambda: fitted(EKFAC(damping=damping), True)),
-    ] + [(f"fine-tune {e} epoch{'s' if e > 1 else ''}", "baseline",
-          {"optimizer": "Adam", "lr": 1e-3, "batch_size": 50, "epochs": e, "seed": 0}, tune(e))
-         for e in FINETUNE_EPOCHS]
+        (
+            "unlearn exact Newton",
+            "headwater",
+            {"curvature": None, "kind": "hessian", "tol": 1e-10},
+            lambda: unlearn(p.model, task, train, forget),
+        ),
+        (
+            "unlearn influence step (exact GGN of all data)",
+            "headwater",
+            {"curvature": "exact", "damping": damping, "correction": False},
+            lambda: fitted(Exact(damping=damping), False),
+        ),
+        (
+            "unlearn EK-FAC",
+            "headwater",
+            {"curvature": "ekfac", "damping": damping, "correction": False},
+            lambda: fitted(EKFAC(damping=damping), False),
+        ),
+        (
+            "unlearn EK-FAC refitted on the remaining data",
+            "headwater",
+            {"curvature": "ekfac", "damping": damping, "correction": True},
+            lambda: fitted(EKFAC(damping=damping), True),
+        ),
+    ] + [
+        (
+            f"fine-tune {e} epoch{'s' if e > 1 else ''}",
+            "baseline",
+            {"optimizer": "Adam", "lr": 1e-3, "batch_size": 50, "epochs": e, "seed": 0},
+            tune(e),
+        )
+        for e in FINETUNE_EPOCHS
+    ]
     rows = [ref]
     for method, library, st, fn in entries:
         row = Row("unlearning", p.name, method, library, {**common, **st})
         new = _run(row, fn, warmup)
         if new is not None:
             row.metrics = {
-                "param_left": float((_flat(new, task) - theta_r).norm() / (theta0 - theta_r).norm()),
+                "param_left": float(
+                    (_flat(new, task) - theta_r).norm() / (theta0 - theta_r).norm()
+                ),
                 "margin_left": float((_margins(new, p) - m_r).norm() / (m0 - m_r).norm()),
             }
             if st.get("curvature"):
@@ -659,14 +934,24 @@ def _unlearning_set_rows(p: Problem, task: ClassificationTask, analysed: str, fo
 
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {  # (metric key, header, format)
     "mislabel": [("auprc", "AUPRC", ".3f"), ("recall@10%", "flips found in top 10%", ".2f")],
-    "tracin": [("pearson", "Pearson vs headwater", ".6f"), ("max_rel", "max rel. diff vs headwater", ".1e")],
-    "laplace": [("cov_vs_dense", "Σ_f max rel. diff vs dense", ".1e"),
-                ("prob_vs_dense", "p (probit) max rel. diff vs dense", ".1e"),
-                ("cov_vs_headwater", "Σ_f max rel. diff vs headwater", ".1e"),
-                ("prior", "prior δ", ".4g"), ("lml", "log marginal lik.", ".6f"),
-                ("lml_vs_dense", "log ML rel. diff vs dense", ".1e")],
-    "unlearning": [("param_left", "param. change left", ".4f"), ("margin_left", "test-margin change left", ".4f"),
-                   ("param_change", "‖Δθ‖ retrain", ".4f"), ("margin_change", "‖Δmargin‖ retrain", ".4f")],
+    "tracin": [
+        ("pearson", "Pearson vs headwater", ".6f"),
+        ("max_rel", "max rel. diff vs headwater", ".1e"),
+    ],
+    "laplace": [
+        ("cov_vs_dense", "Σ_f max rel. diff vs dense", ".1e"),
+        ("prob_vs_dense", "p (probit) max rel. diff vs dense", ".1e"),
+        ("cov_vs_headwater", "Σ_f max rel. diff vs headwater", ".1e"),
+        ("prior", "prior δ", ".4g"),
+        ("lml", "log marginal lik.", ".6f"),
+        ("lml_vs_dense", "log ML rel. diff vs dense", ".1e"),
+    ],
+    "unlearning": [
+        ("param_left", "param. change left", ".4f"),
+        ("margin_left", "test-margin change left", ".4f"),
+        ("param_change", "‖Δθ‖ retrain", ".4f"),
+        ("margin_change", "‖Δmargin‖ retrain", ".4f"),
+    ],
 }
 
 INTRO: dict[str, str] = {
@@ -688,7 +973,8 @@ INTRO: dict[str, str] = {
         "`cg-nystrom200` (rank-200 Nyström preconditioner, tol 0.1; plain CG to tol 1e-2 took 87 s on the MLP "
         "for the same AUPRC). pyDVL has no self-influence call: the diagonal of its n x n pairwise scores. "
         "dattri's EK-FAC runs on one batch of 1,000 (with batches of 100 its `self_attribute` fails inside "
-        "dattri 0.3.0). Time includes fitting."),
+        "dattri 0.3.0). Time includes fitting."
+    ),
     "tracin": (
         "## 2. TracIn: headwater vs Captum TracInCP (and dattri)\n\n"
         f"Checkpoints of a short minibatch SGD run from the bench recipe's initialisation ({AGREEMENT_SGD}); "
@@ -698,7 +984,8 @@ INTRO: dict[str, str] = {
         "weight: no other conversion (both use positive = proponent, the CE as the query loss). 1,000 train "
         "x 200 test. Captum runs its batched per-example gradients (`sample_wise_grads_per_batch=True`, "
         "summed CE); dattri always projects gradients to 512 dimensions (its default), so it agrees only up "
-        "to that projection."),
+        "to that projection."
+    ),
     "laplace": (
         "## 3. Linearised Laplace: headwater vs laplace-torch vs dense closed form\n\n"
         "Full (dense) GGN posterior precision `P = Σ_i J_iᵀΛ_iJ_i + δI` at the trained θ̂ (posterior mean θ̂: "
@@ -710,7 +997,8 @@ INTRO: dict[str, str] = {
         "marginal likelihood; then each library's evidence maximisation over a scalar prior from δ = 1 "
         "(headwater: L-BFGS on log δ; laplace-torch: its default Adam, 100 steps of lr 0.1). The reference "
         "forms `P` from `torch.func` Jacobians and solves densely. laplace-torch 0.3 is installed with "
-        "`--no-deps` (its torchvision requirement is unused at run time; see bench/requirements-peers.txt)."),
+        "`--no-deps` (its torchvision requirement is unused at run time; see bench/requirements-peers.txt)."
+    ),
     "unlearning": (
         "## 4. Unlearning: removing training examples\n\n"
         f"Seeded sets of {' / '.join(map(str, FORGET_SIZES))} training examples (seed {FORGET_SEED}; the "
@@ -728,7 +1016,8 @@ INTRO: dict[str, str] = {
         "half-left on logreg is not a bug: the removed examples carry much of the small curvature of this "
         "nearly separable problem, so H and H_{-S} differ far more than k/n. Baseline: a few epochs of the MLP recipe's Adam (lr 1e-3, batch 50) "
         "on the remaining data. Time includes fitting a curvature where one is fitted; the retraining time is "
-        "that of the warm-started L-BFGS reference."),
+        "that of the warm-started L-BFGS reference."
+    ),
 }
 
 
@@ -738,7 +1027,14 @@ def _fmt(value: Any, spec: str) -> str:
 
 def _versions() -> str:
     out = []
-    for dist in ("captum", "kronfluence", "dattri", "pyDVL", "laplace-torch", "curvlinops-for-pytorch"):
+    for dist in (
+        "captum",
+        "kronfluence",
+        "dattri",
+        "pyDVL",
+        "laplace-torch",
+        "curvlinops-for-pytorch",
+    ):
         try:
             out.append(f"{dist} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -765,16 +1061,22 @@ def write_markdown(rows: list[Row], path: Path = RESULTS, seconds: float | None 
         if not sec_rows:
             continue
         cols = COLUMNS[section]
-        lines += [INTRO[section], "",
-                  "| problem | method | library | time (s) | peak (MiB) | "
-                  + " | ".join(h for _, h, _ in cols) + " | settings / note |",
-                  "|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|"]
+        lines += [
+            INTRO[section],
+            "",
+            "| problem | method | library | time (s) | peak (MiB) | "
+            + " | ".join(h for _, h, _ in cols)
+            + " | settings / note |",
+            "|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|",
+        ]
         for r in sec_rows:
             vals = " | ".join(_fmt(r.metrics.get(k), f) for k, _, f in cols)
             note = f"ERROR: {r.error}" if r.error else r.note
             settings = f"`{json.dumps(r.settings, default=str)}` " if r.settings else ""
-            lines.append(f"| {r.problem} | {r.method} | {r.library} | {_fmt(r.seconds, '.2f')} | "
-                         f"{_fmt(r.peak_mb, '.0f')} | {vals} | {settings}{note} |")
+            lines.append(
+                f"| {r.problem} | {r.method} | {r.library} | {_fmt(r.seconds, '.2f')} | "
+                f"{_fmt(r.peak_mb, '.0f')} | {vals} | {settings}{note} |"
+            )
         lines += ["", *_summary(section, sec_rows), ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
 
@@ -785,25 +1087,60 @@ def _summary(section: str, rows: list[Row]) -> list[str]:
     if section == "tracin":
         for prob in dict.fromkeys(r.problem for r in rows):
             for what in ("scores", "self-influence"):
-                hw = next((r for r in rows if r.problem == prob and r.library == "headwater"
-                           and r.method.endswith(what) and r.seconds), None)
+                hw = next(
+                    (
+                        r
+                        for r in rows
+                        if r.problem == prob
+                        and r.library == "headwater"
+                        and r.method.endswith(what)
+                        and r.seconds
+                    ),
+                    None,
+                )
                 for r in rows:
-                    if hw and r.problem == prob and r.library != "headwater" and r.method.endswith(what) and r.seconds:
-                        out.append(f"- {prob} {what}: {r.library} / headwater time = {r.seconds / hw.seconds:.2f}")
+                    if (
+                        hw
+                        and r.problem == prob
+                        and r.library != "headwater"
+                        and r.method.endswith(what)
+                        and r.seconds
+                    ):
+                        out.append(
+                            f"- {prob} {what}: {r.library} / headwater time = {r.seconds / hw.seconds:.2f}"
+                        )
     if section == "laplace":
         for prob in dict.fromkeys(r.problem for r in rows):
             for group in ("posterior", "optimize"):
-                hw = next((r for r in rows if (r.problem, r.group, r.library) == (prob, group, "headwater")
-                           and r.seconds), None)
-                lt = next((r for r in rows if (r.problem, r.group, r.library) == (prob, group, "laplace-torch")
-                           and r.seconds), None)
+                hw = next(
+                    (
+                        r
+                        for r in rows
+                        if (r.problem, r.group, r.library) == (prob, group, "headwater")
+                        and r.seconds
+                    ),
+                    None,
+                )
+                lt = next(
+                    (
+                        r
+                        for r in rows
+                        if (r.problem, r.group, r.library) == (prob, group, "laplace-torch")
+                        and r.seconds
+                    ),
+                    None,
+                )
                 if hw and lt:
-                    out.append(f"- {prob} {group}: laplace-torch / headwater time = {lt.seconds / hw.seconds:.2f}")
+                    out.append(
+                        f"- {prob} {group}: laplace-torch / headwater time = {lt.seconds / hw.seconds:.2f}"
+                    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     parser.add_argument("--no-peers", action="store_true", help="headwater and baselines only")

@@ -73,8 +73,10 @@ def _state(c: Checkpoint, prefix: str) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------ Captum
 
-def _captum_tracin(model: nn.Module, checkpoints: Sequence[Checkpoint], x: Tensor, y: Tensor,
-                   batch_size: int):
+
+def _captum_tracin(
+    model: nn.Module, checkpoints: Sequence[Checkpoint], x: Tensor, y: Tensor, batch_size: int
+):
     from captum.influence import TracInCP
 
     m, prefix = _wrapped(model)
@@ -83,13 +85,24 @@ def _captum_tracin(model: nn.Module, checkpoints: Sequence[Checkpoint], x: Tenso
         module.load_state_dict(_state(c, prefix))
         return float(c.lr * c.steps)  # Captum multiplies each checkpoint's products by this
 
-    return TracInCP(m, DataLoader(TensorDataset(x, y), batch_size=batch_size),
-                    checkpoints=list(checkpoints), checkpoints_load_func=load,
-                    loss_fn=nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True)
+    return TracInCP(
+        m,
+        DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        checkpoints=list(checkpoints),
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        sample_wise_grads_per_batch=True,
+    )
 
 
-def captum_tracin_self(model: nn.Module, checkpoints: Sequence[Checkpoint], x: Tensor, y: Tensor,
-                       *, batch_size: int = 250) -> Tensor:
+def captum_tracin_self(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 250,
+) -> Tensor:
     """Captum ``TracInCP.self_influence()``: ``Σ_c lr_c ‖∇ℓ_i(θ_c)‖²`` with ``lr_c = η_c·s_c``.
 
     Captum's batched per-example gradients (``sample_wise_grads_per_batch=True``, Linear
@@ -101,9 +114,16 @@ def captum_tracin_self(model: nn.Module, checkpoints: Sequence[Checkpoint], x: T
         return _captum_tracin(model, checkpoints, x, y, batch_size).self_influence().detach()
 
 
-def captum_tracin_scores(model: nn.Module, checkpoints: Sequence[Checkpoint], x_train: Tensor,
-                         y_train: Tensor, x_query: Tensor, y_query: Tensor, *,
-                         batch_size: int = 250) -> Tensor:
+def captum_tracin_scores(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    x_train: Tensor,
+    y_train: Tensor,
+    x_query: Tensor,
+    y_query: Tensor,
+    *,
+    batch_size: int = 250,
+) -> Tensor:
     """Captum ``TracInCP.influence((x_query, y_query))`` ``[n_query, n_train]``: ``Σ_c lr_c
     ∇L(q; θ_c)ᵀ∇ℓ(i; θ_c)`` with the CE as the query loss. Positive = proponent, as in
     headwater; with ``lr_c = η_c·s_c`` it is headwater's TracIn score, no rescaling."""
@@ -113,8 +133,9 @@ def captum_tracin_scores(model: nn.Module, checkpoints: Sequence[Checkpoint], x_
         return tr.influence((x_query, y_query)).detach()
 
 
-def captum_naive_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float,
-                      weight_decay: float) -> Tensor:
+def captum_naive_self(
+    model: nn.Module, x: Tensor, y: Tensor, *, damping: float, weight_decay: float
+) -> Tensor:
     """Captum ``NaiveInfluenceFunction.self_influence()`` (dense Hessian of the *summed* CE,
     eigendecomposed, every direction kept): ``hessian_reg = n·(damping + weight_decay)``,
     self-influence × n (summed → mean-loss curvature). Small models only."""
@@ -126,17 +147,31 @@ def captum_naive_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inf = NaiveInfluenceFunction(
-            m, DataLoader(TensorDataset(x, y), batch_size=n), checkpoint="in-memory",
-            checkpoints_load_func=lambda _m, _p: 1.0, loss_fn=nn.CrossEntropyLoss(reduction="none"),
-            sample_wise_grads_per_batch=False, projection_dim=p,
-            hessian_reg=n * (damping + weight_decay), hessian_inverse_tol=1e-12)
+            m,
+            DataLoader(TensorDataset(x, y), batch_size=n),
+            checkpoint="in-memory",
+            checkpoints_load_func=lambda _m, _p: 1.0,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            sample_wise_grads_per_batch=False,
+            projection_dim=p,
+            hessian_reg=n * (damping + weight_decay),
+            hessian_inverse_tol=1e-12,
+        )
         return inf.self_influence().detach() * n
 
 
 # -------------------------------------------------------------------------- Kronfluence
 
-def kronfluence_ekfac_self(model: nn.Module, x: Tensor, y: Tensor, *, damping_factor: float | None,
-                           seed: int = 0, batch_size: int = 100) -> Tensor:
+
+def kronfluence_ekfac_self(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    damping_factor: float | None,
+    seed: int = 0,
+    batch_size: int = 100,
+) -> Tensor:
     """Kronfluence EK-FAC ``compute_self_scores``: ``∇ℓ_iᵀ (F_ekfac + d·I)⁻¹ ∇ℓ_i`` with the
     true Fisher (labels sampled from the model, ``seed``) averaged over examples (mean-loss
     scale), per-module damping ``d = damping + weight_decay`` (``None``: its heuristic,
@@ -163,27 +198,57 @@ def kronfluence_ekfac_self(model: nn.Module, x: Tensor, y: Tensor, *, damping_fa
 
     task = _Task()
     m = prepare_model(_wrapped(model)[0], task)
-    fa = FactorArguments(strategy="ekfac", activation_covariance_dtype=dt, gradient_covariance_dtype=dt,
-                         per_sample_gradient_dtype=dt, lambda_dtype=dt,
-                         eigendecomposition_dtype=torch.float64)
-    sa = ScoreArguments(damping_factor=damping_factor, per_sample_gradient_dtype=dt,
-                        precondition_dtype=dt, score_dtype=dt)
+    fa = FactorArguments(
+        strategy="ekfac",
+        activation_covariance_dtype=dt,
+        gradient_covariance_dtype=dt,
+        per_sample_gradient_dtype=dt,
+        lambda_dtype=dt,
+        eigendecomposition_dtype=torch.float64,
+    )
+    sa = ScoreArguments(
+        damping_factor=damping_factor,
+        per_sample_gradient_dtype=dt,
+        precondition_dtype=dt,
+        score_dtype=dt,
+    )
     data = TensorDataset(x, y)
-    with tempfile.TemporaryDirectory(prefix="bench-extras-kronfluence-") as out, \
-            _default_dtype(dt), warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-extras-kronfluence-") as out,
+        _default_dtype(dt),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
-        an = Analyzer(analysis_name="extras", model=m, task=task, cpu=True, disable_tqdm=True,
-                      output_dir=out, log_level=40)
+        an = Analyzer(
+            analysis_name="extras",
+            model=m,
+            task=task,
+            cpu=True,
+            disable_tqdm=True,
+            output_dir=out,
+            log_level=40,
+        )
         torch.manual_seed(seed)
-        an.fit_all_factors(factors_name="ekfac", dataset=data, per_device_batch_size=batch_size,
-                           factor_args=fa, overwrite_output_dir=True)
-        an.compute_self_scores(scores_name="self", factors_name="ekfac", train_dataset=data,
-                               per_device_train_batch_size=batch_size, score_args=sa,
-                               overwrite_output_dir=True)
+        an.fit_all_factors(
+            factors_name="ekfac",
+            dataset=data,
+            per_device_batch_size=batch_size,
+            factor_args=fa,
+            overwrite_output_dir=True,
+        )
+        an.compute_self_scores(
+            scores_name="self",
+            factors_name="ekfac",
+            train_dataset=data,
+            per_device_train_batch_size=batch_size,
+            score_args=sa,
+            overwrite_output_dir=True,
+        )
         return an.load_self_scores("self")["all_modules"].clone()
 
 
 # ------------------------------------------------------------------------------- dattri
+
 
 def _dattri_task(model: nn.Module, checkpoints: list[dict[str, Tensor]]):
     from dattri.task import AttributionTask
@@ -193,7 +258,9 @@ def _dattri_task(model: nn.Module, checkpoints: list[dict[str, Tensor]]):
 
     def loss_func(params, data):  # one example (vmapped) or a batch: mean CE either way
         inputs, targets = data
-        return F.cross_entropy(torch.func.functional_call(m, params, (inputs.to(dt),)), targets.long())
+        return F.cross_entropy(
+            torch.func.functional_call(m, params, (inputs.to(dt),)), targets.long()
+        )
 
     return AttributionTask(loss_func=loss_func, model=m, checkpoints=checkpoints)
 
@@ -210,8 +277,14 @@ def _dattri_tracin(model: nn.Module, checkpoints: Sequence[Checkpoint]):
     return TracInAttributor(task, weight_list=weights, normalized_grad=False, device="cpu")
 
 
-def dattri_tracin_self(model: nn.Module, checkpoints: Sequence[Checkpoint], x: Tensor, y: Tensor, *,
-                       batch_size: int = 250) -> Tensor:
+def dattri_tracin_self(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 250,
+) -> Tensor:
     """dattri ``TracInAttributor.self_attribute``: ``Σ_c w_c ‖Π∇ℓ_i(θ_c)‖²`` with
     ``w_c = η_c·s_c``; dattri always projects the gradients randomly (its default
     ``proj_dim=512``, seed 0), so this is TracIn up to a Johnson-Lindenstrauss error."""
@@ -219,19 +292,28 @@ def dattri_tracin_self(model: nn.Module, checkpoints: Sequence[Checkpoint], x: T
         return _dattri_tracin(model, checkpoints).self_attribute(_loader(x, y, batch_size)).detach()
 
 
-def dattri_tracin_scores(model: nn.Module, checkpoints: Sequence[Checkpoint], x_train: Tensor,
-                         y_train: Tensor, x_query: Tensor, y_query: Tensor, *,
-                         batch_size: int = 250) -> Tensor:
+def dattri_tracin_scores(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    x_train: Tensor,
+    y_train: Tensor,
+    x_query: Tensor,
+    y_query: Tensor,
+    *,
+    batch_size: int = 250,
+) -> Tensor:
     """dattri ``TracInAttributor.attribute`` (projected, as above), transposed to
     ``[n_query, n_train]``; positive = proponent, no rescaling."""
     with _quiet():
-        out = _dattri_tracin(model, checkpoints).attribute(_loader(x_train, y_train, batch_size),
-                                                           _loader(x_query, y_query, batch_size))
+        out = _dattri_tracin(model, checkpoints).attribute(
+            _loader(x_train, y_train, batch_size), _loader(x_query, y_query, batch_size)
+        )
     return out.detach().T
 
 
-def dattri_explicit_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float,
-                         weight_decay: float) -> Tensor:
+def dattri_explicit_self(
+    model: nn.Module, x: Tensor, y: Tensor, *, damping: float, weight_decay: float
+) -> Tensor:
     """dattri ``IFAttributorExplicit.self_attribute``: the dense Hessian of the mean CE
     (one full batch) + ``regularization·I``, ``regularization = damping + weight_decay``;
     positive, mean-loss scale: no conversion. Small models only."""
@@ -244,8 +326,15 @@ def dattri_explicit_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: flo
         return att.self_attribute(_loader(x, y, x.shape[0])).detach()
 
 
-def dattri_ekfac_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float,
-                      weight_decay: float, batch_size: int | None = None) -> Tensor:
+def dattri_ekfac_self(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    damping: float,
+    weight_decay: float,
+    batch_size: int | None = None,
+) -> Tensor:
     """dattri ``IFAttributorEKFAC.self_attribute`` (every Linear module, its Fisher from the
     mean CE with the true labels), ``damping = damping + weight_decay``; no conversion.
     One batch of all examples by default: with batches of 100 dattri 0.3.0's
@@ -262,8 +351,16 @@ def dattri_ekfac_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float,
 
 # -------------------------------------------------------------------------------- pyDVL
 
-def pydvl_ekfac_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float, weight_decay: float,
-                     batch_size: int = 100) -> Tensor:
+
+def pydvl_ekfac_self(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    damping: float,
+    weight_decay: float,
+    batch_size: int = 100,
+) -> Tensor:
     """pyDVL 0.10 has no self-influence call: the diagonal of its pairwise
     ``EkfacInfluence.influences(x, y, x, y)`` (``[n, n]``; mean-loss factors,
     ``hessian_regularization = damping + weight_decay``, positive = helpful: no conversion).
@@ -275,15 +372,26 @@ def pydvl_ekfac_self(model: nn.Module, x: Tensor, y: Tensor, *, damping: float, 
 
         m32 = _wrapped(model)[0].float()
         x32 = x.float()
-        inf = EkfacInfluence(m32, update_diagonal=True, hessian_regularization=damping + weight_decay)
+        inf = EkfacInfluence(
+            m32, update_diagonal=True, hessian_regularization=damping + weight_decay
+        )
         inf = inf.fit(DataLoader(TensorDataset(x32, y), batch_size=batch_size))
         return inf.influences(x32, y, x32, y, mode=InfluenceMode.Up).diagonal().detach().clone()
 
 
 # ------------------------------------------------------------------------ laplace-torch
 
-def laplace_torch(model: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, *, prior_precision: float,
-                  last_layer: bool, optimize: bool = False) -> dict[str, Any]:
+
+def laplace_torch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_test: Tensor,
+    *,
+    prior_precision: float,
+    last_layer: bool,
+    optimize: bool = False,
+) -> dict[str, Any]:
     """laplace-torch ``Laplace(..., "classification", hessian_structure="full")``, the full
     GGN (its default ``CurvlinopsGGN`` backend) of the *summed* CE over all weights or the
     last layer; linearised ("glm") predictive.
@@ -299,18 +407,30 @@ def laplace_torch(model: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, *, pri
     from laplace import Laplace
 
     m, _ = _wrapped(model)
-    la = Laplace(m, "classification", subset_of_weights="last_layer" if last_layer else "all",
-                 hessian_structure="full", prior_precision=float(prior_precision))
+    la = Laplace(
+        m,
+        "classification",
+        subset_of_weights="last_layer" if last_layer else "all",
+        hessian_structure="full",
+        prior_precision=float(prior_precision),
+    )
     la.fit(DataLoader(TensorDataset(x, y), batch_size=x.shape[0]))
     _, cov = la._glm_predictive_distribution(x_test)  # (f_mu, f_var); last-layer aware
-    out: dict[str, Any] = {"cov": cov.detach(),
-                           "probs": la(x_test, pred_type="glm", link_approx="probit").detach(),
-                           "lml": float(la.log_marginal_likelihood())}
+    out: dict[str, Any] = {
+        "cov": cov.detach(),
+        "probs": la(x_test, pred_type="glm", link_approx="probit").detach(),
+        "lml": float(la.log_marginal_likelihood()),
+    }
     if optimize:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit",
-                                        prior_structure="scalar", init_prior_prec=float(prior_precision))
+            la.optimize_prior_precision(
+                method="marglik",
+                pred_type="glm",
+                link_approx="probit",
+                prior_structure="scalar",
+                init_prior_prec=float(prior_precision),
+            )
         out["prior"] = float(la.prior_precision.reshape(-1)[0])
         out["lml_opt"] = float(la.log_marginal_likelihood())
     return out

@@ -56,15 +56,23 @@ def main() -> None:
     for name, (curvature, options) in METHODS.items():
         per_query = {}
         for damping in DAMPINGS:
-            scores = headwater.influence(problem.model, (problem.X_train, problem.y_train),
-                                         (problem.X_test, problem.y_test), task=task, curvature=curvature,
-                                         damping=damping, curvature_options=options).values
+            scores = headwater.influence(
+                problem.model,
+                (problem.X_train, problem.y_train),
+                (problem.X_test, problem.y_test),
+                task=task,
+                curvature=curvature,
+                damping=damping,
+                curvature_options=options,
+            ).values
             per_query[damping] = lds(scores, truth).per_query
         chosen = max(DAMPINGS, key=lambda d: _mean(per_query[d][select]))
         best = max(DAMPINGS, key=lambda d: _mean(per_query[d]))
         curve = ", ".join(f"{d:g}: {_mean(per_query[d]):.3f}" for d in DAMPINGS)
-        lines.append(f"| {name} | {chosen:g} | {_mean(per_query[chosen][~select]):.3f} | "
-                     f"{_mean(per_query[best]):.3f} (at {best:g}) | {curve} |")
+        lines.append(
+            f"| {name} | {chosen:g} | {_mean(per_query[chosen][~select]):.3f} | "
+            f"{_mean(per_query[best]):.3f} (at {best:g}) | {curve} |"
+        )
         print(lines[-1], flush=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}")

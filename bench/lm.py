@@ -89,13 +89,30 @@ IGNORE = -100
 _CACHE_FORMAT = 1
 LOAD_AT_START = [float("nan")]  # os.getloadavg()[0] when main() starts
 
-SETTINGS = {"problem": "lm-addition", "vocab": VOCAB, "length": LENGTH, "n_train": N_TRAIN,
-            "n_query": N_QUERY, "corpus_seed": 0, "d_model": 48, "heads": 4, "blocks": 2, "d_mlp": 96,
-            "weight_decay": WEIGHT_DECAY, "optimizer": "adam", "lr": 3e-3, "epochs": 40, "batch_size": 32,
-            "init_seed": 0, "train_dtype": "float32", "_format": _CACHE_FORMAT}
+SETTINGS = {
+    "problem": "lm-addition",
+    "vocab": VOCAB,
+    "length": LENGTH,
+    "n_train": N_TRAIN,
+    "n_query": N_QUERY,
+    "corpus_seed": 0,
+    "d_model": 48,
+    "heads": 4,
+    "blocks": 2,
+    "d_mlp": 96,
+    "weight_decay": WEIGHT_DECAY,
+    "optimizer": "adam",
+    "lr": 3e-3,
+    "epochs": 40,
+    "batch_size": 32,
+    "init_seed": 0,
+    "train_dtype": "float32",
+    "_format": _CACHE_FORMAT,
+}
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def corpus(n: int = N_TRAIN + N_QUERY, seed: int = 0) -> list[str]:
     """``n`` distinct addition strings ``"^ab+cd=efg;"`` (operands 0-99, zero-padded), seeded."""
@@ -109,6 +126,7 @@ def encode(strings: list[str]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- model
+
 
 class Block(nn.Module):
     """Pre-LN causal self-attention (separate q/k/v/o linear layers) and a GELU MLP."""
@@ -138,8 +156,15 @@ class Block(nn.Module):
 class ArithmeticLM(nn.Module):
     """Token + position embeddings, ``blocks`` pre-LN transformer blocks, LayerNorm, LM head."""
 
-    def __init__(self, vocab: int = len(VOCAB), d: int = 48, heads: int = 4, blocks: int = 2,
-                 d_mlp: int = 96, max_len: int = LENGTH):
+    def __init__(
+        self,
+        vocab: int = len(VOCAB),
+        d: int = 48,
+        heads: int = 4,
+        blocks: int = 2,
+        d_mlp: int = 96,
+        max_len: int = LENGTH,
+    ):
         super().__init__()
         self.embed, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(Block(d, heads, d_mlp) for _ in range(blocks))
@@ -158,6 +183,7 @@ def linear_modules(model: nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- problem
+
 
 @dataclass(frozen=True)
 class LMProblem:
@@ -187,7 +213,9 @@ class LMProblem:
 
     def train_config(self) -> TrainConfig:
         s = self.settings
-        return TrainConfig(optimizer=s["optimizer"], lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"])
+        return TrainConfig(
+            optimizer=s["optimizer"], lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"]
+        )
 
     def completion_accuracy(self, data: tuple[Tensor, Tensor] | None = None) -> tuple[float, float]:
         """(exact-match accuracy of the completion, mean -log p(completion | prompt)).
@@ -222,8 +250,14 @@ def get_lm_problem(use_cache: bool = True) -> LMProblem:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
         config = dataclasses.replace(problem.train_config(), vectorize="loop")
-        ensemble = train_ensemble(model, problem.fit_task(), train, torch.ones(1, N_TRAIN), config=config,
-                                  seeds=[s["init_seed"]])
+        ensemble = train_ensemble(
+            model,
+            problem.fit_task(),
+            train,
+            torch.ones(1, N_TRAIN),
+            config=config,
+            seeds=[s["init_seed"]],
+        )
         model.load_state_dict({k: v[0] for k, v in {**ensemble.params, **ensemble.buffers}.items()})
         if use_cache:
             CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -236,6 +270,7 @@ def get_lm_problem(use_cache: bool = True) -> LMProblem:
 
 # ----------------------------------------------------------------------------- methods
 
+
 @dataclass(frozen=True)
 class Entry:
     """One method: ``run(problem) -> (scores [n_query, n_train], note)`` in headwater's convention."""
@@ -246,22 +281,40 @@ class Entry:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _headwater(curvature: str | None = None, *, damping: float | None = DAMPING, kind: str = "ggn",
-               projection: tuple[int, int] | None = None, weight_decay: float = WEIGHT_DECAY,
-               **options: Any) -> Callable[[LMProblem], tuple[Tensor, str]]:
+def _headwater(
+    curvature: str | None = None,
+    *,
+    damping: float | None = DAMPING,
+    kind: str = "ggn",
+    projection: tuple[int, int] | None = None,
+    weight_decay: float = WEIGHT_DECAY,
+    **options: Any,
+) -> Callable[[LMProblem], tuple[Tensor, str]]:
     """``headwater.influence`` on the Linear layers; CG and LiSSA go through
     ``InfluenceFunction`` so that their solver diagnostics reach the note."""
+
     def run(problem: LMProblem) -> tuple[Tensor, str]:
         task = problem.task(weight_decay)
         if curvature in ("cg", "lissa"):
             curv = CURVATURES[curvature](kind=kind, damping=damping, **options)
-            values = InfluenceFunction(problem.model, task, curv).fit(problem.train).scores(problem.query,
-                                                                                             problem.train)
+            values = (
+                InfluenceFunction(problem.model, task, curv)
+                .fit(problem.train)
+                .scores(problem.query, problem.train)
+            )
             return values, _solver_note(curv)
-        return headwater.influence(problem.model, problem.train, problem.query, task=task, curvature=curvature,
-                                   damping=damping, kind=kind,
-                                   projection=None if projection is None else KroneckerProjection(*projection),
-                                   curvature_options=options).values, ""
+        return headwater.influence(
+            problem.model,
+            problem.train,
+            problem.query,
+            task=task,
+            curvature=curvature,
+            damping=damping,
+            kind=kind,
+            projection=None if projection is None else KroneckerProjection(*projection),
+            curvature_options=options,
+        ).values, ""
+
     return run
 
 
@@ -271,22 +324,39 @@ def _solver_note(curv: Any) -> str:
         return ""
     if hasattr(info, "residuals"):  # CG
         res = info.residuals.double()
-        return (f"CG {'converged' if info.converged else 'NOT converged'} after {info.iterations} iterations: "
-                f"relative residual median {float(res.median()):.2f}, max {float(res.max()):.2f}")
+        return (
+            f"CG {'converged' if info.converged else 'NOT converged'} after {info.iterations} iterations: "
+            f"relative residual median {float(res.median()):.2f}, max {float(res.max()):.2f}"
+        )
     return f"LiSSA scale {curv.fitted_scale:.3g}, last relative change {info.relative_change:.2g}"
 
 
 HEADWATER_METHODS: list[tuple[str, dict[str, Any]]] = [
     ("ekfac", {"curvature": "ekfac", "ggn_estimator": "auto"}),
-    ("ekfac-sampled", {"curvature": "ekfac", "ggn_estimator": "sampled"}),  # what "auto" resolves to
-    ("ekfac-seed1", {"curvature": "ekfac", "ggn_estimator": "sampled", "seed": 1}),  # other sampled targets
-    ("ekfac-exact-ggn", {"curvature": "ekfac", "ggn_estimator": "exact"}),  # T*V = 154 cotangents per sequence
+    (
+        "ekfac-sampled",
+        {"curvature": "ekfac", "ggn_estimator": "sampled"},
+    ),  # what "auto" resolves to
+    (
+        "ekfac-seed1",
+        {"curvature": "ekfac", "ggn_estimator": "sampled", "seed": 1},
+    ),  # other sampled targets
+    (
+        "ekfac-exact-ggn",
+        {"curvature": "ekfac", "ggn_estimator": "exact"},
+    ),  # T*V = 154 cotangents per sequence
     ("ekfac-ef", {"curvature": "ekfac", "kind": "ef"}),
     ("ekfac-heuristic", {"curvature": "ekfac", "damping": None}),
-    ("ekfac-heuristic-no-wd", {"curvature": "ekfac", "damping": None, "weight_decay": 0.0}),  # = Kronfluence's
+    (
+        "ekfac-heuristic-no-wd",
+        {"curvature": "ekfac", "damping": None, "weight_decay": 0.0},
+    ),  # = Kronfluence's
     ("kfac", {"curvature": "kfac", "ggn_estimator": "auto"}),
     # the GGN itself, matrix-free, on a fixed budget (~280 iterations reach tol 0.1 on random vectors)
-    ("cg-ekfac-30it", {"curvature": "cg", "preconditioner": "ekfac", "tol": 0.1, "max_iter": 30, "warn": False}),
+    (
+        "cg-ekfac-30it",
+        {"curvature": "cg", "preconditioner": "ekfac", "tol": 0.1, "max_iter": 30, "warn": False},
+    ),
     ("lissa-ekfac", {"curvature": "lissa", "preconditioner": "ekfac", "depth": 8}),
     ("kron-ggn-8x8", {"projection": (8, 8), "ggn_estimator": "auto"}),
     ("kron-ggn-16x16", {"projection": (16, 16), "ggn_estimator": "auto"}),
@@ -295,7 +365,9 @@ HEADWATER_METHODS: list[tuple[str, dict[str, Any]]] = [
 
 
 def headwater_entries() -> list[Entry]:
-    auto = GGNEstimator.AUTO.resolve(LENGTH * len(VOCAB)).value  # what "auto" does for [T, V] logits
+    auto = GGNEstimator.AUTO.resolve(
+        LENGTH * len(VOCAB)
+    ).value  # what "auto" does for [T, V] logits
     entries = []
     for name, spec in HEADWATER_METHODS:
         settings = {"damping": spec.get("damping", DAMPING), **spec}
@@ -305,8 +377,14 @@ def headwater_entries() -> list[Entry]:
     return entries
 
 
-def _kronfluence_scores(problem: LMProblem, *, damping_factor: float | None, empirical_fisher: bool,
-                        batch_size: int = 100, seed: int = 0) -> Tensor:
+def _kronfluence_scores(
+    problem: LMProblem,
+    *,
+    damping_factor: float | None,
+    empirical_fisher: bool,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> Tensor:
     """Kronfluence EK-FAC pairwise scores ``[n_query, n_train]`` with its own LM task.
 
     ``compute_train_loss``: next-token cross-entropy *summed* over the batch's scored tokens
@@ -324,8 +402,12 @@ def _kronfluence_scores(problem: LMProblem, *, damping_factor: float | None, emp
 
     def summed_nll(logits: Tensor, labels: Tensor) -> Tensor:
         shifted = labels[:, 1:]
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
 
     class _LMTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -333,7 +415,9 @@ def _kronfluence_scores(problem: LMProblem, *, damping_factor: float | None, emp
             logits = model(ids)
             if sample:
                 with torch.no_grad():
-                    probs = torch.softmax(logits[:, :-1].detach(), dim=-1).reshape(-1, logits.shape[-1])
+                    probs = torch.softmax(logits[:, :-1].detach(), dim=-1).reshape(
+                        -1, logits.shape[-1]
+                    )
                     drawn = torch.multinomial(probs, 1).reshape(labels.shape[0], -1)
                     drawn[labels[:, 1:] == IGNORE] = IGNORE
                 labels = torch.cat([labels[:, :1], drawn], dim=1)
@@ -346,22 +430,50 @@ def _kronfluence_scores(problem: LMProblem, *, damping_factor: float | None, emp
     task = _LMTask()
     model = prepare_model(copy.deepcopy(problem.model), task)
     dt = torch.float32
-    fa = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher, activation_covariance_dtype=dt,
-                         gradient_covariance_dtype=dt, per_sample_gradient_dtype=dt, lambda_dtype=dt,
-                         eigendecomposition_dtype=torch.float64)
-    sa = ScoreArguments(damping_factor=damping_factor, per_sample_gradient_dtype=dt, precondition_dtype=dt,
-                        score_dtype=dt)
+    fa = FactorArguments(
+        strategy="ekfac",
+        use_empirical_fisher=empirical_fisher,
+        activation_covariance_dtype=dt,
+        gradient_covariance_dtype=dt,
+        per_sample_gradient_dtype=dt,
+        lambda_dtype=dt,
+        eigendecomposition_dtype=torch.float64,
+    )
+    sa = ScoreArguments(
+        damping_factor=damping_factor,
+        per_sample_gradient_dtype=dt,
+        precondition_dtype=dt,
+        score_dtype=dt,
+    )
     train, query = TensorDataset(*problem.train), TensorDataset(*problem.query)
     with tempfile.TemporaryDirectory(prefix="bench-lm-kronfluence-") as out:
-        analyzer = Analyzer(analysis_name="lm", model=model, task=task, cpu=True, disable_tqdm=True,
-                            output_dir=out, log_level=40)
+        analyzer = Analyzer(
+            analysis_name="lm",
+            model=model,
+            task=task,
+            cpu=True,
+            disable_tqdm=True,
+            output_dir=out,
+            log_level=40,
+        )
         torch.manual_seed(seed)  # Kronfluence samples labels from the global RNG
-        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=batch_size,
-                                 factor_args=fa, overwrite_output_dir=True)
-        analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query,
-                                         train_dataset=train, per_device_query_batch_size=len(query),
-                                         per_device_train_batch_size=batch_size, score_args=sa,
-                                         overwrite_output_dir=True)
+        analyzer.fit_all_factors(
+            factors_name="ekfac",
+            dataset=train,
+            per_device_batch_size=batch_size,
+            factor_args=fa,
+            overwrite_output_dir=True,
+        )
+        analyzer.compute_pairwise_scores(
+            scores_name="pairwise",
+            factors_name="ekfac",
+            query_dataset=query,
+            train_dataset=train,
+            per_device_query_batch_size=len(query),
+            per_device_train_batch_size=batch_size,
+            score_args=sa,
+            overwrite_output_dir=True,
+        )
         return analyzer.load_pairwise_scores("pairwise")["all_modules"].clone()
 
 
@@ -373,32 +485,61 @@ def kronfluence_entries() -> list[Entry]:
         return []
     matched = DAMPING + WEIGHT_DECAY
     return [
-        Entry("kronfluence-ekfac", "kronfluence",
-              lambda p: (_kronfluence_scores(p, damping_factor=matched, empirical_fisher=False), ""),
-              {"damping_factor": matched, "fisher": "true (sampled labels)"}),
-        Entry("kronfluence-ekfac-heuristic", "kronfluence",
-              lambda p: (_kronfluence_scores(p, damping_factor=None, empirical_fisher=False),
-                         "heuristic damping: neither λ nor the L2 term enters"),
-              {"damping_factor": "None (0.1 x mean eigenvalue per module)", "fisher": "true (sampled labels)"}),
-        Entry("kronfluence-ekfac-ef", "kronfluence",
-              lambda p: (_kronfluence_scores(p, damping_factor=matched, empirical_fisher=True), ""),
-              {"damping_factor": matched, "fisher": "empirical"}),
+        Entry(
+            "kronfluence-ekfac",
+            "kronfluence",
+            lambda p: (_kronfluence_scores(p, damping_factor=matched, empirical_fisher=False), ""),
+            {"damping_factor": matched, "fisher": "true (sampled labels)"},
+        ),
+        Entry(
+            "kronfluence-ekfac-heuristic",
+            "kronfluence",
+            lambda p: (
+                _kronfluence_scores(p, damping_factor=None, empirical_fisher=False),
+                "heuristic damping: neither λ nor the L2 term enters",
+            ),
+            {
+                "damping_factor": "None (0.1 x mean eigenvalue per module)",
+                "fisher": "true (sampled labels)",
+            },
+        ),
+        Entry(
+            "kronfluence-ekfac-ef",
+            "kronfluence",
+            lambda p: (_kronfluence_scores(p, damping_factor=matched, empirical_fisher=True), ""),
+            {"damping_factor": matched, "fisher": "empirical"},
+        ),
     ]
 
 
 # ----------------------------------------------------------------------------- quality
 
+
 def lds_truth(problem: LMProblem, n_subsets: int = LDS_SUBSETS) -> LDSGroundTruth:
     """Measurements of every query after retraining on ``n_subsets`` random halves with the
     model's own recipe (all parameters trained and regularised); stored in bench/.cache."""
     config = dataclasses.replace(problem.train_config(), members_per_pass=25)
-    return lds_ground_truth(problem.model, problem.fit_task(), problem.train, problem.query, n_subsets=n_subsets,
-                            alpha=0.5, seeds_per_subset=LDS_SEEDS, config=config, store_dir=CACHE_DIR,
-                            progress=_progress)
+    return lds_ground_truth(
+        problem.model,
+        problem.fit_task(),
+        problem.train,
+        problem.query,
+        n_subsets=n_subsets,
+        alpha=0.5,
+        seeds_per_subset=LDS_SEEDS,
+        config=config,
+        store_dir=CACHE_DIR,
+        progress=_progress,
+    )
 
 
 def _progress(stage: str, done: int, total: int) -> None:
-    print(f"\r[bench-lm] {stage}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    print(
+        f"\r[bench-lm] {stage}: {done}/{total}",
+        end="\n" if done == total else "",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def correlations(a: Tensor, b: Tensor) -> tuple[float, float]:
@@ -413,22 +554,39 @@ REFERENCES = ("ekfac", "kronfluence-ekfac")
 
 #: Pairs whose agreement is reported: (a, b, what differs).
 PAIRS = [
-    ("ekfac-ef", "kronfluence-ekfac-ef", "empirical Fisher, matched damping: deterministic on both sides"),
-    ("ekfac", "kronfluence-ekfac", "true Fisher (one sampled label per scored token), matched damping"),
+    (
+        "ekfac-ef",
+        "kronfluence-ekfac-ef",
+        "empirical Fisher, matched damping: deterministic on both sides",
+    ),
+    (
+        "ekfac",
+        "kronfluence-ekfac",
+        "true Fisher (one sampled label per scored token), matched damping",
+    ),
     ("ekfac", "ekfac-seed1", "headwater alone, two sampling seeds: the Monte Carlo noise"),
-    ("ekfac-heuristic-no-wd", "kronfluence-ekfac-heuristic", "heuristic damping, no L2 term, sampled labels"),
+    (
+        "ekfac-heuristic-no-wd",
+        "kronfluence-ekfac-heuristic",
+        "heuristic damping, no L2 term, sampled labels",
+    ),
     ("ekfac", "ekfac-sampled", "ggn_estimator 'auto' vs 'sampled'"),
     ("ekfac", "ekfac-exact-ggn", "sampled true Fisher vs the exact GGN expectation"),
     ("ekfac", "cg-ekfac-30it", "EK-FAC vs the GGN itself (CG, 30 iterations)"),
 ]
 
 
-def run(entries: list[Entry], problem: LMProblem, truth: LDSGroundTruth | None
-        ) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+def run(
+    entries: list[Entry], problem: LMProblem, truth: LDSGroundTruth | None
+) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
     rows, scores = [], {}
     for entry in entries:
         print(f"[bench-lm] {entry.name} ...", file=sys.stderr, flush=True)
-        row: dict[str, Any] = {"method": entry.name, "library": entry.library, "settings": entry.settings}
+        row: dict[str, Any] = {
+            "method": entry.name,
+            "library": entry.library,
+            "settings": entry.settings,
+        }
         try:
             (values, note), seconds, peak = measure(entry.run, problem)
             values = values.detach().cpu()
@@ -453,16 +611,21 @@ def run(entries: list[Entry], problem: LMProblem, truth: LDSGroundTruth | None
 def pair_notes(scores: dict[str, Tensor]) -> list[str]:
     """Agreement of the matched pairs: Pearson, Spearman, least-squares scale of a on b and the
     largest difference relative to the largest score."""
-    lines = ["## Matched pairs", "",
-             "| a | b | what differs | Pearson | Spearman | scale a/b | max abs diff / max abs b |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "## Matched pairs",
+        "",
+        "| a | b | what differs | Pearson | Spearman | scale a/b | max abs diff / max abs b |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for a, b, what in PAIRS:
         if a in scores and b in scores:
             x, y = scores[a].double(), scores[b].double()
             pearson, spear = correlations(x, y)
             scale = float((x * y).sum() / (y * y).sum())
             diff = float((x - y).abs().max() / y.abs().max())
-            lines.append(f"| {a} | {b} | {what} | {pearson:.6f} | {spear:.4f} | {scale:.4f} | {diff:.2e} |")
+            lines.append(
+                f"| {a} | {b} | {what} | {pearson:.6f} | {spear:.4f} | {scale:.4f} | {diff:.2e} |"
+            )
     return lines
 
 
@@ -477,17 +640,24 @@ def noise_ceiling(truth: LDSGroundTruth) -> str:
     r = r[~torch.isnan(r)]
     mean_r = float(r.mean())
     reliability = seeds * mean_r / (1 + (seeds - 1) * mean_r)
-    return (f"Retraining noise: two seeds on the same half agree with Spearman {mean_r:.3f} (mean over queries); "
-            f"the {seeds}-seed mean then has reliability {reliability:.2f}, so no attribution can be expected to "
-            f"reach an LDS above about {max(reliability, 0.0) ** 0.5:.2f} here.")
+    return (
+        f"Retraining noise: two seeds on the same half agree with Spearman {mean_r:.3f} (mean over queries); "
+        f"the {seeds}-seed mean then has reliability {reliability:.2f}, so no attribution can be expected to "
+        f"reach an LDS above about {max(reliability, 0.0) ** 0.5:.2f} here."
+    )
 
 
 def _fmt(value: Any, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def write_markdown(rows: list[dict[str, Any]], problem: LMProblem, truth: LDSGroundTruth | None,
-                   notes: list[str], path: Path = RESULTS) -> None:
+def write_markdown(
+    rows: list[dict[str, Any]],
+    problem: LMProblem,
+    truth: LDSGroundTruth | None,
+    notes: list[str],
+    path: Path = RESULTS,
+) -> None:
     acc, nll = problem.completion_accuracy()
     train_acc, _ = problem.completion_accuracy(problem.train)
     n_params = sum(p.numel() for p in problem.model.parameters())
@@ -512,9 +682,13 @@ def write_markdown(rows: list[dict[str, Any]], problem: LMProblem, truth: LDSGro
         f"training sequences {train_acc:.2f}.",
         f"Damping λ = {DAMPING} on top of the weight decay for every method (Kronfluence: damping_factor = "
         f"λ + wd) unless the row says otherwise.",
-        "LDS: " + ("none (run without ground truth)" if truth is None else
-                   f"{truth.masks.shape[0]} random halves x {truth.per_seed.shape[1]} retraining(s), "
-                   "the model's own recipe, vmapped (`train_ensemble`); mean +- s.e. over queries."),
+        "LDS: "
+        + (
+            "none (run without ground truth)"
+            if truth is None
+            else f"{truth.masks.shape[0]} random halves x {truth.per_seed.shape[1]} retraining(s), "
+            "the model's own recipe, vmapped (`train_ensemble`); mean +- s.e. over queries."
+        ),
         "Pearson / Spearman: of the flattened [100, 1000] score matrix with headwater `ekfac` and with "
         "`kronfluence-ekfac` (matched damping). Peak = largest RSS increase during the call (MiB).",
         "",
@@ -523,22 +697,31 @@ def write_markdown(rows: list[dict[str, Any]], problem: LMProblem, truth: LDSGro
     ]
     for r in rows:
         lds_text = f"{r['lds']:.3f} +- {r['lds_se']:.3f}" if "lds" in r else ""
-        corr = [f"{r[k][0]:.4f} / {r[k][1]:.4f}" if k in r else "" for k in ("vs ekfac", "vs kronfluence-ekfac")]
+        corr = [
+            f"{r[k][0]:.4f} / {r[k][1]:.4f}" if k in r else ""
+            for k in ("vs ekfac", "vs kronfluence-ekfac")
+        ]
         settings = json.dumps(r["settings"], default=str)
-        lines.append(f"| {r['method']} | {r['library']} | {_fmt(r.get('seconds'), '.1f')} | "
-                     f"{_fmt(r.get('peak_mb'), '.0f')} | {lds_text} | {corr[0]} | {corr[1]} | "
-                     f"`{settings}` {r.get('error') or r.get('note', '')} |")
+        lines.append(
+            f"| {r['method']} | {r['library']} | {_fmt(r.get('seconds'), '.1f')} | "
+            f"{_fmt(r.get('peak_mb'), '.0f')} | {lds_text} | {corr[0]} | {corr[1]} | "
+            f"`{settings}` {r.get('error') or r.get('note', '')} |"
+        )
     if notes:
         lines += ["", *notes]
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", nargs="+", help="method names to run")
     parser.add_argument("--no-peers", action="store_true", help="headwater only")
     parser.add_argument("--no-lds", action="store_true", help="skip the retraining ground truth")
-    parser.add_argument("--subsets", type=int, default=LDS_SUBSETS, help="random halves for the LDS")
+    parser.add_argument(
+        "--subsets", type=int, default=LDS_SUBSETS, help="random halves for the LDS"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--warmup", action="store_true", help="run both EK-FACs once untimed first")

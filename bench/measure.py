@@ -108,8 +108,9 @@ class Measure:
         return False
 
 
-def measure(fn: Callable[..., Any], *args: Any, interval: float = 0.005,
-            **kwargs: Any) -> tuple[Any, float, float]:
+def measure(
+    fn: Callable[..., Any], *args: Any, interval: float = 0.005, **kwargs: Any
+) -> tuple[Any, float, float]:
     """Run ``fn(*args, **kwargs)``; return ``(result, seconds, peak_mb)``.
 
     ``peak_mb`` is the peak RSS increase over the RSS at the start, in MiB.

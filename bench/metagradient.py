@@ -47,31 +47,71 @@ RESULTS = Path(__file__).resolve().parent / "metagradient_results.md"
 
 # name: architecture, optimizer, lr, momentum, epochs, warm-up steps (linear from 10%), decay (linear to 0)
 RECIPES: dict[str, dict[str, Any]] = {
-    "mlp-sgd-sharp": {"arch": "mlp", "opt": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 10, "warmup": 0},
-    "mlp-sgd-smooth": {"arch": "mlp", "opt": "sgd", "lr": 0.01, "momentum": 0.9, "epochs": 20, "warmup": 0,
-                       "decay": 1},
-    "mlp-adam-sharp": {"arch": "mlp", "opt": "adam", "lr": 1e-2, "momentum": 0.0, "epochs": 10, "warmup": 0},
-    "mlp-adam-smooth": {"arch": "mlp", "opt": "adam", "lr": 1e-3, "momentum": 0.0, "epochs": 20, "warmup": 100,
-                        "decay": 1},
+    "mlp-sgd-sharp": {
+        "arch": "mlp",
+        "opt": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "epochs": 10,
+        "warmup": 0,
+    },
+    "mlp-sgd-smooth": {
+        "arch": "mlp",
+        "opt": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup": 0,
+        "decay": 1,
+    },
+    "mlp-adam-sharp": {
+        "arch": "mlp",
+        "opt": "adam",
+        "lr": 1e-2,
+        "momentum": 0.0,
+        "epochs": 10,
+        "warmup": 0,
+    },
+    "mlp-adam-smooth": {
+        "arch": "mlp",
+        "opt": "adam",
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "epochs": 20,
+        "warmup": 100,
+        "decay": 1,
+    },
 }
 
 
 def build(arch: str) -> nn.Module:
     torch.manual_seed(0)
     if arch == "mlp":
-        return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+        return nn.Sequential(
+            nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+        )
     raise ValueError(f"arch: only 'mlp' here, got {arch!r}")
 
 
-def train(recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task) -> tuple[nn.Module, RunRecord]:
+def train(
+    recipe: dict[str, Any], x: torch.Tensor, y: torch.Tensor, task
+) -> tuple[nn.Module, RunRecord]:
     """The user's loop: a shuffled order per epoch, an lr schedule, the recorder around the step."""
     model = build(recipe["arch"])
     if recipe["opt"] == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
-                              weight_decay=recipe.get("wd", WEIGHT_DECAY))
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=recipe["lr"],
+            momentum=recipe["momentum"],
+            weight_decay=recipe.get("wd", WEIGHT_DECAY),
+        )
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], eps=recipe.get("eps", 1e-8),
-                               weight_decay=recipe.get("wd", WEIGHT_DECAY))
+        opt = torch.optim.Adam(
+            model.parameters(),
+            lr=recipe["lr"],
+            eps=recipe.get("eps", 1e-8),
+            weight_decay=recipe.get("wd", WEIGHT_DECAY),
+        )
     steps = recipe["epochs"] * math.ceil(x.shape[0] / 50)
     warm, decay = recipe["warmup"], recipe.get("decay", 0)
 
@@ -115,7 +155,7 @@ def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor,
 def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
     out = []
     for a, b in zip(run.checkpoints[:-1], run.checkpoints[1:], strict=True):
-        lr = sum(run.lrs[a.step:b.step]) / (b.step - a.step)
+        lr = sum(run.lrs[a.step : b.step]) / (b.step - a.step)
         out.append(Checkpoint(run.layout.unflatten(b.theta), lr, b.step - a.step))
     return out
 
@@ -141,53 +181,101 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     free = Metagradient(model, task, run, hessian_free=True).scores((xq, yq), (x, y))
     estimators["Hessian-free (HYDRA)"] = (free, time.process_time() - start)
     start = time.process_time()
-    ek = headwater.influence(model, (x, y), (xq, yq), task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY))).values
+    ek = headwater.influence(
+        model,
+        (x, y),
+        (xq, yq),
+        task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
+    ).values
     estimators["EK-FAC influence"] = (ek, time.process_time() - start)
     start = time.process_time()
-    tr = headwater.influence(model, (x, y), (xq, yq), task=task, method="tracin",
-                             checkpoints=tracin_checkpoints(run)).values
+    tr = headwater.influence(
+        model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
+    ).values
     estimators["TracIn (checkpoints)"] = (tr, time.process_time() - start)
-    truths = {f: single_model_ground_truth(model, task, (x, y), (xq, yq), run, fraction=f, n_subsets=subsets,
-                                           store_dir=CACHE_DIR / "metagradient") for f in FRACTIONS}
+    truths = {
+        f: single_model_ground_truth(
+            model,
+            task,
+            (x, y),
+            (xq, yq),
+            run,
+            fraction=f,
+            n_subsets=subsets,
+            store_dir=CACHE_DIR / "metagradient",
+        )
+        for f in FRACTIONS
+    }
     rows = []
     for est, (values, secs) in estimators.items():
         quality = [lds(values, truths[f]) for f in FRACTIONS]
         rows.append((est, [(r.mean, r.stderr) for r in quality], secs / one_run))
-        print(f"{name:16s} {est:22s} " + " ".join(f"{m:.3f}±{s:.3f}" for m, s in rows[-1][1])
-              + f"  {rows[-1][2]:.1f} runs", flush=True)
-    return {"name": name, "recipe": recipe, "acc": acc, "one_run": one_run, "seconds": seconds, "peak": peak,
-            "budget": budget, "P": p, "steps": run.num_steps, "rows": rows}
+        print(
+            f"{name:16s} {est:22s} "
+            + " ".join(f"{m:.3f}±{s:.3f}" for m, s in rows[-1][1])
+            + f"  {rows[-1][2]:.1f} runs",
+            flush=True,
+        )
+    return {
+        "name": name,
+        "recipe": recipe,
+        "acc": acc,
+        "one_run": one_run,
+        "seconds": seconds,
+        "peak": peak,
+        "budget": budget,
+        "P": p,
+        "steps": run.num_steps,
+        "rows": rows,
+    }
 
 
 def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
-    lines = ["# Exact metagradients (REPLAY) vs influence: single-model LDS on the digits", "",
-             f"`make bench-metagradient` (python -m bench.metagradient), {platform.machine()}, torch "
-             f"{torch.__version__}, {torch.get_num_threads()} thread(s), float32, {subsets} replays per drop "
-             f"fraction (LDS ± standard error over the 200 test queries), {total:.0f} s of CPU time in all. "
-             "Times are CPU seconds of the process.", "",
-             "| recipe | test acc | steps | one run (s) | estimator | LDS 1% | LDS 5% | LDS 50% | time (runs) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Exact metagradients (REPLAY) vs influence: single-model LDS on the digits",
+        "",
+        f"`make bench-metagradient` (python -m bench.metagradient), {platform.machine()}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s), float32, {subsets} replays per drop "
+        f"fraction (LDS ± standard error over the 200 test queries), {total:.0f} s of CPU time in all. "
+        "Times are CPU seconds of the process.",
+        "",
+        "| recipe | test acc | steps | one run (s) | estimator | LDS 1% | LDS 5% | LDS 50% | time (runs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for est, quality, runs in r["rows"]:
             cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in quality)
-            lines.append(f"| {r['name']} | {r['acc']:.3f} | {r['steps']} | {r['one_run']:.2f} | {est} | {cells} | "
-                         f"{runs:.1f} |")
-    lines += ["", "| recipe | P | metagradient of 200 queries (s) | runs | peak RSS rise (MiB) | "
-              "(1 + state + 200)·P floats (MiB) | ratio |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['name']} | {r['acc']:.3f} | {r['steps']} | {r['one_run']:.2f} | {est} | {cells} | "
+                f"{runs:.1f} |"
+            )
+    lines += [
+        "",
+        "| recipe | P | metagradient of 200 queries (s) | runs | peak RSS rise (MiB) | "
+        "(1 + state + 200)·P floats (MiB) | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['name']} | {r['P']} | {r['seconds']:.1f} | {r['seconds'] / r['one_run']:.1f} | "
-                     f"{r['peak']:.1f} | {r['budget']:.1f} | {r['peak'] / r['budget']:.1f} |")
-    lines += ["", "Recipes: " + "; ".join(f"{r['name']}: {r['recipe']}" for r in results), "",
-              "Reading: the exact metagradient is exact for each run (tests: finite differences of "
-              "retraining to 1e-5 in float64), so its LDS measures how linear the run's response to "
-              "dropping data is: the sharp and smooth recipe of one optimizer reach the same test "
-              "accuracy, the smooth one is far more attributable. Its time is dominated by the "
-              "200 batched Hessian-vector products per step (forward-over-reverse, vmapped; about "
-              "Q·B·P·6 multiply-adds, at this machine's matrix-multiply rate); the Hessian-free "
-              "column shows the rest (replay, optimizer pullback, J·a products). The peak RSS rise "
-              "counts every [Q, P] tensor alive in a step (adjoints of θ and the optimizer state, "
-              "the pullback's outputs, the Hessian products of a chunk of 100 queries) plus the "
-              "allocator's slack.", ""]
+        lines.append(
+            f"| {r['name']} | {r['P']} | {r['seconds']:.1f} | {r['seconds'] / r['one_run']:.1f} | "
+            f"{r['peak']:.1f} | {r['budget']:.1f} | {r['peak'] / r['budget']:.1f} |"
+        )
+    lines += [
+        "",
+        "Recipes: " + "; ".join(f"{r['name']}: {r['recipe']}" for r in results),
+        "",
+        "Reading: the exact metagradient is exact for each run (tests: finite differences of "
+        "retraining to 1e-5 in float64), so its LDS measures how linear the run's response to "
+        "dropping data is: the sharp and smooth recipe of one optimizer reach the same test "
+        "accuracy, the smooth one is far more attributable. Its time is dominated by the "
+        "200 batched Hessian-vector products per step (forward-over-reverse, vmapped; about "
+        "Q·B·P·6 multiply-adds, at this machine's matrix-multiply rate); the Hessian-free "
+        "column shows the rest (replay, optimizer pullback, J·a products). The peak RSS rise "
+        "counts every [Q, P] tensor alive in a step (adjoints of θ and the optimizer state, "
+        "the pullback's outputs, the Hessian products of a chunk of 100 queries) plus the "
+        "allocator's slack.",
+        "",
+    ]
     RESULTS.write_text("\n".join(lines))
 
 

@@ -106,6 +106,7 @@ class PeerResult:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _version(dist: str) -> str:
     try:
         return _md.version(dist)
@@ -145,8 +146,15 @@ def _check_measurement(measurement: str) -> None:
         raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
 
 
-def _run(name: str, library: str, dist: str, settings: dict[str, Any],
-         fn: Callable[[], torch.Tensor], model: nn.Module, note: str = "") -> PeerResult:
+def _run(
+    name: str,
+    library: str,
+    dist: str,
+    settings: dict[str, Any],
+    fn: Callable[[], torch.Tensor],
+    model: nn.Module,
+    note: str = "",
+) -> PeerResult:
     """Measure ``fn`` (returns converted scores); turn exceptions into a failed result."""
     version = _version(dist)
     notes = [note] if note else []
@@ -167,12 +175,20 @@ def _run(name: str, library: str, dist: str, settings: dict[str, Any],
     return PeerResult(name, library, version, settings, scores, seconds, peak, "; ".join(notes))
 
 
-def _base_settings(problem: Problem, model: nn.Module, damping: float, measurement: str,
-                   **kw) -> dict[str, Any]:
-    return dict(problem=problem.name, dtype=str(_dtype(model)).replace("torch.", ""),
-                damping=float(damping), weight_decay=problem.weight_decay,
-                peer_damping=float(damping) + problem.weight_decay,
-                measurement=measurement, n_train=problem.n_train, n_test=problem.n_test, **kw)
+def _base_settings(
+    problem: Problem, model: nn.Module, damping: float, measurement: str, **kw
+) -> dict[str, Any]:
+    return dict(
+        problem=problem.name,
+        dtype=str(_dtype(model)).replace("torch.", ""),
+        damping=float(damping),
+        weight_decay=problem.weight_decay,
+        peer_damping=float(damping) + problem.weight_decay,
+        measurement=measurement,
+        n_train=problem.n_train,
+        n_test=problem.n_test,
+        **kw,
+    )
 
 
 def _n_params(model: nn.Module) -> int:
@@ -190,8 +206,9 @@ def _as_sequential(model: nn.Module) -> nn.Module:
     return m
 
 
-def top_hessian_eigenvalue(model: nn.Module, problem: Problem, iters: int = 30,
-                           seed: int = 0) -> float:
+def top_hessian_eigenvalue(
+    model: nn.Module, problem: Problem, iters: int = 30, seed: int = 0
+) -> float:
     """Largest eigenvalue of the full-batch Hessian of the mean CE (power iteration).
 
     Used to choose LiSSA's scale (it must exceed the top eigenvalue of every minibatch
@@ -215,9 +232,17 @@ def top_hessian_eigenvalue(model: nn.Module, problem: Problem, iters: int = 30,
 
 # ----------------------------------------------------------------------- kronfluence
 
-def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: float | None,
-                        measurement: str, train_batch_size: int, seed: int,
-                        empirical_fisher: bool = False) -> torch.Tensor:
+
+def _kronfluence_scores(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping_factor: float | None,
+    measurement: str,
+    train_batch_size: int,
+    seed: int,
+    empirical_fisher: bool = False,
+) -> torch.Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -243,33 +268,64 @@ def _kronfluence_scores(model: nn.Module, problem: Problem, *, damping_factor: f
 
     task = _Task()
     m = prepare_model(_as_sequential(model), task)
-    fa = FactorArguments(strategy="ekfac", activation_covariance_dtype=dt,
-                         gradient_covariance_dtype=dt, per_sample_gradient_dtype=dt,
-                         lambda_dtype=dt, eigendecomposition_dtype=torch.float64,
-                         use_empirical_fisher=empirical_fisher)
-    sa = ScoreArguments(damping_factor=damping_factor, per_sample_gradient_dtype=dt,
-                        precondition_dtype=dt, score_dtype=dt)
+    fa = FactorArguments(
+        strategy="ekfac",
+        activation_covariance_dtype=dt,
+        gradient_covariance_dtype=dt,
+        per_sample_gradient_dtype=dt,
+        lambda_dtype=dt,
+        eigendecomposition_dtype=torch.float64,
+        use_empirical_fisher=empirical_fisher,
+    )
+    sa = ScoreArguments(
+        damping_factor=damping_factor,
+        per_sample_gradient_dtype=dt,
+        precondition_dtype=dt,
+        score_dtype=dt,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-kronfluence-") as out:
-        an = Analyzer(analysis_name="bench", model=m, task=task, cpu=True, disable_tqdm=True,
-                      output_dir=out, log_level=40)
+        an = Analyzer(
+            analysis_name="bench",
+            model=m,
+            task=task,
+            cpu=True,
+            disable_tqdm=True,
+            output_dir=out,
+            log_level=40,
+        )
         torch.manual_seed(seed)
-        an.fit_all_factors(factors_name="ekfac", dataset=TensorDataset(Xtr, ytr),
-                           per_device_batch_size=train_batch_size, factor_args=fa,
-                           overwrite_output_dir=True)
-        an.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac",
-                                   query_dataset=TensorDataset(Xte, yte),
-                                   train_dataset=TensorDataset(Xtr, ytr),
-                                   per_device_query_batch_size=len(yte),
-                                   per_device_train_batch_size=train_batch_size,
-                                   score_args=sa, overwrite_output_dir=True)
+        an.fit_all_factors(
+            factors_name="ekfac",
+            dataset=TensorDataset(Xtr, ytr),
+            per_device_batch_size=train_batch_size,
+            factor_args=fa,
+            overwrite_output_dir=True,
+        )
+        an.compute_pairwise_scores(
+            scores_name="pairwise",
+            factors_name="ekfac",
+            query_dataset=TensorDataset(Xte, yte),
+            train_dataset=TensorDataset(Xtr, ytr),
+            per_device_query_batch_size=len(yte),
+            per_device_train_batch_size=train_batch_size,
+            score_args=sa,
+            overwrite_output_dir=True,
+        )
         scores = an.load_pairwise_scores("pairwise")["all_modules"].clone()
     return scores
 
 
-def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
-                      measurement: str = "margin", train_batch_size: int = 100,
-                      seed: int = 0, heuristic_damping: bool = False,
-                      empirical_fisher: bool = False) -> PeerResult:
+def kronfluence_ekfac(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    train_batch_size: int = 100,
+    seed: int = 0,
+    heuristic_damping: bool = False,
+    empirical_fisher: bool = False,
+) -> PeerResult:
     """Kronfluence EK-FAC (true Fisher, labels sampled from the model with ``seed``; with
     ``empirical_fisher=True`` the true labels: deterministic, headwater's ``kind="ef"``).
 
@@ -285,9 +341,16 @@ def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
     then neither ``damping`` nor the L2 term enters).
     """
     _check_measurement(measurement)
-    s = _base_settings(problem, model, damping, measurement, train_batch_size=train_batch_size,
-                       seed=seed, strategy="ekfac",
-                       fisher="empirical" if empirical_fisher else "true (sampled labels)")
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        train_batch_size=train_batch_size,
+        seed=seed,
+        strategy="ekfac",
+        fisher="empirical" if empirical_fisher else "true (sampled labels)",
+    )
     if heuristic_damping:
         s["peer_damping"] = None
         s["damping_factor"] = "heuristic: 0.1 * mean(lambda) per module"
@@ -295,25 +358,41 @@ def kronfluence_ekfac(model: nn.Module, problem: Problem, *, damping: float,
     else:
         df = s["peer_damping"]
         s["damping_factor"] = df
-    name = ("kronfluence-ekfac" + ("-ef" if empirical_fisher else "")
-            + ("-heuristic" if heuristic_damping else ""))
-    return _run(name, "kronfluence", "kronfluence", s,
-                lambda: _kronfluence_scores(model, problem, damping_factor=df,
-                                            measurement=measurement,
-                                            train_batch_size=train_batch_size, seed=seed,
-                                            empirical_fisher=empirical_fisher),
-                model, note="heuristic damping ignores `damping` and the L2 term"
-                if heuristic_damping else "")
+    name = (
+        "kronfluence-ekfac"
+        + ("-ef" if empirical_fisher else "")
+        + ("-heuristic" if heuristic_damping else "")
+    )
+    return _run(
+        name,
+        "kronfluence",
+        "kronfluence",
+        s,
+        lambda: _kronfluence_scores(
+            model,
+            problem,
+            damping_factor=df,
+            measurement=measurement,
+            train_batch_size=train_batch_size,
+            seed=seed,
+            empirical_fisher=empirical_fisher,
+        ),
+        model,
+        note="heuristic damping ignores `damping` and the L2 term" if heuristic_damping else "",
+    )
 
 
-def kronfluence_ekfac_heuristic(model: nn.Module, problem: Problem, *, damping: float,
-                                measurement: str = "margin", **kw) -> PeerResult:
+def kronfluence_ekfac_heuristic(
+    model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin", **kw
+) -> PeerResult:
     """Kronfluence EK-FAC with its own heuristic damping (``damping_factor=None``)."""
-    return kronfluence_ekfac(model, problem, damping=damping, measurement=measurement,
-                             heuristic_damping=True, **kw)
+    return kronfluence_ekfac(
+        model, problem, damping=damping, measurement=measurement, heuristic_damping=True, **kw
+    )
 
 
 # ----------------------------------------------------------------------------- pyDVL
+
 
 def _pydvl_loss(n_classes: int, measurement: str):
     """Loss callable for pyDVL: ``loss(outputs, target) -> scalar`` (mean over the batch).
@@ -337,8 +416,13 @@ def _pydvl_loss(n_classes: int, measurement: str):
     return loss
 
 
-def _pydvl_run(make: Callable[[Callable], Any], model: nn.Module, problem: Problem,
-               measurement: str, fit_batch_size: int) -> torch.Tensor:
+def _pydvl_run(
+    make: Callable[[Callable], Any],
+    model: nn.Module,
+    problem: Problem,
+    measurement: str,
+    fit_batch_size: int,
+) -> torch.Tensor:
     with _quiet():
         from pydvl.influence import InfluenceMode
 
@@ -351,9 +435,17 @@ def _pydvl_run(make: Callable[[Callable], Any], model: nn.Module, problem: Probl
     return inf.influences(Xte, yq, Xtr, ytr, mode=InfluenceMode.Up)
 
 
-def pydvl_cg(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
-             rtol: float = 1e-4, atol: float = 1e-6, maxiter: int | None = 100,
-             fit_batch_size: int | None = None) -> PeerResult:
+def pydvl_cg(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    maxiter: int | None = 100,
+    fit_batch_size: int | None = None,
+) -> PeerResult:
     """pyDVL ``CgInfluence`` with block CG (``solve_simultaneously=True``), exact Hessian HVPs.
 
     Conversion: pyDVL returns ``<(H + r I)^{-1} g_test, g_train>`` with H the Hessian of
@@ -368,20 +460,55 @@ def pydvl_cg(model: nn.Module, problem: Problem, *, damping: float, measurement:
 
     _check_measurement(measurement)
     bs = fit_batch_size or problem.n_train
-    s = _base_settings(problem, model, damping, measurement, solve_simultaneously=True,
-                       rtol=rtol, atol=atol, maxiter=maxiter, fit_batch_size=bs,
-                       second_order_mode="hessian")
-    return _run("pydvl-cg", "pydvl", "pyDVL", s, lambda: _pydvl_run(
-        lambda loss, m: CgInfluence(m, loss, regularization=s["peer_damping"], rtol=rtol,
-                                    atol=atol, maxiter=maxiter, solve_simultaneously=True,
-                                    warn_on_max_iteration=False),
-        model, problem, measurement, bs), model)
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        solve_simultaneously=True,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        fit_batch_size=bs,
+        second_order_mode="hessian",
+    )
+    return _run(
+        "pydvl-cg",
+        "pydvl",
+        "pyDVL",
+        s,
+        lambda: _pydvl_run(
+            lambda loss, m: CgInfluence(
+                m,
+                loss,
+                regularization=s["peer_damping"],
+                rtol=rtol,
+                atol=atol,
+                maxiter=maxiter,
+                solve_simultaneously=True,
+                warn_on_max_iteration=False,
+            ),
+            model,
+            problem,
+            measurement,
+            bs,
+        ),
+        model,
+    )
 
 
-def pydvl_lissa(model: nn.Module, problem: Problem, *, damping: float,
-                measurement: str = "margin", scale: float | None = None,
-                maxiter: int = 1000, batch_size: int = 50, rtol: float = 1e-4,
-                seed: int = 0) -> PeerResult:
+def pydvl_lissa(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    scale: float | None = None,
+    maxiter: int = 1000,
+    batch_size: int = 50,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> PeerResult:
     """pyDVL ``LissaInfluence`` (minibatch Hessian HVPs, ``maxiter`` recursion steps).
 
     Conversion: pyDVL's LiSSA solves ``(H + r I) x = g_test`` with H of the mean loss (each
@@ -397,23 +524,50 @@ def pydvl_lissa(model: nn.Module, problem: Problem, *, damping: float,
     _check_measurement(measurement)
     if scale is None:
         scale = 3.0 * (top_hessian_eigenvalue(model, problem) + damping)
-    s = _base_settings(problem, model, damping, measurement, scale=scale, maxiter=maxiter,
-                       batch_size=batch_size, rtol=rtol, dampen=0.0, seed=seed)
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        scale=scale,
+        maxiter=maxiter,
+        batch_size=batch_size,
+        rtol=rtol,
+        dampen=0.0,
+        seed=seed,
+    )
 
     def go():
         torch.manual_seed(seed)
         return _pydvl_run(
-            lambda loss, m: LissaInfluence(m, loss, regularization=s["peer_damping"],
-                                           maxiter=maxiter, dampen=0.0, scale=scale, rtol=rtol,
-                                           warn_on_max_iteration=False),
-            model, problem, measurement, batch_size)
+            lambda loss, m: LissaInfluence(
+                m,
+                loss,
+                regularization=s["peer_damping"],
+                maxiter=maxiter,
+                dampen=0.0,
+                scale=scale,
+                rtol=rtol,
+                warn_on_max_iteration=False,
+            ),
+            model,
+            problem,
+            measurement,
+            batch_size,
+        )
 
     return _run("pydvl-lissa", "pydvl", "pyDVL", s, go, model)
 
 
-def pydvl_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
-                  measurement: str = "margin", rank: int = 50,
-                  use_woodbury: bool = False) -> PeerResult:
+def pydvl_arnoldi(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    rank: int = 50,
+    use_woodbury: bool = False,
+) -> PeerResult:
     """pyDVL ``ArnoldiInfluence``: top-``rank`` eigenpairs (by |lambda|) of the mean-loss
     Hessian via ARPACK, inverse ``V (D + r)^{-1} V^T`` (discarded directions contribute 0
     unless ``use_woodbury``). Conversion: ``regularization = damping + weight_decay``,
@@ -423,17 +577,34 @@ def pydvl_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
         from pydvl.influence.torch import ArnoldiInfluence
 
     _check_measurement(measurement)
-    s = _base_settings(problem, model, damping, measurement, rank=rank,
-                       use_woodbury=use_woodbury)
-    return _run("pydvl-arnoldi", "pydvl", "pyDVL", s, lambda: _pydvl_run(
-        lambda loss, m: ArnoldiInfluence(m, loss, regularization=s["peer_damping"], rank=rank,
-                                         use_woodbury=use_woodbury),
-        model, problem, measurement, problem.n_train), model)
+    s = _base_settings(problem, model, damping, measurement, rank=rank, use_woodbury=use_woodbury)
+    return _run(
+        "pydvl-arnoldi",
+        "pydvl",
+        "pyDVL",
+        s,
+        lambda: _pydvl_run(
+            lambda loss, m: ArnoldiInfluence(
+                m, loss, regularization=s["peer_damping"], rank=rank, use_woodbury=use_woodbury
+            ),
+            model,
+            problem,
+            measurement,
+            problem.n_train,
+        ),
+        model,
+    )
 
 
-def pydvl_ekfac(model: nn.Module, problem: Problem, *, damping: float,
-                measurement: str = "margin", fit_batch_size: int = 100,
-                update_diagonal: bool = True) -> PeerResult:
+def pydvl_ekfac(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    fit_batch_size: int = 100,
+    update_diagonal: bool = True,
+) -> PeerResult:
     """pyDVL ``EkfacInfluence`` (``update_diagonal=True``: eigenvalue-corrected).
 
     Conversion: factors are averaged over examples (mean loss), ``hessian_regularization``
@@ -451,14 +622,23 @@ def pydvl_ekfac(model: nn.Module, problem: Problem, *, damping: float,
 
     _check_measurement(measurement)
     m32 = copy.deepcopy(model).float()
-    s = _base_settings(problem, m32, damping, measurement, fit_batch_size=fit_batch_size,
-                       update_diagonal=update_diagonal)
+    s = _base_settings(
+        problem,
+        m32,
+        damping,
+        measurement,
+        fit_batch_size=fit_batch_size,
+        update_diagonal=update_diagonal,
+    )
     n_classes = int(problem.y_train.max()) + 1
 
     def go():
         Xtr, ytr, Xte, yte = _data(m32, problem)
-        inf = EkfacInfluence(_as_sequential(m32), update_diagonal=update_diagonal,
-                             hessian_regularization=s["peer_damping"])
+        inf = EkfacInfluence(
+            _as_sequential(m32),
+            update_diagonal=update_diagonal,
+            hessian_regularization=s["peer_damping"],
+        )
         if measurement == "margin":
             inf.loss = _pydvl_loss(n_classes, "margin")
         inf = inf.fit(DataLoader(TensorDataset(Xtr, ytr), batch_size=fit_batch_size))
@@ -469,6 +649,7 @@ def pydvl_ekfac(model: nn.Module, problem: Problem, *, damping: float,
 
 
 # ---------------------------------------------------------------------------- dattri
+
 
 def _dattri_task(model: nn.Module, measurement: str):
     from dattri.task import AttributionTask
@@ -490,13 +671,21 @@ def _dattri_task(model: nn.Module, measurement: str):
             return F.cross_entropy(out, y.long())
         return margin_from_logits(out, y.long()).sum()
 
-    return AttributionTask(loss_func=loss_func, model=model,
-                           checkpoints=copy.deepcopy(model.state_dict()),
-                           target_func=target_func)
+    return AttributionTask(
+        loss_func=loss_func,
+        model=model,
+        checkpoints=copy.deepcopy(model.state_dict()),
+        target_func=target_func,
+    )
 
 
-def _dattri_run(make: Callable[[Any], Any], model: nn.Module, problem: Problem,
-                measurement: str, query_batch_size: int | None = None) -> torch.Tensor:
+def _dattri_run(
+    make: Callable[[Any], Any],
+    model: nn.Module,
+    problem: Problem,
+    measurement: str,
+    query_batch_size: int | None = None,
+) -> torch.Tensor:
     Xtr, ytr, Xte, yte = _data(model, problem)
     m = copy.deepcopy(model)
     attributor = make(_dattri_task(m, measurement))
@@ -507,13 +696,22 @@ def _dattri_run(make: Callable[[Any], Any], model: nn.Module, problem: Problem,
     with torch.no_grad():
         # One full batch: dattri's CG/LiSSA *sum* inverse-HVPs over the loader's batches.
         attributor.cache(DataLoader(TensorDataset(Xtr, ytr), batch_size=len(ytr)))
-        out = attributor.attribute(DataLoader(TensorDataset(Xtr, ytr), batch_size=len(ytr)),
-                                   DataLoader(TensorDataset(Xte, yte), batch_size=qbs))
+        out = attributor.attribute(
+            DataLoader(TensorDataset(Xtr, ytr), batch_size=len(ytr)),
+            DataLoader(TensorDataset(Xte, yte), batch_size=qbs),
+        )
     return out.T  # dattri returns [n_train, n_test]
 
 
-def dattri_cg(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
-              max_iter: int = 100, query_batch_size: int = 50) -> PeerResult:
+def dattri_cg(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    max_iter: int = 100,
+    query_batch_size: int = 50,
+) -> PeerResult:
     """dattri ``IFAttributorCG`` (CG on exact HVPs of the mean loss, vmapped over queries,
     ``max_iter`` iterations, no early stop under vmap).
 
@@ -527,18 +725,46 @@ def dattri_cg(model: nn.Module, problem: Problem, *, damping: float, measurement
     from dattri.algorithm.influence_function import IFAttributorCG
 
     _check_measurement(measurement)
-    s = _base_settings(problem, model, damping, measurement, max_iter=max_iter, mode="rev-rev",
-                       query_batch_size=query_batch_size)
-    return _run("dattri-cg", "dattri", "dattri", s, lambda: _dattri_run(
-        lambda t: IFAttributorCG(t, device="cpu", max_iter=max_iter,
-                                 regularization=s["peer_damping"]),
-        model, problem, measurement, query_batch_size), model)
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        max_iter=max_iter,
+        mode="rev-rev",
+        query_batch_size=query_batch_size,
+    )
+    return _run(
+        "dattri-cg",
+        "dattri",
+        "dattri",
+        s,
+        lambda: _dattri_run(
+            lambda t: IFAttributorCG(
+                t, device="cpu", max_iter=max_iter, regularization=s["peer_damping"]
+            ),
+            model,
+            problem,
+            measurement,
+            query_batch_size,
+        ),
+        model,
+    )
 
 
-def dattri_lissa(model: nn.Module, problem: Problem, *, damping: float,
-                 measurement: str = "margin", scale: float | None = None,
-                 recursion_depth: int = 1000, batch_size: int = 50, num_repeat: int = 1,
-                 seed: int = 0, query_batch_size: int = 50) -> PeerResult:
+def dattri_lissa(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    scale: float | None = None,
+    recursion_depth: int = 1000,
+    batch_size: int = 50,
+    num_repeat: int = 1,
+    seed: int = 0,
+    query_batch_size: int = 50,
+) -> PeerResult:
     """dattri ``IFAttributorLiSSA``.
 
     Its recursion is ``x <- v + (1 - d) x - H_batch x / s`` and it returns ``x / s``, whose
@@ -552,25 +778,51 @@ def dattri_lissa(model: nn.Module, problem: Problem, *, damping: float,
     _check_measurement(measurement)
     if scale is None:
         scale = 3.0 * (top_hessian_eigenvalue(model, problem) + damping)
-    s = _base_settings(problem, model, damping, measurement, scale=scale,
-                       recursion_depth=recursion_depth, batch_size=batch_size,
-                       num_repeat=num_repeat, seed=seed, query_batch_size=query_batch_size)
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        scale=scale,
+        recursion_depth=recursion_depth,
+        batch_size=batch_size,
+        num_repeat=num_repeat,
+        seed=seed,
+        query_batch_size=query_batch_size,
+    )
     s["lissa_damping_d"] = s["peer_damping"] / scale
 
     def go():
         torch.manual_seed(seed)
         return _dattri_run(
-            lambda t: IFAttributorLiSSA(t, device="cpu", batch_size=batch_size,
-                                        num_repeat=num_repeat, recursion_depth=recursion_depth,
-                                        damping=s["lissa_damping_d"], scaling=scale),
-            model, problem, measurement, query_batch_size)
+            lambda t: IFAttributorLiSSA(
+                t,
+                device="cpu",
+                batch_size=batch_size,
+                num_repeat=num_repeat,
+                recursion_depth=recursion_depth,
+                damping=s["lissa_damping_d"],
+                scaling=scale,
+            ),
+            model,
+            problem,
+            measurement,
+            query_batch_size,
+        )
 
     return _run("dattri-lissa", "dattri", "dattri", s, go, model)
 
 
-def dattri_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
-                   measurement: str = "margin", proj_dim: int = 50, max_iter: int = 200,
-                   seed: int = 0) -> PeerResult:
+def dattri_arnoldi(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    proj_dim: int = 50,
+    max_iter: int = 200,
+    seed: int = 0,
+) -> PeerResult:
     """dattri ``IFAttributorArnoldi``: Arnoldi iteration (``max_iter`` Krylov steps) on HVPs
     of the mean loss + ``regularization * I``, top-``proj_dim`` eigenpairs by |lambda|;
     train and query gradients are projected and scaled by ``lambda^{-1/2}``.
@@ -582,15 +834,33 @@ def dattri_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
     from dattri.algorithm.influence_function import IFAttributorArnoldi
 
     _check_measurement(measurement)
-    s = _base_settings(problem, model, damping, measurement, proj_dim=proj_dim,
-                       max_iter=max_iter, seed=seed)
-    return _run("dattri-arnoldi", "dattri", "dattri", s, lambda: _dattri_run(
-        lambda t: IFAttributorArnoldi(t, device="cpu", proj_dim=proj_dim, max_iter=max_iter,
-                                      regularization=s["peer_damping"], seed=seed),
-        model, problem, measurement), model)
+    s = _base_settings(
+        problem, model, damping, measurement, proj_dim=proj_dim, max_iter=max_iter, seed=seed
+    )
+    return _run(
+        "dattri-arnoldi",
+        "dattri",
+        "dattri",
+        s,
+        lambda: _dattri_run(
+            lambda t: IFAttributorArnoldi(
+                t,
+                device="cpu",
+                proj_dim=proj_dim,
+                max_iter=max_iter,
+                regularization=s["peer_damping"],
+                seed=seed,
+            ),
+            model,
+            problem,
+            measurement,
+        ),
+        model,
+    )
 
 
 # ---------------------------------------------------------------------------- captum
+
 
 class _MarginLoss(nn.Module):
     """Per-example correct-class margin, shaped like a ``reduction='none'`` loss for Captum."""
@@ -601,24 +871,38 @@ class _MarginLoss(nn.Module):
         return margin_from_logits(logits, y)
 
 
-def _captum_run(cls, model: nn.Module, problem: Problem, measurement: str,
-                batch_size: int | None, **kw) -> torch.Tensor:
+def _captum_run(
+    cls, model: nn.Module, problem: Problem, measurement: str, batch_size: int | None, **kw
+) -> torch.Tensor:
     Xtr, ytr, Xte, yte = _data(model, problem)
     batch_size = batch_size or len(ytr)  # one batch: fewest HVP/Hessian calls
     m = copy.deepcopy(model)
     test_loss = nn.CrossEntropyLoss(reduction="none") if measurement == "loss" else _MarginLoss()
-    inf = cls(m, DataLoader(TensorDataset(Xtr, ytr), batch_size=batch_size),
-              checkpoint="in-memory", checkpoints_load_func=lambda _m, _p: 1.0,
-              loss_fn=nn.CrossEntropyLoss(reduction="none"), test_loss_fn=test_loss,
-              sample_wise_grads_per_batch=False, **kw)
+    inf = cls(
+        m,
+        DataLoader(TensorDataset(Xtr, ytr), batch_size=batch_size),
+        checkpoint="in-memory",
+        checkpoints_load_func=lambda _m, _p: 1.0,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        test_loss_fn=test_loss,
+        sample_wise_grads_per_batch=False,
+        **kw,
+    )
     scores = inf.influence((Xte, yte))
     return scores * problem.n_train  # summed-loss Hessian -> mean-loss convention
 
 
-def captum_naive(model: nn.Module, problem: Problem, *, damping: float,
-                 measurement: str = "margin", projection_dim: int | None = None,
-                 batch_size: int | None = None, hessian_inverse_tol: float = 1e-5,
-                 max_params: int = 5000) -> PeerResult:
+def captum_naive(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    projection_dim: int | None = None,
+    batch_size: int | None = None,
+    hessian_inverse_tol: float = 1e-5,
+    max_params: int = 5000,
+) -> PeerResult:
     """Captum ``NaiveInfluenceFunction``: the dense Hessian of the *summed* training loss,
     eigendecomposed; with ``projection_dim = P`` (the default here) it is exact.
 
@@ -634,23 +918,57 @@ def captum_naive(model: nn.Module, problem: Problem, *, damping: float,
     P = _n_params(model)
     n = problem.n_train
     k = P if projection_dim is None else projection_dim
-    s = _base_settings(problem, model, damping, measurement, projection_dim=k,
-                       hessian_reg=n * (damping + problem.weight_decay),
-                       hessian_inverse_tol=hessian_inverse_tol,
-                       batch_size=batch_size or problem.n_train)
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        projection_dim=k,
+        hessian_reg=n * (damping + problem.weight_decay),
+        hessian_inverse_tol=hessian_inverse_tol,
+        batch_size=batch_size or problem.n_train,
+    )
     if P > max_params:
-        return PeerResult("captum-naive", "captum", _version("captum"), s, None, float("nan"),
-                          float("nan"), f"SKIPPED: P={P} > max_params={max_params} "
-                          "(dense P x P eigendecomposition)")
-    return _run("captum-naive", "captum", "captum", s, lambda: _captum_run(
-        NaiveInfluenceFunction, model, problem, measurement, batch_size, projection_dim=k,
-        hessian_reg=s["hessian_reg"], hessian_inverse_tol=hessian_inverse_tol), model)
+        return PeerResult(
+            "captum-naive",
+            "captum",
+            _version("captum"),
+            s,
+            None,
+            float("nan"),
+            float("nan"),
+            f"SKIPPED: P={P} > max_params={max_params} (dense P x P eigendecomposition)",
+        )
+    return _run(
+        "captum-naive",
+        "captum",
+        "captum",
+        s,
+        lambda: _captum_run(
+            NaiveInfluenceFunction,
+            model,
+            problem,
+            measurement,
+            batch_size,
+            projection_dim=k,
+            hessian_reg=s["hessian_reg"],
+            hessian_inverse_tol=hessian_inverse_tol,
+        ),
+        model,
+    )
 
 
-def captum_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
-                   measurement: str = "margin", projection_dim: int = 50,
-                   arnoldi_dim: int = 200, batch_size: int | None = None,
-                   seed: int = 0) -> PeerResult:
+def captum_arnoldi(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    projection_dim: int = 50,
+    arnoldi_dim: int = 200,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> PeerResult:
     """Captum ``ArnoldiInfluenceFunction`` (Schioppa et al.): ``arnoldi_dim`` Arnoldi steps on
     HVPs of the *summed* loss, top ``projection_dim`` eigenpairs (+ ``hessian_reg``), the
     rest discarded.
@@ -661,16 +979,39 @@ def captum_arnoldi(model: nn.Module, problem: Problem, *, damping: float,
 
     _check_measurement(measurement)
     n = problem.n_train
-    s = _base_settings(problem, model, damping, measurement, projection_dim=projection_dim,
-                       arnoldi_dim=arnoldi_dim, hessian_reg=n * (damping + problem.weight_decay),
-                       batch_size=batch_size or problem.n_train, seed=seed)
-    return _run("captum-arnoldi", "captum", "captum", s, lambda: _captum_run(
-        ArnoldiInfluenceFunction, model, problem, measurement, batch_size,
-        projection_dim=projection_dim, arnoldi_dim=arnoldi_dim, hessian_reg=s["hessian_reg"],
-        seed=seed), model)
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        projection_dim=projection_dim,
+        arnoldi_dim=arnoldi_dim,
+        hessian_reg=n * (damping + problem.weight_decay),
+        batch_size=batch_size or problem.n_train,
+        seed=seed,
+    )
+    return _run(
+        "captum-arnoldi",
+        "captum",
+        "captum",
+        s,
+        lambda: _captum_run(
+            ArnoldiInfluenceFunction,
+            model,
+            problem,
+            measurement,
+            batch_size,
+            projection_dim=projection_dim,
+            arnoldi_dim=arnoldi_dim,
+            hessian_reg=s["hessian_reg"],
+            seed=seed,
+        ),
+        model,
+    )
 
 
 # ------------------------------------------------------------------------------ trak
+
 
 def _trak_proj_dim(model: nn.Module, problem: Problem) -> int:
     """TRAK's default 2048 when the model has that many parameters, else 256 capped below
@@ -679,9 +1020,18 @@ def _trak_proj_dim(model: nn.Module, problem: Problem) -> int:
     return 2048 if P >= 2048 else min(256, P, problem.n_train - 1)
 
 
-def _trak_scores(model: nn.Module, problem: Problem, *, measurement: str, proj_dim: int,
-                 lambda_reg: float, seed: int, batch_size: int, use_half_precision: bool,
-                 info: dict[str, Any]) -> torch.Tensor:
+def _trak_scores(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    measurement: str,
+    proj_dim: int,
+    lambda_reg: float,
+    seed: int,
+    batch_size: int,
+    use_half_precision: bool,
+    info: dict[str, Any],
+) -> torch.Tensor:
     """Converted scores (``trak`` docstring); ``info["rescaled"]``: False when TRAK's
     normalisation could not be undone (singular kernel), the scale is then TRAK's."""
     import logging
@@ -692,13 +1042,24 @@ def _trak_scores(model: nn.Module, problem: Problem, *, measurement: str, proj_d
     m = copy.deepcopy(model).eval()
     n = problem.n_train
     with tempfile.TemporaryDirectory(prefix="bench-trak-") as out:
-        tr = TRAKer(model=m, task="image_classification", train_set_size=n, save_dir=out,
-                    device="cpu", proj_dim=proj_dim, projector_seed=seed, lambda_reg=lambda_reg,
-                    use_half_precision=use_half_precision, logging_level=logging.ERROR)
+        tr = TRAKer(
+            model=m,
+            task="image_classification",
+            train_set_size=n,
+            save_dir=out,
+            device="cpu",
+            proj_dim=proj_dim,
+            projector_seed=seed,
+            lambda_reg=lambda_reg,
+            use_half_precision=use_half_precision,
+            logging_level=logging.ERROR,
+        )
         tr.load_checkpoint(copy.deepcopy(m.state_dict()), model_id=0)
         for a in range(0, n, batch_size):
-            tr.featurize(batch=(Xtr[a:a + batch_size], ytr[a:a + batch_size]),
-                         num_samples=len(ytr[a:a + batch_size]))
+            tr.featurize(
+                batch=(Xtr[a : a + batch_size], ytr[a : a + batch_size]),
+                num_samples=len(ytr[a : a + batch_size]),
+            )
         tr.finalize_features()
         # TRAK stores F = Phi X^{-1} / c with X = Phi^T Phi + lambda_reg I and c = mean|X^{-1}|:
         # recover c from F X = Phi / c on a few rows (O(r n k), no second inverse); where X is
@@ -710,11 +1071,17 @@ def _trak_scores(model: nn.Module, problem: Problem, *, measurement: str, proj_d
         c = float((phi_r * phi_r).sum() / (fx * phi_r).sum())
         info["rescaled"] = c > 0 and float((c * fx - phi_r).norm() / phi_r.norm()) < 1e-2
         del phi, f_r, fx, phi_r
-        tr.start_scoring_checkpoint(exp_name="bench", checkpoint=copy.deepcopy(m.state_dict()),
-                                    model_id=0, num_targets=len(yte))
+        tr.start_scoring_checkpoint(
+            exp_name="bench",
+            checkpoint=copy.deepcopy(m.state_dict()),
+            model_id=0,
+            num_targets=len(yte),
+        )
         for a in range(0, len(yte), batch_size):
-            tr.score(batch=(Xte[a:a + batch_size], yte[a:a + batch_size]),
-                     num_samples=len(yte[a:a + batch_size]))
+            tr.score(
+                batch=(Xte[a : a + batch_size], yte[a : a + batch_size]),
+                num_samples=len(yte[a : a + batch_size]),
+            )
         tau = torch.as_tensor(tr.finalize_scores(exp_name="bench")).double().T.clone()
     if info["rescaled"]:
         tau = tau * (c * n)  # TRAK's normalisation undone; summed -> mean kernel
@@ -725,9 +1092,18 @@ def _trak_scores(model: nn.Module, problem: Problem, *, measurement: str, proj_d
     return (1.0 - p_q)[:, None] * tau
 
 
-def trak(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
-         proj_dim: int | None = None, match_damping: bool = False, seed: int = 0,
-         batch_size: int = 250, use_half_precision: bool = False) -> PeerResult:
+def trak(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    proj_dim: int | None = None,
+    match_damping: bool = False,
+    seed: int = 0,
+    batch_size: int = 250,
+    use_half_precision: bool = False,
+) -> PeerResult:
     """TRAK (``traker``) with ONE model (the bench's trained model): its default
     classification model output (the margin ``f = logit_y - logsumexp_{c != y} logit_c``),
     the CPU ``BasicProjector`` (Gaussian, seed ``seed``), ``proj_dim`` (default 2048, 256
@@ -763,37 +1139,63 @@ def trak(model: nn.Module, problem: Problem, *, damping: float, measurement: str
     _check_measurement(measurement)
     k = _trak_proj_dim(model, problem) if proj_dim is None else proj_dim
     n = problem.n_train
-    s = _base_settings(problem, model, damping, measurement, proj_dim=k, n_models=1,
-                       model_output="margin", projector="BasicProjector (normal)", seed=seed,
-                       batch_size=batch_size,
-                       precision="float16" if use_half_precision else "float32")
+    s = _base_settings(
+        problem,
+        model,
+        damping,
+        measurement,
+        proj_dim=k,
+        n_models=1,
+        model_output="margin",
+        projector="BasicProjector (normal)",
+        seed=seed,
+        batch_size=batch_size,
+        precision="float16" if use_half_precision else "float32",
+    )
     if match_damping:
         s["lambda_reg"] = n * s["peer_damping"]
     else:
         s["peer_damping"] = None
         s["lambda_reg"] = 0.0
-    note = ("kernel: projected Gram of margin gradients, unweighted (not the GGN/EF of the "
-            "mean loss), scores x (1-p_train); scale differs from headwater")
+    note = (
+        "kernel: projected Gram of margin gradients, unweighted (not the GGN/EF of the "
+        "mean loss), scores x (1-p_train); scale differs from headwater"
+    )
     if not match_damping:
         note += "; undamped (TRAK default lambda_reg=0)"
         if k >= n:
             note += f"; proj_dim {k} >= n_train {n}: Phi^T Phi singular, scores are noise"
     name = "trak-1model" + ("-damped" if match_damping else "")
     info: dict[str, Any] = {}
-    r = _run(name, "trak", "traker", s, lambda: _trak_scores(
-        model, problem, measurement=measurement, proj_dim=k, lambda_reg=s["lambda_reg"],
-        seed=seed, batch_size=batch_size, use_half_precision=use_half_precision, info=info),
-        model, note=note)
+    r = _run(
+        name,
+        "trak",
+        "traker",
+        s,
+        lambda: _trak_scores(
+            model,
+            problem,
+            measurement=measurement,
+            proj_dim=k,
+            lambda_reg=s["lambda_reg"],
+            seed=seed,
+            batch_size=batch_size,
+            use_half_precision=use_half_precision,
+            info=info,
+        ),
+        model,
+        note=note,
+    )
     if info.get("rescaled") is False:
         r.note += "; TRAK's normalisation not undone (singular kernel): its scale"
     return r
 
 
-def trak_damped(model: nn.Module, problem: Problem, *, damping: float,
-                measurement: str = "margin", **kw) -> PeerResult:
+def trak_damped(
+    model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin", **kw
+) -> PeerResult:
     """TRAK with ``lambda_reg = n (damping + weight_decay)``: headwater's projected damping."""
-    return trak(model, problem, damping=damping, measurement=measurement, match_damping=True,
-                **kw)
+    return trak(model, problem, damping=damping, measurement=measurement, match_damping=True, **kw)
 
 
 # -------------------------------------------------------------------------- registry
@@ -818,14 +1220,22 @@ PEERS: dict[str, Callable[..., PeerResult]] = {
 EXACT_PEERS = ("pydvl-cg", "captum-naive", "dattri-cg")
 
 
-def run_all(model: nn.Module, problem: Problem, *, damping: float, measurement: str = "margin",
-            only: list[str] | None = None,
-            settings: dict[str, dict[str, Any]] | None = None) -> list[PeerResult]:
+def run_all(
+    model: nn.Module,
+    problem: Problem,
+    *,
+    damping: float,
+    measurement: str = "margin",
+    only: list[str] | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
+) -> list[PeerResult]:
     """Run every registered peer (or those in ``only``); never raises for a peer failure.
 
     ``settings`` maps a peer name to extra keyword arguments for its adapter.
     """
     names = list(PEERS) if only is None else list(only)
     settings = settings or {}
-    return [PEERS[n](model, problem, damping=damping, measurement=measurement,
-                     **settings.get(n, {})) for n in names]
+    return [
+        PEERS[n](model, problem, damping=damping, measurement=measurement, **settings.get(n, {}))
+        for n in names
+    ]

@@ -76,13 +76,14 @@ def cached(key: str, compute: Callable[[], Any]) -> Any:
 
 # ----------------------------------------------------------------------------- data
 
+
 def digits_split(seed: int = SPLIT_SEED, n_train: int = N_TRAIN, n_test: int = N_TEST):
     """(X_train, y_train, X_test, y_test) as float64 / int64 numpy arrays, standardised."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(y))
-    tr, te = perm[:n_train], perm[n_train:n_train + n_test]
+    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     X = X.astype(np.float64)
     mu = X[tr].mean(axis=0)
     sd = X[tr].std(axis=0)
@@ -92,6 +93,7 @@ def digits_split(seed: int = SPLIT_SEED, n_train: int = N_TRAIN, n_test: int = N
 
 
 # ---------------------------------------------------------------- losses / measures
+
 
 def per_example_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each example, shape [B] (no regulariser)."""
@@ -135,6 +137,7 @@ def objective(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: 
 
 
 # ---------------------------------------------------------------------- problem
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -218,11 +221,16 @@ def _load_or_train(name: str, settings: dict[str, Any], build, train, use_cache:
 
 def _tensors(dtype):
     Xtr, ytr, Xte, yte = digits_split()
-    return (torch.as_tensor(Xtr, dtype=dtype), torch.as_tensor(ytr),
-            torch.as_tensor(Xte, dtype=dtype), torch.as_tensor(yte))
+    return (
+        torch.as_tensor(Xtr, dtype=dtype),
+        torch.as_tensor(ytr),
+        torch.as_tensor(Xte, dtype=dtype),
+        torch.as_tensor(yte),
+    )
 
 
 # ----------------------------------------------------------------------- logreg
+
 
 def _build_logreg(dtype):
     torch.manual_seed(0)
@@ -234,9 +242,15 @@ def _build_logreg(dtype):
 
 
 def _train_logreg(model, X, y, wd, tol):
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=500, history_size=50,
-                            tolerance_grad=1e-15, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=500,
+        history_size=50,
+        tolerance_grad=1e-15,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -264,7 +278,7 @@ def _train_logreg(model, X, y, wd, tol):
         ps, o = {}, 0
         for n, s in zip(names, shapes):
             k = int(np.prod(s))
-            ps[n] = theta[o:o + k].reshape(s)
+            ps[n] = theta[o : o + k].reshape(s)
             o += k
         out = functional_call(model, ps, (X,))
         return F.cross_entropy(out, y) + 0.5 * wd * (theta * theta).sum()
@@ -280,7 +294,7 @@ def _train_logreg(model, X, y, wd, tol):
             o = 0
             for p in model.parameters():
                 k = p.numel()
-                p.copy_(flat[o:o + k].reshape(p.shape))
+                p.copy_(flat[o : o + k].reshape(p.shape))
                 o += k
     opt.zero_grad()
     for p in model.parameters():
@@ -292,23 +306,37 @@ def logreg(dtype: torch.dtype = torch.float64, *, use_cache: bool = True) -> Pro
 
     ``dtype=torch.float32`` gives a float32 copy of the same (float64-trained) optimum.
     """
-    settings = {"problem": "logreg", "arch": "Linear(64,10)", "weight_decay": WEIGHT_DECAY,
-                    "train_dtype": "float64", "optimizer": "LBFGS(strong_wolfe)", "grad_tol": 1e-10,
-                    "split_seed": SPLIT_SEED, "n_train": N_TRAIN, "n_test": N_TEST}
+    settings = {
+        "problem": "logreg",
+        "arch": "Linear(64,10)",
+        "weight_decay": WEIGHT_DECAY,
+        "train_dtype": "float64",
+        "optimizer": "LBFGS(strong_wolfe)",
+        "grad_tol": 1e-10,
+        "split_seed": SPLIT_SEED,
+        "n_train": N_TRAIN,
+        "n_test": N_TEST,
+    }
     Xtr, ytr, Xte, yte = _tensors(torch.float64)
     model = _load_or_train(
-        "logreg", settings, lambda: _build_logreg(torch.float64),
-        lambda m: _train_logreg(m, Xtr, ytr, WEIGHT_DECAY, settings["grad_tol"]), use_cache)
+        "logreg",
+        settings,
+        lambda: _build_logreg(torch.float64),
+        lambda m: _train_logreg(m, Xtr, ytr, WEIGHT_DECAY, settings["grad_tol"]),
+        use_cache,
+    )
     p = Problem("logreg", Xtr, ytr, Xte, yte, model, WEIGHT_DECAY, settings)
     return p if dtype == torch.float64 else p.astype(dtype)
 
 
 # -------------------------------------------------------------------------- mlp
 
+
 def _build_mlp(dtype, seed):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
-                         nn.Linear(64, 10)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10)
+    ).to(dtype)
 
 
 def _train_mlp(model, X, y, wd, epochs, batch_size, lr, seed, on_epoch=None):
@@ -320,7 +348,7 @@ def _train_mlp(model, X, y, wd, epochs, batch_size, lr, seed, on_epoch=None):
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             opt.zero_grad()
             # minibatch estimate of the same objective (mean CE + wd/2 ||theta||^2)
             objective(model, X[idx], y[idx], wd).backward()
@@ -333,16 +361,37 @@ def _train_mlp(model, X, y, wd, epochs, batch_size, lr, seed, on_epoch=None):
 
 def mlp(dtype: torch.dtype = torch.float32, *, use_cache: bool = True) -> Problem:
     """64-128-64-10 tanh MLP, float32, minibatch Adam from a fixed seed."""
-    settings = {"problem": "mlp", "arch": "64-128-64-10 tanh", "weight_decay": WEIGHT_DECAY,
-                    "train_dtype": "float32", "optimizer": "Adam", "lr": 1e-3, "epochs": 200,
-                    "batch_size": 50, "seed": 0, "split_seed": SPLIT_SEED, "n_train": N_TRAIN,
-                    "n_test": N_TEST}
+    settings = {
+        "problem": "mlp",
+        "arch": "64-128-64-10 tanh",
+        "weight_decay": WEIGHT_DECAY,
+        "train_dtype": "float32",
+        "optimizer": "Adam",
+        "lr": 1e-3,
+        "epochs": 200,
+        "batch_size": 50,
+        "seed": 0,
+        "split_seed": SPLIT_SEED,
+        "n_train": N_TRAIN,
+        "n_test": N_TEST,
+    }
     Xtr, ytr, Xte, yte = _tensors(torch.float32)
     model = _load_or_train(
-        "mlp", settings, lambda: _build_mlp(torch.float32, settings["seed"]),
-        lambda m: _train_mlp(m, Xtr, ytr, WEIGHT_DECAY, settings["epochs"],
-                             settings["batch_size"], settings["lr"], settings["seed"]),
-        use_cache)
+        "mlp",
+        settings,
+        lambda: _build_mlp(torch.float32, settings["seed"]),
+        lambda m: _train_mlp(
+            m,
+            Xtr,
+            ytr,
+            WEIGHT_DECAY,
+            settings["epochs"],
+            settings["batch_size"],
+            settings["lr"],
+            settings["seed"],
+        ),
+        use_cache,
+    )
     p = Problem("mlp", Xtr, ytr, Xte, yte, model, WEIGHT_DECAY, settings)
     return p if dtype == torch.float32 else p.astype(dtype)
 
@@ -364,5 +413,7 @@ if __name__ == "__main__":
         t = time.perf_counter()
         p = fn(use_cache=False)
         dt = time.perf_counter() - t
-        print(f"{p.name}: trained in {dt:.1f} s, train acc {p.train_accuracy():.3f}, "
-              f"test acc {p.test_accuracy():.3f}, ||grad|| {p.grad_norm():.2e}, dtype {p.dtype}")
+        print(
+            f"{p.name}: trained in {dt:.1f} s, train acc {p.train_accuracy():.3f}, "
+            f"test acc {p.test_accuracy():.3f}, ||grad|| {p.grad_norm():.2e}, dtype {p.dtype}"
+        )

@@ -61,22 +61,23 @@ def _unflatten(theta: torch.Tensor, names, shapes) -> dict[str, torch.Tensor]:
         k = 1
         for d in s:
             k *= d
-        out[n] = theta[o:o + k].reshape(s)
+        out[n] = theta[o : o + k].reshape(s)
         o += k
     return out
 
 
-def per_example_grads(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                      kind: str = "loss") -> torch.Tensor:
+def per_example_grads(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, kind: str = "loss"
+) -> torch.Tensor:
     """[B, P] gradients of the per-example loss (``kind="loss"``) or margin, by a loop."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for b in range(X.shape[0]):
-        out = model(X[b:b + 1])
+        out = model(X[b : b + 1])
         if kind == "loss":
-            v = F.cross_entropy(out, y[b:b + 1])
+            v = F.cross_entropy(out, y[b : b + 1])
         elif kind == "margin":
-            v = margin_from_logits(out, y[b:b + 1]).sum()
+            v = margin_from_logits(out, y[b : b + 1]).sum()
         else:
             raise ValueError(f"kind must be 'loss' or 'margin', got {kind!r}")
         g = torch.autograd.grad(v, params)
@@ -84,8 +85,13 @@ def per_example_grads(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
     return torch.stack(rows)
 
 
-def dense_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: float,
-                  chunk_size: int | None = None) -> torch.Tensor:
+def dense_hessian(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    weight_decay: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """[P, P] Hessian of mean CE + (weight_decay/2)||theta||^2 at the model's parameters.
 
     ``chunk_size=None`` uses ``torch.func.hessian`` (forward-over-reverse, all at once);
@@ -106,8 +112,9 @@ def dense_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_dec
     return 0.5 * (H + H.T)
 
 
-def dense_ggn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: float,
-              chunk: int = 100) -> torch.Tensor:
+def dense_ggn(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: float, chunk: int = 100
+) -> torch.Tensor:
     """[P, P] GGN of mean CE (sum_i J_i^T (diag p_i - p_i p_i^T) J_i / n) + weight_decay*I.
 
     Equals the Hessian for a linear model (logreg). Accumulated over example chunks.
@@ -123,7 +130,7 @@ def dense_ggn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: 
 
     jac = torch.func.vmap(torch.func.jacrev(logits_one), in_dims=(None, 0))
     for s in range(0, n, chunk):
-        xb = X[s:s + chunk]
+        xb = X[s : s + chunk]
         J = jac(theta0, xb)  # [b, C, P]
         with torch.no_grad():
             p = torch.softmax(model(xb), dim=-1)  # [b, C]
@@ -134,9 +141,16 @@ def dense_ggn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, weight_decay: 
     return 0.5 * (G + G.T)
 
 
-def exact_scores(problem: Problem, *, damping: float = 0.0, measurement: str = "loss",
-                 curvature: str = "hessian", model: nn.Module | None = None,
-                 chunk_size: int | None = None, rank: int | None = None) -> torch.Tensor:
+def exact_scores(
+    problem: Problem,
+    *,
+    damping: float = 0.0,
+    measurement: str = "loss",
+    curvature: str = "hessian",
+    model: nn.Module | None = None,
+    chunk_size: int | None = None,
+    rank: int | None = None,
+) -> torch.Tensor:
     """Exact ``[n_test, n_train]`` scores ``G_q (H + damping I)^{-1} G_train^T``.
 
     ``curvature``: ``"hessian"`` (default) or ``"ggn"``; both include the L2 term.
@@ -172,6 +186,7 @@ def exact_scores(problem: Problem, *, damping: float = 0.0, measurement: str = "
 
 
 # ------------------------------------------------------------------- comparisons
+
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     """Pearson correlation of all entries (float64)."""
@@ -210,5 +225,9 @@ def compare(est: torch.Tensor | None, ref: torch.Tensor) -> dict[str, float]:
     re_ = re_ - re_.mean(1, keepdim=True)
     rr = rr - rr.mean(1, keepdim=True)
     sp = ((re_ * rr).sum(1) / (re_.norm(dim=1) * rr.norm(dim=1))).mean()
-    return {"pearson": pearson(est, ref), "ratio": scale_ratio(est, ref), "spearman": float(sp),
-                "rel_err": float((est - ref).norm() / ref.norm())}
+    return {
+        "pearson": pearson(est, ref),
+        "ratio": scale_ratio(est, ref),
+        "spearman": float(sp),
+        "rel_err": float((est - ref).norm() / ref.norm()),
+    }

@@ -68,8 +68,14 @@ def _headwater(curvature: str, options: dict[str, Any] | None = None, **kwargs: 
         task = ClassificationTask(weight_decay=problem.weight_decay, measurement=measurement)
         damping = damping if tuned is None else tuned
         return headwater.influence(
-            problem.model, (problem.X_train, problem.y_train), (problem.X_test, problem.y_test),
-            task=task, curvature=curvature, damping=damping, curvature_options=options, **kwargs,
+            problem.model,
+            (problem.X_train, problem.y_train),
+            (problem.X_test, problem.y_test),
+            task=task,
+            curvature=curvature,
+            damping=damping,
+            curvature_options=options,
+            **kwargs,
         ).values
 
     return run
@@ -78,7 +84,12 @@ def _headwater(curvature: str, options: dict[str, Any] | None = None, **kwargs: 
 # name, curvature, constructor options: methods register here as they land.
 HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("exact-ggn", "exact", {}, ("logreg",)),  # the MLP's dense 17k x 17k GGN: minutes and ~7 GB
-    ("kfac", "kfac", {"ggn_estimator": "auto"}, ("logreg", "mlp")),  # auto: exact GGN for <= 64 outputs
+    (
+        "kfac",
+        "kfac",
+        {"ggn_estimator": "auto"},
+        ("logreg", "mlp"),
+    ),  # auto: exact GGN for <= 64 outputs
     ("ekfac", "ekfac", {"ggn_estimator": "auto"}, ("logreg", "mlp")),
     # matrix-free (issue 3); chunk sizes change speed only. Low-rank forms: "residual" gives the
     # discarded subspace the damping, tuned on the MLP (0.006: LDS 0.55 at 1e-3, 0.67 at 3e-3,
@@ -88,10 +99,20 @@ HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("cg-nystrom200", "cg", {"preconditioner_rank": 200, "tol": 0.1}, ("logreg", "mlp")),
     ("lissa", "lissa", {"depth": 20}, ("logreg", "mlp")),
     ("lissa-ekfac", "lissa", {"preconditioner": "ekfac", "depth": 8}, ("logreg", "mlp")),
-    ("arnoldi-truncated", "arnoldi", {"rank": 250, "n_iter": 300, "residual": False}, ("logreg", "mlp")),
+    (
+        "arnoldi-truncated",
+        "arnoldi",
+        {"rank": 250, "n_iter": 300, "residual": False},
+        ("logreg", "mlp"),
+    ),
     ("arnoldi-residual", "arnoldi", {"rank": 100, "n_iter": 150}, ("logreg",)),
     ("arnoldi-residual", "arnoldi", {"rank": 100, "n_iter": 150, "damping": 0.006}, ("mlp",)),
-    ("lanczos-truncated", "lanczos", {"rank": 250, "n_iter": 300, "residual": False}, ("logreg", "mlp")),
+    (
+        "lanczos-truncated",
+        "lanczos",
+        {"rank": 250, "n_iter": 300, "residual": False},
+        ("logreg", "mlp"),
+    ),
     ("lanczos-residual", "lanczos", {"rank": 100, "n_iter": 150}, ("logreg",)),
     ("lanczos-residual", "lanczos", {"rank": 100, "n_iter": 150, "damping": 0.006}, ("mlp",)),
     ("nystrom-residual", "nystrom", {"rank": 100, "oversample": 20}, ("logreg",)),
@@ -105,10 +126,34 @@ HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
 # must stay at or below P (650 for logreg); the projected GGN costs n·C·k² to accumulate.
 PROJECTED_METHODS: list[tuple[str, Callable[[], Any], str, dict[str, Any], tuple[str, ...]]] = [
     ("proj-ef-256", lambda: RandomProjection(256), "ef", {}, ("logreg",)),
-    ("proj-ef-2048", lambda: RandomProjection(2048), "ef", {}, ("mlp",)),  # TRAK's kernel, one model
-    ("proj-ggn-2048", lambda: RandomProjection(2048), "ggn", {"ggn_estimator": "sampled"}, ("mlp",)),
-    ("kron-ggn-16x16", lambda: KroneckerProjection(16, 16), "ggn", {"ggn_estimator": "exact"}, ("logreg", "mlp")),
-    ("kron-ggn-32x32", lambda: KroneckerProjection(32, 32), "ggn", {"ggn_estimator": "exact"}, ("logreg", "mlp")),
+    (
+        "proj-ef-2048",
+        lambda: RandomProjection(2048),
+        "ef",
+        {},
+        ("mlp",),
+    ),  # TRAK's kernel, one model
+    (
+        "proj-ggn-2048",
+        lambda: RandomProjection(2048),
+        "ggn",
+        {"ggn_estimator": "sampled"},
+        ("mlp",),
+    ),
+    (
+        "kron-ggn-16x16",
+        lambda: KroneckerProjection(16, 16),
+        "ggn",
+        {"ggn_estimator": "exact"},
+        ("logreg", "mlp"),
+    ),
+    (
+        "kron-ggn-32x32",
+        lambda: KroneckerProjection(32, 32),
+        "ggn",
+        {"ggn_estimator": "exact"},
+        ("logreg", "mlp"),
+    ),
 ]
 
 
@@ -119,12 +164,31 @@ def headwater_entries() -> list[Entry]:
         if curv in CURVATURES
     ]
     for name, make, kind, opts, probs in PROJECTED_METHODS:
-        def run(problem: Problem, damping: float, measurement: str, make=make, kind=kind, opts=opts):
+
+        def run(
+            problem: Problem, damping: float, measurement: str, make=make, kind=kind, opts=opts
+        ):
             task = ClassificationTask(weight_decay=problem.weight_decay, measurement=measurement)
-            return headwater.influence(problem.model, (problem.X_train, problem.y_train),
-                                       (problem.X_test, problem.y_test), task=task, projection=make(),
-                                       kind=kind, damping=damping, curvature_options=opts).values
-        entries.append(Entry(name, "headwater", run, {"projection": make().settings(), "kind": kind, **opts}, probs))
+            return headwater.influence(
+                problem.model,
+                (problem.X_train, problem.y_train),
+                (problem.X_test, problem.y_test),
+                task=task,
+                projection=make(),
+                kind=kind,
+                damping=damping,
+                curvature_options=opts,
+            ).values
+
+        entries.append(
+            Entry(
+                name,
+                "headwater",
+                run,
+                {"projection": make().settings(), "kind": kind, **opts},
+                probs,
+            )
+        )
     return entries
 
 
@@ -133,8 +197,11 @@ def peer_entries() -> list[Entry]:
     try:
         peers = importlib.import_module("bench.peers")
     except ImportError as err:  # peers live in the bench environment only
-        print(f"[bench] peers unavailable ({err}); run `make bench` to set them up", file=sys.stderr)
+        print(
+            f"[bench] peers unavailable ({err}); run `make bench` to set them up", file=sys.stderr
+        )
         return []
+
     def runner(fn: Callable) -> Callable:
         def run(problem, damping, measurement):
             result = fn(problem.model, problem, damping=damping, measurement=measurement)
@@ -142,6 +209,7 @@ def peer_entries() -> list[Entry]:
                 raise RuntimeError(result.note or "failed")
             run.note = result.note  # type: ignore[attr-defined]  # this peer's own function
             return result.scores
+
         return run
 
     return [Entry(name, name.split("-")[0], runner(fn)) for name, fn in peers.PEERS.items()]
@@ -150,11 +218,17 @@ def peer_entries() -> list[Entry]:
 # ------------------------------------------------------------------ ground truth
 def loo_truth(problem: Problem) -> dict[str, torch.Tensor]:
     """Actual change of every test loss when each of ``N_LOO`` examples is removed."""
+
     def compute():
         task = ClassificationTask(weight_decay=problem.weight_decay)
         idx = torch.linspace(0, problem.n_train - 1, N_LOO).long()
-        res = leave_one_out(problem.model, task, (problem.X_train, problem.y_train),
-                            (problem.X_test, problem.y_test), idx)
+        res = leave_one_out(
+            problem.model,
+            task,
+            (problem.X_train, problem.y_train),
+            (problem.X_test, problem.y_test),
+            idx,
+        )
         return {"indices": idx, "actual": res.actual}
 
     return cached(f"loo-{problem.name}-{N_LOO}", compute)
@@ -172,16 +246,34 @@ def lds_truth(problem: Problem) -> LDSGroundTruth:
     with the problem's own recipe (Adam, lr, epochs, batch size); stored and reused."""
     s = problem.settings
     task = ClassificationTask(weight_decay=problem.weight_decay, measurement="margin")
-    config = TrainConfig(optimizer="adam", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"],
-                         members_per_pass=100)  # vmap steps cost about the same for 16 or 100 MLPs
-    return lds_ground_truth(problem.model, task, (problem.X_train, problem.y_train),
-                            (problem.X_test, problem.y_test), n_subsets=LDS_SUBSETS, alpha=0.5,
-                            seeds_per_subset=LDS_SEEDS, config=config, store_dir=CACHE_DIR,
-                            progress=_print_progress)
+    config = TrainConfig(
+        optimizer="adam",
+        lr=s["lr"],
+        epochs=s["epochs"],
+        batch_size=s["batch_size"],
+        members_per_pass=100,
+    )  # vmap steps cost about the same for 16 or 100 MLPs
+    return lds_ground_truth(
+        problem.model,
+        task,
+        (problem.X_train, problem.y_train),
+        (problem.X_test, problem.y_test),
+        n_subsets=LDS_SUBSETS,
+        alpha=0.5,
+        seeds_per_subset=LDS_SEEDS,
+        config=config,
+        store_dir=CACHE_DIR,
+        progress=_print_progress,
+    )
 
 
 def _print_progress(stage: str, done: int, total: int) -> None:
-    print(f"\r[bench] {stage}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    print(
+        f"\r[bench] {stage}: {done}/{total}",
+        end="\n" if done == total else "",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def lds_quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
@@ -198,7 +290,9 @@ def quality(problem: Problem, scores: torch.Tensor) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ running
-def run(problems: list[str], only: list[str] | None, peers: bool, warmup: bool = False) -> list[dict[str, Any]]:
+def run(
+    problems: list[str], only: list[str] | None, peers: bool, warmup: bool = False
+) -> list[dict[str, Any]]:
     entries = headwater_entries() + (peer_entries() if peers else [])
     if only:
         entries = [e for e in entries if e.name in only]
@@ -210,8 +304,12 @@ def run(problems: list[str], only: list[str] | None, peers: bool, warmup: bool =
                 continue
             damping, meas = DAMPING[pname], MEASUREMENT[pname]
             print(f"[bench] {pname}: {entry.name} ...", file=sys.stderr, flush=True)
-            row = {"problem": pname, "method": entry.name, "library": entry.library,
-                   "settings": {"damping": damping, **entry.settings, "measurement": meas}}
+            row = {
+                "problem": pname,
+                "method": entry.name,
+                "library": entry.library,
+                "settings": {"damping": damping, **entry.settings, "measurement": meas},
+            }
             try:
                 if warmup:  # first calls pay imports and lazy initialisation: not timed
                     entry.run(problem, damping, meas)
@@ -260,8 +358,12 @@ def write_markdown(rows: list[dict[str, Any]], path: Path = RESULTS) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--problems", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp"]
+    )
     parser.add_argument("--only", nargs="+", help="method names to run")
     parser.add_argument("--no-peers", action="store_true", help="headwater only")
     parser.add_argument("--output", type=Path, default=RESULTS)

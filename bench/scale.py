@@ -32,18 +32,35 @@ def wide_problem(width: int, epochs: int, n_test: int) -> Problem:
     x_train, y_train, x_test, y_test = _tensors(torch.float32)
     x_test, y_test = x_test[:n_test], y_test[:n_test]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+    model = nn.Sequential(
+        nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)
+    )
     _train_mlp(model, x_train, y_train, WEIGHT_DECAY, epochs, 50, 1e-3, 0)
     model.eval()
-    return Problem(f"mlp-{width}", x_train, y_train, x_test, y_test, model, WEIGHT_DECAY,
-                   {"width": width, "epochs": epochs})
+    return Problem(
+        f"mlp-{width}",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        model,
+        WEIGHT_DECAY,
+        {"width": width, "epochs": epochs},
+    )
 
 
 def _headwater(**options) -> Callable[[Problem], torch.Tensor]:
     def run(problem: Problem) -> torch.Tensor:
         task = ClassificationTask(weight_decay=problem.weight_decay, measurement="margin")
-        return headwater.influence(problem.model, (problem.X_train, problem.y_train),
-                                   (problem.X_test, problem.y_test), task=task, damping=DAMPING, **options).values
+        return headwater.influence(
+            problem.model,
+            (problem.X_train, problem.y_train),
+            (problem.X_test, problem.y_test),
+            task=task,
+            damping=DAMPING,
+            **options,
+        ).values
+
     return run
 
 
@@ -55,15 +72,19 @@ def _peer(name: str) -> Callable[[Problem], torch.Tensor]:
         if result.scores is None:
             raise RuntimeError(result.note or "failed")
         return result.scores
+
     return run
 
 
 METHODS: dict[str, Callable[[Problem], torch.Tensor]] = {
     "headwater ekfac": _headwater(curvature="ekfac"),
     "headwater ekfac, query_batch=10": _headwater(curvature="ekfac", query_batch=10),
-    "headwater kronecker projection 32x32": _headwater(projection=KroneckerProjection(32, 32),
-                                                        curvature_options={"ggn_estimator": "exact"}),
-    "headwater kronecker projection 64x64, EF": _headwater(projection=KroneckerProjection(64, 64), kind="ef"),
+    "headwater kronecker projection 32x32": _headwater(
+        projection=KroneckerProjection(32, 32), curvature_options={"ggn_estimator": "exact"}
+    ),
+    "headwater kronecker projection 64x64, EF": _headwater(
+        projection=KroneckerProjection(64, 64), kind="ef"
+    ),
     "headwater identity (gradient similarity)": _headwater(curvature="identity"),
     "kronfluence ekfac": _peer("kronfluence-ekfac"),
     "trak 1 model (damped)": _peer("trak-1model-damped"),

@@ -52,15 +52,35 @@ def _fmt(x: float, spec: str) -> str:
 
 
 def _row(r: P.PeerResult, c: dict, check: str = "") -> str:
-    return (f"| {r.name:28s} | {r.version:8s} | {r.measurement:6s} | {_fmt(r.seconds, '8.2f')} "
-            f"| {_fmt(r.peak_mb, '8.1f')} | {_fmt(c['pearson'], '8.5f')} | "
-            f"{_fmt(c['ratio'], '7.4f')} | {_fmt(c['spearman'], '6.3f')} | {check:4s} | {r.note}")
+    return (
+        f"| {r.name:28s} | {r.version:8s} | {r.measurement:6s} | {_fmt(r.seconds, '8.2f')} "
+        f"| {_fmt(r.peak_mb, '8.1f')} | {_fmt(c['pearson'], '8.5f')} | "
+        f"{_fmt(c['ratio'], '7.4f')} | {_fmt(c['spearman'], '6.3f')} | {check:4s} | {r.note}"
+    )
 
 
-HEADER = ("| method                       | version  | meas.  |  seconds |  peak MB |  Pearson "
-          "|   ratio | Spear. | ok   | note\n|" + "-" * 30 + "|" + "-" * 10 + "|" + "-" * 8 + "|"
-          + "-" * 10 + "|" + "-" * 10 + "|" + "-" * 10 + "|" + "-" * 9 + "|" + "-" * 8 + "|"
-          + "-" * 6 + "|------")
+HEADER = (
+    "| method                       | version  | meas.  |  seconds |  peak MB |  Pearson "
+    "|   ratio | Spear. | ok   | note\n|"
+    + "-" * 30
+    + "|"
+    + "-" * 10
+    + "|"
+    + "-" * 8
+    + "|"
+    + "-" * 10
+    + "|"
+    + "-" * 10
+    + "|"
+    + "-" * 10
+    + "|"
+    + "-" * 9
+    + "|"
+    + "-" * 8
+    + "|"
+    + "-" * 6
+    + "|------"
+)
 
 
 def trak_reference(prob, settings: dict, measurement: str) -> torch.Tensor:
@@ -76,8 +96,14 @@ def trak_reference(prob, settings: dict, measurement: str) -> torch.Tensor:
     Gq = per_example_grads(model, prob.X_test, prob.y_test, measurement).double()
     n, p = Gf.shape
     k = settings["proj_dim"]
-    proj = BasicProjector(grad_dim=p, proj_dim=k, seed=settings["seed"],
-                          proj_type=ProjectionType.normal, device="cpu", dtype=torch.float32)
+    proj = BasicProjector(
+        grad_dim=p,
+        proj_dim=k,
+        seed=settings["seed"],
+        proj_type=ProjectionType.normal,
+        device="cpu",
+        dtype=torch.float32,
+    )
     Pi = proj.project(torch.eye(p), model_id=0).double()  # [P, k]
     Ff = Gf @ Pi
     A = Ff.T @ Ff / n + p * settings["lambda_reg"] / n * torch.eye(k, dtype=Pi.dtype)
@@ -85,21 +111,30 @@ def trak_reference(prob, settings: dict, measurement: str) -> torch.Tensor:
 
 
 def _ok(c: dict, pearson_min: float, ratio_tol: float) -> bool:
-    return (not math.isnan(c["pearson"]) and c["pearson"] > pearson_min
-            and abs(c["ratio"] - 1.0) < ratio_tol)
+    return (
+        not math.isnan(c["pearson"])
+        and c["pearson"] > pearson_min
+        and abs(c["ratio"] - 1.0) < ratio_tol
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--damping", type=float, default=1e-6,
-                    help="damping on top of the L2 term (default 1e-6)")
-    ap.add_argument("--check-damping", type=float, default=1.0,
-                    help="large damping for the EK-FAC/LiSSA conversion check")
+    ap.add_argument(
+        "--damping", type=float, default=1e-6, help="damping on top of the L2 term (default 1e-6)"
+    )
+    ap.add_argument(
+        "--check-damping",
+        type=float,
+        default=1.0,
+        help="large damping for the EK-FAC/LiSSA conversion check",
+    )
     ap.add_argument("--only", default="", help="comma-separated peer names")
     ap.add_argument("--no-checks", action="store_true", help="main table only")
     ap.add_argument("--json", default="", help="write all numbers to this JSON file")
-    ap.add_argument("--fast", action="store_true",
-                    help="LiSSA with 200 instead of 1000 steps in the main table")
+    ap.add_argument(
+        "--fast", action="store_true", help="LiSSA with 200 instead of 1000 steps in the main table"
+    )
     args = ap.parse_args(argv)
 
     names = [n for n in args.only.split(",") if n] or list(P.PEERS)
@@ -110,9 +145,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     prob = logreg()  # float64, ||grad|| < 1e-10
     model = prob.model
-    print(f"# logreg: n_train={prob.n_train} n_test={prob.n_test} dtype={prob.dtype} "
-          f"test acc={prob.test_accuracy():.3f} ||grad||={prob.grad_norm():.1e} "
-          f"weight_decay={prob.weight_decay} damping={args.damping}")
+    print(
+        f"# logreg: n_train={prob.n_train} n_test={prob.n_test} dtype={prob.dtype} "
+        f"test acc={prob.test_accuracy():.3f} ||grad||={prob.grad_norm():.1e} "
+        f"weight_decay={prob.weight_decay} damping={args.damping}"
+    )
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}")
     ref = exact_scores(prob, damping=args.damping, measurement="loss")
 
@@ -125,8 +162,9 @@ def main(argv=None) -> int:
     for n in names:
         extra = {}
         if args.fast:
-            extra = {"pydvl-lissa": {"maxiter": 200},
-                     "dattri-lissa": {"recursion_depth": 200}}.get(n, {})
+            extra = {"pydvl-lissa": {"maxiter": 200}, "dattri-lissa": {"recursion_depth": 200}}.get(
+                n, {}
+            )
         r = P.PEERS[n](model, prob, damping=args.damping, measurement="loss", **extra)
         c = compare(r.scores, ref)
         results[n] = r
@@ -137,9 +175,18 @@ def main(argv=None) -> int:
             if not good:
                 failures.append(f"{n}: main table {c}")
         print(_row(r, c, flag), flush=True)
-        out["main"].append(dict(name=r.name, library=r.library, version=r.version,
-                                seconds=r.seconds, peak_mb=r.peak_mb, note=r.note,
-                                settings=r.settings, **c))
+        out["main"].append(
+            dict(
+                name=r.name,
+                library=r.library,
+                version=r.version,
+                seconds=r.seconds,
+                peak_mb=r.peak_mb,
+                note=r.note,
+                settings=r.settings,
+                **c,
+            )
+        )
 
     if not args.no_checks:
         print("\n## 2. conversion checks\n")
@@ -150,36 +197,69 @@ def main(argv=None) -> int:
         ex = [n for n in names if n in P.EXACT_PEERS]
         if ex:
             ref_m = exact_scores(prob, damping=args.damping, measurement="margin")
-            checks += [("margin", n, ref_m, {"damping": args.damping, "measurement": "margin"})
-                       for n in ex]
-        big = [n for n in names if n in ("kronfluence-ekfac", "pydvl-ekfac", "pydvl-lissa",
-                                          "dattri-lissa")]
+            checks += [
+                ("margin", n, ref_m, {"damping": args.damping, "measurement": "margin"}) for n in ex
+            ]
+        big = [
+            n
+            for n in names
+            if n in ("kronfluence-ekfac", "pydvl-ekfac", "pydvl-lissa", "dattri-lissa")
+        ]
         if big:
             ref_b = exact_scores(prob, damping=args.check_damping, measurement="loss")
             # at this damping LiSSA contracts by ~1/3 per step: 200 steps are plenty
             short = {"pydvl-lissa": {"maxiter": 200}, "dattri-lissa": {"recursion_depth": 200}}
-            checks += [(f"damping={args.check_damping}", n, ref_b,
-                        dict(damping=args.check_damping, measurement="loss", **short.get(n, {})))
-                       for n in big]
+            checks += [
+                (
+                    f"damping={args.check_damping}",
+                    n,
+                    ref_b,
+                    dict(damping=args.check_damping, measurement="loss", **short.get(n, {})),
+                )
+                for n in big
+            ]
         # EK-FAC peers' margin paths are their own (kronfluence's compute_measurement,
         # pyDVL EK-FAC's replaced .loss); the others share their CG sibling's path.
         ek = [n for n in names if n in ("kronfluence-ekfac", "pydvl-ekfac")]
         if ek:
             ref_bm = exact_scores(prob, damping=args.check_damping, measurement="margin")
-            checks += [(f"margin, damping={args.check_damping}", n, ref_bm,
-                        {"damping": args.check_damping, "measurement": "margin"}) for n in ek]
+            checks += [
+                (
+                    f"margin, damping={args.check_damping}",
+                    n,
+                    ref_bm,
+                    {"damping": args.check_damping, "measurement": "margin"},
+                )
+                for n in ek
+            ]
         arn = [n for n in names if n.endswith("arnoldi")]
         for n in arn:
-            k = {"pydvl-arnoldi": "rank", "captum-arnoldi": "projection_dim",
-                 "dattri-arnoldi": "proj_dim"}[n]
+            k = {
+                "pydvl-arnoldi": "rank",
+                "captum-arnoldi": "projection_dim",
+                "dattri-arnoldi": "proj_dim",
+            }[n]
             rank = results[n].settings[k]
             ref_k = exact_scores(prob, damping=args.damping, measurement="loss", rank=rank)
-            checks.append((f"rank-{rank} truncated", n, ref_k,
-                           {"damping": args.damping, "measurement": "loss"}))
+            checks.append(
+                (
+                    f"rank-{rank} truncated",
+                    n,
+                    ref_k,
+                    {"damping": args.damping, "measurement": "loss"},
+                )
+            )
         # TRAK: its own kernel, recomputed with its own projection (settings as run above)
         for n in [n for n in names if n.startswith("trak-")]:
-            checks += [(f"TRAK formula, {m}", n, trak_reference(prob, results[n].settings, m),
-                        {"damping": args.damping, "measurement": m}) for m in ("loss", "margin")]
+            checks += [
+                (
+                    f"TRAK formula, {m}",
+                    n,
+                    trak_reference(prob, results[n].settings, m),
+                    {"damping": args.damping, "measurement": m},
+                )
+                for m in ("loss", "margin")
+            ]
         for what, n, rref, kw in checks:
             r = P.PEERS[n](model, prob, **kw)
             c = compare(r.scores, rref)
@@ -190,8 +270,11 @@ def main(argv=None) -> int:
                 failures.append(f"{n}: check {what}: {c}")
             r.note = f"[{what}] {r.note}".strip()
             print(_row(r, c, "PASS" if good else "FAIL"), flush=True)
-            out["checks"].append(dict(check=what, name=r.name, seconds=r.seconds,
-                                      peak_mb=r.peak_mb, note=r.note, **c))
+            out["checks"].append(
+                dict(
+                    check=what, name=r.name, seconds=r.seconds, peak_mb=r.peak_mb, note=r.note, **c
+                )
+            )
 
     print(f"\n# total {time.perf_counter() - t0:.0f} s")
     if args.json:

@@ -24,9 +24,14 @@ _order = np.random.default_rng(0).permutation(len(_y))
 _x = (_x / 16.0).astype(np.float32)
 _train, _query = _order[:600], _order[600:640]
 
-train = (torch.from_numpy(_x[_train]), torch.from_numpy(_y[_train]))  # (inputs [600, 64], labels [600])
+train = (
+    torch.from_numpy(_x[_train]),
+    torch.from_numpy(_y[_train]),
+)  # (inputs [600, 64], labels [600])
 query = (torch.from_numpy(_x[_query]), torch.from_numpy(_y[_query]))  # the 40 examples to explain
-task = headwater.ClassificationTask(weight_decay=WEIGHT_DECAY)  # cross-entropy + L2, as trained below
+task = headwater.ClassificationTask(
+    weight_decay=WEIGHT_DECAY
+)  # cross-entropy + L2, as trained below
 image_shape = (8, 8)  # show the flat inputs as images in the report
 
 

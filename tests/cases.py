@@ -69,7 +69,8 @@ def linear_regression(seed: int = 0, n_train: int = 30, n_query: int = 5) -> Cas
     g = _gen(seed + 1)
     x = torch.randn(n_train + n_query, 5, generator=g, dtype=torch.float64)
     y = x @ torch.randn(5, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(
-        n_train + n_query, 2, generator=g, dtype=torch.float64)
+        n_train + n_query, 2, generator=g, dtype=torch.float64
+    )
     task = RegressionTask(weight_decay=1e-3)
     return Case("linreg", model, task, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]))
 
@@ -95,8 +96,14 @@ class TinyCausalLM(nn.Module):
         return self.head(h)
 
 
-def causal_lm(seed: int = 0, n_train: int = 16, n_query: int = 4, length: int = 5, prompt: int = 2,
-              tied: bool = False) -> Case:
+def causal_lm(
+    seed: int = 0,
+    n_train: int = 16,
+    n_query: int = 4,
+    length: int = 5,
+    prompt: int = 2,
+    tied: bool = False,
+) -> Case:
     """A tiny causal language model (7 tokens, width 4; 239 parameters) on random token
     sequences; queries score only their completion (the first ``prompt`` labels are -100).
     ``tied``: the head's weight is the token embedding (as in GPT-2)."""
@@ -108,7 +115,13 @@ def causal_lm(seed: int = 0, n_train: int = 16, n_query: int = 4, length: int = 
     labels = ids.clone()
     labels[n_train:, :prompt] = -100  # queries: -log p(completion | prompt)
     task = LanguageModelingTask(weight_decay=1e-2)
-    return Case("causal_lm", model, task, (ids[:n_train], labels[:n_train]), (ids[n_train:], labels[n_train:]))
+    return Case(
+        "causal_lm",
+        model,
+        task,
+        (ids[:n_train], labels[:n_train]),
+        (ids[n_train:], labels[n_train:]),
+    )
 
 
 class OutsideUse(nn.Module):
@@ -128,7 +141,9 @@ CASES = {"mlp": mlp, "cnn": cnn, "linreg": linear_regression}
 
 
 @cache
-def digits(n_train: int = 1000, n_test: int = 200, seed: int = 0, dtype: torch.dtype = torch.float64):
+def digits(
+    n_train: int = 1000, n_test: int = 200, seed: int = 0, dtype: torch.dtype = torch.float64
+):
     """Standardised scikit-learn digits, a fixed random split: ``(Xtr, ytr, Xte, yte)``."""
     from sklearn.datasets import load_digits
 

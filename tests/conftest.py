@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--threads", type=int, default=1, help="torch threads in every test (default 1)")
+    parser.addoption(
+        "--threads", type=int, default=1, help="torch threads in every test (default 1)"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -94,7 +94,9 @@ def dense_ggn(model: nn.Module, task: Task, data) -> Tensor:
 
         jac = jacobian(out_fn, flat)  # [C, P]
         out = out_fn(flat).detach()
-        h = hessian(lambda o, i=i, shape=shape: task.loss(o.reshape(shape), y[i : i + 1]).sum(), out)
+        h = hessian(
+            lambda o, i=i, shape=shape: task.loss(o.reshape(shape), y[i : i + 1]).sum(), out
+        )
         total += jac.T @ h @ jac
     return total / _n(x) + task.weight_decay * torch.eye(flat.numel(), dtype=flat.dtype)
 
@@ -112,13 +114,17 @@ def influence_scores(model, task, train, query, matrix: Tensor, damping: float =
     return g_q @ torch.linalg.solve(damped, g_tr.T)
 
 
-def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-6, atol: float = 1e-10, what: str = ""):
+def assert_close(
+    actual: Tensor, expected: Tensor, rtol: float = 1e-6, atol: float = 1e-10, what: str = ""
+):
     """``torch.testing.assert_close`` that prints the worst entries on failure."""
     try:
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
     except AssertionError:
         diff = (actual - expected).abs().flatten()
         worst = diff.topk(min(5, diff.numel())).indices
-        rows = [f"  [{int(i)}] got {actual.flatten()[i].item():.6g} want {expected.flatten()[i].item():.6g}"
-                for i in worst]
+        rows = [
+            f"  [{int(i)}] got {actual.flatten()[i].item():.6g} want {expected.flatten()[i].item():.6g}"
+            for i in worst
+        ]
         raise AssertionError(f"{what} differs; worst entries:\n" + "\n".join(rows)) from None

@@ -20,7 +20,10 @@ BIG = 1e200  # finite in float64; its square is not
 
 ESTIMATORS = {
     **{name: {"curvature": name} for name in sorted(CURVATURES)},
-    **{name: {"curvature": name, "curvature_options": {"rank": 8}} for name in ("arnoldi", "lanczos", "nystrom")},
+    **{
+        name: {"curvature": name, "curvature_options": {"rank": 8}}
+        for name in ("arnoldi", "lanczos", "nystrom")
+    },
     "projection": {"projection": 12},
     "kronecker projection": {"projection": KroneckerProjection(3, 3)},
     "tracin": {"method": "tracin"},
@@ -38,6 +41,7 @@ def _input(where: str, value: float):
         which = case.train if where == "train" else case.query
         which = (_set(which[0], value), which[1])
         return (which, case.query) if where == "train" else (case.train, which)
+
     return corrupt
 
 
@@ -46,16 +50,27 @@ def _target(where: str, value: float):
         which = case.train if where == "train" else case.query
         which = (which[0], _set(which[1], value))
         return (which, case.query) if where == "train" else (case.train, which)
+
     return corrupt
 
 
 BAD = {  # name: (case, corrupt(case) -> (train, query), corrupts the parameters, expected example)
-    **{f"train input {v}": (mlp, _input("train", v), False, "train") for v in (float("inf"), float("nan"))},
-    **{f"query input {v}": (mlp, _input("query", v), False, "query") for v in (float("inf"), float("nan"))},
-    **{f"train target {v}": (linear_regression, _target("train", v), False, "train")
-       for v in (float("inf"), float("nan"))},
-    **{f"query target {v}": (linear_regression, _target("query", v), False, "query")
-       for v in (float("inf"), float("nan"))},
+    **{
+        f"train input {v}": (mlp, _input("train", v), False, "train")
+        for v in (float("inf"), float("nan"))
+    },
+    **{
+        f"query input {v}": (mlp, _input("query", v), False, "query")
+        for v in (float("inf"), float("nan"))
+    },
+    **{
+        f"train target {v}": (linear_regression, _target("train", v), False, "train")
+        for v in (float("inf"), float("nan"))
+    },
+    **{
+        f"query target {v}": (linear_regression, _target("query", v), False, "query")
+        for v in (float("inf"), float("nan"))
+    },
     "parameter nan": (mlp, None, True, "train query"),
     "train input extreme": (mlp, _input("train", BIG), False, None),
     "query input extreme": (mlp, _input("query", BIG), False, None),
@@ -79,14 +94,20 @@ def test_a_bad_value_raises_a_named_error_or_gives_finite_scores(bad, estimator)
     else:
         options["damping"] = 1e-2
     try:
-        scores = headwater.influence(model, train, query, task=case.task, self_influence=True, **options)
+        scores = headwater.influence(
+            model, train, query, task=case.task, self_influence=True, **options
+        )
     except HeadwaterError as err:
         message = str(err)
-        assert "\n" not in message and any(word in message for word in ("NaN", "nan", "inf")), message
+        assert "\n" not in message and any(word in message for word in ("NaN", "nan", "inf")), (
+            message
+        )
         if where is not None:
             assert message.split(":")[0] in where.split(), message  # the set is named first
             if not in_params:  # the corrupted example is named
                 assert "example 1" in message or "examples 1" in message, message
         return
-    assert where is None, f"{bad} with {estimator}: no error"  # only an extreme finite value may pass
+    assert where is None, (
+        f"{bad} with {estimator}: no error"
+    )  # only an extreme finite value may pass
     assert bool(scores.values.isfinite().all()) and bool(scores.self_influence.isfinite().all())

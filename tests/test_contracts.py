@@ -17,15 +17,23 @@ def _snapshot(model: nn.Module):
     return {
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
         "requires_grad": {k: v.requires_grad for k, v in model.named_parameters()},
-        "grad": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
+        "grad": {
+            k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()
+        },
         "modes": [m.training for m in model.modules()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
     }
 
 
 def _same(a, b):
-    assert a["requires_grad"] == b["requires_grad"] and a["modes"] == b["modes"] and a["hooks"] == b["hooks"]
+    assert (
+        a["requires_grad"] == b["requires_grad"]
+        and a["modes"] == b["modes"]
+        and a["hooks"] == b["hooks"]
+    )
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k])
         assert (a["grad"][k] is None) == (b["grad"][k] is None)
@@ -43,10 +51,27 @@ def test_model_unchanged_after_every_call(name):
     list(model.parameters())[1].grad = torch.ones_like(list(model.parameters())[1])
     before = _snapshot(model)
     rng = torch.get_rng_state()
-    headwater.influence(model, case.train, case.query, task=case.task, curvature="exact", damping=0.1,
-                        self_influence=True, top_k=2)
-    headwater.influence(model, case.train, case.query, task=case.task, projection=8, damping=0.1,
-                        self_influence=True, top_k=2, curvature_options={"ggn_estimator": "sampled"})
+    headwater.influence(
+        model,
+        case.train,
+        case.query,
+        task=case.task,
+        curvature="exact",
+        damping=0.1,
+        self_influence=True,
+        top_k=2,
+    )
+    headwater.influence(
+        model,
+        case.train,
+        case.query,
+        task=case.task,
+        projection=8,
+        damping=0.1,
+        self_influence=True,
+        top_k=2,
+        curvature_options={"ggn_estimator": "sampled"},
+    )
     est = InfluenceFunction(model, case.task, Exact()).fit(case.train)
     est.scores(case.query, case.train)
     _same(before, _snapshot(model))
@@ -70,9 +95,13 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"query.*empty"):
         headwater.influence(m, tr, (q[0][:0], q[1][:0]), curvature="exact")
     with pytest.raises(ValueError, match="query: inputs of shape"):
-        headwater.influence(m, tr, (torch.randn(3, 7, dtype=torch.float64), q[1][:3]), curvature="exact")
+        headwater.influence(
+            m, tr, (torch.randn(3, 7, dtype=torch.float64), q[1][:3]), curvature="exact"
+        )
     with pytest.raises(ValueError, match="train: inputs of shape"):
-        headwater.influence(m, (torch.randn(3, 5, dtype=torch.float64), tr[1][:3]), q, curvature="exact")
+        headwater.influence(
+            m, (torch.randn(3, 5, dtype=torch.float64), tr[1][:3]), q, curvature="exact"
+        )
     with pytest.raises(ValueError, match=r"train.*NaN"):
         headwater.influence(m, tr, q, task=_NanTask(), curvature="exact")
     with pytest.raises(ValueError, match="modules"):

@@ -42,7 +42,9 @@ from headwater.methods import InfluenceFunction
 from headwater.methods.projected import ProjectedInfluence
 from headwater.store import StoreMismatchError
 
-pytestmark = pytest.mark.slow  # subprocesses and multi-process runs: `make test-fast` leaves them out
+pytestmark = (
+    pytest.mark.slow
+)  # subprocesses and multi-process runs: `make test-fast` leaves them out
 
 WORLD = 2
 N_TRAIN = 23  # uneven shards: 11 + 12
@@ -95,26 +97,45 @@ def _compute(store_dir: Path) -> dict[str, Tensor | int]:
     for name, projection in PROJECTIONS.items():
         calls[0] = 0
         estimator = "sampled" if name.endswith("sampled") else "exact"
-        projected = ProjectedInfluence(model, task, projection(), damping=1e-3, ggn_estimator=estimator,
-                                       chunk_size=CHUNK).fit(train)
+        projected = ProjectedInfluence(
+            model, task, projection(), damping=1e-3, ggn_estimator=estimator, chunk_size=CHUNK
+        ).fit(train)
         out[f"{name}/calls/fit"] = calls[0]
         out[f"{name}/scores"] = projected.scores(query, train)
         out[f"{name}/self"] = projected.self_influence(train)
         out[f"{name}/top_values"], out[f"{name}/top_indices"] = projected.top_k(query, train, 4)
-    for name, options in (("stored_ekfac", {"curvature": "ekfac"}), ("stored_projected", {"projection": 12})):
+    for name, options in (
+        ("stored_ekfac", {"curvature": "ekfac"}),
+        ("stored_projected", {"projection": 12}),
+    ):
         for attempt in ("fit", "loaded"):  # the second call loads what the first stored
             stages: list[str] = []
             out[f"{name}/{attempt}"] = headwater.influence(
-                model, train, query, task=task, damping=1e-3, chunk_size=CHUNK, store=store_dir / name,
-                progress=lambda stage, done, total, stages=stages: stages.append(stage), **options).values
+                model,
+                train,
+                query,
+                task=task,
+                damping=1e-3,
+                chunk_size=CHUNK,
+                store=store_dir / name,
+                progress=lambda stage, done, total, stages=stages: stages.append(stage),
+                **options,
+            ).values
             out[f"{name}/{attempt}/loaded"] = int(any("(loaded)" in s for s in stages))
     # rank 1 loses its projected curvature: the ranks must agree to recompute, not hang
     if world() == (1, 2):
         for stale in store_dir.glob("stored_projected-curvature-rank1of2*"):
             stale.unlink()
     out["stored_projected/partial"] = headwater.influence(
-        model, train, query, task=task, damping=1e-3, chunk_size=CHUNK, store=store_dir / "stored_projected",
-        projection=12).values
+        model,
+        train,
+        query,
+        task=task,
+        damping=1e-3,
+        chunk_size=CHUNK,
+        store=store_dir / "stored_projected",
+        projection=12,
+    ).values
     # the last rank's stored rows were written with other settings: every rank must refuse
     # the store (not only that one, leaving the others in a collective), then refit together
     rank, size = world()
@@ -123,8 +144,13 @@ def _compute(store_dir: Path) -> dict[str, Tensor | int]:
         record = json.loads(sidecar.read_text())
         record["meta"]["projection"]["seed"] = 99
         sidecar.write_text(json.dumps(record))
-    options = {"task": task, "damping": 1e-3, "chunk_size": CHUNK, "projection": 12,
-               "store": store_dir / "stored_projected"}
+    options = {
+        "task": task,
+        "damping": 1e-3,
+        "chunk_size": CHUNK,
+        "projection": 12,
+        "store": store_dir / "stored_projected",
+    }
     with pytest.raises(StoreMismatchError):
         headwater.influence(model, train, query, **options)
     _remove_stale(store_dir / "stored_projected")
@@ -136,8 +162,16 @@ def _compute(store_dir: Path) -> dict[str, Tensor | int]:
     with pytest.raises(ValueError if rank == size - 1 else RuntimeError, match="store"):
         headwater.influence(model, train, query, read_only_store=True, **options)
     out["stored_projected/repaired"] = headwater.influence(model, train, query, **options).values
-    result = headwater.influence(model, train, query, task=task, curvature="ekfac", top_k=3,
-                                 self_influence=True, chunk_size=CHUNK)
+    result = headwater.influence(
+        model,
+        train,
+        query,
+        task=task,
+        curvature="ekfac",
+        top_k=3,
+        self_influence=True,
+        chunk_size=CHUNK,
+    )
     out["api/values"], out["api/indices"] = result.values, result.indices
     out["api/self"] = result.self_influence
     return out
@@ -169,10 +203,18 @@ def _helpers() -> dict[str, object]:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=TIMEOUT_S),
+    )
     try:
-        torch.save({**_compute(Path(out_dir) / "stores"), "helpers": _helpers()}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {**_compute(Path(out_dir) / "stores"), "helpers": _helpers()},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
         dist.barrier()  # leave together: gloo aborts a rank whose peer tears the group down early
     finally:
         dist.destroy_process_group()
@@ -182,8 +224,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
     """``(single-process results, [results of rank 0, rank 1])``."""
     tmp = tmp_path_factory.mktemp("distributed")
-    ctx = mp.start_processes(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker,
+        args=(str(tmp / "rendezvous"), str(tmp)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     try:
         torch.set_num_threads(1)
         single = _compute(tmp / "single")
@@ -233,7 +280,8 @@ def _check(single: dict, ranks: list[dict], key: str) -> None:
 
 def _split(single: dict, ranks: list[dict], key: str) -> None:
     assert all(r[key] < single[key] for r in ranks), (
-        f"{key}: forward passes per rank {[r[key] for r in ranks]}, one process {single[key]}")
+        f"{key}: forward passes per rank {[r[key] for r in ranks]}, one process {single[key]}"
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -273,7 +321,11 @@ def test_projected_influence_matches_one_process(runs, name):
 def test_stores_are_written_and_loaded_by_all_ranks_together(runs, name):
     """Rank 0 writes the fit (per-rank rows for projections); every rank then loads it."""
     single, ranks = runs
-    for attempt in ("fit", "loaded", *(("partial", "refit", "repaired") if name == "stored_projected" else ())):
+    for attempt in (
+        "fit",
+        "loaded",
+        *(("partial", "refit", "repaired") if name == "stored_projected" else ()),
+    ):
         _check(single, ranks, f"{name}/{attempt}")
     assert [r[f"{name}/fit/loaded"] for r in ranks] == [0, 0]
     assert [r[f"{name}/loaded/loaded"] for r in ranks] == [1, 1]

@@ -59,4 +59,6 @@ def test_tied_weights(modules):
     case = causal_lm(tied=True)
     task = LanguageModelingTask(modules=modules)
     got = stack_gradients(case.model, task, case.train, chunk_size=5)
-    assert_close(got, loop_gradients(case.model, task, case.train), rtol=1e-10, what=f"tied, {modules}")
+    assert_close(
+        got, loop_gradients(case.model, task, case.train), rtol=1e-10, what=f"tied, {modules}"
+    )

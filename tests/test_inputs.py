@@ -58,10 +58,14 @@ def _forms(n=10, seed=0):
         "hf-batch": {"x": x, "side": side, "labels": y},
         "dataset": DictDataset(n, seed),
         "loader": DataLoader(DictDataset(n, seed), batch_size=3),
-        "tuple-loader": DataLoader(TensorDataset(x, side, y), batch_size=4,
-                                   collate_fn=lambda rows: ((torch.stack([r[0] for r in rows]),
-                                                             torch.stack([r[1] for r in rows])),
-                                                            torch.stack([r[2] for r in rows]))),
+        "tuple-loader": DataLoader(
+            TensorDataset(x, side, y),
+            batch_size=4,
+            collate_fn=lambda rows: (
+                (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])),
+                torch.stack([r[2] for r in rows]),
+            ),
+        ),
     }
 
 
@@ -75,35 +79,57 @@ def test_every_input_form_gives_the_per_example_gradients_of_a_loop():
 
 def test_influence_is_the_same_for_every_input_form_and_needs_no_task():
     model = _model()
-    ref = headwater.influence(model, _forms()["tuple"], _forms(4, 1)["tuple"], curvature="exact", damping=0.1)
+    ref = headwater.influence(
+        model, _forms()["tuple"], _forms(4, 1)["tuple"], curvature="exact", damping=0.1
+    )
     for name, data in _forms().items():
-        got = headwater.influence(model, data, _forms(4, 1)[name], curvature="exact", damping=0.1, chunk_size=3)
+        got = headwater.influence(
+            model, data, _forms(4, 1)[name], curvature="exact", damping=0.1, chunk_size=3
+        )
         assert_close(got.values, ref.values, rtol=1e-9, atol=1e-12, what=name)
 
 
 def test_a_shuffled_loader_is_refused():
     data = DictDataset()
-    for loader in (DataLoader(data, batch_size=4, shuffle=True),
-                   DataLoader(data, sampler=RandomSampler(data), batch_size=4)):
-        with pytest.raises(ValueError, match=r"train: the DataLoader does not read its dataset in order"):
+    for loader in (
+        DataLoader(data, batch_size=4, shuffle=True),
+        DataLoader(data, sampler=RandomSampler(data), batch_size=4),
+    ):
+        with pytest.raises(
+            ValueError, match=r"train: the DataLoader does not read its dataset in order"
+        ):
             headwater.influence(_model(), loader, _forms(3, 1)["hf-batch"], curvature="identity")
 
 
 def test_a_dict_batch_without_labels_is_refused():
     x, side, _ = _data()
     with pytest.raises(TypeError, match="train: a dict batch needs a 'labels' entry"):
-        headwater.influence(_model(), {"x": x, "side": side}, _forms(3, 1)["hf-batch"], curvature="identity")
+        headwater.influence(
+            _model(), {"x": x, "side": side}, _forms(3, 1)["hf-batch"], curvature="identity"
+        )
 
 
 def test_float_class_labels_name_the_task():
     x, side, y = _data()
-    with pytest.raises(ValueError, match="ClassificationTask"):  # default task: regression, says why it fails
-        headwater.influence(_model(), ((x, side), y.double()), ((x, side), y.double()), curvature="identity")
-    with pytest.raises((TypeError, ValueError), match="ClassificationTask: targets must be integer class labels"):
-        headwater.influence(_model(), ((x, side), y.double()), ((x, side), y.double()),
-                            task=ClassificationTask(), curvature="identity")
-    regression = headwater.influence(nn.Linear(4, 1).double(), (x, y.double()), (x[:2], y[:2].double()),
-                                     curvature="identity")  # float targets of the output's size: regression
+    with pytest.raises(
+        ValueError, match="ClassificationTask"
+    ):  # default task: regression, says why it fails
+        headwater.influence(
+            _model(), ((x, side), y.double()), ((x, side), y.double()), curvature="identity"
+        )
+    with pytest.raises(
+        (TypeError, ValueError), match="ClassificationTask: targets must be integer class labels"
+    ):
+        headwater.influence(
+            _model(),
+            ((x, side), y.double()),
+            ((x, side), y.double()),
+            task=ClassificationTask(),
+            curvature="identity",
+        )
+    regression = headwater.influence(
+        nn.Linear(4, 1).double(), (x, y.double()), (x[:2], y[:2].double()), curvature="identity"
+    )  # float targets of the output's size: regression
     assert regression.settings["task"]["task"] == RegressionTask.__name__
 
 
@@ -112,12 +138,21 @@ def test_top_k_returns_proponents_and_opponents():
     train, query = _forms()["hf-batch"], _forms(4, 1)["hf-batch"]
     full = headwater.influence(model, train, query, curvature="exact", damping=0.1).values
     for method in ("exact", "cg"):
-        top = headwater.influence(model, train, query, curvature=method, damping=0.1, top_k=3,
-                                  curvature_options={"tol": 1e-10} if method == "cg" else None)
+        top = headwater.influence(
+            model,
+            train,
+            query,
+            curvature=method,
+            damping=0.1,
+            top_k=3,
+            curvature_options={"tol": 1e-10} if method == "cg" else None,
+        )
         order = full.argsort(dim=1, descending=True)
         assert torch.equal(top.indices, order[:, :3])
         assert torch.equal(top.opponent_indices, order.flip(1)[:, :3])
-        assert_close(top.opponent_values, full.gather(1, order.flip(1)[:, :3]), rtol=1e-6, atol=1e-10)
+        assert_close(
+            top.opponent_values, full.gather(1, order.flip(1)[:, :3]), rtol=1e-6, atol=1e-10
+        )
         assert (top.values[:, -1:] >= top.opponent_values[:, -1:]).all()
 
 

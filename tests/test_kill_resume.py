@@ -18,7 +18,7 @@ from cases import mlp
 
 import headwater
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_kill_resume import attribute
@@ -33,22 +33,37 @@ SCRIPT = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGKILL)
 
     attribute(store, options, progress)
-''')
+""")
 
 
 def attribute(store, options: dict, progress=None):
     """The run that is killed, resumed, and run uninterrupted (tiny MLP, chunks of 8)."""
     torch.set_num_threads(1)
     case = mlp(n_train=30)
-    return headwater.influence(case.model, case.train, case.query, task=case.task, damping=1e-2,
-                               self_influence=True, chunk_size=8, store=store, progress=progress, **options)
+    return headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        damping=1e-2,
+        self_influence=True,
+        chunk_size=8,
+        store=store,
+        progress=progress,
+        **options,
+    )
 
 
 def _killed(tmp_path: Path, store: Path, options: dict, kill_stage: str, kill_at: int):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    return subprocess.run([sys.executable, str(script), str(store), json.dumps(options), kill_stage, str(kill_at)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, str(script), str(store), json.dumps(options), kill_stage, str(kill_at)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 EKFAC = {"curvature": "ekfac", "curvature_options": {"chunk_size": 8}}
@@ -72,10 +87,14 @@ def test_a_killed_run_resumes_to_the_bit_identical_result(point, tmp_path):
         again = attribute(tmp_path / "store", options)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(again.values, clean.values) and torch.equal(again.self_influence, clean.self_influence)
+    assert torch.equal(again.values, clean.values) and torch.equal(
+        again.self_influence, clean.self_influence
+    )
     status = again.settings["store"]
     if "projection" in options:  # chunks of 8 rows were counted before the kill
-        assert f"resumed after {8 * k} of 30" in status["train"] and "damaged" not in status["train"]
+        assert (
+            f"resumed after {8 * k} of 30" in status["train"] and "damaged" not in status["train"]
+        )
     elif "scoring" in point:
         assert status.startswith("curvature loaded")  # the fit was complete before the kill
     else:

@@ -9,9 +9,23 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "headwater"
 MINIMUM = (3, 10)
 LATER = {  # standard-library names added after 3.10
-    "typing": {"Self", "LiteralString", "Never", "assert_never", "assert_type", "reveal_type", "Required",
-               "NotRequired", "TypeVarTuple", "Unpack", "dataclass_transform", "override", "TypeAliasType",
-               "get_overloads", "clear_overloads"},
+    "typing": {
+        "Self",
+        "LiteralString",
+        "Never",
+        "assert_never",
+        "assert_type",
+        "reveal_type",
+        "Required",
+        "NotRequired",
+        "TypeVarTuple",
+        "Unpack",
+        "dataclass_transform",
+        "override",
+        "TypeAliasType",
+        "get_overloads",
+        "clear_overloads",
+    },
     "enum": {"StrEnum", "ReprEnum", "EnumCheck", "verify", "member", "nonmember", "global_enum"},
     "datetime": {"UTC"},
     "itertools": {"batched"},
@@ -31,12 +45,20 @@ def test_source_is_python_3_10(path):
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
-            found += [f"{node.module}.{a.name}" for a in node.names if a.name in LATER.get(node.module, ())]
+            found += [
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if a.name in LATER.get(node.module, ())
+            ]
             found += [node.module] if node.module in LATER_MODULES else []
         elif isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name in LATER_MODULES]
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            found += [f"{node.value.id}.{node.attr}"] if node.attr in LATER.get(node.value.id, ()) else []
+            found += (
+                [f"{node.value.id}.{node.attr}"]
+                if node.attr in LATER.get(node.value.id, ())
+                else []
+            )
         elif isinstance(node, ast.Name) and node.id in LATER_BUILTINS:
             found.append(node.id)
     assert not found, f"{path.name} uses names added after Python 3.10: {sorted(set(found))}"

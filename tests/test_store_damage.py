@@ -38,30 +38,46 @@ def _sidecar(path: Path, **changes) -> None:
 
 TENSOR_DAMAGE = {  # the curvature store: <base>.safetensors + <base>.json
     "truncated": lambda b: _truncate(b.with_suffix(".safetensors"), 0.5),
-    "flipped bytes": lambda b: _flip(b.with_suffix(".safetensors"), b.with_suffix(".safetensors").stat().st_size // 2),
+    "flipped bytes": lambda b: _flip(
+        b.with_suffix(".safetensors"), b.with_suffix(".safetensors").stat().st_size // 2
+    ),
     "flipped header": lambda b: _flip(b.with_suffix(".safetensors"), 9, 4),
     "garbage tail": lambda b: b.with_suffix(".safetensors").write_bytes(
-        b.with_suffix(".safetensors").read_bytes() + bytes(range(100))),
+        b.with_suffix(".safetensors").read_bytes() + bytes(range(100))
+    ),
     "empty file": lambda b: b.with_suffix(".safetensors").write_bytes(b""),
     "unreadable sidecar": lambda b: b.with_suffix(".json").write_text("{not json"),
 }
 
 ROW_DAMAGE = {  # the projected store's rows: <base>-train.npy + <base>-train.json
     "truncated": lambda b: _truncate(b.with_name(b.name + "-train.npy"), 0.5),
-    "flipped bytes": lambda b: _flip(b.with_name(b.name + "-train.npy"), 128 + 12 * 8 * 20),  # row 20
+    "flipped bytes": lambda b: _flip(
+        b.with_name(b.name + "-train.npy"), 128 + 12 * 8 * 20
+    ),  # row 20
     "flipped header": lambda b: _flip(b.with_name(b.name + "-train.npy"), 0, 8),
     "garbage tail": lambda b: b.with_name(b.name + "-train.npy").write_bytes(
-        b.with_name(b.name + "-train.npy").read_bytes() + bytes(range(100))),
+        b.with_name(b.name + "-train.npy").read_bytes() + bytes(range(100))
+    ),
     "empty file": lambda b: b.with_name(b.name + "-train.npy").write_bytes(b""),
-    "impossible row count": lambda b: _sidecar(b.with_name(b.name + "-train.json"), rows_done=10**9),
+    "impossible row count": lambda b: _sidecar(
+        b.with_name(b.name + "-train.json"), rows_done=10**9
+    ),
     "row count off a chunk": lambda b: _sidecar(b.with_name(b.name + "-train.json"), rows_done=13),
     "unreadable sidecar": lambda b: b.with_name(b.name + "-train.json").write_text("{not json"),
 }
 
 
 def _run(case, path: Path, **kwargs):
-    return headwater.influence(case.model, case.train, case.query, task=case.task, damping=1e-2,
-                               self_influence=True, store=path, **kwargs)
+    return headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        damping=1e-2,
+        self_influence=True,
+        store=path,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("damage", list(TENSOR_DAMAGE))
@@ -76,7 +92,9 @@ def test_a_damaged_curvature_store_is_refitted_or_refused(damage, tmp_path, capl
         again = _run(case, path, curvature="ekfac")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "fit." in warned[0] and "\n" not in warned[0]
-    assert torch.equal(again.values, clean.values) and torch.equal(again.self_influence, clean.self_influence)
+    assert torch.equal(again.values, clean.values) and torch.equal(
+        again.self_influence, clean.self_influence
+    )
     assert again.settings["store"].startswith("curvature recomputed: ")  # refitted, and said why
     reused = _run(case, path, curvature="ekfac")  # the refit was saved again, whole
     assert reused.settings["store"].startswith("curvature loaded")
@@ -96,7 +114,9 @@ def test_a_damaged_projected_store_is_recomputed_or_refused(damage, tmp_path, ca
         again = _run(case, path, **options)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "proj-train" in warned[0] and "\n" not in warned[0]
-    assert torch.equal(again.values, clean.values) and torch.equal(again.self_influence, clean.self_influence)
+    assert torch.equal(again.values, clean.values) and torch.equal(
+        again.self_influence, clean.self_influence
+    )
     status = again.settings["store"]["train"]
     assert "damaged" in status
     if damage == "flipped bytes":  # chunks of 8 rows: rows 0-15 verified, 16-23 recomputed
@@ -118,7 +138,9 @@ def test_a_store_with_rows_flipped_after_completion_resumes_at_the_damaged_chunk
 
 
 @pytest.mark.parametrize("failing", ["save_file", "_write_temp"])
-def test_a_failing_write_keeps_the_earlier_store_and_says_so_in_one_line(failing, tmp_path, monkeypatch):
+def test_a_failing_write_keeps_the_earlier_store_and_says_so_in_one_line(
+    failing, tmp_path, monkeypatch
+):
     case = mlp(n_train=30)
     path = tmp_path / "fit"
     clean = _run(case, path, curvature="ekfac")
@@ -131,10 +153,14 @@ def test_a_failing_write_keeps_the_earlier_store_and_says_so_in_one_line(failing
     with pytest.raises(StoreError, match="No space left on device") as err:
         store.save(path, {"other": torch.zeros(3)}, {"other": True})  # an overwrite that fails
     assert "\n" not in str(err.value) and "unchanged" in str(err.value)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
+    assert {
+        p.name: p.read_bytes() for p in tmp_path.iterdir()
+    } == before  # no temporary file left either
     monkeypatch.undo()
     reused = _run(case, path, curvature="ekfac")
-    assert torch.equal(reused.values, clean.values) and reused.settings["store"].startswith("curvature loaded")
+    assert torch.equal(reused.values, clean.values) and reused.settings["store"].startswith(
+        "curvature loaded"
+    )
 
 
 def test_a_failing_row_write_keeps_the_counted_rows(tmp_path, monkeypatch):
@@ -157,14 +183,17 @@ def test_the_cli_refuses_a_damaged_results_store_in_one_line(tmp_path):
     from headwater.cli.main import main
 
     store.save(tmp_path / "results", {"scores": torch.ones(2, 3)}, {"kind": "results"})
-    _flip(tmp_path / "results.safetensors", (tmp_path / "results.safetensors").stat().st_size - 8, 4)
+    _flip(
+        tmp_path / "results.safetensors", (tmp_path / "results.safetensors").stat().st_size - 8, 4
+    )
     with pytest.raises(store.StoreDamagedError, match="checksum"):
         store.load(tmp_path / "results")
     assert main(["report", str(tmp_path)]) == 2
 
 
-def test_the_cli_recomputes_a_damaged_curvature_in_one_warning_line_or_refuses_it_read_only(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_the_cli_recomputes_a_damaged_curvature_in_one_warning_line_or_refuses_it_read_only(
+    tmp_path, monkeypatch, capsys
+):
     from headwater.cli.main import main
 
     monkeypatch.chdir(tmp_path)
@@ -173,7 +202,8 @@ def test_the_cli_recomputes_a_damaged_curvature_in_one_warning_line_or_refuses_i
         "g = torch.Generator().manual_seed(0)\n"
         "model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))\n"
         "train = (torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))\n"
-        "query = (torch.randn(3, 4, generator=g), torch.tensor([0, 1, 2]))\n")
+        "query = (torch.randn(3, 4, generator=g), torch.tensor([0, 1, 2]))\n"
+    )
     args = ["score", "spec.py", "--curvature", "kfac", "--no-report", "--threads", "1", "-o", "out"]
     assert main(args) == 0
     clean = (tmp_path / "out" / "results.safetensors").read_bytes()
@@ -185,8 +215,12 @@ def test_the_cli_recomputes_a_damaged_curvature_in_one_warning_line_or_refuses_i
     assert main(args) == 0
     err = capsys.readouterr().err
     assert sum("is damaged" in line for line in err.splitlines()) == 1
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["settings"]["store"].startswith(
-        "curvature recomputed")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["settings"][
+        "store"
+    ].startswith("curvature recomputed")
     from safetensors.torch import load
 
-    assert torch.equal(load(clean)["scores"], load((tmp_path / "out" / "results.safetensors").read_bytes())["scores"])
+    assert torch.equal(
+        load(clean)["scores"],
+        load((tmp_path / "out" / "results.safetensors").read_bytes())["scores"],
+    )

@@ -18,10 +18,23 @@ if TYPE_CHECKING:
         Task,
     )
 
-_LAZY = {"influence": "headwater.api", "InfluenceFunction": "headwater.methods", "Scores": "headwater.methods",
-         "ProgressBars": "headwater.bars",
-         **dict.fromkeys(("ClassificationTask", "LanguageModelingTask", "Measurement", "RegressionTask",
-                          "Seq2SeqTask", "Task"), "headwater.task")}
+_LAZY = {
+    "influence": "headwater.api",
+    "InfluenceFunction": "headwater.methods",
+    "Scores": "headwater.methods",
+    "ProgressBars": "headwater.bars",
+    **dict.fromkeys(
+        (
+            "ClassificationTask",
+            "LanguageModelingTask",
+            "Measurement",
+            "RegressionTask",
+            "Seq2SeqTask",
+            "Task",
+        ),
+        "headwater.task",
+    ),
+}
 """Public names loaded on first use, so importing a subpackage (``headwater.store``) loads
 only what it needs."""
 

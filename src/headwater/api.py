@@ -112,15 +112,34 @@ def influence(
         not use is refused).
     """
     settings = AttributionSettings(
-        method=method, curvature=curvature, damping=damping, projection=projection, top_k=top_k, kind=kind,
-        self_influence=self_influence, chunk_size=chunk_size, query_chunk=query_chunk, query_batch=query_batch,
-        curvature_options=curvature_options, renormalize=renormalize, store=store,
-        read_only_store=read_only_store)
+        method=method,
+        curvature=curvature,
+        damping=damping,
+        projection=projection,
+        top_k=top_k,
+        kind=kind,
+        self_influence=self_influence,
+        chunk_size=chunk_size,
+        query_chunk=query_chunk,
+        query_batch=query_batch,
+        curvature_options=curvature_options,
+        renormalize=renormalize,
+        store=store,
+        read_only_store=read_only_store,
+    )
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
-        task = default_task(targets, encoder_decoder=bool(getattr(getattr(model, "config", None),
-                                                                  "is_encoder_decoder", False)))
-    inputs = Inputs(checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress))
+        task = default_task(
+            targets,
+            encoder_decoder=bool(
+                getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            ),
+        )
+    inputs = Inputs(
+        checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress)
+    )
     estimator = METHODS[method].build(model, task, settings, inputs, train)
     result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
-    return check_scores(dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k}))
+    return check_scores(
+        dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k})
+    )

@@ -46,9 +46,16 @@ class ProgressBars:
             bar.close()
             bar = None
         if bar is None:
-            bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=True, delay=self.delay,
-                       bar_format="{desc:<26} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                  "[{elapsed}<{remaining}]")
+            bar = tqdm(
+                total=total,
+                desc=stage,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+                delay=self.delay,
+                bar_format="{desc:<26} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                "[{elapsed}<{remaining}]",
+            )
             self._bars[stage] = bar
         bar.update(done - bar.n)
         if done >= total:
@@ -70,4 +77,6 @@ def as_progress(progress: bool | ProgressFn | None, name: str = "progress") -> P
         return ProgressBars(enabled=world()[0] == 0, delay=API_DELAY)
     if callable(progress):
         return progress
-    raise TypeError(f"{name}: expected True, False or a callable progress(stage, done, total), got {progress!r}")
+    raise TypeError(
+        f"{name}: expected True, False or a callable progress(stage, done, total), got {progress!r}"
+    )

@@ -104,14 +104,17 @@ def _leaf(value: Any, name: str) -> Tensor:
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name}: expected a tensor (or a tuple/dict of tensors), got "
-                        f"{type(value).__name__}") from err
+        raise TypeError(
+            f"{name}: expected a tensor (or a tuple/dict of tensors), got {type(value).__name__}"
+        ) from err
 
 
 def _length(inputs: Inputs, name: str) -> int:
     leaves, _ = tree_flatten(inputs)
     if not leaves or any(t.dim() == 0 for t in leaves):
-        raise ValueError(f"{name}: every input tensor needs the examples along dimension 0, got {describe(inputs)}")
+        raise ValueError(
+            f"{name}: every input tensor needs the examples along dimension 0, got {describe(inputs)}"
+        )
     sizes = {t.shape[0] for t in leaves}
     if len(sizes) != 1:
         raise ValueError(f"{name}: the input tensors differ in length: {describe(inputs)}")
@@ -122,13 +125,18 @@ def _split(item: Any, name: str) -> Batch:
     """One batch (or one example) as ``(inputs, targets)``."""
     if isinstance(item, Mapping):
         if LABELS not in item:
-            raise TypeError(f"{name}: a dict batch needs a {LABELS!r} entry (the targets), got keys "
-                            f"{sorted(item)}; or give an (inputs, targets) pair")
+            raise TypeError(
+                f"{name}: a dict batch needs a {LABELS!r} entry (the targets), got keys "
+                f"{sorted(item)}; or give an (inputs, targets) pair"
+            )
         inputs = _canonical(item, name)
         return inputs, inputs[LABELS]
     if not isinstance(item, tuple | list) or len(item) != 2:
-        raise TypeError(f"{name}: each item must be an (input, target) pair or a dict with {LABELS!r}, "
-                        f"got {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, tuple | list) else ""))
+        raise TypeError(
+            f"{name}: each item must be an (input, target) pair or a dict with {LABELS!r}, "
+            f"got {type(item).__name__}"
+            + (f" of {len(item)}" if isinstance(item, tuple | list) else "")
+        )
     return _canonical(item[0], name), _leaf(item[1], f"{name} targets")
 
 
@@ -136,13 +144,17 @@ def _check_pair(data: Any, name: str) -> Batch:
     if isinstance(data, tuple | list) and len(data) != 2:
         raise TypeError(f"{name}: expected an (inputs, targets) pair, got a tuple of {len(data)}")
     if isinstance(data, tuple | list) and not isinstance(data[1], Tensor):
-        raise TypeError(f"{name}: expected (inputs, targets) tensors, got "
-                        f"({type(data[0]).__name__}, {type(data[1]).__name__})")
+        raise TypeError(
+            f"{name}: expected (inputs, targets) tensors, got "
+            f"({type(data[0]).__name__}, {type(data[1]).__name__})"
+        )
     inputs, targets = _split(data, name)
     n = _length(inputs, name)
     if targets.dim() == 0 or n != targets.shape[0]:
-        raise ValueError(f"{name}: inputs and targets differ in length ({n} vs "
-                         f"{targets.shape[0] if targets.dim() else 'a scalar'})")
+        raise ValueError(
+            f"{name}: inputs and targets differ in length ({n} vs "
+            f"{targets.shape[0] if targets.dim() else 'a scalar'})"
+        )
     if n == 0:
         raise ValueError(f"{name}: is empty (0 examples)")
     return inputs, targets
@@ -188,8 +200,10 @@ def _cat(parts: Sequence[Batch], name: str) -> Batch:
         joined = tree_map(lambda *ts: torch.cat(ts), inputs[0], *inputs[1:])
         return joined, torch.cat([p[1] for p in parts])
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"{name}: batches of different shapes cannot be joined ({err}); pad every "
-                         "sequence to one length (e.g. padding='max_length')") from err
+        raise ValueError(
+            f"{name}: batches of different shapes cannot be joined ({err}); pad every "
+            "sequence to one length (e.g. padding='max_length')"
+        ) from err
 
 
 def iter_batches(data: DataLike, batch_size: int, name: str = "data") -> Iterator[Batch]:
@@ -212,7 +226,8 @@ def iter_batches(data: DataLike, batch_size: int, name: str = "data") -> Iterato
         raise ValueError(
             f"{name}: the DataLoader does not read its dataset in order ({type(data.sampler).__name__}); "
             "scores are indexed by position in the data, so pass a loader with shuffle=False and no "
-            "sampler, or the Dataset itself")
+            "sampler, or the Dataset itself"
+        )
     source = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     buffer: list[Batch] = []
     count = 0
@@ -246,7 +261,9 @@ def check_indices(indices: Sequence[int] | Tensor, n: int, name: str = "indices"
     if idx.numel() == 0:
         raise ValueError(f"{name}: no examples to remove")
     if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"{name}: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
+        raise ValueError(
+            f"{name}: must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]"
+        )
     return idx
 
 

@@ -23,8 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ConfigError", "HeadwaterError", "InputError", "NonFiniteError", "NumericalError", "StoreError",
-           "check_finite_rows", "check_option_names"]
+__all__ = [
+    "ConfigError",
+    "HeadwaterError",
+    "InputError",
+    "NonFiniteError",
+    "NumericalError",
+    "StoreError",
+    "check_finite_rows",
+    "check_option_names",
+]
 
 _SHOWN = 5  # offending indices named in a message
 
@@ -74,9 +82,14 @@ def _indices(rows: list[int]) -> str:
     return shown + (f" (and {len(rows) - _SHOWN} more)" if len(rows) > _SHOWN else "")
 
 
-def check_finite_rows(values: Tensor | Iterable[Tensor], *, what: str, name: str, offset: int = 0,
-                      cause: str = "a NaN/inf or extreme value in its inputs, targets or the model's parameters"
-                      ) -> None:
+def check_finite_rows(
+    values: Tensor | Iterable[Tensor],
+    *,
+    what: str,
+    name: str,
+    offset: int = 0,
+    cause: str = "a NaN/inf or extreme value in its inputs, targets or the model's parameters",
+) -> None:
     """Raise :class:`NonFiniteError` if any row of ``values [B, ...]`` (or of any of several
     such tensors, rows aligned) holds a NaN/inf.
 
@@ -93,19 +106,30 @@ def check_finite_rows(values: Tensor | Iterable[Tensor], *, what: str, name: str
     if bool(finite.all()):
         return
     rows = [int(i) + offset for i in (~finite).nonzero()[:, 0].tolist()]
-    raise NonFiniteError(f"{name}: the {what} of example{'s' if len(rows) > 1 else ''} {_indices(rows)} "
-                         f"{'are' if len(rows) > 1 else 'is'} NaN/inf; likely cause: {cause}", tuple(rows))
+    raise NonFiniteError(
+        f"{name}: the {what} of example{'s' if len(rows) > 1 else ''} {_indices(rows)} "
+        f"{'are' if len(rows) > 1 else 'is'} NaN/inf; likely cause: {cause}",
+        tuple(rows),
+    )
 
 
-def check_option_names(target: Callable[..., Any], options: dict[str, Any], *, what: str,
-                       reserved: Iterable[str] = ()) -> None:
+def check_option_names(
+    target: Callable[..., Any], options: dict[str, Any], *, what: str, reserved: Iterable[str] = ()
+) -> None:
     """Raise :class:`ConfigError` naming the first key of ``options`` that ``target`` (a class
     or function) does not take as a keyword, or takes from another argument (``reserved``),
     and listing the valid ones. ``what`` names the options (e.g. ``"curvature_options"``)."""
     params = inspect.signature(target).parameters
-    valid = sorted(n for n, p in params.items() if n != "self" and n not in set(reserved)
-                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    valid = sorted(
+        n
+        for n, p in params.items()
+        if n != "self"
+        and n not in set(reserved)
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
     for key in options:
         if key not in valid:
             owner = getattr(target, "__name__", str(target))
-            raise ConfigError(f"{what}: unknown option {key!r} for {owner}; valid: {', '.join(valid) or 'none'}")
+            raise ConfigError(
+                f"{what}: unknown option {key!r} for {owner}; valid: {', '.join(valid) or 'none'}"
+            )

@@ -46,7 +46,7 @@ def formulas() -> dict[str, str]:
         **{name: inspect.getdoc(cls.memory) or "" for name, cls in CURVATURES.items()},
         "projection": "stored n_train·k·b (on disk with store=) + 8·k²; working: Π blocks <= 256 MiB",
         "kronecker projection": "stored n_train·k·b + 8·k², k = Σ min(k_out, out)·min(k_in, width); "
-                                "no [chunk, P] gradient",
+        "no [chunk, P] gradient",
     }
 
 
@@ -54,8 +54,19 @@ FORMULAS = formulas()
 """:func:`formulas` of the curvatures registered at import."""
 
 
-PREFERENCE = ("exact", "cg", "lanczos", "lissa", "kronecker projection", "nystrom", "ekfac", "kfac",
-              "projection", "diagonal", "identity")
+PREFERENCE = (
+    "exact",
+    "cg",
+    "lanczos",
+    "lissa",
+    "kronecker projection",
+    "nystrom",
+    "ekfac",
+    "kfac",
+    "projection",
+    "diagonal",
+    "identity",
+)
 """Most accurate first, as measured on the digits bench (bench/results.md; LOO Pearson on the
 convex model / LDS on the MLP): exact 0.983 / (dense); CG 0.983 / 0.743 (passes over the data
 per iteration); Lanczos residual 0.833 / 0.718; LiSSA 0.904 / 0.693; Kronecker projection
@@ -105,7 +116,9 @@ class Plan:
         return None
 
 
-def _gradient_seconds(model: nn.Module, task: Task, train: DataLike, chunk_size: int, n: int) -> float:
+def _gradient_seconds(
+    model: nn.Module, task: Task, train: DataLike, chunk_size: int, n: int
+) -> float:
     """Time of one chunk of per-example gradients (second call), scaled to ``n`` examples."""
     batch = next(iter_batches(train, chunk_size, "train"))
     for _ in range(2):
@@ -115,11 +128,23 @@ def _gradient_seconds(model: nn.Module, task: Task, train: DataLike, chunk_size:
     return seconds * n / batch[0].shape[0]
 
 
-def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budget_bytes: int = 8 * 2**30,
-         chunk_size: int = 64, query_chunk: int = 256, query_batch: int | None = None,
-         top_k: bool = False, rank: int = 50,
-         n_iter: int = 100, projection_dim: int = 1024, kronecker_dims: tuple[int, int] = (32, 32),
-         measure: bool = True) -> Plan:
+def plan(
+    model: nn.Module,
+    task: Task,
+    train: DataLike,
+    query: DataLike,
+    *,
+    budget_bytes: int = 8 * 2**30,
+    chunk_size: int = 64,
+    query_chunk: int = 256,
+    query_batch: int | None = None,
+    top_k: bool = False,
+    rank: int = 50,
+    n_iter: int = 100,
+    projection_dim: int = 1024,
+    kronecker_dims: tuple[int, int] = (32, 32),
+    measure: bool = True,
+) -> Plan:
     """Memory of every method for ``model`` on ``train``/``query`` (module docstring).
 
     Args:
@@ -133,11 +158,18 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
     Raises:
         ValueError: naming the argument for bad sizes or data.
     """
-    if query_batch is not None and (isinstance(query_batch, bool) or not isinstance(query_batch, int)
-                                    or query_batch <= 0):
+    if query_batch is not None and (
+        isinstance(query_batch, bool) or not isinstance(query_batch, int) or query_batch <= 0
+    ):
         raise ValueError(f"query_batch: must be a positive integer or None, got {query_batch!r}")
-    for arg, value in (("budget_bytes", budget_bytes), ("chunk_size", chunk_size), ("query_chunk", query_chunk),
-                       ("rank", rank), ("n_iter", n_iter), ("projection_dim", projection_dim)):
+    for arg, value in (
+        ("budget_bytes", budget_bytes),
+        ("chunk_size", chunk_size),
+        ("query_chunk", query_chunk),
+        ("rank", rank),
+        ("n_iter", n_iter),
+        ("projection_dim", projection_dim),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
     params = detached(task.parameters(model))
@@ -151,22 +183,52 @@ def plan(model: nn.Module, task: Task, train: DataLike, query: DataLike, *, budg
     scores = 0 if top_k else nq * n * b
     chunk = min(chunk_size, n) * p * b
     queries = min(nq, query_batch or nq) * p * b  # preconditioned query gradients held at once
-    size = ProblemSize(p, n, min(nq, query_chunk), b, outputs,
-                       tuple((bl.out_features, bl.width) for bl in blocks), rank=rank, n_iter=n_iter)
+    size = ProblemSize(
+        p,
+        n,
+        min(nq, query_chunk),
+        b,
+        outputs,
+        tuple((bl.out_features, bl.width) for bl in blocks),
+        rank=rank,
+        n_iter=n_iter,
+    )
     rows = []
     for name, cls in CURVATURES.items():
         memory = cls.memory(size)
         if memory is not None:
-            rows.append((name, memory.stored, memory.working + queries + chunk + scores, memory.note))
+            rows.append(
+                (name, memory.stored, memory.working + queries + chunk + scores, memory.note)
+            )
     if blocks:
         k_out, k_in = kronecker_dims
         kdim = sum(min(k_out, bl.out_features) * min(k_in, bl.width) for bl in blocks)
-        rows.append((f"kronecker projection {k_out}x{k_in}", n * kdim * b + 8 * kdim**2,
-                     8 * kdim**2 + nq * kdim * b + scores, f"k = {kdim}; the training rows can live on disk"))
+        rows.append(
+            (
+                f"kronecker projection {k_out}x{k_in}",
+                n * kdim * b + 8 * kdim**2,
+                8 * kdim**2 + nq * kdim * b + scores,
+                f"k = {kdim}; the training rows can live on disk",
+            )
+        )
     k = min(projection_dim, p)
-    rows.append((f"projection {k}", n * k * b + 8 * k * k,
-                 min(256 * 2**20, p * k * b) + 8 * k * k + chunk + nq * k * b + scores,
-                 "the training rows can live on disk"))
+    rows.append(
+        (
+            f"projection {k}",
+            n * k * b + 8 * k * k,
+            min(256 * 2**20, p * k * b) + 8 * k * k + chunk + nq * k * b + scores,
+            "the training rows can live on disk",
+        )
+    )
     seconds = _gradient_seconds(model, task, train, chunk_size, n) if measure else float("nan")
-    return Plan(p, n, nq, outputs, ref.dtype, bool(blocks), seconds, budget_bytes,
-                [PlanRow(m, s, w, s + w <= budget_bytes, note) for m, s, w, note in rows])
+    return Plan(
+        p,
+        n,
+        nq,
+        outputs,
+        ref.dtype,
+        bool(blocks),
+        seconds,
+        budget_bytes,
+        [PlanRow(m, s, w, s + w <= budget_bytes, note) for m, s, w, note in rows],
+    )

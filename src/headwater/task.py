@@ -49,8 +49,10 @@ def model_output(out: Any) -> Tensor:
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    raise TypeError(f"the model returned {type(out).__name__}; expected a tensor or an output with "
-                    "`.logits` (override Task.output for other outputs)")
+    raise TypeError(
+        f"the model returned {type(out).__name__}; expected a tensor or an output with "
+        "`.logits` (override Task.output for other outputs)"
+    )
 
 
 class Measurement(str, Enum):
@@ -83,12 +85,14 @@ def select_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[s
         modules = [modules]
     chosen = {}
     for prefix in modules:
-        hits = {canonical.get(k, k): p for k, p in dict(model.named_parameters(remove_duplicate=False)).items()
-                if k == prefix or k.startswith(prefix + ".")}
+        hits = {
+            canonical.get(k, k): p
+            for k, p in dict(model.named_parameters(remove_duplicate=False)).items()
+            if k == prefix or k.startswith(prefix + ".")
+        }
         if not hits:
             raise ValueError(
-                f"modules: {prefix!r} matches no parameter; parameters are e.g. "
-                f"{list(named)[:6]}"
+                f"modules: {prefix!r} matches no parameter; parameters are e.g. {list(named)[:6]}"
             )
         chosen.update(hits)
     if not chosen:
@@ -131,7 +135,9 @@ class Task(ABC):
         if weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
         self.weight_decay = float(weight_decay)
-        self.modules = None if modules is None else tuple([modules] if isinstance(modules, str) else modules)
+        self.modules = (
+            None if modules is None else tuple([modules] if isinstance(modules, str) else modules)
+        )
 
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The analysed parameters of ``model``."""
@@ -156,10 +162,14 @@ class Task(ABC):
         """Per-example training loss ``[B]`` from the output. Its Hessian in the
         output is the middle factor of the GGN."""
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
+    ) -> Tensor:
         """Targets drawn from the model's predictive distribution (true Fisher), shaped like
         the batch's ``targets`` (given so that a task can keep what they leave unscored)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot sample targets for the true Fisher")
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot sample targets for the true Fisher"
+        )
 
     def train_loss(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Per-example training loss ``[B]``."""
@@ -171,7 +181,11 @@ class Task(ABC):
         return self.train_loss(model, batch)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": type(self).__name__, "weight_decay": self.weight_decay, "modules": self.modules}
+        return {
+            "task": type(self).__name__,
+            "weight_decay": self.weight_decay,
+            "modules": self.modules,
+        }
 
 
 class ClassificationTask(Task):
@@ -200,13 +214,19 @@ class ClassificationTask(Task):
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         if output.dim() != 2:
-            raise ValueError(f"ClassificationTask expects logits [B, C], got shape {tuple(output.shape)}")
+            raise ValueError(
+                f"ClassificationTask expects logits [B, C], got shape {tuple(output.shape)}"
+            )
         if targets.is_floating_point() or targets.is_complex():
-            raise TypeError(f"ClassificationTask: targets must be integer class labels, got {targets.dtype}; "
-                            "convert them with .long() (or use RegressionTask for real-valued targets)")
+            raise TypeError(
+                f"ClassificationTask: targets must be integer class labels, got {targets.dtype}; "
+                "convert them with .long() (or use RegressionTask for real-valued targets)"
+            )
         return F.cross_entropy(output, targets.long(), reduction="none")
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
+    ) -> Tensor:
         probs = torch.softmax(output.detach(), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -230,13 +250,23 @@ class RegressionTask(Task):
         if targets.numel() != output.numel():
             raise ValueError(
                 f"RegressionTask: the model's outputs {tuple(output.shape)} and the targets {tuple(targets.shape)} "
-                "differ in size" + ("; integer class labels pick ClassificationTask: convert them with .long() or "
-                                    "pass task=ClassificationTask()" if output.dim() == 2 and targets.dim() == 1 else ""))
+                "differ in size"
+                + (
+                    "; integer class labels pick ClassificationTask: convert them with .long() or "
+                    "pass task=ClassificationTask()"
+                    if output.dim() == 2 and targets.dim() == 1
+                    else ""
+                )
+            )
         diff = output - targets.reshape(output.shape).to(output.dtype)
         return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
-        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
+    ) -> Tensor:
+        noise = torch.randn(
+            output.shape, generator=generator, dtype=output.dtype, device=output.device
+        )
         return output.detach() + noise
 
 
@@ -272,8 +302,13 @@ class LanguageModelingTask(Task):
         weight_decay, modules: as :class:`Task`.
     """
 
-    def __init__(self, *, ignore_index: int = -100, weight_decay: float = 0.0,
-                 modules: Sequence[str] | None = None):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        weight_decay: float = 0.0,
+        modules: Sequence[str] | None = None,
+    ):
         super().__init__(weight_decay=weight_decay, modules=modules)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
@@ -282,7 +317,9 @@ class LanguageModelingTask(Task):
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         return _token_nll(output, targets, self.ignore_index, shift=1, name=type(self).__name__)
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
+    ) -> Tensor:
         """Each scored position's next token drawn from the model; unscored ones (and the
         first position, which nothing predicts) stay ``ignore_index``."""
         return _sample_tokens(output, generator, targets, self.ignore_index, shift=1)
@@ -310,8 +347,13 @@ class Seq2SeqTask(Task):
         weight_decay, modules: as :class:`Task`.
     """
 
-    def __init__(self, *, ignore_index: int = -100, weight_decay: float = 0.0,
-                 modules: Sequence[str] | None = None):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        weight_decay: float = 0.0,
+        modules: Sequence[str] | None = None,
+    ):
         super().__init__(weight_decay=weight_decay, modules=modules)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
@@ -319,14 +361,18 @@ class Seq2SeqTask(Task):
 
     def output(self, model: ModelFn, inputs: Inputs) -> Tensor:
         if not isinstance(inputs, Mapping) or not ({"labels", "decoder_input_ids"} & set(inputs)):
-            raise TypeError("Seq2SeqTask: inputs must be a dict batch with 'labels' (or 'decoder_input_ids') "
-                            "for the decoder, e.g. {'input_ids', 'attention_mask', 'labels'}")
+            raise TypeError(
+                "Seq2SeqTask: inputs must be a dict batch with 'labels' (or 'decoder_input_ids') "
+                "for the decoder, e.g. {'input_ids', 'attention_mask', 'labels'}"
+            )
         return model_output(call_model(model, inputs, labels=True))
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         return _token_nll(output, targets, self.ignore_index, shift=0, name=type(self).__name__)
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
+    ) -> Tensor:
         """Each scored position's token drawn from the model (the decoder keeps its inputs);
         unscored positions stay ``ignore_index``."""
         return _sample_tokens(output, generator, targets, self.ignore_index, shift=0)
@@ -335,25 +381,38 @@ class Seq2SeqTask(Task):
         return {**super().to_dict(), "ignore_index": self.ignore_index}
 
 
-def _token_nll(output: Tensor, targets: Tensor, ignore_index: int, *, shift: int, name: str) -> Tensor:
+def _token_nll(
+    output: Tensor, targets: Tensor, ignore_index: int, *, shift: int, name: str
+) -> Tensor:
     """``Σ_t −log p(targets[:, t + shift])`` from the logits at ``t``, per sequence ``[B]``."""
     if output.dim() != 3:
         raise ValueError(f"{name} expects logits [B, T, V], got shape {tuple(output.shape)}")
     if targets.shape != output.shape[:2]:
-        raise ValueError(f"{name}: targets must be token ids [B, T] = {tuple(output.shape[:2])}, "
-                         f"got shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"{name}: targets must be token ids [B, T] = {tuple(output.shape[:2])}, "
+            f"got shape {tuple(targets.shape)}"
+        )
     t = output.shape[1]
     labels = targets[:, shift:].long()
-    per_token = F.cross_entropy(output[:, : t - shift].transpose(1, 2), labels, ignore_index=ignore_index,
-                                reduction="none")  # [B, T - shift], 0 where unscored
+    per_token = F.cross_entropy(
+        output[:, : t - shift].transpose(1, 2), labels, ignore_index=ignore_index, reduction="none"
+    )  # [B, T - shift], 0 where unscored
     return per_token.sum(dim=1)
 
 
-def _sample_tokens(output: Tensor, generator: torch.Generator, targets: Tensor | None, ignore_index: int,
-                   *, shift: int) -> Tensor:
+def _sample_tokens(
+    output: Tensor,
+    generator: torch.Generator,
+    targets: Tensor | None,
+    ignore_index: int,
+    *,
+    shift: int,
+) -> Tensor:
     b, t, v = output.shape
     logits = output[:, : t - shift].detach()
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).reshape(-1, v)
+    probs = torch.softmax(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1
+    ).reshape(-1, v)
     drawn = torch.multinomial(probs, 1, generator=generator).reshape(b, t - shift)
     sampled = torch.full((b, t), ignore_index, dtype=torch.long, device=output.device)
     sampled[:, shift:] = drawn
@@ -373,8 +432,9 @@ def _example_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def sample_per_example(task: Task, output: Tensor, targets: Tensor, *, seed: int, first: int,
-                       draws: int = 1) -> list[Tensor]:
+def sample_per_example(
+    task: Task, output: Tensor, targets: Tensor, *, seed: int, first: int, draws: int = 1
+) -> list[Tensor]:
     """``draws`` sets of targets sampled from the model (``task.sample_targets``), each
     like a batch's targets; example ``first + b`` (its global index in the data) draws
     from its own generator seeded by ``(seed, first + b)``.
@@ -389,8 +449,11 @@ def sample_per_example(task: Task, output: Tensor, targets: Tensor, *, seed: int
     for b in range(out.shape[0]):
         generator = torch.Generator(device=out.device).manual_seed(_example_seed(seed, first + b))
         for k in range(draws):
-            rows[k].append(task.sample_targets(out[b : b + 1], generator, targets[b : b + 1]) if with_targets
-                           else task.sample_targets(out[b : b + 1], generator))
+            rows[k].append(
+                task.sample_targets(out[b : b + 1], generator, targets[b : b + 1])
+                if with_targets
+                else task.sample_targets(out[b : b + 1], generator)
+            )
     return [torch.cat(r) for r in rows]
 
 
@@ -399,16 +462,28 @@ def _takes_targets(task: Task) -> bool:
     the earlier ``sample_targets(output, generator)`` does not)."""
     params = inspect.signature(task.sample_targets).parameters.values()
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3 or any(
-        p.kind is p.VAR_POSITIONAL for p in params)
+        p.kind is p.VAR_POSITIONAL for p in params
+    )
 
 
-def default_task(targets: Tensor, *, weight_decay: float = 0.0, encoder_decoder: bool = False) -> Task:
+def default_task(
+    targets: Tensor, *, weight_decay: float = 0.0, encoder_decoder: bool = False
+) -> Task:
     """The task the targets imply: integer labels ``[B]`` → classification; integer token
     labels ``[B, T]`` → :class:`LanguageModelingTask` (or :class:`Seq2SeqTask` for an
     ``encoder_decoder`` model); floating targets → regression."""
-    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+    if targets.dtype in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ):
         if targets.dim() == 2 and targets.dtype != torch.bool:
-            return (Seq2SeqTask if encoder_decoder else LanguageModelingTask)(weight_decay=weight_decay)
+            return (Seq2SeqTask if encoder_decoder else LanguageModelingTask)(
+                weight_decay=weight_decay
+            )
         return ClassificationTask(weight_decay=weight_decay)
     if targets.is_floating_point():
         return RegressionTask(weight_decay=weight_decay)

@@ -20,7 +20,9 @@ from headwater.cli.main import main
 from headwater.gradients.projection import KroneckerProjection
 from headwater.report import load_result
 
-pytestmark = pytest.mark.slow  # subprocesses and multi-process runs: `make test-fast` leaves them out
+pytestmark = (
+    pytest.mark.slow
+)  # subprocesses and multi-process runs: `make test-fast` leaves them out
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits_mlp.py"
@@ -29,8 +31,14 @@ SMALL_DEMO = ["--n-train", "300", "--n-test", "40", "--epochs", "6", "--threads"
 
 
 def headwater_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "headwater.cli.main", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "headwater.cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 class _Page(HTMLParser):
@@ -88,12 +96,21 @@ def test_demo_top_proponent_is_what_the_api_returns(demo):
     state, _ = store.load(out / "model")
     model.load_state_dict(state)
     api = headwater.influence(
-        model, (x_tr, y_tr), (x_te, y_te), task=headwater.ClassificationTask(weight_decay=args["weight_decay"]),
-        curvature=args["curvature"], damping=args["damping"], kind=args["kind"], top_k=args["top_k"],
+        model,
+        (x_tr, y_tr),
+        (x_te, y_te),
+        task=headwater.ClassificationTask(weight_decay=args["weight_decay"]),
+        curvature=args["curvature"],
+        damping=args["damping"],
+        kind=args["kind"],
+        top_k=args["top_k"],
     )
     page = _page(out)
-    top = {int(r["data-query"]): int(r["data-train-index"]) for r in page.rows
-           if r["data-kind"] == "proponent" and r["data-rank"] == "1"}
+    top = {
+        int(r["data-query"]): int(r["data-train-index"])
+        for r in page.rows
+        if r["data-kind"] == "proponent" and r["data-rank"] == "1"
+    }
     assert len(top) == 3
     for q, train_index in top.items():
         assert train_index == int(api.indices[q, 0]), (q, train_index, api.indices[q])
@@ -108,8 +125,12 @@ def test_demo_report_draws_raw_pixels_not_standardised_inputs(demo):
     args = json.loads((out / "config.json").read_text())["args"]
     result = load_result(out)
     pixels_tr, pixels_te = digits_pixels(args["seed"], args["n_train"], args["n_test"])
-    assert torch.equal(result.train_images, pixels_tr) and torch.equal(result.query_images, pixels_te)
-    assert result.train_images.min() == 0 and result.train_images.max() == 16  # ink 0..16, background 0
+    assert torch.equal(result.train_images, pixels_tr) and torch.equal(
+        result.query_images, pixels_te
+    )
+    assert (
+        result.train_images.min() == 0 and result.train_images.max() == 16
+    )  # ink 0..16, background 0
     x_tr = digits_split(args["seed"], args["n_train"], args["n_test"])[0]
     assert x_tr.min() < 0  # the model saw standardised inputs; the report shows the pixels
 
@@ -117,16 +138,34 @@ def test_demo_report_draws_raw_pixels_not_standardised_inputs(demo):
 def test_config_reproduces_the_run(demo, tmp_path):
     out, _ = demo
     again = tmp_path / "again"
-    proc = headwater_cli("demo", "--config", str(out / "config.json"), "--quiet", "--no-report",
-                         "-o", str(again), cwd=tmp_path)
+    proc = headwater_cli(
+        "demo",
+        "--config",
+        str(out / "config.json"),
+        "--quiet",
+        "--no-report",
+        "-o",
+        str(again),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(load_result(out).scores, load_result(again).scores)
 
 
 def test_report_command_renders_a_saved_folder(demo, tmp_path):
     out, _ = demo
-    proc = headwater_cli("report", str(out), "--to", str(tmp_path / "r"), "--top-k", "3", "--queries", "0",
-                         "--quiet", cwd=tmp_path)
+    proc = headwater_cli(
+        "report",
+        str(out),
+        "--to",
+        str(tmp_path / "r"),
+        "--top-k",
+        "3",
+        "--queries",
+        "0",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     parser = _Page()
     parser.feed((tmp_path / "r" / "index.html").read_text(encoding="utf-8"))
@@ -136,15 +175,27 @@ def test_report_command_renders_a_saved_folder(demo, tmp_path):
 
 def test_score_runs_the_example_spec(tmp_path):
     out = tmp_path / "score"
-    proc = headwater_cli("score", str(EXAMPLE), "--quiet", "--threads", "1", "-o", str(out), cwd=tmp_path)
+    proc = headwater_cli(
+        "score", str(EXAMPLE), "--quiet", "--threads", "1", "-o", str(out), cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     result = load_result(out)
     assert result.scores.shape == (40, 600)
-    assert result.train_images.shape == (600, 8, 8) and result.train_images.max() == 16  # the spec's display
-    want = _api_scores(self_influence=True)  # the oracle: the same run (default curvature) through the API
-    torch.testing.assert_close(result.scores, want.values, rtol=1e-4, atol=1e-5 * float(want.values.abs().max()))
-    torch.testing.assert_close(result.self_influence, want.self_influence, rtol=1e-4,
-                               atol=1e-5 * float(want.self_influence.abs().max()))
+    assert (
+        result.train_images.shape == (600, 8, 8) and result.train_images.max() == 16
+    )  # the spec's display
+    want = _api_scores(
+        self_influence=True
+    )  # the oracle: the same run (default curvature) through the API
+    torch.testing.assert_close(
+        result.scores, want.values, rtol=1e-4, atol=1e-5 * float(want.values.abs().max())
+    )
+    torch.testing.assert_close(
+        result.self_influence,
+        want.self_influence,
+        rtol=1e-4,
+        atol=1e-5 * float(want.self_influence.abs().max()),
+    )
     lines = (out / "top_k.csv").read_text().splitlines()
     assert lines[0].startswith("query,")
     assert len(lines) == 1 + 40 * 2 * 5
@@ -177,9 +228,16 @@ def test_score_with_a_projection_stores_and_reuses_the_projected_gradients(tmp_p
     first = load_result(out)
     assert first.settings["curvature"] == "projected"
     want = _api_scores(projection=KroneckerProjection(8, 8, seed=0), curvature="exact")
-    torch.testing.assert_close(first.scores, want.values, rtol=1e-4, atol=1e-5 * float(want.values.abs().max()))
-    assert first.settings["projection"] == {"type": "KroneckerProjection", "dim_out": 8, "dim_in": 8,
-                                            "kind": "rademacher", "seed": 0}
+    torch.testing.assert_close(
+        first.scores, want.values, rtol=1e-4, atol=1e-5 * float(want.values.abs().max())
+    )
+    assert first.settings["projection"] == {
+        "type": "KroneckerProjection",
+        "dim_out": 8,
+        "dim_in": 8,
+        "kind": "rademacher",
+        "seed": 0,
+    }
     stored = json.loads((out / "projected-train.json").read_text())
     assert stored["rows_done"] == 600
     proc = headwater_cli("score", str(EXAMPLE), *args, cwd=tmp_path)  # reuses the stores
@@ -211,9 +269,27 @@ def test_score_under_torchrun_matches_one_process(tmp_path):
     args = [str(EXAMPLE), "--curvature", "ekfac", "--threads", "1", "--no-report", "--quiet"]
     single = headwater_cli("score", *args, "-o", str(tmp_path / "single"), cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "headwater", "score", *args, "--distributed", "-o", str(tmp_path / "ranks")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "headwater",
+            "score",
+            *args,
+            "--distributed",
+            "-o",
+            str(tmp_path / "ranks"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("scores:") == 1  # rank 0 alone prints and writes
     expected, got = load_result(tmp_path / "single").scores, load_result(tmp_path / "ranks").scores
@@ -233,11 +309,28 @@ def _bad_spec(tmp_path: Path) -> Path:
     return spec
 
 
-USER_ERRORS = ["missing spec", "missing module", "unknown method", "negative damping", "empty store",
-               "damaged store", "output is a file", "library error", "bad curvature option", "bad projection",
-               "projection with cg", "plan without memory", "query batch with projection",
-               "distributed without torchrun", "cuda this torch lacks", "mps this torch lacks",
-               "unknown curvature option", "unknown projection option", "zero projection", "inf input"]
+USER_ERRORS = [
+    "missing spec",
+    "missing module",
+    "unknown method",
+    "negative damping",
+    "empty store",
+    "damaged store",
+    "output is a file",
+    "library error",
+    "bad curvature option",
+    "bad projection",
+    "projection with cg",
+    "plan without memory",
+    "query batch with projection",
+    "distributed without torchrun",
+    "cuda this torch lacks",
+    "mps this torch lacks",
+    "unknown curvature option",
+    "unknown projection option",
+    "zero projection",
+    "inf input",
+]
 
 
 def _error_args(case: str, tmp_path: Path) -> list[str]:
@@ -259,19 +352,79 @@ def _error_args(case: str, tmp_path: Path) -> list[str]:
         "bad projection": ["demo", "--projection", "8y8", "-o", "x"],
         "projection with cg": ["demo", "--projection", "64", "--curvature", "cg", "-o", "x"],
         "plan without memory": ["plan", str(EXAMPLE), "--memory-gb", "0"],
-        "query batch with projection": ["demo", "--projection", "64", "--query-batch", "8", "-o", "x"],
+        "query batch with projection": [
+            "demo",
+            "--projection",
+            "64",
+            "--query-batch",
+            "8",
+            "-o",
+            "x",
+        ],
         "distributed without torchrun": ["score", str(EXAMPLE), "--distributed", "-o", "x"],
-        "library error": ["score", str(_bad_spec(tmp_path)), "--curvature", "exact", "-o", str(tmp_path / "x")],
+        "library error": [
+            "score",
+            str(_bad_spec(tmp_path)),
+            "--curvature",
+            "exact",
+            "-o",
+            str(tmp_path / "x"),
+        ],
         # checked before the spec runs: the spec leaves a marker file when it is executed
-        "cuda this torch lacks": ["score", str(_marking_spec(tmp_path)), "--device", "cuda", "-o", "x"],
-        "mps this torch lacks": ["score", str(_marking_spec(tmp_path)), "--device", "mps", "-o", "x"],
-        "unknown curvature option": ["score", str(_marking_spec(tmp_path)), "--curvature", "arnoldi",
-                                     "--curvature-option", "rnak=3", "-o", "x"],
-        "unknown projection option": ["score", str(_marking_spec(tmp_path)), "--projection", "8",
-                                      "--curvature-option", "rank=3", "-o", "x"],
-        "zero projection": ["score", str(_marking_spec(tmp_path)), "--projection", "0x4", "-o", "x"],
-        "inf input": ["score", str(_marking_spec(tmp_path, bad="float('inf')")), "--curvature", "ekfac", "--quiet",
-                      "--no-report", "-o", str(tmp_path / "x")],
+        "cuda this torch lacks": [
+            "score",
+            str(_marking_spec(tmp_path)),
+            "--device",
+            "cuda",
+            "-o",
+            "x",
+        ],
+        "mps this torch lacks": [
+            "score",
+            str(_marking_spec(tmp_path)),
+            "--device",
+            "mps",
+            "-o",
+            "x",
+        ],
+        "unknown curvature option": [
+            "score",
+            str(_marking_spec(tmp_path)),
+            "--curvature",
+            "arnoldi",
+            "--curvature-option",
+            "rnak=3",
+            "-o",
+            "x",
+        ],
+        "unknown projection option": [
+            "score",
+            str(_marking_spec(tmp_path)),
+            "--projection",
+            "8",
+            "--curvature-option",
+            "rank=3",
+            "-o",
+            "x",
+        ],
+        "zero projection": [
+            "score",
+            str(_marking_spec(tmp_path)),
+            "--projection",
+            "0x4",
+            "-o",
+            "x",
+        ],
+        "inf input": [
+            "score",
+            str(_marking_spec(tmp_path, bad="float('inf')")),
+            "--curvature",
+            "ekfac",
+            "--quiet",
+            "--no-report",
+            "-o",
+            str(tmp_path / "x"),
+        ],
     }[case]
 
 
@@ -314,8 +467,9 @@ def test_user_errors_print_one_line(case, tmp_path, monkeypatch, capsys):
         assert "train: the" in err and "example 3" in err
 
 
-def test_a_bug_exits_1_with_a_note_above_the_traceback_and_debug_shows_user_errors(tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_a_bug_exits_1_with_a_note_above_the_traceback_and_debug_shows_user_errors(
+    tmp_path, monkeypatch, capsys
+):
     import headwater.cli.score as score
 
     monkeypatch.chdir(tmp_path)
@@ -336,8 +490,14 @@ def test_a_bug_exits_1_with_a_note_above_the_traceback_and_debug_shows_user_erro
 @pytest.mark.parametrize("case", ["missing spec", "library error"])
 def test_user_errors_from_the_console(case, tmp_path):
     """As a user runs it: a separate process, `python -m headwater`."""
-    proc = subprocess.run([sys.executable, "-m", "headwater", *_error_args(case, tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "headwater", *_error_args(case, tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode != 0
     _assert_one_line(proc.stderr)
 
@@ -351,7 +511,9 @@ def test_plan_prints_every_method(capsys):
     exact = next(r for r in out["rows"] if r["method"] == "exact")
     assert exact["stored_bytes"] == 8 * (2410**2 + 2410) and exact["fits"]
     assert out["recommended"] == "exact"
-    assert main(["plan", str(EXAMPLE), "--memory-gb", "0.02"]) == 0  # exact (~90 MiB) no longer fits
+    assert (
+        main(["plan", str(EXAMPLE), "--memory-gb", "0.02"]) == 0
+    )  # exact (~90 MiB) no longer fits
     assert "recommended: cg" in capsys.readouterr().out
 
 

@@ -23,8 +23,11 @@ def test_dense_matches_autograd(name, kind):
 
 def test_ggn_equals_hessian_for_linear_model():
     case = CASES["linreg"]()
-    assert_close(dense_curvature(case.model, case.task, case.train, "ggn"),
-                 dense_hessian(case.model, case.task, case.train), what="linear GGN vs Hessian")
+    assert_close(
+        dense_curvature(case.model, case.task, case.train, "ggn"),
+        dense_hessian(case.model, case.task, case.train),
+        what="linear GGN vs Hessian",
+    )
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
@@ -32,15 +35,21 @@ def test_solve_and_matvec(kind):
     case = CASES["mlp"]()
     damping = 1.0  # above |smallest Hessian eigenvalue| (~0.5) so the damped matrix is definite
     curv = Exact(kind=kind, damping=damping).fit(case.model, case.task, case.train)
-    dense = ORACLES[kind](case.model, case.task, case.train) + damping * torch.eye(51, dtype=torch.float64)
+    dense = ORACLES[kind](case.model, case.task, case.train) + damping * torch.eye(
+        51, dtype=torch.float64
+    )
     v = torch.randn(4, 51, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert_close(curv.solve(v), torch.linalg.solve(dense, v.T).T, what="solve")
     assert_close(curv.matvec(v), v @ dense, what="matvec")
     assert_close(curv.matvec(curv.solve(v)), v, what="matvec(solve(v))")
     assert curv.solve(v[0]).shape == (51,)
     vals, vecs = curv.eigen()
-    assert_close(vals, torch.linalg.eigvalsh(dense - damping * torch.eye(51, dtype=torch.float64)).flip(0),
-                 atol=1e-9, what="eigenvalues")
+    assert_close(
+        vals,
+        torch.linalg.eigvalsh(dense - damping * torch.eye(51, dtype=torch.float64)).flip(0),
+        atol=1e-9,
+        what="eigenvalues",
+    )
     assert vecs.shape == (51, 51)
 
 
@@ -82,7 +91,11 @@ def test_cholesky_solver_equals_the_dense_solve(damping, tmp_path):
     case = CASES["cnn"]()
     curv = Exact(damping=damping, solver="cholesky").fit(case.model, case.task, case.train)
     dense = dense_ggn(case.model, case.task, case.train)
-    lam = damping if damping is not None else DEFAULT_RELATIVE_DAMPING * float(dense.diagonal().mean())
+    lam = (
+        damping
+        if damping is not None
+        else DEFAULT_RELATIVE_DAMPING * float(dense.diagonal().mean())
+    )
     assert curv.fitted_damping == pytest.approx(lam, rel=1e-12)
     same = Exact(damping=damping).fit(case.model, case.task, case.train)  # eigh: same default
     assert curv.fitted_damping == pytest.approx(same.fitted_damping, rel=1e-12)
@@ -93,6 +106,8 @@ def test_cholesky_solver_equals_the_dense_solve(damping, tmp_path):
     with pytest.raises(NotImplementedError, match="cholesky"):
         curv.eigen()
     curv.save(tmp_path / "c")
-    assert_close(Exact(damping=damping, solver="cholesky").load(tmp_path / "c").solve(v), curv.solve(v))
+    assert_close(
+        Exact(damping=damping, solver="cholesky").load(tmp_path / "c").solve(v), curv.solve(v)
+    )
     with pytest.raises(ValueError, match="solver"):
         Exact(solver="lu")

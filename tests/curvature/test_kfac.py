@@ -31,7 +31,9 @@ def _block_mask(curv) -> Tensor:
     slices = curv.layout.slices()
     mask = torch.zeros(curv.layout.num_params, curv.layout.num_params, dtype=torch.bool)
     for b in curv.blocks:
-        idx = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in (b.weight, b.bias) if n])
+        idx = torch.cat(
+            [torch.arange(slices[n].start, slices[n].stop) for n in (b.weight, b.bias) if n]
+        )
         mask[idx[:, None], idx[None, :]] = True
     return mask
 
@@ -112,16 +114,28 @@ def test_sampled_fisher_approaches_exact():
     many = tuple(t.repeat(500, *([1] * (t.dim() - 1))) for t in case.train)  # 500 draws each
 
     def sampled(**kw):
-        return KFAC(damping=0.0, seed=1, ggn_estimator="sampled", **kw).fit(case.model, case.task, many)
+        return KFAC(damping=0.0, seed=1, ggn_estimator="sampled", **kw).fit(
+            case.model, case.task, many
+        )
 
     a, b = _dense(exact, 51), _dense(sampled(chunk_size=4000), 51)
     assert (a - b).norm() / a.norm() < 0.05
     assert torch.equal(_dense(sampled(chunk_size=4000), 51), b)  # same seed, same numbers
     # each example draws from its own generator: other chunks, same draws (sums reordered)
-    assert_close(_dense(sampled(chunk_size=7), 51), b, rtol=1e-12, atol=1e-12 * float(b.abs().max()),
-                 what="sampled K-FAC, chunks of 7")
+    assert_close(
+        _dense(sampled(chunk_size=7), 51),
+        b,
+        rtol=1e-12,
+        atol=1e-12 * float(b.abs().max()),
+        what="sampled K-FAC, chunks of 7",
+    )
     # another seed: other draws, as far from the first as sampling noise, as close to the truth
-    c = _dense(KFAC(damping=0.0, seed=2, ggn_estimator="sampled", chunk_size=4000).fit(case.model, case.task, many), 51)
+    c = _dense(
+        KFAC(damping=0.0, seed=2, ggn_estimator="sampled", chunk_size=4000).fit(
+            case.model, case.task, many
+        ),
+        51,
+    )
     assert (c - b).norm() / a.norm() > 1e-3 and (a - c).norm() / a.norm() < 0.05
 
 
@@ -130,15 +144,23 @@ def test_sampled_kfac_matches_the_exact_ggn_in_scale_as_mc_samples_grows():
     exact GGN's scale (trace) at every mc_samples and approach it as the draws grow (without
     the weight the trace would grow with mc_samples)."""
     case = CASES["mlp"]()
-    exact = _dense(KFAC(damping=0.0, ggn_estimator="exact").fit(case.model, case.task, case.train), 51)
+    exact = _dense(
+        KFAC(damping=0.0, ggn_estimator="exact").fit(case.model, case.task, case.train), 51
+    )
     reps = tuple(t.repeat(20, *([1] * (t.dim() - 1))) for t in case.train)  # 480 examples
     errors = {}
     for m in (1, 4, 16, 64):
-        sampled = _dense(KFAC(damping=0.0, seed=1, mc_samples=m, ggn_estimator="sampled").fit(
-            case.model, case.task, reps), 51)
+        sampled = _dense(
+            KFAC(damping=0.0, seed=1, mc_samples=m, ggn_estimator="sampled").fit(
+                case.model, case.task, reps
+            ),
+            51,
+        )
         assert abs(float(sampled.trace() / exact.trace()) - 1) < 0.05, m  # measured within 0.025
         errors[m] = float((sampled - exact).norm() / exact.norm())
-    assert errors[16] < errors[1] / 2 and errors[64] < errors[1] / 2, errors  # 0.040 -> 0.006, 0.009
+    assert errors[16] < errors[1] / 2 and errors[64] < errors[1] / 2, (
+        errors
+    )  # 0.040 -> 0.006, 0.009
 
 
 def test_auto_estimator_is_exact_for_few_outputs_else_sampled():
@@ -181,7 +203,10 @@ def test_ekfac_closer_to_block_ggn_than_kfac(name):
     for other in (k, e):
         assert abs(float((residual * other).sum())) < 1e-10 * float(truth.norm() * other.norm())
     err_k, err_e = (k - truth).norm(), residual.norm()
-    assert err_e < 0.95 * err_k, (err_e, err_k)  # strictly closer (mlp 0.37 vs 0.44, cnn 0.59 vs 0.64)
+    assert err_e < 0.95 * err_k, (
+        err_e,
+        err_k,
+    )  # strictly closer (mlp 0.37 vs 0.44, cnn 0.59 vs 0.64)
     assert (_dense(ekfac, p) * ~_block_mask(kfac)).abs().max() < 1e-12  # block-diagonal
 
 
@@ -256,7 +281,9 @@ def test_parameters_outside_supported_layers_form_the_diagonal_block():
     curv = KFAC().fit(model, ClassificationTask(), data)
     assert [b.module for b in curv.blocks] == ["0", "2", DIAGONAL]
     assert curv.blocks[-1].params == ("1.weight", "1.bias")
-    curv = KFAC().fit(model, ClassificationTask(modules=["0", "2"]), data)  # selection skips the norm
+    curv = KFAC().fit(
+        model, ClassificationTask(modules=["0", "2"]), data
+    )  # selection skips the norm
     assert [b.module for b in curv.blocks] == ["0", "2"]
     grouped = nn.Conv2d(2, 2, 3, groups=2)
     blocks = find_blocks(grouped, dict(grouped.named_parameters()))
@@ -270,9 +297,12 @@ def test_parameters_outside_supported_layers_form_the_diagonal_block():
 def test_module_gradients_match_per_example_loop():
     case = CASES["cnn"]()
     curv = KFAC().fit(case.model, case.task, case.train)
-    got = [from_blocks(g, curv.blocks, curv.layout)
-           for g in module_gradients(case.model, case.task, curv.blocks, case.query,
-                                     objective="measurement", chunk_size=3)]
+    got = [
+        from_blocks(g, curv.blocks, curv.layout)
+        for g in module_gradients(
+            case.model, case.task, curv.blocks, case.query, objective="measurement", chunk_size=3
+        )
+    ]
     want = loop_gradients(case.model, case.task, case.query, measurement=True)
     assert_close(torch.cat(got), want, what="module gradients")
 
@@ -280,35 +310,56 @@ def test_module_gradients_match_per_example_loop():
 def test_influence_with_ekfac_matches_exact_in_exact_regime():
     case = CASES["linreg"]()
     exact = InfluenceFunction(case.model, case.task, Exact(damping=1e-3)).fit(case.train)
-    ekfac = InfluenceFunction(case.model, case.task,
-                              EKFAC(damping=1e-3, ggn_estimator="exact")).fit(case.train)
+    ekfac = InfluenceFunction(
+        case.model, case.task, EKFAC(damping=1e-3, ggn_estimator="exact")
+    ).fit(case.train)
     want = exact.scores(case.query, case.train)
     assert_close(ekfac.scores(case.query, case.train), want, what="EK-FAC vs exact influence")
-    fac = factored_scores(case.model, case.task, ekfac.curvature, case.query, case.train, chunk_size=7)
+    fac = factored_scores(
+        case.model, case.task, ekfac.curvature, case.query, case.train, chunk_size=7
+    )
     assert_close(fac, want, what="factored vs exact influence")
 
 
 def test_module_scores_sum_to_flat_influence():
     case = CASES["mlp"]()
     est = InfluenceFunction(case.model, case.task, EKFAC()).fit(case.train)
-    parts = module_scores(case.model, case.task, est.curvature, case.query, case.train, chunk_size=5)
+    parts = module_scores(
+        case.model, case.task, est.curvature, case.query, case.train, chunk_size=5
+    )
     assert list(parts) == ["0", "2"] and parts["0"].shape == (5, 24)
-    flat = est.preconditioned_queries(case.query) @ stack_gradients(case.model, case.task, case.train).T
+    flat = (
+        est.preconditioned_queries(case.query)
+        @ stack_gradients(case.model, case.task, case.train).T
+    )
     assert_close(sum(parts.values()), flat, what="sum of modules vs flat-layout scores")
-    assert_close(est.scores(case.query, case.train), flat, what="InfluenceFunction (per-module path)")
+    assert_close(
+        est.scores(case.query, case.train), flat, what="InfluenceFunction (per-module path)"
+    )
     with pytest.raises(TypeError, match="curvature"):
-        module_scores(case.model, case.task, Exact().fit(case.model, case.task, case.train),
-                      case.query, case.train)
+        module_scores(
+            case.model,
+            case.task,
+            Exact().fit(case.model, case.task, case.train),
+            case.query,
+            case.train,
+        )
 
 
 def test_registered_and_one_call_api():
     assert CURVATURES["kfac"] is KFAC and CURVATURES["ekfac"] is EKFAC
     case = CASES["mlp"]()
-    scores = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac")
-    curv = EKFAC().fit(case.model, case.task, case.train)  # the oracle: dense gradients, EK-FAC's solve
+    scores = headwater.influence(
+        case.model, case.train, case.query, task=case.task, curvature="ekfac"
+    )
+    curv = EKFAC().fit(
+        case.model, case.task, case.train
+    )  # the oracle: dense gradients, EK-FAC's solve
     g_query = stack_gradients(case.model, case.task, case.query, objective="measurement")  # [5, P]
     want = curv.solve(g_query) @ stack_gradients(case.model, case.task, case.train).T
-    assert_close(scores.values, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), what="one-call API")
+    assert_close(
+        scores.values, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), what="one-call API"
+    )
 
 
 def test_a_task_written_for_the_two_argument_sample_targets_still_samples():
@@ -317,7 +368,9 @@ def test_a_task_written_for_the_two_argument_sample_targets_still_samples():
 
     class OldTask(type(case.task)):
         def sample_targets(self, output, generator):
-            return torch.multinomial(torch.softmax(output, dim=-1), 1, generator=generator).squeeze(-1)
+            return torch.multinomial(torch.softmax(output, dim=-1), 1, generator=generator).squeeze(
+                -1
+            )
 
     old = OldTask(weight_decay=case.task.weight_decay)
     a = KFAC(damping=1e-3, ggn_estimator="sampled", seed=4).fit(case.model, old, case.train)
@@ -338,7 +391,9 @@ def test_ekfac_correction_takes_fresh_sampled_targets():
     with torch.no_grad():
         model[0].weight.copy_(torch.randn(3, 4, generator=g, dtype=F64))
     task = ClassificationTask()
-    curv = EKFAC(damping=0.0, ggn_estimator="sampled", seed=7, chunk_size=16).fit(model, task, (x, y))
+    curv = EKFAC(damping=0.0, ggn_estimator="sampled", seed=7, chunk_size=16).fit(
+        model, task, (x, y)
+    )
     with torch.no_grad():
         logits = model(x)
     p = logits.softmax(-1)
@@ -347,12 +402,23 @@ def test_ekfac_correction_takes_fresh_sampled_targets():
     s_basis = p - nn.functional.one_hot(first, 3).double()  # [N, out]
     s = curv.state
     qs, qa = s.eigvecs_s["0"].double(), s.eigvecs_a["0"].double()
-    assert_close(qs @ torch.diag(s.eigvals_s["0"].double()) @ qs.T, s_basis.T @ s_basis / 40, rtol=1e-10,
-                 what="S from the first draws")
+    assert_close(
+        qs @ torch.diag(s.eigvals_s["0"].double()) @ qs.T,
+        s_basis.T @ s_basis / 40,
+        rtol=1e-10,
+        what="S from the first draws",
+    )
 
     def eigenvalues(signal: Tensor) -> Tensor:
         return ((signal @ qs)[:, :, None] * (a @ qa)[:, None, :]).square().mean(0)  # [out, width]
 
     fresh = eigenvalues(p - nn.functional.one_hot(second, 3).double())
-    assert_close(s.corrected["0"].double(), fresh, rtol=1e-10, what="EK-FAC eigenvalues from the second draws")
-    assert not torch.allclose(eigenvalues(s_basis), fresh, rtol=1e-3)  # the test tells the two apart
+    assert_close(
+        s.corrected["0"].double(),
+        fresh,
+        rtol=1e-10,
+        what="EK-FAC eigenvalues from the second draws",
+    )
+    assert not torch.allclose(
+        eigenvalues(s_basis), fresh, rtol=1e-3
+    )  # the test tells the two apart

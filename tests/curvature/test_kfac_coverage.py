@@ -59,7 +59,9 @@ def _block_of(curv, names: list[str]) -> Tensor:
 def test_embedding_block_equals_the_ggn_for_one_example(cls):
     """One example, one token, exact output Hessian: every block ``S ⊗ A`` is the GGN's own
     block, the embedding's included (its input factor is the one-hot token)."""
-    model = _init(nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Tanh(), nn.Linear(3, 4)).double(), 0)
+    model = _init(
+        nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Tanh(), nn.Linear(3, 4)).double(), 0
+    )
     data = (torch.tensor([[4]]), torch.tensor([2]))
     task = ClassificationTask(weight_decay=1e-2)
     curv = cls(damping=0.1).fit(model, task, data)
@@ -71,7 +73,9 @@ def test_embedding_block_equals_the_ggn_for_one_example(cls):
         assert_close(dense[idx[:, None], idx], want[idx[:, None], idx], rtol=1e-10, what=str(names))
     rows = _block_of(curv, ["0.weight"]).reshape(6, 3)
     assert float(want[rows[4, 0], rows[4, 0]]) > 0.1 + 1e-2  # the used token's row has curvature
-    assert_close(dense[rows[1][:, None], rows[1]], (0.1 + 1e-2) * torch.eye(3, dtype=F64))  # unused: damping + wd
+    assert_close(
+        dense[rows[1][:, None], rows[1]], (0.1 + 1e-2) * torch.eye(3, dtype=F64)
+    )  # unused: damping + wd
 
 
 @pytest.mark.parametrize("kind", ["ggn", "ef"])
@@ -162,8 +166,10 @@ def test_standard_architectures_run_with_the_default_curvature(build):
     task = ClassificationTask(weight_decay=1e-3)
     scores = headwater.influence(model, train, query, task=task, curvature="ekfac")
     est = InfluenceFunction(model, task, EKFAC()).fit(train)
-    want = loop_gradients(model, task, query, measurement=True) @ est.curvature.solve(
-        loop_gradients(model, task, train)).T
+    want = (
+        loop_gradients(model, task, query, measurement=True)
+        @ est.curvature.solve(loop_gradients(model, task, train)).T
+    )
     assert_close(scores.values, want, rtol=1e-9)
     diagonal = est.curvature.blocks[-1]
     assert diagonal.module == DIAGONAL and len(diagonal.params) >= 2
@@ -198,13 +204,16 @@ def test_kronecker_projection_covers_norms_and_refuses_a_shared_position_embeddi
     y = torch.randint(0, 3, (10,), generator=_gen(23))
     task = ClassificationTask(weight_decay=1e-2)
     train, query = (ids[:7], y[:7]), (ids[7:], y[7:])
-    got = headwater.influence(model, train, query, task=task, projection=KroneckerProjection(64, 64), damping=0.1)
+    got = headwater.influence(
+        model, train, query, task=task, projection=KroneckerProjection(64, 64), damping=0.1
+    )
     want = headwater.influence(model, train, query, task=task, curvature="exact", damping=0.1)
     assert_close(got.values, want.values, rtol=1e-7)
     case = causal_lm()
     with pytest.raises(ValueError, match="'pos'"):
-        headwater.influence(case.model, case.train, case.query, task=case.task,
-                            projection=KroneckerProjection(8, 8))
+        headwater.influence(
+            case.model, case.train, case.query, task=case.task, projection=KroneckerProjection(8, 8)
+        )
 
 
 def test_default_attention_mask_reads_a_hugging_face_batch():

@@ -82,7 +82,9 @@ def test_cg_preconditioner_same_answer_fewer_iterations():
     assert pre.last_info.iterations < plain.last_info.iterations
 
 
-@pytest.mark.parametrize(("preconditioner", "iterations"), [("ekfac", 1), ("kfac", 1), ("diagonal", 7)])
+@pytest.mark.parametrize(
+    ("preconditioner", "iterations"), [("ekfac", 1), ("kfac", 1), ("diagonal", 7)]
+)
 def test_cg_fitted_preconditioner(preconditioner, iterations):
     # linear regression: K-FAC/EK-FAC are the exact GGN, so preconditioned CG stops after one step
     case = CASES["linreg"]()
@@ -93,7 +95,9 @@ def test_cg_fitted_preconditioner(preconditioner, iterations):
     assert _rel(pre.solve(v), torch.linalg.solve(_dense(case, "ggn", 1e-3), v.T).T) < 1e-6
     assert pre.last_info.iterations <= iterations
     mlp = CASES["mlp"]()  # and the right answer where they are only approximations
-    pre = CG(damping=1e-3, tol=1e-10, preconditioner=preconditioner).fit(mlp.model, mlp.task, mlp.train)
+    pre = CG(damping=1e-3, tol=1e-10, preconditioner=preconditioner).fit(
+        mlp.model, mlp.task, mlp.train
+    )
     v = _rhs(3, 51)
     assert _rel(pre.solve(v), torch.linalg.solve(_dense(mlp, "ggn", 1e-3), v.T).T) < 1e-6
     with pytest.raises(ValueError, match="preconditioner"):
@@ -107,13 +111,19 @@ def test_lissa_preconditioned(tmp_path):
     case = CASES["linreg"]()
     v = _rhs(3, 12)
     want = torch.linalg.solve(_dense(case, "ggn", 1e-3), v.T).T
-    curv = LiSSA(damping=1e-3, depth=10, preconditioner="ekfac").fit(case.model, case.task, case.train)
-    plain = LiSSA(damping=1e-3, depth=10, preconditioner="none").fit(case.model, case.task, case.train)
+    curv = LiSSA(damping=1e-3, depth=10, preconditioner="ekfac").fit(
+        case.model, case.task, case.train
+    )
+    plain = LiSSA(damping=1e-3, depth=10, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
     assert _rel(curv.solve(v), want) < 1e-6 and _rel(plain.solve(v), want) > 1e-2
     case = CASES["mlp"]()  # an approximate preconditioner: converges to the same answer
     v = _rhs(3, 51)
     want = torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T
-    curv = LiSSA(damping=0.1, depth=300, preconditioner="diagonal").fit(case.model, case.task, case.train)
+    curv = LiSSA(damping=0.1, depth=300, preconditioner="diagonal").fit(
+        case.model, case.task, case.train
+    )
     assert _rel(curv.solve(v), want) < 5e-2
     curv.save(tmp_path / "lissa")
     loaded = LiSSA(damping=0.1, depth=300, preconditioner="diagonal").load(tmp_path / "lissa")
@@ -127,7 +137,9 @@ def test_lissa_preconditioned(tmp_path):
 def test_cached_products_equal_uncached(kind):
     case = CASES["cnn"]()
     v = _rhs(5, 77)
-    cached = headwater.curvature.curvature_matvec(case.model, case.task, case.train, kind, chunk_size=7)
+    cached = headwater.curvature.curvature_matvec(
+        case.model, case.task, case.train, kind, chunk_size=7
+    )
     fresh = headwater.curvature.curvature_matvec(
         case.model, case.task, case.train, kind, chunk_size=7, cache_mb=0.0
     )
@@ -156,7 +168,9 @@ def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):
 
 def test_lissa_converged_matches_dense():
     case = CASES["mlp"]()
-    curv = LiSSA(damping=0.1, depth=300, preconditioner="none").fit(case.model, case.task, case.train)
+    curv = LiSSA(damping=0.1, depth=300, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
     v = _rhs(3, 51)
     assert _rel(curv.solve(v), torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T) < 5e-2
     top = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train))[-1].item()
@@ -372,7 +386,9 @@ def test_default_damping_is_relative_to_trace():
     dense = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train))
     for cls in (Arnoldi, Lanczos, Nystrom):  # low rank: the smallest kept eigenvalue
         curv = cls(rank=20).fit(case.model, case.task, case.train)
-        assert curv.fitted_damping == pytest.approx(float(curv.state.eigvals.abs().min()), rel=1e-12)
+        assert curv.fitted_damping == pytest.approx(
+            float(curv.state.eigvals.abs().min()), rel=1e-12
+        )
         if cls is not Nystrom:  # Krylov methods find the top of the spectrum
             assert curv.fitted_damping == pytest.approx(float(dense[-20]), rel=1e-3), cls.__name__
 
@@ -435,7 +451,11 @@ def test_cg_reports_iterations_with_an_estimated_total():
     case = CASES["mlp"]()
     seen = []
     curv = CG(damping=1e-2, tol=1e-8, preconditioner="none").fit(
-        case.model, case.task, case.train, progress=lambda stage, done, total: seen.append((stage, done, total)))
+        case.model,
+        case.task,
+        case.train,
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+    )
     seen.clear()
     x = curv.solve(_rhs(2, 51))
     rows = [(done, total) for stage, done, total in seen if stage == "CG iterations"]

@@ -26,8 +26,9 @@ def _window_matrix(case, m: int, damping: float) -> torch.Tensor:
 def test_solve_equals_dense_inverse(name):
     case = CASES[name]()
     curv = MFAC(kind="ef", damping=0.05, chunk_size=7).fit(case.model, case.task, case.train)
-    dense = dense_ef(case.model, case.task, case.train) + 0.05 * torch.eye(curv.layout.num_params,
-                                                                          dtype=F64)
+    dense = dense_ef(case.model, case.task, case.train) + 0.05 * torch.eye(
+        curv.layout.num_params, dtype=F64
+    )
     v = _v(4, curv.layout.num_params)
     assert_close(curv.solve(v), torch.linalg.solve(dense, v.T).T, rtol=1e-8, what="solve")
     assert_close(curv.matvec(v), v @ dense, rtol=1e-8, what="matvec")
@@ -41,8 +42,9 @@ def test_window_and_blocks():
     v = _v(3, 51, 1)
     assert curv.window == 10
     assert_close(curv.solve(v), torch.linalg.solve(full, v.T).T, rtol=1e-8, what="window")
-    blocked = MFAC(kind="ef", damping=0.02, n_grads=10, block_size=20).fit(case.model, case.task,
-                                                                            case.train)
+    blocked = MFAC(kind="ef", damping=0.02, n_grads=10, block_size=20).fit(
+        case.model, case.task, case.train
+    )
     mask = torch.zeros(51, 51, dtype=torch.bool)
     for s in range(0, 51, 20):
         mask[s : s + 20, s : s + 20] = True
@@ -54,11 +56,15 @@ def test_window_and_blocks():
 @pytest.mark.parametrize("block_size", [None, 16])
 def test_inverse_entries_and_obs(block_size):
     case = CASES["mlp"]()
-    curv = MFAC(kind="ef", damping=0.1, block_size=block_size).fit(case.model, case.task, case.train)
+    curv = MFAC(kind="ef", damping=0.1, block_size=block_size).fit(
+        case.model, case.task, case.train
+    )
     inv = curv.solve(torch.eye(51, dtype=F64))
     assert_close(curv.inverse_diagonal(), torch.diagonal(inv), rtol=1e-8, what="diagonal")
     for i, j in [(0, 0), (3, 7), (5, 40), (50, 2)]:
-        assert curv.inverse_hessian_entry(i, j) == pytest.approx(float(inv[i, j]), rel=1e-8, abs=1e-12)
+        assert curv.inverse_hessian_entry(i, j) == pytest.approx(
+            float(inv[i, j]), rel=1e-8, abs=1e-12
+        )
     theta = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
     scores = curv.pruning_scores(theta)
     assert_close(scores, theta**2 / (2 * torch.diagonal(inv)), rtol=1e-8, what="OBS scores")

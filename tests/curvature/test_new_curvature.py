@@ -65,13 +65,31 @@ def test_scores_top_k_and_self_influence_match_the_dense_formula(registered):
     g_query = loop_gradients(case.model, case.task, case.query, measurement=True)  # [q, P]
     mean = float(dense_ggn(case.model, case.task, case.train).diagonal().mean())
     scale = mean + 0.1
-    got = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=MeanEigenvalue.name,
-                              damping=0.1, self_influence=True, chunk_size=7, query_chunk=2)
+    got = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        curvature=MeanEigenvalue.name,
+        damping=0.1,
+        self_influence=True,
+        chunk_size=7,
+        query_chunk=2,
+    )
     torch.testing.assert_close(got.values, g_query @ g_train.T / scale, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(got.self_influence, g_train.pow(2).sum(1) / scale, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        got.self_influence, g_train.pow(2).sum(1) / scale, rtol=1e-9, atol=1e-12
+    )
     assert got.settings["curvature"] == MeanEigenvalue.name
-    top = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=MeanEigenvalue.name,
-                              damping=0.1, top_k=4)
+    top = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        curvature=MeanEigenvalue.name,
+        damping=0.1,
+        top_k=4,
+    )
     want = (g_query @ g_train.T / scale).topk(4, dim=1)
     assert torch.equal(top.indices, want.indices)
     torch.testing.assert_close(top.values, want.values, rtol=1e-9, atol=1e-12)
@@ -79,7 +97,9 @@ def test_scores_top_k_and_self_influence_match_the_dense_formula(registered):
 
 def test_plan_lists_it_from_its_memory_model(registered):
     case = CASES["mlp"]()
-    row = plan(case.model, case.task, case.train, case.query, measure=False).row(MeanEigenvalue.name)
+    row = plan(case.model, case.task, case.train, case.query, measure=False).row(
+        MeanEigenvalue.name
+    )
     p = sum(t.numel() for t in case.model.parameters())
     assert row.stored == 8 and row.note == "dense matrix while fitting"
     assert row.working >= 8 * p * p
@@ -95,8 +115,22 @@ def test_the_command_line_uses_it(registered, tmp_path, capsys):
         "query = (torch.randn(3, 4, generator=g), torch.randint(0, 3, (3,), generator=g))\n"
     )
     out = tmp_path / "out"
-    args = ["score", str(spec), "--curvature", MeanEigenvalue.name, "--damping", "0.1", "--top-k", "2",
-            "--threads", "1", "--no-report", "--quiet", "-o", str(out)]
+    args = [
+        "score",
+        str(spec),
+        "--curvature",
+        MeanEigenvalue.name,
+        "--damping",
+        "0.1",
+        "--top-k",
+        "2",
+        "--threads",
+        "1",
+        "--no-report",
+        "--quiet",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     result = load_result(out)
     assert result.scores.shape == (3, 12) and result.settings["curvature"] == MeanEigenvalue.name

@@ -12,8 +12,9 @@ def test_auprc_matches_sklearn_with_ties(seed):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 20, (300,), generator=g).double()  # many ties
     flagged = torch.rand(300, generator=g) < 0.1
-    assert auprc(scores, flagged) == pytest.approx(average_precision_score(flagged.numpy(), scores.numpy()),
-                                                    rel=1e-12)
+    assert auprc(scores, flagged) == pytest.approx(
+        average_precision_score(flagged.numpy(), scores.numpy()), rel=1e-12
+    )
 
 
 def test_hand_checked_ranking():
@@ -25,7 +26,14 @@ def test_hand_checked_ranking():
     assert recall_at_fraction(scores, flagged, 0.5) == 1.0
     assert recall_at_fraction(scores, flagged, 1 / 6) == pytest.approx(0.5)
     curve = detection_curve(scores, flagged)
-    assert curve.inspected.tolist() == [1, 2, 3, 4, 5, 6] and curve.found.tolist() == [1, 1, 2, 2, 2, 2]
+    assert curve.inspected.tolist() == [1, 2, 3, 4, 5, 6] and curve.found.tolist() == [
+        1,
+        1,
+        2,
+        2,
+        2,
+        2,
+    ]
 
 
 def test_constant_scores_earn_chance_and_perfect_scores_earn_one():
@@ -35,7 +43,9 @@ def test_constant_scores_earn_chance_and_perfect_scores_earn_one():
     assert precision_at_k(torch.zeros(100), flagged, 10) == pytest.approx(0.1)
     assert recall_at_fraction(torch.zeros(100), flagged, 0.3) == pytest.approx(0.3)
     assert auprc(flagged.double(), flagged) == 1.0
-    assert auprc(-flagged.double(), flagged) == pytest.approx(0.1)  # flagged last: tied block at the end
+    assert auprc(-flagged.double(), flagged) == pytest.approx(
+        0.1
+    )  # flagged last: tied block at the end
 
 
 def test_random_scores_are_near_chance():

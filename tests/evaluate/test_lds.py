@@ -33,8 +33,9 @@ def logreg():
 
 def test_lds_of_exact_influence_on_logistic_regression(logreg, tmp_path):
     model, task, train, query, scores = logreg
-    truth = lds_ground_truth(model, task, train, query, n_subsets=30, alpha=0.5, config=CONVEX,
-                             store_dir=tmp_path)
+    truth = lds_ground_truth(
+        model, task, train, query, n_subsets=30, alpha=0.5, config=CONVEX, store_dir=tmp_path
+    )
     result = lds(scores, truth)
     assert result.mean >= 0.9, result
     assert 0 < result.stderr < 0.05
@@ -43,8 +44,17 @@ def test_lds_of_exact_influence_on_logistic_regression(logreg, tmp_path):
     assert lds(-scores, truth).mean <= -0.9
     # the ground truth is cached: a rerun trains nothing and gives the same numbers
     calls = []
-    again = lds_ground_truth(model, task, train, query, n_subsets=30, alpha=0.5, config=CONVEX,
-                             store_dir=tmp_path, progress=lambda *a: calls.append(a))
+    again = lds_ground_truth(
+        model,
+        task,
+        train,
+        query,
+        n_subsets=30,
+        alpha=0.5,
+        config=CONVEX,
+        store_dir=tmp_path,
+        progress=lambda *a: calls.append(a),
+    )
     assert calls == []
     assert torch.equal(again.actual, truth.actual) and torch.equal(again.masks, truth.masks)
 
@@ -65,7 +75,9 @@ def test_subset_masks_are_seeded_and_exact_size():
     a = subset_masks(50, 7, 0.3, seed=3)
     assert a.shape == (7, 50) and (a.sum(dim=1) == 15).all()
     assert torch.equal(a, subset_masks(50, 7, 0.3, seed=3))
-    b = subset_masks(50, 7, 0.3, seed=4)  # another seed: independent masks (disagree on 2·0.3·0.7 = 42%)
+    b = subset_masks(
+        50, 7, 0.3, seed=4
+    )  # another seed: independent masks (disagree on 2·0.3·0.7 = 42%)
     assert (b.sum(dim=1) == 15).all() and 0.25 < float((a != b).double().mean()) < 0.6
 
 

@@ -45,10 +45,14 @@ def test_dropping_top_proponent_raises_query_loss(logreg_loo):
     loo, scores, task, (xtr, ytr, xte, yte) = logreg_loo
     for q in range(3):
         top = int(scores[q].argmax())
-        result = leave_one_out(loo.base_model, task, (xtr, ytr), (xte[q : q + 1], yte[q : q + 1]), [top])
+        result = leave_one_out(
+            loo.base_model, task, (xtr, ytr), (xte[q : q + 1], yte[q : q + 1]), [top]
+        )
         assert result.actual[0, 0] > 0, f"query {q}: removing proponent {top} lowered the loss"
         bottom = int(scores[q].argmin())
-        result = leave_one_out(loo.base_model, task, (xtr, ytr), (xte[q : q + 1], yte[q : q + 1]), [bottom])
+        result = leave_one_out(
+            loo.base_model, task, (xtr, ytr), (xte[q : q + 1], yte[q : q + 1]), [bottom]
+        )
         assert result.actual[0, 0] < 0, f"query {q}: removing opponent {bottom} raised the loss"
 
 
@@ -65,7 +69,9 @@ def test_user_training_function_and_renormalize():
         minimize_objective(m, task, data, weights=weights)
         return m
 
-    res = leave_one_out(model, task, (xtr, ytr), (xte, yte), [3, 7], train_fn=train_fn, renormalize=True)
+    res = leave_one_out(
+        model, task, (xtr, ytr), (xte, yte), [3, 7], train_fn=train_fn, renormalize=True
+    )
     assert res.actual.shape == (5, 2)
     assert calls[0] == pytest.approx(1.0) and calls[1] == pytest.approx(1.0)  # renormalised weights
     assert torch.allclose(measure(res.base_model, task, (xte, yte)), res.base)

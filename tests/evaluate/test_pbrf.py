@@ -46,11 +46,23 @@ def test_pbrf_is_influence_over_n_to_first_order_with_damping():
     case = mlp(n_train=24, n_query=5)
     damping = 0.1
     curvature = Exact(damping=damping)
-    scores = InfluenceFunction(case.model, case.task, curvature).fit(case.train).scores(case.query, case.train)
+    scores = (
+        InfluenceFunction(case.model, case.task, curvature)
+        .fit(case.train)
+        .scores(case.query, case.train)
+    )
     removed = [0, 3, 7, 11]
     # a small epsilon makes the response linear; it is then epsilon * score
-    result = pbrf(case.model, case.task, case.train, case.query, removed, damping=damping, epsilon=1e-5,
-                  tol=1e-12)
+    result = pbrf(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        removed,
+        damping=damping,
+        epsilon=1e-5,
+        tol=1e-12,
+    )
     # O(epsilon * n) curvature error of the removed example's own Hessian: ~1e-3 relative
     torch.testing.assert_close(result.response / 1e-5, scores[:, removed], rtol=2e-3, atol=1e-5)
     # removal (epsilon = 1/n) has the sign of the score

@@ -32,13 +32,29 @@ def test_convex_retrain_loo_equals_lbfgs_loo():
 def test_nonconvex_paired_seeds_average_and_report_stderr(tmp_path):
     case = mlp(n_train=24, n_query=3)
     config = TrainConfig(optimizer="adam", lr=0.05, epochs=30, batch_size=8, normalization="n")
-    result = retrain_leave_one_out(case.model, case.task, case.train, case.query, [1, 2], config=config,
-                                   n_seeds=3, store_path=tmp_path)
+    result = retrain_leave_one_out(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        [1, 2],
+        config=config,
+        n_seeds=3,
+        store_path=tmp_path,
+    )
     assert result.actual.shape == (3, 2) and result.per_seed.shape == (3, 3, 2)
     torch.testing.assert_close(result.actual, result.per_seed.mean(0))
     assert (result.stderr >= 0).all()
-    again = retrain_leave_one_out(case.model, case.task, case.train, case.query, [1, 2], config=config,
-                                  n_seeds=3, store_path=tmp_path)
+    again = retrain_leave_one_out(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        [1, 2],
+        config=config,
+        n_seeds=3,
+        store_path=tmp_path,
+    )
     assert torch.equal(again.actual, result.actual)
     with pytest.raises(ValueError, match="indices"):
         retrain_leave_one_out(case.model, case.task, case.train, case.query, [99], config=config)

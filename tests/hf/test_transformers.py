@@ -23,9 +23,16 @@ def test_per_example_gradients_match_a_loop_of_backward_passes(build, batch, tas
     model = build()
     data = batch(7, 1)
     got = stack_gradients(model, task, data, chunk_size=3)
-    assert_close(got, loop_gradients(model, task, data), rtol=1e-9, atol=1e-12, what="per-example gradients")
-    assert_close(stack_gradients(model, task, data, objective="measurement", chunk_size=5),
-                 loop_gradients(model, task, data, measurement=True), rtol=1e-9, atol=1e-12, what="measurement")
+    assert_close(
+        got, loop_gradients(model, task, data), rtol=1e-9, atol=1e-12, what="per-example gradients"
+    )
+    assert_close(
+        stack_gradients(model, task, data, objective="measurement", chunk_size=5),
+        loop_gradients(model, task, data, measurement=True),
+        rtol=1e-9,
+        atol=1e-12,
+        what="measurement",
+    )
 
 
 @pytest.mark.parametrize(("build", "batch", "task"), ORACLE_CASES[:2], ids=["gpt2", "bert"])
@@ -47,8 +54,9 @@ def test_influence_runs_on_every_architecture(name):
     train, query = batch(8, 1), batch(3, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     exact = headwater.influence(model, train, query, curvature="exact", damping=0.1).values
-    cg = headwater.influence(model, train, query, curvature="cg", damping=0.1,
-                             curvature_options={"tol": 1e-8}).values
+    cg = headwater.influence(
+        model, train, query, curvature="cg", damping=0.1, curvature_options={"tol": 1e-8}
+    ).values
     identity = headwater.influence(model, train, query, curvature="identity")
     assert exact.shape == (3, 8) and torch.isfinite(exact).all()
     assert_close(cg, exact, rtol=1e-5, atol=1e-7 * float(exact.abs().max()), what="CG vs exact")
@@ -56,13 +64,23 @@ def test_influence_runs_on_every_architecture(name):
     assert identity.settings["task"]["task"] == type(task).__name__
     g_train = stack_gradients(model, task, train)
     g_query = stack_gradients(model, task, query, objective="measurement")
-    assert_close(identity.values, g_query @ g_train.T, rtol=1e-8,
-                 atol=1e-10 * float(identity.values.abs().max()), what="identity")
+    assert_close(
+        identity.values,
+        g_query @ g_train.T,
+        rtol=1e-8,
+        atol=1e-10 * float(identity.values.abs().max()),
+        what="identity",
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-DEFAULT_TASKS = {"gpt2": LanguageModelingTask, "llama": LanguageModelingTask, "bert": ClassificationTask,
-                 "t5": Seq2SeqTask, "vit": ClassificationTask}
+DEFAULT_TASKS = {
+    "gpt2": LanguageModelingTask,
+    "llama": LanguageModelingTask,
+    "bert": ClassificationTask,
+    "t5": Seq2SeqTask,
+    "vit": ClassificationTask,
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -79,4 +97,5 @@ def test_tied_lm_head_is_analysed_once_under_its_embedding_name():
     assert list(LanguageModelingTask().parameters(model)).count("transformer.wte.weight") == 1
     assert "lm_head" not in " ".join(LanguageModelingTask().parameters(model))
     assert tied_note(model, ["transformer.wte.weight"]) == (
-        "; lm_head.weight is tied to transformer.wte.weight (analysed once, as transformer.wte.weight)")
+        "; lm_head.weight is tied to transformer.wte.weight (analysed once, as transformer.wte.weight)"
+    )

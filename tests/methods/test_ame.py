@@ -31,7 +31,9 @@ def test_recovers_planted_high_impact_examples(distribution):
     effect = 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
     effect[planted] = torch.tensor([1.0, -1.0, 0.8, -0.7, 0.6], dtype=torch.float64)
     masks, p = ame_design(n, n_models, distribution=distribution, seed=0)
-    outcomes = masks.double() @ effect + 0.1 * torch.randn(n_models, generator=g, dtype=torch.float64)
+    outcomes = masks.double() @ effect + 0.1 * torch.randn(
+        n_models, generator=g, dtype=torch.float64
+    )
     values, _ = ame_estimate(masks, p, outcomes)
     result = AMEResult(values, -n * values, masks, p, outcomes[:, None], torch.zeros(1))
     found = set(result.support(0, threshold=0.3).tolist())  # half the smallest planted effect

@@ -14,13 +14,22 @@ from headwater.methods.auto import choose_curvature
 def test_small_model_gets_the_dense_solve_and_says_why():
     case = CASES["mlp"]()
     lines = []
-    scores = headwater.influence(case.model, case.train, case.query, task=case.task,
-                                 progress=lambda stage, done, total: lines.append(stage))
+    scores = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        progress=lambda stage, done, total: lines.append(stage),
+    )
     assert scores.settings["curvature"] == "exact" and scores.settings["solver"] == "cholesky"
     assert scores.settings["curvature_choice"] == "exact"
     assert "Cholesky" in scores.settings["curvature_choice_reason"]
     assert lines[0] == scores.settings["curvature_choice_reason"] and "51 parameters" in lines[0]
-    want = InfluenceFunction(case.model, case.task, Exact()).fit(case.train).scores(case.query, case.train)
+    want = (
+        InfluenceFunction(case.model, case.task, Exact())
+        .fit(case.train)
+        .scores(case.query, case.train)
+    )
     assert_close(scores.values, want, rtol=1e-8)
 
 
@@ -29,10 +38,19 @@ def test_over_budget_falls_back_to_ekfac():
     choice = choose_curvature(case.model, case.task, case.train, budget_seconds=0.0)
     assert choice.name == "ekfac" and "budget" in choice.reason and "77 parameters" in choice.reason
     assert choose_curvature(case.model, case.task, case.train, max_params=10).name == "ekfac"
-    assert choose_curvature(case.model, case.task, case.train, kind="hessian", budget_seconds=0.0).name == "cg"
+    assert (
+        choose_curvature(case.model, case.task, case.train, kind="hessian", budget_seconds=0.0).name
+        == "cg"
+    )
     assert choose_curvature(case.model, case.task, case.train).name == "exact"
-    scores = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="ekfac")
-    want = InfluenceFunction(case.model, case.task, EKFAC()).fit(case.train).scores(case.query, case.train)
+    scores = headwater.influence(
+        case.model, case.train, case.query, task=case.task, curvature="ekfac"
+    )
+    want = (
+        InfluenceFunction(case.model, case.task, EKFAC())
+        .fit(case.train)
+        .scores(case.query, case.train)
+    )
     assert_close(scores.values, want, rtol=1e-10)
     assert "curvature_choice" not in scores.settings  # an explicit curvature is not a choice
 
@@ -57,5 +75,9 @@ def test_between_dense_and_ekfac_arnoldi_when_its_products_fit(monkeypatch):
     assert choose_curvature(case.model, case.task, case.train, budget_seconds=0.0).name == "ekfac"
     scores = headwater.influence(case.model, case.train, case.query, task=case.task, progress=False)
     assert scores.settings["curvature_choice"] == "arnoldi"
-    want = InfluenceFunction(case.model, case.task, Arnoldi()).fit(case.train).scores(case.query, case.train)
+    want = (
+        InfluenceFunction(case.model, case.task, Arnoldi())
+        .fit(case.train)
+        .scores(case.query, case.train)
+    )
     assert_close(scores.values, want, rtol=1e-10)

@@ -101,13 +101,30 @@ def test_lissa_with_an_ekfac_preconditioner_converges_at_every_candidate():
     case = CASES["mlp"]()
     dampings = [0.1, 1.0, 10.0]
     options = {"depth": 300, "preconditioner": "ekfac", "tol": 1e-12}
-    curve = select_damping(case.model, case.task, case.train, case.query, dampings, curvature="lissa",
-                           curvature_options=options, indices=[0, 3, 5, 7, 11, 13])
-    exact = select_damping(case.model, case.task, case.train, case.query, dampings, curvature="exact",
-                           ground_truth=curve.ground_truth)
+    curve = select_damping(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        dampings,
+        curvature="lissa",
+        curvature_options=options,
+        indices=[0, 3, 5, 7, 11, 13],
+    )
+    exact = select_damping(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        dampings,
+        curvature="exact",
+        ground_truth=curve.ground_truth,
+    )
     torch.testing.assert_close(curve.agreement, exact.agreement, rtol=1e-6, atol=1e-8)
     fitted = LiSSA(damping=dampings[0], **options).fit(case.model, case.task, case.train)
-    v = torch.randn(2, fitted.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(
+        2, fitted.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     for damping in dampings[1:]:
         moved = fitted.with_damping(damping, model=case.model, task=case.task, data=case.train)
         dense = Exact(damping=damping).fit(case.model, case.task, case.train)
@@ -121,7 +138,9 @@ def test_with_damping_re_derives_or_names_the_missing_data():
     moved = exact.with_damping(1.0)  # the eigendecomposition is kept
     assert moved.state.eigvecs is exact.state.eigvecs and exact.fitted_damping == 1e-2
     dense = Exact(damping=1.0).fit(case.model, case.task, case.train)
-    v = torch.randn(3, exact.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(
+        3, exact.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(moved.solve(v), dense.solve(v), rtol=1e-10, atol=1e-12)
     kfac = EKFAC(damping=1e-2).fit(case.model, case.task, case.train)
     with pytest.raises(ValueError, match="data"):

@@ -14,12 +14,20 @@ from headwater.train.ensemble import TrainConfig, train_ensemble
 
 def test_influence_over_retrained_seeds():
     case = mlp(n_train=24, n_query=3)
-    ens = train_ensemble(case.model, case.task, case.train, torch.ones(4, 24),
-                         config=TrainConfig(lr=0.05, epochs=20, batch_size=8))
+    ens = train_ensemble(
+        case.model,
+        case.task,
+        case.train,
+        torch.ones(4, 24),
+        config=TrainConfig(lr=0.05, epochs=20, batch_size=8),
+    )
 
     def score_fn(model):
-        return InfluenceFunction(model, case.task, Exact(damping=0.1)).fit(case.train).scores(
-            case.query, case.train)
+        return (
+            InfluenceFunction(model, case.task, Exact(damping=0.1))
+            .fit(case.train)
+            .scores(case.query, case.train)
+        )
 
     result = ensemble_scores(score_fn, (case.model, ens), k=5)
     singles = torch.stack([score_fn(ens.member(case.model, m)) for m in range(4)])

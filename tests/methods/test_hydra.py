@@ -36,8 +36,10 @@ def test_matches_finite_differences(run):
         plus, minus = torch.ones(24, dtype=torch.float64), torch.ones(24, dtype=torch.float64)
         plus[i] += eps
         minus[i] -= eps
-        fd = (measure(_run(case, plus)[0], case.task, case.query)
-              - measure(_run(case, minus)[0], case.task, case.query)) / (2 * eps)
+        fd = (
+            measure(_run(case, plus)[0], case.task, case.query)
+            - measure(_run(case, minus)[0], case.task, case.query)
+        ) / (2 * eps)
         assert_close(hyper[:, i], fd, rtol=1e-5, atol=1e-9, what=f"hypergradient of example {i}")
 
 

@@ -15,8 +15,14 @@ def test_scores_match_oracle(name):
     case = CASES[name]()
     est = InfluenceFunction(case.model, case.task, Exact(damping=0.01)).fit(case.train)
     got = est.scores(case.query, case.train)
-    want = influence_scores(case.model, case.task, case.train, case.query,
-                            dense_ggn(case.model, case.task, case.train), damping=0.01)
+    want = influence_scores(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        dense_ggn(case.model, case.task, case.train),
+        damping=0.01,
+    )
     assert got.shape == (case.query[0].shape[0], case.train[0].shape[0])
     assert_close(got, want, rtol=1e-6, atol=1e-9, what=f"{name} scores")
 
@@ -32,7 +38,9 @@ def test_tile_sizes_do_not_change_scores():
 
 def test_top_k_and_self_influence():
     case = CASES["mlp"]()
-    est = InfluenceFunction(case.model, case.task, Exact(damping=0.01), chunk_size=5).fit(case.train)
+    est = InfluenceFunction(case.model, case.task, Exact(damping=0.01), chunk_size=5).fit(
+        case.train
+    )
     full = est.scores(case.query, case.train)
     values, indices = est.top_k(case.query, case.train, 4)
     want_v, want_i = full.topk(4, dim=1)
@@ -48,14 +56,22 @@ def test_top_k_and_self_influence():
 
 def test_one_call_api_matches_class():
     case = CASES["mlp"]()
-    scores = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="exact",
-                                 damping=0.01, self_influence=True)
+    scores = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        curvature="exact",
+        damping=0.01,
+        self_influence=True,
+    )
     est = InfluenceFunction(case.model, case.task, Exact(damping=0.01)).fit(case.train)
     assert_close(scores.values, est.scores(case.query, case.train), rtol=1e-12)
     assert scores.self_influence.shape == (24,)
     assert scores.settings["curvature"] == "exact" and scores.settings["fitted_damping"] == 0.01
-    top = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="exact",
-                              damping=0.01, top_k=3)
+    top = headwater.influence(
+        case.model, case.train, case.query, task=case.task, curvature="exact", damping=0.01, top_k=3
+    )
     assert top.indices.shape == (5, 3)
     assert torch.equal(top.indices, scores.values.topk(3, dim=1).indices)
 
@@ -76,13 +92,24 @@ def test_query_batches_give_the_same_scores_and_top_k(curvature):
     kwargs = dict(task=case.task, curvature=curvature, damping=1e-2)
     whole = headwater.influence(case.model, case.train, case.query, **kwargs)
     done = []
-    batched = headwater.influence(case.model, case.train, case.query, query_batch=3, **kwargs,
-                                  progress=lambda stage, d, total: done.append(stage) if d == total else None)
+    batched = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        query_batch=3,
+        **kwargs,
+        progress=lambda stage, d, total: done.append(stage) if d == total else None,
+    )
     # The batches change only the shapes of the products (the BLAS summation order), so the
     # scores may differ by rounding amplified by the damped curvature's condition number (CG
     # iterates on it): 100 * cond * eps of the largest score; a wrong batch moves them by O(1).
     eig = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train)) + 1e-2
-    atol = 100 * float(eig.max() / eig.min()) * torch.finfo(whole.values.dtype).eps * float(whole.values.abs().max())
+    atol = (
+        100
+        * float(eig.max() / eig.min())
+        * torch.finfo(whole.values.dtype).eps
+        * float(whole.values.abs().max())
+    )
     torch.testing.assert_close(batched.values, whole.values, rtol=0, atol=atol)
     assert sum("(train)" in s for s in done) == 3  # ceil(7 / 3) passes over the training data
     top = headwater.influence(case.model, case.train, case.query, query_batch=3, top_k=4, **kwargs)
@@ -100,8 +127,9 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
     training gradients (two for CG, whose solve streams the data); the numbers are those
     of the separate methods."""
     case = CASES["mlp"](n_query=7)
-    est = InfluenceFunction(case.model, case.task, CURVATURES[curvature](damping=1e-2),
-                            chunk_size=5).fit(case.train)
+    est = InfluenceFunction(
+        case.model, case.task, CURVATURES[curvature](damping=1e-2), chunk_size=5
+    ).fit(case.train)
     passes = []
 
     def progress(stage, done, total):
@@ -125,8 +153,17 @@ def test_self_influence_comes_from_the_scoring_pass(curvature, top_k):
         low = want.topk(top_k, dim=1, largest=False)  # the opponents, from the same pass
         assert torch.equal(got.opponent_indices, low.indices)
         assert_close(got.opponent_values, low.values, rtol=1e-10)
-    api = headwater.influence(case.model, case.train, case.query, task=case.task, curvature=curvature,
-                              damping=1e-2, chunk_size=5, top_k=top_k, self_influence=True)
+    api = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        curvature=curvature,
+        damping=1e-2,
+        chunk_size=5,
+        top_k=top_k,
+        self_influence=True,
+    )
     assert_close(api.self_influence, want_si, rtol=1e-10, what="API self-influence")
 
 

@@ -25,10 +25,14 @@ def test_loss_is_the_summed_next_token_cross_entropy_of_scored_labels():
     task = LanguageModelingTask()
     logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     labels = torch.tensor([[1, 2, 3, 4], [0, -100, -100, 2]])
-    want = torch.stack([
-        sum(F.cross_entropy(logits[0, t], labels[0, t + 1]) for t in range(3)),
-        F.cross_entropy(logits[1, 2], labels[1, 3]),  # position 0 -> label 1 and 1 -> 2 are unscored
-    ])
+    want = torch.stack(
+        [
+            sum(F.cross_entropy(logits[0, t], labels[0, t + 1]) for t in range(3)),
+            F.cross_entropy(
+                logits[1, 2], labels[1, 3]
+            ),  # position 0 -> label 1 and 1 -> 2 are unscored
+        ]
+    )
     assert_close(task.loss(logits, labels), want, rtol=1e-12)
     with pytest.raises(ValueError, match=r"logits \[B, T, V\]"):
         task.loss(logits[:, 0], labels)
@@ -43,10 +47,23 @@ def test_exact_influence_matches_the_dense_ggn_oracle():
     V x V output block agree with one-example-at-a-time autograd."""
     case = causal_lm()
     grads = torch.cat(list(per_example_gradients(case.model, case.task, case.train, chunk_size=5)))
-    assert_close(grads, loop_gradients(case.model, case.task, case.train), rtol=1e-10, what="per-example gradients")
-    est = InfluenceFunction(case.model, case.task, Exact(damping=1e-3), chunk_size=5).fit(case.train)
-    want = influence_scores(case.model, case.task, case.train, case.query,
-                            dense_ggn(case.model, case.task, case.train), damping=1e-3)
+    assert_close(
+        grads,
+        loop_gradients(case.model, case.task, case.train),
+        rtol=1e-10,
+        what="per-example gradients",
+    )
+    est = InfluenceFunction(case.model, case.task, Exact(damping=1e-3), chunk_size=5).fit(
+        case.train
+    )
+    want = influence_scores(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        dense_ggn(case.model, case.task, case.train),
+        damping=1e-3,
+    )
     assert_close(est.scores(case.query, case.train), want, rtol=1e-8, what="exact influence")
     # the query's prompt labels are unscored: changing them changes nothing
     ids, labels = case.query
@@ -70,7 +87,9 @@ def test_factored_curvature_over_token_positions(cls):
     assert_close(sum(parts.values()), flat, rtol=1e-9, what="sum of module scores")
 
 
-@pytest.mark.filterwarnings("ignore:.*damped eigenvalue")  # undamped on purpose: compared as matrices
+@pytest.mark.filterwarnings(
+    "ignore:.*damped eigenvalue"
+)  # undamped on purpose: compared as matrices
 def test_ekfac_is_closer_to_the_block_ggn_than_kfac():
     case = causal_lm()
     task = LanguageModelingTask(weight_decay=0.0, modules=LINEAR)
@@ -105,7 +124,9 @@ def test_sampled_targets_keep_unscored_positions_and_estimate_the_ggn():
         assert ((d[:, 2:] >= 0) & (d[:, 2:] < 7)).all()
     many = tuple(t.repeat(300, 1) for t in case.train)  # 300 draws per sequence
     exact = KFAC(damping=0.0, ggn_estimator="exact").fit(case.model, task, case.train)
-    sampled = KFAC(damping=0.0, ggn_estimator="sampled", seed=1, chunk_size=1200).fit(case.model, task, many)
+    sampled = KFAC(damping=0.0, ggn_estimator="sampled", seed=1, chunk_size=1200).fit(
+        case.model, task, many
+    )
     p = exact.layout.num_params
     a = exact.matvec(torch.eye(p, dtype=torch.float64))
     b = sampled.matvec(torch.eye(p, dtype=torch.float64))
@@ -126,9 +147,12 @@ def test_hugging_face_style_output_objects():
             return types.SimpleNamespace(logits=self.inner(ids))
 
     task = LanguageModelingTask(weight_decay=1e-2)
-    plain = headwater.influence(case.model, case.train, case.query, task=task, curvature="exact", damping=1e-3)
-    wrapped = headwater.influence(Wrapped(case.model), case.train, case.query, task=task, curvature="exact",
-                                  damping=1e-3)
+    plain = headwater.influence(
+        case.model, case.train, case.query, task=task, curvature="exact", damping=1e-3
+    )
+    wrapped = headwater.influence(
+        Wrapped(case.model), case.train, case.query, task=task, curvature="exact", damping=1e-3
+    )
     assert_close(wrapped.values, plain.values, rtol=1e-12)
 
 
@@ -140,6 +164,8 @@ def test_parameters_outside_the_analysed_modules_record_no_graph(curvature):
     task = LanguageModelingTask(weight_decay=1e-2, modules=LINEAR)
     grads = next(per_example_gradients(case.model, task, case.train, chunk_size=5))
     assert grads.grad_fn is None and not grads.requires_grad
-    scores = headwater.influence(case.model, case.train, case.query, task=task, curvature=curvature, damping=1e-2)
+    scores = headwater.influence(
+        case.model, case.train, case.query, task=task, curvature=curvature, damping=1e-2
+    )
     assert scores.values.grad_fn is None and not scores.values.requires_grad
     assert all(p.grad is None and p.requires_grad for p in case.model.parameters())

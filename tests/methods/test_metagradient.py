@@ -24,7 +24,9 @@ OPTIMIZERS = {
 }
 
 
-def record(case, optimizer: str, *, every: int = 3, epochs: int = 3, batch: int = 8, clip: bool = True):
+def record(
+    case, optimizer: str, *, every: int = 3, epochs: int = 3, batch: int = 8, clip: bool = True
+):
     """Train ``case.model`` in place with a user-style loop (warm-up schedule, clipping in
     epoch 1) and return its :class:`RunRecord`."""
     task = ClassificationTask(measurement=case.task.measure)  # the optimizer holds the weight decay
@@ -47,8 +49,17 @@ def measured(case, task, run: RunRecord, weights: torch.Tensor) -> torch.Tensor:
     return task.measurement(lambda inp: functional_call(case.model, params, (inp,)), case.query)
 
 
-@pytest.mark.parametrize(("make", "optimizer"), [(mlp, "sgd"), (mlp, "adam"), (cnn, "sgd"), (cnn, "adamw"),
-                                                 (mlp, "sgd_plain"), (mlp, "sgd_heavy_ball")])
+@pytest.mark.parametrize(
+    ("make", "optimizer"),
+    [
+        (mlp, "sgd"),
+        (mlp, "adam"),
+        (cnn, "sgd"),
+        (cnn, "adamw"),
+        (mlp, "sgd_plain"),
+        (mlp, "sgd_heavy_ball"),
+    ],
+)
 def test_equals_finite_differences_of_retraining(make, optimizer):
     case = make(n_train=20, n_query=3)
     task, run = record(case, optimizer)
@@ -61,7 +72,9 @@ def test_equals_finite_differences_of_retraining(make, optimizer):
         fd[:, i] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
     cols = list(range(0, n, 3))
     assert fd[:, cols].abs().max() > 1e-4  # the run does depend on the weights
-    assert_close(hyper[:, cols], fd[:, cols], rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
+    assert_close(
+        hyper[:, cols], fd[:, cols], rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw"
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -70,11 +83,18 @@ def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer
     start = {k: v.clone() for k, v in case.model.state_dict().items()}
     task, sparse = record(case, optimizer, every=4)
     case.model.load_state_dict(start)
-    _, dense = record(case, optimizer, every=10_000)  # one segment: every state recomputed from step 0
+    _, dense = record(
+        case, optimizer, every=10_000
+    )  # one segment: every state recomputed from step 0
     assert len(sparse.checkpoints) > 3 and len(dense.checkpoints) == 2
     full = Metagradient(case.model, task, sparse).scores(case.query, case.train)
-    assert_close(full, Metagradient(case.model, task, dense).scores(case.query, case.train), rtol=0, atol=1e-10,
-                 what="checkpointed vs all states")
+    assert_close(
+        full,
+        Metagradient(case.model, task, dense).scores(case.query, case.train),
+        rtol=0,
+        atol=1e-10,
+        what="checkpointed vs all states",
+    )
     single = Metagradient(case.model, task, sparse, query_block=1).scores(case.query, case.train)
     assert_close(full, single, rtol=0, atol=1e-10, what="batched vs one query at a time")
 
@@ -105,7 +125,11 @@ def test_recorder_round_trip_and_replay_are_bit_identical(tmp_path, optimizer):
     task, run = record(case, optimizer, every=5)
     run.save(tmp_path / "run")
     loaded = load_run(tmp_path / "run")
-    assert loaded.settings() == run.settings() and loaded.lrs == run.lrs and loaded.max_norms == run.max_norms
+    assert (
+        loaded.settings() == run.settings()
+        and loaded.lrs == run.lrs
+        and loaded.max_norms == run.max_norms
+    )
     assert all(torch.equal(a, b) for a, b in zip(loaded.batches, run.batches, strict=True))
     for a, b in zip(loaded.checkpoints, run.checkpoints, strict=True):
         assert a.step == b.step and a.count == b.count and torch.equal(a.theta, b.theta)
@@ -113,7 +137,9 @@ def test_recorder_round_trip_and_replay_are_bit_identical(tmp_path, optimizer):
     final = replay(case.model, task, case.train, loaded)
     for name, p in case.model.named_parameters():
         assert torch.equal(final[name], p.detach()), name
-    assert math.isclose(run.lrs[0], 0.3 * OPTIMIZERS[optimizer](case.model.parameters()).defaults["lr"])
+    assert math.isclose(
+        run.lrs[0], 0.3 * OPTIMIZERS[optimizer](case.model.parameters()).defaults["lr"]
+    )
 
 
 def test_bad_input_is_refused():
@@ -124,7 +150,9 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="weight_decay"):
         Metagradient(case.model, ClassificationTask(weight_decay=0.1), run)
     with pytest.raises(ValueError, match="train"):
-        Metagradient(case.model, task, run).scores(case.query, (case.train[0][:10], case.train[1][:10]))
+        Metagradient(case.model, task, run).scores(
+            case.query, (case.train[0][:10], case.train[1][:10])
+        )
     with pytest.raises(ValueError, match="query_block"):
         Metagradient(case.model, task, run, query_block=0)
     opt = torch.optim.RMSprop(case.model.parameters())

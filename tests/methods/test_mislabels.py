@@ -69,8 +69,12 @@ def test_tracin_self_influence_finds_flipped_labels():
     ckpts, lr = [], 0.5
     for step in range(30):  # full-batch gradient descent, a checkpoint every 5 steps
         if step % 5 == 0:
-            ckpts.append(Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr, 5))
-        loss = task.train_loss(model, (x, y)).mean() + 0.5 * WD * sum(p.pow(2).sum() for p in model.parameters())
+            ckpts.append(
+                Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr, 5)
+            )
+        loss = task.train_loss(model, (x, y)).mean() + 0.5 * WD * sum(
+            p.pow(2).sum() for p in model.parameters()
+        )
         grads = torch.autograd.grad(loss, list(model.parameters()))
         with torch.no_grad():
             for p, g in zip(model.parameters(), grads, strict=True):
@@ -95,7 +99,9 @@ def test_ranking_and_errors():
     model = nn.Linear(3, 2).double()
     ckpt = Checkpoint(copy.deepcopy(model.state_dict()), 0.1)
     with pytest.raises(ValueError, match="estimator"):
-        detect_mislabels(TracIn(model, ClassificationTask(), [ckpt], renormalize=True),
-                         (torch.zeros(2, 3), torch.zeros(2)))
+        detect_mislabels(
+            TracIn(model, ClassificationTask(), [ckpt], renormalize=True),
+            (torch.zeros(2, 3), torch.zeros(2)),
+        )
     with pytest.raises(TypeError, match="estimator"):
         detect_mislabels(model, (torch.zeros(2, 3), torch.zeros(2)))

@@ -23,9 +23,13 @@ from headwater.task import ClassificationTask
 def test_a_store_fitted_with_another_weight_decay_only_is_refused(tmp_path):
     case = mlp(n_train=30)
     kwargs = dict(curvature="ekfac", damping=1e-2, store=tmp_path / "fit")
-    headwater.influence(case.model, case.train, case.query, task=ClassificationTask(weight_decay=1e-2), **kwargs)
+    headwater.influence(
+        case.model, case.train, case.query, task=ClassificationTask(weight_decay=1e-2), **kwargs
+    )
     with pytest.raises(StoreMismatchError, match="weight_decay") as err:
-        headwater.influence(case.model, case.train, case.query, task=ClassificationTask(weight_decay=1e-1), **kwargs)
+        headwater.influence(
+            case.model, case.train, case.query, task=ClassificationTask(weight_decay=1e-1), **kwargs
+        )
     assert err.value.keys == ("context.task.weight_decay",)
 
 
@@ -34,8 +38,12 @@ def test_a_projected_store_serves_another_weight_decay_with_its_own_scores(tmp_p
     case = mlp(n_train=30)
     other = ClassificationTask(weight_decay=1e-1)
     kwargs = dict(projection=12, damping=1e-2)
-    headwater.influence(case.model, case.train, case.query, task=case.task, store=tmp_path / "p", **kwargs)
-    loaded = headwater.influence(case.model, case.train, case.query, task=other, store=tmp_path / "p", **kwargs)
+    headwater.influence(
+        case.model, case.train, case.query, task=case.task, store=tmp_path / "p", **kwargs
+    )
+    loaded = headwater.influence(
+        case.model, case.train, case.query, task=other, store=tmp_path / "p", **kwargs
+    )
     fresh = headwater.influence(case.model, case.train, case.query, task=other, **kwargs)
     assert loaded.settings["store"]["curvature"].startswith("loaded")
     assert torch.allclose(loaded.values, fresh.values, rtol=1e-12, atol=0)
@@ -54,9 +62,17 @@ def test_stochastic_lissa_visits_every_mini_batch(monkeypatch):
 
     monkeypatch.setattr(lissa_module, "subset", recording)
     curv = LiSSA(damping=0.1, depth=8, repeats=1, batch_size=6, scale=50.0, seed=1).fit(
-        case.model, case.task, case.train)
+        case.model, case.task, case.train
+    )
     seen.clear()
-    curv.solve(torch.randn(1, curv.layout.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    curv.solve(
+        torch.randn(
+            1,
+            curv.layout.num_params,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(0),
+        )
+    )
     assert len(seen) == 8
     for epoch in (seen[:4], seen[4:]):
         assert sorted(i for batch in epoch for i in batch) == list(range(24))  # every example, once
@@ -67,14 +83,28 @@ def test_stochastic_lissa_visits_every_mini_batch(monkeypatch):
 class DropNormNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.norm, self.drop, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)
+        self.fc1, self.norm, self.drop, self.fc2 = (
+            nn.Linear(4, 6),
+            nn.BatchNorm1d(6),
+            nn.Dropout(0.5),
+            nn.Linear(6, 3),
+        )
 
     def forward(self, x):
         return self.fc2(self.drop(torch.tanh(self.norm(self.fc1(x)))))
 
 
-@pytest.mark.parametrize("options", [{"curvature": "ekfac"}, {"curvature": "exact"}, {"curvature": "identity"},
-                                     {"projection": 8}, {"method": "tracin"}], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"curvature": "ekfac"},
+        {"curvature": "exact"},
+        {"curvature": "identity"},
+        {"projection": 8},
+        {"method": "tracin"},
+    ],
+    ids=str,
+)
 def test_a_model_left_in_train_mode_scores_as_in_eval_mode_and_stays_in_train_mode(options):
     torch.manual_seed(0)
     model = DropNormNet().double()
@@ -83,17 +113,25 @@ def test_a_model_left_in_train_mode_scores_as_in_eval_mode_and_stays_in_train_mo
         for _ in range(5):
             model(3 * torch.randn(16, 4, dtype=torch.float64) + 1)
     task = ClassificationTask(weight_decay=1e-2, modules=["fc1", "fc2"])
-    extra = {"checkpoints": [Checkpoint(model.state_dict(), lr=0.1)]} if "method" in options else {"damping": 1e-2}
+    extra = (
+        {"checkpoints": [Checkpoint(model.state_dict(), lr=0.1)]}
+        if "method" in options
+        else {"damping": 1e-2}
+    )
 
     def scores():
-        return headwater.influence(model, case.train, case.query, task=task, self_influence=True, **options, **extra)
+        return headwater.influence(
+            model, case.train, case.query, task=task, self_influence=True, **options, **extra
+        )
 
     model.eval()
     want = scores()
     model.train()
     model.norm.eval()  # a mixed mode the user chose must survive too
     got = scores()
-    assert torch.equal(got.values, want.values) and torch.equal(got.self_influence, want.self_influence)
+    assert torch.equal(got.values, want.values) and torch.equal(
+        got.self_influence, want.self_influence
+    )
     assert model.training and model.fc1.training and model.drop.training and not model.norm.training
 
 
@@ -108,4 +146,6 @@ def test_the_margin_against_a_hand_computed_three_class_value():
     x, y = torch.zeros(2, 1, dtype=torch.float64), torch.tensor([0, 2])
     got = task.measurement(model, (x, y))
     assert got[0].item() == pytest.approx(1.298587, abs=1e-6)
-    assert got[1].item() == pytest.approx(0.5 - math.log(math.exp(2.0) + math.exp(-1.0)), rel=1e-12)  # -1.548587
+    assert got[1].item() == pytest.approx(
+        0.5 - math.log(math.exp(2.0) + math.exp(-1.0)), rel=1e-12
+    )  # -1.548587

@@ -29,7 +29,9 @@ def test_projection_is_the_blockwise_matrix_and_seeded():
     assert_close(proj.gram(300), pi @ pi.T, rtol=1e-12)
     # same seed: same matrix, also without the block cache; another seed: another matrix
     assert torch.equal(RandomProjection(16, seed=3, block_size=64, cache_mb=0).matrix(300), pi)
-    other = RandomProjection(16, seed=4, block_size=64).matrix(300)  # independent signs: cosine ~ 1/sqrt(4800)
+    other = RandomProjection(16, seed=4, block_size=64).matrix(
+        300
+    )  # independent signs: cosine ~ 1/sqrt(4800)
     assert abs(float((other * pi).sum() / (other.norm() * pi.norm()))) < 0.1
     assert set(torch.unique(other * math.sqrt(16)).tolist()) == {-1.0, 1.0}
     # rows of examples are independent of how they are chunked
@@ -68,8 +70,9 @@ def test_full_rank_projection_is_exact_influence(kind):
     case = mlp()
     p = sum(t.numel() for t in case.model.parameters())
     proj = RandomProjection(p, kind="gaussian", seed=0)
-    est = ProjectedInfluence(case.model, case.task, proj, kind=kind, damping=1e-3,
-                             ggn_estimator="exact", chunk_size=7).fit(case.train)
+    est = ProjectedInfluence(
+        case.model, case.task, proj, kind=kind, damping=1e-3, ggn_estimator="exact", chunk_size=7
+    ).fit(case.train)
     matrix = (dense_ggn if kind == "ggn" else dense_ef)(case.model, case.task, case.train)
     expected = influence_scores(case.model, case.task, case.train, case.query, matrix, damping=1e-3)
     assert_close(est.scores(case.query, case.train), expected, rtol=1e-6, atol=1e-8)
@@ -78,7 +81,9 @@ def test_full_rank_projection_is_exact_influence(kind):
     assert torch.equal(indices, top.indices)
     assert_close(values, top.values, rtol=1e-6)
     # self-influence: the oracle's query side is the measurement, here the training loss
-    own = torch.diag(influence_scores(case.model, case.task, case.train, case.train, matrix, damping=1e-3))
+    own = torch.diag(
+        influence_scores(case.model, case.task, case.train, case.train, matrix, damping=1e-3)
+    )
     assert_close(est.self_influence(case.train), own, rtol=1e-6, atol=1e-8)
 
 
@@ -86,14 +91,26 @@ def test_error_falls_with_projection_dimension():
     """Mean relative error over 5 seeds of the projected influence shrinks as k grows
     (measured: 0.65, 0.38, 0.15, 2e-13 at k = 12, 25, 40, 51 = P)."""
     case = mlp(n_train=40)
-    exact = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="exact",
-                                damping=1e-3).values
+    exact = headwater.influence(
+        case.model, case.train, case.query, task=case.task, curvature="exact", damping=1e-3
+    ).values
     errors = []
     for k in (12, 25, 40, 51):
         errs = [
-            ((ProjectedInfluence(case.model, case.task, RandomProjection(k, kind="gaussian", seed=s),
-                                 damping=1e-3).fit(case.train).scores(case.query) - exact).norm()
-             / exact.norm()).item()
+            (
+                (
+                    ProjectedInfluence(
+                        case.model,
+                        case.task,
+                        RandomProjection(k, kind="gaussian", seed=s),
+                        damping=1e-3,
+                    )
+                    .fit(case.train)
+                    .scores(case.query)
+                    - exact
+                ).norm()
+                / exact.norm()
+            ).item()
             for s in range(5)
         ]
         errors.append(sum(errs) / 5)
@@ -104,9 +121,12 @@ def test_error_falls_with_projection_dimension():
 def test_sampled_ggn_approaches_exact_ggn():
     case = mlp(n_train=40)
     proj = RandomProjection(20, seed=0)
-    exact = ProjectedInfluence(case.model, case.task, proj, damping=1e-2, ggn_estimator="exact").fit(case.train)
-    sampled = ProjectedInfluence(case.model, case.task, proj, damping=1e-2, ggn_estimator="sampled",
-                                 mc_samples=200).fit(case.train)
+    exact = ProjectedInfluence(
+        case.model, case.task, proj, damping=1e-2, ggn_estimator="exact"
+    ).fit(case.train)
+    sampled = ProjectedInfluence(
+        case.model, case.task, proj, damping=1e-2, ggn_estimator="sampled", mc_samples=200
+    ).fit(case.train)
     a, b = exact.scores(case.query), sampled.scores(case.query)
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
 
@@ -141,31 +161,52 @@ def _forward_calls(model, fit):
 
 def test_store_resumes_after_an_interruption_and_refuses_other_settings(tmp_path):
     case = mlp(n_train=30)
-    reference = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8).fit(case.train)
+    reference = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8).fit(
+        case.train
+    )
     expected = reference.scores(case.query)
     path = tmp_path / "proj"
-    with pytest.raises(RuntimeError, match="interrupted"):  # 30 reads fingerprint the data, then chunks of 8
+    with pytest.raises(
+        RuntimeError, match="interrupted"
+    ):  # 30 reads fingerprint the data, then chunks of 8
         ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path).fit(
-            _Failing(case.train, reads=30 + 20))
+            _Failing(case.train, reads=30 + 20)
+        )
     record = json.loads((tmp_path / "proj-train.json").read_text())
-    assert record["rows_done"] == 16 and record["shape"] == [30, 12]  # two whole chunks were counted
+    assert record["rows_done"] == 16 and record["shape"] == [
+        30,
+        12,
+    ]  # two whole chunks were counted
     resumed = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path)
     projected_rows, features = [], resumed._featurizer.features
-    resumed._featurizer.features = lambda batch, *a: projected_rows.append(len(batch[1])) or features(batch, *a)
+    resumed._featurizer.features = lambda batch, *a: (
+        projected_rows.append(len(batch[1])) or features(batch, *a)
+    )
     resumed.fit(_Failing(case.train))
     assert projected_rows == [8, 6]  # only the rows the interrupted run had not counted
     assert_close(resumed.scores(case.query), expected, rtol=1e-10)
     # a third run reads both stores and computes no training gradient at all
     seen = []
-    again = ProjectedInfluence(case.model, case.task, 12, damping=1e-3, chunk_size=8, store=path,
-                               progress=lambda stage, done, total: seen.append(stage))
+    again = ProjectedInfluence(
+        case.model,
+        case.task,
+        12,
+        damping=1e-3,
+        chunk_size=8,
+        store=path,
+        progress=lambda stage, done, total: seen.append(stage),
+    )
     assert _forward_calls(case.model, lambda: again.fit(case.train)) == 0
     assert "projected curvature (loaded)" in seen
     assert_close(again.scores(case.query), expected, rtol=1e-10)
     # another damping reuses both stores; another chunk size too (it changes no number)
-    ProjectedInfluence(case.model, case.task, 12, damping=1.0, chunk_size=5, store=path).fit(case.train)
+    ProjectedInfluence(case.model, case.task, 12, damping=1.0, chunk_size=5, store=path).fit(
+        case.train
+    )
     ef = ProjectedInfluence(case.model, case.task, 12, kind="ef", store=path)
-    with pytest.raises(StoreMismatchError, match="kind"):  # the rows are reused, the curvature is not
+    with pytest.raises(
+        StoreMismatchError, match="kind"
+    ):  # the rows are reused, the curvature is not
         ef.fit(case.train)
     with pytest.raises(StoreMismatchError, match=r"projection\.seed"):
         ProjectedInfluence(case.model, case.task, 12, seed=1, store=path).fit(case.train)
@@ -192,13 +233,20 @@ def test_bad_input_is_named():
 
 def test_api_projection_matches_the_class():
     case = mlp()
-    scores = headwater.influence(case.model, case.train, case.query, task=case.task, projection=16,
-                                 damping=1e-3)
-    direct = ProjectedInfluence(case.model, case.task, 16, damping=1e-3).fit(case.train).scores(case.query)
+    scores = headwater.influence(
+        case.model, case.train, case.query, task=case.task, projection=16, damping=1e-3
+    )
+    direct = (
+        ProjectedInfluence(case.model, case.task, 16, damping=1e-3)
+        .fit(case.train)
+        .scores(case.query)
+    )
     assert_close(scores.values, direct, rtol=1e-12)
     assert scores.settings["curvature"] == "projected"
     with pytest.raises(ValueError, match="curvature"):
-        headwater.influence(case.model, case.train, case.query, task=case.task, projection=16, curvature="cg")
+        headwater.influence(
+            case.model, case.train, case.query, task=case.task, projection=16, curvature="cg"
+        )
 
 
 # ------------------------------------------------------------------ Kronecker (per-layer) projection
@@ -208,8 +256,9 @@ def test_kronecker_projection_wider_than_every_layer_is_exact(name, kind):
     """Sides no larger than their dims are kept whole, so this is the dense influence."""
     case = CASES[name]()
     proj = KroneckerProjection(32, 32, seed=0)
-    est = ProjectedInfluence(case.model, case.task, proj, kind=kind, damping=1e-3, ggn_estimator="exact",
-                             chunk_size=6).fit(case.train)
+    est = ProjectedInfluence(
+        case.model, case.task, proj, kind=kind, damping=1e-3, ggn_estimator="exact", chunk_size=6
+    ).fit(case.train)
     matrix = (dense_ggn if kind == "ggn" else dense_ef)(case.model, case.task, case.train)
     expected = influence_scores(case.model, case.task, case.train, case.query, matrix, damping=1e-3)
     assert_close(est.scores(case.query), expected, rtol=1e-6, atol=1e-8)
@@ -219,7 +268,9 @@ def test_kronecker_features_are_the_projected_layer_gradients():
     """φ = (P_out ⊗ P_in) vec([∇W | ∇b]) per layer, against loop-of-backward gradients."""
     case = mlp()
     proj = KroneckerProjection(2, 3, kind="gaussian", seed=5)
-    est = ProjectedInfluence(case.model, case.task, proj, kind="ef", damping=1e-3, chunk_size=5).fit(case.train)
+    est = ProjectedInfluence(
+        case.model, case.task, proj, kind="ef", damping=1e-3, chunk_size=5
+    ).fit(case.train)
     grads = loop_gradients(case.model, case.task, case.train)  # [n, P] in parameter order
     expected, col = [], 0
     for j, layer in enumerate([case.model[0], case.model[2]]):
@@ -257,8 +308,12 @@ def test_kronecker_projection_sums_over_sequence_positions():
     y = torch.randint(0, 2, (18,), generator=gen)
     task = mlp().task
     train, query = (x[:14], y[:14]), (x[14:], y[14:])
-    est = ProjectedInfluence(model, task, KroneckerProjection(8, 8), damping=1e-3, ggn_estimator="exact").fit(train)
-    expected = influence_scores(model, task, train, query, dense_ggn(model, task, train), damping=1e-3)
+    est = ProjectedInfluence(
+        model, task, KroneckerProjection(8, 8), damping=1e-3, ggn_estimator="exact"
+    ).fit(train)
+    expected = influence_scores(
+        model, task, train, query, dense_ggn(model, task, train), damping=1e-3
+    )
     assert_close(est.scores(query), expected, rtol=1e-6, atol=1e-8)
 
 
@@ -267,7 +322,9 @@ def test_fused_attribute_is_the_separate_methods(top_k):
     """Scores (or top-k) and self-influence from one pass over the stored features equal
     the separate methods; with ``k = P`` the self-influence is the dense ``gᵢᵀ(M+λI)⁻¹gᵢ``."""
     case = mlp(n_train=30)
-    est = ProjectedInfluence(case.model, case.task, 51, damping=1e-2, chunk_size=7, query_chunk=2).fit(case.train)
+    est = ProjectedInfluence(
+        case.model, case.task, 51, damping=1e-2, chunk_size=7, query_chunk=2
+    ).fit(case.train)
     got = est.attribute(case.query, case.train, top_k=top_k, self_influence=True)
     values, indices, si = got.values, got.indices, got.self_influence
     if top_k is None:
@@ -277,8 +334,12 @@ def test_fused_attribute_is_the_separate_methods(top_k):
         ref_values, ref_indices = est.top_k(case.query, case.train, top_k)
         assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
         low_values, low_indices = est.top_k(case.query, case.train, top_k, largest=False)
-        assert torch.equal(got.opponent_indices, low_indices) and torch.equal(got.opponent_values, low_values)
+        assert torch.equal(got.opponent_indices, low_indices) and torch.equal(
+            got.opponent_values, low_values
+        )
     assert torch.equal(si, est.self_influence(case.train))
     g = loop_gradients(case.model, case.task, case.train)
-    matrix = dense_ggn(case.model, case.task, case.train) + 1e-2 * torch.eye(g.shape[1], dtype=g.dtype)
+    matrix = dense_ggn(case.model, case.task, case.train) + 1e-2 * torch.eye(
+        g.shape[1], dtype=g.dtype
+    )
     assert_close(si, (torch.linalg.solve(matrix, g.T).T * g).sum(1), rtol=1e-6)

@@ -27,7 +27,9 @@ class SmallResNet(nn.Module):
 
     def __init__(self, width: int = 8, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.block = Residual(width)
         self.drop = nn.Dropout(0.2)
         self.head = nn.Linear(width, classes)
@@ -66,13 +68,25 @@ def test_resnet_from_a_dataloader_runs_exact_cg_and_identity(resnet):
     exact = headwater.influence(model, train, query, curvature="exact", damping=1e-2)
     # unpreconditioned: with the default EK-FAC preconditioner CG stalls near a relative
     # residual of 4e-6 here (float64), short of this tolerance (noted as an open problem)
-    cg = headwater.influence(model, train, query, curvature="cg", damping=1e-2,
-                             curvature_options={"tol": 1e-9, "preconditioner": "none"})
+    cg = headwater.influence(
+        model,
+        train,
+        query,
+        curvature="cg",
+        damping=1e-2,
+        curvature_options={"tol": 1e-9, "preconditioner": "none"},
+    )
     identity = headwater.influence(model, train, query, curvature="identity")
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     task, dense_train = ClassificationTask(), (xtr[:60], ytr[:60])
-    want = influence_scores(model.eval(), task, dense_train, (xte[:5], yte[:5]),
-                            dense_ggn(model, task, dense_train), 1e-2)
+    want = influence_scores(
+        model.eval(),
+        task,
+        dense_train,
+        (xte[:5], yte[:5]),
+        dense_ggn(model, task, dense_train),
+        1e-2,
+    )
     assert_close(exact.values, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()), what="exact")
     assert_close(cg.values, want, rtol=1e-5, atol=1e-7 * float(want.abs().max()), what="CG")
     assert identity.values.shape == (5, 60) and torch.isfinite(identity.values).all()
@@ -80,8 +94,9 @@ def test_resnet_from_a_dataloader_runs_exact_cg_and_identity(resnet):
 
 def test_resnet_runs_with_the_default_curvature(resnet):
     model, (xtr, ytr), (xte, yte) = resnet
-    scores = headwater.influence(model, DataLoader(TensorDataset(xtr[:40], ytr[:40]), batch_size=16),
-                                 (xte[:3], yte[:3]))
+    scores = headwater.influence(
+        model, DataLoader(TensorDataset(xtr[:40], ytr[:40]), batch_size=16), (xte[:3], yte[:3])
+    )
     assert torch.isfinite(scores.values).all()
 
 
@@ -90,7 +105,9 @@ def test_top_proponents_share_the_test_label_far_above_chance(resnet):
     opponents of the 26 correctly classified test digits, so a sign error (opponents
     ranked first) fails both bounds."""
     model, (xtr, ytr), (xte, yte) = resnet
-    scores = headwater.influence(model, (xtr, ytr), (xte, yte), curvature="exact", top_k=10, progress=False)
+    scores = headwater.influence(
+        model, (xtr, ytr), (xte, yte), curvature="exact", top_k=10, progress=False
+    )
     correct = model.eval()(xte).argmax(1) == yte
     same = (ytr[scores.indices] == yte[:, None]).double()[correct]  # [n_correct, 10]
     opposite = (ytr[scores.opponent_indices] == yte[:, None]).double()[correct]
@@ -102,14 +119,28 @@ def test_top_proponents_share_the_test_label_far_above_chance(resnet):
 def test_regression_mlp_needs_no_task_and_matches_the_dense_solve():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=g, dtype=torch.float64)
-    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(
+        40, 1, generator=g, dtype=torch.float64
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     train, query = (x[:32], y[:32]), (x[32:], y[32:])
-    want = influence_scores(model, RegressionTask(), train, query, dense_ggn(model, RegressionTask(), train), 1e-3)
+    want = influence_scores(
+        model, RegressionTask(), train, query, dense_ggn(model, RegressionTask(), train), 1e-3
+    )
     for curvature in ("exact", "cg"):
-        got = headwater.influence(model, train, query, curvature=curvature, damping=1e-3,
-                                  curvature_options={"tol": 1e-10} if curvature == "cg" else None)
+        got = headwater.influence(
+            model,
+            train,
+            query,
+            curvature=curvature,
+            damping=1e-3,
+            curvature_options={"tol": 1e-10} if curvature == "cg" else None,
+        )
         assert got.settings["task"]["task"] == "RegressionTask"
-        assert_close(got.values, want, rtol=1e-5, atol=1e-8 * float(want.abs().max()), what=curvature)
-    assert torch.isfinite(headwater.influence(model, train, query, curvature="identity").values).all()
+        assert_close(
+            got.values, want, rtol=1e-5, atol=1e-8 * float(want.abs().max()), what=curvature
+        )
+    assert torch.isfinite(
+        headwater.influence(model, train, query, curvature="identity").values
+    ).all()

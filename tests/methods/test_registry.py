@@ -9,21 +9,24 @@ from headwater.methods.estimator import Estimator
 from headwater.methods.registry import METHODS, AttributionSettings, MethodSpec
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"method": "nope"}, "method"),
-    ({"damping": -1.0}, "damping"),
-    ({"top_k": 0}, "top_k"),
-    ({"chunk_size": 0}, "chunk_size"),
-    ({"query_batch": True}, "query_batch"),
-    ({"kind": "fisher"}, "kind"),
-    ({"curvature": "nope"}, "curvature"),
-    ({"projection": 4, "curvature": "cg"}, "curvature"),
-    ({"projection": 4, "query_batch": 2}, "query_batch"),
-    ({"method": "tracin", "projection": 4}, "projection"),
-    ({"method": "tracin", "damping": 1.0}, "damping"),
-    ({"method": "influence", "renormalize": True}, "renormalize"),
-    ({"method": "hydra", "self_influence": True}, "self_influence"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "nope"}, "method"),
+        ({"damping": -1.0}, "damping"),
+        ({"top_k": 0}, "top_k"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"query_batch": True}, "query_batch"),
+        ({"kind": "fisher"}, "kind"),
+        ({"curvature": "nope"}, "curvature"),
+        ({"projection": 4, "curvature": "cg"}, "curvature"),
+        ({"projection": 4, "query_batch": 2}, "query_batch"),
+        ({"method": "tracin", "projection": 4}, "projection"),
+        ({"method": "tracin", "damping": 1.0}, "damping"),
+        ({"method": "influence", "renormalize": True}, "renormalize"),
+        ({"method": "hydra", "self_influence": True}, "self_influence"),
+    ],
+)
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         AttributionSettings(**kwargs)
@@ -59,12 +62,29 @@ class _GradientDot(Estimator):
 
 def test_a_new_method_is_one_registry_entry(monkeypatch):
     case = CASES["mlp"]()
-    monkeypatch.setitem(METHODS, "gradient_dot", MethodSpec(
-        lambda model, task, settings, inputs, train: _GradientDot(model, task), frozenset(), self_influence=False))
-    got = headwater.influence(case.model, case.train, case.query, task=case.task, method="gradient_dot", top_k=3)
-    ref = headwater.influence(case.model, case.train, case.query, task=case.task, curvature="identity", top_k=3)
+    monkeypatch.setitem(
+        METHODS,
+        "gradient_dot",
+        MethodSpec(
+            lambda model, task, settings, inputs, train: _GradientDot(model, task),
+            frozenset(),
+            self_influence=False,
+        ),
+    )
+    got = headwater.influence(
+        case.model, case.train, case.query, task=case.task, method="gradient_dot", top_k=3
+    )
+    ref = headwater.influence(
+        case.model, case.train, case.query, task=case.task, curvature="identity", top_k=3
+    )
     assert torch.equal(got.indices, ref.indices)
     torch.testing.assert_close(got.values, ref.values, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="self_influence"):
-        headwater.influence(case.model, case.train, case.query, task=case.task, method="gradient_dot",
-                            self_influence=True)
+        headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=case.task,
+            method="gradient_dot",
+            self_influence=True,
+        )

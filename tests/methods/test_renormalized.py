@@ -16,22 +16,35 @@ from headwater.task import Measurement
 
 
 def _fitted(case, damping=0.01):
-    return InfluenceFunction(case.model, case.task, Exact(damping=damping), chunk_size=7).fit(case.train)
+    return InfluenceFunction(case.model, case.task, Exact(damping=damping), chunk_size=7).fit(
+        case.train
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_gradient_norm_matches_oracle(name):
     case = CASES[name]()
     est = _fitted(case)
-    want = influence_scores(case.model, case.task, case.train, case.query,
-                            dense_ggn(case.model, case.task, case.train), damping=0.01)
+    want = influence_scores(
+        case.model,
+        case.task,
+        case.train,
+        case.query,
+        dense_ggn(case.model, case.task, case.train),
+        damping=0.01,
+    )
     g_tr = loop_gradients(case.model, case.task, case.train)
     got = RenormalizedInfluence(est).scores(case.query, case.train)
     assert_close(got, want / g_tr.norm(dim=1), rtol=1e-6, atol=1e-10, what=f"{name} renormalized")
     g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
     both = RenormalizedInfluence(est, normalize_query=True).scores(case.query, case.train)
-    assert_close(both, want / g_tr.norm(dim=1) / g_q.norm(dim=1, keepdim=True), rtol=1e-6, atol=1e-10,
-                 what=f"{name} renormalized, query normalised")
+    assert_close(
+        both,
+        want / g_tr.norm(dim=1) / g_q.norm(dim=1, keepdim=True),
+        rtol=1e-6,
+        atol=1e-10,
+        what=f"{name} renormalized, query normalised",
+    )
     # the order within a query never depends on normalize_query
     assert torch.equal(both.argsort(dim=1), got.argsort(dim=1))
 
@@ -60,13 +73,19 @@ def test_curvature_norm_gives_cosines_in_the_inverse_metric():
     # a training set scored against itself (query = train, measurement = loss) has unit diagonal
     case.task.measure = Measurement.LOSS
     self_scores = ri.scores(case.train, case.train)
-    assert_close(self_scores.diagonal(), torch.ones(self_scores.shape[0], dtype=torch.float64), rtol=1e-9)
+    assert_close(
+        self_scores.diagonal(), torch.ones(self_scores.shape[0], dtype=torch.float64), rtol=1e-9
+    )
     assert self_scores.abs().max() <= 1 + 1e-9
     g = loop_gradients(case.model, case.task, case.train)
     si = (g * est.curvature.solve(g)).sum(1)
     plain = est.scores(case.query, case.train)
-    assert_close(RenormalizedInfluence(est, norm="curvature").scores(case.query, case.train), plain / si.sqrt(),
-                 rtol=1e-9, what="divided by sqrt(self-influence)")
+    assert_close(
+        RenormalizedInfluence(est, norm="curvature").scores(case.query, case.train),
+        plain / si.sqrt(),
+        rtol=1e-9,
+        what="divided by sqrt(self-influence)",
+    )
 
 
 def test_identity_curvature_equals_renormalized_tracin_at_one_checkpoint():
@@ -74,7 +93,9 @@ def test_identity_curvature_equals_renormalized_tracin_at_one_checkpoint():
     est = InfluenceFunction(case.model, case.task, Identity()).fit(case.train)
     ri = RenormalizedInfluence(est, normalize_query=True).scores(case.query, case.train)
     state = {k: v.clone() for k, v in case.model.state_dict().items()}
-    gas = TracIn(case.model, case.task, [Checkpoint(state, 1.0)], renormalize=True).scores(case.query, case.train)
+    gas = TracIn(case.model, case.task, [Checkpoint(state, 1.0)], renormalize=True).scores(
+        case.query, case.train
+    )
     assert_close(ri, gas, rtol=1e-10, what="cosine similarity (GAS with one checkpoint)")
 
 

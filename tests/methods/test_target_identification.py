@@ -69,7 +69,9 @@ def backdoor(seed: int = 0):
     target = _trigger(x[others[hit][0]][None])
     clean_candidates = x[test[50 : 50 + N_CLEAN_CANDIDATES]]
     cand_x = torch.cat([clean_candidates[:7], target, clean_candidates[7:]])
-    cand_y = torch.cat([y[test[50:57]], y[others[hit][0]][None], y[test[57 : 50 + N_CLEAN_CANDIDATES]]])
+    cand_y = torch.cat(
+        [y[test[50:57]], y[others[hit][0]][None], y[test[57 : 50 + N_CLEAN_CANDIDATES]]]
+    )
     return model, task, (xtr, ytr), poisoned, (cand_x, cand_y), 7
 
 
@@ -78,7 +80,9 @@ def test_target_ranks_first_and_its_top_influences_are_the_poisons():
     est = InfluenceFunction(model, task, Exact(damping=0.0)).fit(train)
     result = identify_target(RenormalizedInfluence(est), candidates, train)
     assert result.target == target
-    assert result.labels[target] != candidates[1][target]  # measured at the attacker's (predicted) label
+    assert (
+        result.labels[target] != candidates[1][target]
+    )  # measured at the attacker's (predicted) label
     ap = auprc(result.attack_scores(), poisoned)
     assert ap >= 0.75  # measured 0.88; chance 12/512 = 0.023
     assert poisoned[result.attack_ranking()[:3]].all()
@@ -99,7 +103,10 @@ def test_identification_over_ten_attacks():
     for seed in range(10):
         model, task, train, poisoned, candidates, target = backdoor(seed)
         est = InfluenceFunction(model, task, Exact(damping=0.0)).fit(train)
-        for estimator, r, a in ((RenormalizedInfluence(est), ranks, aps), (est, plain_ranks, plain_aps)):
+        for estimator, r, a in (
+            (RenormalizedInfluence(est), ranks, aps),
+            (est, plain_ranks, plain_aps),
+        ):
             result = identify_target(estimator, candidates, train)
             r.append(int((result.ranking == target).nonzero()))
             a.append(auprc(result.attack_scores(target), poisoned))
@@ -125,11 +132,15 @@ def test_anomaly_score_on_a_hand_made_matrix():
     #   row 0: Q1 1.25, median 2.5, Q3 3.75 -> (10 - 2.5) / 2.5 = 3
     #   rows 1, 2: Q1 1.25, median 2.5, Q3 3.75 -> (5 - 2.5) / 2.5 = 1
     whole = anomaly_scores(influence, tail=None)
-    torch.testing.assert_close(whole, torch.tensor([3.0, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        whole, torch.tensor([3.0, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12
+    )
     # 4 largest values: row 0 -> [2, 3, 4, 10]: Q1 2.75, median 3.5, Q3 5.5 -> 6.5 / 2.75 = 26/11
     #                   rows 1, 2 -> [2, 3, 4, 5]: Q1 2.75, median 3.5, Q3 4.25 -> 1.5 / 1.5 = 1
     top4 = anomaly_scores(influence, tail=4)
-    torch.testing.assert_close(top4, torch.tensor([26 / 11, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        top4, torch.tensor([26 / 11, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12
+    )
     # the spiked row is the identified target whichever reference is used
     assert int(whole.argmax()) == int(top4.argmax()) == 0
 

@@ -14,13 +14,17 @@ from headwater.methods.tracin import Checkpoint, TracIn
 from headwater.task import ClassificationTask
 
 
-def _gd(model: nn.Module, task, data, weights: torch.Tensor, lr: float, steps: int) -> list[Checkpoint]:
+def _gd(
+    model: nn.Module, task, data, weights: torch.Tensor, lr: float, steps: int
+) -> list[Checkpoint]:
     """Full-batch gradient descent on Σ w_i ℓ_i + wd/2‖θ‖², recording a checkpoint per step."""
     x, y = data
     params = list(model.parameters())
     ckpts = []
     for _ in range(steps):
-        ckpts.append(Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr, 1))
+        ckpts.append(
+            Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr, 1)
+        )
         loss = (weights * task.train_loss(model, (x, y))).sum()
         loss = loss + 0.5 * task.weight_decay * sum(p.pow(2).sum() for p in params)
         grads = torch.autograd.grad(loss, params)
@@ -34,8 +38,14 @@ def test_one_step_removal_effect_is_exact_to_first_order():
     case = CASES["mlp"]()
     n = case.train[0].shape[0]
     start = copy.deepcopy(case.model)
-    ckpts = _gd(copy.deepcopy(start), case.task, case.train, torch.full((n,), 1.0 / n, dtype=torch.float64),
-                lr=1e-4, steps=1)
+    ckpts = _gd(
+        copy.deepcopy(start),
+        case.task,
+        case.train,
+        torch.full((n,), 1.0 / n, dtype=torch.float64),
+        lr=1e-4,
+        steps=1,
+    )
     scores = TracIn(start, case.task, ckpts).scores(case.query, case.train)
     g_tr = loop_gradients(start, case.task, case.train)
     g_q = loop_gradients(start, case.task, case.query, measurement=True)
@@ -116,8 +126,16 @@ def test_one_call_api():
 
     case = CASES["mlp"]()
     ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1, 2)]
-    scores = headwater.influence(case.model, case.train, case.query, task=case.task, method="tracin",
-                                 checkpoints=ckpts, self_influence=True, top_k=3)
+    scores = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        method="tracin",
+        checkpoints=ckpts,
+        self_influence=True,
+        top_k=3,
+    )
     full = TracIn(case.model, case.task, ckpts).scores(case.query, case.train)
     assert torch.equal(scores.indices, full.topk(3, dim=1).indices)
     assert scores.self_influence.shape == (24,) and scores.settings["method"] == "tracin"
@@ -144,8 +162,13 @@ def test_layerwise_products_equal_per_example_gradients(make, renormalize):
     sequences) gives the dot products of the full per-example gradients."""
     case = make()
     g = torch.Generator().manual_seed(5)
-    states = [{k: v.clone() + 0.1 * i * torch.randn(v.shape, generator=g, dtype=v.dtype)
-               for k, v in case.model.state_dict().items()} for i in range(2)]
+    states = [
+        {
+            k: v.clone() + 0.1 * i * torch.randn(v.shape, generator=g, dtype=v.dtype)
+            for k, v in case.model.state_dict().items()
+        }
+        for i in range(2)
+    ]
     ckpts = [Checkpoint(states[0], 0.1, 3), Checkpoint(states[1], 0.05, 1)]
     kw = dict(renormalize=renormalize, chunk_size=3)
     layers = TracIn(case.model, case.task, ckpts, gradients="layers", **kw)
@@ -159,10 +182,17 @@ def test_layerwise_products_equal_per_example_gradients(make, renormalize):
             g_tr, g_q = g_tr / g_tr.norm(dim=1, keepdim=True), g_q / g_q.norm(dim=1, keepdim=True)
         want = want + c.weight * g_q @ g_tr.T
         want_self = want_self + c.weight * g_tr.pow(2).sum(1)
-    assert_close(layers.scores(case.query, case.train), want, rtol=1e-9, atol=1e-12 * float(want.abs().max()),
-                 what="layer-wise scores")
+    assert_close(
+        layers.scores(case.query, case.train),
+        want,
+        rtol=1e-9,
+        atol=1e-12 * float(want.abs().max()),
+        what="layer-wise scores",
+    )
     assert_close(layers.self_influence(case.train), want_self, rtol=1e-9, what="self-influence")
-    vmapped = TracIn(case.model, case.task, ckpts, gradients="vmap", **kw).scores(case.query, case.train)
+    vmapped = TracIn(case.model, case.task, ckpts, gradients="vmap", **kw).scores(
+        case.query, case.train
+    )
     assert_close(vmapped, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), what="vmap scores")
 
 
@@ -176,7 +206,9 @@ def test_embeddings_and_position_embeddings_take_the_layer_path():
     g_tr = loop_gradients(case.model, case.task, case.train)
     g_q = loop_gradients(case.model, case.task, case.query, measurement=True)
     for gradients in ("auto", "layers"):
-        got = TracIn(case.model, case.task, ckpts, gradients=gradients).scores(case.query, case.train)
+        got = TracIn(case.model, case.task, ckpts, gradients=gradients).scores(
+            case.query, case.train
+        )
         assert_close(got, 0.1 * g_q @ g_tr.T, rtol=1e-9, what=gradients)
     with pytest.raises(ValueError, match="gradients"):
         TracIn(case.model, case.task, ckpts, gradients="loop")
@@ -218,7 +250,9 @@ def test_renormalized_self_influence_of_a_zero_gradient_is_zero():
     case = CASES["linreg"]()
     model = case.model.float()
     x, y = case.train[0].float(), case.train[1].float()
-    y[0] = model(x[:1]).detach()[0] + 1e-6  # residual 1e-6: a gradient at rounding level, below the floor
+    y[0] = (
+        model(x[:1]).detach()[0] + 1e-6
+    )  # residual 1e-6: a gradient at rounding level, below the floor
     ckpts = [Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
     for gradients in ("layers", "vmap"):
         est = TracIn(model, case.task, ckpts, renormalize=True, gradients=gradients)
@@ -228,7 +262,11 @@ def test_renormalized_self_influence_of_a_zero_gradient_is_zero():
         # below the floor (sqrt(eps) * median norm) the example's renormalised gradient is 0:
         # its score column is 0, the others are cosines times the learning rate
         s = est.scores((x, y), (x, y))
-        assert torch.isfinite(s).all() and float(s[:, 0].abs().max()) == 0.0 and float(s[0].abs().max()) == 0.0
+        assert (
+            torch.isfinite(s).all()
+            and float(s[:, 0].abs().max()) == 0.0
+            and float(s[0].abs().max()) == 0.0
+        )
         assert_close(s[1:, 1:].diagonal(), torch.full((len(x) - 1,), 0.1), rtol=1e-5)
         assert float(s[1:, 1:].abs().max()) <= 0.1 * (1 + 1e-5)
 
@@ -240,16 +278,22 @@ def test_fused_self_influence_and_one_layer_check_per_checkpoint(renormalize, mo
     import headwater.methods.tracin as tracin_module
 
     case = CASES["mlp"]()
-    ckpts = [Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1, 2),
-             Checkpoint({k: 0.5 * v for k, v in case.model.state_dict().items()}, 0.05)]
+    ckpts = [
+        Checkpoint({k: v.clone() for k, v in case.model.state_dict().items()}, 0.1, 2),
+        Checkpoint({k: 0.5 * v for k, v in case.model.state_dict().items()}, 0.05),
+    ]
     calls = []
     check = tracin_module.layer_blocks
-    monkeypatch.setattr(tracin_module, "layer_blocks", lambda *args: calls.append(1) or check(*args))
+    monkeypatch.setattr(
+        tracin_module, "layer_blocks", lambda *args: calls.append(1) or check(*args)
+    )
     est = TracIn(case.model, case.task, ckpts, renormalize=renormalize)
     got = est.attribute(case.query, case.train, top_k=3, self_influence=True)
     values, indices, si = got.values, got.indices, got.self_influence
     full = est.scores(case.query, case.train)
-    assert torch.equal(indices, full.topk(3, dim=1).indices) and torch.equal(values, full.topk(3, dim=1).values)
+    assert torch.equal(indices, full.topk(3, dim=1).indices) and torch.equal(
+        values, full.topk(3, dim=1).values
+    )
     assert torch.equal(si, est.self_influence(case.train))
     sq = loop_gradients(case.model, case.task, case.train).pow(2).sum(1)
     sq_half = loop_gradients(_scaled(case.model, 0.5), case.task, case.train).pow(2).sum(1)

@@ -141,7 +141,9 @@ def test_an_approximate_curvature_is_refitted_on_the_remaining_data(logreg):
     keep = [i for i in range(n) if i not in FORGET]
     remaining = EKFAC(damping=1e-3).fit(model, task, (train[0][keep], train[1][keep]))
     theta = _flat(model, task)
-    grads = torch.cat(list(per_example_gradients(model, task, (train[0][FORGET], train[1][FORGET]))))
+    grads = torch.cat(
+        list(per_example_gradients(model, task, (train[0][FORGET], train[1][FORGET])))
+    )
     rhs = (grads.sum(dim=0) + k * task.weight_decay * theta) / (n - k)
     torch.testing.assert_close(got, theta + remaining.solve(rhs), rtol=1e-10, atol=1e-12)
     assert full.n_examples == n

@@ -37,13 +37,25 @@ def test_16_mlps_by_vmap_equal_16_separate_runs(optimizer, members):
     x, y = _data(n=60)
     task = ClassificationTask(weight_decay=1e-2)
     masks = _masks(members, x.shape[0])
-    common = {"optimizer": optimizer, "lr": 1e-2 if optimizer == "adam" else 0.1,
-              "momentum": 0.0 if optimizer == "adam" else 0.9, "epochs": 3, "batch_size": 16}
-    together = train_ensemble(_mlp(), task, (x, y), masks, seeds=range(100, 100 + members),
-                              config=TrainConfig(**common, vectorize="vmap"))
+    common = {
+        "optimizer": optimizer,
+        "lr": 1e-2 if optimizer == "adam" else 0.1,
+        "momentum": 0.0 if optimizer == "adam" else 0.9,
+        "epochs": 3,
+        "batch_size": 16,
+    }
+    together = train_ensemble(
+        _mlp(),
+        task,
+        (x, y),
+        masks,
+        seeds=range(100, 100 + members),
+        config=TrainConfig(**common, vectorize="vmap"),
+    )
     for m in range(members):
-        alone = _separate_run(_mlp(), task, x, y, masks[m], 100 + m,
-                              TrainConfig(**common, vectorize="loop"))
+        alone = _separate_run(
+            _mlp(), task, x, y, masks[m], 100 + m, TrainConfig(**common, vectorize="loop")
+        )
         for k, v in together.params.items():
             torch.testing.assert_close(v[m], alone.params[k][0], rtol=0, atol=1e-5)
     # training moved the parameters and members differ
@@ -57,8 +69,12 @@ def test_float32_vmap_matches_loop_and_seeds_are_recorded():
     task = ClassificationTask(weight_decay=1e-3)
     masks = _masks(4, x.shape[0])
     cfg = {"epochs": 2, "batch_size": 32, "lr": 1e-2}
-    a = train_ensemble(_mlp().float(), task, (x, y), masks, config=TrainConfig(**cfg, vectorize="vmap"))
-    b = train_ensemble(_mlp().float(), task, (x, y), masks, config=TrainConfig(**cfg, vectorize="loop"))
+    a = train_ensemble(
+        _mlp().float(), task, (x, y), masks, config=TrainConfig(**cfg, vectorize="vmap")
+    )
+    b = train_ensemble(
+        _mlp().float(), task, (x, y), masks, config=TrainConfig(**cfg, vectorize="loop")
+    )
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=1e-5)
     assert a.order_seeds.tolist() == [s + 1_000_003 for s in range(4)]
@@ -87,8 +103,13 @@ def test_model_and_global_rng_untouched():
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    train_ensemble(model, ClassificationTask(), (x, y), _masks(2, x.shape[0]),
-                   config=TrainConfig(epochs=1, batch_size=32))
+    train_ensemble(
+        model,
+        ClassificationTask(),
+        (x, y),
+        _masks(2, x.shape[0]),
+        config=TrainConfig(epochs=1, batch_size=32),
+    )
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -110,13 +131,27 @@ def test_resume_after_interruption_gives_identical_results(tmp_path):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train_ensemble(_mlp(), task, (x, y), masks, config=cfg, store_path=tmp_path / "b",
-                       progress=stop_after_first_pass)
+        train_ensemble(
+            _mlp(),
+            task,
+            (x, y),
+            masks,
+            config=cfg,
+            store_path=tmp_path / "b",
+            progress=stop_after_first_pass,
+        )
     assert store.exists(tmp_path / "b" / "members-000000-000002")
     assert not store.exists(tmp_path / "b" / "members-000002-000004")
     passes = []
-    resumed = train_ensemble(_mlp(), task, (x, y), masks, config=cfg, store_path=tmp_path / "b",
-                             progress=lambda s, d, t: passes.append(d))
+    resumed = train_ensemble(
+        _mlp(),
+        task,
+        (x, y),
+        masks,
+        config=cfg,
+        store_path=tmp_path / "b",
+        progress=lambda s, d, t: passes.append(d),
+    )
     for k in full.params:
         assert torch.equal(full.params[k], resumed.params[k])
     # a rerun of a finished store retrains nothing and is still identical
@@ -125,8 +160,14 @@ def test_resume_after_interruption_gives_identical_results(tmp_path):
         assert torch.equal(full.params[k], again.params[k])
     # other settings are refused
     with pytest.raises(store.StoreMismatchError):
-        train_ensemble(_mlp(), task, (x, y), masks, config=TrainConfig(epochs=3, batch_size=32, lr=1e-2,
-                       members_per_pass=2), store_path=tmp_path / "b")
+        train_ensemble(
+            _mlp(),
+            task,
+            (x, y),
+            masks,
+            config=TrainConfig(epochs=3, batch_size=32, lr=1e-2, members_per_pass=2),
+            store_path=tmp_path / "b",
+        )
 
 
 def test_lbfgs_members_reach_the_weighted_optimum():
@@ -137,12 +178,15 @@ def test_lbfgs_members_reach_the_weighted_optimum():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype))
     task = ClassificationTask(weight_decay=1e-1)
     masks = _masks(3, x.shape[0])
-    ens = train_ensemble(model, task, (x, y), masks, config=TrainConfig(optimizer="lbfgs", init="copy"))
+    ens = train_ensemble(
+        model, task, (x, y), masks, config=TrainConfig(optimizer="lbfgs", init="copy")
+    )
     for m in range(3):
         member = ens.member(model, m)
         sel = masks[m]
         loss = nn.functional.cross_entropy(member(x[sel]), y[sel]) + 0.05 * sum(
-            p.pow(2).sum() for p in member.parameters())
+            p.pow(2).sum() for p in member.parameters()
+        )
         grads = torch.autograd.grad(loss, list(member.parameters()))
         assert max(g.abs().max().item() for g in grads) < 1e-8
 

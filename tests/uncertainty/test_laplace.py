@@ -136,8 +136,12 @@ def test_optimize_prior_on_a_parameter_subset():
     task = ClassificationTask(weight_decay=case.task.weight_decay, modules=["2"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the case is not trained: not stationary
-        la = LinearizedLaplace(case.model, task, Exact(damping=1e-9), prior_precision=1.0).fit(case.train)
-        assert not any(t.requires_grad for t in (la.state.eigvals, la.state.eigvecs, la.state.grad_sum))
+        la = LinearizedLaplace(case.model, task, Exact(damping=1e-9), prior_precision=1.0).fit(
+            case.train
+        )
+        assert not any(
+            t.requires_grad for t in (la.state.eigvals, la.state.eigvecs, la.state.grad_sum)
+        )
         before = float(la.log_marginal_likelihood())
         la.optimize_prior()
     assert float(la.log_marginal_likelihood()) >= before
@@ -223,6 +227,7 @@ def test_classifier():
     assert (
         tight.probabilities(x) - tight.probabilities(x, method="mc", n_samples=4000)
     ).abs().max() < 0.02
+
     def entropy(p):
         return -(p * p.log()).sum(1)
 

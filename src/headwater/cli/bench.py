@@ -16,11 +16,12 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "bench", parents=parents,
+        "bench",
+        parents=parents,
         help="run the benchmarks (python -m bench.run, from a source checkout)",
         description="Run `python -m bench.run` from the source checkout (found from the current folder "
-                    "upwards); every argument after `bench` is passed on, e.g. "
-                    "`headwater bench --problems logreg --no-peers`.",
+        "upwards); every argument after `bench` is passed on, e.g. "
+        "`headwater bench --problems logreg --no-peers`.",
     )
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to bench.run")
     p.set_defaults(func=run)
@@ -44,7 +45,9 @@ def _importable(name: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     root = _find_root(Path.cwd())
     if root is None and not _importable("bench.run"):
-        raise UserError("bench: no benchmarks found (bench/run.py); run from a source checkout of headwater")
+        raise UserError(
+            "bench: no benchmarks found (bench/run.py); run from a source checkout of headwater"
+        )
     env = dict(os.environ)
     if root is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))

@@ -117,72 +117,131 @@ def best_curvature() -> str:
     return min(CURVATURES)
 
 
-def add_attribution_options(p: argparse.ArgumentParser, *, out_default: str | None,
-                            threads_default: int | None = None) -> None:
+def add_attribution_options(
+    p: argparse.ArgumentParser, *, out_default: str | None, threads_default: int | None = None
+) -> None:
     g = p.add_argument_group("attribution")
-    g.add_argument("--method", default="influence",
-                   help=f"estimator (default: influence; available: {', '.join(known_methods())})")
-    g.add_argument("--curvature", default="auto",
-                   help="curvature approximation: 'auto' (default) solves the dense GGN when it fits "
-                        f"the time and memory budget, else {best_curvature()!r}; or one of "
-                        f"{', '.join(sorted(CURVATURES))}")
+    g.add_argument(
+        "--method",
+        default="influence",
+        help=f"estimator (default: influence; available: {', '.join(known_methods())})",
+    )
+    g.add_argument(
+        "--curvature",
+        default="auto",
+        help="curvature approximation: 'auto' (default) solves the dense GGN when it fits "
+        f"the time and memory budget, else {best_curvature()!r}; or one of "
+        f"{', '.join(sorted(CURVATURES))}",
+    )
     g.add_argument("--kind", default="ggn", help="curvature matrix: ggn (default), hessian or ef")
-    g.add_argument("--damping", type=float, default=None,
-                   help="damping λ >= 0 added to the curvature (default: chosen relative to its scale)")
-    g.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query (default 5)")
-    g.add_argument("--no-self-influence", dest="self_influence", action="store_false",
-                   help="skip self-influence (used to flag likely mislabeled training examples)")
-    g.add_argument("--curvature-option", dest="curvature_options", action="append", default=None,
-                   metavar="KEY=VALUE", help="extra argument of the curvature class, e.g. rank=50 "
-                                             "(repeatable; values are read as JSON, else as text)")
-    g.add_argument("--chunk-size", type=int, default=64, help="examples per vectorised gradient step")
-    g.add_argument("--query-batch", type=int, default=None,
-                   help="preconditioned query gradients held at once (default: all; smaller saves memory "
-                        "on large models at one more pass over the training data per batch)")
-    g.add_argument("--projection", default=None, metavar="K | KOUTxKIN",
-                   help="influence on randomly projected gradients: K dimensions (flat), or KOUTxKIN per "
-                        "linear/conv layer (never forms a gradient)")
+    g.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping λ >= 0 added to the curvature (default: chosen relative to its scale)",
+    )
+    g.add_argument(
+        "--top-k", type=int, default=5, help="proponents and opponents listed per query (default 5)"
+    )
+    g.add_argument(
+        "--no-self-influence",
+        dest="self_influence",
+        action="store_false",
+        help="skip self-influence (used to flag likely mislabeled training examples)",
+    )
+    g.add_argument(
+        "--curvature-option",
+        dest="curvature_options",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="extra argument of the curvature class, e.g. rank=50 "
+        "(repeatable; values are read as JSON, else as text)",
+    )
+    g.add_argument(
+        "--chunk-size", type=int, default=64, help="examples per vectorised gradient step"
+    )
+    g.add_argument(
+        "--query-batch",
+        type=int,
+        default=None,
+        help="preconditioned query gradients held at once (default: all; smaller saves memory "
+        "on large models at one more pass over the training data per batch)",
+    )
+    g.add_argument(
+        "--projection",
+        default=None,
+        metavar="K | KOUTxKIN",
+        help="influence on randomly projected gradients: K dimensions (flat), or KOUTxKIN per "
+        "linear/conv layer (never forms a gradient)",
+    )
     r = p.add_argument_group("run")
-    r.add_argument("-o", "--out", default=out_default,
-                   help="output folder for results, report and config; the fitted curvature (or the "
-                        "projected training gradients) is kept there too, and a rerun with the same "
-                        "settings, model and data reuses or resumes it" +
-                        (f" (default: {out_default})" if out_default else " (required)"))
-    r.add_argument("--read-only-store", action="store_true",
-                   help="use the stored curvature or projected gradients in --out as they are: a damaged or "
-                        "mismatched store is an error (exit 2) instead of being recomputed")
+    r.add_argument(
+        "-o",
+        "--out",
+        default=out_default,
+        help="output folder for results, report and config; the fitted curvature (or the "
+        "projected training gradients) is kept there too, and a rerun with the same "
+        "settings, model and data reuses or resumes it"
+        + (f" (default: {out_default})" if out_default else " (required)"),
+    )
+    r.add_argument(
+        "--read-only-store",
+        action="store_true",
+        help="use the stored curvature or projected gradients in --out as they are: a damaged or "
+        "mismatched store is an error (exit 2) instead of being recomputed",
+    )
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    r.add_argument("--threads", type=int, default=threads_default,
-                   help=f"CPU threads for torch (default: {threads_default or 'torch' + chr(39) + 's choice'})")
-    r.add_argument("--config", default=None,
-                   help="rerun with the arguments saved in a run's config.json (flags given here override it)")
-    r.add_argument("--no-report", dest="report", action="store_false", help="do not write the HTML report")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=threads_default,
+        help=f"CPU threads for torch (default: {threads_default or 'torch' + chr(39) + 's choice'})",
+    )
+    r.add_argument(
+        "--config",
+        default=None,
+        help="rerun with the arguments saved in a run's config.json (flags given here override it)",
+    )
+    r.add_argument(
+        "--no-report", dest="report", action="store_false", help="do not write the HTML report"
+    )
 
 
 _FLAGS = {"curvature_options": "curvature-option"}
 """Settings fields whose command-line flag is not the field's name with dashes."""
 
 
-def attribution_settings(args: argparse.Namespace, *, store: str | os.PathLike | None = None
-                         ) -> AttributionSettings:
+def attribution_settings(
+    args: argparse.Namespace, *, store: str | os.PathLike | None = None
+) -> AttributionSettings:
     """The validated :class:`~headwater.methods.registry.AttributionSettings` of the command
     line (``--curvature auto`` resolved); an invalid value raises :class:`UserError` naming the flag."""
     from headwater.methods.registry import METHODS, AttributionSettings
 
     if args.method not in METHODS:
-        raise UserError(f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}")
+        raise UserError(
+            f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}"
+        )
     projection = parse_projection(args.projection, args.seed)
     curvature: str | None = args.curvature
     if "curvature" not in METHODS[args.method].options or curvature == "auto":
         curvature = None  # 'auto': chosen at fit by the budget (headwater.methods.auto)
     try:
         return AttributionSettings(
-            method=args.method, curvature=curvature, damping=args.damping, projection=projection,
-            kind=args.kind, self_influence=args.self_influence, chunk_size=args.chunk_size,
-            query_batch=args.query_batch, store=store,
+            method=args.method,
+            curvature=curvature,
+            damping=args.damping,
+            projection=projection,
+            kind=args.kind,
+            self_influence=args.self_influence,
+            chunk_size=args.chunk_size,
+            query_batch=args.query_batch,
+            store=store,
             read_only_store=bool(getattr(args, "read_only_store", False)) and store is not None,
-            curvature_options=parse_curvature_options(args.curvature_options) or None)
+            curvature_options=parse_curvature_options(args.curvature_options) or None,
+        )
     except (TypeError, ValueError) as err:
         field, sep, message = str(err).partition(": ")
         flag = _FLAGS.get(field, field.replace("_", "-"))
@@ -269,19 +328,26 @@ def config_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SAVED}
 
 
-def write_config(folder: Path, command: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+def write_config(
+    folder: Path, command: str, args: argparse.Namespace, **extra: Any
+) -> dict[str, Any]:
     """Write ``folder/config.json``: every resolved argument, versions and how to rerun."""
     config = {
         "command": command,
         "args": config_args(args),
         "argv": sys.argv[1:],
         "reproduce": f"headwater {command} --config {shlex.quote(str(folder / CONFIG_NAME))}",
-        "versions": {"headwater": headwater.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "headwater": headwater.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "torch_threads": torch.get_num_threads(),
         **extra,
     }
-    store.atomic_write_bytes(folder / CONFIG_NAME, json.dumps(config, indent=2, default=str).encode())
+    store.atomic_write_bytes(
+        folder / CONFIG_NAME, json.dumps(config, indent=2, default=str).encode()
+    )
     return config
 
 

@@ -55,13 +55,17 @@ class LeNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
 
 
-def _digits(seed: int, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _digits(
+    seed: int, n_train: int, n_test: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw pixels ``[1797, 64]`` (0..16), labels, and the train/test rows of the seeded split."""
     from sklearn.datasets import load_digits
 
     if n_train <= 0 or n_test <= 0 or n_train + n_test > N_DIGITS:
-        raise UserError(f"--n-train/--n-test: need positive sizes with n_train + n_test <= {N_DIGITS}, "
-                        f"got {n_train} + {n_test}")
+        raise UserError(
+            f"--n-train/--n-test: need positive sizes with n_train + n_test <= {N_DIGITS}, "
+            f"got {n_train} + {n_test}"
+        )
     x, y = load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(y))
     return x.astype(np.float32), y, perm[:n_train], perm[n_train : n_train + n_test]
@@ -85,7 +89,9 @@ def digits_pixels(seed: int, n_train: int, n_test: int) -> tuple[Tensor, Tensor]
     return x[tr].contiguous(), x[te].contiguous()
 
 
-def flip_labels(y: Tensor, fraction: float, seed: int, n_classes: int = 10) -> tuple[Tensor, Tensor]:
+def flip_labels(
+    y: Tensor, fraction: float, seed: int, n_classes: int = 10
+) -> tuple[Tensor, Tensor]:
     """Labels with ``fraction`` of them changed to another class, and the flipped mask."""
     if not 0 <= fraction < 1:
         raise UserError(f"--label-noise: expected a fraction in [0, 1), got {fraction}")
@@ -100,8 +106,18 @@ def flip_labels(y: Tensor, fraction: float, seed: int, n_classes: int = 10) -> t
     return noisy, flipped
 
 
-def train_model(x: Tensor, y: Tensor, *, seed: int, epochs: int, lr: float, batch_size: int,
-                weight_decay: float, device: str = "cpu", progress=None) -> LeNet:
+def train_model(
+    x: Tensor,
+    y: Tensor,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    device: str = "cpu",
+    progress=None,
+) -> LeNet:
     """Train a :class:`LeNet` deterministically from ``seed`` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -139,23 +155,42 @@ def choose_queries(y: Tensor, pred: Tensor, n: int) -> list[int]:
 
 def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "demo", parents=parents, help="train a LeNet on the bundled digits, attribute its test predictions, write a report",
+        "demo",
+        parents=parents,
+        help="train a LeNet on the bundled digits, attribute its test predictions, write a report",
         description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = p.add_argument_group("data and training")
     d.add_argument("--n-train", type=int, default=1297, help="training examples (default 1297)")
-    d.add_argument("--n-test", type=int, default=500, help="test examples, all scored (default 500)")
-    d.add_argument("--label-noise", type=float, default=0.02,
-                   help="fraction of training labels flipped to show mislabel detection (default 0.02)")
+    d.add_argument(
+        "--n-test", type=int, default=500, help="test examples, all scored (default 500)"
+    )
+    d.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.02,
+        help="fraction of training labels flipped to show mislabel detection (default 0.02)",
+    )
     d.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
     d.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
     d.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    d.add_argument("--weight-decay", type=float, default=1e-3,
-                   help="L2 coefficient of the training objective (default 1e-3)")
-    d.add_argument("--examples", type=int, default=3, help="test examples detailed in the table and report")
-    d.add_argument("--queries", type=int, nargs="+", default=None,
-                   help="test indices to detail (default: the first misclassified, then correct ones)")
+    d.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-3,
+        help="L2 coefficient of the training objective (default 1e-3)",
+    )
+    d.add_argument(
+        "--examples", type=int, default=3, help="test examples detailed in the table and report"
+    )
+    d.add_argument(
+        "--queries",
+        type=int,
+        nargs="+",
+        default=None,
+        help="test indices to detail (default: the first misclassified, then correct ones)",
+    )
     add_attribution_options(p, out_default="headwater-out/demo", threads_default=1)
     p.set_defaults(func=run)
     return p
@@ -165,25 +200,45 @@ def run(args: argparse.Namespace) -> int:
     check_attribution_options(args)
     for name in ("epochs", "batch_size", "examples"):
         if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')}: must be a positive integer, got {getattr(args, name)}")
+            raise UserError(
+                f"--{name.replace('_', '-')}: must be a positive integer, got {getattr(args, name)}"
+            )
     if args.lr <= 0 or args.weight_decay < 0:
         raise UserError("--lr must be > 0 and --weight-decay >= 0")
     folder = prepare_output(args.out)
     progress, timer = ProgressBars(enabled=not args.quiet), Timer()
 
     x_tr, y_clean, x_te, y_te = digits_split(args.seed, args.n_train, args.n_test)
-    pixels_tr, pixels_te = digits_pixels(args.seed, args.n_train, args.n_test)  # shown as people see them
+    pixels_tr, pixels_te = digits_pixels(
+        args.seed, args.n_train, args.n_test
+    )  # shown as people see them
     y_tr, flipped = flip_labels(y_clean, args.label_noise, args.seed)
-    log.info("digits: %d train (%d labels flipped), %d test; LeNet, %d epochs, seed %d",
-             len(y_tr), int(flipped.sum()), len(y_te), args.epochs, args.seed)
+    log.info(
+        "digits: %d train (%d labels flipped), %d test; LeNet, %d epochs, seed %d",
+        len(y_tr),
+        int(flipped.sum()),
+        len(y_te),
+        args.epochs,
+        args.seed,
+    )
     with timer("training"):
-        model = train_model(x_tr, y_tr, seed=args.seed, epochs=args.epochs, lr=args.lr,
-                            batch_size=args.batch_size, weight_decay=args.weight_decay,
-                            device=args.device, progress=progress)
+        model = train_model(
+            x_tr,
+            y_tr,
+            seed=args.seed,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            weight_decay=args.weight_decay,
+            device=args.device,
+            progress=progress,
+        )
     with torch.no_grad():
         pred = model(x_te.to(args.device)).argmax(1).cpu()
     accuracy = float((pred == y_te).float().mean())
-    log.info("test accuracy %.3f (%d parameters)", accuracy, sum(p.numel() for p in model.parameters()))
+    log.info(
+        "test accuracy %.3f (%d parameters)", accuracy, sum(p.numel() for p in model.parameters())
+    )
     store.save(folder / "model", dict(model.state_dict()), {"model": "LeNet", "accuracy": accuracy})
 
     task = ClassificationTask(weight_decay=args.weight_decay)
@@ -194,18 +249,34 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise UserError(f"--queries: test indices {bad} are outside [0, {len(y_te)})")
     result = RunResult(
-        scores=scores.values.detach().cpu(), train_labels=y_tr, query_labels=y_te, query_predictions=pred,
-        self_influence=None if scores.self_influence is None else scores.self_influence.detach().cpu(),
-        train_images=pixels_tr, query_images=pixels_te, flipped=flipped if flipped.any() else None,
-        shown=tuple(queries), settings=scores.settings,
+        scores=scores.values.detach().cpu(),
+        train_labels=y_tr,
+        query_labels=y_te,
+        query_predictions=pred,
+        self_influence=None
+        if scores.self_influence is None
+        else scores.self_influence.detach().cpu(),
+        train_images=pixels_tr,
+        query_images=pixels_te,
+        flipped=flipped if flipped.any() else None,
+        shown=tuple(queries),
+        settings=scores.settings,
     )
-    result = write_outputs(folder, "demo", args, result, timer, accuracy=accuracy, shown=list(queries))
+    result = write_outputs(
+        folder, "demo", args, result, timer, accuracy=accuracy, shown=list(queries)
+    )
     print(format_top_k_table(result, queries, args.top_k))
     if result.self_influence is not None and result.flipped is not None:
-        top = torch.argsort(result.self_influence, descending=True)[: max(2 * int(flipped.sum()), 10)]
-        print(f"self-influence: {int(flipped[top].sum())} of the {int(flipped.sum())} flipped labels are among "
-              f"the {len(top)} training examples with the largest self-influence")
-    print(f"test accuracy {accuracy:.3f}; method={args.method}, curvature={args.curvature}; "
-          f"total {sum(timer.seconds.values()):.1f} s")
+        top = torch.argsort(result.self_influence, descending=True)[
+            : max(2 * int(flipped.sum()), 10)
+        ]
+        print(
+            f"self-influence: {int(flipped[top].sum())} of the {int(flipped.sum())} flipped labels are among "
+            f"the {len(top)} training examples with the largest self-influence"
+        )
+    print(
+        f"test accuracy {accuracy:.3f}; method={args.method}, curvature={args.curvature}; "
+        f"total {sum(timer.seconds.values()):.1f} s"
+    )
     print(f"report: {folder / 'report' / 'index.html'}")
     return 0

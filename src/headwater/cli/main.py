@@ -21,7 +21,9 @@ __all__ = ["build_parser", "main"]
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
-_BUG_NOTE = "headwater: this is a bug, please report it with the traceback below (headwater {version})\n"
+_BUG_NOTE = (
+    "headwater: this is a bug, please report it with the traceback below (headwater {version})\n"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,12 +37,24 @@ class _Parser(argparse.ArgumentParser):
 def _common_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     g = flags.add_argument_group("output")
-    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars or log messages (results are still printed)")
-    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="debug log messages")
-    g.add_argument("--debug", "--traceback", dest="debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the full traceback of an error instead of one line")
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars or log messages (results are still printed)",
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug log messages"
+    )
+    g.add_argument(
+        "--debug",
+        "--traceback",
+        dest="debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error instead of one line",
+    )
     return flags
 
 
@@ -49,7 +63,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from headwater.cli import bench, demo, plan, render, score
 
     flags = _common_flags()
-    parser = _Parser(prog="headwater", description=__doc__.split("\n\n")[0].replace("``", ""), parents=[flags])
+    parser = _Parser(
+        prog="headwater", description=__doc__.split("\n\n")[0].replace("``", ""), parents=[flags]
+    )
     parser.add_argument("--version", action="version", version=f"headwater {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     commands = {}
@@ -67,8 +83,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         # everything after `bench` belongs to bench.run (argparse.REMAINDER drops leading flags)
         from headwater.cli import bench
 
-        return argparse.Namespace(command="bench", bench_args=argv[1:], func=bench.run,
-                                  quiet=False, verbose=False, debug=False)
+        return argparse.Namespace(
+            command="bench",
+            bench_args=argv[1:],
+            func=bench.run,
+            quiet=False,
+            verbose=False,
+            debug=False,
+        )
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -101,7 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("headwater: interrupted\n")
         return 130
-    except (HeadwaterError, ValueError, TypeError, OSError) as err:  # OSError: a missing file, a full disk
+    except (
+        HeadwaterError,
+        ValueError,
+        TypeError,
+        OSError,
+    ) as err:  # OSError: a missing file, a full disk
         if debug:
             raise
         logging.getLogger("headwater").debug("error", exc_info=True)

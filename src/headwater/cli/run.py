@@ -29,19 +29,33 @@ __all__ = ["attribute", "write_outputs"]
 log = logging.getLogger("headwater.cli")
 
 
-def attribute(model: nn.Module, train: DataLike, query: DataLike, task: Task | None,
-              args: argparse.Namespace, progress: ProgressBars, timer: Timer) -> Scores:
+def attribute(
+    model: nn.Module,
+    train: DataLike,
+    query: DataLike,
+    task: Task | None,
+    args: argparse.Namespace,
+    progress: ProgressBars,
+    timer: Timer,
+) -> Scores:
     """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator."""
     store = None
     if args.method == "influence":
         store = Path(args.out) / ("projected" if args.projection is not None else "curvature")
     settings = attribution_settings(args, store=store)
-    log.info("scoring with method=%s, curvature=%s (%s), damping=%s%s", args.method, args.curvature,
-             args.kind, "auto" if args.damping is None else args.damping,
-             "" if args.projection is None else f", projection={args.projection}")
+    log.info(
+        "scoring with method=%s, curvature=%s (%s), damping=%s%s",
+        args.method,
+        args.curvature,
+        args.kind,
+        "auto" if args.damping is None else args.damping,
+        "" if args.projection is None else f", projection={args.projection}",
+    )
 
     def run() -> Scores:
-        return headwater.influence(model, train, query, task=task, progress=progress, **settings.as_kwargs())
+        return headwater.influence(
+            model, train, query, task=task, progress=progress, **settings.as_kwargs()
+        )
 
     with timer("attribution"):
         try:
@@ -63,18 +77,28 @@ def _remove_stale(store: Path) -> None:
     if size == 1:
         patterns = [f"{store.name}.*", f"{store.name}-*"]
     else:
-        patterns = [f"{store.name}-*-rank{rank}of{size}.*"] + ([f"{store.name}.*"] if rank == 0 else [])
+        patterns = [f"{store.name}-*-rank{rank}of{size}.*"] + (
+            [f"{store.name}.*"] if rank == 0 else []
+        )
     for pattern in patterns:
         for stale in store.parent.glob(pattern):
             stale.unlink(missing_ok=True)
     barrier()
 
 
-def write_outputs(folder: Path, command: str, args: argparse.Namespace, result: RunResult,
-                  timer: Timer, **extra: Any) -> RunResult:
+def write_outputs(
+    folder: Path,
+    command: str,
+    args: argparse.Namespace,
+    result: RunResult,
+    timer: Timer,
+    **extra: Any,
+) -> RunResult:
     """Save results (store), the top-k CSV, the run config and (unless ``--no-report``)
     the HTML report into ``folder``; returns the result with its config attached."""
-    config = write_config(folder, command, args, settings=result.settings, timings=timer.seconds, **extra)
+    config = write_config(
+        folder, command, args, settings=result.settings, timings=timer.seconds, **extra
+    )
     result = dataclasses.replace(result, config=config, timings=dict(timer.seconds))
     with timer("save"):
         store_path = save_result(folder, result)

@@ -86,7 +86,9 @@ class Spec:
     def get(self, name: str, required: bool = True) -> Any:
         if not hasattr(self.module, name):
             if required:
-                raise UserError(f"spec: {self.ref} defines no `{name}` (needs model, train and query)")
+                raise UserError(
+                    f"spec: {self.ref} defines no `{name}` (needs model, train and query)"
+                )
             return None
         value = getattr(self.module, name)
         if inspect.isfunction(value):
@@ -95,8 +97,10 @@ class Spec:
             except (UserError, KeyboardInterrupt):
                 raise
             except Exception as err:
-                raise UserError(f"spec: {self.ref}: `{name}()` raised {type(err).__name__}: "
-                                f"{err} (rerun with --debug)") from err
+                raise UserError(
+                    f"spec: {self.ref}: `{name}()` raised {type(err).__name__}: "
+                    f"{err} (rerun with --debug)"
+                ) from err
         return value
 
 
@@ -116,7 +120,9 @@ def load_spec(ref: str) -> Spec:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as err:
-            raise UserError(f"spec: {ref} failed: {type(err).__name__}: {err} (rerun with --debug)") from err
+            raise UserError(
+                f"spec: {ref} failed: {type(err).__name__}: {err} (rerun with --debug)"
+            ) from err
         return Spec(ref, module)
     try:
         module = importlib.import_module(ref)
@@ -125,8 +131,9 @@ def load_spec(ref: str) -> Spec:
             raise UserError(f"spec: no file or module named {ref!r}") from err
         raise UserError(f"spec: importing {ref} failed: {err} (rerun with --debug)") from err
     except Exception as err:
-        raise UserError(f"spec: importing {ref} failed: {type(err).__name__}: {err} "
-                        "(rerun with --debug)") from err
+        raise UserError(
+            f"spec: importing {ref} failed: {type(err).__name__}: {err} (rerun with --debug)"
+        ) from err
     return Spec(ref, module)
 
 
@@ -136,12 +143,18 @@ def _images(inputs: Any, image_shape: Any, display: Any = None) -> Tensor | None
     they are (reshaped to ``image_shape``)."""
     if display is not None:
         if not callable(display):
-            raise UserError(f"spec: `display` must be a function inputs -> images, got {type(display).__name__}")
+            raise UserError(
+                f"spec: `display` must be a function inputs -> images, got {type(display).__name__}"
+            )
         images = torch.as_tensor(display(inputs)).detach().cpu()
         n = _rows(inputs)
-        if images.shape[0] != n or not (images.dim() == 3 or (images.dim() == 4 and images.shape[-1] == 3)):
-            raise UserError(f"spec: `display` must return images [{n}, H, W] or [{n}, H, W, 3], got "
-                            f"{tuple(images.shape)}")
+        if images.shape[0] != n or not (
+            images.dim() == 3 or (images.dim() == 4 and images.shape[-1] == 3)
+        ):
+            raise UserError(
+                f"spec: `display` must return images [{n}, H, W] or [{n}, H, W, 3], got "
+                f"{tuple(images.shape)}"
+            )
         return images.float()
     if not isinstance(inputs, Tensor):
         return None
@@ -149,7 +162,9 @@ def _images(inputs: Any, image_shape: Any, display: Any = None) -> Tensor | None
     if image_shape is not None:
         shape = tuple(int(s) for s in image_shape)
         if len(shape) != 2 or math.prod(shape) != inputs[0].numel():
-            raise UserError(f"spec: image_shape {shape} does not match inputs of shape {tuple(inputs.shape[1:])}")
+            raise UserError(
+                f"spec: image_shape {shape} does not match inputs of shape {tuple(inputs.shape[1:])}"
+            )
         return inputs.reshape(inputs.shape[0], *shape).float()
     if inputs.dim() == 4 and inputs.shape[1] == 1:
         return inputs[:, 0].float()
@@ -179,17 +194,27 @@ def _predictions(model: nn.Module, task: Task, query: Any, device: str) -> Tenso
 
 def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "score", parents=parents,
+        "score",
+        parents=parents,
         help="attribute your own model: scores, top-k CSV and report from a Python spec",
-        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", help="a spec file (path/to/spec.py) or module (package.module)")
-    p.add_argument("--queries", type=int, nargs="+", default=None,
-                   help="query indices detailed in the printed table and report (default: the first 3)")
-    p.add_argument("--distributed", action="store_true",
-                   help="run under torchrun: initialise torch.distributed from its environment (gloo on "
-                        "CPU, nccl with --device cuda, one GPU per rank); the training data is split "
-                        "between the ranks and rank 0 writes the outputs")
+    p.add_argument(
+        "--queries",
+        type=int,
+        nargs="+",
+        default=None,
+        help="query indices detailed in the printed table and report (default: the first 3)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run under torchrun: initialise torch.distributed from its environment (gloo on "
+        "CPU, nccl with --device cuda, one GPU per rank); the training data is split "
+        "between the ranks and rank 0 writes the outputs",
+    )
     add_attribution_options(p, out_default=None)
     p.set_defaults(func=run)
     return p
@@ -199,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.distributed:
         return _run(args)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise UserError("--distributed: RANK/WORLD_SIZE are not set; start the command with torchrun "
-                        "(e.g. torchrun --standalone --nproc_per_node=2 -m headwater score SPEC --distributed)")
+        raise UserError(
+            "--distributed: RANK/WORLD_SIZE are not set; start the command with torchrun "
+            "(e.g. torchrun --standalone --nproc_per_node=2 -m headwater score SPEC --distributed)"
+        )
     check_device(args.device)
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -236,15 +263,29 @@ def _run(args: argparse.Namespace) -> int:
     n_train, n_query = y_train.shape[0], y_query.shape[0]
     n_scores = n_query * n_train
     if n_scores > _MAX_SCORES:
-        raise UserError(f"query: {n_query} x {n_train} scores do not fit in memory; "
-                        "score fewer queries per run")
+        raise UserError(
+            f"query: {n_query} x {n_train} scores do not fit in memory; score fewer queries per run"
+        )
     task = task or default_task(y_train)
-    for name, data, objective in (("train", train, Objective.TRAIN), ("query", query, Objective.MEASUREMENT)):
-        check_batch(model, task, prepare_batch(next(iter_batches(data, 2, name)), _first_param(model, task)),
-                    name, objective)  # fail fast, before any long step
-    log.info("spec %s: %s with %d analysed parameters; %d train, %d query examples", args.spec,
-             type(model).__name__, sum(p.numel() for p in task.parameters(model).values()),
-             n_train, n_query)
+    for name, data, objective in (
+        ("train", train, Objective.TRAIN),
+        ("query", query, Objective.MEASUREMENT),
+    ):
+        check_batch(
+            model,
+            task,
+            prepare_batch(next(iter_batches(data, 2, name)), _first_param(model, task)),
+            name,
+            objective,
+        )  # fail fast, before any long step
+    log.info(
+        "spec %s: %s with %d analysed parameters; %d train, %d query examples",
+        args.spec,
+        type(model).__name__,
+        sum(p.numel() for p in task.parameters(model).values()),
+        n_train,
+        n_query,
+    )
 
     scores = attribute(model, train, query, task, args, progress, timer)
     if world()[0] != 0:  # every rank holds the same scores; rank 0 writes them
@@ -257,15 +298,24 @@ def _run(args: argparse.Namespace) -> int:
     class_names = spec.get("class_names", required=False) or ()
     display = getattr(spec.module, "display", None)  # a function of the inputs: not called by get
     result = RunResult(
-        scores=scores.values.detach().cpu(), train_labels=y_train.cpu(), query_labels=y_query.cpu(),
+        scores=scores.values.detach().cpu(),
+        train_labels=y_train.cpu(),
+        query_labels=y_query.cpu(),
         query_predictions=_predictions(model, task, query, args.device),
-        self_influence=None if scores.self_influence is None else scores.self_influence.detach().cpu(),
-        train_images=_images(x_train, image_shape, display), query_images=_images(x_query, image_shape, display),
-        shown=tuple(queries), settings=scores.settings, class_names=tuple(str(c) for c in class_names),
+        self_influence=None
+        if scores.self_influence is None
+        else scores.self_influence.detach().cpu(),
+        train_images=_images(x_train, image_shape, display),
+        query_images=_images(x_query, image_shape, display),
+        shown=tuple(queries),
+        settings=scores.settings,
+        class_names=tuple(str(c) for c in class_names),
     )
     write_outputs(folder, "score", args, result, timer, spec=str(args.spec))
     print(format_top_k_table(result, queries, args.top_k))
-    print(f"scores: {folder / 'results.safetensors'}  top-{args.top_k} per query: {folder / 'top_k.csv'}")
+    print(
+        f"scores: {folder / 'results.safetensors'}  top-{args.top_k} per query: {folder / 'top_k.csv'}"
+    )
     if args.report:
         print(f"report: {folder / 'report' / 'index.html'}")
     return 0

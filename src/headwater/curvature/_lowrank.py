@@ -119,8 +119,12 @@ class LowRankCurvature(Curvature):
         self.rank, self.residual, self.seed, self.trace_probes = rank, residual, seed, trace_probes
         for arg, given in (("n_iter", n_iter is not None), ("oversample", oversample != 10)):
             if given and arg != self.option:
-                raise ValueError(f"{arg}: not a setting of {type(self).__name__} (its own is {self.option!r})")
-        if n_iter is not None and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < rank):
+                raise ValueError(
+                    f"{arg}: not a setting of {type(self).__name__} (its own is {self.option!r})"
+                )
+        if n_iter is not None and (
+            isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < rank
+        ):
             raise ValueError(f"n_iter: must be an integer >= rank ({rank}), got {n_iter!r}")
         if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
             raise ValueError(f"oversample: must be an integer >= 0, got {oversample!r}")
@@ -130,14 +134,19 @@ class LowRankCurvature(Curvature):
         """The Krylov steps for an operator of size ``dim``: ``n_iter`` or ``min(dim, 2·rank)``."""
         n_iter = min(dim, 2 * self.rank) if self.n_iter is None else self.n_iter
         if n_iter > dim:
-            raise ValueError(f"n_iter: must be <= the number of analysed parameters ({dim}), got {n_iter}")
+            raise ValueError(
+                f"n_iter: must be <= the number of analysed parameters ({dim}), got {n_iter}"
+            )
         return n_iter
 
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory:
         """stored 8·rank·P; working + 8·n_iter·P (Krylov basis)"""
-        return Memory(8 * size.rank * size.num_params, 8 * size.n_iter * size.num_params,
-                      f"rank {size.rank}, {size.n_iter} iterations")
+        return Memory(
+            8 * size.rank * size.num_params,
+            8 * size.n_iter * size.num_params,
+            f"rank {size.rank}, {size.n_iter} iterations",
+        )
 
     @classmethod
     def _state_type(cls) -> type:

@@ -137,11 +137,20 @@ class BoundOperator:
         ref = next(iter(task.parameters(model).values()))
         self.dtype, self.device = ref.dtype, ref.device
 
-    def default_damping(self, *, probes: int, seed: int, progress: ProgressFn | None = None) -> float:
+    def default_damping(
+        self, *, probes: int, seed: int, progress: ProgressFn | None = None
+    ) -> float:
         """The library's default damping, from a Hutchinson estimate of ``trace(M)/P``."""
         p = self.layout.num_params
-        trace = hutchinson_trace(self.matvec, p, probes=probes, seed=seed, dtype=self.dtype, device=self.device,
-                                 progress=progress)
+        trace = hutchinson_trace(
+            self.matvec,
+            p,
+            probes=probes,
+            seed=seed,
+            dtype=self.dtype,
+            device=self.device,
+            progress=progress,
+        )
         return default_damping(trace / p)
 
     def on(self, data: DataLike) -> MatVec:

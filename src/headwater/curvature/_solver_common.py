@@ -9,8 +9,19 @@ from torch import Tensor
 
 from headwater.errors import NumericalError
 
-__all__ = ["BREAKDOWN_TOL", "DGKS", "LISSA_BLOWUP", "MatVec", "StepMatVec", "apply", "check_batch", "check_int",
-           "check_real", "resolve", "start_vector"]
+__all__ = [
+    "BREAKDOWN_TOL",
+    "DGKS",
+    "LISSA_BLOWUP",
+    "MatVec",
+    "StepMatVec",
+    "apply",
+    "check_batch",
+    "check_int",
+    "check_real",
+    "resolve",
+    "start_vector",
+]
 
 MatVec = Callable[[Tensor], Tensor]
 """``matvec(V [K, P]) -> A V [K, P]``: a symmetric operator applied to each row."""
@@ -20,7 +31,7 @@ StepMatVec = Callable[[Tensor, int], Tensor]
 
 BREAKDOWN_TOL = 1e-12  # Krylov breakdown: |residual| <= this * |A| estimate
 LISSA_BLOWUP = 1e6  # LiSSA divergence: |x_t| > this * |b|
-DGKS = 0.5 ** 0.5  # reorthogonalise again when a pass leaves less than this share of |w|
+DGKS = 0.5**0.5  # reorthogonalise again when a pass leaves less than this share of |w|
 
 
 # ----------------------------------------------------------------------------- validation
@@ -79,7 +90,8 @@ def apply(matvec: Callable[..., Tensor], V: Tensor, where: str, *extra: int) -> 
     if not torch.isfinite(out).all():
         raise NumericalError(
             f"`matvec` returned NaN or inf ({where}): the operator is not finite; check the "
-            "model's loss and parameters for NaN/inf, or use a wider `dtype`", non_finite=True
+            "model's loss and parameters for NaN/inf, or use a wider `dtype`",
+            non_finite=True,
         )
     return out
 

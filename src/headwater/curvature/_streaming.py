@@ -38,7 +38,11 @@ class Preconditioner(str, Enum):
     DIAGONAL = "diagonal"
 
 
-_PRECONDITIONERS = {Preconditioner.EKFAC: EKFAC, Preconditioner.KFAC: KFAC, Preconditioner.DIAGONAL: Diagonal}
+_PRECONDITIONERS = {
+    Preconditioner.EKFAC: EKFAC,
+    Preconditioner.KFAC: KFAC,
+    Preconditioner.DIAGONAL: Diagonal,
+}
 """Curvature classes CG and LiSSA can be preconditioned with (a Nyström one is fitted by CG)."""
 
 
@@ -79,8 +83,16 @@ class StreamingCurvature(Curvature):
 
     solve_streams_data = True
 
-    def __init__(self, *, kind: MatrixKind | str, damping: float | None, chunk_size: int,
-                 preconditioner: Preconditioner | str, seed: int, trace_probes: int):
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str,
+        damping: float | None,
+        chunk_size: int,
+        preconditioner: Preconditioner | str,
+        seed: int,
+        trace_probes: int,
+    ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
         for arg, value, low in (("seed", seed, 0), ("trace_probes", trace_probes, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -103,22 +115,34 @@ class StreamingCurvature(Curvature):
         self._precondition = None
         return self._operator
 
-    def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
-            progress: ProgressFn | None = None) -> _Self:
+    def fit(
+        self: _Self,
+        model: nn.Module,
+        task: Task,
+        data: DataLike,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> _Self:
         """As :meth:`Curvature.fit`; ``progress`` also hears every later solve's iterations."""
         self.progress = progress
         return super().fit(model, task, data, progress=progress)
 
-    def _attach_damped(self, model: nn.Module, task: Task, data: DataLike) -> tuple[BoundOperator, float]:
+    def _attach_damped(
+        self, model: nn.Module, task: Task, data: DataLike
+    ) -> tuple[BoundOperator, float]:
         """:meth:`_attach`, and the damping: the set one or the default from a Hutchinson
         trace (``trace_probes`` probes, ``seed + 1``)."""
         op = self._attach(model, task, data)
         damping = self.damping
         if damping is None:
-            damping = op.default_damping(probes=self.trace_probes, seed=self.seed + 1, progress=self.progress)
+            damping = op.default_damping(
+                probes=self.trace_probes, seed=self.seed + 1, progress=self.progress
+            )
         return op, damping
 
-    def _attach_preconditioner(self, model: nn.Module, task: Task, data: DataLike, damping: float) -> None:
+    def _attach_preconditioner(
+        self, model: nn.Module, task: Task, data: DataLike, damping: float
+    ) -> None:
         """Fit an EK-FAC, K-FAC or diagonal preconditioner with ``damping`` (a Nyström one is
         part of the fitted state instead)."""
         if self.preconditioner not in (Preconditioner.NONE, Preconditioner.NYSTROM):

@@ -32,7 +32,14 @@ from headwater.gradients.per_example import per_example_gradients
 from headwater.progress import ProgressFn
 from headwater.task import Task
 
-__all__ = ["DEFAULT_RELATIVE_DAMPING", "Curvature", "Memory", "ProblemSize", "check_damping", "default_damping"]
+__all__ = [
+    "DEFAULT_RELATIVE_DAMPING",
+    "Curvature",
+    "Memory",
+    "ProblemSize",
+    "check_damping",
+    "default_damping",
+]
 
 
 def default_damping(mean_eigenvalue: float) -> float:
@@ -101,18 +108,22 @@ class Memory:
 _Self = TypeVar("_Self", bound="Curvature")
 
 
-def _diagnose(model: nn.Module, task: Task, data: DataLike, chunk_size: int, err: Exception) -> None:
+def _diagnose(
+    model: nn.Module, task: Task, data: DataLike, chunk_size: int, err: Exception
+) -> None:
     """After a failed fit: one pass over the per-example gradients, raising the error that
     names a non-finite example; else, for a non-finite fit, a :class:`NonFiniteError`
     saying so. Returns for other failures."""
     for _ in per_example_gradients(model, task, data, chunk_size=chunk_size, name="train"):
         pass
-    if isinstance(err, NonFiniteError | torch.linalg.LinAlgError | np.linalg.LinAlgError) \
-            or getattr(err, "non_finite", False):
-        raise NonFiniteError(f"train: the fitted curvature is not finite ({' '.join(str(err).split())}) although "
-                             "every per-example gradient is; likely cause: extreme values in the training inputs "
-                             "(whose squares overflow) or in the model's parameters: rescale them or use float64"
-                             ) from err
+    if isinstance(
+        err, NonFiniteError | torch.linalg.LinAlgError | np.linalg.LinAlgError
+    ) or getattr(err, "non_finite", False):
+        raise NonFiniteError(
+            f"train: the fitted curvature is not finite ({' '.join(str(err).split())}) although "
+            "every per-example gradient is; likely cause: extreme values in the training inputs "
+            "(whose squares overflow) or in the model's parameters: rescale them or use float64"
+        ) from err
 
 
 def _finite_state(name: str, state: Any) -> Any:
@@ -123,8 +134,11 @@ def _finite_state(name: str, state: Any) -> Any:
     for field in dataclasses.fields(state):
         value = getattr(state, field.name)
         parts = value.values() if isinstance(value, dict) else [value]
-        if any((isinstance(t, Tensor) and not bool(t.isfinite().all()))
-               or (field.name == "damping" and isinstance(t, float) and not math.isfinite(t)) for t in parts):
+        if any(
+            (isinstance(t, Tensor) and not bool(t.isfinite().all()))
+            or (field.name == "damping" and isinstance(t, float) and not math.isfinite(t))
+            for t in parts
+        ):
             raise NonFiniteError(f"curvature: the fitted {name} `{field.name}` holds NaN/inf")
     return state
 
@@ -154,14 +168,23 @@ class Curvature(ABC):
     ``solve_blocks({module: [B, out, width]})`` (K-FAC, EK-FAC): estimators may score
     from per-layer features instead of flat gradients."""
 
-    def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
-                 chunk_size: int = 64):
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        chunk_size: int = 64,
+    ):
         try:
             self.kind = MatrixKind(kind)
         except ValueError as err:
-            raise ValueError(f"kind: expected one of {[k.value for k in MatrixKind]}, got {kind!r}") from err
+            raise ValueError(
+                f"kind: expected one of {[k.value for k in MatrixKind]}, got {kind!r}"
+            ) from err
         if self.kind not in self.kinds:
-            raise ValueError(f"kind: {type(self).__name__} supports {[k.value for k in self.kinds]}, got {kind!r}")
+            raise ValueError(
+                f"kind: {type(self).__name__} supports {[k.value for k in self.kinds]}, got {kind!r}"
+            )
         self.damping = check_damping(damping)
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
@@ -183,24 +206,42 @@ class Curvature(ABC):
         return None
 
     # -- fitting -------------------------------------------------------------------
-    def fit(self: _Self, model: nn.Module, task: Task, data: DataLike, *,
-            progress: ProgressFn | None = None) -> _Self:
+    def fit(
+        self: _Self,
+        model: nn.Module,
+        task: Task,
+        data: DataLike,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> _Self:
         """Fit to ``model`` on ``data``; returns ``self``. The model is left unchanged."""
         self.n_examples = num_examples(data, "train")
         self.layout = ParamLayout.of(task.parameters(model))
         try:
             self.state = _finite_state(self.name, self._fit(model, task, data, progress))
-        except (RuntimeError, NonFiniteError, np.linalg.LinAlgError) as err:  # name the examples behind it
+        except (
+            RuntimeError,
+            NonFiniteError,
+            np.linalg.LinAlgError,
+        ) as err:  # name the examples behind it
             _diagnose(model, task, data, self.chunk_size, err)
             raise
         return self
 
     @abstractmethod
-    def _fit(self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None) -> Any:
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> Any:
         """Compute the frozen state record."""
 
-    def with_damping(self: _Self, damping: float, *, model: nn.Module | None = None, task: Task | None = None,
-                     data: DataLike | None = None) -> _Self:
+    def with_damping(
+        self: _Self,
+        damping: float,
+        *,
+        model: nn.Module | None = None,
+        task: Task | None = None,
+        data: DataLike | None = None,
+    ) -> _Self:
         """A fitted copy with damping λ = ``damping`` (``self`` is unchanged).
 
         Where the state depends on λ only through its value (``damping_in_state_only``)
@@ -221,8 +262,10 @@ class Curvature(ABC):
             twin.state = dataclasses.replace(self.state, damping=float(damping))
             return twin
         if model is None or task is None or data is None:
-            raise ValueError(f"data: {type(self).__name__} refits to change its damping; pass model, task and "
-                             "data to with_damping")
+            raise ValueError(
+                f"data: {type(self).__name__} refits to change its damping; pass model, task and "
+                "data to with_damping"
+            )
         return twin.fit(model, task, data)
 
     # -- reading -------------------------------------------------------------------
@@ -251,7 +294,9 @@ class Curvature(ABC):
 
     def _check_fitted(self) -> None:
         if self.state is None:
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, task, data) first")
+            raise RuntimeError(
+                f"{type(self).__name__} is not fitted: call .fit(model, task, data) first"
+            )
 
     def _apply(self, v: Tensor, fn) -> Tensor:
         self._check_fitted()
@@ -266,8 +311,12 @@ class Curvature(ABC):
     # -- persistence ---------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """Everything that determines the fitted state (compared when loading)."""
-        return {"curvature": self.name, "kind": self.kind.value, "damping": self.damping,
-                "chunk_size": self.chunk_size}
+        return {
+            "curvature": self.name,
+            "kind": self.kind.value,
+            "damping": self.damping,
+            "chunk_size": self.chunk_size,
+        }
 
     def save(self, path: str | os.PathLike, *, context: dict[str, Any] | None = None) -> None:
         """Write the fitted state through :mod:`headwater.store`; ``context`` (JSON) is
@@ -281,12 +330,24 @@ class Curvature(ABC):
                 tensors.update({f"{field.name}/{k}": t for k, t in value.items()})
             else:
                 (tensors if isinstance(value, Tensor) else scalars)[field.name] = value
-        meta = {**self.settings(), "layout": self.layout.to_dict(), "n_examples": self.n_examples,
-                "state": scalars, "tensor_dicts": groups, "context": context}
+        meta = {
+            **self.settings(),
+            "layout": self.layout.to_dict(),
+            "n_examples": self.n_examples,
+            "state": scalars,
+            "tensor_dicts": groups,
+            "context": context,
+        }
         store.save(path, tensors, meta)
 
-    def load(self: _Self, path: str | os.PathLike, *, layout: ParamLayout | None = None,
-             device: str | torch.device = "cpu", context: dict[str, Any] | None = None) -> _Self:
+    def load(
+        self: _Self,
+        path: str | os.PathLike,
+        *,
+        layout: ParamLayout | None = None,
+        device: str | torch.device = "cpu",
+        context: dict[str, Any] | None = None,
+    ) -> _Self:
         """Read a state saved with the same settings (and parameter layout and ``context``,
         if given; else ``StoreMismatchError``)."""
         device = check_device(device)
@@ -296,8 +357,9 @@ class Curvature(ABC):
         if context is not None:
             expect["context"] = context
         tensors, meta = store.load(path, expect=expect, device=device)
-        self.layout = ParamLayout(tuple(meta["layout"]["names"]),
-                                  tuple(tuple(s) for s in meta["layout"]["shapes"]))
+        self.layout = ParamLayout(
+            tuple(meta["layout"]["names"]), tuple(tuple(s) for s in meta["layout"]["shapes"])
+        )
         self.n_examples = int(meta["n_examples"])
         groups: dict[str, dict[str, Tensor]] = {g: {} for g in meta.get("tensor_dicts", [])}
         plain = {}

@@ -99,8 +99,11 @@ class CG(StreamingCurvature):
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory:
         """working: 5 vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)"""
-        return Memory(0, 5 * size.rhs * size.num_params * size.itemsize + size.linearisations,
-                      "2 passes over the data per iteration")
+        return Memory(
+            0,
+            5 * size.rhs * size.num_params * size.itemsize + size.linearisations,
+            "2 passes over the data per iteration",
+        )
 
     def __init__(
         self,
@@ -119,8 +122,14 @@ class CG(StreamingCurvature):
     ):
         if preconditioner is None:
             preconditioner = Preconditioner.NYSTROM if preconditioner_rank else Preconditioner.EKFAC
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner,
-                         seed=seed, trace_probes=trace_probes)
+        super().__init__(
+            kind=kind,
+            damping=damping,
+            chunk_size=chunk_size,
+            preconditioner=preconditioner,
+            seed=seed,
+            trace_probes=trace_probes,
+        )
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
         for arg, value, low in (
@@ -223,7 +232,9 @@ class CG(StreamingCurvature):
         if worst <= self.tol or self.tol <= 0:
             total = iteration
         elif 0 < worst < 1:
-            total = min(cap, max(iteration, math.ceil(iteration * math.log(self.tol) / math.log(worst))))
+            total = min(
+                cap, max(iteration, math.ceil(iteration * math.log(self.tol) / math.log(worst)))
+            )
         else:
             total = cap
         report(self.progress, "CG iterations", iteration, total)

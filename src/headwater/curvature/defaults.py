@@ -25,8 +25,13 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["DEFAULT_RELATIVE_DAMPING", "FACTORED_RELATIVE_DAMPING", "LOWRANK_RELATIVE_DAMPING",
-           "DampingScale", "default_damping"]
+__all__ = [
+    "DEFAULT_RELATIVE_DAMPING",
+    "FACTORED_RELATIVE_DAMPING",
+    "LOWRANK_RELATIVE_DAMPING",
+    "DampingScale",
+    "default_damping",
+]
 
 DEFAULT_RELATIVE_DAMPING = 3.0
 """``"full"`` factor: damping = this × the mean eigenvalue ``trace(M)/P``."""
@@ -46,12 +51,16 @@ class DampingScale(str, Enum):
     FACTORED = "factored"  # the block's mean eigenvalue (without the weight decay)
 
 
-_FACTORS = {DampingScale.FULL: DEFAULT_RELATIVE_DAMPING, DampingScale.LOWRANK: LOWRANK_RELATIVE_DAMPING,
-            DampingScale.FACTORED: FACTORED_RELATIVE_DAMPING}
+_FACTORS = {
+    DampingScale.FULL: DEFAULT_RELATIVE_DAMPING,
+    DampingScale.LOWRANK: LOWRANK_RELATIVE_DAMPING,
+    DampingScale.FACTORED: FACTORED_RELATIVE_DAMPING,
+}
 
 
-def default_damping(scale: float, kind: DampingScale | str = DampingScale.FULL,
-                    factor: float | None = None) -> float:
+def default_damping(
+    scale: float, kind: DampingScale | str = DampingScale.FULL, factor: float | None = None
+) -> float:
     """The default damping ``factor × max(scale, 0)``; ``factor`` defaults to the kind's
     (see the module docs)."""
     factor = _FACTORS[DampingScale(kind)] if factor is None else factor

@@ -220,12 +220,19 @@ def _ef_diagonal(
 ) -> Tensor:
     """``(1/n) Σ_i g_i² + λ_wd`` (squared per-example gradients), streamed over ``data``."""
     ref = next(iter(task.parameters(model).values()))
-    total = torch.zeros(ParamLayout.of(task.parameters(model)).num_params, dtype=ref.dtype,
-                        device=ref.device)
+    total = torch.zeros(
+        ParamLayout.of(task.parameters(model)).num_params, dtype=ref.dtype, device=ref.device
+    )
     start, stop = shard_range(n)
     if stop > start:
-        for g in per_example_gradients(model, task, shard(data, "train"), chunk_size=chunk_size,
-                                       name="train", progress=progress):
+        for g in per_example_gradients(
+            model,
+            task,
+            shard(data, "train"),
+            chunk_size=chunk_size,
+            name="train",
+            progress=progress,
+        ):
             total += g.pow(2).sum(0)
     all_reduce_sum_(total)  # Σ over every rank's shard
     return total / n + task.weight_decay

@@ -23,7 +23,15 @@ from headwater.curvature._solver_common import (
     start_vector,
 )
 
-__all__ = ["ArnoldiInfo", "LanczosInfo", "arnoldi", "lanczos", "lowrank_solve", "nystrom", "nystrom_preconditioner"]
+__all__ = [
+    "ArnoldiInfo",
+    "LanczosInfo",
+    "arnoldi",
+    "lanczos",
+    "lowrank_solve",
+    "nystrom",
+    "nystrom_preconditioner",
+]
 
 
 # ----------------------------------------------------------------------------- diagnostics

@@ -69,8 +69,15 @@ class Exact(Curvature):
         p = size.num_params
         return Memory(8 * (p * p + p), 8 * p * p)
 
-    def __init__(self, *, kind="ggn", damping=None, chunk_size=64, max_params: int | None = None,
-                 solver: str = "eigh"):
+    def __init__(
+        self,
+        *,
+        kind="ggn",
+        damping=None,
+        chunk_size=64,
+        max_params: int | None = None,
+        solver: str = "eigh",
+    ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
         if solver not in ("eigh", "cholesky"):
             raise ValueError(f"solver: expected 'eigh' or 'cholesky', got {solver!r}")
@@ -85,7 +92,9 @@ class Exact(Curvature):
     def _state_type(cls) -> type:
         return ExactState
 
-    def _fit(self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None) -> ExactState:
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> ExactState:
         p = self.layout.num_params
         if p > self.max_params:
             gib = _MATRICES_HELD * 8 * p * p / 2**30
@@ -95,18 +104,25 @@ class Exact(Curvature):
                 f"'cg', 'lissa', 'arnoldi', 'lanczos', 'nystrom', 'diagonal' or 'identity', or "
                 f"select fewer modules (Task(modules=...))."
             )
-        matrix = dense_curvature(model, task, data, self.kind, chunk_size=self.chunk_size,
-                                 progress=progress).to(torch.float64)
+        matrix = dense_curvature(
+            model, task, data, self.kind, chunk_size=self.chunk_size, progress=progress
+        ).to(torch.float64)
         damping = self.damping
         if damping is None:
-            damping = default_damping(float(matrix.diagonal().mean()))  # trace(M)/P: the mean eigenvalue
+            damping = default_damping(
+                float(matrix.diagonal().mean())
+            )  # trace(M)/P: the mean eigenvalue
         if self.solver == "cholesky":
             matrix.diagonal().add_(damping)
             factor, info = torch.linalg.cholesky_ex(matrix)
             if int(info) == 0:
                 return ExactState(matrix.new_empty(0), factor.contiguous(), float(damping))
-            warnings.warn(f"curvature='exact' ({self.kind.value}): the damped matrix is not positive "
-                          "definite; falling back to the eigendecomposition.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"curvature='exact' ({self.kind.value}): the damped matrix is not positive "
+                "definite; falling back to the eigendecomposition.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             matrix.diagonal().sub_(damping)
         eigvals, eigvecs = torch.linalg.eigh(matrix)
         if float(eigvals[0]) + damping <= 0:
@@ -123,7 +139,11 @@ class Exact(Curvature):
         s = self.state
         if s.eigvals.numel() == 0:  # Cholesky factor L of M + λI
             rhs = v.to(torch.float64).T  # [P, K]
-            out = torch.cholesky_solve(rhs, s.eigvecs) if power < 0 else s.eigvecs @ (s.eigvecs.T @ rhs)
+            out = (
+                torch.cholesky_solve(rhs, s.eigvecs)
+                if power < 0
+                else s.eigvecs @ (s.eigvecs.T @ rhs)
+            )
             return out.T.to(v.dtype)
         coeff = (v.to(torch.float64) @ s.eigvecs) * (s.eigvals + s.damping) ** power
         return (coeff @ s.eigvecs.T).to(v.dtype)
@@ -140,6 +160,7 @@ class Exact(Curvature):
     def eigen(self) -> tuple[Tensor, Tensor]:
         self._check_fitted()
         if self.state.eigvals.numel() == 0:
-            raise NotImplementedError("Exact(solver='cholesky') keeps no eigendecomposition; "
-                                      "use solver='eigh'")
+            raise NotImplementedError(
+                "Exact(solver='cholesky') keeps no eigendecomposition; use solver='eigh'"
+            )
         return self.state.eigvals.flip(0), self.state.eigvecs.T.flip(0)

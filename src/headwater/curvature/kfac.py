@@ -91,8 +91,15 @@ from headwater.gradients.per_example import check_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task, sample_per_example
 
-__all__ = ["EKFAC", "EXACT_MAX_OUTPUTS", "KFAC", "GGNEstimator", "KroneckerCurvature", "KroneckerState",
-           "output_cotangents"]
+__all__ = [
+    "EKFAC",
+    "EXACT_MAX_OUTPUTS",
+    "KFAC",
+    "GGNEstimator",
+    "KroneckerCurvature",
+    "KroneckerState",
+    "output_cotangents",
+]
 
 EXACT_MAX_OUTPUTS = 64
 """``ggn_estimator="auto"`` is ``"exact"`` up to this many model outputs per example."""
@@ -140,9 +147,17 @@ class KroneckerState:
         return torch.outer(self.eigvals_s[module], self.eigvals_a[module])
 
 
-def output_cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixKind,
-                      estimator: GGNEstimator, seed: int, first: int, mc_samples: int, skip: int = 0
-                      ) -> tuple[float, Tensor]:
+def output_cotangents(
+    task: Task,
+    output: Tensor,
+    targets: Tensor,
+    kind: MatrixKind,
+    estimator: GGNEstimator,
+    seed: int,
+    first: int,
+    mc_samples: int,
+    skip: int = 0,
+) -> tuple[float, Tensor]:
     """Weight ``w`` and output cotangents ``c [K, *output.shape]``: the signals are
     ``s_k = J_zᵀ c_k`` and the curvature block is ``w Σ_k`` of their products.
     Sampled targets are drawn per example (``seed`` and its global index, the chunk's
@@ -150,8 +165,13 @@ def output_cotangents(task: Task, output: Tensor, targets: Tensor, kind: MatrixK
     draws of each example are passed over (a later pass takes fresh draws)."""
     out = output.detach()
     if kind is MatrixKind.EF or estimator is GGNEstimator.SAMPLED:
-        draws = [targets] if kind is MatrixKind.EF else sample_per_example(
-            task, out, targets, seed=seed, first=first, draws=skip + mc_samples)[skip:]
+        draws = (
+            [targets]
+            if kind is MatrixKind.EF
+            else sample_per_example(
+                task, out, targets, seed=seed, first=first, draws=skip + mc_samples
+            )[skip:]
+        )
         cots = []
         for y in draws:
             o = out.clone().requires_grad_(True)
@@ -221,25 +241,40 @@ class KroneckerCurvature(Curvature):
     block_features = True
     corrected: ClassVar[bool]
 
-    def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
-                 chunk_size: int = 64, relative_damping: float = FACTORED_RELATIVE_DAMPING,
-                 ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1,
-                 seed: int = 0, factor_dtype: str | None = None):
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        chunk_size: int = 64,
+        relative_damping: float = FACTORED_RELATIVE_DAMPING,
+        ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO,
+        mc_samples: int = 1,
+        seed: int = 0,
+        factor_dtype: str | None = None,
+    ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
         if not isinstance(relative_damping, int | float) or not relative_damping >= 0:
             raise ValueError(f"relative_damping: must be a float >= 0, got {relative_damping!r}")
         try:
             self.ggn_estimator = GGNEstimator(ggn_estimator)
         except ValueError as err:
-            raise ValueError(f"ggn_estimator: expected 'auto', 'exact' or 'sampled', "
-                             f"got {ggn_estimator!r}") from err
+            raise ValueError(
+                f"ggn_estimator: expected 'auto', 'exact' or 'sampled', got {ggn_estimator!r}"
+            ) from err
         if not isinstance(mc_samples, int) or mc_samples <= 0:
             raise ValueError(f"mc_samples: must be a positive integer, got {mc_samples!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         if factor_dtype is not None and factor_dtype not in _DTYPES:
-            raise ValueError(f"factor_dtype: expected one of {list(_DTYPES)} or None, got {factor_dtype!r}")
-        self.relative_damping, self.mc_samples, self.seed = float(relative_damping), mc_samples, seed
+            raise ValueError(
+                f"factor_dtype: expected one of {list(_DTYPES)} or None, got {factor_dtype!r}"
+            )
+        self.relative_damping, self.mc_samples, self.seed = (
+            float(relative_damping),
+            mc_samples,
+            seed,
+        )
         self.factor_dtype = factor_dtype
 
     @classmethod
@@ -247,15 +282,25 @@ class KroneckerCurvature(Curvature):
         return KroneckerState
 
     @classmethod
-    def preconditioner(cls, kind: MatrixKind, damping: float, chunk_size: int) -> KroneckerCurvature:
+    def preconditioner(
+        cls, kind: MatrixKind, damping: float, chunk_size: int
+    ) -> KroneckerCurvature:
         """The factors of the same kind (of the GGN for ``kind="hessian"``)."""
-        return cls(kind=MatrixKind.GGN if kind is MatrixKind.HESSIAN else kind, damping=damping,
-                   chunk_size=chunk_size)
+        return cls(
+            kind=MatrixKind.GGN if kind is MatrixKind.HESSIAN else kind,
+            damping=damping,
+            chunk_size=chunk_size,
+        )
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "relative_damping": self.relative_damping,
-                "ggn_estimator": self.ggn_estimator.value, "mc_samples": self.mc_samples,
-                "seed": self.seed, "factor_dtype": self.factor_dtype}
+        return {
+            **super().settings(),
+            "relative_damping": self.relative_damping,
+            "ggn_estimator": self.ggn_estimator.value,
+            "mc_samples": self.mc_samples,
+            "seed": self.seed,
+            "factor_dtype": self.factor_dtype,
+        }
 
     @property
     def fitted_damping(self) -> float:
@@ -269,9 +314,16 @@ class KroneckerCurvature(Curvature):
         return self.state.block_list()
 
     # -- fitting ---------------------------------------------------------------------
-    def _stream(self, model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike,
-                stage: str, progress: ProgressFn | None, skip_draws: int = 0
-                ) -> Iterator[tuple[dict[str, Tensor], float, dict[str, Tensor], Tensor | None]]:
+    def _stream(
+        self,
+        model: nn.Module,
+        task: Task,
+        blocks: tuple[Block, ...],
+        data: DataLike,
+        stage: str,
+        progress: ProgressFn | None,
+        skip_draws: int = 0,
+    ) -> Iterator[tuple[dict[str, Tensor], float, dict[str, Tensor], Tensor | None]]:
         """Per chunk of this rank's shard: activations ``{module: [B, T, width]}``, the
         weight ``w``, the signals ``{module: [K, B, T, out]}`` (the block is ``w Σ_k``
         over them) and the task's attention mask ``[B, T]`` (or ``None``). Sampled
@@ -290,16 +342,31 @@ class KroneckerCurvature(Curvature):
                 with capture(model, blocks) as cap:
                     output = task.output(bind(model, live), x)
                 estimator = self.ggn_estimator.resolve(output[0].numel())
-                weight, cots = output_cotangents(task, output, y, self.kind, estimator, self.seed,
-                                                 start + done, self.mc_samples, skip_draws)
+                weight, cots = output_cotangents(
+                    task,
+                    output,
+                    y,
+                    self.kind,
+                    estimator,
+                    self.seed,
+                    start + done,
+                    self.mc_samples,
+                    skip_draws,
+                )
                 signals = {**cap.pullback(output, cots), **diagonal.pullback(x, cots)}
                 acts = {**cap.activations(), **diagonal.activations(y.shape[0], output)}
                 done += y.shape[0]
                 report(progress, stage, done, stop - start)
                 yield acts, weight, signals, task.attention_mask(x)
 
-    def _factors(self, model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike,
-                 progress: ProgressFn | None) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    def _factors(
+        self,
+        model: nn.Module,
+        task: Task,
+        blocks: tuple[Block, ...],
+        data: DataLike,
+        progress: ProgressFn | None,
+    ) -> tuple[dict[str, tuple], dict[str, tuple]]:
         """Eigendecompositions of ``A`` and ``S`` per block (``(values, vectors)``; empty
         vectors mean the identity: a diagonal factor), summed over every rank's shard."""
         ref = next(iter(task.parameters(model).values()))
@@ -308,10 +375,16 @@ class KroneckerCurvature(Curvature):
             shape = (size,) if diagonal else (size, size)
             return torch.zeros(shape, dtype=torch.float64, device=ref.device)
 
-        sums = {b.module: (zeros(b.width, b.layer != "dense"), zeros(b.out_features, b.diagonal))
-                for b in blocks}
-        positions = {b.module: torch.zeros((), dtype=torch.float64, device=ref.device) for b in blocks}
-        for acts, w, signals, mask in self._stream(model, task, blocks, data, "kfac factors", progress):
+        sums = {
+            b.module: (zeros(b.width, b.layer != "dense"), zeros(b.out_features, b.diagonal))
+            for b in blocks
+        }
+        positions = {
+            b.module: torch.zeros((), dtype=torch.float64, device=ref.device) for b in blocks
+        }
+        for acts, w, signals, mask in self._stream(
+            model, task, blocks, data, "kfac factors", progress
+        ):
             for b in blocks:
                 a = acts[b.module].double()  # [B, T, width]
                 if mask is not None and not b.diagonal and mask.shape == a.shape[:2]:
@@ -327,26 +400,47 @@ class KroneckerCurvature(Curvature):
         eig_s = {k: _eigh(s / self.n_examples) for k, (_, s) in sums.items()}
         return eig_a, eig_s
 
-    def _fit(self, model: nn.Module, task: Task, data: DataLike,
-             progress: ProgressFn | None) -> KroneckerState:
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> KroneckerState:
         params = task.parameters(model)
         blocks = find_blocks(model, params, task, data)
         ref = next(iter(params.values()))
         store = _DTYPES.get(self.factor_dtype, ref.dtype)
         eig_a, eig_s = self._factors(model, task, blocks, data, progress)
-        corrected = self._correct(model, task, blocks, data, eig_a, eig_s, progress) \
-            if self.corrected else {}
-        grids = {b.module: corrected.get(b.module, torch.outer(eig_s[b.module][0].clamp_min(0),
-                                                                 eig_a[b.module][0].clamp_min(0)))
-                 for b in blocks}
-        damping = torch.tensor([self.damping if self.damping is not None else
-                                rule(float(grids[b.module].mean()), DampingScale.FACTORED, self.relative_damping)
-                                for b in blocks],
-                               dtype=torch.float64)
-        low = min(float(g.min()) + task.weight_decay + float(d) for g, d in zip(grids.values(), damping))
+        corrected = (
+            self._correct(model, task, blocks, data, eig_a, eig_s, progress)
+            if self.corrected
+            else {}
+        )
+        grids = {
+            b.module: corrected.get(
+                b.module,
+                torch.outer(eig_s[b.module][0].clamp_min(0), eig_a[b.module][0].clamp_min(0)),
+            )
+            for b in blocks
+        }
+        damping = torch.tensor(
+            [
+                self.damping
+                if self.damping is not None
+                else rule(
+                    float(grids[b.module].mean()), DampingScale.FACTORED, self.relative_damping
+                )
+                for b in blocks
+            ],
+            dtype=torch.float64,
+        )
+        low = min(
+            float(g.min()) + task.weight_decay + float(d) for g, d in zip(grids.values(), damping)
+        )
         if low <= 0:
-            warnings.warn(f"curvature={self.name!r}: a damped eigenvalue is {low:.3g} <= 0, so the "
-                          "inverse is undefined; increase `damping`.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"curvature={self.name!r}: a damped eigenvalue is {low:.3g} <= 0, so the "
+                "inverse is undefined; increase `damping`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
         def cast(d: dict[str, Tensor]) -> dict[str, Tensor]:
             return {k: v.to(store).contiguous() for k, v in d.items()}
@@ -357,7 +451,10 @@ class KroneckerCurvature(Curvature):
             eigvecs_a=cast({k: v[1] for k, v in eig_a.items()}),
             eigvals_s=cast({k: v[0].clamp_min(0) for k, v in eig_s.items()}),
             eigvecs_s=cast({k: v[1] for k, v in eig_s.items()}),
-            corrected=cast(corrected), damping=damping, weight_decay=task.weight_decay)
+            corrected=cast(corrected),
+            damping=damping,
+            weight_decay=task.weight_decay,
+        )
 
     def _correct(self, model, task, blocks, data, eig_a, eig_s, progress) -> dict[str, Tensor]:
         """EK-FAC eigenvalues ``(1/N) Σ_n (Q_Sᵀ G_n Q_A)²`` from a second pass.
@@ -375,10 +472,15 @@ class KroneckerCurvature(Curvature):
         blocks = tuple(b for b in blocks if not b.diagonal)
         if not blocks:
             return {}
-        sums = {b.module: torch.zeros(b.out_features, b.width, dtype=torch.float64,
-                                      device=eig_a[b.module][0].device) for b in blocks}
-        for acts, w, signals, _ in self._stream(model, task, blocks, data, "ekfac correction",
-                                                progress, skip_draws=self.mc_samples):
+        sums = {
+            b.module: torch.zeros(
+                b.out_features, b.width, dtype=torch.float64, device=eig_a[b.module][0].device
+            )
+            for b in blocks
+        }
+        for acts, w, signals, _ in self._stream(
+            model, task, blocks, data, "ekfac correction", progress, skip_draws=self.mc_samples
+        ):
             for b in blocks:
                 qa, qs = eig_a[b.module][1], eig_s[b.module][1]
                 a, s = acts[b.module], signals[b.module]  # [B, T, width], [K, B, T, out]
@@ -403,15 +505,18 @@ class KroneckerCurvature(Curvature):
             dtype = torch.promote_types(v.dtype, torch.float32)
             qa = s.eigvecs_a[b.module].to(v.device, dtype)
             qs = s.eigvecs_s[b.module].to(v.device, dtype)
-            scale = (s.eigenvalues(b.module).to(v.device, dtype) + s.weight_decay + damping) ** power
+            scale = (
+                s.eigenvalues(b.module).to(v.device, dtype) + s.weight_decay + damping
+            ) ** power
             rotated = _in_basis(v.to(dtype), qs, qa) * scale  # [K, out, width]
             out[b.module] = _in_basis(rotated, qs, qa, back=True).to(v.dtype)
         return out
 
     def _flat(self, v: Tensor, power: int) -> Tensor:
         blocks = self.state.block_list()
-        return from_blocks(self.solve_blocks(to_blocks(v, blocks, self.layout), power), blocks,
-                           self.layout)
+        return from_blocks(
+            self.solve_blocks(to_blocks(v, blocks, self.layout), power), blocks, self.layout
+        )
 
     def _solve(self, v: Tensor) -> Tensor:
         return self._flat(v, -1)
@@ -431,7 +536,9 @@ class KFAC(KroneckerCurvature):
         """stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)"""
         if not size.blocks:
             return None
-        return Memory(8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks), 0, "per-module scoring")
+        return Memory(
+            8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks), 0, "per-module scoring"
+        )
 
 
 class EKFAC(KroneckerCurvature):

@@ -80,7 +80,6 @@ class Lanczos(LowRankCurvature):
         return self.state.ritz_values
 
 
-
 @dataclass(frozen=True)
 class SpectrumComparison:
     """Top eigenvalues of the full-data curvature and of mini-batch curvatures.

@@ -100,8 +100,11 @@ class LiSSA(StreamingCurvature):
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory:
         """working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations"""
-        return Memory(0, 3 * size.rhs * size.num_params * size.itemsize + size.linearisations,
-                      "depth x repeats mini-batch passes")
+        return Memory(
+            0,
+            3 * size.rhs * size.num_params * size.itemsize + size.linearisations,
+            "depth x repeats mini-batch passes",
+        )
 
     def __init__(
         self,
@@ -118,8 +121,14 @@ class LiSSA(StreamingCurvature):
         trace_probes: int = 16,
         preconditioner: Preconditioner | str = Preconditioner.EKFAC,
     ):
-        super().__init__(kind=kind, damping=damping, chunk_size=chunk_size, preconditioner=preconditioner,
-                         seed=seed, trace_probes=trace_probes)
+        super().__init__(
+            kind=kind,
+            damping=damping,
+            chunk_size=chunk_size,
+            preconditioner=preconditioner,
+            seed=seed,
+            trace_probes=trace_probes,
+        )
         for arg, value, low in (
             ("depth", depth, 1),
             ("repeats", repeats, 1),
@@ -220,7 +229,11 @@ class LiSSA(StreamingCurvature):
 
     def _solve(self, v: Tensor) -> Tensor:
         op = self._bound()
-        step_matvec, damping, precondition = self._step_matvec(op), self.state.damping, self._precondition
+        step_matvec, damping, precondition = (
+            self._step_matvec(op),
+            self.state.damping,
+            self._precondition,
+        )
         if self.preconditioner is not Preconditioner.NONE:
             if precondition is None:
                 raise RuntimeError("LiSSA's preconditioner is not in this process: call .bind(...)")

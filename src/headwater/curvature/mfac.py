@@ -91,12 +91,23 @@ class MFAC(Curvature):
     def memory(cls, size: ProblemSize) -> Memory:
         """stored m·P·b + 8·m² (W and the Cholesky factor; m = n_train by default); working + m·P·b (G)"""
         m = size.n_train  # the default window: every training example
-        return Memory(m * size.num_params * size.itemsize + 8 * m * m, m * size.num_params * size.itemsize,
-                      "window of every training gradient (n_grads=None)")
+        return Memory(
+            m * size.num_params * size.itemsize + 8 * m * m,
+            m * size.num_params * size.itemsize,
+            "window of every training gradient (n_grads=None)",
+        )
 
-    def __init__(self, *, kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
-                 chunk_size: int = 64, n_grads: int | None = None, block_size: int | None = None,
-                 seed: int = 0, factor_dtype: str | None = None):
+    def __init__(
+        self,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        chunk_size: int = 64,
+        n_grads: int | None = None,
+        block_size: int | None = None,
+        seed: int = 0,
+        factor_dtype: str | None = None,
+    ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
         for arg, value in (("n_grads", n_grads), ("block_size", block_size)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -104,19 +115,33 @@ class MFAC(Curvature):
         if not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         if factor_dtype is not None and factor_dtype not in _DTYPES:
-            raise ValueError(f"factor_dtype: expected one of {list(_DTYPES)} or None, got {factor_dtype!r}")
-        self.n_grads, self.block_size, self.seed, self.factor_dtype = n_grads, block_size, seed, factor_dtype
+            raise ValueError(
+                f"factor_dtype: expected one of {list(_DTYPES)} or None, got {factor_dtype!r}"
+            )
+        self.n_grads, self.block_size, self.seed, self.factor_dtype = (
+            n_grads,
+            block_size,
+            seed,
+            factor_dtype,
+        )
 
     @classmethod
     def _state_type(cls) -> type:
         return MFACState
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "n_grads": self.n_grads, "block_size": self.block_size,
-                "seed": self.seed, "factor_dtype": self.factor_dtype}
+        return {
+            **super().settings(),
+            "n_grads": self.n_grads,
+            "block_size": self.block_size,
+            "seed": self.seed,
+            "factor_dtype": self.factor_dtype,
+        }
 
     # -- fitting ---------------------------------------------------------------------
-    def _window(self, model: nn.Module, task: Task, data: DataLike, m: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _window(
+        self, model: nn.Module, task: Task, data: DataLike, m: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's rows ``[start, stop)`` of the window of the first ``m`` examples
         (all of them with one process), targets sampled from the model for ``kind="ggn"``."""
         size = world()[1]
@@ -133,15 +158,21 @@ class MFAC(Curvature):
             x, y = take(x, slice(0, m - taken)), y[: m - taken]
             if self.kind is MatrixKind.GGN:
                 with torch.no_grad(), evaluation_mode(model):
-                    y = sample_per_example(task, task.output(bind(model, params), x), y, seed=self.seed,
-                                           first=start + taken)[0]
+                    y = sample_per_example(
+                        task,
+                        task.output(bind(model, params), x),
+                        y,
+                        seed=self.seed,
+                        first=start + taken,
+                    )[0]
             taken += y.shape[0]
             yield x, y
             if taken >= m:
                 return
 
-    def _fit(self, model: nn.Module, task: Task, data: DataLike,
-             progress: ProgressFn | None) -> MFACState:
+    def _fit(
+        self, model: nn.Module, task: Task, data: DataLike, progress: ProgressFn | None
+    ) -> MFACState:
         m = min(self.n_grads or self.n_examples, self.n_examples)
         p = self.layout.num_params
         size = min(self.block_size or p, p)
@@ -160,8 +191,10 @@ class MFAC(Curvature):
             damping = default_damping(float(g.square().sum()) / (m * p) + task.weight_decay)
         mu = damping + task.weight_decay
         if mu <= 0:
-            raise ValueError(f"damping: M-FAC needs damping + weight_decay > 0 (Woodbury divides by it), "
-                             f"got damping={damping}, weight_decay={task.weight_decay}")
+            raise ValueError(
+                f"damping: M-FAC needs damping + weight_decay > 0 (Woodbury divides by it), "
+                f"got damping={damping}, weight_decay={task.weight_decay}"
+            )
         eye = torch.eye(m, dtype=torch.float64, device=g.device)
         chols = []
         for start in range(0, p, size):
@@ -170,7 +203,9 @@ class MFAC(Curvature):
             g[:, start : start + size] = torch.linalg.solve_triangular(chol, gb, upper=False)
             chols.append(chol)
         store = _DTYPES.get(self.factor_dtype, ref.dtype)
-        return MFACState(g.to(store).contiguous(), torch.stack(chols), size, float(damping), task.weight_decay)
+        return MFACState(
+            g.to(store).contiguous(), torch.stack(chols), size, float(damping), task.weight_decay
+        )
 
     # -- reading ---------------------------------------------------------------------
     @property
@@ -226,8 +261,10 @@ class MFAC(Curvature):
         self._check_fitted()
         p = self.layout.num_params
         if not isinstance(weights, Tensor) or weights.shape != (p,):
-            raise ValueError(f"weights: expected a Tensor of shape [{p}], got "
-                             f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights)}")
+            raise ValueError(
+                f"weights: expected a Tensor of shape [{p}], got "
+                f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights)}"
+            )
         diag = self.inverse_diagonal().to(weights.device, torch.float64)
         return (weights.double().square() / (2 * diag)).to(weights.dtype)
 
@@ -244,4 +281,3 @@ class MFAC(Curvature):
         """``m``, the number of gradients held."""
         self._check_fitted()
         return int(self.state.factors.shape[0])
-

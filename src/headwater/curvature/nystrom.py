@@ -44,8 +44,11 @@ class Nystrom(LowRankCurvature):
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory:
         """stored 8·rank·P; working + 16·(rank + oversample)·P (sketch)"""
-        return Memory(8 * size.rank * size.num_params, 16 * (size.rank + 10) * size.num_params,
-                      f"rank {size.rank}")
+        return Memory(
+            8 * size.rank * size.num_params,
+            16 * (size.rank + 10) * size.num_params,
+            f"rank {size.rank}",
+        )
 
     def _decompose(
         self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device

@@ -132,8 +132,13 @@ def _linearisation_bytes(model, task, layout, theta, kind, x, n: int) -> float:
 
 
 def curvature_matvec(
-    model: nn.Module, task: Task, data: DataLike, kind: MatrixKind | str = "ggn",
-    *, chunk_size: int = 256, cache_mb: float = CACHE_MB,
+    model: nn.Module,
+    task: Task,
+    data: DataLike,
+    kind: MatrixKind | str = "ggn",
+    *,
+    chunk_size: int = 256,
+    cache_mb: float = CACHE_MB,
 ) -> Callable[[Tensor], Tensor]:
     """A function ``V [K, P] -> M V [K, P]`` for the undamped curvature ``M`` of ``kind``.
 
@@ -156,8 +161,10 @@ def curvature_matvec(
     check_batch(model, task, first, "train")
     start, stop = shard_range(n)
     with evaluation_mode(model):
-        cache = _linearisation_bytes(model, task, layout, theta, kind, first[0],
-                                     stop - start) <= cache_mb * 2**20
+        cache = (
+            _linearisation_bytes(model, task, layout, theta, kind, first[0], stop - start)
+            <= cache_mb * 2**20
+        )
     chunks: list[tuple[Callable[[Tensor], Tensor], int]] = []
     complete = [False]
 
@@ -191,8 +198,13 @@ def curvature_matvec(
 
 
 def dense_curvature(
-    model: nn.Module, task: Task, data: DataLike, kind: MatrixKind | str = "ggn",
-    *, chunk_size: int = 64, progress: ProgressFn | None = None,
+    model: nn.Module,
+    task: Task,
+    data: DataLike,
+    kind: MatrixKind | str = "ggn",
+    *,
+    chunk_size: int = 64,
+    progress: ProgressFn | None = None,
 ) -> Tensor:
     """The dense curvature ``[P, P]`` of the mean objective (for small P only).
 

@@ -111,8 +111,10 @@ def shard(data: DataLike, name: str = "data") -> DataLike:
         return data
     source = data.dataset if isinstance(data, DataLoader) else data
     if isinstance(source, IterableDataset):
-        raise ValueError(f"{name}: an IterableDataset cannot be sharded by index; pass a "
-                         "map-style Dataset or an (inputs, targets) pair")
+        raise ValueError(
+            f"{name}: an IterableDataset cannot be sharded by index; pass a "
+            "map-style Dataset or an (inputs, targets) pair"
+        )
     start, stop = shard_range(n)
     if isinstance(data, tuple | list | Mapping):
         inputs, targets = as_tensors(data, name)
@@ -121,12 +123,20 @@ def shard(data: DataLike, name: str = "data") -> DataLike:
     if not isinstance(data, DataLoader):
         return part
     if not is_sequential(data):
-        raise ValueError(f"{name}: under torch.distributed a DataLoader must read its dataset "
-                         "in order (no sampler, no shuffle); pass it without one, or its dataset")
+        raise ValueError(
+            f"{name}: under torch.distributed a DataLoader must read its dataset "
+            "in order (no sampler, no shuffle); pass it without one, or its dataset"
+        )
     batch_size = None if data.batch_sampler is None else data.batch_sampler.batch_size
-    return DataLoader(part, batch_size=batch_size, collate_fn=data.collate_fn,
-                      num_workers=data.num_workers, pin_memory=data.pin_memory,
-                      timeout=data.timeout, worker_init_fn=data.worker_init_fn)
+    return DataLoader(
+        part,
+        batch_size=batch_size,
+        collate_fn=data.collate_fn,
+        num_workers=data.num_workers,
+        pin_memory=data.pin_memory,
+        timeout=data.timeout,
+        worker_init_fn=data.worker_init_fn,
+    )
 
 
 def local_batches(data: DataLike, batch_size: int, name: str = "data") -> Iterator[Batch]:
@@ -142,7 +152,9 @@ def local_batches(data: DataLike, batch_size: int, name: str = "data") -> Iterat
 def _check_tensors(tensors: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
     items = [tensors] if isinstance(tensors, Tensor) else tensors
     if not isinstance(items, Sequence) or isinstance(items, str):
-        raise TypeError(f"{name}: expected a Tensor or a sequence of Tensors, got {type(tensors).__name__}")
+        raise TypeError(
+            f"{name}: expected a Tensor or a sequence of Tensors, got {type(tensors).__name__}"
+        )
     for i, t in enumerate(items):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}]: expected a Tensor, got {type(t).__name__}")
@@ -181,7 +193,9 @@ def all_ranks(flag: bool) -> bool:
     process). Ranks decide together, e.g. to load a store only if every rank has it."""
     if world()[1] == 1:
         return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    )
     count = torch.tensor([int(bool(flag))], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.SUM)
     return int(count) == world()[1]

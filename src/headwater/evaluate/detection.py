@@ -53,7 +53,9 @@ class DetectionCurve:
 
 def _check(scores: Tensor, flagged: Tensor) -> tuple[Tensor, Tensor]:
     if not isinstance(scores, Tensor) or scores.dim() != 1:
-        raise ValueError(f"scores: expected a 1-D tensor [n], got {getattr(scores, 'shape', type(scores))}")
+        raise ValueError(
+            f"scores: expected a 1-D tensor [n], got {getattr(scores, 'shape', type(scores))}"
+        )
     if not isinstance(flagged, Tensor) or flagged.shape != scores.shape:
         raise ValueError(
             f"flagged: expected a boolean tensor of shape {tuple(scores.shape)}, "
@@ -149,8 +151,12 @@ def recall_at_fraction(scores: Tensor, flagged: Tensor, fraction: float) -> floa
     Raises:
         ValueError: if ``fraction`` is not in ``(0, 1]``.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not math.isfinite(fraction) \
-            or not 0 < fraction <= 1:
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not math.isfinite(fraction)
+        or not 0 < fraction <= 1
+    ):
         raise ValueError(f"fraction: expected a float in (0, 1], got {fraction!r}")
     curve = detection_curve(scores, flagged)
     return _interpolated_found(curve, fraction * scores.shape[0]) / curve.n_flagged

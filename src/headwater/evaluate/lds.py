@@ -42,7 +42,15 @@ from headwater.store.cached import cached_tensors, fingerprint
 from headwater.task import Task
 from headwater.train.ensemble import TrainConfig, ensemble_measurements, train_ensemble
 
-__all__ = ["LDSGroundTruth", "LDSResult", "lds", "lds_ground_truth", "settings_key", "spearman_rows", "subset_masks"]
+__all__ = [
+    "LDSGroundTruth",
+    "LDSResult",
+    "lds",
+    "lds_ground_truth",
+    "settings_key",
+    "spearman_rows",
+    "subset_masks",
+]
 
 
 @dataclass(frozen=True)
@@ -83,10 +91,14 @@ def subset_masks(n_train: int, n_subsets: int, alpha: float, seed: int) -> Tenso
     if not isinstance(alpha, int | float) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha: must lie in (0, 1), got {alpha!r}")
     if isinstance(n_subsets, bool) or not isinstance(n_subsets, int) or n_subsets < 2:
-        raise ValueError(f"n_subsets: must be an integer >= 2 (a rank correlation), got {n_subsets!r}")
+        raise ValueError(
+            f"n_subsets: must be an integer >= 2 (a rank correlation), got {n_subsets!r}"
+        )
     size = round(alpha * n_train)
     if not 0 < size < n_train:
-        raise ValueError(f"alpha: alpha * n_train = {alpha * n_train:g} leaves an empty or full subset")
+        raise ValueError(
+            f"alpha: alpha * n_train = {alpha * n_train:g} leaves an empty or full subset"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
     for j in range(n_subsets):
@@ -133,27 +145,50 @@ def lds_ground_truth(
         :class:`LDSGroundTruth`.
     """
     config = TrainConfig() if config is None else config
-    if isinstance(seeds_per_subset, bool) or not isinstance(seeds_per_subset, int) or seeds_per_subset < 1:
+    if (
+        isinstance(seeds_per_subset, bool)
+        or not isinstance(seeds_per_subset, int)
+        or seeds_per_subset < 1
+    ):
         raise ValueError(f"seeds_per_subset: must be a positive integer, got {seeds_per_subset!r}")
     n = num_examples(train, "train")
     masks = subset_masks(n, n_subsets, alpha, seed)
     x_q, y_q = as_tensors(query, "query")
     x_t, y_t = as_tensors(train, "train")
-    settings = {"kind": "lds_ground_truth", "n_subsets": n_subsets, "alpha": float(alpha),
-                "seeds_per_subset": seeds_per_subset, "seed": int(seed), "config": config.to_dict(),
-                "task": task.to_dict(), "train": fingerprint(x_t, y_t), "query": fingerprint(x_q, y_q),
-                "model": _model_key(model, config)}
+    settings = {
+        "kind": "lds_ground_truth",
+        "n_subsets": n_subsets,
+        "alpha": float(alpha),
+        "seeds_per_subset": seeds_per_subset,
+        "seed": int(seed),
+        "config": config.to_dict(),
+        "task": task.to_dict(),
+        "train": fingerprint(x_t, y_t),
+        "query": fingerprint(x_q, y_q),
+        "model": _model_key(model, config),
+    }
     path = None if store_dir is None else Path(store_dir) / f"lds-{settings_key(settings)}"
 
     def retrain() -> dict[str, Tensor]:
         weights = masks.repeat_interleave(seeds_per_subset, dim=0)  # [m*s, n]
         member_seeds = [int(seed) * 1_000_000 + k for k in range(weights.shape[0])]
-        ensemble = train_ensemble(model, task, (x_t, y_t), weights, config=config, seeds=member_seeds,
-                                  store_path=None if path is None else path.with_name(path.name + ".models"),
-                                  progress=progress)
+        ensemble = train_ensemble(
+            model,
+            task,
+            (x_t, y_t),
+            weights,
+            config=config,
+            seeds=member_seeds,
+            store_path=None if path is None else path.with_name(path.name + ".models"),
+            progress=progress,
+        )
         measured = ensemble_measurements(model, task, ensemble, (x_q, y_q))  # [m*s, n_query]
         per_seed = measured.reshape(n_subsets, seeds_per_subset, -1)
-        return {"masks": masks.to(torch.uint8), "actual": per_seed.mean(dim=1), "per_seed": per_seed}
+        return {
+            "masks": masks.to(torch.uint8),
+            "actual": per_seed.mean(dim=1),
+            "per_seed": per_seed,
+        }
 
     tensors = cached_tensors(path, settings, retrain)
     return LDSGroundTruth(tensors["masks"].bool(), tensors["actual"], tensors["per_seed"], settings)
@@ -178,7 +213,9 @@ def spearman_rows(a: Tensor, b: Tensor) -> Tensor:
     """Spearman correlation of each row of ``a`` with the same row of ``b`` (``[R, m]`` each);
     ties get average ranks; a constant row gives NaN."""
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"expected two [R, m] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"expected two [R, m] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     ra = torch.from_numpy(rankdata(a.detach().cpu().double().numpy(), axis=1))
     rb = torch.from_numpy(rankdata(b.detach().cpu().double().numpy(), axis=1))
     ra = ra - ra.mean(dim=1, keepdim=True)
@@ -199,12 +236,16 @@ def lds(scores: Tensor, ground_truth: LDSGroundTruth) -> LDSResult:
         ValueError: naming ``scores`` if its shape does not match the ground truth.
     """
     if not isinstance(scores, Tensor):
-        raise TypeError(f"scores: expected a Tensor [n_query, n_train], got {type(scores).__name__}")
+        raise TypeError(
+            f"scores: expected a Tensor [n_query, n_train], got {type(scores).__name__}"
+        )
     n_query = ground_truth.actual.shape[1]
     n_train = ground_truth.masks.shape[1]
     if scores.shape != (n_query, n_train):
-        raise ValueError(f"scores: expected shape [{n_query}, {n_train}] (n_query, n_train) to match the "
-                         f"ground truth, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores: expected shape [{n_query}, {n_train}] (n_query, n_train) to match the "
+            f"ground truth, got {tuple(scores.shape)}"
+        )
     if not torch.isfinite(scores).all():
         raise ValueError("scores: contains NaN/inf")
     masks = ground_truth.masks.to(torch.float64)
@@ -214,5 +255,9 @@ def lds(scores: Tensor, ground_truth: LDSGroundTruth) -> LDSResult:
     if valid.numel() == 0:
         raise ValueError("ground_truth: every query's actual output is constant over the subsets")
     mean = float(valid.mean())
-    stderr = float(valid.std(unbiased=True) / np.sqrt(valid.numel())) if valid.numel() > 1 else float("nan")
+    stderr = (
+        float(valid.std(unbiased=True) / np.sqrt(valid.numel()))
+        if valid.numel() > 1
+        else float("nan")
+    )
     return LDSResult(mean, stderr, per_query)

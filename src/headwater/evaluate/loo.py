@@ -42,9 +42,17 @@ def measure(model: nn.Module, task: Task, query: DataLike) -> Tensor:
 
 
 def leave_one_out(
-    model: nn.Module, task: Task, train: DataLike, query: DataLike, indices: Sequence[int] | Tensor, *,
-    train_fn: TrainFn | None = None, renormalize: bool = False, tol: float = 1e-10,
-    max_iter: int = 2000, progress: ProgressFn | None = None,
+    model: nn.Module,
+    task: Task,
+    train: DataLike,
+    query: DataLike,
+    indices: Sequence[int] | Tensor,
+    *,
+    train_fn: TrainFn | None = None,
+    renormalize: bool = False,
+    tol: float = 1e-10,
+    max_iter: int = 2000,
+    progress: ProgressFn | None = None,
 ) -> LOOResult:
     """Retrain without each chosen example and measure every query.
 

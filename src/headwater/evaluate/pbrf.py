@@ -110,7 +110,11 @@ def pbrf(
     tol = _check_float("tol", tol, positive=True)
     n = num_examples(train, "train")
     epsilon = 1.0 / n if epsilon is None else epsilon
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon):
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, int | float)
+        or not math.isfinite(epsilon)
+    ):
         raise ValueError(f"epsilon: expected a finite float, got {epsilon!r}")
     idx = check_indices(indices, n)
     params = detached(task.parameters(model))
@@ -131,7 +135,9 @@ def pbrf(
 
         def objective(t: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
             out = outputs(t, x)
-            bregman = task.loss(out, y) - loss_s - (grad_out_s * (out - out_s)).reshape(n, -1).sum(1)
+            bregman = (
+                task.loss(out, y) - loss_s - (grad_out_s * (out - out_s)).reshape(n, -1).sum(1)
+            )
             removed = task.loss(outputs(t, xi[None]), yi[None]).sum()
             return bregman.mean() + coef * (t - theta_s).pow(2).sum() - epsilon * removed
 
@@ -149,16 +155,24 @@ def pbrf(
         # Rounds 1-2 use a strong-Wolfe line search; its function values lose precision near
         # the minimum (the Bregman term cancels), so later rounds take gradient-only steps.
         for round_ in range(20):
-            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tol / 10,
-                                    tolerance_change=0.0, history_size=50,
-                                    line_search_fn="strong_wolfe" if round_ < 2 else None)
+            opt = torch.optim.LBFGS(
+                [theta],
+                lr=1.0,
+                max_iter=max_iter,
+                tolerance_grad=tol / 10,
+                tolerance_change=0.0,
+                history_size=50,
+                line_search_fn="strong_wolfe" if round_ < 2 else None,
+            )
             opt.step(closure)
             grad_norm = grads_of(theta.detach(), xi, yi).norm(dim=1)
             if float(grad_norm.max()) <= tol:
                 break
         else:
-            raise RuntimeError(f"PBRF: L-BFGS stopped at gradient norm {float(grad_norm.max()):.3g} > "
-                               f"tol={tol:g}; raise `max_iter` or `damping`")
+            raise RuntimeError(
+                f"PBRF: L-BFGS stopped at gradient norm {float(grad_norm.max()):.3g} > "
+                f"tol={tol:g}; raise `max_iter` or `damping`"
+            )
         final = theta.detach()
 
         def measure(t: Tensor) -> Tensor:

@@ -98,8 +98,16 @@ def retrain_leave_one_out(
     weights = rows.repeat(n_seeds, 1)  # [(k+1)*S, n], seed-major
     seeds = [int(seed) * 1_000_000 + s for s in range(n_seeds) for _ in range(k + 1)]
     data = as_tensors(train, "train")
-    ensemble = train_ensemble(model, task, data, weights, config=replace(config), seeds=seeds,
-                              store_path=store_path, progress=progress)
+    ensemble = train_ensemble(
+        model,
+        task,
+        data,
+        weights,
+        config=replace(config),
+        seeds=seeds,
+        store_path=store_path,
+        progress=progress,
+    )
     measured = ensemble_measurements(model, task, ensemble, query).reshape(n_seeds, k + 1, -1)
     base = measured[:, 0]  # [S, n_query]
     per_seed = (measured[:, 1:] - base[:, None]).transpose(1, 2)  # [S, n_query, k]

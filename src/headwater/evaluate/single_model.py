@@ -36,9 +36,13 @@ __all__ = ["run_fingerprint", "single_model_ground_truth"]
 def run_fingerprint(run: RunRecord) -> str:
     """A hash of what a replay depends on: start, batches, learning rates, clipping."""
     start = run.checkpoints[0]
-    return fingerprint(start.theta, *start.state.values(), torch.cat(run.batches),
-                       torch.tensor(run.lrs, dtype=torch.float64),
-                       torch.tensor([-1.0 if m is None else m for m in run.max_norms], dtype=torch.float64))
+    return fingerprint(
+        start.theta,
+        *start.state.values(),
+        torch.cat(run.batches),
+        torch.tensor(run.lrs, dtype=torch.float64),
+        torch.tensor([-1.0 if m is None else m for m in run.max_norms], dtype=torch.float64),
+    )
 
 
 def single_model_ground_truth(
@@ -74,17 +78,29 @@ def single_model_ground_truth(
     x_t, y_t = as_tensors(train, "train")
     x_q, y_q = as_tensors(query, "query")
     dropped = subset_masks(x_t.shape[0], n_subsets, fraction, seed)
-    settings = {"kind": "single_model_ground_truth", "fraction": float(fraction), "n_subsets": n_subsets,
-                "seed": int(seed), "task": task.to_dict(), "run": run.settings(), "run_hash": run_fingerprint(run),
-                "train": fingerprint(x_t, y_t), "query": fingerprint(x_q, y_q)}
+    settings = {
+        "kind": "single_model_ground_truth",
+        "fraction": float(fraction),
+        "n_subsets": n_subsets,
+        "seed": int(seed),
+        "task": task.to_dict(),
+        "run": run.settings(),
+        "run_hash": run_fingerprint(run),
+        "train": fingerprint(x_t, y_t),
+        "query": fingerprint(x_q, y_q),
+    }
     path = None if store_dir is None else Path(store_dir) / f"single-{settings_key(settings)}"
     if path is not None and store.exists(path):
         tensors, _ = store.load(path, expect=settings)
-        return LDSGroundTruth(tensors["masks"].bool(), tensors["actual"], tensors["actual"][:, None], settings)
+        return LDSGroundTruth(
+            tensors["masks"].bool(), tensors["actual"], tensors["actual"][:, None], settings
+        )
     kept = ~dropped
     rows = []
     for j in range(n_subsets):
-        params = replay(model, task, (x_t, y_t), run, weights=kept[j].to(run.checkpoints[0].theta.dtype))
+        params = replay(
+            model, task, (x_t, y_t), run, weights=kept[j].to(run.checkpoints[0].theta.dtype)
+        )
         with torch.no_grad(), evaluation_mode(model):
             fn = lambda inp, p=params: functional_call(model, p, (inp,), strict=False)  # noqa: E731
             rows.append(task.measurement(fn, (x_q.to(run.checkpoints[0].theta.dtype), y_q)))

@@ -48,7 +48,9 @@ class ParamLayout:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``[*batch, P]`` into ``{name: [*batch, *shape]}`` (views)."""
         if flat.shape[-1] != self.num_params:
-            raise ValueError(f"expected a last dimension of {self.num_params}, got {flat.shape[-1]}")
+            raise ValueError(
+                f"expected a last dimension of {self.num_params}, got {flat.shape[-1]}"
+            )
         batch = flat.shape[:-1]
         return {
             name: flat[..., sl].reshape((*batch, *shape))  # a tuple: 0-d parameters too

@@ -14,7 +14,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from headwater.data import Inputs, map_inputs
 
-__all__ = ["bind", "check_device", "detached", "evaluation_mode", "first_param", "prepare_batch", "vmap_examples"]
+__all__ = [
+    "bind",
+    "check_device",
+    "detached",
+    "evaluation_mode",
+    "first_param",
+    "prepare_batch",
+    "vmap_examples",
+]
 
 
 _DATA_DEPENDENT = "data-dependent control flow"
@@ -29,8 +37,15 @@ def vmap_examples(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Ca
     def looped(*args: Any) -> Any:
         batched = [a for a, d in zip(args, in_dims) if d is not None]
         n = tree_flatten(batched[0])[0][0].shape[0]
-        rows = [fn(*(a if d is None else tree_map(lambda t, i=i: t[i], a) for a, d in zip(args, in_dims)))
-                for i in range(n)]
+        rows = [
+            fn(
+                *(
+                    a if d is None else tree_map(lambda t, i=i: t[i], a)
+                    for a, d in zip(args, in_dims)
+                )
+            )
+            for i in range(n)
+        ]
         return tree_map(lambda *ts: torch.stack(ts), rows[0], *rows[1:])
 
     def call(*args: Any) -> Any:
@@ -55,8 +70,11 @@ def bind(model: nn.Module, params: dict[str, Tensor]) -> Callable[[Tensor], Tens
     own = dict(model.named_parameters(remove_duplicate=False))
     chosen = {id(own[k]) for k in params if k in own}  # a tied alias follows its substitute
     detached: dict[int, Tensor] = {}  # tied names of a parameter share one detached tensor
-    full = {k: detached.setdefault(id(p), p.detach()) for k, p in own.items()
-            if k not in params and id(p) not in chosen}
+    full = {
+        k: detached.setdefault(id(p), p.detach())
+        for k, p in own.items()
+        if k not in params and id(p) not in chosen
+    }
     full.update(params)
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -99,15 +117,23 @@ def check_device(device: str | torch.device, name: str = "device") -> torch.devi
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"{name}: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(parsed.type)
+        raise ValueError(
+            f"{name}: {device!r} is not a torch device ({str(err).splitlines()[0]})"
+        ) from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(
+        parsed.type
+    )
     if available is not None and not available():
-        raise ValueError(f"{name}: {str(device)!r} is not available (torch {torch.__version__} on this machine "
-                         f"has no usable {parsed.type} device); use 'cpu'")
+        raise ValueError(
+            f"{name}: {str(device)!r} is not available (torch {torch.__version__} on this machine "
+            f"has no usable {parsed.type} device); use 'cpu'"
+        )
     try:
         torch.empty(0, device=parsed)
     except (RuntimeError, ValueError, AssertionError) as err:
-        raise ValueError(f"{name}: cannot use device {str(device)!r} ({str(err).splitlines()[0]})") from err
+        raise ValueError(
+            f"{name}: cannot use device {str(device)!r} ({str(err).splitlines()[0]})"
+        ) from err
     return parsed
 
 
@@ -118,5 +144,3 @@ def detached(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 
 def first_param(params: dict[str, Tensor]) -> Tensor:
     return next(iter(params.values()))
-
-

@@ -56,8 +56,16 @@ from headwater.gradients.functional import (
 )
 from headwater.gradients.per_example import output_pullbacks
 
-__all__ = ["DIAGONAL", "Block", "Capture", "DiagonalPart", "capture", "find_blocks", "from_blocks",
-           "to_blocks"]
+__all__ = [
+    "DIAGONAL",
+    "Block",
+    "Capture",
+    "DiagonalPart",
+    "capture",
+    "find_blocks",
+    "from_blocks",
+    "to_blocks",
+]
 
 DIAGONAL = "(diagonal)"
 """Name of the diagonal block (no module name contains parentheses)."""
@@ -104,8 +112,16 @@ class Block:
         return (self.in_features if self.weight else 0) + (1 if self.bias else 0)
 
     def to_list(self) -> list:
-        return [self.module, self.weight, self.bias, self.transposed, self.out_features,
-                self.in_features, self.layer, list(self.params)]
+        return [
+            self.module,
+            self.weight,
+            self.bias,
+            self.transposed,
+            self.out_features,
+            self.in_features,
+            self.layer,
+            list(self.params),
+        ]
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -138,13 +154,18 @@ def _conv_padding(module: nn.Module) -> tuple[int, ...] | None:
 def _hidden(model: nn.Module) -> set[str]:
     """Names of modules whose forward may not run through their hooks (the layers inside
     ``nn.MultiheadAttention``, whose weights it uses functionally)."""
-    return {f"{owner}.{child}" if owner else child
-            for owner, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
-            for child, _ in module.named_modules() if child}
+    return {
+        f"{owner}.{child}" if owner else child
+        for owner, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_modules()
+        if child
+    }
 
 
-def find_blocks(model: nn.Module, params: dict[str, Tensor], task: Any = None,
-                data: DataLike | None = None) -> tuple[Block, ...]:
+def find_blocks(
+    model: nn.Module, params: dict[str, Tensor], task: Any = None, data: DataLike | None = None
+) -> tuple[Block, ...]:
     """The blocks covering the analysed ``params``: supported modules in registration
     order, then the diagonal block of every other analysed parameter (if any).
 
@@ -160,8 +181,11 @@ def find_blocks(model: nn.Module, params: dict[str, Tensor], task: Any = None,
         uses[id(p)] = uses.get(id(p), 0) + 1
     single = {n for n in params if n in names and uses[id(names[n])] == 1}
     hidden = _hidden(model)
-    candidates = {m: module for m, module in model.named_modules()
-                  if _kind(module) is not None and m not in hidden}
+    candidates = {
+        m: module
+        for m, module in model.named_modules()
+        if _kind(module) is not None and m not in hidden
+    }
     if task is not None and data is not None:
         batched = _batched(model, task, params, candidates, data)
         candidates = {m: module for m, module in candidates.items() if m in batched}
@@ -180,8 +204,17 @@ def find_blocks(model: nn.Module, params: dict[str, Tensor], task: Any = None,
             inp, out = module.weight.shape
         else:
             out, inp = module.out_features, module.in_features
-        blocks.append(Block(mname, weight, bias, kind in ("gpt2", "embedding"), out, inp,
-                            "embedding" if kind == "embedding" else "dense"))
+        blocks.append(
+            Block(
+                mname,
+                weight,
+                bias,
+                kind in ("gpt2", "embedding"),
+                out,
+                inp,
+                "embedding" if kind == "embedding" else "dense",
+            )
+        )
         covered.update(n for n in (weight, bias) if n)
     rest = tuple(n for n in params if n not in covered)
     if rest:
@@ -190,8 +223,13 @@ def find_blocks(model: nn.Module, params: dict[str, Tensor], task: Any = None,
     return tuple(blocks)
 
 
-def _batched(model: nn.Module, task: Any, params: dict[str, Tensor], candidates: dict[str, nn.Module],
-             data: DataLike) -> set[str]:
+def _batched(
+    model: nn.Module,
+    task: Any,
+    params: dict[str, Tensor],
+    candidates: dict[str, nn.Module],
+    data: DataLike,
+) -> set[str]:
     """The candidates called in every probe forward pass with the batch as the first
     dimension of every input and output."""
     ref = next(iter(params.values()))
@@ -204,8 +242,13 @@ def _batched(model: nn.Module, task: Any, params: dict[str, Tensor], candidates:
     return ok
 
 
-def _probe(model: nn.Module, task: Any, params: dict[str, Tensor], candidates: dict[str, nn.Module],
-           x: Tensor) -> dict[str, list[int | None]]:
+def _probe(
+    model: nn.Module,
+    task: Any,
+    params: dict[str, Tensor],
+    candidates: dict[str, nn.Module],
+    x: Tensor,
+) -> dict[str, list[int | None]]:
     """Per candidate called in one forward pass on ``x``: the first dimension of each
     call's input and output (``None`` for a non-tensor or a scalar)."""
     seen: dict[str, list[int | None]] = {}
@@ -214,7 +257,9 @@ def _probe(model: nn.Module, task: Any, params: dict[str, Tensor], candidates: d
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             for t in (args[0] if args else None, output):
                 seen.setdefault(name, []).append(
-                    t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None)
+                    t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None
+                )
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
@@ -278,8 +323,11 @@ class Capture:
             for x, z in zip(self.inputs[b.module], self.outputs[b.module], strict=True):
                 kind = _kind(self.modules[b.module])
                 positions = _signal(z.detach(), kind).shape[1]
-                a = _inputs(self.modules[b.module], x, kind, z.dtype) if b.weight else z.new_zeros(
-                    x.shape[0], positions, 0)
+                a = (
+                    _inputs(self.modules[b.module], x, kind, z.dtype)
+                    if b.weight
+                    else z.new_zeros(x.shape[0], positions, 0)
+                )
                 if b.bias:
                     a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
                 parts.append(a)
@@ -290,8 +338,9 @@ class Capture:
         """``s = ∂ total / ∂z`` per block, ``[B, T, out]``, without touching ``.grad``."""
         return {k: v[0] for k, v in self.pullback(total, None, retain_graph=retain_graph).items()}
 
-    def pullback(self, output: Tensor, cotangents: Tensor | None, *,
-                 retain_graph: bool = False) -> dict[str, Tensor]:
+    def pullback(
+        self, output: Tensor, cotangents: Tensor | None, *, retain_graph: bool = False
+    ) -> dict[str, Tensor]:
         """``s_k = J_zᵀ c_k`` per block for a batch of cotangents ``c [K, *output.shape]``
         of ``output`` (one vectorised backward pass), ``{module: [K, B, T, out]}``; with
         ``cotangents=None``, ``output`` is a scalar and ``K = 1``."""
@@ -300,8 +349,14 @@ class Capture:
             return {}
         batched = cotangents is not None and cotangents.shape[0] > 1
         grad_out = None if cotangents is None else (cotangents if batched else cotangents[0])
-        grads = torch.autograd.grad(output, flat, grad_outputs=grad_out, retain_graph=retain_graph,
-                                    allow_unused=True, is_grads_batched=batched)
+        grads = torch.autograd.grad(
+            output,
+            flat,
+            grad_outputs=grad_out,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
         k = cotangents.shape[0] if cotangents is not None else 1
         out, i = {}, 0
         for b in self.blocks:
@@ -342,10 +397,14 @@ class DiagonalPart:
         params: the analysed parameters (detached copies are taken).
     """
 
-    def __init__(self, model: nn.Module, task: Any, blocks: tuple[Block, ...], params: dict[str, Tensor]):
+    def __init__(
+        self, model: nn.Module, task: Any, blocks: tuple[Block, ...], params: dict[str, Tensor]
+    ):
         self.block = next((b for b in blocks if b.diagonal), None)
         self.model, self.task = model, task
-        self.params = {} if self.block is None else {n: params[n].detach() for n in self.block.params}
+        self.params = (
+            {} if self.block is None else {n: params[n].detach() for n in self.block.params}
+        )
 
     def pullback(self, inputs: Inputs, cotangents: Tensor) -> dict[str, Tensor]:
         """``{DIAGONAL: J_iᵀ c_k [K, B, 1, P_d]}`` for cotangents ``c [K, B, *output]``."""
@@ -382,8 +441,11 @@ def to_blocks(flat: Tensor, blocks: tuple[Block, ...], layout: ParamLayout) -> d
         parts = []
         if b.weight:
             w = flat[:, slices[b.weight]]
-            parts.append(w.reshape(k, b.in_features, b.out_features).transpose(1, 2) if b.transposed
-                         else w.reshape(k, b.out_features, b.in_features))
+            parts.append(
+                w.reshape(k, b.in_features, b.out_features).transpose(1, 2)
+                if b.transposed
+                else w.reshape(k, b.out_features, b.in_features)
+            )
         if b.bias:
             parts.append(flat[:, slices[b.bias]].reshape(k, b.out_features, 1))
         out[b.module] = torch.cat(parts, dim=2)

@@ -27,7 +27,13 @@ from headwater.gradients.functional import (
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["Objective", "check_batch", "output_pullbacks", "per_example_gradients", "stack_gradients"]
+__all__ = [
+    "Objective",
+    "check_batch",
+    "output_pullbacks",
+    "per_example_gradients",
+    "stack_gradients",
+]
 
 
 class Objective(str, Enum):
@@ -41,8 +47,14 @@ def _value_fn(task: Task, objective: Objective):
     return task.train_loss if objective is Objective.TRAIN else task.measurement
 
 
-def check_batch(model: nn.Module, task: Task, batch: tuple[Inputs, Tensor], name: str,
-                objective: Objective = Objective.TRAIN, offset: int = 0) -> Tensor:
+def check_batch(
+    model: nn.Module,
+    task: Task,
+    batch: tuple[Inputs, Tensor],
+    name: str,
+    objective: Objective = Objective.TRAIN,
+    offset: int = 0,
+) -> Tensor:
     """Evaluate ``task`` on ``batch`` with a readable error when it does not fit.
 
     Returns the per-example values ``[B]``.
@@ -54,7 +66,10 @@ def check_batch(model: nn.Module, task: Task, batch: tuple[Inputs, Tensor], name
     params = task.parameters(model)
     fn = bind(model, detached(params))
     try:
-        with torch.no_grad(), evaluation_mode(model):  # never a train-mode forward (BatchNorm statistics)
+        with (
+            torch.no_grad(),
+            evaluation_mode(model),
+        ):  # never a train-mode forward (BatchNorm statistics)
             values = _value_fn(task, objective)(fn, batch)
     except (RuntimeError, IndexError) as err:
         raise InputError(
@@ -75,7 +90,9 @@ def check_values(values: Tensor, batch_size: int, name: str, offset: int = 0) ->
     bad = ~torch.isfinite(values)
     if bad.any():
         first = int(bad.nonzero()[0, 0]) + offset
-        raise InputError(f"{name}: the loss/measurement of example {first} is {values[first - offset].item()} (NaN/inf)")
+        raise InputError(
+            f"{name}: the loss/measurement of example {first} is {values[first - offset].item()} (NaN/inf)"
+        )
 
 
 def per_example_gradients(
@@ -124,7 +141,9 @@ def per_example_gradients(
             try:
                 grads, values = per_example(params, x, y)
             except RuntimeError as err:
-                raise InputError(f"{name}: could not differentiate the model on this data: {err}") from err
+                raise InputError(
+                    f"{name}: could not differentiate the model on this data: {err}"
+                ) from err
             check_values(values, y.shape[0], name, done)
             flat = layout.flatten(grads, batch_dims=1)  # [B, P]
             check_finite_rows(flat, what="gradient", name=name, offset=done)
@@ -138,7 +157,9 @@ def stack_gradients(model: nn.Module, task: Task, data: DataLike, **kwargs) -> T
     return torch.cat(list(per_example_gradients(model, task, data, **kwargs)))
 
 
-def output_pullbacks(model: nn.Module, task: Task, params: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+def output_pullbacks(
+    model: nn.Module, task: Task, params: dict[str, Tensor]
+) -> Callable[[Tensor, Tensor], Tensor]:
     """``(x [B, ...], c [B, *output]) -> [B, P]``: for each example ``J_iᵀ c_i``, the gradient
     of ``⟨f(x_i), c_i⟩`` in the (detached) analysed ``params``, flat, vectorised over examples."""
     layout = ParamLayout.of(params)

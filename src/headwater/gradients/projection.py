@@ -39,7 +39,9 @@ def _check(kind: ProjectionKind | str, seed: int, **sizes: int) -> ProjectionKin
     try:
         return ProjectionKind(kind)
     except ValueError as err:
-        raise ValueError(f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}") from err
+        raise ValueError(
+            f"kind: expected one of {[k.value for k in ProjectionKind]}, got {kind!r}"
+        ) from err
 
 
 def _draw(kind: ProjectionKind, stream: list[int], shape: tuple[int, int]) -> np.ndarray:
@@ -62,8 +64,15 @@ class RandomProjection:
             beyond it they are regenerated on every call (slower, same numbers).
     """
 
-    def __init__(self, dim: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER, seed: int = 0,
-                 block_size: int = 4096, cache_mb: float = 256.0):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
+        seed: int = 0,
+        block_size: int = 4096,
+        cache_mb: float = 256.0,
+    ):
         self.kind = _check(kind, seed, dim=dim, block_size=block_size)
         if not isinstance(cache_mb, int | float) or cache_mb < 0:
             raise ValueError(f"cache_mb: must be a number >= 0, got {cache_mb!r}")
@@ -72,7 +81,12 @@ class RandomProjection:
         self._cached_bytes = 0
 
     def settings(self) -> dict:
-        return {"dim": self.dim, "kind": self.kind.value, "seed": self.seed, "block_size": self.block_size}
+        return {
+            "dim": self.dim,
+            "kind": self.kind.value,
+            "seed": self.seed,
+            "block_size": self.block_size,
+        }
 
     def _block(self, index: int, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Rows ``[index·block_size, index·block_size + rows)`` of ``Πᵀ``: ``[rows, k]``."""
@@ -95,7 +109,9 @@ class RandomProjection:
     def __call__(self, grads: Tensor) -> Tensor:
         """``Π g`` for each row of ``grads [B, P]`` (or one vector ``[P]``): ``[B, k]``."""
         if not isinstance(grads, Tensor) or grads.dim() not in (1, 2):
-            raise ValueError(f"grads: expected a tensor [B, P] or [P], got {getattr(grads, 'shape', type(grads))}")
+            raise ValueError(
+                f"grads: expected a tensor [B, P] or [P], got {getattr(grads, 'shape', type(grads))}"
+            )
         squeeze = grads.dim() == 1
         g = grads.unsqueeze(0) if squeeze else grads
         out = torch.zeros(g.shape[0], self.dim, dtype=g.dtype, device=g.device)
@@ -112,7 +128,9 @@ class RandomProjection:
 
     def matrix(self, num_params: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """The whole ``Π [k, P]`` (for small ``P`` and tests)."""
-        return torch.cat([block for _, block in self._blocks(num_params, dtype, torch.device("cpu"))]).T
+        return torch.cat(
+            [block for _, block in self._blocks(num_params, dtype, torch.device("cpu"))]
+        ).T
 
 
 class KroneckerProjection:
@@ -134,14 +152,25 @@ class KroneckerProjection:
             fixed sequence, until their rows are independent, so ``P_out ⊗ P_in`` has full rank).
     """
 
-    def __init__(self, dim_out: int, dim_in: int, *, kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
-                 seed: int = 0):
+    def __init__(
+        self,
+        dim_out: int,
+        dim_in: int,
+        *,
+        kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
+        seed: int = 0,
+    ):
         self.kind = _check(kind, seed, dim_out=dim_out, dim_in=dim_in)
         self.dim_out, self.dim_in, self.seed = dim_out, dim_in, seed
         self._cache: dict[tuple, Tensor] = {}
 
     def settings(self) -> dict:
-        return {"dim_out": self.dim_out, "dim_in": self.dim_in, "kind": self.kind.value, "seed": self.seed}
+        return {
+            "dim_out": self.dim_out,
+            "dim_in": self.dim_in,
+            "kind": self.kind.value,
+            "seed": self.seed,
+        }
 
     def factor(self, layer: int, side: int, size: int, dim: int, dtype: torch.dtype) -> Tensor:
         """``[min(dim, size), size]``: the identity when ``size <= dim``, else seeded random."""
@@ -157,6 +186,10 @@ class KroneckerProjection:
                 self._cache[key] = (torch.from_numpy(values) / math.sqrt(dim)).to(dtype)
         return self._cache[key]
 
-    def factors(self, layer: int, out: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def factors(
+        self, layer: int, out: int, width: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
         """``(P_out [k_out, out], P_in [k_in, width])`` of layer number ``layer``."""
-        return self.factor(layer, 0, out, self.dim_out, dtype), self.factor(layer, 1, width, self.dim_in, dtype)
+        return self.factor(layer, 0, out, self.dim_out, dtype), self.factor(
+            layer, 1, width, self.dim_in, dtype
+        )

@@ -103,7 +103,9 @@ class AMEResult:
 def ame_num_models(n_train: int, k: int, c: float = AME_C) -> int:
     """``ceil(c · k · ln n)``: submodels needed to recover ``k`` large AMEs among ``n``."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k: must be a positive integer (expected number of large effects), got {k!r}")
+        raise ValueError(
+            f"k: must be a positive integer (expected number of large effects), got {k!r}"
+        )
     if not isinstance(c, int | float) or not c > 0:
         raise ValueError(f"c: must be > 0, got {c!r}")
     return max(2, math.ceil(c * k * math.log(max(n_train, 2))))
@@ -126,8 +128,10 @@ def ame_design(
     try:
         distribution = PDistribution(distribution)
     except ValueError as err:
-        raise ValueError(f"distribution: expected one of {[d.value for d in PDistribution]}, "
-                         f"got {distribution!r}") from err
+        raise ValueError(
+            f"distribution: expected one of {[d.value for d in PDistribution]}, "
+            f"got {distribution!r}"
+        ) from err
     if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 2:
         raise ValueError(f"n_models: must be an integer >= 2, got {n_models!r}")
     gen = torch.Generator().manual_seed(int(seed))
@@ -139,7 +143,9 @@ def ame_design(
     else:
         if not 0 < shapley_eps < 0.5:
             raise ValueError(f"shapley_eps: must lie in (0, 0.5), got {shapley_eps!r}")
-        p = shapley_eps + (1 - 2 * shapley_eps) * torch.rand(n_models, generator=gen, dtype=torch.float64)
+        p = shapley_eps + (1 - 2 * shapley_eps) * torch.rand(
+            n_models, generator=gen, dtype=torch.float64
+        )
     masks = torch.rand(n_models, n_train, generator=gen, dtype=torch.float64) < p[:, None]
     empty = masks.sum(dim=1) == 0
     masks[empty, 0] = True  # an empty subset cannot be trained on (probability ~0 for real n)
@@ -155,7 +161,9 @@ def ame_features(masks: Tensor, p: Tensor) -> Tensor:
     return x / v
 
 
-def ame_estimate(masks: Tensor, p: Tensor, outcomes: Tensor, *, cv: int = 5, seed: int = 0) -> tuple[Tensor, Tensor]:
+def ame_estimate(
+    masks: Tensor, p: Tensor, outcomes: Tensor, *, cv: int = 5, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Lasso (``LassoCV``) estimates of the AMEs from submodel outcomes.
 
     Args:
@@ -171,7 +179,9 @@ def ame_estimate(masks: Tensor, p: Tensor, outcomes: Tensor, *, cv: int = 5, see
     from sklearn.linear_model import LassoCV
 
     if masks.dim() != 2 or p.shape != (masks.shape[0],):
-        raise ValueError(f"masks/p: expected [K, n] and [K], got {tuple(masks.shape)} and {tuple(p.shape)}")
+        raise ValueError(
+            f"masks/p: expected [K, n] and [K], got {tuple(masks.shape)} and {tuple(p.shape)}"
+        )
     y = outcomes.reshape(masks.shape[0], -1).detach().cpu().double().numpy()
     if not np.isfinite(y).all():
         raise ValueError("outcomes: contains NaN/inf")
@@ -223,9 +233,16 @@ def ame(
     n = num_examples(train, "train")
     n_models = ame_num_models(n, k, c) if n_models is None else n_models
     masks, p = ame_design(n, n_models, distribution=distribution, seed=seed)
-    ensemble = train_ensemble(model, task, train, masks, config=config,
-                              seeds=[int(seed) * 1_000_000 + j for j in range(n_models)],
-                              store_path=store_path, progress=progress)
+    ensemble = train_ensemble(
+        model,
+        task,
+        train,
+        masks,
+        config=config,
+        seeds=[int(seed) * 1_000_000 + j for j in range(n_models)],
+        store_path=store_path,
+        progress=progress,
+    )
     outcomes = ensemble_measurements(model, task, ensemble, query)  # [K, n_query]
     values, penalties = ame_estimate(masks, p, outcomes, cv=cv, seed=seed)
     report(progress, "ame lasso", 1, 1)

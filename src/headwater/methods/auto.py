@@ -39,7 +39,13 @@ from headwater.data import DataLike, iter_batches, num_examples, subset
 from headwater.gradients.functional import bind, detached, evaluation_mode, prepare_batch
 from headwater.task import Task
 
-__all__ = ["CHOLESKY_MACS_PER_SECOND", "DENSE_MACS_PER_SECOND", "TIME_BUDGET_SECONDS", "CurvatureChoice", "choose_curvature"]
+__all__ = [
+    "CHOLESKY_MACS_PER_SECOND",
+    "DENSE_MACS_PER_SECOND",
+    "TIME_BUDGET_SECONDS",
+    "CurvatureChoice",
+    "choose_curvature",
+]
 
 DENSE_MACS_PER_SECOND = 5e9
 """Multiply-adds per second of the dense GGN fit, measured with one thread (the digits
@@ -75,9 +81,15 @@ class CurvatureChoice:
         return {"curvature_choice": self.name, "curvature_choice_reason": self.reason}
 
 
-def choose_curvature(model: nn.Module, task: Task, train: DataLike, *, kind: str = "ggn",
-                     budget_seconds: float = TIME_BUDGET_SECONDS,
-                     max_params: int | None = None) -> CurvatureChoice:
+def choose_curvature(
+    model: nn.Module,
+    task: Task,
+    train: DataLike,
+    *,
+    kind: str = "ggn",
+    budget_seconds: float = TIME_BUDGET_SECONDS,
+    max_params: int | None = None,
+) -> CurvatureChoice:
     """``"exact"`` (Cholesky) when the dense matrix fits the time and memory budget, else
     ``"arnoldi"`` (rank 100) when its products over the data do, else ``"ekfac"`` (see the
     module docs).
@@ -98,20 +110,32 @@ def choose_curvature(model: nn.Module, task: Task, train: DataLike, *, kind: str
     limit = max_params if max_params is not None else Exact().max_params
     size = f"{p:,} parameters, {n:,} examples x {per_example:,} outputs"
     if seconds <= budget_seconds and p <= limit:
-        return CurvatureChoice("exact", {"solver": "cholesky"},
-                               f"curvature=exact (dense {kind}, Cholesky in float64): {size}, estimated "
-                               f"{seconds:.0f} s <= budget {budget_seconds:.0f} s")
-    why = f"~{seconds:,.0f} s > budget {budget_seconds:.0f} s" if p <= limit else \
-        f"{p:,} > {limit:,} parameters for memory"
+        return CurvatureChoice(
+            "exact",
+            {"solver": "cholesky"},
+            f"curvature=exact (dense {kind}, Cholesky in float64): {size}, estimated "
+            f"{seconds:.0f} s <= budget {budget_seconds:.0f} s",
+        )
+    why = (
+        f"~{seconds:,.0f} s > budget {budget_seconds:.0f} s"
+        if p <= limit
+        else f"{p:,} > {limit:,} parameters for memory"
+    )
     if kind != "hessian" and ARNOLDI_STEPS * p * 8 <= limit * limit * 8:  # the Krylov basis fits
         krylov = ARNOLDI_STEPS * _matvec_seconds(model, task, train, kind)
         if krylov <= budget_seconds:
-            return CurvatureChoice("arnoldi", {}, f"curvature=arnoldi (rank {ARNOLDI_STEPS // 2}): the dense {kind} "
-                                   f"would need {why} ({size}); {ARNOLDI_STEPS} products over the data "
-                                   f"estimated {krylov:.0f} s")
+            return CurvatureChoice(
+                "arnoldi",
+                {},
+                f"curvature=arnoldi (rank {ARNOLDI_STEPS // 2}): the dense {kind} "
+                f"would need {why} ({size}); {ARNOLDI_STEPS} products over the data "
+                f"estimated {krylov:.0f} s",
+            )
         why += f"; Arnoldi ~{krylov:,.0f} s"
     fallback = "cg" if kind == "hessian" else "ekfac"
-    return CurvatureChoice(fallback, {}, f"curvature={fallback}: the dense {kind} would need {why} ({size})")
+    return CurvatureChoice(
+        fallback, {}, f"curvature={fallback}: the dense {kind} would need {why} ({size})"
+    )
 
 
 def _matvec_seconds(model: nn.Module, task: Task, train: DataLike, kind: str) -> float:
@@ -124,7 +148,9 @@ def _matvec_seconds(model: nn.Module, task: Task, train: DataLike, kind: str) ->
     m = min(n, PROBE_EXAMPLES)
     params = task.parameters(model)
     matvec = curvature_matvec(model, task, subset(train, range(m)), kind)
-    v = torch.zeros(1, sum(t.numel() for t in params.values()), dtype=next(iter(params.values())).dtype)
+    v = torch.zeros(
+        1, sum(t.numel() for t in params.values()), dtype=next(iter(params.values())).dtype
+    )
     matvec(v)
     with FlopCounterMode(display=False) as counter:
         matvec(v)

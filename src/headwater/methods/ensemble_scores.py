@@ -51,9 +51,12 @@ class Stability:
     pairwise_spearman: Tensor
 
     def summary(self) -> dict[str, float]:
-        return {"k": self.k, "pairwise_topk": float(self.pairwise_topk.mean()),
-                "mean_topk": float(self.mean_topk.mean()),
-                "pairwise_spearman": float(self.pairwise_spearman.nanmean())}
+        return {
+            "k": self.k,
+            "pairwise_topk": float(self.pairwise_topk.mean()),
+            "mean_topk": float(self.mean_topk.mean()),
+            "pairwise_spearman": float(self.pairwise_spearman.nanmean()),
+        }
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,9 @@ def stability(members: Tensor, k: int = 10) -> Stability:
         ValueError: naming ``members`` or ``k`` when the shapes do not allow it.
     """
     if members.dim() != 3 or members.shape[0] < 2:
-        raise ValueError(f"members: expected [M >= 2, n_query, n_train], got {tuple(members.shape)}")
+        raise ValueError(
+            f"members: expected [M >= 2, n_query, n_train], got {tuple(members.shape)}"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= members.shape[2]:
         raise ValueError(f"k: must be an integer in [1, n_train={members.shape[2]}], got {k!r}")
     count = members.shape[0]
@@ -91,7 +96,9 @@ def stability(members: Tensor, k: int = 10) -> Stability:
         pair_top.append((tops[a] & tops[b]).sum(dim=-1).double() / k)
         pair_rho.append(spearman_rows(members[a], members[b]))
     mean_topk = (tops & mean_top).sum(dim=-1).double().mean(dim=0) / k
-    return Stability(k, torch.stack(pair_top).mean(dim=0), mean_topk, torch.stack(pair_rho).nanmean(dim=0))
+    return Stability(
+        k, torch.stack(pair_top).mean(dim=0), mean_topk, torch.stack(pair_rho).nanmean(dim=0)
+    )
 
 
 def ensemble_scores(
@@ -121,6 +128,7 @@ def ensemble_scores(
     if isinstance(models, tuple) and len(models) == 2 and isinstance(models[1], Ensemble):
         template, ensemble = models
         count = len(ensemble)
+
         def get(m: int) -> nn.Module:
             return ensemble.member(template, m)
 
@@ -134,10 +142,14 @@ def ensemble_scores(
     for m in range(count):
         scores = score_fn(get(m))
         if not isinstance(scores, Tensor) or scores.dim() != 2:
-            raise ValueError(f"score_fn: must return a Tensor [n_query, n_train], got {type(scores).__name__}")
+            raise ValueError(
+                f"score_fn: must return a Tensor [n_query, n_train], got {type(scores).__name__}"
+            )
         if rows and scores.shape != rows[0].shape:
-            raise ValueError(f"score_fn: member {m} returned shape {tuple(scores.shape)}, "
-                             f"member 0 {tuple(rows[0].shape)}")
+            raise ValueError(
+                f"score_fn: member {m} returned shape {tuple(scores.shape)}, "
+                f"member 0 {tuple(rows[0].shape)}"
+            )
         if not torch.isfinite(scores).all():
             raise ValueError(f"score_fn: member {m} returned NaN/inf scores")
         rows.append(scores.detach())

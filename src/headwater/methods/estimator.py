@@ -44,7 +44,9 @@ class Estimator(ABC):
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """All scores ``[n_query, n_train]``."""
 
-    def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, query: DataLike, train: DataLike, k: int, *, largest: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``."""
         check_top_k(k)
@@ -58,15 +60,23 @@ class Estimator(ABC):
     def settings(self) -> dict[str, Any]:
         """Everything needed to reproduce the scores (JSON-friendly)."""
 
-    def extremes(self, query: DataLike, train: DataLike, k: int) -> tuple[tuple[Tensor, Tensor], ...]:
+    def extremes(
+        self, query: DataLike, train: DataLike, k: int
+    ) -> tuple[tuple[Tensor, Tensor], ...]:
         """The proponents (``k`` largest scores) and the opponents (``k`` smallest), each
         ``(values, indices)`` ``[n_query, k]``; by default from the full matrix (estimators
         that stream override this with one pass)."""
         values = self.scores(query, train)
         return top_k_of(values, k), top_k_of(values, k, largest=False)
 
-    def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False) -> Scores:
+    def attribute(
+        self,
+        query: DataLike,
+        train: DataLike,
+        *,
+        top_k: int | None = None,
+        self_influence: bool = False,
+    ) -> Scores:
         """:meth:`scores` or, with ``top_k``, the proponents and opponents (:meth:`extremes`);
         with ``self_influence``, also :meth:`self_influence`; as a
         :class:`~headwater.methods.scoring.Scores` without settings (estimators that can take

@@ -45,25 +45,55 @@ from headwater.methods.scoring import Features, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["BlockFeatures", "check_block_curvature", "factored_scores", "module_factors", "module_gradients", "module_scores",
-           "preconditioned_blocks", "train_blocks"]
+__all__ = [
+    "BlockFeatures",
+    "check_block_curvature",
+    "factored_scores",
+    "module_factors",
+    "module_gradients",
+    "module_scores",
+    "preconditioned_blocks",
+    "train_blocks",
+]
 
 
-def module_gradients(model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike, *,
-                     objective: Objective | str = Objective.TRAIN, chunk_size: int = 64,
-                     name: str = "data", progress: ProgressFn | None = None
-                     ) -> Iterator[dict[str, Tensor]]:
+def module_gradients(
+    model: nn.Module,
+    task: Task,
+    blocks: tuple[Block, ...],
+    data: DataLike,
+    *,
+    objective: Objective | str = Objective.TRAIN,
+    chunk_size: int = 64,
+    name: str = "data",
+    progress: ProgressFn | None = None,
+) -> Iterator[dict[str, Tensor]]:
     """Yield per-example block gradients ``{module: [chunk, out, width]}``, in order
     (``G = Σ_t s_t ã_tᵀ`` from :func:`module_factors`; same arguments)."""
-    for factors in module_factors(model, task, blocks, data, objective=objective, chunk_size=chunk_size,
-                                  name=name, progress=progress):
+    for factors in module_factors(
+        model,
+        task,
+        blocks,
+        data,
+        objective=objective,
+        chunk_size=chunk_size,
+        name=name,
+        progress=progress,
+    ):
         yield {module: torch.einsum("bto,bti->boi", s, a) for module, (s, a) in factors.items()}
 
 
-def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data: DataLike, *,
-                   objective: Objective | str = Objective.TRAIN, chunk_size: int = 64,
-                   name: str = "data", progress: ProgressFn | None = None
-                   ) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+def module_factors(
+    model: nn.Module,
+    task: Task,
+    blocks: tuple[Block, ...],
+    data: DataLike,
+    *,
+    objective: Objective | str = Objective.TRAIN,
+    chunk_size: int = 64,
+    name: str = "data",
+    progress: ProgressFn | None = None,
+) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
     """Yield each block's output gradients and inputs ``{module: (s [chunk, T, out],
     ã [chunk, T, width])}``, in order: the per-example gradient is ``Σ_t s_t ã_tᵀ``, from
     one batched forward/backward pass with hooks (the diagonal block's, ``[chunk, 1, P_d]``
@@ -100,8 +130,9 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
             check_values(values, y.shape[0], name, done)
             signals = {**cap.signals(values.sum()), **diagonal.gradients((x, y), value_fn)}
             acts = {**cap.activations(), **diagonal.activations(y.shape[0], values)}
-            check_finite_rows([*signals.values(), *acts.values()], what="layer gradient", name=name,
-                              offset=done)  # the per-example gradients are Σ_t s_t ã_tᵀ
+            check_finite_rows(
+                [*signals.values(), *acts.values()], what="layer gradient", name=name, offset=done
+            )  # the per-example gradients are Σ_t s_t ã_tᵀ
             done += y.shape[0]
             report(progress, f"module gradients ({name})", done, total)
             yield {b.module: (signals[b.module], acts[b.module]) for b in blocks}
@@ -109,11 +140,15 @@ def module_factors(model: nn.Module, task: Task, blocks: tuple[Block, ...], data
 
 def check_block_curvature(model: nn.Module, task: Task, curvature: KroneckerCurvature) -> None:
     if not isinstance(curvature, KroneckerCurvature):
-        raise TypeError(f"curvature: expected a fitted KFAC or EKFAC, got {type(curvature).__name__}")
+        raise TypeError(
+            f"curvature: expected a fitted KFAC or EKFAC, got {type(curvature).__name__}"
+        )
     curvature._check_fitted()
     if ParamLayout.of(task.parameters(model)) != curvature.layout:
-        raise ValueError("curvature: it was fitted on other analysed parameters than task selects "
-                         "in model; refit it or pass the matching task")
+        raise ValueError(
+            "curvature: it was fitted on other analysed parameters than task selects "
+            "in model; refit it or pass the matching task"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,15 +175,31 @@ class BlockFeatures(Features):
         return torch.stack(tiles) if self.stacked else sum(tiles[1:], tiles[0])
 
 
-def preconditioned_blocks(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike, *,
-                          chunk_size: int, progress: ProgressFn | None, stacked: bool = False) -> BlockFeatures:
+def preconditioned_blocks(
+    model: nn.Module,
+    task: Task,
+    curvature: KroneckerCurvature,
+    query: DataLike,
+    *,
+    chunk_size: int,
+    progress: ProgressFn | None,
+    stacked: bool = False,
+) -> BlockFeatures:
     """``(M_m + (wd + λ_m) I)⁻¹ G_m(z_q)`` per block, ``{module: [n_query, out·width]}``,
     written into preallocated rows (no concatenated copy)."""
     blocks, n_query = curvature.blocks, num_examples(query, "query")
     left: dict[str, Tensor] = {}
     row = 0
-    for grads in module_gradients(model, task, blocks, query, objective=Objective.MEASUREMENT,
-                                  chunk_size=chunk_size, name="query", progress=progress):
+    for grads in module_gradients(
+        model,
+        task,
+        blocks,
+        query,
+        objective=Objective.MEASUREMENT,
+        chunk_size=chunk_size,
+        name="query",
+        progress=progress,
+    ):
         for module, pre in curvature.solve_blocks(grads).items():
             if module not in left:
                 left[module] = pre.new_empty(n_query, pre[0].numel())
@@ -157,15 +208,31 @@ def preconditioned_blocks(model: nn.Module, task: Task, curvature: KroneckerCurv
     return BlockFeatures(left, stacked)
 
 
-def train_blocks(model: nn.Module, task: Task, curvature: KroneckerCurvature, train: DataLike, *,
-                 chunk_size: int, progress: ProgressFn | None, stacked: bool = False,
-                 self_sink: list[Tensor] | None = None) -> Iterator[BlockFeatures]:
+def train_blocks(
+    model: nn.Module,
+    task: Task,
+    curvature: KroneckerCurvature,
+    train: DataLike,
+    *,
+    chunk_size: int,
+    progress: ProgressFn | None,
+    stacked: bool = False,
+    self_sink: list[Tensor] | None = None,
+) -> Iterator[BlockFeatures]:
     """This rank's shard of the training block gradients, chunk by chunk; with ``self_sink``
     each chunk's self-influence ``Σ_m ⟨(M_m + …)⁻¹ G_m, G_m⟩ [chunk]`` is appended to it."""
     if _shard_size(train) == 0:
         return
-    for grads in module_gradients(model, task, curvature.blocks, shard(train, "train"), objective=Objective.TRAIN,
-                                  chunk_size=chunk_size, name="train", progress=progress):
+    for grads in module_gradients(
+        model,
+        task,
+        curvature.blocks,
+        shard(train, "train"),
+        objective=Objective.TRAIN,
+        chunk_size=chunk_size,
+        name="train",
+        progress=progress,
+    ):
         if self_sink is not None:
             solved = curvature.solve_blocks(grads)
             self_sink.append(sum((solved[m] * g).sum(dim=(1, 2)) for m, g in grads.items()))
@@ -177,9 +244,16 @@ def _shard_size(train: DataLike) -> int:
     return stop - start
 
 
-def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                  train: DataLike, *, chunk_size: int = 64, progress: ProgressFn | None = None
-                  ) -> dict[str, Tensor]:
+def module_scores(
+    model: nn.Module,
+    task: Task,
+    curvature: KroneckerCurvature,
+    query: DataLike,
+    train: DataLike,
+    *,
+    chunk_size: int = 64,
+    progress: ProgressFn | None = None,
+) -> dict[str, Tensor]:
     """Influence per module: ``{module: score_m [n_query, n_train]}`` (see module docs).
 
     The values sum to the full influence scores
@@ -198,23 +272,42 @@ def module_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, q
         ValueError: if it was fitted on other parameters, or for bad data.
     """
     check_block_curvature(model, task, curvature)
-    left = preconditioned_blocks(model, task, curvature, query, chunk_size=chunk_size, progress=progress,
-                                 stacked=True)
-    chunks = train_blocks(model, task, curvature, train, chunk_size=chunk_size, progress=progress, stacked=True)
-    stacked = pairwise(left, chunks, _shard_size(train), query_chunk=max(len(left), 1))  # [M, n_query, n_local]
-    return {module: gather_columns(block) for module, block in zip(left.parts, stacked, strict=True)}
+    left = preconditioned_blocks(
+        model, task, curvature, query, chunk_size=chunk_size, progress=progress, stacked=True
+    )
+    chunks = train_blocks(
+        model, task, curvature, train, chunk_size=chunk_size, progress=progress, stacked=True
+    )
+    stacked = pairwise(
+        left, chunks, _shard_size(train), query_chunk=max(len(left), 1)
+    )  # [M, n_query, n_local]
+    return {
+        module: gather_columns(block) for module, block in zip(left.parts, stacked, strict=True)
+    }
 
 
-def factored_scores(model: nn.Module, task: Task, curvature: KroneckerCurvature, query: DataLike,
-                    train: DataLike, *, chunk_size: int = 64, query_chunk: int = 256,
-                    progress: ProgressFn | None = None, self_sink: list[Tensor] | None = None) -> Tensor:
+def factored_scores(
+    model: nn.Module,
+    task: Task,
+    curvature: KroneckerCurvature,
+    query: DataLike,
+    train: DataLike,
+    *,
+    chunk_size: int = 64,
+    query_chunk: int = 256,
+    progress: ProgressFn | None = None,
+    self_sink: list[Tensor] | None = None,
+) -> Tensor:
     """Total influence ``[n_query, n_train]``: the sum over modules of :func:`module_scores`
     (same arguments; same convention as ``InfluenceFunction.scores``), through the one tiled
     loop (:func:`~headwater.methods.scoring.pairwise`) without keeping the per-module
     matrices. With ``self_sink`` (a list), the self-influence of this rank's training
     examples is appended to it chunk by chunk, from the same pass over the training gradients."""
     check_block_curvature(model, task, curvature)
-    left = preconditioned_blocks(model, task, curvature, query, chunk_size=chunk_size, progress=progress)
-    chunks = train_blocks(model, task, curvature, train, chunk_size=chunk_size, progress=progress,
-                          self_sink=self_sink)
+    left = preconditioned_blocks(
+        model, task, curvature, query, chunk_size=chunk_size, progress=progress
+    )
+    chunks = train_blocks(
+        model, task, curvature, train, chunk_size=chunk_size, progress=progress, self_sink=self_sink
+    )
     return gather_columns(pairwise(left, chunks, _shard_size(train), query_chunk=query_chunk))

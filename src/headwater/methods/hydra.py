@@ -53,10 +53,19 @@ class Hydra(Estimator):
 
     method = "hydra"
 
-    def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory, *, hessian_free: bool = False,
-                 progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        trajectory: Trajectory,
+        *,
+        hessian_free: bool = False,
+        progress: ProgressFn | None = None,
+    ):
         if not isinstance(trajectory, Trajectory):
-            raise TypeError(f"trajectory: expected a headwater Trajectory, got {type(trajectory).__name__}")
+            raise TypeError(
+                f"trajectory: expected a headwater Trajectory, got {type(trajectory).__name__}"
+            )
         layout = task.parameters(model)
         if tuple(layout) != trajectory.layout.names:
             raise ValueError("trajectory: recorded for other parameters than the task selects")
@@ -89,7 +98,9 @@ class Hydra(Estimator):
         traj = self.trajectory
         n = num_examples(train, "train")
         if n != traj.weights.shape[0]:
-            raise ValueError(f"train: the trajectory was recorded on {traj.weights.shape[0]} examples, got {n}")
+            raise ValueError(
+                f"train: the trajectory was recorded on {traj.weights.shape[0]} examples, got {n}"
+            )
         x_all, y_all = prepare_batch(as_tensors(train, "train"), traj.params)
         x_q, y_q = prepare_batch(as_tensors(query, "query"), traj.params)
         steps = len(traj.batches)
@@ -118,5 +129,13 @@ class Hydra(Estimator):
 
     def settings(self) -> dict[str, Any]:
         c = self.trajectory.config
-        return {"method": "hydra", "hessian_free": self.hessian_free, "lr": c.lr, "epochs": c.epochs,
-                "batch_size": c.batch_size, "momentum": c.momentum, "seed": c.seed, "task": self.task.to_dict()}
+        return {
+            "method": "hydra",
+            "hessian_free": self.hessian_free,
+            "lr": c.lr,
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "momentum": c.momentum,
+            "seed": c.seed,
+            "task": self.task.to_dict(),
+        }

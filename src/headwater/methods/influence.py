@@ -27,7 +27,6 @@ from headwater.task import Task
 __all__ = ["CONTEXT_EXAMPLES", "InfluenceFunction", "fit_context"]
 
 
-
 CONTEXT_EXAMPLES = 256
 """Examples of a Dataset/DataLoader fingerprinted by :func:`fit_context` (pairs of tensors: all)."""
 
@@ -40,11 +39,20 @@ def fit_context(model: nn.Module, task: Task, train: DataLike) -> dict[str, Any]
     ``(inputs, targets)`` pair of tensors, the first :data:`CONTEXT_EXAMPLES` of a
     Dataset or DataLoader (so a change past those is not noticed)."""
     whole = isinstance(train, tuple | list | Mapping)
-    data = fingerprint(*tree_flatten(as_tensors(train, "train") if whole
-                                     else next(iter_batches(train, CONTEXT_EXAMPLES, "train")))[0])
+    data = fingerprint(
+        *tree_flatten(
+            as_tensors(train, "train")
+            if whole
+            else next(iter_batches(train, CONTEXT_EXAMPLES, "train"))
+        )[0]
+    )
     task_key = {k: v for k, v in task.to_dict().items() if k != "measurement"}  # fits never use it
-    return {"task": task_key, "model": fingerprint(*model.state_dict().values()),
-            "n_train": num_examples(train, "train"), "train": data}
+    return {
+        "task": task_key,
+        "model": fingerprint(*model.state_dict().values()),
+        "n_train": num_examples(train, "train"),
+        "train": data,
+    }
 
 
 class InfluenceFunction(Estimator):
@@ -78,21 +86,35 @@ class InfluenceFunction(Estimator):
 
     method = "influence"
 
-    def __init__(self, model: nn.Module, task: Task, curvature: Curvature, *, chunk_size: int = 64,
-                 query_chunk: int = 256, query_batch: int | None = None, progress: ProgressFn | None = None,
-                 notes: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        curvature: Curvature,
+        *,
+        chunk_size: int = 64,
+        query_chunk: int = 256,
+        query_batch: int | None = None,
+        progress: ProgressFn | None = None,
+        notes: dict[str, Any] | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
             raise TypeError(f"task: expected a headwater Task, got {type(task).__name__}")
         if not isinstance(curvature, Curvature):
-            raise TypeError(f"curvature: expected a headwater Curvature, got {type(curvature).__name__}")
+            raise TypeError(
+                f"curvature: expected a headwater Curvature, got {type(curvature).__name__}"
+            )
         for arg, value in (("chunk_size", chunk_size), ("query_chunk", query_chunk)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
-        if query_batch is not None and (isinstance(query_batch, bool) or not isinstance(query_batch, int)
-                                        or query_batch <= 0):
-            raise ValueError(f"query_batch: must be a positive integer or None, got {query_batch!r}")
+        if query_batch is not None and (
+            isinstance(query_batch, bool) or not isinstance(query_batch, int) or query_batch <= 0
+        ):
+            raise ValueError(
+                f"query_batch: must be a positive integer or None, got {query_batch!r}"
+            )
         self.model, self.task, self.curvature = model, task, curvature
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         self.query_batch = query_batch
@@ -118,8 +140,9 @@ class InfluenceFunction(Estimator):
             row += parts[0].shape[0]
         return tuple(out)
 
-    def fit(self, train: DataLike, *, store: str | os.PathLike | None = None,
-            read_only: bool = False) -> InfluenceFunction:
+    def fit(
+        self, train: DataLike, *, store: str | os.PathLike | None = None, read_only: bool = False
+    ) -> InfluenceFunction:
         """Fit the curvature on the training data.
 
         With ``store`` (a base path), a curvature fitted earlier with the same settings,
@@ -135,7 +158,9 @@ class InfluenceFunction(Estimator):
         context = fit_context(self.model, self.task, train) if store is not None else None
 
         def load() -> None:
-            self.curvature.load(store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context)
+            self.curvature.load(
+                store, layout=ParamLayout.of(self.task.parameters(self.model)), context=context
+            )
             if self.curvature.solve_streams_data:  # CG, LiSSA: re-attach the data's operator
                 self.curvature.bind(self.model, self.task, train)
             report(self.progress, "curvature (loaded)", 1, 1)
@@ -143,13 +168,26 @@ class InfluenceFunction(Estimator):
         def note(what: str) -> None:
             self.store_status = f"curvature {what}"
 
-        cached(store, load, lambda: self.curvature.fit(self.model, self.task, train, progress=self.progress),
-               lambda _: self.curvature.save(store, context=context), read_only=read_only, note=note)
+        cached(
+            store,
+            load,
+            lambda: self.curvature.fit(self.model, self.task, train, progress=self.progress),
+            lambda _: self.curvature.save(store, context=context),
+            read_only=read_only,
+            note=note,
+        )
         return self
 
     def _grads(self, data: DataLike, objective: Objective, name: str):
-        return per_example_gradients(self.model, self.task, data, objective=objective,
-                                     chunk_size=self.chunk_size, name=name, progress=self.progress)
+        return per_example_gradients(
+            self.model,
+            self.task,
+            data,
+            objective=objective,
+            chunk_size=self.chunk_size,
+            name=name,
+            progress=self.progress,
+        )
 
     def _shard_grads(self, train: DataLike) -> tuple[Iterable[Tensor], int, int]:
         """Training gradients ``[chunk, P]`` of this rank's shard, its first global index
@@ -163,9 +201,21 @@ class InfluenceFunction(Estimator):
         """``(M + λI)⁻¹ ∇m(z_q)`` for every query, ``[n_query, P]``, solved ``query_chunk``
         rows at a time (an iterative solver's passes over the data serve the whole block)."""
         n_query, left, row = num_examples(query, "query"), None, 0
-        for batch in iter_batches(query, self.query_chunk, "query"):  # raw gradients: one tile at a time
-            grads = torch.cat(list(per_example_gradients(self.model, self.task, batch, objective=Objective.MEASUREMENT,
-                                                         chunk_size=self.chunk_size, name="query")))
+        for batch in iter_batches(
+            query, self.query_chunk, "query"
+        ):  # raw gradients: one tile at a time
+            grads = torch.cat(
+                list(
+                    per_example_gradients(
+                        self.model,
+                        self.task,
+                        batch,
+                        objective=Objective.MEASUREMENT,
+                        chunk_size=self.chunk_size,
+                        name="query",
+                    )
+                )
+            )
             solved = self.curvature.solve(grads)
             if left is None:
                 left = solved.new_empty(n_query, solved.shape[1])
@@ -183,27 +233,40 @@ class InfluenceFunction(Estimator):
             return batched[0]
         return self._all(query, train)
 
-    def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, query: DataLike, train: DataLike, k: int, *, largest: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) scores per query:
         ``(values, indices)``, each ``[n_query, k]``, streamed over the training data
         (under ``torch.distributed``: each rank's best of its shard, then merged)."""
         return self._sides(query, train, k, (largest,))[0]
 
-    def extremes(self, query: DataLike, train: DataLike, k: int) -> tuple[tuple[Tensor, Tensor], ...]:
+    def extremes(
+        self, query: DataLike, train: DataLike, k: int
+    ) -> tuple[tuple[Tensor, Tensor], ...]:
         """The proponents (``k`` largest) and the opponents (``k`` smallest) from one pass."""
         return self._sides(query, train, k, (True, False))
 
-    def _sides(self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...]
-               ) -> tuple[tuple[Tensor, Tensor], ...]:
+    def _sides(
+        self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...]
+    ) -> tuple[tuple[Tensor, Tensor], ...]:
         check_top_k(k)
         batched = self._by_query_batch(
-            query, lambda batch: tuple(t for pair in self._sides(batch, train, k, sides) for t in pair))
+            query,
+            lambda batch: tuple(t for pair in self._sides(batch, train, k, sides) for t in pair),
+        )
         if batched is not None:
             return tuple((batched[2 * s], batched[2 * s + 1]) for s in range(len(sides)))
         return self._best(query, train, k, sides)
 
-    def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False) -> Scores:
+    def attribute(
+        self,
+        query: DataLike,
+        train: DataLike,
+        *,
+        top_k: int | None = None,
+        self_influence: bool = False,
+    ) -> Scores:
         """As :meth:`Estimator.attribute <headwater.methods.estimator.Estimator.attribute>`.
 
         The scores (or the proponents and opponents) and the self-influence come from one
@@ -211,8 +274,11 @@ class InfluenceFunction(Estimator):
         dotted with its own preconditioned gradient. The numbers are those of the separate
         methods. Curvatures whose solve streams over the data (CG, LiSSA) and several query
         batches (``query_batch``) make the passes separately."""
-        fused = (self_influence and not self.curvature.solve_streams_data
-                 and (self.query_batch is None or num_examples(query, "query") <= self.query_batch))
+        fused = (
+            self_influence
+            and not self.curvature.solve_streams_data
+            and (self.query_batch is None or num_examples(query, "query") <= self.query_batch)
+        )
         if not fused:
             return super().attribute(query, train, top_k=top_k, self_influence=self_influence)
         ref = next(iter(self.task.parameters(self.model).values()))
@@ -220,40 +286,82 @@ class InfluenceFunction(Estimator):
         if top_k is None:
             result = Scores(self._all(query, train, self_sink=sink))
         else:
-            (values, indices), (low, low_indices) = self._best(query, train, top_k, (True, False), self_sink=sink)
+            (values, indices), (low, low_indices) = self._best(
+                query, train, top_k, (True, False), self_sink=sink
+            )
             result = Scores(values, indices, opponent_values=low, opponent_indices=low_indices)
-        return dataclasses.replace(result, self_influence=gather_columns(torch.cat(sink).unsqueeze(0))[0])
+        return dataclasses.replace(
+            result, self_influence=gather_columns(torch.cat(sink).unsqueeze(0))[0]
+        )
 
-    def _all(self, query: DataLike, train: DataLike, *, self_sink: list[Tensor] | None = None) -> Tensor:
+    def _all(
+        self, query: DataLike, train: DataLike, *, self_sink: list[Tensor] | None = None
+    ) -> Tensor:
         """The one tiled loop (:mod:`~headwater.methods.scoring`) over the curvature's
         features: every score ``[n_query, n_train]``."""
         left, chunks, _, n_local = self._features(query, train, self_sink)
         return gather_columns(pairwise(left, chunks, n_local, query_chunk=self.query_chunk))
 
-    def _best(self, query: DataLike, train: DataLike, k: int, sides: tuple[bool, ...], *,
-              self_sink: list[Tensor] | None = None) -> tuple[tuple[Tensor, Tensor], ...]:
+    def _best(
+        self,
+        query: DataLike,
+        train: DataLike,
+        k: int,
+        sides: tuple[bool, ...],
+        *,
+        self_sink: list[Tensor] | None = None,
+    ) -> tuple[tuple[Tensor, Tensor], ...]:
         """The same loop, streamed: for each side (``True``: the ``k`` largest scores,
         ``False``: the ``k`` smallest) ``(values, indices)``, each ``[n_query, k]``."""
         left, chunks, start, n_local = self._features(query, train, self_sink)
-        return tuple(sharded_extremes(left, chunks, k, n_train=num_examples(train, "train"), start=start,
-                                      n_local=n_local, sides=sides, query_chunk=self.query_chunk))
+        return tuple(
+            sharded_extremes(
+                left,
+                chunks,
+                k,
+                n_train=num_examples(train, "train"),
+                start=start,
+                n_local=n_local,
+                sides=sides,
+                query_chunk=self.query_chunk,
+            )
+        )
 
-    def _features(self, query: DataLike, train: DataLike, self_sink: list[Tensor] | None
-                  ) -> tuple[FeatureLike, Iterable[FeatureLike], int, int]:
+    def _features(
+        self, query: DataLike, train: DataLike, self_sink: list[Tensor] | None
+    ) -> tuple[FeatureLike, Iterable[FeatureLike], int, int]:
         """Preconditioned query features, this rank's training feature chunks (each chunk's
         self-influence appended to ``self_sink``), the shard's first global index and size."""
         if self._block_features(train):
             curvature = self.curvature
             check_block_curvature(self.model, self.task, curvature)
-            left = preconditioned_blocks(self.model, self.task, curvature, query, chunk_size=self.chunk_size,
-                                         progress=self.progress)
+            left = preconditioned_blocks(
+                self.model,
+                self.task,
+                curvature,
+                query,
+                chunk_size=self.chunk_size,
+                progress=self.progress,
+            )
             start, stop = shard_range(num_examples(train, "train"))
-            chunks = train_blocks(self.model, self.task, curvature, train, chunk_size=self.chunk_size,
-                                  progress=self.progress, self_sink=self_sink)
+            chunks = train_blocks(
+                self.model,
+                self.task,
+                curvature,
+                train,
+                chunk_size=self.chunk_size,
+                progress=self.progress,
+                self_sink=self_sink,
+            )
             return left, chunks, start, stop - start
         left = self.preconditioned_queries(query)
         grads, start, n_local = self._shard_grads(train)
-        return left, (grads if self_sink is None else teed(grads, self_sink, self._self_dots)), start, n_local
+        return (
+            left,
+            (grads if self_sink is None else teed(grads, self_sink, self._self_dots)),
+            start,
+            n_local,
+        )
 
     def _block_features(self, train: DataLike) -> bool:
         """Whether to score block by block: the curvature declares it
@@ -296,6 +404,13 @@ class InfluenceFunction(Estimator):
         return gather_columns(local.unsqueeze(0))[0] if sharded else local
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "influence", **self.curvature.settings(), "fitted_damping": self.curvature.fitted_damping,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size, "query_batch": self.query_batch,
-                **self.notes, **({"store": self.store_status} if self.store_status else {})}
+        return {
+            "method": "influence",
+            **self.curvature.settings(),
+            "fitted_damping": self.curvature.fitted_damping,
+            "task": self.task.to_dict(),
+            "chunk_size": self.chunk_size,
+            "query_batch": self.query_batch,
+            **self.notes,
+            **({"store": self.store_status} if self.store_status else {}),
+        }

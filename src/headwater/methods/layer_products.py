@@ -58,8 +58,11 @@ class LayerGradients(Features):
         ã [B, T, width])}``: kept as factors when ``T = 1``, else summed into ``G``."""
         parts: dict[str, Part] = {}
         for module, (s, a) in factors.items():
-            parts[module] = (s[:, 0], a[:, 0]) if s.shape[1] == 1 else \
-                torch.einsum("bto,bti->boi", s, a).flatten(1)
+            parts[module] = (
+                (s[:, 0], a[:, 0])
+                if s.shape[1] == 1
+                else torch.einsum("bto,bti->boi", s, a).flatten(1)
+            )
         return cls(parts)
 
     @classmethod
@@ -69,7 +72,10 @@ class LayerGradients(Features):
         for module in chunks[0].parts:
             pieces = [c.parts[module] for c in chunks]
             if all(isinstance(p, tuple) for p in pieces):
-                parts[module] = (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
+                parts[module] = (
+                    torch.cat([p[0] for p in pieces]),
+                    torch.cat([p[1] for p in pieces]),
+                )
             else:
                 parts[module] = torch.cat([_full(p) for p in pieces])
         return cls(parts)
@@ -79,20 +85,29 @@ class LayerGradients(Features):
         return (first[0] if isinstance(first, tuple) else first).shape[0]
 
     def __getitem__(self, rows: slice) -> LayerGradients:
-        return LayerGradients({m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
-                               for m, p in self.parts.items()})
+        return LayerGradients(
+            {
+                m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
+                for m, p in self.parts.items()
+            }
+        )
 
     def scaled(self, weights: Tensor) -> LayerGradients:
         """Every example's gradient times ``weights [N]`` (the output factor of a pair)."""
         w = weights.unsqueeze(1)
-        return LayerGradients({m: (p[0] * w, p[1]) if isinstance(p, tuple) else p * w
-                               for m, p in self.parts.items()})
+        return LayerGradients(
+            {m: (p[0] * w, p[1]) if isinstance(p, tuple) else p * w for m, p in self.parts.items()}
+        )
 
     def sq_norms(self) -> Tensor:
         """``‖g_i‖²`` over every block, ``[N]``."""
         total = None
         for part in self.parts.values():
-            sq = part[0].pow(2).sum(1) * part[1].pow(2).sum(1) if isinstance(part, tuple) else part.pow(2).sum(1)
+            sq = (
+                part[0].pow(2).sum(1) * part[1].pow(2).sum(1)
+                if isinstance(part, tuple)
+                else part.pow(2).sum(1)
+            )
             total = sq if total is None else total + sq
         return total
 
@@ -124,13 +139,18 @@ def layer_blocks(model: nn.Module, task: Task, probe: DataLike) -> tuple[Block, 
     params = task.parameters(model)
     blocks = find_blocks(model, params, task, probe)
     few = next(iter_batches(probe, _PROBE, "train"))
-    want = next(per_example_gradients(model, task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
+    want = (
+        next(per_example_gradients(model, task, few, chunk_size=_PROBE, name="train")).pow(2).sum(1)
+    )
     try:
-        got = LayerGradients.of(next(module_factors(model, task, blocks, few, chunk_size=_PROBE,
-                                                    name="train"))).sq_norms()
+        got = LayerGradients.of(
+            next(module_factors(model, task, blocks, few, chunk_size=_PROBE, name="train"))
+        ).sq_norms()
     except RuntimeError as err:  # e.g. a module whose forward hook never ran
         raise ValueError(f"gradients: the layer-wise gradients cannot be taken: {err}") from err
     if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.max())):
-        raise ValueError("gradients: the layer-wise gradients miss part of the per-example gradients "
-                         "(a parameter used outside its module?)")
+        raise ValueError(
+            "gradients: the layer-wise gradients miss part of the per-example gradients "
+            "(a parameter used outside its module?)"
+        )
     return blocks

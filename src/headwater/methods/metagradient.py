@@ -74,15 +74,30 @@ class Metagradient(Estimator):
 
     method = "metagradient"
 
-    def __init__(self, model: nn.Module, task: Task, run: RunRecord, *, hessian_free: bool = False,
-                 query_block: int | None = None, dtype: torch.dtype | None = None,
-                 progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        run: RunRecord,
+        *,
+        hessian_free: bool = False,
+        query_block: int | None = None,
+        dtype: torch.dtype | None = None,
+        progress: ProgressFn | None = None,
+    ):
         check_run(run, task, model, run.n_train if isinstance(run, RunRecord) else -1)
-        if query_block is not None and (isinstance(query_block, bool) or not isinstance(query_block, int)
-                                        or query_block <= 0):
-            raise ValueError(f"query_block: must be a positive integer or None, got {query_block!r}")
+        if query_block is not None and (
+            isinstance(query_block, bool) or not isinstance(query_block, int) or query_block <= 0
+        ):
+            raise ValueError(
+                f"query_block: must be a positive integer or None, got {query_block!r}"
+            )
         self.model, self.task, self.run = model, task, run
-        self.hessian_free, self.query_block, self.progress = bool(hessian_free), query_block, progress
+        self.hessian_free, self.query_block, self.progress = (
+            bool(hessian_free),
+            query_block,
+            progress,
+        )
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
 
     # ---------------------------------------------------------------- model as a function of θ
@@ -91,7 +106,9 @@ class Metagradient(Estimator):
         layout = self.run.layout
 
         def losses(theta: Tensor) -> Tensor:
-            fn = lambda inp: functional_call(self.model, layout.unflatten(theta), (inp,), strict=False)  # noqa: E731
+            def fn(inp: Tensor) -> Tensor:
+                return functional_call(self.model, layout.unflatten(theta), (inp,), strict=False)
+
             return self.task.train_loss(fn, (x, y))
 
         return losses
@@ -101,7 +118,9 @@ class Metagradient(Estimator):
         losses = self._losses_fn(x, y)
         return grad(lambda t: (w * losses(t)).mean())(theta)
 
-    def _tangents(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    def _tangents(
+        self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, vectors: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """``(H_t V [Q, P], J_t V [Q, B])`` from one forward-over-reverse pass per query (vmapped):
         the Hessian of the weighted batch loss and the per-example loss derivatives along
         each row of ``V [Q, P]``; with ``hessian_free`` only ``J_t V`` (forward mode)."""
@@ -132,9 +151,13 @@ class Metagradient(Estimator):
 
     def _step(self, t: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor, count: int):
         run = self.run
-        return optimizer_step(run.optimizer, run.hyper, theta, state, g, run.lrs[t], count, run.max_norms[t])
+        return optimizer_step(
+            run.optimizer, run.hyper, theta, state, g, run.lrs[t], count, run.max_norms[t]
+        )
 
-    def _forward(self, ckpt: Checkpoint, end: int, data) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor]]:
+    def _forward(
+        self, ckpt: Checkpoint, end: int, data
+    ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor]]:
         """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward."""
         x_all, y_all, w_all = data
         theta, state = self._cast(ckpt)
@@ -146,8 +169,15 @@ class Metagradient(Estimator):
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
         return states
 
-    def _pullback(self, t: int, count: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
-                  carry: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    def _pullback(
+        self,
+        t: int,
+        count: int,
+        theta: Tensor,
+        state: tuple[Tensor, ...],
+        g: Tensor,
+        carry: list[Tensor],
+    ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})``
         (``carry = [a_θ, *a_state]``, each ``[Q, P]``, updated in place and emptied): the
         update's pullback written out (:func:`~headwater.train.steps.sgd_pullback`,
@@ -159,11 +189,22 @@ class Metagradient(Estimator):
         if run.optimizer == "sgd":
             a_theta, a_state, a_g = sgd_pullback(run.hyper, run.lrs[t], a_theta, a_state)
         else:
-            a_theta, a_state, a_g = adam_pullback(run.optimizer, run.hyper, theta, state,
-                                                  clip(g, run.max_norms[t]), run.lrs[t], count, a_theta, a_state)
+            a_theta, a_state, a_g = adam_pullback(
+                run.optimizer,
+                run.hyper,
+                theta,
+                state,
+                clip(g, run.max_norms[t]),
+                run.lrs[t],
+                count,
+                a_theta,
+                a_state,
+            )
         return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
 
-    def _backward_step(self, t: int, count: int, forward, carry: list[Tensor], data, out: Tensor) -> None:
+    def _backward_step(
+        self, t: int, count: int, forward, carry: list[Tensor], data, out: Tensor
+    ) -> None:
         """One reverse step: ``carry`` goes from the adjoints of step ``t+1`` to those of
         ``(θ_t, state_t)``; ``dm/dw`` of the batch is added into ``out``."""
         x_all, y_all, w_all = data
@@ -182,11 +223,16 @@ class Metagradient(Estimator):
         theta_T = last.theta.to(self.dtype)
         a_theta = self._measurement_gradients(theta_T, x_q, y_q)  # [Q, P]
         check_values(a_theta.sum(1), x_q.shape[0], "query")
-        carry = [a_theta, *(torch.zeros_like(a_theta) for _ in last.state)]  # adjoints of (θ_t, state_t)
+        carry = [
+            a_theta,
+            *(torch.zeros_like(a_theta) for _ in last.state),
+        ]  # adjoints of (θ_t, state_t)
         del a_theta
         out = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype)
         ckpts = run.checkpoints
-        for start, end in zip(reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True):
+        for start, end in zip(
+            reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True
+        ):
             states = self._forward(start, end, data)
             for t in reversed(range(start.step, end)):
                 count = start.count + t - start.step + 1
@@ -195,7 +241,9 @@ class Metagradient(Estimator):
                 report(self.progress, "metagradient steps", done, total)
         return out
 
-    def hypergradients(self, query: DataLike, train: DataLike, *, weights: Tensor | None = None) -> Tensor:
+    def hypergradients(
+        self, query: DataLike, train: DataLike, *, weights: Tensor | None = None
+    ) -> Tensor:
         """``d m(z_q; θ_T) / d w_i`` at the run's weights (``weights``, default all 1),
         ``[n_query, n_train]``."""
         x_all, y_all = as_tensors(train, "train")
@@ -203,15 +251,29 @@ class Metagradient(Estimator):
         like = torch.empty(0, dtype=self.dtype)
         x_all, y_all = prepare_batch((x_all, y_all), like)
         x_q, y_q = prepare_batch(as_tensors(query, "query"), like)
-        w_all = torch.ones(self.run.n_train, dtype=self.dtype) if weights is None else weights.to(self.dtype)
+        w_all = (
+            torch.ones(self.run.n_train, dtype=self.dtype)
+            if weights is None
+            else weights.to(self.dtype)
+        )
         if tuple(w_all.shape) != (self.run.n_train,):
-            raise ValueError(f"weights: expected shape [{self.run.n_train}], got {tuple(w_all.shape)}")
+            raise ValueError(
+                f"weights: expected shape [{self.run.n_train}], got {tuple(w_all.shape)}"
+            )
         block = self.query_block or max(1, x_q.shape[0])
         starts = range(0, x_q.shape[0], block)
         total = len(starts) * self.run.num_steps
         with evaluation_mode(self.model):
-            parts = [self._block(x_q[s:s + block], y_q[s:s + block], (x_all, y_all, w_all),
-                                 k * self.run.num_steps, total) for k, s in enumerate(starts)]
+            parts = [
+                self._block(
+                    x_q[s : s + block],
+                    y_q[s : s + block],
+                    (x_all, y_all, w_all),
+                    k * self.run.num_steps,
+                    total,
+                )
+                for k, s in enumerate(starts)
+            ]
         return torch.cat(parts)
 
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
@@ -219,6 +281,11 @@ class Metagradient(Estimator):
         return -self.run.n_train * self.hypergradients(query, train)
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "metagradient", "hessian_free": self.hessian_free, "query_block": self.query_block,
-                "dtype": str(self.dtype).removeprefix("torch."), "run": self.run.settings(),
-                "task": self.task.to_dict()}
+        return {
+            "method": "metagradient",
+            "hessian_free": self.hessian_free,
+            "query_block": self.query_block,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "run": self.run.settings(),
+            "task": self.task.to_dict(),
+        }

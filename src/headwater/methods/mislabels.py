@@ -50,8 +50,12 @@ class MislabelRanking:
 
     def top_fraction(self, fraction: float) -> Tensor:
         """The most suspicious ``ceil(fraction · n)`` training indices (what to check first)."""
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not math.isfinite(fraction) \
-                or not 0 < fraction <= 1:
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not math.isfinite(fraction)
+            or not 0 < fraction <= 1
+        ):
             raise ValueError(f"fraction: expected a float in (0, 1], got {fraction!r}")
         return self.order[: max(1, math.ceil(fraction * self.order.numel()))]
 
@@ -65,9 +69,15 @@ def mislabel_ranking(self_influence: Tensor) -> MislabelRanking:
     Raises:
         ValueError: naming ``self_influence`` if it is not 1-D, empty or not finite.
     """
-    if not isinstance(self_influence, Tensor) or self_influence.dim() != 1 or self_influence.numel() == 0:
-        raise ValueError(f"self_influence: expected a non-empty 1-D tensor [n_train], "
-                         f"got {getattr(self_influence, 'shape', type(self_influence))}")
+    if (
+        not isinstance(self_influence, Tensor)
+        or self_influence.dim() != 1
+        or self_influence.numel() == 0
+    ):
+        raise ValueError(
+            f"self_influence: expected a non-empty 1-D tensor [n_train], "
+            f"got {getattr(self_influence, 'shape', type(self_influence))}"
+        )
     if not torch.isfinite(self_influence).all():
         raise ValueError("self_influence: contains NaN/inf")
     order = torch.argsort(self_influence, descending=True, stable=True)
@@ -91,8 +101,12 @@ def detect_mislabels(estimator: InfluenceFunction | TracIn, train: DataLike) -> 
     """
     if isinstance(estimator, TracIn):
         if estimator.renormalize:
-            raise ValueError("estimator: TracIn with renormalize=True gives every example the same "
-                             "self-influence; use renormalize=False for mislabel detection")
+            raise ValueError(
+                "estimator: TracIn with renormalize=True gives every example the same "
+                "self-influence; use renormalize=False for mislabel detection"
+            )
     elif not isinstance(estimator, InfluenceFunction):
-        raise TypeError(f"estimator: expected an InfluenceFunction or TracIn, got {type(estimator).__name__}")
+        raise TypeError(
+            f"estimator: expected an InfluenceFunction or TracIn, got {type(estimator).__name__}"
+        )
     return mislabel_ranking(estimator.self_influence(train))

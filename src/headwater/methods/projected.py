@@ -81,8 +81,10 @@ class _FlatFeatures:
         self.model, self.task, self.projection = model, task, projection
         self.layout = ParamLayout.of(detached(task.parameters(model)))
         if projection.dim > self.layout.num_params:
-            raise ValueError(f"projection: {projection.dim} dimensions exceed the {self.layout.num_params} "
-                             "analysed parameters (the projected curvature would be singular)")
+            raise ValueError(
+                f"projection: {projection.dim} dimensions exceed the {self.layout.num_params} "
+                "analysed parameters (the projected curvature would be singular)"
+            )
         self.dim = projection.dim
 
     def add_gram_(self, matrix: Tensor, alpha: float) -> float:
@@ -92,11 +94,19 @@ class _FlatFeatures:
         return float(gram.trace())
 
     def features(self, batch: tuple[Tensor, Tensor], objective: Objective, name: str) -> Tensor:
-        (g,) = per_example_gradients(self.model, self.task, batch, objective=objective,
-                                     chunk_size=batch[0].shape[0], name=name)
+        (g,) = per_example_gradients(
+            self.model,
+            self.task,
+            batch,
+            objective=objective,
+            chunk_size=batch[0].shape[0],
+            name=name,
+        )
         return self.projection(g)
 
-    def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
+    def pullbacks(
+        self, params: dict[str, Tensor], x: Tensor, cotangents_of
+    ) -> tuple[float, list[Tensor]]:
         """``(w, [Π J_iᵀ c_k(z_i) for each cotangent k])`` for one chunk."""
         with torch.no_grad():
             out = self.task.output(bind(self.model, params), x)
@@ -116,8 +126,10 @@ class _KroneckerFeatures:
         self.diagonal = DiagonalPart(model, task, self.blocks, params)
         self.dtype = next(iter(params.values())).dtype
         device = next(iter(params.values())).device
-        self.factors = [tuple(f.to(device) for f in projection.factors(j, b.out_features, b.width, self.dtype))
-                        for j, b in enumerate(self.blocks)]
+        self.factors = [
+            tuple(f.to(device) for f in projection.factors(j, b.out_features, b.width, self.dtype))
+            for j, b in enumerate(self.blocks)
+        ]
         self.dim = sum(po.shape[0] * pi.shape[0] for po, pi in self.factors)
 
     def add_gram_(self, matrix: Tensor, alpha: float) -> float:
@@ -132,14 +144,18 @@ class _KroneckerFeatures:
             start += block.shape[0]
         return trace
 
-    def _project(self, signals: dict[str, Tensor], acts: dict[str, Tensor], batch_size: int) -> Tensor:
+    def _project(
+        self, signals: dict[str, Tensor], acts: dict[str, Tensor], batch_size: int
+    ) -> Tensor:
         """``signals {module: [..., B, T, out]}``, ``acts {module: [B, T, width]}`` -> ``[..., B, dim]``."""
         parts = []
         for b, (po, pi) in zip(self.blocks, self.factors, strict=True):
             if acts[b.module].shape[0] != batch_size:
-                raise ValueError(f"projection: module {b.module!r} is not called once per example (its input's "
-                                 "first dimension is not the batch, e.g. a position embedding on arange(T)); "
-                                 "leave it out with the task's modules=")
+                raise ValueError(
+                    f"projection: module {b.module!r} is not called once per example (its input's "
+                    "first dimension is not the batch, e.g. a position embedding on arange(T)); "
+                    "leave it out with the task's modules="
+                )
             s, a = signals[b.module] @ po.T, acts[b.module] @ pi.T
             parts.append(torch.einsum("...bto,bti->...boi", s, a).flatten(-2))
         return torch.cat(parts, dim=-1)
@@ -157,7 +173,9 @@ class _KroneckerFeatures:
         acts = {**cap.activations(), **self.diagonal.activations(y.shape[0], values)}
         return self._project(signals, acts, y.shape[0])
 
-    def pullbacks(self, params: dict[str, Tensor], x: Tensor, cotangents_of) -> tuple[float, list[Tensor]]:
+    def pullbacks(
+        self, params: dict[str, Tensor], x: Tensor, cotangents_of
+    ) -> tuple[float, list[Tensor]]:
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad(), capture(self.model, self.blocks) as cap:
             out = self.task.output(bind(self.model, live), x)
@@ -195,11 +213,23 @@ class ProjectedInfluence(Estimator):
 
     method = "influence"
 
-    def __init__(self, model: nn.Module, task: Task, projection: RandomProjection | KroneckerProjection | int, *,
-                 kind: MatrixKind | str = MatrixKind.GGN, damping: float | None = None,
-                 ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO, mc_samples: int = 1, seed: int = 0,
-                 store: str | os.PathLike | None = None, read_only: bool = False, chunk_size: int = 64,
-                 query_chunk: int = 256, progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        projection: RandomProjection | KroneckerProjection | int,
+        *,
+        kind: MatrixKind | str = MatrixKind.GGN,
+        damping: float | None = None,
+        ggn_estimator: GGNEstimator | str = GGNEstimator.AUTO,
+        mc_samples: int = 1,
+        seed: int = 0,
+        store: str | os.PathLike | None = None,
+        read_only: bool = False,
+        chunk_size: int = 64,
+        query_chunk: int = 256,
+        progress: ProgressFn | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -207,13 +237,19 @@ class ProjectedInfluence(Estimator):
         if isinstance(projection, int) and not isinstance(projection, bool):
             projection = RandomProjection(projection, seed=seed)
         if not isinstance(projection, RandomProjection | KroneckerProjection):
-            raise TypeError("projection: expected a positive int, a RandomProjection or a KroneckerProjection, "
-                            f"got {projection!r}")
+            raise TypeError(
+                "projection: expected a positive int, a RandomProjection or a KroneckerProjection, "
+                f"got {projection!r}"
+            )
         self.kind = MatrixKind(kind)
         if self.kind is MatrixKind.HESSIAN:
             raise ValueError("kind: the projected curvature supports 'ggn' and 'ef', not 'hessian'")
         self.estimator = GGNEstimator(ggn_estimator)
-        for arg, value in (("mc_samples", mc_samples), ("chunk_size", chunk_size), ("query_chunk", query_chunk)):
+        for arg, value in (
+            ("mc_samples", mc_samples),
+            ("chunk_size", chunk_size),
+            ("query_chunk", query_chunk),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
         self.model, self.task, self.projection = model, task, projection
@@ -223,21 +259,38 @@ class ProjectedInfluence(Estimator):
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         params = detached(task.parameters(model))
         self.layout = ParamLayout.of(params)
-        self.dtype, self.device = next(iter(params.values())).dtype, next(iter(params.values())).device
-        self._featurizer = (_FlatFeatures(model, task, projection) if isinstance(projection, RandomProjection)
-                            else _KroneckerFeatures(model, task, projection))
+        self.dtype, self.device = (
+            next(iter(params.values())).dtype,
+            next(iter(params.values())).device,
+        )
+        self._featurizer = (
+            _FlatFeatures(model, task, projection)
+            if isinstance(projection, RandomProjection)
+            else _KroneckerFeatures(model, task, projection)
+        )
         self.dim = self._featurizer.dim
         self._features: RowStore | Tensor | None = None  # this rank's rows
-        self._n = self._start = self._n_local = 0  # all training examples; this rank's first one and count
+        self._n = self._start = self._n_local = (
+            0  # all training examples; this rank's first one and count
+        )
         self._chol: Tensor | None = None
         self.fitted_damping: float | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "influence", "curvature": "projected", "projection": self._projection_settings(),
-                "kind": self.kind.value, "damping": self.damping, "fitted_damping": self.fitted_damping,
-                "ggn_estimator": self.estimator.value, "mc_samples": self.mc_samples, "seed": self.seed,
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size,
-                **({"store": dict(self.store_status)} if self.store_status else {})}
+        return {
+            "method": "influence",
+            "curvature": "projected",
+            "projection": self._projection_settings(),
+            "kind": self.kind.value,
+            "damping": self.damping,
+            "fitted_damping": self.fitted_damping,
+            "ggn_estimator": self.estimator.value,
+            "mc_samples": self.mc_samples,
+            "seed": self.seed,
+            "task": self.task.to_dict(),
+            "chunk_size": self.chunk_size,
+            **({"store": dict(self.store_status)} if self.store_status else {}),
+        }
 
     def _projection_settings(self) -> dict[str, Any]:
         return {"type": type(self.projection).__name__, **self.projection.settings()}
@@ -248,15 +301,22 @@ class ProjectedInfluence(Estimator):
         context = fit_context(self.model, self.task, train)
         # neither the rows nor the stored Π M Πᵀ hold the weight decay (added at fit time)
         context["task"] = {k: v for k, v in context["task"].items() if k != "weight_decay"}
-        return {"projection": self._projection_settings(), "num_params": self.layout.num_params,
-                "shard": [self._start, self._start + self._n_local], **context}
+        return {
+            "projection": self._projection_settings(),
+            "num_params": self.layout.num_params,
+            "shard": [self._start, self._start + self._n_local],
+            **context,
+        }
 
     def _curvature_key(self, row_key: dict[str, Any]) -> dict[str, Any]:
         """The rows' key and how ``M`` is formed (the damping is added later, not stored)."""
         sampled = self.kind is MatrixKind.GGN and self.estimator is not GGNEstimator.EXACT
-        return {**row_key, "kind": self.kind.value,
-                **({"ggn_estimator": self.estimator.value} if self.kind is MatrixKind.GGN else {}),
-                **({"mc_samples": self.mc_samples, "seed": self.seed} if sampled else {})}
+        return {
+            **row_key,
+            "kind": self.kind.value,
+            **({"ggn_estimator": self.estimator.value} if self.kind is MatrixKind.GGN else {}),
+            **({"mc_samples": self.mc_samples, "seed": self.seed} if sampled else {}),
+        }
 
     # ------------------------------------------------------------------ fitting
     def _path(self, suffix: str) -> Path | None:
@@ -264,7 +324,9 @@ class ProjectedInfluence(Estimator):
         if self.store is None:
             return None
         rank, size = world()
-        return self.store.with_name(f"{self.store.name}-{suffix}" + (f"-rank{rank}of{size}" if size > 1 else ""))
+        return self.store.with_name(
+            f"{self.store.name}-{suffix}" + (f"-rank{rank}of{size}" if size > 1 else "")
+        )
 
     def fit(self, train: DataLike) -> ProjectedInfluence:
         """Project every training gradient and form ``K``; resumes from ``store``.
@@ -290,9 +352,15 @@ class ProjectedInfluence(Estimator):
             all_reduce_sum_(total)
             return {"mean": total.div_(n)}
 
-        mean = cached(curvature_path, load, compute, lambda t: store_mod.save(curvature_path, t, key),
-                      per_rank=True, read_only=self.read_only,
-                      note=lambda what: self.store_status.__setitem__("curvature", what))["mean"].to(self.device)
+        mean = cached(
+            curvature_path,
+            load,
+            compute,
+            lambda t: store_mod.save(curvature_path, t, key),
+            per_rank=True,
+            read_only=self.read_only,
+            note=lambda what: self.store_status.__setitem__("curvature", what),
+        )["mean"].to(self.device)
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         matrix = mean  # already saved (if stored): free to modify
         gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
@@ -304,8 +372,10 @@ class ProjectedInfluence(Estimator):
         del mean
         chol, info = torch.linalg.cholesky_ex(matrix)  # reads the lower triangle only
         if int(info) != 0:
-            raise ValueError(f"damping: the projected curvature is not positive definite with damping={damping}; "
-                             "increase it (or use fewer projected dimensions than training examples)")
+            raise ValueError(
+                f"damping: the projected curvature is not positive definite with damping={damping}; "
+                "increase it (or use fewer projected dimensions than training examples)"
+            )
         self._chol, self._features = chol, features
         return self
 
@@ -315,8 +385,13 @@ class ProjectedInfluence(Estimator):
         if path is not None:  # every rank opens (or is refused) together, empty shards too
             dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
             rows = store_mod.on_every_rank(
-                lambda: RowStore(path, (n_local, self.dim), dtype, key, read_only=self.read_only)
-                if n_local > 0 else None, path)
+                lambda: (
+                    RowStore(path, (n_local, self.dim), dtype, key, read_only=self.read_only)
+                    if n_local > 0
+                    else None
+                ),
+                path,
+            )
             if rows is not None:
                 self.store_status["train"] = rows.status
                 log.info("projected training gradients: %s", rows.status)
@@ -331,9 +406,14 @@ class ProjectedInfluence(Estimator):
                 if done == 0:
                     check_batch(self.model, self.task, batch, "train")
                 with evaluation_mode(self.model):
-                    phi = self._featurizer.features((take(batch[0], slice(skip, None)), batch[1][skip:]),
-                                                    Objective.TRAIN, "train")
-                check_finite_rows(phi, what="projected gradient", name="train", offset=self._start + done + skip)
+                    phi = self._featurizer.features(
+                        (take(batch[0], slice(skip, None)), batch[1][skip:]),
+                        Objective.TRAIN,
+                        "train",
+                    )
+                check_finite_rows(
+                    phi, what="projected gradient", name="train", offset=self._start + done + skip
+                )
                 if rows is None:
                     out.append(phi)
                 else:
@@ -344,7 +424,10 @@ class ProjectedInfluence(Estimator):
 
     def _feature_chunks(self, features: RowStore | Tensor):
         if isinstance(features, RowStore):
-            yield from (c.to(device=self.device, dtype=self.dtype) for c in features.chunks(max(self.chunk_size, 1024)))
+            yield from (
+                c.to(device=self.device, dtype=self.dtype)
+                for c in features.chunks(max(self.chunk_size, 1024))
+            )
         else:
             yield features
 
@@ -364,15 +447,25 @@ class ProjectedInfluence(Estimator):
 
         def cotangents_of(out: Tensor) -> tuple[float, Tensor]:
             estimator = self.estimator.resolve(out[0].numel())
-            return output_cotangents(self.task, out, y, MatrixKind.GGN, estimator, self.seed, self._start + done,
-                                     self.mc_samples)
+            return output_cotangents(
+                self.task,
+                out,
+                y,
+                MatrixKind.GGN,
+                estimator,
+                self.seed,
+                self._start + done,
+                self.mc_samples,
+            )
 
         done = 0
         with evaluation_mode(self.model):
             for batch in local_batches(train, self.chunk_size, "train"):
                 x, y = prepare_batch(batch, next(iter(params.values())))
                 weight, projected = self._featurizer.pullbacks(params, x, cotangents_of)
-                psi = torch.cat(projected)  # [K·B, k]: one product in the model's dtype, summed in float64
+                psi = torch.cat(
+                    projected
+                )  # [K·B, k]: one product in the model's dtype, summed in float64
                 total.add_(psi.T @ psi, alpha=weight)  # in place, float64 sum
                 done += y.shape[0]
                 report(self.progress, "projected GGN", done, self._n_local)
@@ -386,10 +479,20 @@ class ProjectedInfluence(Estimator):
     def preconditioned_queries(self, query: DataLike) -> Tensor:
         """``K⁻¹ φ_m(z_q)`` for every query, ``[n_query, k]``."""
         self._check_fitted()
-        check_batch(self.model, self.task, next(iter_batches(query, 1, "query")), "query", Objective.MEASUREMENT)
+        check_batch(
+            self.model,
+            self.task,
+            next(iter_batches(query, 1, "query")),
+            "query",
+            Objective.MEASUREMENT,
+        )
         with evaluation_mode(self.model):
-            phi = torch.cat([self._featurizer.features(batch, Objective.MEASUREMENT, "query")
-                             for batch in iter_batches(query, self.chunk_size, "query")]).double()
+            phi = torch.cat(
+                [
+                    self._featurizer.features(batch, Objective.MEASUREMENT, "query")
+                    for batch in iter_batches(query, self.chunk_size, "query")
+                ]
+            ).double()
         check_finite_rows(phi, what="projected gradient", name="query")
         return torch.cholesky_solve(phi.T, self._chol).T.to(self.dtype)
 
@@ -399,30 +502,62 @@ class ProjectedInfluence(Estimator):
         rank scores its rows and every rank returns all columns)."""
         return self.attribute(query, train).values
 
-    def top_k(self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
-              ) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, query: DataLike, train: DataLike | None, k: int, *, largest: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (or smallest) scores per query: ``(values, indices)``."""
         return self.extremes(query, train, k, sides=(largest,))[0]
 
-    def extremes(self, query: DataLike, train: DataLike | None, k: int, *, sides: tuple[bool, ...] = (True, False),
-                 self_sink: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+    def extremes(
+        self,
+        query: DataLike,
+        train: DataLike | None,
+        k: int,
+        *,
+        sides: tuple[bool, ...] = (True, False),
+        self_sink: list[Tensor] | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
         """:meth:`top_k` for several sides (default: proponents and opponents) in one pass over
         this rank's stored features (each chunk's self-influence appended to ``self_sink``)."""
         left = self.preconditioned_queries(query)
-        return sharded_extremes(left, self._chunks(train, self_sink), k, n_train=self._n, start=self._start,
-                                n_local=self._features.shape[0], sides=sides, query_chunk=self.query_chunk)
+        return sharded_extremes(
+            left,
+            self._chunks(train, self_sink),
+            k,
+            n_train=self._n,
+            start=self._start,
+            n_local=self._features.shape[0],
+            sides=sides,
+            query_chunk=self.query_chunk,
+        )
 
-    def attribute(self, query: DataLike, train: DataLike | None, *, top_k: int | None = None,
-                  self_influence: bool = False) -> Scores:
+    def attribute(
+        self,
+        query: DataLike,
+        train: DataLike | None,
+        *,
+        top_k: int | None = None,
+        self_influence: bool = False,
+    ) -> Scores:
         """As :meth:`Estimator.attribute`, the self-influence from the same pass over the
         stored training features as the scores."""
         sink = [torch.zeros(0, dtype=self.dtype, device=self.device)] if self_influence else None
         if top_k is None:
             left = self.preconditioned_queries(query)
-            result = Scores(gather_columns(pairwise(left, self._chunks(train, sink), self._features.shape[0],
-                                                    query_chunk=self.query_chunk)))
+            result = Scores(
+                gather_columns(
+                    pairwise(
+                        left,
+                        self._chunks(train, sink),
+                        self._features.shape[0],
+                        query_chunk=self.query_chunk,
+                    )
+                )
+            )
         else:
-            (values, indices), (low, low_indices) = self.extremes(query, train, top_k, self_sink=sink)
+            (values, indices), (low, low_indices) = self.extremes(
+                query, train, top_k, self_sink=sink
+            )
             result = Scores(values, indices, opponent_values=low, opponent_indices=low_indices)
         si = None if sink is None else gather_columns(torch.cat(sink).unsqueeze(0))[0]
         return dataclasses.replace(result, self_influence=si)
@@ -449,4 +584,6 @@ class ProjectedInfluence(Estimator):
     def _check_train(self, train: DataLike | None) -> None:
         self._check_fitted()
         if train is not None and num_examples(train, "train") != self._n:
-            raise ValueError(f"train: fitted on {self._n} training examples, got {num_examples(train, 'train')}")
+            raise ValueError(
+                f"train: fitted on {self._n} training examples, got {num_examples(train, 'train')}"
+            )

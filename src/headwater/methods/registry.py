@@ -103,20 +103,31 @@ class AttributionSettings:
             object.__setattr__(self, "curvature", None)
         if self.top_k is not None:
             check_top_k(self.top_k)
-        for name in ("chunk_size", "query_chunk") + (("query_batch",) if self.query_batch is not None else ()):
+        for name in ("chunk_size", "query_chunk") + (
+            ("query_batch",) if self.query_batch is not None else ()
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.kind not in [k.value for k in MatrixKind]:
-            raise ValueError(f"kind: expected one of {[k.value for k in MatrixKind]}, got {self.kind!r}")
+            raise ValueError(
+                f"kind: expected one of {[k.value for k in MatrixKind]}, got {self.kind!r}"
+            )
         if self.curvature_options is not None and not isinstance(self.curvature_options, dict):
-            raise TypeError(f"curvature_options: expected a dict, got {type(self.curvature_options).__name__}")
+            raise TypeError(
+                f"curvature_options: expected a dict, got {type(self.curvature_options).__name__}"
+            )
         spec = METHODS[self.method]
         for field in dataclasses.fields(self):
-            if field.name in _OPTIONAL and field.name not in spec.options and \
-                    getattr(self, field.name) != field.default:
+            if (
+                field.name in _OPTIONAL
+                and field.name not in spec.options
+                and getattr(self, field.name) != field.default
+            ):
                 users = [name for name, s in METHODS.items() if field.name in s.options]
-                raise ValueError(f"{field.name}: not used by method={self.method!r} (used by: {', '.join(users)})")
+                raise ValueError(
+                    f"{field.name}: not used by method={self.method!r} (used by: {', '.join(users)})"
+                )
         if self.self_influence and not spec.self_influence:
             raise ValueError(f"self_influence: not defined for method={self.method!r}")
         if self.method == "influence":
@@ -134,34 +145,66 @@ class AttributionSettings:
         return "exact" if self.projection is not None else None
 
 
-_OPTIONAL = ("curvature", "damping", "projection", "kind", "query_batch", "curvature_options",
-             "renormalize", "store", "read_only_store")
+_OPTIONAL = (
+    "curvature",
+    "damping",
+    "projection",
+    "kind",
+    "query_batch",
+    "curvature_options",
+    "renormalize",
+    "store",
+    "read_only_store",
+)
 """Settings only some methods read (the others are common to every method)."""
 
 
-def check_curvature_options(curvature: str | None, options: dict[str, Any] | None, *, projected: bool) -> None:
+def check_curvature_options(
+    curvature: str | None, options: dict[str, Any] | None, *, projected: bool
+) -> None:
     """``ConfigError`` naming an option the curvature class (or, ``projected``, the projected
     estimator) does not take, listing the valid ones; ``curvature`` is a known name (``None``:
     the automatic choice, whose options are EK-FAC's)."""
     if projected:
-        reserved = ("model", "task", "projection", "kind", "damping", "chunk_size", "query_chunk", "progress")
-        check_option_names(ProjectedInfluence, options or {}, what="curvature_options", reserved=reserved)
+        reserved = (
+            "model",
+            "task",
+            "projection",
+            "kind",
+            "damping",
+            "chunk_size",
+            "query_chunk",
+            "progress",
+        )
+        check_option_names(
+            ProjectedInfluence, options or {}, what="curvature_options", reserved=reserved
+        )
     else:
-        check_option_names(CURVATURES[curvature or "ekfac"], options or {}, what="curvature_options",
-                           reserved=("kind", "damping"))
+        check_option_names(
+            CURVATURES[curvature or "ekfac"],
+            options or {},
+            what="curvature_options",
+            reserved=("kind", "damping"),
+        )
 
 
 def _check_influence(s: AttributionSettings) -> None:
     if s.projection is not None:
         if isinstance(s.projection, bool) or not isinstance(s.projection, Projection):
-            raise TypeError("projection: expected a positive int, a RandomProjection or a KroneckerProjection, "
-                            f"got {s.projection!r}")
+            raise TypeError(
+                "projection: expected a positive int, a RandomProjection or a KroneckerProjection, "
+                f"got {s.projection!r}"
+            )
         if s.curvature not in (None, "exact"):
-            raise ValueError(f"curvature: with projection the projected curvature is dense (k x k); pass "
-                             f"curvature='exact' or None, not {s.curvature!r}")
+            raise ValueError(
+                f"curvature: with projection the projected curvature is dense (k x k); pass "
+                f"curvature='exact' or None, not {s.curvature!r}"
+            )
         if s.query_batch is not None:
-            raise ValueError("query_batch: batches the preconditioned queries of method='influence' without "
-                             "projection (its queries are k-dimensional)")
+            raise ValueError(
+                "query_batch: batches the preconditioned queries of method='influence' without "
+                "projection (its queries are k-dimensional)"
+            )
         options = s.curvature_options or {}
         if s.store is not None and options.get("store") not in (None, s.store):
             raise ValueError("store: given twice (also in curvature_options) with different paths")
@@ -170,51 +213,96 @@ def _check_influence(s: AttributionSettings) -> None:
     check_curvature_options(s.curvature, s.curvature_options, projected=s.projection is not None)
 
 
-def _influence(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
-               ) -> Estimator:
+def _influence(
+    model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+) -> Estimator:
     options = dict(s.curvature_options or {})
     if s.projection is not None:
         if s.store is not None:
             options["store"] = s.store
         if s.read_only_store:
             options["read_only"] = True
-        return ProjectedInfluence(model, task, s.projection, kind=s.kind, damping=s.damping,
-                                  chunk_size=s.chunk_size, query_chunk=s.query_chunk, progress=inputs.progress,
-                                  **options).fit(train)
+        return ProjectedInfluence(
+            model,
+            task,
+            s.projection,
+            kind=s.kind,
+            damping=s.damping,
+            chunk_size=s.chunk_size,
+            query_chunk=s.query_chunk,
+            progress=inputs.progress,
+            **options,
+        ).fit(train)
     name, notes = s.curvature, None
     if name is None:  # the most accurate curvature the budget allows, said in one line
         choice = choose_curvature(model, task, train, kind=s.kind)
         report(inputs.progress, choice.reason, 1, 1)
         name, options, notes = choice.name, {**choice.options, **options}, choice.to_dict()
     curvature = CURVATURES[name](kind=s.kind, damping=s.damping, **options)
-    return InfluenceFunction(model, task, curvature, chunk_size=s.chunk_size, query_chunk=s.query_chunk,
-                             query_batch=s.query_batch, progress=inputs.progress,
-                             notes=notes).fit(train, store=s.store, read_only=s.read_only_store)
+    return InfluenceFunction(
+        model,
+        task,
+        curvature,
+        chunk_size=s.chunk_size,
+        query_chunk=s.query_chunk,
+        query_batch=s.query_batch,
+        progress=inputs.progress,
+        notes=notes,
+    ).fit(train, store=s.store, read_only=s.read_only_store)
 
 
-def _tracin(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike) -> Estimator:
+def _tracin(
+    model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+) -> Estimator:
     if inputs.checkpoints is None:
         raise ValueError("checkpoints: method='tracin' needs the training checkpoints")
-    return TracIn(model, task, inputs.checkpoints, renormalize=s.renormalize, chunk_size=s.chunk_size,
-                  query_chunk=s.query_chunk, progress=inputs.progress)
+    return TracIn(
+        model,
+        task,
+        inputs.checkpoints,
+        renormalize=s.renormalize,
+        chunk_size=s.chunk_size,
+        query_chunk=s.query_chunk,
+        progress=inputs.progress,
+    )
 
 
-def _hydra(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike) -> Estimator:
+def _hydra(
+    model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+) -> Estimator:
     if inputs.trajectory is None:
-        raise ValueError("trajectory: method='hydra' needs a recorded run (headwater.train.train_sgd)")
+        raise ValueError(
+            "trajectory: method='hydra' needs a recorded run (headwater.train.train_sgd)"
+        )
     return Hydra(model, task, inputs.trajectory, progress=inputs.progress)
 
 
-def _metagradient(model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
-                  ) -> Estimator:
+def _metagradient(
+    model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
+) -> Estimator:
     if inputs.run is None:
-        raise ValueError("run: method='metagradient' needs a recorded run (headwater.train.Recorder)")
+        raise ValueError(
+            "run: method='metagradient' needs a recorded run (headwater.train.Recorder)"
+        )
     return Metagradient(model, task, inputs.run, progress=inputs.progress)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "influence": MethodSpec(_influence, frozenset({"curvature", "damping", "projection", "kind", "query_batch",
-                                                   "curvature_options", "store", "read_only_store"})),
+    "influence": MethodSpec(
+        _influence,
+        frozenset(
+            {
+                "curvature",
+                "damping",
+                "projection",
+                "kind",
+                "query_batch",
+                "curvature_options",
+                "store",
+                "read_only_store",
+            }
+        ),
+    ),
     "tracin": MethodSpec(_tracin, frozenset({"renormalize"})),
     "hydra": MethodSpec(_hydra, frozenset(), self_influence=False),
     "metagradient": MethodSpec(_metagradient, frozenset(), self_influence=False),

@@ -100,18 +100,31 @@ class RenormalizedInfluence(Estimator):
 
     method = "renormalized_influence"
 
-    def __init__(self, influence: InfluenceFunction, *, norm: Renormalization | str = Renormalization.GRADIENT,
-                 normalize_query: bool = False):
+    def __init__(
+        self,
+        influence: InfluenceFunction,
+        *,
+        norm: Renormalization | str = Renormalization.GRADIENT,
+        normalize_query: bool = False,
+    ):
         if not isinstance(influence, InfluenceFunction):
-            raise TypeError(f"influence: expected a headwater InfluenceFunction, got {type(influence).__name__}")
+            raise TypeError(
+                f"influence: expected a headwater InfluenceFunction, got {type(influence).__name__}"
+            )
         try:
             self.norm = Renormalization(norm)
         except ValueError as err:
-            raise ValueError(f"norm: expected one of {[r.value for r in Renormalization]}, got {norm!r}") from err
+            raise ValueError(
+                f"norm: expected one of {[r.value for r in Renormalization]}, got {norm!r}"
+            ) from err
         if not isinstance(normalize_query, bool):
-            raise TypeError(f"normalize_query: expected a bool, got {type(normalize_query).__name__}")
+            raise TypeError(
+                f"normalize_query: expected a bool, got {type(normalize_query).__name__}"
+            )
         if influence.curvature.state is None:
-            raise RuntimeError("influence: its curvature is not fitted; call influence.fit(train) first")
+            raise RuntimeError(
+                "influence: its curvature is not fitted; call influence.fit(train) first"
+            )
         self.influence = influence
         self.normalize_query = normalize_query
         self._layers = layer_slices(influence.curvature.layout)
@@ -131,14 +144,23 @@ class RenormalizedInfluence(Estimator):
             return out
         quad = (self.influence.curvature.solve(g) * g).sum(dim=1, keepdim=True)  # [B, 1]
         if (quad < 0).any():
-            raise ValueError("norm: 'curvature' needs a positive definite curvature (found gᵀ(M+λI)⁻¹g < 0); "
-                             "use kind='ggn' or more damping")
+            raise ValueError(
+                "norm: 'curvature' needs a positive definite curvature (found gᵀ(M+λI)⁻¹g < 0); "
+                "use kind='ggn' or more damping"
+            )
         return g / quad.sqrt().clamp_min(_TINY)
 
     def _grads(self, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
         inf = self.influence
-        return per_example_gradients(inf.model, inf.task, data, objective=objective, chunk_size=inf.chunk_size,
-                                     name=name, progress=inf.progress)
+        return per_example_gradients(
+            inf.model,
+            inf.task,
+            data,
+            objective=objective,
+            chunk_size=inf.chunk_size,
+            name=name,
+            progress=inf.progress,
+        )
 
     def _train_grads(self, train: DataLike) -> Iterator[Tensor]:
         for g in self._grads(train, Objective.TRAIN, "train"):  # [B, P]
@@ -156,16 +178,31 @@ class RenormalizedInfluence(Estimator):
     def scores(self, query: DataLike, train: DataLike) -> Tensor:
         """All renormalized scores ``[n_query, n_train]``, streamed over the training data."""
         left = self.preconditioned_queries(query)
-        return pairwise(left, self._train_grads(train), num_examples(train, "train"),
-                        query_chunk=self.influence.query_chunk)
+        return pairwise(
+            left,
+            self._train_grads(train),
+            num_examples(train, "train"),
+            query_chunk=self.influence.query_chunk,
+        )
 
-    def top_k(self, query: DataLike, train: DataLike, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, query: DataLike, train: DataLike, k: int, *, largest: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` largest (proponents) or smallest (opponents) renormalized scores per
         query: ``(values, indices)``, each ``[n_query, k]``."""
         left = self.preconditioned_queries(query)
-        return pairwise_top_k(left, self._train_grads(train), k, largest=largest,
-                              query_chunk=self.influence.query_chunk)
+        return pairwise_top_k(
+            left,
+            self._train_grads(train),
+            k,
+            largest=largest,
+            query_chunk=self.influence.query_chunk,
+        )
 
     def settings(self) -> dict[str, Any]:
-        return {**self.influence.settings(), "method": "renormalized_influence", "norm": self.norm.value,
-                "normalize_query": self.normalize_query}
+        return {
+            **self.influence.settings(),
+            "method": "renormalized_influence",
+            "norm": self.norm.value,
+            "normalize_query": self.normalize_query,
+        }

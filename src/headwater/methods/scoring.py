@@ -28,8 +28,20 @@ from torch import Tensor
 from headwater.distributed import gather_columns, world
 from headwater.errors import check_finite_rows
 
-__all__ = ["FeatureLike", "Features", "Scores", "check_scores", "check_top_k", "gather_top_k", "pairwise",
-           "pairwise_top_k", "sharded_extremes", "sharded_top_k", "teed", "top_k_of"]
+__all__ = [
+    "FeatureLike",
+    "Features",
+    "Scores",
+    "check_scores",
+    "check_top_k",
+    "gather_top_k",
+    "pairwise",
+    "pairwise_top_k",
+    "sharded_extremes",
+    "sharded_top_k",
+    "teed",
+    "top_k_of",
+]
 
 
 T = TypeVar("T")
@@ -69,7 +81,9 @@ def check_scores(scores: Scores) -> Scores:
     if scores.opponent_values is not None:
         check_finite_rows(scores.opponent_values, what="top-k score", name="query", cause=cause)
     if scores.self_influence is not None:
-        check_finite_rows(scores.self_influence.unsqueeze(1), what="self-influence", name="train", cause=cause)
+        check_finite_rows(
+            scores.self_influence.unsqueeze(1), what="self-influence", name="train", cause=cause
+        )
     return scores
 
 
@@ -87,7 +101,6 @@ def top_k_of(values: Tensor, k: int, *, largest: bool = True) -> tuple[Tensor, T
     check_top_k(k, values.shape[1])
     top = values.topk(k, dim=1, largest=largest)
     return top.values, top.indices
-
 
 
 class Features(ABC):
@@ -116,14 +129,17 @@ def _dot(left: FeatureLike, right: FeatureLike) -> Tensor:
     return left.dot(right)
 
 
-def _tiles(left: FeatureLike, chunk: FeatureLike, query_chunk: int) -> Iterable[tuple[slice, Tensor]]:
+def _tiles(
+    left: FeatureLike, chunk: FeatureLike, query_chunk: int
+) -> Iterable[tuple[slice, Tensor]]:
     for start in range(0, len(left), query_chunk):
         rows = slice(start, start + query_chunk)
         yield rows, _dot(left[rows], chunk)
 
 
-def pairwise(left: FeatureLike, train_grads: Iterable[FeatureLike], n_train: int, *,
-             query_chunk: int = 256) -> Tensor:
+def pairwise(
+    left: FeatureLike, train_grads: Iterable[FeatureLike], n_train: int, *, query_chunk: int = 256
+) -> Tensor:
     """All scores ``[n_query, n_train]`` (``[..., n_query, n_train]`` when the features'
     dot product has leading dimensions, e.g. one score matrix per module)."""
     out: Tensor | None = None
@@ -146,14 +162,25 @@ def _empty_scores(left: FeatureLike, n_train: int) -> Tensor:
     return probe.new_empty(*probe.shape[:-2], len(left), n_train)
 
 
-def pairwise_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, largest: bool = True,
-                   query_chunk: int = 256) -> tuple[Tensor, Tensor]:
+def pairwise_top_k(
+    left: FeatureLike,
+    train_grads: Iterable[FeatureLike],
+    k: int,
+    *,
+    largest: bool = True,
+    query_chunk: int = 256,
+) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (or smallest) scores per query, streamed: ``(values, indices)``, ``[n_query, k]``."""
     return _streamed_best(left, train_grads, k, (largest,), query_chunk)[0]
 
 
-def _streamed_best(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, sides: tuple[bool, ...],
-                   query_chunk: int) -> list[tuple[Tensor, Tensor]]:
+def _streamed_best(
+    left: FeatureLike,
+    train_grads: Iterable[FeatureLike],
+    k: int,
+    sides: tuple[bool, ...],
+    query_chunk: int,
+) -> list[tuple[Tensor, Tensor]]:
     """For each side (``True``: largest, ``False``: smallest), the best ``k`` scores per query
     and their training indices, from one pass over ``train_grads``."""
     check_top_k(k)
@@ -162,11 +189,19 @@ def _streamed_best(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int
     for chunk in train_grads:
         tile = torch.cat([t for _, t in _tiles(left, chunk, query_chunk)])
         if best is None:
-            best = [(tile.new_empty(len(left), 0), torch.empty(len(left), 0, dtype=torch.long, device=tile.device))
-                    for _ in sides]
+            best = [
+                (
+                    tile.new_empty(len(left), 0),
+                    torch.empty(len(left), 0, dtype=torch.long, device=tile.device),
+                )
+                for _ in sides
+            ]
         idx = torch.arange(col, col + len(chunk), device=tile.device).expand(len(left), -1)
         for s, largest in enumerate(sides):
-            cand_v, cand_i = torch.cat([best[s][0], tile], dim=1), torch.cat([best[s][1], idx], dim=1)
+            cand_v, cand_i = (
+                torch.cat([best[s][0], tile], dim=1),
+                torch.cat([best[s][1], idx], dim=1),
+            )
             values, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1, largest=largest, sorted=True)
             best[s] = (values, cand_i.gather(1, pos))
         col += len(chunk)
@@ -175,28 +210,62 @@ def _streamed_best(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int
     return best
 
 
-def sharded_top_k(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, n_train: int, start: int,
-                  n_local: int, largest: bool = True, query_chunk: int = 256) -> tuple[Tensor, Tensor]:
+def sharded_top_k(
+    left: FeatureLike,
+    train_grads: Iterable[FeatureLike],
+    k: int,
+    *,
+    n_train: int,
+    start: int,
+    n_local: int,
+    largest: bool = True,
+    query_chunk: int = 256,
+) -> tuple[Tensor, Tensor]:
     """:func:`pairwise_top_k` over this rank's ``n_local`` training rows (global indices from
     ``start``), merged across ranks by :func:`gather_top_k` (collective; an empty shard
     takes part with no candidates). ``n_train`` is the global count, checked against ``k``."""
-    return sharded_extremes(left, train_grads, k, n_train=n_train, start=start, n_local=n_local,
-                            sides=(largest,), query_chunk=query_chunk)[0]
+    return sharded_extremes(
+        left,
+        train_grads,
+        k,
+        n_train=n_train,
+        start=start,
+        n_local=n_local,
+        sides=(largest,),
+        query_chunk=query_chunk,
+    )[0]
 
 
-def sharded_extremes(left: FeatureLike, train_grads: Iterable[FeatureLike], k: int, *, n_train: int, start: int,
-                     n_local: int, sides: tuple[bool, ...] = (True, False), query_chunk: int = 256
-                     ) -> list[tuple[Tensor, Tensor]]:
+def sharded_extremes(
+    left: FeatureLike,
+    train_grads: Iterable[FeatureLike],
+    k: int,
+    *,
+    n_train: int,
+    start: int,
+    n_local: int,
+    sides: tuple[bool, ...] = (True, False),
+    query_chunk: int = 256,
+) -> list[tuple[Tensor, Tensor]]:
     """:func:`sharded_top_k` for several sides at once (default: the ``k`` largest scores,
     proponents, and the ``k`` smallest, opponents) from one pass over the training features."""
     check_top_k(k, n_train)
     if n_local == 0:
         values = _empty_scores(left, 0)
-        found = [(values, torch.empty(len(left), 0, dtype=torch.long, device=values.device)) for _ in sides]
+        found = [
+            (values, torch.empty(len(left), 0, dtype=torch.long, device=values.device))
+            for _ in sides
+        ]
     else:
-        found = [(v, i + start) for v, i in  # global training indices
-                 _streamed_best(left, train_grads, min(k, n_local), sides, query_chunk)]
-    return [gather_top_k(v, i, k, largest=largest) for (v, i), largest in zip(found, sides, strict=True)]
+        found = [
+            (v, i + start)
+            for v, i in _streamed_best(  # global training indices
+                left, train_grads, min(k, n_local), sides, query_chunk
+            )
+        ]
+    return [
+        gather_top_k(v, i, k, largest=largest) for (v, i), largest in zip(found, sides, strict=True)
+    ]
 
 
 def teed(chunks: Iterable[T], sink: list[Tensor], self_dots: Callable[[T], Tensor]) -> Iterator[T]:
@@ -207,8 +276,9 @@ def teed(chunks: Iterable[T], sink: list[Tensor], self_dots: Callable[[T], Tenso
         yield chunk
 
 
-def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = True
-                 ) -> tuple[Tensor, Tensor]:
+def gather_top_k(
+    values: Tensor, indices: Tensor, k: int, *, largest: bool = True
+) -> tuple[Tensor, Tensor]:
     """The best ``k`` per query among every rank's candidates: ``(values, indices)``,
     each ``[n_query, k]``, sorted, on every rank.
 
@@ -221,12 +291,16 @@ def gather_top_k(values: Tensor, indices: Tensor, k: int, *, largest: bool = Tru
             if the ranks hold fewer than ``k`` candidates together.
     """
     if values.shape != indices.shape or values.dim() != 2:
-        raise ValueError(f"values/indices: expected two [n_query, k] tensors of one shape, got "
-                         f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        raise ValueError(
+            f"values/indices: expected two [n_query, k] tensors of one shape, got "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}"
+        )
     if world()[1] == 1:
         return values, indices
     all_v, all_i = gather_columns(values), gather_columns(indices)  # [n_query, Σ_r k_r]
     if all_v.shape[1] < k:
-        raise ValueError(f"top_k: asked for {k} but there are only {all_v.shape[1]} training examples")
+        raise ValueError(
+            f"top_k: asked for {k} but there are only {all_v.shape[1]} training examples"
+        )
     best_v, pos = all_v.topk(k, dim=1, largest=largest, sorted=True)
     return best_v, all_i.gather(1, pos)

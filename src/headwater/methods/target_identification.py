@@ -76,7 +76,13 @@ from headwater.methods.renormalized import RenormalizedInfluence
 from headwater.methods.tracin import TracIn
 from headwater.task import Task
 
-__all__ = ["DEFAULT_TAIL", "TargetIdentification", "anomaly_scores", "identify_target", "predicted_labels"]
+__all__ = [
+    "DEFAULT_TAIL",
+    "TargetIdentification",
+    "anomaly_scores",
+    "identify_target",
+    "predicted_labels",
+]
 
 DEFAULT_TAIL = 64
 """Default number of largest influences per candidate whose median and IQR standardise its maximum."""
@@ -102,8 +108,10 @@ def anomaly_scores(influence: Tensor, *, tail: int | None = DEFAULT_TAIL) -> Ten
         ValueError: naming ``influence`` or ``tail``.
     """
     if not isinstance(influence, Tensor) or influence.dim() != 2 or influence.shape[1] < 4:
-        raise ValueError(f"influence: expected a [n_candidates, n_train >= 4] tensor, "
-                         f"got {getattr(influence, 'shape', type(influence))}")
+        raise ValueError(
+            f"influence: expected a [n_candidates, n_train >= 4] tensor, "
+            f"got {getattr(influence, 'shape', type(influence))}"
+        )
     if not torch.isfinite(influence).all():
         raise ValueError("influence: contains NaN/inf")
     if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 4):
@@ -116,7 +124,9 @@ def anomaly_scores(influence: Tensor, *, tail: int | None = DEFAULT_TAIL) -> Ten
     return (r.max(dim=1).values - median) / spread
 
 
-def predicted_labels(model: nn.Module, task: Task, data: DataLike, *, name: str = "candidates") -> Tensor:
+def predicted_labels(
+    model: nn.Module, task: Task, data: DataLike, *, name: str = "candidates"
+) -> Tensor:
     """The model's predicted class ``argmax_c f(x)_c`` for every example, ``[n]``.
 
     The model is evaluated in eval mode without gradients and left unchanged.
@@ -131,7 +141,9 @@ def predicted_labels(model: nn.Module, task: Task, data: DataLike, *, name: str 
     with torch.no_grad(), evaluation_mode(model):
         out = task.output(bind(model, params), inputs)
     if out.dim() != 2:
-        raise ValueError(f"{name}: predictions need class scores [B, C]; the model returned {tuple(out.shape)}")
+        raise ValueError(
+            f"{name}: predictions need class scores [B, C]; the model returned {tuple(out.shape)}"
+        )
     return out.argmax(dim=1).cpu()
 
 
@@ -185,8 +197,14 @@ def _final_model(estimator: Estimator) -> tuple[nn.Module, Task]:
     return member, estimator.task
 
 
-def identify_target(estimator: Estimator, candidates: DataLike, train: DataLike, *,
-                    use_predictions: bool = True, tail: int | None = DEFAULT_TAIL) -> TargetIdentification:
+def identify_target(
+    estimator: Estimator,
+    candidates: DataLike,
+    train: DataLike,
+    *,
+    use_predictions: bool = True,
+    tail: int | None = DEFAULT_TAIL,
+) -> TargetIdentification:
     """Rank candidate test instances by how likely each is a training-set attack's target.
 
     See the module docstring for the procedure and its formula.
@@ -210,8 +228,10 @@ def identify_target(estimator: Estimator, candidates: DataLike, train: DataLike,
         TypeError / ValueError naming ``estimator``, ``candidates``, ``use_predictions`` or ``tail``.
     """
     if not isinstance(estimator, RenormalizedInfluence | TracIn | InfluenceFunction):
-        raise TypeError(f"estimator: expected RenormalizedInfluence, TracIn or InfluenceFunction, "
-                        f"got {type(estimator).__name__}")
+        raise TypeError(
+            f"estimator: expected RenormalizedInfluence, TracIn or InfluenceFunction, "
+            f"got {type(estimator).__name__}"
+        )
     if not isinstance(use_predictions, bool):
         raise TypeError(f"use_predictions: expected a bool, got {type(use_predictions).__name__}")
     if num_examples(candidates, "candidates") < 2:
@@ -223,6 +243,10 @@ def identify_target(estimator: Estimator, candidates: DataLike, train: DataLike,
     influence = estimator.scores((inputs, labels), train)  # [n_candidates, n_train]
     anomaly = anomaly_scores(influence, tail=tail)
     ranking = torch.argsort(anomaly, descending=True, stable=True)
-    settings = {**estimator.settings(), "application": "target_identification", "tail": tail,
-                "use_predictions": use_predictions}
+    settings = {
+        **estimator.settings(),
+        "application": "target_identification",
+        "tail": tail,
+        "use_predictions": use_predictions,
+    }
     return TargetIdentification(anomaly, ranking, influence, labels, settings)

@@ -91,16 +91,27 @@ class TracIn(Estimator):
 
     method = "tracin"
 
-    def __init__(self, model: nn.Module, task: Task, checkpoints: Sequence[Checkpoint], *,
-                 renormalize: bool = False, gradients: str = "auto", chunk_size: int = 64,
-                 query_chunk: int = 256, progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        checkpoints: Sequence[Checkpoint],
+        *,
+        renormalize: bool = False,
+        gradients: str = "auto",
+        chunk_size: int = 64,
+        query_chunk: int = 256,
+        progress: ProgressFn | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
             raise TypeError(f"task: expected a headwater Task, got {type(task).__name__}")
         checkpoints = list(checkpoints)
         if not checkpoints or not all(isinstance(c, Checkpoint) for c in checkpoints):
-            raise ValueError("checkpoints: expected a non-empty list of headwater Checkpoint objects")
+            raise ValueError(
+                "checkpoints: expected a non-empty list of headwater Checkpoint objects"
+            )
         for arg, value in (("chunk_size", chunk_size), ("query_chunk", query_chunk)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
@@ -109,7 +120,9 @@ class TracIn(Estimator):
         self.model, self.task, self.checkpoints = model, task, checkpoints
         self.renormalize, self.gradients = bool(renormalize), gradients
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
-        self._checked_blocks: dict[int, tuple[Block, ...] | None] = {}  # per checkpoint, see _blocks
+        self._checked_blocks: dict[
+            int, tuple[Block, ...] | None
+        ] = {}  # per checkpoint, see _blocks
 
     def _models(self) -> Iterator[tuple[Checkpoint, nn.Module]]:
         for c in self.checkpoints:
@@ -120,9 +133,12 @@ class TracIn(Estimator):
                 raise ValueError(f"checkpoints: a state does not fit the model: {err}") from err
             yield c, member
 
-    def _grads(self, model: nn.Module, data: DataLike, objective: Objective, name: str) -> Iterator[Tensor]:
-        yield from per_example_gradients(model, self.task, data, objective=objective, chunk_size=self.chunk_size,
-                                         name=name)
+    def _grads(
+        self, model: nn.Module, data: DataLike, objective: Objective, name: str
+    ) -> Iterator[Tensor]:
+        yield from per_example_gradients(
+            model, self.task, data, objective=objective, chunk_size=self.chunk_size, name=name
+        )
 
     def _blocks(self, index: int, member: nn.Module, probe: DataLike) -> tuple[Block, ...] | None:
         """The supported layers holding every analysed parameter, or ``None`` for ``vmap``
@@ -139,20 +155,43 @@ class TracIn(Estimator):
                 self._checked_blocks[index] = None
         return self._checked_blocks[index]
 
-    def _layers(self, member: nn.Module, blocks: tuple[Block, ...], data: DataLike, objective: Objective,
-                name: str) -> Iterator[LayerGradients]:
+    def _layers(
+        self,
+        member: nn.Module,
+        blocks: tuple[Block, ...],
+        data: DataLike,
+        objective: Objective,
+        name: str,
+    ) -> Iterator[LayerGradients]:
         """The layer-wise gradients of ``data``, chunk by chunk."""
-        for factors in module_factors(member, self.task, blocks, data, objective=objective,
-                                      chunk_size=self.chunk_size, name=name):
+        for factors in module_factors(
+            member,
+            self.task,
+            blocks,
+            data,
+            objective=objective,
+            chunk_size=self.chunk_size,
+            name=name,
+        ):
             yield LayerGradients.of(factors)
 
-    def _features(self, member: nn.Module, blocks: tuple[Block, ...] | None, data: DataLike,
-                  objective: Objective, name: str, norms: list[Tensor]) -> Iterator[FeatureLike]:
+    def _features(
+        self,
+        member: nn.Module,
+        blocks: tuple[Block, ...] | None,
+        data: DataLike,
+        objective: Objective,
+        name: str,
+        norms: list[Tensor],
+    ) -> Iterator[FeatureLike]:
         """Per-example gradients of ``data`` at one checkpoint, chunk by chunk: layer-wise
         (:class:`~headwater.methods.layer_products.LayerGradients`) with ``blocks``, else flat
         ``vmap`` gradients ``[chunk, P]``; each chunk's gradient norms are appended to ``norms``."""
-        chunks = (self._grads(member, data, objective, name) if blocks is None
-                  else self._layers(member, blocks, data, objective, name))
+        chunks = (
+            self._grads(member, data, objective, name)
+            if blocks is None
+            else self._layers(member, blocks, data, objective, name)
+        )
         for g in chunks:
             norms.append(g.norm(dim=1) if isinstance(g, Tensor) else g.sq_norms().sqrt())
             yield g
@@ -162,17 +201,28 @@ class TracIn(Estimator):
         through the one tiled loop (:func:`~headwater.methods.scoring.pairwise`)."""
         return self._scores(query, train, self_influence=False)[0]
 
-    def attribute(self, query: DataLike, train: DataLike, *, top_k: int | None = None,
-                  self_influence: bool = False) -> Scores:
+    def attribute(
+        self,
+        query: DataLike,
+        train: DataLike,
+        *,
+        top_k: int | None = None,
+        self_influence: bool = False,
+    ) -> Scores:
         """As :meth:`Estimator.attribute`, the self-influence from the training gradients'
         norms of the same pass as the scores."""
         values, si = self._scores(query, train, self_influence=self_influence)
         if top_k is None:
             return Scores(values, self_influence=si)
-        (top, indices), (low, low_indices) = top_k_of(values, top_k), top_k_of(values, top_k, largest=False)
+        (top, indices), (low, low_indices) = (
+            top_k_of(values, top_k),
+            top_k_of(values, top_k, largest=False),
+        )
         return Scores(top, indices, si, opponent_values=low, opponent_indices=low_indices)
 
-    def _scores(self, query: DataLike, train: DataLike, *, self_influence: bool) -> tuple[Tensor, Tensor | None]:
+    def _scores(
+        self, query: DataLike, train: DataLike, *, self_influence: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """:meth:`scores` and, if asked, :meth:`self_influence`, from one pass per checkpoint."""
         n_train = num_examples(train, "train")
         total: Tensor | None = None
@@ -181,13 +231,23 @@ class TracIn(Estimator):
             blocks = self._blocks(k, member, train)
             q_norms: list[Tensor] = []
             t_norms: list[Tensor] = []
-            queries = list(self._features(member, blocks, query, Objective.MEASUREMENT, "query", q_norms))
+            queries = list(
+                self._features(member, blocks, query, Objective.MEASUREMENT, "query", q_norms)
+            )
             left = torch.cat(queries) if blocks is None else LayerGradients.cat(queries)
-            part = pairwise(left, self._features(member, blocks, train, Objective.TRAIN, "train", t_norms),
-                            n_train, query_chunk=self.query_chunk)
+            part = pairwise(
+                left,
+                self._features(member, blocks, train, Objective.TRAIN, "train", t_norms),
+                n_train,
+                query_chunk=self.query_chunk,
+            )
             t = torch.cat(t_norms)
             if self.renormalize:  # unit gradients, from the raw products and the norms
-                part = part / _effective_norms(torch.cat(q_norms), t).unsqueeze(1) / _effective_norms(t, t)
+                part = (
+                    part
+                    / _effective_norms(torch.cat(q_norms), t).unsqueeze(1)
+                    / _effective_norms(t, t)
+                )
             total = c.weight * part if total is None else total + c.weight * part
             if self_influence:
                 own = c.weight * self._squared_norms(t)
@@ -197,7 +257,11 @@ class TracIn(Estimator):
 
     def _squared_norms(self, norms: Tensor) -> Tensor:
         """``‖g‖²`` from the norms; with ``renormalize`` ``‖g/‖g‖‖²``: 1, or 0 below the floor."""
-        return torch.isfinite(_effective_norms(norms, norms)).to(norms.dtype) if self.renormalize else norms.pow(2)
+        return (
+            torch.isfinite(_effective_norms(norms, norms)).to(norms.dtype)
+            if self.renormalize
+            else norms.pow(2)
+        )
 
     def self_influence(self, train: DataLike) -> Tensor:
         """``Σ_c η_c s_c ‖∇ℓ(z_i; θ_c)‖²`` per training example ``[n_train]`` (Pruthi et
@@ -205,18 +269,26 @@ class TracIn(Estimator):
         total: Tensor | None = None
         for k, (c, member) in enumerate(self._models()):
             norms: list[Tensor] = []
-            for _ in self._features(member, self._blocks(k, member, train), train, Objective.TRAIN, "train", norms):
+            for _ in self._features(
+                member, self._blocks(k, member, train), train, Objective.TRAIN, "train", norms
+            ):
                 pass
             part = c.weight * self._squared_norms(torch.cat(norms))
             total = part if total is None else total + part
         return total
 
     def settings(self) -> dict:
-        return {"method": "tracin", "renormalize": self.renormalize,
-                "renormalize_floor": "sqrt(eps) * median training gradient norm", "gradients": self.gradients,
-                "n_checkpoints": len(self.checkpoints),
-                "lrs": [c.lr for c in self.checkpoints], "steps": [c.steps for c in self.checkpoints],
-                "task": self.task.to_dict(), "chunk_size": self.chunk_size}
+        return {
+            "method": "tracin",
+            "renormalize": self.renormalize,
+            "renormalize_floor": "sqrt(eps) * median training gradient norm",
+            "gradients": self.gradients,
+            "n_checkpoints": len(self.checkpoints),
+            "lrs": [c.lr for c in self.checkpoints],
+            "steps": [c.steps for c in self.checkpoints],
+            "task": self.task.to_dict(),
+            "chunk_size": self.chunk_size,
+        }
 
 
 def _effective_norms(norms: Tensor, train_norms: Tensor) -> Tensor:

@@ -215,7 +215,10 @@ def unlearn(
             # the removed examples is not part of it, and subtracting it can leave an indefinite
             # matrix (measured: 10x overshoot with EK-FAC on the digits logistic regression);
             # the same approximation of the remaining data is the consistent H_{-S}
-            state, curvature.state = curvature.state, None  # copy the settings, not the fitted state
+            state, curvature.state = (
+                curvature.state,
+                None,
+            )  # copy the settings, not the fitted state
             try:
                 refit = copy.deepcopy(curvature)
             finally:

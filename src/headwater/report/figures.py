@@ -42,7 +42,11 @@ def query_png(result: RunResult, q: int, pro: list[int], opp: list[int]) -> byte
     """The query and its proponents (top row) and opponents (bottom row): images with
     label and score, or, for non-image data, a bar chart of their scores."""
     label = result.label_name(result.query_labels[q])
-    pred = "" if result.query_predictions is None else f", pred {result.label_name(result.query_predictions[q])}"
+    pred = (
+        ""
+        if result.query_predictions is None
+        else f", pred {result.label_name(result.query_predictions[q])}"
+    )
     scores = result.scores[q]
     if result.train_images is None or result.query_images is None:
         fig = Figure(figsize=(7, 0.35 * (len(pro) + len(opp)) + 1.2))
@@ -50,8 +54,11 @@ def query_png(result: RunResult, q: int, pro: list[int], opp: list[int]) -> byte
         idx = pro + opp[::-1]
         vals = [float(scores[i]) for i in idx]
         ax.barh(range(len(idx)), vals, color=[_PRO] * len(pro) + [_OPP] * len(opp))
-        ax.set_yticks(range(len(idx)), [f"#{i} (label {result.label_name(result.train_labels[i])})" for i in idx],
-                      fontsize=8)
+        ax.set_yticks(
+            range(len(idx)),
+            [f"#{i} (label {result.label_name(result.train_labels[i])})" for i in idx],
+            fontsize=8,
+        )
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_xlabel("score (positive = proponent)")
@@ -63,8 +70,15 @@ def query_png(result: RunResult, q: int, pro: list[int], opp: list[int]) -> byte
     axes = fig.subplots(2, cols, squeeze=False)
     _show_image(axes[0, 0], result.query_images[q], f"query #{q}\nlabel {label}{pred}")
     axes[1, 0].axis("off")
-    axes[1, 0].text(0.5, 0.5, "proponents ↑\nopponents ↓", ha="center", va="center", fontsize=8,
-                    transform=axes[1, 0].transAxes)
+    axes[1, 0].text(
+        0.5,
+        0.5,
+        "proponents ↑\nopponents ↓",
+        ha="center",
+        va="center",
+        fontsize=8,
+        transform=axes[1, 0].transAxes,
+    )
     for row, (idx, color) in enumerate(((pro, _PRO), (opp, _OPP))):
         for c in range(1, cols):
             ax = axes[row, c]
@@ -72,7 +86,9 @@ def query_png(result: RunResult, q: int, pro: list[int], opp: list[int]) -> byte
                 ax.axis("off")
                 continue
             i = idx[c - 1]
-            title = f"#{i} label {result.label_name(result.train_labels[i])}\n{float(scores[i]):+.3g}"
+            title = (
+                f"#{i} label {result.label_name(result.train_labels[i])}\n{float(scores[i]):+.3g}"
+            )
             _show_image(ax, result.train_images[i], title, color)
     fig.tight_layout()
     return _png(fig)
@@ -88,8 +104,11 @@ def mislabeled_png(result: RunResult, idx: list[int]) -> bytes:
         ax = fig.add_subplot()
         colors = [_FLAG if flipped is not None and bool(flipped[i]) else "#4d4d4d" for i in idx]
         ax.barh(range(len(idx)), [float(si[i]) for i in idx], color=colors)
-        ax.set_yticks(range(len(idx)), [f"#{i} (label {result.label_name(result.train_labels[i])})" for i in idx],
-                      fontsize=8)
+        ax.set_yticks(
+            range(len(idx)),
+            [f"#{i} (label {result.label_name(result.train_labels[i])})" for i in idx],
+            fontsize=8,
+        )
         ax.invert_yaxis()
         ax.set_xlabel("self-influence")
         fig.tight_layout()
@@ -104,7 +123,9 @@ def mislabeled_png(result: RunResult, idx: list[int]) -> bytes:
             continue
         i = idx[n]
         known = flipped is not None and bool(flipped[i])
-        title = f"#{i} label {result.label_name(result.train_labels[i])}\n{float(si[i]):.3g}" + (" *" if known else "")
+        title = f"#{i} label {result.label_name(result.train_labels[i])}\n{float(si[i]):.3g}" + (
+            " *" if known else ""
+        )
         _show_image(ax, result.train_images[i], title, _FLAG if known else "black")
     fig.tight_layout()
     return _png(fig)
@@ -122,14 +143,21 @@ def distribution_png(result: RunResult) -> bytes:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("score (positive = proponent)")
     ax.set_ylabel("count (log)")
-    ax.set_title(f"{values.size:,} scores ({result.n_query} queries x {result.n_train} train)", fontsize=9)
+    ax.set_title(
+        f"{values.size:,} scores ({result.n_query} queries x {result.n_train} train)", fontsize=9
+    )
     if result.self_influence is not None:
         si = result.self_influence.detach().double().cpu().numpy()
         ax = axes[1]
         bins = np.linspace(si.min(), si.max(), 60) if si.max() > si.min() else 10
         ax.hist(si, bins=bins, color="#4d4d4d", label="all")
         if result.flipped is not None and bool(result.flipped.any()):
-            ax.hist(si[result.flipped.cpu().numpy()], bins=bins, color=_FLAG, label="known flipped label")
+            ax.hist(
+                si[result.flipped.cpu().numpy()],
+                bins=bins,
+                color=_FLAG,
+                label="known flipped label",
+            )
             ax.legend(fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("self-influence")

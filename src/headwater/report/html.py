@@ -39,8 +39,10 @@ def _write_png(folder: Path, name: str, data: bytes) -> str:
 
 
 def _kv_table(items: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><th class='l'>{escape(str(k))}</th><td class='l'>{escape(_fmt(v))}</td></tr>"
-                   for k, v in items.items())
+    rows = "".join(
+        f"<tr><th class='l'>{escape(str(k))}</th><td class='l'>{escape(_fmt(v))}</td></tr>"
+        for k, v in items.items()
+    )
     return f"<table>{rows}</table>"
 
 
@@ -97,16 +99,20 @@ def _mislabeled_section(result: RunResult, folder: Path, n: int) -> str:
     rows = []
     for r, i in enumerate(order, start=1):
         known = result.flipped is not None and bool(result.flipped[i])
-        rows.append(f"<tr class='mislabeled' data-rank='{r}' data-train-index='{i}'><td>{r}</td><td>{i}</td>"
-                    f"<td>{escape(result.label_name(result.train_labels[i]))}</td>"
-                    f"<td>{float(result.self_influence[i]):.4g}</td><td>{'yes' if known else ''}</td></tr>")
+        rows.append(
+            f"<tr class='mislabeled' data-rank='{r}' data-train-index='{i}'><td>{r}</td><td>{i}</td>"
+            f"<td>{escape(result.label_name(result.train_labels[i]))}</td>"
+            f"<td>{float(result.self_influence[i]):.4g}</td><td>{'yes' if known else ''}</td></tr>"
+        )
     note = ""
     if result.flipped is not None and bool(result.flipped.any()):
         n_flipped = int(result.flipped.sum())
         found = sum(bool(result.flipped[i]) for i in order)
-        note = (f"<p>{n_flipped} training labels were deliberately flipped for this run; {found} of them are "
-                f"among the {len(order)} examples with the largest self-influence (chance: "
-                f"{len(order) * n_flipped / result.n_train:.1f}). Flipped examples are marked *.</p>")
+        note = (
+            f"<p>{n_flipped} training labels were deliberately flipped for this run; {found} of them are "
+            f"among the {len(order)} examples with the largest self-influence (chance: "
+            f"{len(order) * n_flipped / result.n_train:.1f}). Flipped examples are marked *.</p>"
+        )
     return (
         "<p>Self-influence <code>∇ℓ(z_i)ᵀ H⁻¹ ∇ℓ(z_i)</code> is large for examples the model can only fit by "
         "bending towards them: unusual inputs and wrong labels. Check these first.</p>"
@@ -116,7 +122,9 @@ def _mislabeled_section(result: RunResult, folder: Path, n: int) -> str:
     )
 
 
-def render(result: RunResult, folder: str | os.PathLike, *, k: int = 5, n_mislabeled: int = 16) -> Path:
+def render(
+    result: RunResult, folder: str | os.PathLike, *, k: int = 5, n_mislabeled: int = 16
+) -> Path:
     """Write ``folder/index.html`` and its PNG figures; returns the HTML path.
 
     Args:
@@ -132,7 +140,9 @@ def render(result: RunResult, folder: str | os.PathLike, *, k: int = 5, n_mislab
     start = time.perf_counter()
     pro, opp = top_indices(result.scores, k)
     shown = list(result.shown) or list(range(min(3, result.n_query)))
-    queries = "".join(_query_section(result, folder, q, pro[q].tolist(), opp[q].tolist()) for q in shown)
+    queries = "".join(
+        _query_section(result, folder, q, pro[q].tolist(), opp[q].tolist()) for q in shown
+    )
     dist = _write_png(folder, "distribution.png", figures.distribution_png(result))
     settings = _flatten(result.settings)
     timings = {**result.timings, "report": time.perf_counter() - start}

@@ -18,8 +18,16 @@ __all__ = ["RESULT_NAME", "RunResult", "load_result", "save_result", "top_indice
 RESULT_NAME = "results"
 """Store name (``results.safetensors`` + ``results.json``) inside an output folder."""
 
-_TENSORS = ("scores", "train_labels", "query_labels", "query_predictions", "self_influence",
-            "train_images", "query_images", "flipped")
+_TENSORS = (
+    "scores",
+    "train_labels",
+    "query_labels",
+    "query_predictions",
+    "self_influence",
+    "train_images",
+    "query_images",
+    "flipped",
+)
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,18 @@ class RunResult:
 
     def __post_init__(self) -> None:
         if self.scores.dim() != 2:
-            raise ValueError(f"scores: expected [n_query, n_train], got shape {tuple(self.scores.shape)}")
+            raise ValueError(
+                f"scores: expected [n_query, n_train], got shape {tuple(self.scores.shape)}"
+            )
         n_query, n_train = self.scores.shape
         if self.train_labels.shape[0] != n_train:
-            raise ValueError(f"train_labels: expected {n_train} labels, got {self.train_labels.shape[0]}")
+            raise ValueError(
+                f"train_labels: expected {n_train} labels, got {self.train_labels.shape[0]}"
+            )
         if self.query_labels.shape[0] != n_query:
-            raise ValueError(f"query_labels: expected {n_query} labels, got {self.query_labels.shape[0]}")
+            raise ValueError(
+                f"query_labels: expected {n_query} labels, got {self.query_labels.shape[0]}"
+            )
         for q in self.shown:
             if not 0 <= q < n_query:
                 raise ValueError(f"shown: query index {q} is outside [0, {n_query})")

@@ -47,8 +47,17 @@ def write_top_k_csv(path: str | os.PathLike, result: RunResult, k: int) -> Path:
         for kind, idx in (("proponent", pro), ("opponent", opp)):
             for r in range(idx.shape[1]):
                 i = int(idx[q, r])
-                writer.writerow([q, q_label, kind, r + 1, i, result.label_name(result.train_labels[i]),
-                                 f"{float(result.scores[q, i]):.9g}"])
+                writer.writerow(
+                    [
+                        q,
+                        q_label,
+                        kind,
+                        r + 1,
+                        i,
+                        result.label_name(result.train_labels[i]),
+                        f"{float(result.scores[q, i]):.9g}",
+                    ]
+                )
     path = Path(path)
     store.atomic_write_bytes(path, buf.getvalue().encode())
     return path

@@ -28,8 +28,18 @@ from headwater.distributed import all_ranks
 from headwater.errors import StoreError
 from headwater.version import __version__
 
-__all__ = ["StoreDamagedError", "StoreMismatchError", "atomic_write_bytes", "exists", "file_digest", "load",
-           "mismatch", "on_every_rank", "save", "write_error"]
+__all__ = [
+    "StoreDamagedError",
+    "StoreMismatchError",
+    "atomic_write_bytes",
+    "exists",
+    "file_digest",
+    "load",
+    "mismatch",
+    "on_every_rank",
+    "save",
+    "write_error",
+]
 
 T = TypeVar("T")
 
@@ -52,7 +62,9 @@ class StoreDamagedError(StoreError):
 
 def write_error(path: Any, err: OSError) -> StoreError:
     """The one-line error for a write the system refused (e.g. a full disk)."""
-    return StoreError(f"store: could not write {path}: {err.strerror or err}; the earlier store (if any) is unchanged")
+    return StoreError(
+        f"store: could not write {path}: {err.strerror or err}; the earlier store (if any) is unchanged"
+    )
 
 
 def file_digest(path: Path) -> str:
@@ -64,16 +76,23 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mismatch(path: Any, stored: dict[str, Any], wanted: dict[str, Any]) -> StoreMismatchError | None:
+def mismatch(
+    path: Any, stored: dict[str, Any], wanted: dict[str, Any]
+) -> StoreMismatchError | None:
     """A :class:`StoreMismatchError` naming every differing setting, or ``None``."""
     flat_s, flat_w = _flatten(stored), _flatten(wanted)  # nested settings compared key by key
     keys = sorted(k for k in set(flat_s) | set(flat_w) if flat_s.get(k) != flat_w.get(k))
     if not keys:
         return None
-    detail = "; ".join(f"{k}: stored {flat_s.get(k)!r}, requested {flat_w.get(k)!r}" for k in keys[:4])
+    detail = "; ".join(
+        f"{k}: stored {flat_s.get(k)!r}, requested {flat_w.get(k)!r}" for k in keys[:4]
+    )
     more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
-    return StoreMismatchError(f"store: {path} was written with other {', '.join(keys)}: {detail}{more}; "
-                              "delete it or use another path", tuple(keys))
+    return StoreMismatchError(
+        f"store: {path} was written with other {', '.join(keys)}: {detail}{more}; "
+        "delete it or use another path",
+        tuple(keys),
+    )
 
 
 def on_every_rank(open_store: Callable[[], T], path: Any) -> T:
@@ -96,12 +115,19 @@ def on_every_rank(open_store: Callable[[], T], path: Any) -> T:
     if all_ranks(error is None or isinstance(error, StoreMismatchError | StoreDamagedError)):
         if all_ranks(not isinstance(error, StoreMismatchError)):
             raise error or StoreDamagedError(f"store: another rank's file beside {path} is damaged")
-        raise error if isinstance(error, StoreMismatchError) else StoreMismatchError(  # e.g. the CLI refits
-            f"store: a rank's file beside {path} was written with other settings; "
-            "delete the store or use another path")
+        raise (
+            error
+            if isinstance(error, StoreMismatchError)
+            else StoreMismatchError(  # e.g. the CLI refits
+                f"store: a rank's file beside {path} was written with other settings; "
+                "delete the store or use another path"
+            )
+        )
     if error is not None:
         raise error
-    raise RuntimeError(f"store: another rank failed to open its file beside {path} (see that rank's error)")
+    raise RuntimeError(
+        f"store: another rank failed to open its file beside {path} (see that rank's error)"
+    )
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -163,13 +189,22 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, An
     temps: list[str] = []
     try:
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, prefix=f".{tensor_path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=tensor_path.parent, prefix=f".{tensor_path.name}.", suffix=".tmp"
+        )
         os.close(fd)
         temps.append(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        record = {"headwater_version": __version__, "meta": meta,
-                  "file": {"bytes": os.path.getsize(tmp), "blake2b": file_digest(Path(tmp))}}
-        temps.append(_write_temp(meta_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode()))
+        record = {
+            "headwater_version": __version__,
+            "meta": meta,
+            "file": {"bytes": os.path.getsize(tmp), "blake2b": file_digest(Path(tmp))},
+        }
+        temps.append(
+            _write_temp(
+                meta_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+            )
+        )
         _publish(temps[0], tensor_path)
         _publish(temps[1], meta_path)
     except OSError as err:
@@ -189,7 +224,10 @@ def _normalise(value: Any) -> Any:
 
 
 def load(
-    path: str | os.PathLike, *, expect: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    expect: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Load ``(tensors, meta)`` from ``path``.
 
@@ -204,7 +242,9 @@ def load(
     """
     tensor_path, meta_path = _paths(path)
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise FileNotFoundError(f"store: no complete store at {path} (expected {tensor_path.name} and {meta_path.name})")
+        raise FileNotFoundError(
+            f"store: no complete store at {path} (expected {tensor_path.name} and {meta_path.name})"
+        )
     try:
         record = json.loads(meta_path.read_text())
         meta, recorded = record["meta"], record.get("file") or {}
@@ -216,12 +256,18 @@ def load(
         raise error
     size = tensor_path.stat().st_size
     if "blake2b" not in recorded:
-        raise StoreDamagedError(f"store: {tensor_path} has no recorded checksum (an older version's store)")
+        raise StoreDamagedError(
+            f"store: {tensor_path} has no recorded checksum (an older version's store)"
+        )
     if size != recorded.get("bytes"):
-        raise StoreDamagedError(f"store: {tensor_path} is damaged ({size} bytes, {recorded.get('bytes')} written)")
+        raise StoreDamagedError(
+            f"store: {tensor_path} is damaged ({size} bytes, {recorded.get('bytes')} written)"
+        )
     if file_digest(tensor_path) != recorded["blake2b"]:
         raise StoreDamagedError(f"store: {tensor_path} is damaged (its bytes fail their checksum)")
     try:
         return load_file(str(tensor_path), device=str(device)), meta
     except Exception as err:  # safetensors' own errors: a header the checksum could not catch
-        raise StoreDamagedError(f"store: {tensor_path} is damaged ({' '.join(str(err).split())})") from err
+        raise StoreDamagedError(
+            f"store: {tensor_path} is damaged ({' '.join(str(err).split())})"
+        ) from err

@@ -41,9 +41,16 @@ def fingerprint(*tensors: Tensor) -> str:
     return h.hexdigest()[:20]
 
 
-def cached(path: str | os.PathLike | None, load: Callable[[], T], compute: Callable[[], T],
-           save: Callable[[T], None], *, per_rank: bool = False, read_only: bool = False,
-           note: Callable[[str], None] | None = None) -> T:
+def cached(
+    path: str | os.PathLike | None,
+    load: Callable[[], T],
+    compute: Callable[[], T],
+    save: Callable[[T], None],
+    *,
+    per_rank: bool = False,
+    read_only: bool = False,
+    note: Callable[[str], None] | None = None,
+) -> T:
     """``load()`` when the store at ``path`` exists on every rank, else ``compute()`` then
     ``save(value)`` (on rank 0 only unless ``per_rank``: a file per rank) and a barrier.
     ``path=None``: just ``compute()``. ``load`` raises ``StoreMismatchError`` for a store of
@@ -78,8 +85,19 @@ def cached(path: str | os.PathLike | None, load: Callable[[], T], compute: Calla
     return value
 
 
-def cached_tensors(path: str | os.PathLike | None, key: dict[str, Any], compute: Callable[[], dict[str, Tensor]],
-                   *, device: str | torch.device = "cpu", per_rank: bool = False) -> dict[str, Tensor]:
+def cached_tensors(
+    path: str | os.PathLike | None,
+    key: dict[str, Any],
+    compute: Callable[[], dict[str, Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    per_rank: bool = False,
+) -> dict[str, Tensor]:
     """:func:`cached` for a tensor dict stored with ``key`` as its settings."""
-    return cached(path, lambda: store.load(path, expect=key, device=device)[0], compute,
-                  lambda tensors: store.save(path, tensors, key), per_rank=per_rank)
+    return cached(
+        path,
+        lambda: store.load(path, expect=key, device=device)[0],
+        compute,
+        lambda tensors: store.save(path, tensors, key),
+        per_rank=per_rank,
+    )

@@ -61,8 +61,15 @@ class RowStore:
         status: one line: created, resumed from which row, or what was damaged.
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], dtype: torch.dtype, meta: dict[str, Any],
-                 *, read_only: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        meta: dict[str, Any],
+        *,
+        read_only: bool = False,
+    ):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got {dtype}")
         if len(shape) != 2 or min(shape) <= 0:
@@ -75,13 +82,21 @@ class RowStore:
         self.rows_done, self._chunks = 0, []  # [[stop row, digest], ...] of the appended chunks
         self._damage: str | None = None
         self.status = f"{self.array_path.name}: new store of {self.shape[0]} rows"
-        self._array = self._resume() if self.meta_path.is_file() and self.array_path.is_file() else None
+        self._array = (
+            self._resume() if self.meta_path.is_file() and self.array_path.is_file() else None
+        )
         if self._array is None:
             self._create()
 
     def _record(self) -> dict[str, Any]:
-        return {"headwater_version": __version__, "meta": self.meta, "shape": list(self.shape),
-                "dtype": str(self.dtype), "rows_done": self.rows_done, "chunks": self._chunks}
+        return {
+            "headwater_version": __version__,
+            "meta": self.meta,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype),
+            "rows_done": self.rows_done,
+            "chunks": self._chunks,
+        }
 
     def _write_sidecar(self) -> None:
         try:
@@ -94,7 +109,9 @@ class RowStore:
         try:
             self.array_path.parent.mkdir(parents=True, exist_ok=True)
             self.array_path.unlink(missing_ok=True)
-            np.lib.format.open_memmap(self.array_path, mode="w+", dtype=_DTYPES[self.dtype], shape=self.shape).flush()
+            np.lib.format.open_memmap(
+                self.array_path, mode="w+", dtype=_DTYPES[self.dtype], shape=self.shape
+            ).flush()
         except OSError as err:
             raise write_error(self.array_path, err) from err
         self._write_sidecar()
@@ -102,7 +119,9 @@ class RowStore:
 
     def _damaged(self, what: str) -> None:
         if self.read_only:
-            raise StoreError(f"store: {self.array_path} is damaged ({what}); delete it to recompute")
+            raise StoreError(
+                f"store: {self.array_path} is damaged ({what}); delete it to recompute"
+            )
         log.warning("store: %s is damaged (%s); recomputing it", self.array_path, what)
         self._damage = what
         self.status = f"{self.array_path.name}: damaged ({what}), recomputed"
@@ -111,16 +130,28 @@ class RowStore:
         """Verify the stored rows; the memmap to append to, or ``None`` to start afresh."""
         try:
             record = json.loads(self.meta_path.read_text())
-            stored = {**(record.get("meta") or {}), "shape": record.get("shape"), "dtype": record.get("dtype")}
+            stored = {
+                **(record.get("meta") or {}),
+                "shape": record.get("shape"),
+                "dtype": record.get("dtype"),
+            }
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             self._damaged(f"unreadable sidecar {self.meta_path.name}: {err}")
             return None
-        error = mismatch(self.array_path, stored, {**self.meta, "shape": list(self.shape), "dtype": str(self.dtype)})
+        error = mismatch(
+            self.array_path,
+            stored,
+            {**self.meta, "shape": list(self.shape), "dtype": str(self.dtype)},
+        )
         if error is not None:
             raise error
         try:  # read-only first: "r+" would silently extend a truncated file with zeros
             array = np.load(self.array_path, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as err:  # an unreadable header, a file shorter than it says
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+        ) as err:  # an unreadable header, a file shorter than it says
             self._damaged(f"unreadable array: {' '.join(str(err).split())}")
             return None
         size, expected = self.array_path.stat().st_size, array.offset + array.nbytes
@@ -130,9 +161,11 @@ class RowStore:
         self.rows_done = self._verified_rows(record, array)
         del array
         if self.rows_done:
-            self.status = (f"{self.array_path.name}: {'reused all' if self.complete else 'resumed after'} "
-                           f"{self.rows_done} of {self.shape[0]} stored rows (checksums verified)"
-                           + (f"; damaged after that ({self._damage}): recomputed" if self._damage else ""))
+            self.status = (
+                f"{self.array_path.name}: {'reused all' if self.complete else 'resumed after'} "
+                f"{self.rows_done} of {self.shape[0]} stored rows (checksums verified)"
+                + (f"; damaged after that ({self._damage}): recomputed" if self._damage else "")
+            )
         return np.load(self.array_path, mmap_mode="r+")
 
     def _verified_rows(self, record: dict[str, Any], array: np.ndarray) -> int:
@@ -145,8 +178,11 @@ class RowStore:
             ends = [int(stop) for stop, _ in chunks]
         except (TypeError, ValueError):
             ends = [-1]
-        if not isinstance(rows_done, int) or (ends[-1] if ends else 0) != rows_done \
-                or not 0 <= rows_done <= self.shape[0]:
+        if (
+            not isinstance(rows_done, int)
+            or (ends[-1] if ends else 0) != rows_done
+            or not 0 <= rows_done <= self.shape[0]
+        ):
             self._damaged(f"impossible row count {rows_done!r}")
             return 0
         start = 0
@@ -183,7 +219,9 @@ class RowStore:
     def chunks(self, size: int) -> Iterator[Tensor]:
         """The stored rows in order, ``size`` at a time (copies, safe to keep)."""
         if not self.complete:
-            raise RuntimeError(f"store: {self.array_path} holds {self.rows_done} of {self.shape[0]} rows")
+            raise RuntimeError(
+                f"store: {self.array_path} holds {self.rows_done} of {self.shape[0]} rows"
+            )
         for start in range(0, self.shape[0], size):
             yield torch.from_numpy(np.array(self._array[start : start + size]))
 

@@ -106,7 +106,9 @@ def _enum(cls: type[Enum], value: Any, name: str) -> Enum:
     try:
         return cls(value)
     except ValueError as err:
-        raise ValueError(f"{name}: expected one of {[e.value for e in cls]}, got {value!r}") from err
+        raise ValueError(
+            f"{name}: expected one of {[e.value for e in cls]}, got {value!r}"
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,12 @@ class TrainConfig:
     vectorize: Vectorize | str = Vectorize.AUTO
 
     def __post_init__(self) -> None:
-        for name, cls in (("optimizer", Optimizer), ("normalization", Normalization), ("init", Init),
-                          ("vectorize", Vectorize)):
+        for name, cls in (
+            ("optimizer", Optimizer),
+            ("normalization", Normalization),
+            ("init", Init),
+            ("vectorize", Vectorize),
+        ):
             object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
         for name in ("epochs", "batch_size", "max_iter", "members_per_pass"):
             value = getattr(self, name)
@@ -159,11 +165,16 @@ class TrainConfig:
             raise ValueError(f"betas: expected two floats in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.optimizer is Optimizer.LBFGS and self.vectorize is Vectorize.VMAP:
-            raise ValueError("vectorize: 'vmap' is not available with optimizer='lbfgs'; use 'auto' or 'loop'")
+            raise ValueError(
+                "vectorize: 'vmap' is not available with optimizer='lbfgs'; use 'auto' or 'loop'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
-                for k, v in asdict(self).items() if k not in ("members_per_pass", "vectorize")}
+        return {
+            k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+            if k not in ("members_per_pass", "vectorize")
+        }
 
 
 @dataclass(frozen=True)
@@ -197,10 +208,14 @@ class Ensemble:
             raise ValueError("models: expected at least one model")
         params, buffers = stack_module_state(list(models))
         count = len(models)
-        return cls({k: v.detach().clone() for k, v in params.items()},
-                   {k: v.detach().clone() for k, v in buffers.items()},
-                   torch.full((count, 0), float("nan")), torch.full((count,), -1),
-                   torch.full((count,), -1), {"kind": "stacked models"})
+        return cls(
+            {k: v.detach().clone() for k, v in params.items()},
+            {k: v.detach().clone() for k, v in buffers.items()},
+            torch.full((count, 0), float("nan")),
+            torch.full((count,), -1),
+            torch.full((count,), -1),
+            {"kind": "stacked models"},
+        )
 
     def member(self, model: nn.Module, index: int) -> nn.Module:
         """A deep copy of ``model`` holding member ``index``'s parameters and buffers."""
@@ -269,8 +284,9 @@ class _Problem:
         self.n = int(self.x.shape[0])
         self.dtype, self.device = ref.dtype, ref.device
 
-    def objective(self, params: dict[str, Tensor], others: dict[str, Tensor], x: Tensor, y: Tensor,
-                  w: Tensor) -> Tensor:
+    def objective(
+        self, params: dict[str, Tensor], others: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor
+    ) -> Tensor:
         """The data term ``Σ_j w_j ℓ_j`` for one member (``w`` already scaled and divided by
         the batch size); the L2 term's gradient ``wd·θ_sel`` is added outside the
         vectorised graph."""
@@ -299,8 +315,9 @@ class _Problem:
 # ----------------------------------------------------------------------------- vmap path
 
 
-def _adam_update(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Any],
-                 config: TrainConfig) -> None:
+def _adam_update(
+    params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Any], config: TrainConfig
+) -> None:
     """``torch.optim.Adam`` (single-tensor, L2 in the loss) on stacked tensors, in place."""
     beta1, beta2 = config.betas
     state["step"] += 1
@@ -320,8 +337,9 @@ def _adam_update(params: dict[str, Tensor], grads: dict[str, Tensor], state: dic
     torch._foreach_addcdiv_([params[k] for k in keys], m, denom, value=-config.lr / bias1)
 
 
-def _sgd_update(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Any],
-                config: TrainConfig) -> None:
+def _sgd_update(
+    params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Any], config: TrainConfig
+) -> None:
     """``torch.optim.SGD`` (momentum, no dampening/Nesterov) on stacked tensors, in place."""
     for k, g in grads.items():
         if config.momentum != 0:
@@ -345,17 +363,21 @@ def _drop_zero_weights(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return idx.gather(1, order), w.gather(1, order)
 
 
-def _train_vmap(problem: _Problem, starts: list[dict[str, Tensor]], weights: Tensor,
-                order_seeds: Sequence[int]) -> list[dict[str, Tensor]]:
+def _train_vmap(
+    problem: _Problem, starts: list[dict[str, Tensor]], weights: Tensor, order_seeds: Sequence[int]
+) -> list[dict[str, Tensor]]:
     config = problem.config
     count = len(starts)
     params = {k: torch.stack([s[k] for s in starts]).clone() for k in problem.trainable}
     others = {k: torch.stack([s[k] for s in starts]) for k in starts[0] if k not in params}
     scaled = problem.scale(weights)  # [M, n]
     gens = problem.orders(order_seeds)
-    state: dict[str, Any] = {"step": 0, "momentum": {},
-                             "exp_avg": {k: torch.zeros_like(v) for k, v in params.items()},
-                             "exp_avg_sq": {k: torch.zeros_like(v) for k, v in params.items()}}
+    state: dict[str, Any] = {
+        "step": 0,
+        "momentum": {},
+        "exp_avg": {k: torch.zeros_like(v) for k, v in params.items()},
+        "exp_avg_sq": {k: torch.zeros_like(v) for k, v in params.items()},
+    }
     update = _adam_update if config.optimizer is Optimizer.ADAM else _sgd_update
     grad_fn = vmap(grad(problem.objective))
     rows = torch.arange(count).unsqueeze(1)
@@ -374,21 +396,26 @@ def _train_vmap(problem: _Problem, starts: list[dict[str, Tensor]], weights: Ten
                         grads[k].add_(params[k], alpha=problem.task.weight_decay)
             update(params, grads, state, config)
     _check_finite(params)
-    return [{**{k: v[m] for k, v in others.items()}, **{k: v[m] for k, v in params.items()}}
-            for m in range(count)]
+    return [
+        {**{k: v[m] for k, v in others.items()}, **{k: v[m] for k, v in params.items()}}
+        for m in range(count)
+    ]
 
 
 def _check_finite(params: dict[str, Tensor]) -> None:
     for k, v in params.items():
         if not torch.isfinite(v).all():
-            raise ValueError(f"training diverged (parameter {k!r} is NaN/inf): lower `lr` in TrainConfig")
+            raise ValueError(
+                f"training diverged (parameter {k!r} is NaN/inf): lower `lr` in TrainConfig"
+            )
 
 
 # ----------------------------------------------------------------------------- loop path
 
 
-def _train_loop(problem: _Problem, starts: list[dict[str, Tensor]], weights: Tensor,
-                order_seeds: Sequence[int]) -> list[dict[str, Tensor]]:
+def _train_loop(
+    problem: _Problem, starts: list[dict[str, Tensor]], weights: Tensor, order_seeds: Sequence[int]
+) -> list[dict[str, Tensor]]:
     config = problem.config
     scaled = problem.scale(weights)
     out = []
@@ -397,8 +424,14 @@ def _train_loop(problem: _Problem, starts: list[dict[str, Tensor]], weights: Ten
         member.load_state_dict(start)
         if config.optimizer is Optimizer.LBFGS:
             w = scaled[m] / problem.n  # [n], Σ = 1 ("mean") or w/n ("n")
-            minimize_objective(member, problem.task, (problem.x, problem.y), weights=w,
-                               tol=config.tol, max_iter=config.max_iter)
+            minimize_objective(
+                member,
+                problem.task,
+                (problem.x, problem.y),
+                weights=w,
+                tol=config.tol,
+                max_iter=config.max_iter,
+            )
         else:
             _loop_sgd_adam(problem, member, scaled[m], int(order_seeds[m]))
         state = {k: v.detach().clone() for k, v in member.state_dict().items()}
@@ -412,8 +445,9 @@ def _loop_sgd_adam(problem: _Problem, member: nn.Module, w: Tensor, order_seed: 
     trainable = dict(member.named_parameters())
     params = [trainable[k] for k in problem.trainable]
     if config.optimizer is Optimizer.ADAM:
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas,
-                                                      eps=config.eps, foreach=False)
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            params, lr=config.lr, betas=config.betas, eps=config.eps, foreach=False
+        )
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, foreach=False)
     gen = torch.Generator().manual_seed(order_seed)
@@ -439,10 +473,18 @@ def _loop_sgd_adam(problem: _Problem, member: nn.Module, w: Tensor, order_seed: 
 # ----------------------------------------------------------------------------- driver
 
 
-def _settings(model: nn.Module, task: Task, problem: _Problem, config: TrainConfig) -> dict[str, Any]:
-    return {"kind": "ensemble", "config": config.to_dict(), "task": task.to_dict(), "n_train": problem.n,
-            "data": fingerprint(problem.x, problem.y), "model_class": type(model).__name__,
-            "trainable": problem.trainable}
+def _settings(
+    model: nn.Module, task: Task, problem: _Problem, config: TrainConfig
+) -> dict[str, Any]:
+    return {
+        "kind": "ensemble",
+        "config": config.to_dict(),
+        "task": task.to_dict(),
+        "n_train": problem.n,
+        "data": fingerprint(problem.x, problem.y),
+        "model_class": type(model).__name__,
+        "trainable": problem.trainable,
+    }
 
 
 def _start_fingerprint(model: nn.Module, config: TrainConfig, seed: int) -> str:
@@ -493,9 +535,15 @@ def train_ensemble(
     problem = _Problem(model, task, train, config)
     w = check_weights(weights, problem.n)
     count = w.shape[0]
-    seed_list = list(range(count)) if seeds is None else [int(s) for s in torch.as_tensor(seeds).reshape(-1)]
+    seed_list = (
+        list(range(count))
+        if seeds is None
+        else [int(s) for s in torch.as_tensor(seeds).reshape(-1)]
+    )
     if len(seed_list) != count:
-        raise ValueError(f"seeds: expected {count} seeds (one per row of weights), got {len(seed_list)}")
+        raise ValueError(
+            f"seeds: expected {count} seeds (one per row of weights), got {len(seed_list)}"
+        )
     order_seeds = [s + _ORDER_SEED_OFFSET for s in seed_list]
     settings = _settings(model, task, problem, config)
     trainer = _choose_trainer(model, config)
@@ -503,9 +551,13 @@ def train_ensemble(
     for start in range(0, count, config.members_per_pass):
         stop = min(start + config.members_per_pass, count)
         path = None if store_path is None else Path(store_path) / f"members-{start:06d}-{stop:06d}"
-        expect = {**settings, "members": [start, stop], "seeds": seed_list[start:stop],
-                  "weights": fingerprint(w[start:stop]),
-                  "start": _start_fingerprint(model, config, seed_list[start])}
+        expect = {
+            **settings,
+            "members": [start, stop],
+            "seeds": seed_list[start:stop],
+            "weights": fingerprint(w[start:stop]),
+            "start": _start_fingerprint(model, config, seed_list[start]),
+        }
 
         def retrain(start: int = start, stop: int = stop) -> dict[str, Tensor]:
             starts = [_initial_state(model, config, s) for s in seed_list[start:stop]]
@@ -513,16 +565,28 @@ def train_ensemble(
             return {f"state.{k}": torch.stack([t[k] for t in trained]) for k in trained[0]}
 
         tensors = cached_tensors(path, expect, retrain, device=problem.device)
-        results.extend({k[6:]: v[m] for k, v in tensors.items() if k.startswith("state.")}
-                       for m in range(stop - start))
+        results.extend(
+            {k[6:]: v[m] for k, v in tensors.items() if k.startswith("state.")}
+            for m in range(stop - start)
+        )
         report(progress, "retraining", stop, count)
     params = {k: torch.stack([r[k] for r in results]) for k in problem.param_names}
-    buffers = {k: torch.stack([r[k] for r in results]) for k in problem.buffer_names if k in results[0]}
-    return Ensemble(params, buffers, w.to(problem.dtype), torch.tensor(seed_list),
-                    torch.tensor(order_seeds), settings)
+    buffers = {
+        k: torch.stack([r[k] for r in results]) for k in problem.buffer_names if k in results[0]
+    }
+    return Ensemble(
+        params,
+        buffers,
+        w.to(problem.dtype),
+        torch.tensor(seed_list),
+        torch.tensor(order_seeds),
+        settings,
+    )
 
 
-def _choose_trainer(model: nn.Module, config: TrainConfig) -> Callable[..., list[dict[str, Tensor]]]:
+def _choose_trainer(
+    model: nn.Module, config: TrainConfig
+) -> Callable[..., list[dict[str, Tensor]]]:
     if config.optimizer is Optimizer.LBFGS or config.vectorize is Vectorize.LOOP:
         return _train_loop
     if config.vectorize is Vectorize.AUTO and _has_stateful_training(model):
@@ -533,7 +597,9 @@ def _choose_trainer(model: nn.Module, config: TrainConfig) -> Callable[..., list
             return _train_vmap(problem, *args)
         except RuntimeError as err:
             if config.vectorize is Vectorize.VMAP:
-                raise ValueError(f"model: cannot be trained under vmap ({err}); use vectorize='loop'") from err
+                raise ValueError(
+                    f"model: cannot be trained under vmap ({err}); use vectorize='loop'"
+                ) from err
             return _train_loop(problem, *args)
 
     return vectorised
@@ -542,7 +608,9 @@ def _choose_trainer(model: nn.Module, config: TrainConfig) -> Callable[..., list
 # ----------------------------------------------------------------------------- measuring
 
 
-def ensemble_measurements(model: nn.Module, task: Task, ensemble: Ensemble, query: DataLike) -> Tensor:
+def ensemble_measurements(
+    model: nn.Module, task: Task, ensemble: Ensemble, query: DataLike
+) -> Tensor:
     """``task.measurement`` of every member on every query, ``[M, n_query]`` (eval mode).
 
     Raises:
@@ -566,4 +634,6 @@ def ensemble_measurements(model: nn.Module, task: Task, ensemble: Ensemble, quer
         try:
             return vmap(single)(stacked)
         except RuntimeError:
-            return torch.stack([single({k: v[m] for k, v in stacked.items()}) for m in range(len(ensemble))])
+            return torch.stack(
+                [single({k: v[m] for k, v in stacked.items()}) for m in range(len(ensemble))]
+            )

@@ -22,8 +22,9 @@ __all__ = ["minimize_objective", "objective_value"]
 _ROUNDS = 5  # L-BFGS runs, each from a fresh history
 
 
-def objective_value(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor,
-                    weights: Tensor) -> Tensor:
+def objective_value(
+    model: nn.Module, task: Task, inputs: Tensor, targets: Tensor, weights: Tensor
+) -> Tensor:
     """``J_w(θ)`` for the model's current parameters (differentiable)."""
     losses = task.train_loss(model, (inputs, targets))
     check_values(losses, inputs.shape[0], "train")
@@ -32,8 +33,13 @@ def objective_value(model: nn.Module, task: Task, inputs: Tensor, targets: Tenso
 
 
 def minimize_objective(
-    model: nn.Module, task: Task, data: DataLike, *, weights: Tensor | None = None,
-    tol: float = 1e-10, max_iter: int = 2000,
+    model: nn.Module,
+    task: Task,
+    data: DataLike,
+    *,
+    weights: Tensor | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 2000,
 ) -> float:
     """Minimise ``J_w`` over the selected parameters of ``model`` **in place**
     (pass a copy to keep the original); returns the final gradient norm.
@@ -46,7 +52,11 @@ def minimize_objective(
     ref = params[0]
     inputs, targets = prepare_batch(as_tensors(data, "train"), ref)
     n = inputs.shape[0]
-    w = torch.full((n,), 1.0 / n, dtype=ref.dtype, device=ref.device) if weights is None else weights.to(ref)
+    w = (
+        torch.full((n,), 1.0 / n, dtype=ref.dtype, device=ref.device)
+        if weights is None
+        else weights.to(ref)
+    )
     if w.shape != (n,):
         raise ValueError(f"weights: expected shape [{n}], got {tuple(w.shape)}")
 
@@ -57,8 +67,15 @@ def minimize_objective(
 
     with evaluation_mode(model):
         for _ in range(_ROUNDS):  # a fresh history restarts a line search stalled near the optimum
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol,
-                                    tolerance_change=0.0, history_size=50, line_search_fn="strong_wolfe")
+            opt = torch.optim.LBFGS(
+                params,
+                lr=1.0,
+                max_iter=max_iter,
+                tolerance_grad=tol,
+                tolerance_change=0.0,
+                history_size=50,
+                line_search_fn="strong_wolfe",
+            )
 
             def closure(opt: torch.optim.LBFGS = opt) -> Tensor:
                 opt.zero_grad(set_to_none=False)

@@ -46,9 +46,16 @@ from headwater.task import Task
 
 __all__ = ["Checkpoint", "Recorder", "RunRecord", "load_run", "replay"]
 
-_HYPER = {"sgd": ("momentum", "nesterov", "weight_decay"), "adam": ("betas", "eps", "weight_decay"),
-          "adamw": ("betas", "eps", "weight_decay")}
-_STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
+_HYPER = {
+    "sgd": ("momentum", "nesterov", "weight_decay"),
+    "adam": ("betas", "eps", "weight_decay"),
+    "adamw": ("betas", "eps", "weight_decay"),
+}
+_STATE = {
+    "sgd": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+}
 
 
 @dataclass(frozen=True)
@@ -94,22 +101,35 @@ class RunRecord:
 
     def settings(self) -> dict[str, Any]:
         """JSON settings identifying the run (not its tensors)."""
-        return {"optimizer": self.optimizer, "hyper": self.hyper, "layout": self.layout.to_dict(),
-                "n_train": self.n_train, "num_steps": self.num_steps, "seed": self.seed,
-                "checkpoints": [c.step for c in self.checkpoints]}
+        return {
+            "optimizer": self.optimizer,
+            "hyper": self.hyper,
+            "layout": self.layout.to_dict(),
+            "n_train": self.n_train,
+            "num_steps": self.num_steps,
+            "seed": self.seed,
+            "checkpoints": [c.step for c in self.checkpoints],
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the run to ``path`` (safetensors + JSON sidecar, atomically)."""
-        tensors = {"batch_indices": torch.cat(self.batches).long(),
-                   "batch_sizes": torch.tensor([len(b) for b in self.batches], dtype=torch.long),
-                   "lrs": torch.tensor(self.lrs, dtype=torch.float64),
-                   "max_norms": torch.tensor([math.nan if m is None else m for m in self.max_norms],
-                                             dtype=torch.float64)}
+        tensors = {
+            "batch_indices": torch.cat(self.batches).long(),
+            "batch_sizes": torch.tensor([len(b) for b in self.batches], dtype=torch.long),
+            "lrs": torch.tensor(self.lrs, dtype=torch.float64),
+            "max_norms": torch.tensor(
+                [math.nan if m is None else m for m in self.max_norms], dtype=torch.float64
+            ),
+        }
         for c in self.checkpoints:
             tensors[f"ckpt.{c.step}.theta"] = c.theta
             tensors.update({f"ckpt.{c.step}.{k}": v for k, v in c.state.items()})
-        meta = {"kind": "run_record", **self.settings(), "counts": [c.count for c in self.checkpoints],
-                "user": self.meta}
+        meta = {
+            "kind": "run_record",
+            **self.settings(),
+            "counts": [c.count for c in self.checkpoints],
+            "user": self.meta,
+        }
         store.save(path, tensors, meta)
 
 
@@ -118,24 +138,41 @@ def load_run(path: str | os.PathLike) -> RunRecord:
     tensors, meta = store.load(path, expect={"kind": "run_record"})
     batches = tuple(torch.split(tensors["batch_indices"], tensors["batch_sizes"].tolist()))
     names = _STATE[meta["optimizer"]]
-    ckpts = tuple(Checkpoint(s, tensors[f"ckpt.{s}.theta"], {k: tensors[f"ckpt.{s}.{k}"] for k in names}, c)
-                  for s, c in zip(meta["checkpoints"], meta["counts"], strict=True))
-    layout = ParamLayout(tuple(meta["layout"]["names"]), tuple(tuple(s) for s in meta["layout"]["shapes"]))
+    ckpts = tuple(
+        Checkpoint(s, tensors[f"ckpt.{s}.theta"], {k: tensors[f"ckpt.{s}.{k}"] for k in names}, c)
+        for s, c in zip(meta["checkpoints"], meta["counts"], strict=True)
+    )
+    layout = ParamLayout(
+        tuple(meta["layout"]["names"]), tuple(tuple(s) for s in meta["layout"]["shapes"])
+    )
     hyper = dict(meta["hyper"])
     if "betas" in hyper:
         hyper["betas"] = tuple(hyper["betas"])
-    return RunRecord(meta["optimizer"], hyper, layout, batches, tuple(tensors["lrs"].tolist()),
-                     tuple(None if math.isnan(m) else m for m in tensors["max_norms"].tolist()),
-                     ckpts, meta["n_train"], meta["seed"], meta.get("user", {}))
+    return RunRecord(
+        meta["optimizer"],
+        hyper,
+        layout,
+        batches,
+        tuple(tensors["lrs"].tolist()),
+        tuple(None if math.isnan(m) else m for m in tensors["max_norms"].tolist()),
+        ckpts,
+        meta["n_train"],
+        meta["seed"],
+        meta.get("user", {}),
+    )
 
 
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     if type(optimizer) is torch.optim.SGD:
         return "sgd"
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
-        decoupled = optimizer.defaults.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
+        decoupled = optimizer.defaults.get(
+            "decoupled_weight_decay", type(optimizer) is torch.optim.AdamW
+        )
         return "adamw" if decoupled else "adam"
-    raise TypeError(f"optimizer: expected torch.optim.SGD, Adam or AdamW, got {type(optimizer).__name__}")
+    raise TypeError(
+        f"optimizer: expected torch.optim.SGD, Adam or AdamW, got {type(optimizer).__name__}"
+    )
 
 
 def _hyper(optimizer: torch.optim.Optimizer, kind: str) -> dict[str, Any]:
@@ -163,12 +200,25 @@ class Recorder:
         seed: the loop's seed, kept with the run.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, n_train: int,
-                 checkpoint_every: int = 20, seed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        n_train: int,
+        checkpoint_every: int = 20,
+        seed: int | None = None,
+    ):
         if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train <= 0:
             raise ValueError(f"n_train: must be a positive integer, got {n_train!r}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
-            raise ValueError(f"checkpoint_every: must be a positive integer, got {checkpoint_every!r}")
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or checkpoint_every <= 0
+        ):
+            raise ValueError(
+                f"checkpoint_every: must be a positive integer, got {checkpoint_every!r}"
+            )
         self.kind = _optimizer_kind(optimizer)
         self.hyper = _hyper(optimizer, self.kind)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -190,7 +240,11 @@ class Recorder:
             parts = []
             for p in self.params.values():
                 s = self.optimizer.state.get(p, {})
-                parts.append(s[name].reshape(-1) if s.get(name) is not None else torch.zeros_like(p).reshape(-1))
+                parts.append(
+                    s[name].reshape(-1)
+                    if s.get(name) is not None
+                    else torch.zeros_like(p).reshape(-1)
+                )
                 count = int(s["step"]) if "step" in s else count
             state[name] = torch.cat(parts).detach().clone()
         return Checkpoint(step, theta, state, count)
@@ -204,7 +258,9 @@ class Recorder:
         """
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).clone()
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.n_train:
-            raise ValueError(f"indices: expected a non-empty batch of indices in [0, {self.n_train})")
+            raise ValueError(
+                f"indices: expected a non-empty batch of indices in [0, {self.n_train})"
+            )
         if max_norm is not None and not (isinstance(max_norm, int | float) and max_norm > 0):
             raise ValueError(f"max_norm: expected a float > 0 or None, got {max_norm!r}")
         if _hyper(self.optimizer, self.kind) != self.hyper:
@@ -218,15 +274,27 @@ class Recorder:
         if len(self.batches) % self.every == 0:
             self.checkpoints.append(self._checkpoint(len(self.batches)))
 
-    def finish(self, path: str | os.PathLike | None = None, meta: dict[str, Any] | None = None) -> RunRecord:
+    def finish(
+        self, path: str | os.PathLike | None = None, meta: dict[str, Any] | None = None
+    ) -> RunRecord:
         """The :class:`RunRecord` (the last step is always a checkpoint); saved at ``path`` if given."""
         if not self.batches:
             raise ValueError("Recorder: no step was recorded")
         ckpts = list(self.checkpoints)
         if ckpts[-1].step != len(self.batches):
             ckpts.append(self._checkpoint(len(self.batches)))
-        run = RunRecord(self.kind, dict(self.hyper), self.layout, tuple(self.batches), tuple(self.lrs),
-                        tuple(self.max_norms), tuple(ckpts), self.n_train, self.seed, dict(meta or {}))
+        run = RunRecord(
+            self.kind,
+            dict(self.hyper),
+            self.layout,
+            tuple(self.batches),
+            tuple(self.lrs),
+            tuple(self.max_norms),
+            tuple(ckpts),
+            self.n_train,
+            self.seed,
+            dict(meta or {}),
+        )
         if path is not None:
             run.save(path)
         return run
@@ -236,15 +304,22 @@ def _fresh_optimizer(run: RunRecord, params: list[nn.Parameter]) -> torch.optim.
     hyper = dict(run.hyper)
     if run.optimizer == "sgd":
         return torch.optim.SGD(params, lr=run.lrs[0], **hyper)
-    return (torch.optim.Adam if run.optimizer == "adam" else torch.optim.AdamW)(params, lr=run.lrs[0], **hyper)
+    return (torch.optim.Adam if run.optimizer == "adam" else torch.optim.AdamW)(
+        params, lr=run.lrs[0], **hyper
+    )
 
 
-def _load_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], run: RunRecord, ckpt: Checkpoint) -> None:
+def _load_state(
+    opt: torch.optim.Optimizer, params: list[nn.Parameter], run: RunRecord, ckpt: Checkpoint
+) -> None:
     """Put a checkpoint's optimizer state into a fresh optimizer (nothing when it starts empty)."""
     if ckpt.count == 0 and all(not v.any() for v in ckpt.state.values()):
         return
-    for p, parts in zip(params, zip(*(run.layout.unflatten(v).values() for v in ckpt.state.values()),
-                                    strict=True), strict=True):
+    for p, parts in zip(
+        params,
+        zip(*(run.layout.unflatten(v).values() for v in ckpt.state.values()), strict=True),
+        strict=True,
+    ):
         opt.state[p] = {k: v.clone().to(p) for k, v in zip(ckpt.state, parts, strict=True)}
         if run.optimizer != "sgd":
             opt.state[p]["step"] = torch.tensor(float(ckpt.count))
@@ -253,19 +328,26 @@ def _load_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], run: Run
 def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> None:
     """Raise naming the argument when ``run`` does not fit ``model``, ``task`` or the data."""
     if not isinstance(run, RunRecord):
-        raise TypeError(f"run: expected a headwater RunRecord (Recorder.finish / load_run), got {type(run).__name__}")
+        raise TypeError(
+            f"run: expected a headwater RunRecord (Recorder.finish / load_run), got {type(run).__name__}"
+        )
     if run.n_train != n_train:
         raise ValueError(f"train: the run was recorded on {run.n_train} examples, got {n_train}")
     own = dict(model.named_parameters())
-    if any(k not in own or tuple(own[k].shape) != s for k, s in zip(run.layout.names, run.layout.shapes,
-                                                                      strict=True)):
+    if any(
+        k not in own or tuple(own[k].shape) != s
+        for k, s in zip(run.layout.names, run.layout.shapes, strict=True)
+    ):
         raise ValueError("model: its parameters do not match the recorded run's names and shapes")
     if task.weight_decay != 0:
-        raise ValueError("task: weight_decay must be 0 for a recorded run (the optimizer's weight decay is used)")
+        raise ValueError(
+            "task: weight_decay must be 0 for a recorded run (the optimizer's weight decay is used)"
+        )
 
 
-def replay(model: nn.Module, task: Task, train: DataLike, run: RunRecord, *,
-           weights: Tensor | None = None) -> dict[str, Tensor]:
+def replay(
+    model: nn.Module, task: Task, train: DataLike, run: RunRecord, *, weights: Tensor | None = None
+) -> dict[str, Tensor]:
     """Rerun the recorded steps from step 0 on a copy of ``model``; the final parameters.
 
     Each step's loss is ``task.train_loss(model, batch).mean()`` (``(w_B · ℓ_B).mean()``

@@ -50,14 +50,18 @@ class SGDConfig:
 
     def __post_init__(self) -> None:
         lrs = (self.lr,) if isinstance(self.lr, int | float) else tuple(self.lr)
-        if not lrs or not all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in lrs):
+        if not lrs or not all(
+            isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in lrs
+        ):
             raise ValueError(f"lr: expected a float > 0 or one per epoch, got {self.lr!r}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if len(lrs) not in (1, self.epochs):
-            raise ValueError(f"lr: a schedule needs one value per epoch ({self.epochs}), got {len(lrs)}")
+            raise ValueError(
+                f"lr: a schedule needs one value per epoch ({self.epochs}), got {len(lrs)}"
+            )
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum: must lie in [0, 1), got {self.momentum!r}")
 
@@ -79,12 +83,21 @@ class Trajectory:
 
 
 def _objective(model, task, layout, theta, x, y, w):
-    out = task.output(lambda inp: functional_call(model, layout.unflatten(theta), (inp,), strict=False), x)
+    out = task.output(
+        lambda inp: functional_call(model, layout.unflatten(theta), (inp,), strict=False), x
+    )
     return (w * task.loss(out, y)).mean() + 0.5 * task.weight_decay * theta.pow(2).sum()
 
 
-def train_sgd(model: nn.Module, task: Task, train: DataLike, config: SGDConfig, *,
-              weights: Tensor | None = None, progress: ProgressFn | None = None) -> Trajectory:
+def train_sgd(
+    model: nn.Module,
+    task: Task,
+    train: DataLike,
+    config: SGDConfig,
+    *,
+    weights: Tensor | None = None,
+    progress: ProgressFn | None = None,
+) -> Trajectory:
     """Train the task's selected parameters of ``model`` **in place** and record the run.
 
     Memory: the trajectory holds every θ_t, ``(T+1)·P`` numbers.
@@ -109,7 +122,9 @@ def train_sgd(model: nn.Module, task: Task, train: DataLike, config: SGDConfig, 
                 t = theta.detach().requires_grad_(True)
                 loss = _objective(model, task, layout, t, x_all[idx], y_all[idx], w_all[idx])
                 if not torch.isfinite(loss):
-                    raise ValueError(f"train: the loss became {loss.item()} at epoch {epoch}; lower `lr`")
+                    raise ValueError(
+                        f"train: the loss became {loss.item()} at epoch {epoch}; lower `lr`"
+                    )
                 (g,) = torch.autograd.grad(loss, t)
                 velocity = config.momentum * velocity + g
                 theta = theta - config.lr_at(epoch) * velocity
@@ -121,5 +136,3 @@ def train_sgd(model: nn.Module, task: Task, train: DataLike, config: SGDConfig, 
         for name, value in layout.unflatten(theta).items():
             params[name].copy_(value)
     return Trajectory(torch.stack(states), w_all, tuple(batches), tuple(lrs), layout, config)
-
-

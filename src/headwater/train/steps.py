@@ -50,11 +50,14 @@ def clip_pullback(g: Tensor, max_norm: float | None, adjoint: Tensor) -> Tensor:
 def _safe_sqrt(s: Tensor) -> Tensor:
     """``√s`` with derivative 0 (not inf) where ``s = 0``."""
     positive = s > 0
-    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+    return torch.where(
+        positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s)
+    )
 
 
-def _sgd(hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
-         lr: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _sgd(
+    hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor, lr: float
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     mu, wd = hyper["momentum"], hyper["weight_decay"]
     d = g + wd * theta if wd else g
     if not mu:
@@ -64,8 +67,9 @@ def _sgd(hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Ten
     return theta - lr * step, (v,)
 
 
-def sgd_pullback(hyper: dict[str, Any], lr: float, a_theta: Tensor,
-                 a_state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+def sgd_pullback(
+    hyper: dict[str, Any], lr: float, a_theta: Tensor, a_state: tuple[Tensor, ...]
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """The SGD update's pullback by hand, in place on the given adjoints ``[Q, P]``.
 
     From ``a_θ'``, ``a_v'``: ``ā = a_v' − η(μ if Nesterov else 1) a_θ'`` (total adjoint of
@@ -85,8 +89,15 @@ def sgd_pullback(hyper: dict[str, Any], lr: float, a_theta: Tensor,
     return a_theta, (a_v,), a_d
 
 
-def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
-          lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _adam(
+    kind: str,
+    hyper: dict[str, Any],
+    theta: Tensor,
+    state: tuple[Tensor, ...],
+    g: Tensor,
+    lr: float,
+    count: int,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
     if wd and kind == "adam":
         g = g + wd * theta
@@ -98,9 +109,17 @@ def _adam(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, 
     return theta - (lr / (1 - beta1**count)) * m / denom, (m, s)
 
 
-def adam_pullback(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
-                  lr: float, count: int, a_theta: Tensor,
-                  a_state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+def adam_pullback(
+    kind: str,
+    hyper: dict[str, Any],
+    theta: Tensor,
+    state: tuple[Tensor, ...],
+    g: Tensor,
+    lr: float,
+    count: int,
+    a_theta: Tensor,
+    a_state: tuple[Tensor, ...],
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """Adam's / AdamW's pullback by hand at ``(θ, (m, s), g)`` (``g`` clipped), in place on
     the adjoints ``[Q, P]``.
 
@@ -121,7 +140,10 @@ def adam_pullback(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[
     a_m, a_s = a_state
     a_m.addcmul_(a_theta, -alpha / r)
     safe_root = torch.where(root > 0, root, torch.ones_like(root))
-    a_s.addcmul_(a_theta, torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root)))
+    a_s.addcmul_(
+        a_theta,
+        torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root)),
+    )
     a_g = a_m * (1 - beta1)
     a_g.addcmul_(a_s, 2 * (1 - beta2) * g)
     a_m.mul_(beta1)
@@ -133,14 +155,29 @@ def adam_pullback(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[
     return a_theta, (a_m, a_s), a_g
 
 
-def optimizer_step(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
-                   lr: float, count: int, max_norm: float | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+def optimizer_step(
+    kind: str,
+    hyper: dict[str, Any],
+    theta: Tensor,
+    state: tuple[Tensor, ...],
+    g: Tensor,
+    lr: float,
+    count: int,
+    max_norm: float | None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One update (module docstring); ``count`` is Adam's step number (from 1)."""
     return update(kind, hyper, theta, state, clip(g, max_norm), lr, count)
 
 
-def update(kind: str, hyper: dict[str, Any], theta: Tensor, state: tuple[Tensor, ...], g: Tensor,
-           lr: float, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+def update(
+    kind: str,
+    hyper: dict[str, Any],
+    theta: Tensor,
+    state: tuple[Tensor, ...],
+    g: Tensor,
+    lr: float,
+    count: int,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The update from an already clipped gradient (elementwise in the coordinates)."""
     if kind == "sgd":
         return _sgd(hyper, theta, state, g, lr)
