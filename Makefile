@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/headwater demo
 
-# The suite twice: with 1 and with 2 torch threads (no result may depend on the split).
-test: setup
+# Lint and format check first (seconds), then the suite twice: with 1 and with 2 torch
+# threads (no result may depend on the split).
+test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --threads 1
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q --threads 2
 
@@ -55,7 +56,8 @@ bench-defaults: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.defaults
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
 
 clean:
 	rm -rf $(VENV) .venv-bench build *.egg-info src/*.egg-info .pytest_cache
