@@ -270,7 +270,43 @@ class RegressionTask(Task):
         return output.detach() + noise
 
 
-class LanguageModelingTask(Task):
+class _TokenTask(Task):
+    """Summed token cross-entropy over ``[B, T, V]`` logits and ``[B, T]`` token labels
+    (``ignore_index`` unscored), the logits at ``t`` predicting the label at ``t + shift``:
+    the shared body of :class:`LanguageModelingTask` (``shift = 1``) and
+    :class:`Seq2SeqTask` (``shift = 0``)."""
+
+    shift: int
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        weight_decay: float = 0.0,
+        modules: Sequence[str] | None = None,
+    ):
+        super().__init__(weight_decay=weight_decay, modules=modules)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        return _token_nll(
+            output, targets, self.ignore_index, shift=self.shift, name=type(self).__name__
+        )
+
+    def sample_targets(
+        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
+    ) -> Tensor:
+        """Each scored position's token drawn from the model; unscored positions (and,
+        with ``shift = 1``, the first position, which nothing predicts) stay ``ignore_index``."""
+        return _sample_tokens(output, generator, targets, self.ignore_index, shift=self.shift)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "ignore_index": self.ignore_index}
+
+
+class LanguageModelingTask(_TokenTask):
     """Next-token cross-entropy of a causal language model, summed over each sequence.
 
     Inputs are token ids ``[B, T]``; the model returns logits ``[B, T, V]`` (or an object
@@ -302,33 +338,10 @@ class LanguageModelingTask(Task):
         weight_decay, modules: as :class:`Task`.
     """
 
-    def __init__(
-        self,
-        *,
-        ignore_index: int = -100,
-        weight_decay: float = 0.0,
-        modules: Sequence[str] | None = None,
-    ):
-        super().__init__(weight_decay=weight_decay, modules=modules)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-        self.ignore_index = ignore_index
-
-    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
-        return _token_nll(output, targets, self.ignore_index, shift=1, name=type(self).__name__)
-
-    def sample_targets(
-        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
-    ) -> Tensor:
-        """Each scored position's next token drawn from the model; unscored ones (and the
-        first position, which nothing predicts) stay ``ignore_index``."""
-        return _sample_tokens(output, generator, targets, self.ignore_index, shift=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "ignore_index": self.ignore_index}
+    shift = 1  # the logits at t predict the token at t + 1
 
 
-class Seq2SeqTask(Task):
+class Seq2SeqTask(_TokenTask):
     """Token cross-entropy of an encoder-decoder model (T5, BART, ...), summed over each target.
 
     Inputs are a dict batch ``{"input_ids", "attention_mask", "labels"}`` as Hugging Face
@@ -347,17 +360,7 @@ class Seq2SeqTask(Task):
         weight_decay, modules: as :class:`Task`.
     """
 
-    def __init__(
-        self,
-        *,
-        ignore_index: int = -100,
-        weight_decay: float = 0.0,
-        modules: Sequence[str] | None = None,
-    ):
-        super().__init__(weight_decay=weight_decay, modules=modules)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-        self.ignore_index = ignore_index
+    shift = 0  # the decoder's logits at t predict the label at t (the model shifts its inputs)
 
     def output(self, model: ModelFn, inputs: Inputs) -> Tensor:
         if not isinstance(inputs, Mapping) or not ({"labels", "decoder_input_ids"} & set(inputs)):
@@ -366,19 +369,6 @@ class Seq2SeqTask(Task):
                 "for the decoder, e.g. {'input_ids', 'attention_mask', 'labels'}"
             )
         return model_output(call_model(model, inputs, labels=True))
-
-    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
-        return _token_nll(output, targets, self.ignore_index, shift=0, name=type(self).__name__)
-
-    def sample_targets(
-        self, output: Tensor, generator: torch.Generator, targets: Tensor | None = None
-    ) -> Tensor:
-        """Each scored position's token drawn from the model (the decoder keeps its inputs);
-        unscored positions stay ``ignore_index``."""
-        return _sample_tokens(output, generator, targets, self.ignore_index, shift=0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "ignore_index": self.ignore_index}
 
 
 def _token_nll(
