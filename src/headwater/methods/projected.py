@@ -352,6 +352,9 @@ class ProjectedInfluence(Estimator):
             all_reduce_sum_(total)
             return {"mean": total.div_(n)}
 
+        def note(what: str) -> None:
+            self.store_status["curvature"] = what
+
         mean = cached(
             curvature_path,
             load,
@@ -359,7 +362,7 @@ class ProjectedInfluence(Estimator):
             lambda t: store_mod.save(curvature_path, t, key),
             per_rank=True,
             read_only=self.read_only,
-            note=lambda what: self.store_status.__setitem__("curvature", what),
+            note=note,
         )["mean"].to(self.device)
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         matrix = mean  # already saved (if stored): free to modify
