@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults stress-distributed lint clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,17 @@ bench-metagradient: setup
 # choice, CG vs EK-FAC (bench/defaults_results.md); headwater only, one thread.
 bench-defaults: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.defaults
+
+# The 2-process gloo test 20 times in a row (RUNS=n to change): prints how many passed;
+# a failing run's pytest output, with both ranks' own output, is kept in stress-logs/.
+RUNS ?= 20
+stress-distributed: setup
+	@mkdir -p stress-logs; passed=0; \
+	for i in $$(seq $(RUNS)); do \
+	  if OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_distributed.py \
+	       > stress-logs/run$$i.log 2>&1; then passed=$$((passed + 1)); rm stress-logs/run$$i.log; \
+	  else echo "run $$i failed: stress-logs/run$$i.log"; fi; \
+	done; echo "stress-distributed: $$passed of $(RUNS) runs passed"; test $$passed -eq $(RUNS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

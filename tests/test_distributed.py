@@ -12,6 +12,7 @@ passes than one process (the work was split, not repeated).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -202,6 +203,10 @@ def _helpers() -> dict[str, object]:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    # This rank's output goes to its own file, which the parent shows if the run fails.
+    log = open(Path(out_dir) / f"rank{rank}.log", "w")  # noqa: SIM115 (open for the process)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -220,6 +225,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _rank_logs(folder: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines each rank wrote to stdout/stderr."""
+    shown = []
+    for rank in range(WORLD):
+        path = folder / f"rank{rank}.log"
+        text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+        shown.append(f"--- rank {rank} output ({path}):\n" + "\n".join(text))
+    return "\n".join(shown)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
     """``(single-process results, [results of rank 0, rank 1])``."""
@@ -235,9 +250,12 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
         torch.set_num_threads(1)
         single = _compute(tmp / "single")
         deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=1):  # re-raises a rank's exception
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+        try:
+            while not ctx.join(timeout=1):  # re-raises a rank's exception
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+        except Exception as error:
+            pytest.fail(f"{error}\n{_rank_logs(tmp)}")
     finally:
         for process in ctx.processes:  # a rank left waiting for a failed one
             if process.is_alive():
