@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults stress-distributed lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults bench-gpt2 stress-distributed lint clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,11 @@ stress-distributed: setup
 	       > stress-logs/run$$i.log 2>&1; then passed=$$((passed + 1)); rm stress-logs/run$$i.log; \
 	  else echo "run $$i failed: stress-logs/run$$i.log"; fi; \
 	done; echo "stress-distributed: $$passed of $(RUNS) runs passed"; test $$passed -eq $(RUNS)
+
+# Every curvature at its defaults on a tiny Hugging Face GPT-2 built from a config
+# (bench/gpt2_defaults_results.md; headwater only, one thread).
+bench-gpt2: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.gpt2_defaults
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

@@ -81,7 +81,9 @@ def trained():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     config = dataclasses.replace(CONFIG, vectorize="loop")
-    ensemble = train_ensemble(model, task(), train, torch.ones(1, N_TRAIN), config=config, seeds=[0])
+    ensemble = train_ensemble(
+        model, task(), train, torch.ones(1, N_TRAIN), config=config, seeds=[0]
+    )
     state = {k: v[0] for k, v in {**ensemble.params, **ensemble.buffers}.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and missing == ["lm_head.weight"], (missing, unexpected)  # tied
@@ -104,10 +106,19 @@ def _one(name: str | None, queue) -> None:
     torch.set_num_threads(1)
     model, (train, query) = trained(), data()
     start = time.perf_counter()
-    result = headwater.influence(model, train, query, task=task(), curvature=name, progress=False)
+    try:
+        result = headwater.influence(
+            model, train, query, task=task(), curvature=name, progress=False
+        )
+    except Exception as error:  # reported in the table
+        queue.put(f"{type(error).__name__}: {error}".splitlines()[0])
+        return
     seconds = time.perf_counter() - start
     settings = result.settings
-    queue.put((result.values, seconds, settings.get("damping"), settings.get("curvature_choice")))
+    # numpy, not a tensor: a tensor would be shared by a file descriptor this process closes
+    queue.put(
+        (result.values.numpy(), seconds, settings.get("fitted_damping"), settings.get("curvature_choice"))
+    )
 
 
 def run_one(name: str | None, limit: float):
@@ -150,14 +161,15 @@ def main() -> None:
     for name in names:
         print(f"[gpt2] {name} ...", file=sys.stderr)
         out = run_one(name, args.limit)
-        if out is None:
-            rows.append(f"| {name} | not finished in {args.limit:.0f} s | | | |")
+        if not isinstance(out, tuple):
+            note = out or f"not finished in {args.limit:.0f} s"
+            rows.append(f"| {name} | {note} | | | |")
             continue
         values, seconds, damping, choice = out
-        per_query = lds(values, truth)
+        per_query = lds(torch.from_numpy(values), truth)
         ok = per_query[~per_query.isnan()]
         se = float(ok.std() / len(ok) ** 0.5)
-        damping = "per block" if isinstance(damping, list) else f"{damping:.3g}"
+        damping = f"{damping:.3g}" if isinstance(damping, float) else "per block"
         rows.append(
             f"| {name} | {float(ok.mean()):.3f} +- {se:.3f} | {seconds:.1f} s | {damping} "
             f"| {choice or ''} |"
