@@ -117,7 +117,12 @@ def _one(name: str | None, queue) -> None:
     settings = result.settings
     # numpy, not a tensor: a tensor would be shared by a file descriptor this process closes
     queue.put(
-        (result.values.numpy(), seconds, settings.get("fitted_damping"), settings.get("curvature_choice"))
+        (
+            result.values.numpy(),
+            seconds,
+            settings.get("fitted_damping"),
+            settings.get("curvature_choice"),
+        )
     )
 
 
@@ -166,12 +171,10 @@ def main() -> None:
             rows.append(f"| {name} | {note} | | | |")
             continue
         values, seconds, damping, choice = out
-        per_query = lds(torch.from_numpy(values), truth)
-        ok = per_query[~per_query.isnan()]
-        se = float(ok.std() / len(ok) ** 0.5)
+        result = lds(torch.from_numpy(values), truth)
         damping = f"{damping:.3g}" if isinstance(damping, float) else "per block"
         rows.append(
-            f"| {name} | {float(ok.mean()):.3f} +- {se:.3f} | {seconds:.1f} s | {damping} "
+            f"| {name} | {result.mean:.3f} +- {result.stderr:.3f} | {seconds:.1f} s | {damping} "
             f"| {choice or ''} |"
         )
         print(rows[-1], file=sys.stderr)
