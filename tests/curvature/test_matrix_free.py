@@ -1,6 +1,7 @@
 """Matrix-free and low-rank curvatures (CG, LiSSA, Arnoldi, Lanczos, Nyström, Diagonal,
 Identity) against Exact and the dense autograd oracles, in float64 on the tiny cases."""
 
+import functools
 import itertools
 
 import pytest
@@ -135,19 +136,72 @@ def test_lissa_preconditioned(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ggn", "hessian", "ef"])
 def test_cached_products_equal_uncached(kind):
+    """Every way of computing a product (stored Jacobians, cached or rebuilt autograd
+    linearisations) equals the dense oracle's, on repeated calls and on one vector."""
     case = CASES["cnn"]()
     v = _rhs(5, 77)
-    cached = headwater.curvature.curvature_matvec(
-        case.model, case.task, case.train, kind, chunk_size=7
+    product = functools.partial(
+        headwater.curvature.curvature_matvec, case.model, case.task, case.train, kind, chunk_size=7
     )
-    fresh = headwater.curvature.curvature_matvec(
-        case.model, case.task, case.train, kind, chunk_size=7, cache_mb=0.0
+    ways = {
+        "default": product(),
+        "cached autograd": product(jacobian_mb=0.0),
+        "uncached autograd": product(jacobian_mb=0.0, cache_mb=0.0),
+    }
+    assert ways["default"].method.split(":")[0] == {
+        "ggn": "jacobian",
+        "hessian": "autograd (cached)",
+        "ef": "per-example gradients",
+    }[kind]
+    assert ways["uncached autograd"].method.split(":")[0] == (
+        "per-example gradients" if kind == "ef" else "autograd"
     )
     want = v @ ORACLES[kind](case.model, case.task, case.train)
-    for _ in range(2):  # the second call reuses the cached linearisations
-        assert_close(cached(v), want, rtol=1e-10, what="cached product")
-        assert_close(cached(v[:1]), want[:1], rtol=1e-10, what="one vector")
-    assert_close(fresh(v), want, rtol=1e-10, what="uncached product")
+    for name, matvec in ways.items():
+        for _ in range(2):  # the second call reuses the cached Jacobians or linearisations
+            assert_close(matvec(v), want, rtol=1e-10, what=name)
+            assert_close(matvec(v[:1]), want[:1], rtol=1e-10, what=f"{name}, one vector")
+
+
+class _NormNet(torch.nn.Module):
+    """Conv - BatchNorm - Tanh - Linear, with an optional side input (``model(x=..., side=...)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+        self.side, self.head = torch.nn.Linear(2, 3), torch.nn.Linear(2 * 4 + 3, 3)
+
+    def forward(self, x, side=None):
+        side = torch.ones(x.shape[0], 2, dtype=x.dtype) if side is None else side
+        h = torch.tanh(self.norm(self.conv(x))).flatten(1)
+        return self.head(torch.cat([h, self.side(side)], 1))
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict"])
+def test_jacobian_product_with_batchnorm_and_dict_batch(form):
+    """The stored-Jacobian GGN product on a model with BatchNorm (left in train mode: the
+    products use eval mode, its running statistics) fed a tensor or a Hugging Face-style
+    dict batch equals the autograd product and the dense GGN; the model is untouched."""
+    torch.manual_seed(0)
+    model = _NormNet().double()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(13, 1, 4, 4, generator=g, dtype=DT)
+    side = torch.randn(13, 2, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (13,), generator=g)
+    data = (x, y) if form == "tensor" else {"x": x, "side": side, "labels": y}
+    task = headwater.ClassificationTask(weight_decay=1e-3)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    fast = headwater.curvature.curvature_matvec(model, task, data, chunk_size=5)
+    slow = headwater.curvature.curvature_matvec(model, task, data, chunk_size=5, jacobian_mb=0)
+    assert fast.method.startswith("jacobian") and slow.method.startswith("autograd")
+    v = _rhs(4, sum(p.numel() for p in model.parameters()))
+    got = fast(v)
+    assert model.training and all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    assert_close(got, slow(v), rtol=1e-10, what="jacobian vs autograd")
+    assert_close(got, v @ dense_ggn(model, task, data), rtol=1e-10, what="dense GGN")
 
 
 def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):

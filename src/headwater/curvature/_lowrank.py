@@ -169,6 +169,7 @@ class LowRankCurvature(Curvature):
                 f"rank: must be <= the number of analysed parameters ({p}), got {self.rank}"
             )
         op = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        self.fit_notes["curvature_product"] = op.product
         calls = [0]
 
         def counted(v: Tensor) -> Tensor:

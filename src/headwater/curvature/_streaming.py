@@ -113,6 +113,7 @@ class StreamingCurvature(Curvature):
         """Bind the data's operator (and drop a preconditioner of other data)."""
         self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
         self._precondition = None
+        self.fit_notes["curvature_product"] = self._operator.product
         return self._operator
 
     def fit(
