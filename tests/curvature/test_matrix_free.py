@@ -76,11 +76,48 @@ def test_cg_solve_matches_dense(name, kind, damping):
 def test_cg_preconditioner_same_answer_fewer_iterations():
     case = CASES["cnn"]()
     v = _rhs(3, 77)
-    plain = CG(damping=1e-4, tol=1e-10).fit(case.model, case.task, case.train)
+    plain = CG(damping=1e-4, tol=1e-10, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
     pre = CG(damping=1e-4, tol=1e-10, preconditioner_rank=30).fit(case.model, case.task, case.train)
     x_plain, x_pre = plain.solve(v), pre.solve(v)
     assert _rel(x_pre, x_plain) < 1e-6
     assert pre.last_info.iterations < plain.last_info.iterations
+    auto = CG(damping=1e-4, tol=1e-10).fit(case.model, case.task, case.train)  # rank min(100, P)
+    assert auto.state.precond_eigvals.numel() == 77 and auto.settings()["preconditioner"] == "auto"
+    assert_close(auto.solve(v), x_plain, rtol=1e-6)
+    assert auto.last_info.iterations <= 2 and auto.fit_notes["cg_preconditioner"].startswith("nys")
+
+
+def test_cg_drops_a_preconditioner_that_slows_it():
+    """The first solve compares a few iterations with and without the preconditioner: an
+    ill-conditioned (but positive definite) one is dropped, the exact inverse is kept."""
+    case = CASES["mlp"]()
+    v = _rhs(6, 51)
+    dense = _dense(case, "ggn", 1e-3)
+    scales = torch.logspace(-3, 3, 51, dtype=DT)
+    bad, good = (lambda r: r * scales), (lambda r: torch.linalg.solve(dense, r.T).T)
+    plain = CG(damping=1e-3, tol=1e-10, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
+    want = plain.solve(v)
+    for precond, kept in ((bad, False), (good, True)):
+        curv = CG(damping=1e-3, tol=1e-10, preconditioner="diagonal").fit(
+            case.model, case.task, case.train
+        )
+        curv._precondition = precond
+        assert_close(curv.solve(v), want, rtol=1e-6)
+        assert curv.fit_notes["cg_preconditioner"].startswith("diagonal" if kept else "none")
+        if kept:
+            assert curv.last_info.iterations == 1
+        else:
+            assert curv.last_info.iterations == plain.last_info.iterations
+    unchecked = CG(
+        damping=1e-3, tol=1e-10, preconditioner="diagonal", check_preconditioner=False
+    ).fit(case.model, case.task, case.train)
+    unchecked._precondition = bad
+    unchecked.solve(v)
+    assert unchecked.last_info.iterations > plain.last_info.iterations
 
 
 @pytest.mark.parametrize(
@@ -148,11 +185,14 @@ def test_cached_products_equal_uncached(kind):
         "cached autograd": product(jacobian_mb=0.0),
         "uncached autograd": product(jacobian_mb=0.0, cache_mb=0.0),
     }
-    assert ways["default"].method.split(":")[0] == {
-        "ggn": "jacobian",
-        "hessian": "autograd (cached)",
-        "ef": "per-example gradients",
-    }[kind]
+    assert (
+        ways["default"].method.split(":")[0]
+        == {
+            "ggn": "jacobian",
+            "hessian": "autograd (cached)",
+            "ef": "per-example gradients",
+        }[kind]
+    )
     assert ways["uncached autograd"].method.split(":")[0] == (
         "per-example gradients" if kind == "ef" else "autograd"
     )
@@ -206,7 +246,9 @@ def test_jacobian_product_with_batchnorm_and_dict_batch(form):
 
 def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):
     case = CASES["mlp"]()
-    curv = CG(damping=1e-4, tol=1e-12, max_iter=2).fit(case.model, case.task, case.train)
+    curv = CG(damping=1e-4, tol=1e-12, max_iter=2, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
     with pytest.warns(RuntimeWarning, match="max_iter"):
         curv.solve(_rhs(2, 51))
     curv = CG(damping=0.01, tol=1e-10, preconditioner_rank=5).fit(case.model, case.task, case.train)

@@ -128,7 +128,9 @@ def _jacobians(model, task, layout, theta, x, y) -> tuple[Tensor, Tensor]:
     # differentiated in the parameter dict, flattened after (measured on the digits CNN:
     # 0.26 s for 1,000 examples x 10 outputs, 1.4 s through the flat vector's views)
     params = layout.unflatten(theta)
-    jac = vmap_examples(jacrev(out_single), in_dims=(None, 0))(params, x)  # {name: [B, *out, *shape]}
+    jac = vmap_examples(jacrev(out_single), in_dims=(None, 0))(
+        params, x
+    )  # {name: [B, *out, *shape]}
     outs = vmap_examples(out_single, in_dims=(None, 0))(params, x)  # [B, *out]
     h_out = vmap(hessian(loss_single))(outs, y)  # [B, *out, *out]
     b, c = y.shape[0], outs[0].numel()
@@ -213,7 +215,9 @@ def _product_method(kind, linearisation: float, jacobian: float, cache_mb, jacob
             f"<= budget {jacobian_mb:g} MiB"
         )
     if linearisation <= cache_mb * mib:
-        return f"autograd (cached): linearisations {linearisation / mib:,.0f} MiB <= {cache_mb:g} MiB"
+        return (
+            f"autograd (cached): linearisations {linearisation / mib:,.0f} MiB <= {cache_mb:g} MiB"
+        )
     return f"autograd: linearisations {linearisation / mib:,.0f} MiB > {cache_mb:g} MiB"
 
 
