@@ -1,6 +1,7 @@
 """Matrix-free and low-rank curvatures (CG, LiSSA, Arnoldi, Lanczos, Nyström, Diagonal,
 Identity) against Exact and the dense autograd oracles, in float64 on the tiny cases."""
 
+import functools
 import itertools
 
 import pytest
@@ -75,11 +76,48 @@ def test_cg_solve_matches_dense(name, kind, damping):
 def test_cg_preconditioner_same_answer_fewer_iterations():
     case = CASES["cnn"]()
     v = _rhs(3, 77)
-    plain = CG(damping=1e-4, tol=1e-10).fit(case.model, case.task, case.train)
+    plain = CG(damping=1e-4, tol=1e-10, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
     pre = CG(damping=1e-4, tol=1e-10, preconditioner_rank=30).fit(case.model, case.task, case.train)
     x_plain, x_pre = plain.solve(v), pre.solve(v)
     assert _rel(x_pre, x_plain) < 1e-6
     assert pre.last_info.iterations < plain.last_info.iterations
+    auto = CG(damping=1e-4, tol=1e-10).fit(case.model, case.task, case.train)  # rank min(100, P)
+    assert auto.state.precond_eigvals.numel() == 77 and auto.settings()["preconditioner"] == "auto"
+    assert_close(auto.solve(v), x_plain, rtol=1e-6)
+    assert auto.last_info.iterations <= 2 and auto.fit_notes["cg_preconditioner"].startswith("nys")
+
+
+def test_cg_drops_a_preconditioner_that_slows_it():
+    """The first solve compares a few iterations with and without the preconditioner: an
+    ill-conditioned (but positive definite) one is dropped, the exact inverse is kept."""
+    case = CASES["mlp"]()
+    v = _rhs(6, 51)
+    dense = _dense(case, "ggn", 1e-3)
+    scales = torch.logspace(-3, 3, 51, dtype=DT)
+    bad, good = (lambda r: r * scales), (lambda r: torch.linalg.solve(dense, r.T).T)
+    plain = CG(damping=1e-3, tol=1e-10, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
+    want = plain.solve(v)
+    for precond, kept in ((bad, False), (good, True)):
+        curv = CG(damping=1e-3, tol=1e-10, preconditioner="diagonal").fit(
+            case.model, case.task, case.train
+        )
+        curv._precondition = precond
+        assert_close(curv.solve(v), want, rtol=1e-6)
+        assert curv.fit_notes["cg_preconditioner"].startswith("diagonal" if kept else "none")
+        if kept:
+            assert curv.last_info.iterations == 1
+        else:
+            assert curv.last_info.iterations == plain.last_info.iterations
+    unchecked = CG(
+        damping=1e-3, tol=1e-10, preconditioner="diagonal", check_preconditioner=False
+    ).fit(case.model, case.task, case.train)
+    unchecked._precondition = bad
+    unchecked.solve(v)
+    assert unchecked.last_info.iterations > plain.last_info.iterations
 
 
 @pytest.mark.parametrize(
@@ -135,24 +173,82 @@ def test_lissa_preconditioned(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ggn", "hessian", "ef"])
 def test_cached_products_equal_uncached(kind):
+    """Every way of computing a product (stored Jacobians, cached or rebuilt autograd
+    linearisations) equals the dense oracle's, on repeated calls and on one vector."""
     case = CASES["cnn"]()
     v = _rhs(5, 77)
-    cached = headwater.curvature.curvature_matvec(
-        case.model, case.task, case.train, kind, chunk_size=7
+    product = functools.partial(
+        headwater.curvature.curvature_matvec, case.model, case.task, case.train, kind, chunk_size=7
     )
-    fresh = headwater.curvature.curvature_matvec(
-        case.model, case.task, case.train, kind, chunk_size=7, cache_mb=0.0
+    ways = {
+        "default": product(),
+        "cached autograd": product(jacobian_mb=0.0),
+        "uncached autograd": product(jacobian_mb=0.0, cache_mb=0.0),
+    }
+    assert (
+        ways["default"].method.split(":")[0]
+        == {
+            "ggn": "jacobian",
+            "hessian": "autograd (cached)",
+            "ef": "per-example gradients",
+        }[kind]
+    )
+    assert ways["uncached autograd"].method.split(":")[0] == (
+        "per-example gradients" if kind == "ef" else "autograd"
     )
     want = v @ ORACLES[kind](case.model, case.task, case.train)
-    for _ in range(2):  # the second call reuses the cached linearisations
-        assert_close(cached(v), want, rtol=1e-10, what="cached product")
-        assert_close(cached(v[:1]), want[:1], rtol=1e-10, what="one vector")
-    assert_close(fresh(v), want, rtol=1e-10, what="uncached product")
+    for name, matvec in ways.items():
+        for _ in range(2):  # the second call reuses the cached Jacobians or linearisations
+            assert_close(matvec(v), want, rtol=1e-10, what=name)
+            assert_close(matvec(v[:1]), want[:1], rtol=1e-10, what=f"{name}, one vector")
+
+
+class _NormNet(torch.nn.Module):
+    """Conv - BatchNorm - Tanh - Linear, with an optional side input (``model(x=..., side=...)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+        self.side, self.head = torch.nn.Linear(2, 3), torch.nn.Linear(2 * 4 + 3, 3)
+
+    def forward(self, x, side=None):
+        side = torch.ones(x.shape[0], 2, dtype=x.dtype) if side is None else side
+        h = torch.tanh(self.norm(self.conv(x))).flatten(1)
+        return self.head(torch.cat([h, self.side(side)], 1))
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict"])
+def test_jacobian_product_with_batchnorm_and_dict_batch(form):
+    """The stored-Jacobian GGN product on a model with BatchNorm (left in train mode: the
+    products use eval mode, its running statistics) fed a tensor or a Hugging Face-style
+    dict batch equals the autograd product and the dense GGN; the model is untouched."""
+    torch.manual_seed(0)
+    model = _NormNet().double()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(13, 1, 4, 4, generator=g, dtype=DT)
+    side = torch.randn(13, 2, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (13,), generator=g)
+    data = (x, y) if form == "tensor" else {"x": x, "side": side, "labels": y}
+    task = headwater.ClassificationTask(weight_decay=1e-3)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    fast = headwater.curvature.curvature_matvec(model, task, data, chunk_size=5)
+    slow = headwater.curvature.curvature_matvec(model, task, data, chunk_size=5, jacobian_mb=0)
+    assert fast.method.startswith("jacobian") and slow.method.startswith("autograd")
+    v = _rhs(4, sum(p.numel() for p in model.parameters()))
+    got = fast(v)
+    assert model.training and all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    assert_close(got, slow(v), rtol=1e-10, what="jacobian vs autograd")
+    assert_close(got, v @ dense_ggn(model, task, data), rtol=1e-10, what="dense GGN")
 
 
 def test_cg_unconverged_warns_and_load_needs_bind(tmp_path):
     case = CASES["mlp"]()
-    curv = CG(damping=1e-4, tol=1e-12, max_iter=2).fit(case.model, case.task, case.train)
+    curv = CG(damping=1e-4, tol=1e-12, max_iter=2, preconditioner="none").fit(
+        case.model, case.task, case.train
+    )
     with pytest.warns(RuntimeWarning, match="max_iter"):
         curv.solve(_rhs(2, 51))
     curv = CG(damping=0.01, tol=1e-10, preconditioner_rank=5).fit(case.model, case.task, case.train)
@@ -387,8 +483,9 @@ def test_default_damping_is_relative_to_trace():
     for cls in (Arnoldi, Lanczos, Nystrom):  # low rank: the smallest kept eigenvalue
         curv = cls(rank=20).fit(case.model, case.task, case.train)
         assert curv.fitted_damping == pytest.approx(
-            float(curv.state.eigvals.abs().min()), rel=1e-12
+            cls.damping_factor * float(curv.state.eigvals.abs().min()), rel=1e-12
         )
+        assert cls.damping_factor == (10.0 if cls is Nystrom else 1.0)
         if cls is not Nystrom:  # Krylov methods find the top of the spectrum
             assert curv.fitted_damping == pytest.approx(float(dense[-20]), rel=1e-3), cls.__name__
 

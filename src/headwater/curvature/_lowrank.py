@@ -32,7 +32,7 @@ from headwater.curvature._matfree import (
     warn_if_indefinite,
 )
 from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
-from headwater.curvature.defaults import DampingScale
+from headwater.curvature.defaults import LOWRANK_RELATIVE_DAMPING, DampingScale
 from headwater.curvature.defaults import default_damping as rule
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lowrank_solve
@@ -87,6 +87,8 @@ class LowRankCurvature(Curvature):
 
     has_eigen = True
     damping_in_state_only = True
+    damping_factor: ClassVar[float] = LOWRANK_RELATIVE_DAMPING
+    """Default damping = this × the smallest kept ``|eigenvalue|`` (see ``curvature.defaults``)."""
     option: ClassVar[str]
     """The method's own setting: ``"n_iter"`` (Arnoldi, Lanczos) or ``"oversample"`` (Nyström);
     passing the other one raises."""
@@ -169,6 +171,7 @@ class LowRankCurvature(Curvature):
                 f"rank: must be <= the number of analysed parameters ({p}), got {self.rank}"
             )
         op = BoundOperator(model, task, data, self.kind, self.chunk_size)
+        self.fit_notes["curvature_product"] = op.product
         calls = [0]
 
         def counted(v: Tensor) -> Tensor:
@@ -182,7 +185,9 @@ class LowRankCurvature(Curvature):
             if eigvals.numel() == p:  # the whole space: the trace is exact
                 damping = default_damping(float(eigvals.double().sum()) / p)
             else:  # the discarded spectrum lies below the smallest kept eigenvalue
-                damping = rule(float(eigvals.abs().min()), DampingScale.LOWRANK)
+                damping = rule(
+                    float(eigvals.abs().min()), DampingScale.LOWRANK, self.damping_factor
+                )
         floor = task.weight_decay if self.kind is not MatrixKind.HESSIAN else 0.0
         if self.residual and floor + damping <= 0:
             raise ValueError(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater.curvature.base import default_damping
-from headwater.curvature.operators import MatrixKind, curvature_matvec
+from headwater.curvature.operators import CurvatureProduct, MatrixKind, curvature_matvec
 from headwater.curvature.solvers import MatVec, lanczos
 from headwater.data import DataLike
 from headwater.gradients.flat import ParamLayout
@@ -115,11 +115,12 @@ class BoundOperator:
     """``M`` (undamped, with weight decay) of ``model`` on ``data``, re-created on demand.
 
     Matrix-free curvatures keep one of these instead of a stored matrix: each
-    product streams over ``data`` (see :func:`~headwater.curvature.operators.curvature_matvec`),
-    reusing each chunk's linearisation when all of them fit in ``CACHE_MB`` (512 MiB),
-    else rebuilding it, so memory is ``O(K·P + chunk·activations)`` whatever ``n_train``
-    is. It holds references to the model, task and data, so it lives only in the
-    current process.
+    product streams over ``data`` (see :func:`~headwater.curvature.operators.curvature_matvec`):
+    from stored per-example output Jacobians (GGN) when they fit in ``JACOBIAN_MB``
+    (1 GiB), else reusing each chunk's linearisation when all of them fit in ``CACHE_MB``
+    (512 MiB), else rebuilding it, so memory is ``O(K·P + chunk·activations)`` whatever
+    ``n_train`` is; ``product`` says which. It holds references to the model, task and
+    data, so it lives only in the current process.
     """
 
     def __init__(
@@ -132,7 +133,10 @@ class BoundOperator:
             kind,
             chunk_size,
         )
-        self.matvec: MatVec = curvature_matvec(model, task, data, kind, chunk_size=chunk_size)
+        self.matvec: CurvatureProduct = curvature_matvec(
+            model, task, data, kind, chunk_size=chunk_size
+        )
+        self.product = self.matvec.method  # how each product is computed, and why
         self.layout = ParamLayout.of(task.parameters(model))
         ref = next(iter(task.parameters(model).values()))
         self.dtype, self.device = ref.dtype, ref.device

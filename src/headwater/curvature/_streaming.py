@@ -28,10 +28,12 @@ class Preconditioner(str, Enum):
     ``"ekfac"``/``"kfac"``: the Kronecker-factored curvature of the same kind (the GGN
     for ``kind="hessian"``) with the same damping; ``"diagonal"``: the exact diagonal
     (GGN/EF) or its Hutchinson estimate (Hessian); ``"nystrom"``: a randomized Nyström
-    sketch of ``M`` (fitted by CG itself, rank ``preconditioner_rank``).
+    sketch of ``M`` (fitted by CG itself, rank ``preconditioner_rank``); ``"auto"``: the
+    curvature's own default (CG: see :class:`~headwater.curvature.cg.CG`).
     """
 
     NONE = "none"
+    AUTO = "auto"
     NYSTROM = "nystrom"
     EKFAC = "ekfac"
     KFAC = "kfac"
@@ -107,12 +109,14 @@ class StreamingCurvature(Curvature):
             ) from err
         self._operator: BoundOperator | None = None
         self._precondition: MatVec | None = None
+        self._use_preconditioner: bool | None = None  # a check of the first solve, if any
         self.progress: ProgressFn | None = None  # told about each solve's iterations
 
     def _attach(self, model: nn.Module, task: Task, data: DataLike) -> BoundOperator:
         """Bind the data's operator (and drop a preconditioner of other data)."""
         self._operator = BoundOperator(model, task, data, self.kind, self.chunk_size)
-        self._precondition = None
+        self._precondition, self._use_preconditioner = None, None
+        self.fit_notes["curvature_product"] = self._operator.product
         return self._operator
 
     def fit(
@@ -145,10 +149,15 @@ class StreamingCurvature(Curvature):
     ) -> None:
         """Fit an EK-FAC, K-FAC or diagonal preconditioner with ``damping`` (a Nyström one is
         part of the fitted state instead)."""
-        if self.preconditioner not in (Preconditioner.NONE, Preconditioner.NYSTROM):
+        which = self._fitted_preconditioner()
+        if which not in (Preconditioner.NONE, Preconditioner.NYSTROM):
             self._precondition = fit_preconditioner(
-                self.preconditioner, model, task, data, self.kind, float(damping), self.chunk_size
+                which, model, task, data, self.kind, float(damping), self.chunk_size
             )
+
+    def _fitted_preconditioner(self) -> Preconditioner:
+        """The preconditioner ``"auto"`` stands for (needs the fitted layout); else the set one."""
+        return self.preconditioner
 
     def bind(self: _Self, model: nn.Module, task: Task, data: DataLike) -> _Self:
         """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) state

@@ -192,6 +192,9 @@ class Curvature(ABC):
         self.state: Any = None
         self.layout: ParamLayout | None = None
         self.n_examples = 0
+        self.fit_notes: dict[str, Any] = {}
+        """How the last fit went, for the estimators' settings (e.g. the matrix-free
+        curvatures' ``"curvature_product"``: how each product is computed, and why)."""
 
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory | None:
@@ -217,6 +220,7 @@ class Curvature(ABC):
         """Fit to ``model`` on ``data``; returns ``self``. The model is left unchanged."""
         self.n_examples = num_examples(data, "train")
         self.layout = ParamLayout.of(task.parameters(model))
+        self.fit_notes = {}
         try:
             self.state = _finite_state(self.name, self._fit(model, task, data, progress))
         except (

@@ -151,8 +151,10 @@ class LiSSA(StreamingCurvature):
         self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
         self.scale = None if scale is None else float(scale)
         self.tol = float(tol)
-        if self.preconditioner is Preconditioner.NYSTROM:
-            raise ValueError("preconditioner: 'nystrom' is available for CG only")
+        if self.preconditioner in (Preconditioner.NYSTROM, Preconditioner.AUTO):
+            raise ValueError(
+                f"preconditioner: {self.preconditioner.value!r} is available for CG only"
+            )
         self.last_info: LissaInfo | None = None
 
     @classmethod

@@ -43,7 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
+from headwater.curvature.base import Curvature, Memory, ProblemSize
+from headwater.curvature.defaults import MFAC_RELATIVE_DAMPING, DampingScale
+from headwater.curvature.defaults import default_damping as rule
 from headwater.curvature.operators import MatrixKind
 from headwater.data import DataLike, iter_batches, subset, take
 from headwater.distributed import all_reduce_sum_, shard_range, world
@@ -77,7 +79,8 @@ class MFAC(Curvature):
         factor_dtype: storage dtype of ``W``: ``"float64"``, ``"float32"``,
             ``"bfloat16"`` or ``None`` (the parameters' dtype).
         kind: ``"ggn"`` (sampled targets, default) or ``"ef"`` (true targets).
-        damping: λ; ``None``: ``1e-3 × trace(F)/d`` (with the weight decay in F).
+        damping: λ; ``None``: ``MFAC_RELATIVE_DAMPING`` (0.1) ``× trace(F)/d`` (with the
+            weight decay in F; a held-out choice, see ``curvature.defaults``).
         chunk_size: examples per per-example-gradient step.
 
     Raises:
@@ -188,7 +191,8 @@ class MFAC(Curvature):
         all_reduce_sum_(g)  # every rank's rows (the others are zero)
         damping = self.damping
         if damping is None:
-            damping = default_damping(float(g.square().sum()) / (m * p) + task.weight_decay)
+            scale = float(g.square().sum()) / (m * p) + task.weight_decay
+            damping = rule(scale, DampingScale.FULL, MFAC_RELATIVE_DAMPING)
         mu = damping + task.weight_decay
         if mu <= 0:
             raise ValueError(

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from headwater.curvature._lowrank import LowRankCurvature, LowRankState
 from headwater.curvature.base import Memory, ProblemSize
+from headwater.curvature.defaults import NYSTROM_RELATIVE_DAMPING
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, nystrom
 
@@ -39,6 +40,7 @@ class Nystrom(LowRankCurvature):
 
     name = "nystrom"
     option = "oversample"
+    damping_factor = NYSTROM_RELATIVE_DAMPING  # held-out choice (curvature.defaults)
     kinds = (MatrixKind.GGN, MatrixKind.EF)
 
     @classmethod

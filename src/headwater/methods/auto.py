@@ -147,7 +147,8 @@ def _matvec_seconds(model: nn.Module, task: Task, train: DataLike, kind: str) ->
     n = num_examples(train, "train")
     m = min(n, PROBE_EXAMPLES)
     params = task.parameters(model)
-    matvec = curvature_matvec(model, task, subset(train, range(m)), kind)
+    # the autograd product (jacobian_mb=0): a subset's Jacobians would fit where all may not
+    matvec = curvature_matvec(model, task, subset(train, range(m)), kind, jacobian_mb=0)
     v = torch.zeros(
         1, sum(t.numel() for t in params.values()), dtype=next(iter(params.values())).dtype
     )

@@ -408,6 +408,7 @@ class InfluenceFunction(Estimator):
             "method": "influence",
             **self.curvature.settings(),
             "fitted_damping": self.curvature.fitted_damping,
+            **self.curvature.fit_notes,
             "task": self.task.to_dict(),
             "chunk_size": self.chunk_size,
             "query_batch": self.query_batch,
