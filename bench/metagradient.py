@@ -64,6 +64,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup": 0,
         "decay": 1,
     },
+    "mlp-sgd-smooth-const": {
+        "arch": "mlp",
+        "opt": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup": 0,
+    },
     "mlp-adam-sharp": {
         "arch": "mlp",
         "opt": "adam",
@@ -80,6 +88,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 20,
         "warmup": 100,
         "decay": 1,
+    },
+    "mlp-adam-smooth-slow": {
+        "arch": "mlp",
+        "opt": "adam",
+        "lr": 5e-4,
+        "momentum": 0.0,
+        "epochs": 30,
+        "warmup": 200,
     },
 }
 
@@ -140,6 +156,9 @@ def _rss_kib(field: str) -> int:
 
 def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor, float, float]:
     """Scores, seconds and the rise of peak RSS (MiB) of the exact metagradient."""
+    Metagradient(model, task, run).scores(
+        (query[0][:1], query[1][:1]), train
+    )  # warm-up: first-call code paths, one query
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
         base = _rss_kib("VmRSS")
