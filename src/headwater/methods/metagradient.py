@@ -38,17 +38,20 @@ smooth (small steps, warm-up), see the README.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from headwater import store
 from headwater.data import DataLike, as_tensors
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import check_values
 from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
+from headwater.store.cached import fingerprint
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
 from headwater.train.steps import adam_pullback, clip, clip_pullback, optimizer_step, sgd_pullback
@@ -73,6 +76,10 @@ class Metagradient(Estimator):
         query_block: carry at most this many queries at once (memory ``block × P`` per
             adjoint; each block replays the run once; the numbers do not depend on it).
         dtype: compute in this dtype (default: the run's); float64 for checks.
+        store: base path of the reverse pass's resumable state: the adjoints and partial
+            sums of each query block, saved atomically after every segment; a later call
+            with the same settings, run, queries and data resumes from there (a store of
+            anything else raises ``headwater.store.StoreMismatchError``).
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
@@ -87,6 +94,7 @@ class Metagradient(Estimator):
         hessian_free: bool = False,
         query_block: int | None = None,
         dtype: torch.dtype | None = None,
+        store: str | os.PathLike | None = None,
         progress: ProgressFn | None = None,
     ):
         check_run(run, task, model, run.n_train if isinstance(run, RunRecord) else -1)
@@ -103,6 +111,7 @@ class Metagradient(Estimator):
             progress,
         )
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
+        self.store = store
 
     # ---------------------------------------------------------------- model as a function of θ
     def _losses_fn(self, x: Tensor, y: Tensor):
@@ -236,27 +245,50 @@ class Metagradient(Estimator):
                 if new.data_ptr() != row.data_ptr():
                     row.copy_(new)
 
-    def _block(self, x_q: Tensor, y_q: Tensor, data, done: int, total: int) -> Tensor:
+    def _block(self, x_q: Tensor, y_q: Tensor, data, done: int, total: int, path) -> Tensor:
+        """The hypergradients of one block of queries; with ``path``, the adjoints and the
+        partial sums are saved (atomically) after every segment and a stored state of the
+        same settings, queries and data is resumed from (bit for bit the same result)."""
         run = self.run
         last = run.checkpoints[-1]
-        theta_T = last.theta.to(self.dtype)
-        a_theta = self._measurement_gradients(theta_T, x_q, y_q)  # [Q, P]
-        check_values(a_theta.sum(1), x_q.shape[0], "query")
-        carry = a_theta.new_zeros(1 + len(last.state), *a_theta.shape)  # adjoints of (θ_t, state_t)
-        carry[0] = a_theta
-        del a_theta
-        out = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype)
+        key = {"kind": "metagradient_adjoint", "settings": self.settings()}
+        key["data"] = fingerprint(x_q, y_q, *data, run.checkpoints[0].theta, last.theta)
+        resumed = self._resume(path, key)
+        if resumed is None:
+            a_theta = self._measurement_gradients(last.theta.to(self.dtype), x_q, y_q)  # [Q, P]
+            check_values(a_theta.sum(1), x_q.shape[0], "query")
+            carry = a_theta.new_zeros(
+                1 + len(last.state), *a_theta.shape
+            )  # adjoints of (θ_t, state_t)
+            carry[0] = a_theta
+            del a_theta
+            out, reached = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype), last.step
+        else:
+            carry, out, reached = resumed
+            done += run.num_steps - reached
         ckpts = run.checkpoints
         for start, end in zip(
             reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True
         ):
+            if end > reached:
+                continue  # done before the interruption
             states = self._forward(start, end, data)
             for t in reversed(range(start.step, end)):
                 count = start.count + t - start.step + 1
                 self._backward_step(t, count, states.pop(), carry, data, out)
                 done += 1
                 report(self.progress, "metagradient steps", done, total)
+            if path is not None:
+                store.save(path, {"carry": carry, "out": out}, {**key, "step": start.step})
         return out
+
+    @staticmethod
+    def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, int] | None:
+        """``(carry, out, step)`` stored at ``path`` for ``key``, or None when there is none."""
+        if path is None or not store.exists(path):
+            return None
+        tensors, meta = store.load(path, expect=key)
+        return tensors["carry"], tensors["out"], int(meta["step"])
 
     def hypergradients(
         self, query: DataLike, train: DataLike, *, weights: Tensor | None = None
@@ -288,6 +320,7 @@ class Metagradient(Estimator):
                     (x_all, y_all, w_all),
                     k * self.run.num_steps,
                     total,
+                    None if self.store is None else f"{self.store}-block{k}",
                 )
                 for k, s in enumerate(starts)
             ]
