@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import headwater
+from bench.cnn_problem import _build_cnn
 from bench.problems import CACHE_DIR, _tensors
 from headwater.evaluate import lds, single_model_ground_truth
 from headwater.methods.metagradient import Metagradient
@@ -89,6 +90,38 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup": 100,
         "decay": 1,
     },
+    "cnn-sgd-sharp": {
+        "arch": "cnn",
+        "opt": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "epochs": 10,
+        "warmup": 0,
+    },
+    "cnn-sgd-smooth": {
+        "arch": "cnn",
+        "opt": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup": 0,
+    },
+    "cnn-adam-sharp": {
+        "arch": "cnn",
+        "opt": "adam",
+        "lr": 1e-2,
+        "momentum": 0.0,
+        "epochs": 10,
+        "warmup": 0,
+    },
+    "cnn-adam-smooth": {
+        "arch": "cnn",
+        "opt": "adam",
+        "lr": 3e-3,
+        "momentum": 0.0,
+        "epochs": 20,
+        "warmup": 100,
+    },
     "mlp-adam-smooth-slow": {
         "arch": "mlp",
         "opt": "adam",
@@ -101,12 +134,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def build(arch: str) -> nn.Module:
+    if arch == "cnn":
+        return _build_cnn(0)
     torch.manual_seed(0)
     if arch == "mlp":
         return nn.Sequential(
             nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
         )
-    raise ValueError(f"arch: only 'mlp' here, got {arch!r}")
+    raise ValueError(f"arch: 'mlp' or 'cnn', got {arch!r}")
 
 
 def train(
@@ -179,7 +214,7 @@ def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
     return out
 
 
-def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, Any]:
+def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> dict[str, Any]:
     x, y, xq, yq = _tensors(torch.float32)
     task = ClassificationTask()
     train(recipe, x, y, task)  # warm-up
@@ -207,6 +242,16 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
         task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
     ).values
     estimators["EK-FAC influence"] = (ek, time.process_time() - start)
+    if cg:
+        start = time.process_time()
+        solved = headwater.influence(
+            model,
+            (x, y),
+            (xq, yq),
+            task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
+            curvature="cg",
+        ).values
+        estimators["CG influence"] = (solved, time.process_time() - start)
     start = time.process_time()
     tr = headwater.influence(
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
@@ -249,7 +294,7 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     }
 
 
-def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
+def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path) -> None:
     lines = [
         "# Exact metagradients (REPLAY) vs influence: single-model LDS on the digits",
         "",
@@ -287,15 +332,16 @@ def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
         "retraining to 1e-5 in float64), so its LDS measures how linear the run's response to "
         "dropping data is: the sharp and smooth recipe of one optimizer reach the same test "
         "accuracy, the smooth one is far more attributable. Its time is dominated by the "
-        "200 batched Hessian-vector products per step (forward-over-reverse, vmapped; about "
-        "Q·B·P·6 multiply-adds, at this machine's matrix-multiply rate); the Hessian-free "
-        "column shows the rest (replay, optimizer pullback, J·a products). The peak RSS rise "
-        "counts every [Q, P] tensor alive in a step (adjoints of θ and the optimizer state, "
-        "the pullback's outputs, the Hessian products of a chunk of 100 queries) plus the "
+        "200 batched Hessian-vector products per step (reverse over reverse with the example "
+        "weights as an input, so H·a and J·a come from one vmapped pullback; chunks of 50 "
+        "queries); the Hessian-free column shows the rest (replay, optimizer pullback, J·a in "
+        "forward mode). The peak RSS rise (after a one-query warm-up call, so first-call code "
+        "loading is not counted) holds the adjoints of θ and the optimizer state "
+        "((1 + state)·200·P floats), a chunk's temporaries and the "
         "allocator's slack.",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -304,12 +350,14 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--cg", action="store_true", help="also CG influence (slow)")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.process_time()
-    results = [bench_recipe(name, RECIPES[name], args.subsets) for name in args.recipes]
+    results = [bench_recipe(name, RECIPES[name], args.subsets, args.cg) for name in args.recipes]
     if not args.no_write:
-        write(results, args.subsets, time.process_time() - start)
+        write(results, args.subsets, time.process_time() - start, Path(args.out))
 
 
 if __name__ == "__main__":
