@@ -15,8 +15,9 @@ Estimators on the same run: exact metagradient (REPLAY), its Hessian-free varian
 recorded checkpoints. Time: CPU time of this process (``time.process_time``, one thread:
 robust to other processes on a shared machine), the metagradient of all 200 queries as a
 multiple of one training run (the median of 5 runs of the recorded loop, same dtype).
-Peak memory: rise of the process's peak RSS (VmHWM reset through /proc/self/clear_refs)
-during the metagradient, against ``(model + optimizer state + n_query) · P`` floats.
+Peak memory: rise of the peak RSS (VmHWM reset through /proc/self/clear_refs) of a fresh
+process computing the metagradient of the saved run (after a one-query warm-up), against
+``(model + optimizer state + n_query) · P`` floats.
 
     python -m bench.metagradient [--recipes mlp-sgd-sharp ...] [--subsets 20]
 """
@@ -24,8 +25,12 @@ during the metagradient, against ``(model + optimizer state + n_query) · P`` fl
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from headwater.evaluate import lds, single_model_ground_truth
 from headwater.methods.metagradient import Metagradient
 from headwater.methods.tracin import Checkpoint
 from headwater.task import ClassificationTask
-from headwater.train.recorder import Recorder, RunRecord
+from headwater.train.recorder import Recorder, RunRecord, load_run
 
 WEIGHT_DECAY = 1e-3
 FRACTIONS = (0.01, 0.05, 0.5)
@@ -189,21 +194,46 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
-def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor, float, float]:
-    """Scores, seconds and the rise of peak RSS (MiB) of the exact metagradient."""
-    Metagradient(model, task, run).scores(
-        (query[0][:1], query[1][:1]), train
-    )  # warm-up: first-call code paths, one query
+def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor, float]:
+    """Scores and CPU seconds of the exact metagradient."""
+    start = time.process_time()
+    scores = Metagradient(model, task, run).scores(query, train)
+    return scores, time.process_time() - start
+
+
+def peak_rise(arch: str, model: nn.Module, run: RunRecord) -> float:
+    """Rise of peak RSS (MiB) of the metagradient of the 200 test queries, measured in a fresh
+    process (this one's heap holds earlier recipes' freed memory): the model and run are
+    saved, the child loads them and the data, makes a one-query warm-up call (first-call
+    code loading), resets its peak (VmHWM, /proc/self/clear_refs) and reports the rise."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run.save(Path(tmp) / "run")
+        torch.save(model.state_dict(), Path(tmp) / "model.pt")
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.metagradient", "--peak-of", tmp, "--arch", arch],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_peak(folder: str, arch: str) -> None:
+    x, y, xq, yq = _tensors(torch.float32)
+    model = build(arch)
+    model.load_state_dict(torch.load(Path(folder) / "model.pt"))
+    run, task = load_run(Path(folder) / "run"), ClassificationTask()
+    Metagradient(model, task, run).scores((xq[:1], yq[:1]), (x, y))
+    gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
         base = _rss_kib("VmRSS")
     except OSError:
-        base = -1
-    start = time.process_time()
-    scores = Metagradient(model, task, run).scores(query, train)
-    seconds = time.process_time() - start
-    peak = (_rss_kib("VmHWM") - base) / 1024 if base >= 0 else float("nan")
-    return scores, seconds, peak
+        print("nan")
+        return
+    Metagradient(model, task, run).scores((xq, yq), (x, y))
+    print((_rss_kib("VmHWM") - base) / 1024)
 
 
 def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
@@ -226,7 +256,8 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> d
     one_run = sorted(times)[2]  # the median of 5: the machine may be shared
     with torch.no_grad():
         acc = float((model(xq).argmax(1) == yq).float().mean())
-    scores, seconds, peak = measured_metagradient(model, task, run, (xq, yq), (x, y))
+    scores, seconds = measured_metagradient(model, task, run, (xq, yq), (x, y))
+    peak = peak_rise(recipe["arch"], model, run)
     p = run.layout.num_params
     n_state = len(run.checkpoints[0].state)
     budget = (1 + n_state + xq.shape[0]) * p * 4 / 2**20
@@ -250,8 +281,9 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> d
             (xq, yq),
             task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
             curvature="cg",
+            curvature_options={"max_iter": 20},  # ~4 s per iteration for the CNN's 200 queries
         ).values
-        estimators["CG influence"] = (solved, time.process_time() - start)
+        estimators["CG influence (20 it.)"] = (solved, time.process_time() - start)
     start = time.process_time()
     tr = headwater.influence(
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
@@ -352,8 +384,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--cg", action="store_true", help="also CG influence (slow)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # the child of peak_rise
+    parser.add_argument("--arch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peak_of:
+        _child_peak(args.peak_of, args.arch)
+        return
     start = time.process_time()
     results = [bench_recipe(name, RECIPES[name], args.subsets, args.cg) for name in args.recipes]
     if not args.no_write:

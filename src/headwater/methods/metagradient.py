@@ -153,17 +153,22 @@ class Metagradient(Estimator):
         pullback = vmap(vjp(gradient, params, w)[1])
         return lambda vectors: pullback(layout.unflatten(vectors))
 
-    def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Per-query gradients of the measurement ``[Q, P]`` at the flat ``theta`` (taken with
-        respect to ``{name: view}``: a flat ``θ`` would make each slice's derivative ``[Q, P]``)."""
+    def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor, into: Tensor) -> None:
+        """Per-query gradients of the measurement at the flat ``theta`` written into ``into
+        [Q, P]``, chunk by chunk of queries (taken with respect to ``{name: view}``: a flat
+        ``θ`` would make each slice's derivative ``[c, P]``)."""
         layout = self.run.layout
 
         def single(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
             fn = lambda inp: functional_call(self.model, params, (inp,), strict=False)  # noqa: E731
             return self.task.measurement(fn, (xi.unsqueeze(0), yi.unsqueeze(0))).sum()
 
-        per_query = vmap(grad(single), in_dims=(None, 0, 0))(layout.unflatten(theta), x, y)
-        return layout.flatten(per_query, batch_dims=1)
+        per_query = vmap(grad(single), in_dims=(None, 0, 0))
+        params = layout.unflatten(theta)
+        for s in range(0, x.shape[0], _CHUNK):
+            grads = per_query(params, x[s : s + _CHUNK], y[s : s + _CHUNK])
+            for name, view in layout.unflatten(into[s : s + _CHUNK]).items():
+                view.copy_(grads[name])
 
     # ---------------------------------------------------------------- replay
     def _cast(self, ckpt: Checkpoint) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -255,13 +260,11 @@ class Metagradient(Estimator):
         key["data"] = fingerprint(x_q, y_q, *data, run.checkpoints[0].theta, last.theta)
         resumed = self._resume(path, key)
         if resumed is None:
-            a_theta = self._measurement_gradients(last.theta.to(self.dtype), x_q, y_q)  # [Q, P]
-            check_values(a_theta.sum(1), x_q.shape[0], "query")
-            carry = a_theta.new_zeros(
-                1 + len(last.state), *a_theta.shape
-            )  # adjoints of (θ_t, state_t)
-            carry[0] = a_theta
-            del a_theta
+            theta_T = last.theta.to(self.dtype)
+            # the adjoints of (θ_t, state_t), from (∇m(θ_T), 0)
+            carry = theta_T.new_zeros(1 + len(last.state), x_q.shape[0], theta_T.shape[0])
+            self._measurement_gradients(theta_T, x_q, y_q, carry[0])
+            check_values(carry[0].sum(1), x_q.shape[0], "query")
             out, reached = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype), last.step
         else:
             carry, out, reached = resumed
