@@ -15,8 +15,9 @@ Estimators on the same run: exact metagradient (REPLAY), its Hessian-free varian
 recorded checkpoints. Time: CPU time of this process (``time.process_time``, one thread:
 robust to other processes on a shared machine), the metagradient of all 200 queries as a
 multiple of one training run (the median of 5 runs of the recorded loop, same dtype).
-Peak memory: rise of the process's peak RSS (VmHWM reset through /proc/self/clear_refs)
-during the metagradient, against ``(model + optimizer state + n_query) · P`` floats.
+Peak memory: rise of the peak RSS (VmHWM reset through /proc/self/clear_refs) of a fresh
+process computing the metagradient of the saved run (after a one-query warm-up), against
+``(model + optimizer state + n_query) · P`` floats.
 
     python -m bench.metagradient [--recipes mlp-sgd-sharp ...] [--subsets 20]
 """
@@ -24,8 +25,12 @@ during the metagradient, against ``(model + optimizer state + n_query) · P`` fl
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +39,13 @@ import torch
 from torch import nn
 
 import headwater
+from bench.cnn_problem import _build_cnn
 from bench.problems import CACHE_DIR, _tensors
 from headwater.evaluate import lds, single_model_ground_truth
 from headwater.methods.metagradient import Metagradient
 from headwater.methods.tracin import Checkpoint
 from headwater.task import ClassificationTask
-from headwater.train.recorder import Recorder, RunRecord
+from headwater.train.recorder import Recorder, RunRecord, load_run
 
 WEIGHT_DECAY = 1e-3
 FRACTIONS = (0.01, 0.05, 0.5)
@@ -64,6 +70,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup": 0,
         "decay": 1,
     },
+    "mlp-sgd-smooth-const": {
+        "arch": "mlp",
+        "opt": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup": 0,
+    },
     "mlp-adam-sharp": {
         "arch": "mlp",
         "opt": "adam",
@@ -81,16 +95,58 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup": 100,
         "decay": 1,
     },
+    "cnn-sgd-sharp": {
+        "arch": "cnn",
+        "opt": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "epochs": 10,
+        "warmup": 0,
+    },
+    "cnn-sgd-smooth": {
+        "arch": "cnn",
+        "opt": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup": 0,
+    },
+    "cnn-adam-sharp": {
+        "arch": "cnn",
+        "opt": "adam",
+        "lr": 1e-2,
+        "momentum": 0.0,
+        "epochs": 10,
+        "warmup": 0,
+    },
+    "cnn-adam-smooth": {
+        "arch": "cnn",
+        "opt": "adam",
+        "lr": 3e-3,
+        "momentum": 0.0,
+        "epochs": 20,
+        "warmup": 100,
+    },
+    "mlp-adam-smooth-slow": {
+        "arch": "mlp",
+        "opt": "adam",
+        "lr": 5e-4,
+        "momentum": 0.0,
+        "epochs": 30,
+        "warmup": 200,
+    },
 }
 
 
 def build(arch: str) -> nn.Module:
+    if arch == "cnn":
+        return _build_cnn(0)
     torch.manual_seed(0)
     if arch == "mlp":
         return nn.Sequential(
             nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
         )
-    raise ValueError(f"arch: only 'mlp' here, got {arch!r}")
+    raise ValueError(f"arch: 'mlp' or 'cnn', got {arch!r}")
 
 
 def train(
@@ -138,18 +194,46 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
-def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor, float, float]:
-    """Scores, seconds and the rise of peak RSS (MiB) of the exact metagradient."""
+def measured_metagradient(model, task, run, query, train) -> tuple[torch.Tensor, float]:
+    """Scores and CPU seconds of the exact metagradient."""
+    start = time.process_time()
+    scores = Metagradient(model, task, run).scores(query, train)
+    return scores, time.process_time() - start
+
+
+def peak_rise(arch: str, model: nn.Module, run: RunRecord) -> float:
+    """Rise of peak RSS (MiB) of the metagradient of the 200 test queries, measured in a fresh
+    process (this one's heap holds earlier recipes' freed memory): the model and run are
+    saved, the child loads them and the data, makes a one-query warm-up call (first-call
+    code loading), resets its peak (VmHWM, /proc/self/clear_refs) and reports the rise."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run.save(Path(tmp) / "run")
+        torch.save(model.state_dict(), Path(tmp) / "model.pt")
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.metagradient", "--peak-of", tmp, "--arch", arch],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_peak(folder: str, arch: str) -> None:
+    x, y, xq, yq = _tensors(torch.float32)
+    model = build(arch)
+    model.load_state_dict(torch.load(Path(folder) / "model.pt"))
+    run, task = load_run(Path(folder) / "run"), ClassificationTask()
+    Metagradient(model, task, run).scores((xq[:1], yq[:1]), (x, y))
+    gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
         base = _rss_kib("VmRSS")
     except OSError:
-        base = -1
-    start = time.process_time()
-    scores = Metagradient(model, task, run).scores(query, train)
-    seconds = time.process_time() - start
-    peak = (_rss_kib("VmHWM") - base) / 1024 if base >= 0 else float("nan")
-    return scores, seconds, peak
+        print("nan")
+        return
+    Metagradient(model, task, run).scores((xq, yq), (x, y))
+    print((_rss_kib("VmHWM") - base) / 1024)
 
 
 def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
@@ -160,7 +244,7 @@ def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
     return out
 
 
-def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, Any]:
+def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> dict[str, Any]:
     x, y, xq, yq = _tensors(torch.float32)
     task = ClassificationTask()
     train(recipe, x, y, task)  # warm-up
@@ -172,7 +256,8 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     one_run = sorted(times)[2]  # the median of 5: the machine may be shared
     with torch.no_grad():
         acc = float((model(xq).argmax(1) == yq).float().mean())
-    scores, seconds, peak = measured_metagradient(model, task, run, (xq, yq), (x, y))
+    scores, seconds = measured_metagradient(model, task, run, (xq, yq), (x, y))
+    peak = peak_rise(recipe["arch"], model, run)
     p = run.layout.num_params
     n_state = len(run.checkpoints[0].state)
     budget = (1 + n_state + xq.shape[0]) * p * 4 / 2**20
@@ -188,6 +273,17 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
         task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
     ).values
     estimators["EK-FAC influence"] = (ek, time.process_time() - start)
+    if cg:
+        start = time.process_time()
+        solved = headwater.influence(
+            model,
+            (x, y),
+            (xq, yq),
+            task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
+            curvature="cg",
+            curvature_options={"max_iter": 20},  # ~4 s per iteration for the CNN's 200 queries
+        ).values
+        estimators["CG influence (20 it.)"] = (solved, time.process_time() - start)
     start = time.process_time()
     tr = headwater.influence(
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
@@ -230,7 +326,7 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int) -> dict[str, A
     }
 
 
-def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
+def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path) -> None:
     lines = [
         "# Exact metagradients (REPLAY) vs influence: single-model LDS on the digits",
         "",
@@ -268,15 +364,16 @@ def write(results: list[dict[str, Any]], subsets: int, total: float) -> None:
         "retraining to 1e-5 in float64), so its LDS measures how linear the run's response to "
         "dropping data is: the sharp and smooth recipe of one optimizer reach the same test "
         "accuracy, the smooth one is far more attributable. Its time is dominated by the "
-        "200 batched Hessian-vector products per step (forward-over-reverse, vmapped; about "
-        "Q·B·P·6 multiply-adds, at this machine's matrix-multiply rate); the Hessian-free "
-        "column shows the rest (replay, optimizer pullback, J·a products). The peak RSS rise "
-        "counts every [Q, P] tensor alive in a step (adjoints of θ and the optimizer state, "
-        "the pullback's outputs, the Hessian products of a chunk of 100 queries) plus the "
+        "200 batched Hessian-vector products per step (reverse over reverse with the example "
+        "weights as an input, so H·a and J·a come from one vmapped pullback; chunks of 50 "
+        "queries); the Hessian-free column shows the rest (replay, optimizer pullback, J·a in "
+        "forward mode). The peak RSS rise (after a one-query warm-up call, so first-call code "
+        "loading is not counted) holds the adjoints of θ and the optimizer state "
+        "((1 + state)·200·P floats), a chunk's temporaries and the "
         "allocator's slack.",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -285,12 +382,19 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--cg", action="store_true", help="also CG influence (slow)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # the child of peak_rise
+    parser.add_argument("--arch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peak_of:
+        _child_peak(args.peak_of, args.arch)
+        return
     start = time.process_time()
-    results = [bench_recipe(name, RECIPES[name], args.subsets) for name in args.recipes]
+    results = [bench_recipe(name, RECIPES[name], args.subsets, args.cg) for name in args.recipes]
     if not args.no_write:
-        write(results, args.subsets, time.process_time() - start)
+        write(results, args.subsets, time.process_time() - start, Path(args.out))
 
 
 if __name__ == "__main__":

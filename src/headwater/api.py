@@ -99,7 +99,8 @@ def influence(
             settings, model and training data loads it instead of refitting; a store of
             anything else raises ``headwater.store.StoreMismatchError``; a damaged store is
             recomputed after one warning line (``Scores.settings["store"]`` says what was
-            loaded, resumed or recomputed).
+            loaded, resumed or recomputed). For ``method="metagradient"``: the reverse
+            pass's adjoints, saved after every segment, so a killed pass resumes.
         read_only_store: with ``store``, raise ``headwater.errors.StoreError`` for a damaged
             store instead of recomputing it (and for a missing fitted curvature).
 

@@ -523,3 +523,80 @@ def test_help(command, capsys):
         main([*command, "--help"])
     assert exit_.value.code == 0
     assert "usage: headwater" in capsys.readouterr().out
+
+
+_RUN_SPEC = """
+import torch
+from torch import nn
+from headwater.task import ClassificationTask
+from headwater.train import Recorder
+
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(40, 5, generator=gen)
+y = (x[:, 0] > 0).long()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+task = ClassificationTask()
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+recorder = Recorder(model, opt, n_train=40, checkpoint_every=4)
+for idx in [i for _ in range(3) for i in torch.randperm(40, generator=gen).split(10)]:
+    opt.zero_grad()
+    task.train_loss(model, (x[idx], y[idx])).mean().backward()
+    recorder.step(idx)
+run = recorder.finish(RUN_PATH)
+run = RUN_PATH
+train = (x, y)
+query = (x[:3].clone(), y[:3].clone())
+"""
+
+
+def test_score_with_a_recorded_run_in_the_spec(tmp_path, monkeypatch, capsys):
+    """``headwater score --method metagradient`` reads the spec's ``run`` (a saved path) and
+    gives the API's exact metagradient scores; without ``run`` it stops with one line."""
+    from headwater.cli.score import load_spec
+    from headwater.methods.metagradient import Metagradient
+    from headwater.train import load_run
+
+    run_path = tmp_path / "run"
+    (tmp_path / "spec.py").write_text(f"RUN_PATH = {str(run_path)!r}\n" + _RUN_SPEC)
+    (tmp_path / "norun.py").write_text(
+        (tmp_path / "spec.py").read_text().replace("run = RUN_PATH\n", "del run\n")
+    )
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(
+            [
+                "score",
+                "spec.py",
+                "--method",
+                "metagradient",
+                "--no-self-influence",
+                "--quiet",
+                "-o",
+                "out",
+            ]
+        )
+        == 0
+    )
+    spec = load_spec(str(tmp_path / "spec.py"))
+    model, train, query, task = spec.parts()
+    want = Metagradient(model, task, load_run(run_path)).scores(query, train)
+    got = load_result(tmp_path / "out").scores
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert (
+        main(
+            [
+                "score",
+                "norun.py",
+                "--method",
+                "metagradient",
+                "--no-self-influence",
+                "--quiet",
+                "-o",
+                "o2",
+            ]
+        )
+        == 2
+    )
+    assert "needs `run`" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from oracles import assert_close
 from torch.func import functional_call
 
 from headwater.methods.metagradient import Metagradient
+from headwater.store import StoreMismatchError
 from headwater.task import ClassificationTask
 from headwater.train.recorder import Recorder, RunRecord, load_run, replay
 
@@ -163,3 +164,43 @@ def test_bad_input_is_refused():
         rec.step([20])
     with pytest.raises(ValueError, match="no step"):
         rec.finish()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_killed_reverse_pass_resumes_from_the_store_bit_for_bit(optimizer, tmp_path, monkeypatch):
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, optimizer)
+    whole = Metagradient(case.model, task, run, query_block=2).scores(case.query, case.train)
+    path = tmp_path / "adjoint"
+    calls = {"n": 0}
+    forward = Metagradient._forward
+
+    def dies_in_the_third_segment(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the process is killed mid-pass
+        return forward(self, *args)
+
+    monkeypatch.setattr(Metagradient, "_forward", dies_in_the_third_segment)
+    with pytest.raises(KeyboardInterrupt):
+        Metagradient(case.model, task, run, query_block=2, store=path).scores(
+            case.query, case.train
+        )
+    monkeypatch.setattr(Metagradient, "_forward", forward)
+    segments = {"n": 0}
+
+    def counted(self, *args):
+        segments["n"] += 1
+        return forward(self, *args)
+
+    monkeypatch.setattr(Metagradient, "_forward", counted)
+    resumed = Metagradient(case.model, task, run, query_block=2, store=path).scores(
+        case.query, case.train
+    )
+    assert torch.equal(resumed, whole)
+    n_segments = len(run.checkpoints) - 1
+    assert segments["n"] == 2 * n_segments - 2  # block 0 resumed after its 2 saved segments
+    with pytest.raises(StoreMismatchError):
+        Metagradient(case.model, task, run, query_block=2, store=path).scores(
+            (case.query[0] + 1, case.query[1]), case.train
+        )

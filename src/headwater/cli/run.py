@@ -23,6 +23,7 @@ from headwater.methods import Scores
 from headwater.report import RunResult, render, save_result, write_top_k_csv
 from headwater.store import StoreMismatchError
 from headwater.task import Task
+from headwater.train.recorder import RunRecord
 
 __all__ = ["attribute", "write_outputs"]
 
@@ -37,8 +38,10 @@ def attribute(
     args: argparse.Namespace,
     progress: ProgressBars,
     timer: Timer,
+    run: RunRecord | None = None,
 ) -> Scores:
-    """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator."""
+    """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator
+    (``run``: the recorded training run, for ``metagradient``)."""
     store = None
     if args.method == "influence":
         store = Path(args.out) / ("projected" if args.projection is not None else "curvature")
@@ -52,20 +55,22 @@ def attribute(
         "" if args.projection is None else f", projection={args.projection}",
     )
 
-    def run() -> Scores:
+    extra = {} if run is None else {"run": run}
+
+    def compute() -> Scores:
         return headwater.influence(
-            model, train, query, task=task, progress=progress, **settings.as_kwargs()
+            model, train, query, task=task, progress=progress, **settings.as_kwargs(), **extra
         )
 
     with timer("attribution"):
         try:
-            scores = run()
+            scores = compute()
         except StoreMismatchError as err:  # an earlier run in this folder used other settings
             if args.read_only_store:
                 raise
             log.info("refitting: %s holds a fit of other %s", store.name, ", ".join(err.keys))
             _remove_stale(store)
-            scores = run()
+            scores = compute()
     progress.close()
     return scores
 

@@ -14,6 +14,8 @@ A spec is a ``.py`` file or an importable module defining:
                   as people see them: raw pixel values, ink dark on light (optional;
                   called with the inputs, not without arguments)
     class_names   display names of the classes (optional)
+    run     the recorded training run of ``model`` (``--method metagradient``): a
+            ``RunRecord`` or the path it was saved to (``Recorder.finish(path)``) (optional)
 
 Any of these may instead be a function without arguments that returns the value
 (called once, after the random seed is set). Outputs in --out: results.safetensors
@@ -58,6 +60,7 @@ from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch
 from headwater.report import RunResult, format_top_k_table
 from headwater.task import ClassificationTask, Task, default_task
+from headwater.train.recorder import load_run
 
 __all__ = ["Spec", "add_parser", "load_spec", "run"]
 
@@ -287,7 +290,12 @@ def _run(args: argparse.Namespace) -> int:
         n_query,
     )
 
-    scores = attribute(model, train, query, task, args, progress, timer)
+    recorded = spec.get("run", required=False)
+    if isinstance(recorded, str | Path):
+        recorded = load_run(recorded)
+    if args.method == "metagradient" and recorded is None:
+        raise UserError("spec: --method metagradient needs `run` (a recorded run or its path)")
+    scores = attribute(model, train, query, task, args, progress, timer, run=recorded)
     if world()[0] != 0:  # every rank holds the same scores; rank 0 writes them
         return 0
     queries = args.queries or list(range(min(3, n_query)))

@@ -284,7 +284,7 @@ def _metagradient(
         raise ValueError(
             "run: method='metagradient' needs a recorded run (headwater.train.Recorder)"
         )
-    return Metagradient(model, task, inputs.run, progress=inputs.progress)
+    return Metagradient(model, task, inputs.run, store=s.store, progress=inputs.progress)
 
 
 METHODS: dict[str, MethodSpec] = {
