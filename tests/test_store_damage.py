@@ -224,3 +224,12 @@ def test_the_cli_recomputes_a_damaged_curvature_in_one_warning_line_or_refuses_i
         load(clean)["scores"],
         load((tmp_path / "out" / "results.safetensors").read_bytes())["scores"],
     )
+
+
+def test_tensors_sharing_memory_are_saved_each_with_its_own_values(tmp_path):
+    labels = torch.arange(10)
+    tensors = {"train_labels": labels, "query_labels": labels[:3], "odd": labels[1::2]}
+    store.save(tmp_path / "shared", tensors, {})
+    loaded, _ = store.load(tmp_path / "shared")
+    for name, value in tensors.items():
+        assert torch.equal(loaded[name], value)

@@ -179,6 +179,21 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
         raise
 
 
+def _own_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors, each with storage of its own: safetensors refuses tensors
+    that share memory (e.g. query labels sliced from the training labels)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in seen or value.untyped_storage().nbytes() != value.nbytes:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[name] = value
+    return out
+
+
 def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """Save a tensor dict and its settings at ``path`` (two files, sidecar last).
 
@@ -194,7 +209,7 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, An
         )
         os.close(fd)
         temps.append(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file(_own_storage(tensors), tmp)
         record = {
             "headwater_version": __version__,
             "meta": meta,
