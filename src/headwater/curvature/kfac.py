@@ -72,6 +72,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, vmap
 
+from headwater.curvature._solver_common import check_int
 from headwater.curvature.base import Curvature, Memory, ProblemSize
 from headwater.curvature.defaults import FACTORED_RELATIVE_DAMPING, DampingScale
 from headwater.curvature.defaults import default_damping as rule
@@ -235,6 +236,10 @@ class KroneckerCurvature(Curvature):
             ``"float64"`` or ``None`` (the parameters' dtype). Products run in at
             least float32.
         chunk_size: examples per forward/backward pass while fitting.
+        query_rank: ``None`` (default) or ``r``: per-block scoring keeps each block's
+            preconditioned query gradient as its rank-``r`` truncated SVD, ``r·(out + width)``
+            numbers instead of ``out·width`` (exact where that is no fewer; see
+            :mod:`~headwater.methods.factored`). Not part of the fitted state.
     """
 
     kinds = (MatrixKind.GGN, MatrixKind.EF)
@@ -252,8 +257,10 @@ class KroneckerCurvature(Curvature):
         mc_samples: int = 1,
         seed: int = 0,
         factor_dtype: str | None = None,
+        query_rank: int | None = None,
     ):
         super().__init__(kind=kind, damping=damping, chunk_size=chunk_size)
+        self.query_rank = None if query_rank is None else check_int("query_rank", query_rank, 1)
         if not isinstance(relative_damping, int | float) or not relative_damping >= 0:
             raise ValueError(f"relative_damping: must be a float >= 0, got {relative_damping!r}")
         try:
@@ -301,6 +308,9 @@ class KroneckerCurvature(Curvature):
             "seed": self.seed,
             "factor_dtype": self.factor_dtype,
         }
+
+    def scoring_settings(self) -> dict[str, Any]:
+        return {"query_rank": self.query_rank}
 
     @property
     def fitted_damping(self) -> float:
@@ -496,8 +506,12 @@ class KroneckerCurvature(Curvature):
         return {k: v / self.n_examples for k, v in sums.items()}
 
     # -- reading ---------------------------------------------------------------------
-    def solve_blocks(self, mats: dict[str, Tensor], power: int = -1) -> dict[str, Tensor]:
-        """``(M_block + (wd + λ) I)^power`` applied to ``{module: V [K, out, width]}``."""
+    def eigenbasis_blocks(
+        self, mats: dict[str, Tensor], power: int = -1
+    ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """``(Q_S, C, Q_A)`` per block with ``(M_block + (wd + λ) I)^power V = Q_S C Q_Aᵀ`` for
+        ``{module: V [K, out, width]}``: ``C [K, out, width]`` in at least float32; an empty
+        ``Q`` is the identity."""
         self._check_fitted()
         s, out = self.state, {}
         for b, damping in zip(s.block_list(), s.damping.tolist(), strict=True):
@@ -508,9 +522,15 @@ class KroneckerCurvature(Curvature):
             scale = (
                 s.eigenvalues(b.module).to(v.device, dtype) + s.weight_decay + damping
             ) ** power
-            rotated = _in_basis(v.to(dtype), qs, qa) * scale  # [K, out, width]
-            out[b.module] = _in_basis(rotated, qs, qa, back=True).to(v.dtype)
+            out[b.module] = (qs, _in_basis(v.to(dtype), qs, qa) * scale, qa)
         return out
+
+    def solve_blocks(self, mats: dict[str, Tensor], power: int = -1) -> dict[str, Tensor]:
+        """``(M_block + (wd + λ) I)^power`` applied to ``{module: V [K, out, width]}``."""
+        return {
+            module: _in_basis(c, qs, qa, back=True).to(mats[module].dtype)
+            for module, (qs, c, qa) in self.eigenbasis_blocks(mats, power).items()
+        }
 
     def _flat(self, v: Tensor, power: int) -> Tensor:
         blocks = self.state.block_list()
