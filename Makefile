@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults bench-scale lint clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ bench-metagradient: setup
 # choice, CG vs EK-FAC (bench/defaults_results.md); headwater only, one thread.
 bench-defaults: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.defaults
+
+# 25k-200k training examples x 100 queries on a 1.1M-parameter MLP: time, peak RSS, disk, the
+# planner's prediction and the gradient floor (bench/scale_results.md; headwater only, ~15 minutes).
+bench-scale: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.scale_sizes
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

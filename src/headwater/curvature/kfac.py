@@ -204,8 +204,11 @@ def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _add_moment(total: Tensor, rows: Tensor, weight: float) -> None:
-    """``total += weight · rowsᵀ rows`` (only its diagonal when ``total`` is a vector)."""
-    total.add_(rows.square().sum(0) if total.dim() == 1 else rows.T @ rows, alpha=weight)
+    """``total += weight · rowsᵀ rows`` (only its diagonal when ``total`` is a vector): the
+    chunk's product in at least float32, summed over chunks in ``total``'s float64 (a
+    float64 product of the ``[K·B, out]`` signals was 4 ms per example for a 1024-wide layer)."""
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    total.add_((rows.square().sum(0) if total.dim() == 1 else rows.T @ rows).double(), alpha=weight)
 
 
 def _rotate(v: Tensor, basis: Tensor) -> Tensor:
@@ -396,7 +399,7 @@ class KroneckerCurvature(Curvature):
             model, task, blocks, data, "kfac factors", progress
         ):
             for b in blocks:
-                a = acts[b.module].double()  # [B, T, width]
+                a = acts[b.module]  # [B, T, width]
                 if mask is not None and not b.diagonal and mask.shape == a.shape[:2]:
                     m = mask.to(a)  # padded positions are not counted
                     a = a * m.unsqueeze(2).sqrt()
@@ -404,7 +407,7 @@ class KroneckerCurvature(Curvature):
                 else:
                     positions[b.module] += a.shape[0] * a.shape[1]
                 _add_moment(sums[b.module][0], a.flatten(0, 1), 1.0)
-                _add_moment(sums[b.module][1], signals[b.module].flatten(0, 2).double(), w)
+                _add_moment(sums[b.module][1], signals[b.module].flatten(0, 2), w)
         all_reduce_sum_([*(t for pair in sums.values() for t in pair), *positions.values()])
         eig_a = {k: _eigh(a / max(float(positions[k]), 1.0)) for k, (a, _) in sums.items()}
         eig_s = {k: _eigh(s / self.n_examples) for k, (_, s) in sums.items()}
@@ -494,14 +497,16 @@ class KroneckerCurvature(Curvature):
             for b in blocks:
                 qa, qs = eig_a[b.module][1], eig_s[b.module][1]
                 a, s = acts[b.module], signals[b.module]  # [B, T, width], [K, B, T, out]
-                ra = _rotate(a.to(torch.float64), qa)  # [B, T, width]
-                rs = _rotate(s.to(torch.float64), qs)  # [K, B, T, out]
+                dtype = torch.promote_types(a.dtype, torch.float32)  # chunk sums; totals float64
+                ra = _rotate(a.to(dtype), qa.to(dtype))  # [B, T, width]
+                rs = _rotate(s.to(dtype), qs.to(dtype))  # [K, B, T, out]
                 if a.shape[1] == 1:
-                    sums[b.module].add_(rs[:, :, 0].square().sum(0).T @ ra[:, 0].square(), alpha=w)
+                    chunk = rs[:, :, 0].square().sum(0).T @ ra[:, 0].square()
+                    sums[b.module].add_(chunk.double(), alpha=w)
                     continue
                 for sk in rs:
                     g = torch.einsum("bto,bti->boi", sk, ra)  # [B, out, width]
-                    sums[b.module].add_(g.square().sum(0), alpha=w)
+                    sums[b.module].add_(g.square().sum(0).double(), alpha=w)
         all_reduce_sum_(list(sums.values()))  # Σ over every rank's shard
         return {k: v / self.n_examples for k, v in sums.items()}
 

@@ -197,6 +197,10 @@ class BlockFeatures(Features):
         return torch.stack(tiles) if self.stacked else sum(tiles[1:], tiles[0])
 
 
+LOW_RANK_QUERY_CHUNK = 16
+"""Queries preconditioned and truncated at once with ``query_rank`` (their dense blocks are
+the transient: ``16 × P`` numbers plus the largest block's intermediates)."""
+
 Factored = tuple[Tensor, Tensor] | Tensor  # (L [N, r, out], R [N, r, width]) or [N, out·width]
 
 
@@ -296,15 +300,17 @@ def truncated_blocks(
         if whole_if_cheaper and rank * (n_out + width) >= n_out * width:
             out[module] = _basis(qs, _basis(qa, c.mT).mT).reshape(k, -1)
             continue
-        c64 = c.double()
+        grams = torch.stack(  # float64, one query at a time (no float64 copy of the chunk)
+            [g @ g.mT if n_out <= width else g.mT @ g for g in (ci.double() for ci in c)]
+        )
+        vectors = _top_eigenvectors(grams, r).to(c.device, c.dtype)  # [K, out or width, r]
         if n_out <= width:
-            left = _top_eigenvectors(c64 @ c64.mT, r).to(c64.device)  # [K, out, r]
-            right = c64.mT @ left  # [K, width, r]
+            left, right = vectors, c.mT @ vectors  # [K, out, r], [K, width, r]
         else:
-            right = _top_eigenvectors(c64.mT @ c64, r).to(c64.device)  # [K, width, r]
-            left = c64 @ right  # [K, out, r]
+            left, right = c @ vectors, vectors
         out[module] = tuple(
-            _basis(q.double(), f).mT.to(c.dtype).contiguous() for q, f in ((qs, left), (qa, right))
+            _basis(q, f).mT.contiguous()
+            for q, f in ((qs.to(c.dtype), left), (qa.to(c.dtype), right))
         )
     return out
 
@@ -324,6 +330,8 @@ def preconditioned_blocks(
     ``query_rank``, their truncations (:class:`LowRankBlocks`), chunk by chunk."""
     blocks, n_query = curvature.blocks, num_examples(query, "query")
     rank = curvature.query_rank
+    if rank is not None:  # the chunk's [chunk, out, width] blocks are the largest transient
+        chunk_size = min(chunk_size, LOW_RANK_QUERY_CHUNK)
     left: dict[str, Tensor | list[Tensor]] = {}
     row = 0
     for grads in module_gradients(
