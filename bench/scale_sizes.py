@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append(r)
                 print(_row(r), flush=True)
+                write(rows, args, time.perf_counter() - started)  # kept if a later run fails
     write(rows, args, time.perf_counter() - started)
     return 0
 

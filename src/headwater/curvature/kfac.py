@@ -558,11 +558,16 @@ class KFAC(KroneckerCurvature):
 
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory | None:
-        """stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues, damping)"""
+        """stored 8·Σ(out² + width² + out + width + 1) per layer (eigenvectors, eigenvalues,
+        damping); working 16·Σ(out² + width²) (the float64 factor sums and their eigenvectors
+        while fitting)"""
         if not size.blocks:
             return None
+        squares = sum(o * o + w * w for o, w in size.blocks)
         return Memory(
-            8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks), 0, "per-module scoring"
+            8 * sum(o * o + w * w + o + w + 1 for o, w in size.blocks),
+            16 * squares,
+            "per-module scoring",
         )
 
 
@@ -578,4 +583,6 @@ class EKFAC(KroneckerCurvature):
         factors = KFAC.memory(size)
         if factors is None:
             return None
-        return Memory(factors.stored + 8 * sum(o * w for o, w in size.blocks), 0, factors.note)
+        return Memory(
+            factors.stored + 8 * sum(o * w for o, w in size.blocks), factors.working, factors.note
+        )

@@ -47,7 +47,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
@@ -270,20 +269,22 @@ def _basis(q: Tensor, x: Tensor) -> Tensor:
     return q @ x if q.numel() else x
 
 
-def _top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
-    """Eigenvectors of the ``rank`` largest eigenvalues of symmetric ``gram [K, n, n]``,
-    ``[K, n, rank]`` (on CPU through LAPACK's subset solver: only those are computed)."""
-    n = gram.shape[-1]
-    if gram.device.type != "cpu":
-        return torch.linalg.eigh(gram)[1][..., n - rank :]
-    return torch.from_numpy(
-        np.stack(
-            [
-                scipy.linalg.eigh(g, subset_by_index=(n - rank, n - 1), driver="evr")[1]
-                for g in gram.numpy()
-            ]
-        )
-    )
+def _top_eigenvectors(c: Tensor, rank: int, rows: bool) -> Tensor:
+    """Eigenvectors of the ``rank`` largest eigenvalues of the Gram matrix ``C Cᵀ`` (``rows``)
+    or ``Cᵀ C`` of each ``C`` in ``c [K, out, width]``, formed in float64 one at a time,
+    ``[K, out or width, rank]`` (on CPU through LAPACK's subset solver: only those are
+    computed)."""
+    found = []
+    for ci in c:
+        ci = ci.double()
+        gram = ci @ ci.mT if rows else ci.mT @ ci
+        n = gram.shape[0]
+        if gram.device.type != "cpu":
+            found.append(torch.linalg.eigh(gram)[1][:, n - rank :])
+            continue
+        top = scipy.linalg.eigh(gram.numpy(), subset_by_index=(n - rank, n - 1), driver="evr")
+        found.append(torch.from_numpy(top[1]))
+    return torch.stack(found).to(c.device, c.dtype)
 
 
 def truncated_blocks(
@@ -300,10 +301,7 @@ def truncated_blocks(
         if whole_if_cheaper and rank * (n_out + width) >= n_out * width:
             out[module] = _basis(qs, _basis(qa, c.mT).mT).reshape(k, -1)
             continue
-        grams = torch.stack(  # float64, one query at a time (no float64 copy of the chunk)
-            [g @ g.mT if n_out <= width else g.mT @ g for g in (ci.double() for ci in c)]
-        )
-        vectors = _top_eigenvectors(grams, r).to(c.device, c.dtype)  # [K, out or width, r]
+        vectors = _top_eigenvectors(c, r, n_out <= width)  # [K, out or width, r]
         if n_out <= width:
             left, right = vectors, c.mT @ vectors  # [K, out, r], [K, width, r]
         else:
