@@ -133,7 +133,8 @@ def _block_working(
 ) -> tuple[int, int]:
     """Per-block scoring (K-FAC, EK-FAC): bytes of the preconditioned queries kept, and of the
     larger of the query phase (a chunk of dense query blocks and the largest block's three
-    intermediates in at least float32; with ``query_rank`` one block and its Gram in float64) and the training phase (a chunk of block gradients,
+    intermediates in at least float32; with ``query_rank`` the largest block's ``C`` and its
+    scaled copy, and one Gram matrix) and the training phase (a chunk of block gradients,
     or with ``query_rank`` their layer factors and the ``[chunk, n_query·r]`` products)."""
     wide = max(4, b)
     if query_rank is None:
@@ -147,9 +148,10 @@ def _block_working(
         train = chunk * sum(o + w + 2 * nq * query_rank for o, w in low) * wide
         train += chunk * sum(o * w for o, w in blocks if (o, w) not in low) * b
     largest = max(o * w for o, w in blocks)
-    queries = qchunk * (sum(o * w for o, w in blocks) * b + 3 * largest * wide)
-    if query_rank is not None:  # one float64 query block and its Gram matrix
-        queries += 8 * max(o * w + min(o, w) ** 2 for o, w in blocks)
+    if query_rank is None:
+        queries = qchunk * (sum(o * w for o, w in blocks) * b + 3 * largest * wide)
+    else:  # rotated from the layer factors: C and its scaled copy, one Gram matrix
+        queries = 2 * qchunk * largest * wide + 8 * max(min(o, w) ** 2 for o, w in blocks)
     return nq * kept * b, max(queries, train)
 
 

@@ -512,22 +512,31 @@ class KroneckerCurvature(Curvature):
 
     # -- reading ---------------------------------------------------------------------
     def eigenbasis_blocks(
-        self, mats: dict[str, Tensor], power: int = -1
+        self, mats: dict[str, Tensor | tuple[Tensor, Tensor]], power: int = -1
     ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         """``(Q_S, C, Q_A)`` per block with ``(M_block + (wd + λ) I)^power V = Q_S C Q_Aᵀ`` for
-        ``{module: V [K, out, width]}``: ``C [K, out, width]`` in at least float32; an empty
-        ``Q`` is the identity."""
+        ``{module: V [K, out, width]}`` or its layer factors ``(s [K, T, out], ã [K, T, width])``
+        with ``V = Σ_t s_t ã_tᵀ`` (then only the factors are rotated): ``C [K, out, width]`` in
+        at least float32; an empty ``Q`` is the identity."""
         self._check_fitted()
         s, out = self.state, {}
         for b, damping in zip(s.block_list(), s.damping.tolist(), strict=True):
             v = mats[b.module]
-            dtype = torch.promote_types(v.dtype, torch.float32)
-            qa = s.eigvecs_a[b.module].to(v.device, dtype)
-            qs = s.eigvecs_s[b.module].to(v.device, dtype)
+            ref = v[0] if isinstance(v, tuple) else v
+            dtype = torch.promote_types(ref.dtype, torch.float32)
+            qa = s.eigvecs_a[b.module].to(ref.device, dtype)
+            qs = s.eigvecs_s[b.module].to(ref.device, dtype)
             scale = (
-                s.eigenvalues(b.module).to(v.device, dtype) + s.weight_decay + damping
+                s.eigenvalues(b.module).to(ref.device, dtype) + s.weight_decay + damping
             ) ** power
-            out[b.module] = (qs, _in_basis(v.to(dtype), qs, qa) * scale, qa)
+            rotated = (
+                torch.einsum(
+                    "kto,kti->koi", _rotate(v[0].to(dtype), qs), _rotate(v[1].to(dtype), qa)
+                )
+                if isinstance(v, tuple)
+                else _in_basis(v.to(dtype), qs, qa)
+            )
+            out[b.module] = (qs, rotated * scale, qa)
         return out
 
     def solve_blocks(self, mats: dict[str, Tensor], power: int = -1) -> dict[str, Tensor]:

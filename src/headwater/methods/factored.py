@@ -34,7 +34,8 @@ factors without forming its ``[out, width]`` gradient,
 nuclear norm of a sum of outer products), so it is exact when ``r >= min(out, width)``; a
 block where ``r·(out + width) >= out·width`` is kept whole (then it is also exact). The
 SVD is taken in the Kronecker eigenbasis (``G̃ = Q_S C Q_Aᵀ``, the same singular values),
-from the eigenvectors of the smaller Gram matrix of ``C`` in float64. Self-influence is
+from the eigenvectors (float64) of the smaller Gram matrix of ``C``; a query's ``C`` is
+rotated from its layer factors, its gradient never formed. Self-influence is
 computed from the full-rank blocks.
 
 Under ``torch.distributed`` each rank computes the columns of its shard of the
@@ -271,13 +272,12 @@ def _basis(q: Tensor, x: Tensor) -> Tensor:
 
 def _top_eigenvectors(c: Tensor, rank: int, rows: bool) -> Tensor:
     """Eigenvectors of the ``rank`` largest eigenvalues of the Gram matrix ``C Cᵀ`` (``rows``)
-    or ``Cᵀ C`` of each ``C`` in ``c [K, out, width]``, formed in float64 one at a time,
+    or ``Cᵀ C`` of each ``C`` in ``c [K, out, width]`` (in ``C``'s dtype, one at a time),
     ``[K, out or width, rank]`` (on CPU through LAPACK's subset solver: only those are
     computed)."""
     found = []
     for ci in c:
-        ci = ci.double()
-        gram = ci @ ci.mT if rows else ci.mT @ ci
+        gram = (ci @ ci.mT if rows else ci.mT @ ci).double()
         n = gram.shape[0]
         if gram.device.type != "cpu":
             found.append(torch.linalg.eigh(gram)[1][:, n - rank :])
@@ -332,7 +332,7 @@ def preconditioned_blocks(
         chunk_size = min(chunk_size, LOW_RANK_QUERY_CHUNK)
     left: dict[str, Tensor | list[Tensor]] = {}
     row = 0
-    for grads in module_gradients(
+    for grads in (module_factors if rank is not None else module_gradients)(
         model,
         task,
         blocks,
@@ -342,7 +342,7 @@ def preconditioned_blocks(
         name="query",
         progress=progress,
     ):
-        solved = (
+        solved = (  # with a rank: from the layer factors, the gradients never formed
             truncated_blocks(curvature.eigenbasis_blocks(grads), rank)
             if rank is not None
             else curvature.solve_blocks(grads)
@@ -353,7 +353,7 @@ def preconditioned_blocks(
                 left[module] = [p.new_empty(n_query, *p.shape[1:]) for p in parts]
             for target, part in zip(left[module], parts, strict=True):
                 target[row : row + part.shape[0]] = part
-        row += next(iter(grads.values())).shape[0]
+        row += parts[0].shape[0]
     if rank is None:
         return BlockFeatures({m: p[0] for m, p in left.items()}, stacked)
     return LowRankBlocks({m: p[0] if len(p) == 1 else tuple(p) for m, p in left.items()}, stacked)
