@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults bench-gpt2 stress-distributed lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults bench-gpt2 bench-scale stress-distributed lint clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ stress-distributed: setup
 # (bench/gpt2_defaults_results.md; headwater only, one thread).
 bench-gpt2: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.gpt2_defaults
+
+# 25k-200k training examples x 100 queries on a 1.1M-parameter MLP: time, peak RSS, disk, the
+# planner's prediction and the gradient floor (bench/scale_results.md; headwater only, ~15 minutes).
+bench-scale: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.scale_sizes
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

@@ -4,7 +4,8 @@ Run (bench environment, for the peers): ``python -m bench.scale [--width 1024] [
 One trained model, 1,000 train x ``n_test`` test points, one thread, every method in this process after
 a warm-up call, peak = RSS increase during the call (MiB). There is no retraining ground
 truth at this size: quality is the Pearson correlation of each method's scores with
-headwater's EK-FAC (a consistency check, not accuracy). Writes ``bench/scale_results.md``.
+headwater's EK-FAC (a consistency check, not accuracy). Writes ``bench/scale_peers_results.md``
+(the 25k-200k runs are ``bench/scale_sizes.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bench.problems import WEIGHT_DECAY, Problem, _tensors, _train_mlp
 from headwater.gradients.projection import KroneckerProjection
 from headwater.task import ClassificationTask
 
-RESULTS = Path(__file__).resolve().parent / "scale_results.md"
+RESULTS = Path(__file__).resolve().parent / "scale_peers_results.md"
 DAMPING = 1e-3
 
 

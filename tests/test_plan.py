@@ -9,10 +9,12 @@ import pytest
 import torch
 from cases import cnn, mlp
 
-from headwater.curvature import EKFAC, KFAC, MFAC, Diagonal, Exact
+from headwater.curvature import CURVATURES, EKFAC, KFAC, MFAC, Diagonal, Exact
 from headwater.gradients.projection import KroneckerProjection
+from headwater.methods.factored import preconditioned_blocks
 from headwater.methods.projected import ProjectedInfluence
-from headwater.plan import plan
+from headwater.plan import _block_working, plan
+from headwater.task import ClassificationTask
 
 
 def _state_bytes(curvature) -> int:
@@ -83,3 +85,44 @@ def test_budget_and_bad_input():
         plan(case.model, case.task, case.train, case.query, query_batch=0)
     with pytest.raises(ValueError, match="chunk_size"):
         plan(case.model, case.task, case.train, case.query, chunk_size=0)
+
+
+def test_every_registered_curvature_has_a_row_from_its_memory_model():
+    case = mlp()
+    result = plan(case.model, case.task, case.train, case.query, measure=False)
+    methods = {r.method for r in result.rows}
+    assert set(CURVATURES) <= methods  # arnoldi, lanczos, nystrom and mfac included
+    for name in ("arnoldi", "lanczos", "nystrom", "mfac"):
+        assert result.row(name).stored > 0 and result.row(name).working > 0, name
+    assert result.resident > 0
+
+
+def test_low_rank_queries_shrink_the_planned_queries_by_what_they_keep():
+    """The query bytes the plan drops with ``query_rank`` are those LowRankBlocks drops."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)
+    ).double()
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,)))
+    query = (torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    task = ClassificationTask(weight_decay=1e-2)
+    curv = EKFAC().fit(model, task, train)
+
+    def kept(rank):
+        curv.query_rank = rank
+        parts = preconditioned_blocks(model, task, curv, query, chunk_size=4, progress=None).parts
+        flat = [t for p in parts.values() for t in (p if isinstance(p, tuple) else (p,))]
+        return sum(t.numel() * t.element_size() for t in flat)
+
+    def planned(rank):
+        return plan(model, task, train, query, top_k=True, measure=False, query_rank=rank)
+
+    full, low = planned(None), planned(2)
+    assert kept(2) < kept(None)
+    assert full.row("ekfac").stored == low.row("ekfac").stored
+    # blocks [12, 9] -> 2·21 per query; [3, 13] -> 2·16 per query: both truncated
+    assert kept(2) == 6 * 8 * (2 * 21 + 2 * 16) and kept(None) == 6 * 8 * (12 * 9 + 3 * 13)
+    blocks = tuple((b.out_features, b.width) for b in curv.blocks)
+    for rank in (None, 2):  # the plan's kept-query term is those bytes
+        assert _block_working(blocks, 6, 64, 8, rank)[0] == kept(rank)
+    assert full.row("ekfac").working > low.row("ekfac").working

@@ -22,6 +22,7 @@ exact, diagonal and the projections (tested against what is written).
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.functional import detached, evaluation_mode, prepare_batch
 from headwater.gradients.layers import find_blocks
 from headwater.gradients.per_example import per_example_gradients
+from headwater.methods.factored import LOW_RANK_QUERY_CHUNK
 from headwater.task import Task
 
 __all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "formulas", "plan"]
@@ -103,6 +105,7 @@ class Plan:
     seconds_per_pass: float  # measured: per-example gradients over the whole training set
     budget: int
     rows: list[PlanRow] = field(default_factory=list)
+    resident: int = 0  # bytes resident in this process when planning (model, data, torch)
 
     def row(self, method: str) -> PlanRow:
         return next(r for r in self.rows if r.method == method)
@@ -114,6 +117,42 @@ class Plan:
                 if r.method.startswith(name) and r.fits:
                     return r
         return None
+
+
+def _resident() -> int:
+    """Bytes resident in this process now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _block_working(
+    blocks: tuple[tuple[int, int], ...], nq: int, chunk: int, b: int, query_rank: int | None
+) -> tuple[int, int]:
+    """Per-block scoring (K-FAC, EK-FAC): bytes of the preconditioned queries kept, and of the
+    larger of the query phase (a chunk of dense query blocks and the largest block's three
+    intermediates in at least float32; with ``query_rank`` the largest block's ``C`` and its
+    scaled copy, and one Gram matrix) and the training phase (a chunk of block gradients,
+    or with ``query_rank`` their layer factors and the ``[chunk, n_query·r]`` products)."""
+    wide = max(4, b)
+    if query_rank is None:
+        kept = sum(o * w for o, w in blocks)
+        qchunk, train = min(chunk, nq), 2 * chunk * kept * b
+    else:
+        low = [(o, w) for o, w in blocks if query_rank * (o + w) < o * w]
+        kept = sum(o * w for o, w in blocks if (o, w) not in low)
+        kept += sum(query_rank * (o + w) for o, w in low)
+        qchunk = min(chunk, LOW_RANK_QUERY_CHUNK, nq)
+        train = chunk * sum(o + w + 2 * nq * query_rank for o, w in low) * wide
+        train += chunk * sum(o * w for o, w in blocks if (o, w) not in low) * b
+    largest = max(o * w for o, w in blocks)
+    if query_rank is None:
+        queries = qchunk * (sum(o * w for o, w in blocks) * b + 3 * largest * wide)
+    else:  # rotated from the layer factors: C and its scaled copy, one Gram matrix
+        queries = 2 * qchunk * largest * wide + 8 * max(min(o, w) ** 2 for o, w in blocks)
+    return nq * kept * b, max(queries, train)
 
 
 def _gradient_seconds(
@@ -144,6 +183,7 @@ def plan(
     projection_dim: int = 1024,
     kronecker_dims: tuple[int, int] = (32, 32),
     measure: bool = True,
+    query_rank: int | None = None,
 ) -> Plan:
     """Memory of every method for ``model`` on ``train``/``query`` (module docstring).
 
@@ -154,6 +194,7 @@ def plan(
         rank, n_iter: of Lanczos/Arnoldi/Nyström.
         projection_dim, kronecker_dims: of the projected rows.
         measure: time one chunk of per-example gradients (else ``seconds_per_pass`` is NaN).
+        query_rank: K-FAC/EK-FAC's low-rank queries (their curvature option), or ``None``.
 
     Raises:
         ValueError: naming the argument for bad sizes or data.
@@ -196,7 +237,12 @@ def plan(
     rows = []
     for name, cls in CURVATURES.items():
         memory = cls.memory(size)
-        if memory is not None:
+        if memory is None:
+            continue
+        if cls.block_features:  # scored block by block: no [chunk, P] / [n_query, P] flat rows
+            kept, phase = _block_working(size.blocks, nq, chunk_size, b, query_rank)
+            rows.append((name, memory.stored, memory.working + kept + phase + scores, memory.note))
+        else:
             rows.append(
                 (name, memory.stored, memory.working + queries + chunk + scores, memory.note)
             )
@@ -231,4 +277,5 @@ def plan(
         seconds,
         budget_bytes,
         [PlanRow(m, s, w, s + w <= budget_bytes, note) for m, s, w, note in rows],
+        _resident(),
     )

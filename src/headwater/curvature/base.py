@@ -322,6 +322,11 @@ class Curvature(ABC):
             "chunk_size": self.chunk_size,
         }
 
+    def scoring_settings(self) -> dict[str, Any]:
+        """Options that change how scores are computed from the fitted state, not the state
+        itself (recorded in an estimator's settings, not in the store's key)."""
+        return {}
+
     def save(self, path: str | os.PathLike, *, context: dict[str, Any] | None = None) -> None:
         """Write the fitted state through :mod:`headwater.store`; ``context`` (JSON) is
         stored with it and compared by :meth:`load` (e.g. which model and data were fitted)."""

@@ -20,6 +20,24 @@ per module, then dotted with raw training gradients chunk by chunk. Memory is
 Like every per-example gradient in headwater, this needs examples that do not
 interact in the forward pass (the model runs in eval mode).
 
+Low-rank queries (``query_rank=r`` of K-FAC/EK-FAC, as Kronfluence's query low-rank
+option): each preconditioned query block ``G̃ = (M_m + …)⁻¹ G_m(z_q)`` is replaced by its
+rank-``r`` truncated SVD ``G̃_r = U_r U_rᵀ G̃`` (``U_r`` its top ``r`` left singular vectors;
+the right ones when ``out > width``), kept as factors ``L [r, out]``, ``R [r, width]``
+with ``G̃_r = Lᵀ R``. A training example's contribution is then taken from its layer
+factors without forming its ``[out, width]`` gradient,
+
+    ⟨G̃_r, Σ_t s_t ã_tᵀ⟩ = Σ_t (L s_t) · (R ã_t),
+
+``r·(out + width)`` products per position instead of ``out·width``. The error of a block is
+``|⟨G̃ − G̃_r, G⟩| ≤ σ_{r+1}(G̃) ‖G‖_* ≤ σ_{r+1}(G̃) Σ_t ‖s_t‖ ‖ã_t‖`` (trace duality; the
+nuclear norm of a sum of outer products), so it is exact when ``r >= min(out, width)``; a
+block where ``r·(out + width) >= out·width`` is kept whole (then it is also exact). The
+SVD is taken in the Kronecker eigenbasis (``G̃ = Q_S C Q_Aᵀ``, the same singular values),
+from the eigenvectors (float64) of the smaller Gram matrix of ``C``; a query's ``C`` is
+rotated from its layer factors, its gradient never formed. Self-influence is
+computed from the full-rank blocks.
+
 Under ``torch.distributed`` each rank computes the columns of its shard of the
 training data (:func:`~headwater.distributed.shard`) and the columns are gathered in
 global order, so every rank returns the whole ``[n_query, n_train]`` (collective).
@@ -30,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import scipy.linalg
 import torch
 from torch import Tensor, nn
 
@@ -46,7 +65,9 @@ from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = [
+    "BlockFactors",
     "BlockFeatures",
+    "LowRankBlocks",
     "check_block_curvature",
     "factored_scores",
     "module_factors",
@@ -54,6 +75,7 @@ __all__ = [
     "module_scores",
     "preconditioned_blocks",
     "train_blocks",
+    "truncated_blocks",
 ]
 
 
@@ -175,6 +197,122 @@ class BlockFeatures(Features):
         return torch.stack(tiles) if self.stacked else sum(tiles[1:], tiles[0])
 
 
+LOW_RANK_QUERY_CHUNK = 16
+"""Queries preconditioned and truncated at once with ``query_rank`` (their dense blocks are
+the transient: ``16 × P`` numbers plus the largest block's intermediates)."""
+
+Factored = tuple[Tensor, Tensor] | Tensor  # (L [N, r, out], R [N, r, width]) or [N, out·width]
+
+
+def _dense(s: Tensor, a: Tensor) -> Tensor:
+    """``Σ_t s_t ã_tᵀ`` flattened, ``[N, out·width]``, from ``s [N, T, out]``, ``ã [N, T, width]``."""
+    return torch.einsum("bto,bti->boi", s, a).flatten(1)
+
+
+@dataclass(frozen=True)
+class BlockFactors(Features):
+    """Per-module layer factors of ``N`` training examples ``{module: (s [N, T, out],
+    ã [N, T, width])}``: the gradient ``Σ_t s_t ã_tᵀ`` is formed only where a block's
+    query side is dense."""
+
+    parts: dict[str, tuple[Tensor, Tensor]]
+
+    def __len__(self) -> int:
+        return next(iter(self.parts.values()))[0].shape[0]
+
+    def __getitem__(self, rows: slice) -> BlockFactors:
+        return BlockFactors({m: (s[rows], a[rows]) for m, (s, a) in self.parts.items()})
+
+    def dot(self, other: BlockFactors) -> Tensor:
+        tiles = [_dense(*mine) @ _dense(*other.parts[m]).T for m, mine in self.parts.items()]
+        return sum(tiles[1:], tiles[0])
+
+
+@dataclass(frozen=True)
+class LowRankBlocks(Features):
+    """Truncated preconditioned query blocks (module docs): ``{module: (L [N, r, out],
+    R [N, r, width])}``, or ``[N, out·width]`` for a block kept whole; dotted with
+    :class:`BlockFactors` (``stacked=True``: one ``[M, N_self, N_other]`` slice per module)."""
+
+    parts: dict[str, Factored]
+    stacked: bool = False
+
+    def __len__(self) -> int:
+        first = next(iter(self.parts.values()))
+        return (first[0] if isinstance(first, tuple) else first).shape[0]
+
+    def __getitem__(self, rows: slice) -> LowRankBlocks:
+        return LowRankBlocks(
+            {
+                m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
+                for m, p in self.parts.items()
+            },
+            self.stacked,
+        )
+
+    def dot(self, other: BlockFactors) -> Tensor:
+        tiles = []
+        for module, mine in self.parts.items():
+            s, a = other.parts[module]  # [B, T, out], [B, T, width]
+            if isinstance(mine, Tensor):
+                tiles.append(mine @ _dense(s, a).to(mine.dtype).T)
+                continue
+            left, right = mine  # [Q, r, out], [Q, r, width]
+            n_query, rank = left.shape[:2]
+            ls = s.to(left.dtype) @ left.reshape(n_query * rank, -1).T  # [B, T, Q·r]
+            ra = a.to(left.dtype) @ right.reshape(n_query * rank, -1).T  # [B, T, Q·r]
+            tiles.append((ls * ra).sum(1).view(-1, n_query, rank).sum(2).T)  # [Q, B]
+        return torch.stack(tiles) if self.stacked else sum(tiles[1:], tiles[0])
+
+
+def _basis(q: Tensor, x: Tensor) -> Tensor:
+    """``q @ x`` (``x [K, n, r]``); an empty ``q`` is the identity."""
+    return q @ x if q.numel() else x
+
+
+def _top_eigenvectors(c: Tensor, rank: int, rows: bool) -> Tensor:
+    """Eigenvectors of the ``rank`` largest eigenvalues of the Gram matrix ``C Cᵀ`` (``rows``)
+    or ``Cᵀ C`` of each ``C`` in ``c [K, out, width]`` (in ``C``'s dtype, one at a time),
+    ``[K, out or width, rank]`` (on CPU through LAPACK's subset solver: only those are
+    computed)."""
+    found = []
+    for ci in c:
+        gram = (ci @ ci.mT if rows else ci.mT @ ci).double()
+        n = gram.shape[0]
+        if gram.device.type != "cpu":
+            found.append(torch.linalg.eigh(gram)[1][:, n - rank :])
+            continue
+        top = scipy.linalg.eigh(gram.numpy(), subset_by_index=(n - rank, n - 1), driver="evr")
+        found.append(torch.from_numpy(top[1]))
+    return torch.stack(found).to(c.device, c.dtype)
+
+
+def truncated_blocks(
+    blocks: dict[str, tuple[Tensor, Tensor, Tensor]], rank: int, *, whole_if_cheaper: bool = True
+) -> dict[str, Factored]:
+    """Rank-``rank`` truncated SVDs of ``Q_S C Q_Aᵀ`` (``{module: (Q_S, C [K, out, width],
+    Q_A)}``, from ``KroneckerCurvature.eigenbasis_blocks``) as :class:`LowRankBlocks` parts
+    (module docs). ``whole_if_cheaper``: keep a block whole where the factors would not be
+    smaller (``False``: always factor, ``rank <= min(out, width)``; for tests)."""
+    out: dict[str, Factored] = {}
+    for module, (qs, c, qa) in blocks.items():
+        k, n_out, width = c.shape
+        r = min(rank, n_out, width)
+        if whole_if_cheaper and rank * (n_out + width) >= n_out * width:
+            out[module] = _basis(qs, _basis(qa, c.mT).mT).reshape(k, -1)
+            continue
+        vectors = _top_eigenvectors(c, r, n_out <= width)  # [K, out or width, r]
+        if n_out <= width:
+            left, right = vectors, c.mT @ vectors  # [K, out, r], [K, width, r]
+        else:
+            left, right = c @ vectors, vectors
+        out[module] = tuple(
+            _basis(q, f).mT.contiguous()
+            for q, f in ((qs.to(c.dtype), left), (qa.to(c.dtype), right))
+        )
+    return out
+
+
 def preconditioned_blocks(
     model: nn.Module,
     task: Task,
@@ -184,13 +322,17 @@ def preconditioned_blocks(
     chunk_size: int,
     progress: ProgressFn | None,
     stacked: bool = False,
-) -> BlockFeatures:
+) -> BlockFeatures | LowRankBlocks:
     """``(M_m + (wd + λ_m) I)⁻¹ G_m(z_q)`` per block, ``{module: [n_query, out·width]}``,
-    written into preallocated rows (no concatenated copy)."""
+    written into preallocated rows (no concatenated copy); with the curvature's
+    ``query_rank``, their truncations (:class:`LowRankBlocks`), chunk by chunk."""
     blocks, n_query = curvature.blocks, num_examples(query, "query")
-    left: dict[str, Tensor] = {}
+    rank = curvature.query_rank
+    if rank is not None:  # the chunk's [chunk, out, width] blocks are the largest transient
+        chunk_size = min(chunk_size, LOW_RANK_QUERY_CHUNK)
+    left: dict[str, Tensor | list[Tensor]] = {}
     row = 0
-    for grads in module_gradients(
+    for grads in (module_factors if rank is not None else module_gradients)(
         model,
         task,
         blocks,
@@ -200,12 +342,21 @@ def preconditioned_blocks(
         name="query",
         progress=progress,
     ):
-        for module, pre in curvature.solve_blocks(grads).items():
+        solved = (  # with a rank: from the layer factors, the gradients never formed
+            truncated_blocks(curvature.eigenbasis_blocks(grads), rank)
+            if rank is not None
+            else curvature.solve_blocks(grads)
+        )
+        for module, pre in solved.items():
+            parts = pre if isinstance(pre, tuple) else (pre.reshape(pre.shape[0], -1),)
             if module not in left:
-                left[module] = pre.new_empty(n_query, pre[0].numel())
-            left[module][row : row + pre.shape[0]] = pre.reshape(pre.shape[0], -1)
-        row += pre.shape[0]
-    return BlockFeatures(left, stacked)
+                left[module] = [p.new_empty(n_query, *p.shape[1:]) for p in parts]
+            for target, part in zip(left[module], parts, strict=True):
+                target[row : row + part.shape[0]] = part
+        row += parts[0].shape[0]
+    if rank is None:
+        return BlockFeatures({m: p[0] for m, p in left.items()}, stacked)
+    return LowRankBlocks({m: p[0] if len(p) == 1 else tuple(p) for m, p in left.items()}, stacked)
 
 
 def train_blocks(
@@ -218,12 +369,13 @@ def train_blocks(
     progress: ProgressFn | None,
     stacked: bool = False,
     self_sink: list[Tensor] | None = None,
-) -> Iterator[BlockFeatures]:
-    """This rank's shard of the training block gradients, chunk by chunk; with ``self_sink``
+) -> Iterator[BlockFeatures | BlockFactors]:
+    """This rank's shard of the training block gradients, chunk by chunk (their layer
+    factors, :class:`BlockFactors`, with the curvature's ``query_rank``); with ``self_sink``
     each chunk's self-influence ``Σ_m ⟨(M_m + …)⁻¹ G_m, G_m⟩ [chunk]`` is appended to it."""
     if _shard_size(train) == 0:
         return
-    for grads in module_gradients(
+    for factors in module_factors(
         model,
         task,
         curvature.blocks,
@@ -233,10 +385,16 @@ def train_blocks(
         name="train",
         progress=progress,
     ):
+        low_rank = curvature.query_rank is not None
+        grads = (
+            {m: torch.einsum("bto,bti->boi", s, a) for m, (s, a) in factors.items()}
+            if self_sink is not None or not low_rank
+            else {}
+        )
         if self_sink is not None:
             solved = curvature.solve_blocks(grads)
             self_sink.append(sum((solved[m] * g).sum(dim=(1, 2)) for m, g in grads.items()))
-        yield BlockFeatures.of(grads, stacked=stacked)
+        yield BlockFactors(factors) if low_rank else BlockFeatures.of(grads, stacked=stacked)
 
 
 def _shard_size(train: DataLike) -> int:

@@ -407,6 +407,7 @@ class InfluenceFunction(Estimator):
         return {
             "method": "influence",
             **self.curvature.settings(),
+            **self.curvature.scoring_settings(),
             "fitted_damping": self.curvature.fitted_damping,
             **self.curvature.fit_notes,
             "task": self.task.to_dict(),
