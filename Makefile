@@ -1,4 +1,4 @@
-# headwater: make demo | make test | make bench | make bench-extras | make bench-lm | make bench-defaults
+# headwater: make demo | make test | make bench | make bench-extras | make bench-lm | make bench-defaults | make bench-gpt2 | make bench-scale | make bench-metagradient | make stress-distributed
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
