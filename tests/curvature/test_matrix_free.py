@@ -184,6 +184,7 @@ def test_cached_products_equal_uncached(kind):
         "default": product(),
         "cached autograd": product(jacobian_mb=0.0),
         "uncached autograd": product(jacobian_mb=0.0, cache_mb=0.0),
+        "no autograd cache": product(cache_mb=0.0),  # GGN: single vectors by Jacobians too
     }
     assert (
         ways["default"].method.split(":")[0]
@@ -196,11 +197,25 @@ def test_cached_products_equal_uncached(kind):
     assert ways["uncached autograd"].method.split(":")[0] == (
         "per-example gradients" if kind == "ef" else "autograd"
     )
+    if kind == "ggn":
+        assert "single vectors by autograd" in ways["default"].method
+        assert "single vectors" not in ways["no autograd cache"].method
     want = v @ ORACLES[kind](case.model, case.task, case.train)
     for name, matvec in ways.items():
         for _ in range(2):  # the second call reuses the cached Jacobians or linearisations
             assert_close(matvec(v), want, rtol=1e-10, what=name)
             assert_close(matvec(v[:1]), want[:1], rtol=1e-10, what=f"{name}, one vector")
+
+
+def test_stored_jacobians_only_where_a_forward_pass_is_dear():
+    """A dense network with 3 outputs (forward ≈ 2·P FLOPs per example < C·P) keeps the
+    autograd product even though its Jacobians fit; the CNN (weight sharing) stores them."""
+    mlp, cnn = CASES["mlp"](), CASES["cnn"]()
+    dense = headwater.curvature.curvature_matvec(mlp.model, mlp.task, mlp.train)
+    shared = headwater.curvature.curvature_matvec(cnn.model, cnn.task, cnn.train)
+    assert dense.method.startswith("autograd (cached)")
+    assert "not stored Jacobians: forward 0.55 FLOPs per C·P < 1" in dense.method
+    assert shared.method.startswith("jacobian") and "forward 1.9 FLOPs per C·P" in shared.method
 
 
 class _NormNet(torch.nn.Module):

@@ -23,6 +23,7 @@ from torch.func import grad, hessian, jacrev, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from headwater.data import DataLike, Inputs, iter_batches, num_examples, one_example
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
@@ -70,10 +71,17 @@ CACHE_MB = 512.0
 
 JACOBIAN_MB = 1024.0
 """Default budget (MiB) of :func:`curvature_matvec`'s stored per-example output Jacobians
-(GGN only): ``n·C·(P + C)`` numbers for ``n`` examples, ``C`` outputs and ``P`` parameters.
-Within it each GGN product is two matrix products instead of a pass through the network
-(measured on the digits CNN, 3,658 parameters, 1,000 examples x 10 outputs, one thread:
-0.10 s per product of 50 vectors against 0.9 s by autograd; the Jacobians take 1.3 s once)."""
+(GGN only): ``n·C·(P + C)`` numbers for ``n`` examples, ``C`` outputs and ``P`` parameters."""
+
+JACOBIAN_MIN_FLOPS = 1.0
+"""Stored Jacobians are used only when a forward pass costs at least this many FLOPs per
+example per ``C·P``: a product with them costs ``4·C·P`` FLOPs per example and vector,
+one through the network at least ``4×`` the forward pass (more with convolutions, whose
+vmapped backward passes run well below the machine's matrix-product speed). Measured
+(one thread, 1,000 digits, products of 50 vectors; the ratio in brackets): the LeNet CNN
+(1.4) 0.11 s with Jacobians against 0.78 s by autograd; the 64-128-64-10 MLP (0.2) 0.54 s
+against 0.12 s; logistic regression (0.2) 0.043 s against 0.015 s. A dense network's
+ratio is about ``2/C``; weight sharing (convolutions, sequences) raises it."""
 
 
 def _chunk_matvec(model, task, layout, theta, kind, x, y) -> Callable[[Tensor], Tensor]:
@@ -190,35 +198,44 @@ def _rows(inputs: Inputs) -> int:
     return tree_flatten(inputs)[0][0].shape[0]
 
 
-def _linearisation_bytes(model, task, layout, theta, kind, x, n: int) -> tuple[float, int]:
-    """Rough bytes of every chunk's cached linearisation over ``n`` examples (4× the
-    tensors of a forward pass: the vjp graph, its transpose, outputs; or the EF's
-    per-example gradients), and the numbers ``C`` in one example's output."""
+def _forward_costs(model, task, layout, theta, kind, x, n: int) -> tuple[float, int, float]:
+    """From one forward pass over the chunk ``x``: rough bytes of every chunk's cached
+    linearisation over ``n`` examples (4× the tensors of a forward pass: the vjp graph, its
+    transpose, outputs; or the EF's per-example gradients), the numbers ``C`` in one
+    example's output, and the pass's FLOPs per example."""
     counter = _OutputBytes()
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, FlopCounterMode(display=False) as flops:
         out = task.output(bind(model, layout.unflatten(theta)), x)
     outputs = out[0].numel()
+    per_example = flops.get_total_flops() / _rows(x)
     if kind is MatrixKind.EF:
-        return float(n * layout.num_params * theta.element_size()), outputs
-    return 4.0 * counter.total * n / _rows(x), outputs
+        return float(n * layout.num_params * theta.element_size()), outputs, per_example
+    return 4.0 * counter.total * n / _rows(x), outputs, per_example
 
 
-def _product_method(kind, linearisation: float, jacobian: float, cache_mb, jacobian_mb) -> str:
+def _product_method(
+    kind, linearisation: float, jacobian: float, flop_ratio: float, cache_mb, jacobian_mb
+) -> str:
     """Which product :func:`curvature_matvec` uses, and why (byte estimates over this rank's
-    examples)."""
+    examples; ``flop_ratio`` = forward FLOPs per example / ``C·P``)."""
     mib = 2**20
     if kind is MatrixKind.EF:
         return "per-example gradients"
-    if kind is MatrixKind.GGN and jacobian <= jacobian_mb * mib:
+    fits = kind is MatrixKind.GGN and jacobian <= jacobian_mb * mib
+    flops = f"forward {flop_ratio:.2g} FLOPs per C·P"
+    if fits and flop_ratio >= JACOBIAN_MIN_FLOPS:
+        single = "; single vectors by autograd (cached)" if linearisation <= cache_mb * mib else ""
         return (
             f"jacobian: per-example output Jacobians {jacobian / mib:,.0f} MiB "
-            f"<= budget {jacobian_mb:g} MiB"
+            f"<= budget {jacobian_mb:g} MiB, {flops} >= {JACOBIAN_MIN_FLOPS:g}{single}"
         )
+    skipped = f"; not stored Jacobians: {flops} < {JACOBIAN_MIN_FLOPS:g}" if fits else ""
     if linearisation <= cache_mb * mib:
         return (
-            f"autograd (cached): linearisations {linearisation / mib:,.0f} MiB <= {cache_mb:g} MiB"
+            f"autograd (cached): linearisations {linearisation / mib:,.0f} MiB "
+            f"<= {cache_mb:g} MiB{skipped}"
         )
-    return f"autograd: linearisations {linearisation / mib:,.0f} MiB > {cache_mb:g} MiB"
+    return f"autograd: linearisations {linearisation / mib:,.0f} MiB > {cache_mb:g} MiB{skipped}"
 
 
 def curvature_matvec(
@@ -237,10 +254,12 @@ def curvature_matvec(
     (the choice and its reason are the result's :attr:`CurvatureProduct.method`):
 
     - **jacobian** (GGN, when ``n·C·(P + C)`` numbers fit in ``jacobian_mb`` MiB, see
-      :data:`JACOBIAN_MB`): the per-example output Jacobians ``J_i [C, P]`` and output
-      Hessians ``Λ_i [C, C]`` are computed once, on the first call, and every product is
-      ``Σ_i J_iᵀ Λ_i (J_i V)``: two matrix products over all vectors at once, no pass
-      through the network;
+      :data:`JACOBIAN_MB`, and a forward pass is dear enough, see
+      :data:`JACOBIAN_MIN_FLOPS`): the per-example output Jacobians ``J_i [C, P]`` and
+      output Hessians ``Λ_i [C, C]`` are computed once, on the first call with several
+      vectors, and every such product is ``Σ_i J_iᵀ Λ_i (J_i V)``: two matrix products over
+      all vectors at once, no pass through the network. Single vectors (memory-bound
+      there) take the cached autograd path when its linearisations fit;
     - **autograd**: each chunk's linearisation (the graphs of one forward pass, or the
       EF's per-example gradients) is built on the first call and kept for later calls
       when all of them fit in ``cache_mb`` MiB (estimated from one chunk); otherwise it
@@ -260,37 +279,49 @@ def curvature_matvec(
     check_batch(model, task, first, "train")
     start, stop = shard_range(n)
     with evaluation_mode(model):
-        linearisation, c = _linearisation_bytes(
+        linearisation, c, flops = _forward_costs(
             model, task, layout, theta, kind, first[0], stop - start
         )
-    jacobian_bytes = float((stop - start) * c * (layout.num_params + c) * theta.element_size())
-    method = _product_method(kind, linearisation, jacobian_bytes, cache_mb, jacobian_mb)
-    use_jacobian = method.startswith("jacobian")
-    cache = use_jacobian or linearisation <= cache_mb * 2**20
-    build = _jacobian_matvec if use_jacobian else _chunk_matvec
-    chunks: list[tuple[Callable[[Tensor], Tensor], int]] = []
-    complete = [False]
+    p = layout.num_params
+    jacobian_bytes = float((stop - start) * c * (p + c) * theta.element_size())
+    method = _product_method(
+        kind, linearisation, jacobian_bytes, flops / (c * p), cache_mb, jacobian_mb
+    )
+    cache = linearisation <= cache_mb * 2**20
 
-    def operators():
-        if complete[0]:
-            yield from chunks
-            return
-        chunks.clear()
-        for batch in local_batches(data, chunk_size, "train"):
-            x, y = prepare_batch(batch, theta)
-            if use_jacobian:
-                op = (build(model, task, layout, theta, x, y), 0)
-            else:
-                op = (build(model, task, layout, theta, kind, x, y), y.shape[0])
-            if cache:
-                chunks.append(op)
-            yield op
-        complete[0] = cache
+    def chunk_ops(build, keep: bool):
+        """Yields ``(op, rows)`` per local chunk, built on the first pass; kept if ``keep``."""
+        chunks: list[tuple[Callable[[Tensor], Tensor], int]] = []
+        complete = [False]
+
+        def operators():
+            if complete[0]:
+                yield from chunks
+                return
+            chunks.clear()
+            for batch in local_batches(data, chunk_size, "train"):
+                x, y = prepare_batch(batch, theta)
+                op = build(x, y)
+                if keep:
+                    chunks.append(op)
+                yield op
+            complete[0] = keep
+
+        return operators
+
+    autograd = chunk_ops(
+        lambda x, y: (_chunk_matvec(model, task, layout, theta, kind, x, y), y.shape[0]), cache
+    )
+    jacobians = chunk_ops(  # rows 0: every vector at once
+        lambda x, y: (_jacobian_matvec(model, task, layout, theta, x, y), 0), True
+    )
+    use_jacobian = method.startswith("jacobian")
 
     def matvec(v: Tensor) -> Tensor:
         squeeze = v.dim() == 1
-        v = v.reshape(-1, layout.num_params).to(theta)
+        v = v.reshape(-1, p).to(theta)
         out = torch.zeros_like(v)
+        operators = jacobians if use_jacobian and (v.shape[0] > 1 or not cache) else autograd
         with evaluation_mode(model):
             for op, rows in operators():
                 # autograd: [step·rows, width] activations per call; jacobian: all at once
