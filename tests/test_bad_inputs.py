@@ -111,3 +111,23 @@ def test_a_bad_value_raises_a_named_error_or_gives_finite_scores(bad, estimator)
         f"{bad} with {estimator}: no error"
     )  # only an extreme finite value may pass
     assert bool(scores.values.isfinite().all()) and bool(scores.self_influence.isfinite().all())
+
+
+def test_finite_row_check_names_exactly_the_bad_rows():
+    """Rows holding a NaN or an inf (in any of several aligned tensors) are named, offset
+    applied; a finite row whose sum overflows float32 is not."""
+    from headwater.errors import NonFiniteError, check_finite_rows
+
+    x = torch.randn(6, 5)
+    x[1] = 3e38  # finite, but its sum overflows to inf
+    other = torch.randn(6, 2)
+    check_finite_rows([x, other], what="gradient", name="train")
+    x[4, 2], other[2, 1], x[5, 0], x[5, 1] = (
+        float("nan"),
+        float("-inf"),
+        float("inf"),
+        -float("inf"),
+    )
+    with pytest.raises(NonFiniteError, match="train: the gradient of examples 12, 14, 15 ") as err:
+        check_finite_rows([x, other], what="gradient", name="train", offset=10)
+    assert err.value.rows == (12, 14, 15)

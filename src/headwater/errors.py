@@ -95,14 +95,19 @@ def check_finite_rows(
 
     The message names the set (``name``, e.g. ``"train"``), ``what`` was computed, the
     first offending example indices (``offset`` + row) and the likely ``cause``. Cost:
-    one pass over ``values`` (a reduction per row).
+    one sum per row (the elementwise test only on rows whose sum is not finite).
     """
     parts = [values] if isinstance(values, Tensor) else list(values)
     if not parts or parts[0].shape[0] == 0:
         return
     finite = parts[0].new_ones(parts[0].shape[0], dtype=torch.bool)
     for part in parts:
-        finite &= part.reshape(part.shape[0], -1).isfinite().all(dim=1)
+        flat = part.reshape(part.shape[0], -1)
+        # a NaN/inf makes its row's sum NaN/inf: one fast reduction, then the exact test
+        # only on rows whose sum is not finite (a finite row's sum may overflow)
+        suspect = (~flat.sum(dim=1).isfinite()).nonzero()[:, 0]
+        if len(suspect):
+            finite[suspect] &= flat[suspect].isfinite().all(dim=1)
     if bool(finite.all()):
         return
     rows = [int(i) + offset for i in (~finite).nonzero()[:, 0].tolist()]
