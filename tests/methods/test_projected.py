@@ -286,6 +286,41 @@ def test_kronecker_features_are_the_projected_layer_gradients():
         KroneckerProjection(2, 0)
 
 
+@pytest.mark.parametrize("which", ["flat", "kronecker"])
+def test_default_damping_is_relative_to_the_projected_trace(which):
+    """damping=None: ``DEFAULT_RELATIVE_DAMPING · trace(K + wd·Π Πᵀ) / trace(Π Πᵀ)``, with
+    ``K = mean Π g gᵀ Πᵀ`` (EF) and ``Π`` formed explicitly; the solve uses ``wd + λ``."""
+    from headwater.curvature.base import DEFAULT_RELATIVE_DAMPING
+
+    case = mlp()
+    grads = loop_gradients(case.model, case.task, case.train)  # [n, P]
+    if which == "flat":
+        proj = RandomProjection(6, kind="gaussian", seed=3)
+        pi = proj.matrix(grads.shape[1])  # [k, P]
+    else:
+        proj = KroneckerProjection(2, 3, kind="gaussian", seed=5)
+        blocks = []
+        for j, layer in enumerate([case.model[0], case.model[2]]):
+            out, inp = layer.weight.shape
+            p_out, p_in = proj.factors(j, out, inp + 1, torch.float64)
+            # vec([W | b]) in parameter order: W row-major, then b
+            full = torch.kron(p_out, p_in)  # acts on [out, inp + 1] row-major
+            order = torch.arange(out * (inp + 1)).reshape(out, inp + 1)
+            perm = torch.cat([order[:, :inp].flatten(), order[:, inp]])
+            blocks.append(full[:, perm])
+        pi = torch.block_diag(*blocks)
+    est = ProjectedInfluence(case.model, case.task, proj, kind="ef", chunk_size=5).fit(case.train)
+    phi = grads @ pi.T
+    gram, wd = pi @ pi.T, case.task.weight_decay
+    k = phi.T @ phi / len(grads) + wd * gram
+    want = DEFAULT_RELATIVE_DAMPING * float(k.trace() / gram.trace())
+    assert est.fitted_damping == pytest.approx(want, rel=1e-9)
+    assert_close(est._features, phi, rtol=1e-10, atol=1e-12)
+    query = loop_gradients(case.model, case.task, case.query) @ pi.T
+    expected = query @ torch.linalg.solve(k + want * gram, phi.T)
+    assert_close(est.scores(case.query), expected, rtol=1e-6, atol=1e-9)
+
+
 class _Tokens(torch.nn.Module):
     """Linear layers over [B, T, d] token features, mean-pooled: the K-FAC blocks see T positions."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +87,10 @@ class _FlatFeatures:
             )
         self.dim = projection.dim
 
-    def add_gram_(self, matrix: Tensor, alpha: float) -> float:
-        """``matrix += alpha · Π Πᵀ`` in place; returns ``trace(Π Πᵀ)``."""
+    def add_gram_(self, matrix: Tensor, alpha: Callable[[float], float]) -> None:
+        """``matrix += alpha(trace(Π Πᵀ)) · Π Πᵀ`` in place (``Π Πᵀ`` formed once)."""
         gram = self.projection.gram(self.layout.num_params).to(matrix.device)
-        matrix.add_(gram, alpha=alpha)
-        return float(gram.trace())
+        matrix.add_(gram, alpha=alpha(float(gram.trace())))
 
     def features(self, batch: tuple[Tensor, Tensor], objective: Objective, name: str) -> Tensor:
         (g,) = per_example_gradients(
@@ -132,17 +131,22 @@ class _KroneckerFeatures:
         ]
         self.dim = sum(po.shape[0] * pi.shape[0] for po, pi in self.factors)
 
-    def add_gram_(self, matrix: Tensor, alpha: float) -> float:
-        """``matrix += alpha · Π Πᵀ`` in place, block by block (``Π Πᵀ`` is block diagonal with
-        ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer, never formed whole); returns its trace."""
-        start, trace = 0, 0.0
+    def add_gram_(self, matrix: Tensor, alpha: Callable[[float], float]) -> None:
+        """``matrix += alpha(trace(Π Πᵀ)) · Π Πᵀ`` in place, block by block (``Π Πᵀ`` is block
+        diagonal with ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer, never formed whole; its
+        trace is ``Σ ‖P_out‖²‖P_in‖²``)."""
+        scale = alpha(
+            sum(
+                float(po.double().square().sum() * pi.double().square().sum())
+                for po, pi in self.factors
+            )
+        )
+        start = 0
         for po, pi in self.factors:
             block = torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
             rows = slice(start, start + block.shape[0])
-            matrix[rows, rows] += alpha * block.to(matrix.device)
-            trace += float(block.trace())
+            matrix[rows, rows] += scale * block.to(matrix.device)
             start += block.shape[0]
-        return trace
 
     def _project(
         self, signals: dict[str, Tensor], acts: dict[str, Tensor], batch_size: int
@@ -366,12 +370,18 @@ class ProjectedInfluence(Estimator):
         )["mean"].to(self.device)
         # in place: at k = 10⁴ every [k, k] float64 copy is 0.8 GB
         matrix = mean  # already saved (if stored): free to modify
-        gram_trace = self._featurizer.add_gram_(matrix, self.task.weight_decay)
-        damping = self.damping
-        if damping is None:
-            damping = default_damping(float(matrix.trace()) / gram_trace)
-        self.fitted_damping = float(damping)
-        self._featurizer.add_gram_(matrix, damping)
+        curvature_trace, weight_decay = float(mean.trace()), self.task.weight_decay
+
+        def weight_decay_plus_damping(gram_trace: float) -> float:
+            # the default: relative to trace(K + wd·Π Πᵀ) / trace(Π Πᵀ)
+            damping = self.damping
+            if damping is None:
+                damping = default_damping(curvature_trace / gram_trace + weight_decay)
+            self.fitted_damping = float(damping)
+            return weight_decay + damping
+
+        self._featurizer.add_gram_(matrix, weight_decay_plus_damping)
+        damping = self.fitted_damping
         del mean
         chol, info = torch.linalg.cholesky_ex(matrix)  # reads the lower triangle only
         if int(info) != 0:
