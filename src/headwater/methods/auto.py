@@ -14,8 +14,8 @@ when it fits in :data:`TIME_BUDGET_SECONDS` and in half the memory ``Exact``
 allows; else ``"arnoldi"`` at its defaults (rank 100-200, up to 400 products of ``M`` over
 the data, each counted on :data:`PROBE_EXAMPLES` examples and extrapolated) when those fit
 the same budget; else ``"ekfac"``. Arnoldi ranks well above EK-FAC at its defaults
-(bench/defaults_results.md, LDS: digits MLP 0.718 vs 0.573 in 10 s vs 3 s; CNN 0.462
-vs 0.362), EK-FAC scales to any data size in two passes. Measured with one thread on a 2-core machine (bench/
+(bench/defaults_results.md, LDS: digits MLP 0.738 (rank 200) vs 0.573 in 4 s vs 0.5 s;
+CNN 0.468 vs 0.362), EK-FAC scales to any data size in two passes. Measured with one thread on a 2-core machine (bench/
 defaults.py): the digits CNN (3,658 parameters, n = 1,000, C = 10) fits densely in
 ~27 s (EK-FAC ~3 s); the digits MLP (17,226 parameters) would take ~10 minutes densely
 and gets EK-FAC. The Cholesky factor alone runs at :data:`CHOLESKY_MACS_PER_SECOND`
