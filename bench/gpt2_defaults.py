@@ -205,7 +205,8 @@ def main() -> None:
         lines = [
             *header,
             f"Rows {', '.join(args.only)} rerun on {time.strftime('%Y-%m-%d %H:%M')} "
-            f"(`python -m bench.gpt2_defaults --only {' '.join(args.only)}`, 1-minute load "
+            f"(`python -m bench.gpt2_defaults --only {' '.join(args.only)} --limit {args.limit:g}`, "
+            "1-minute load "
             f"average {os.getloadavg()[0]:.1f}).",
             "",
             *table,
