@@ -196,11 +196,34 @@ def main() -> None:
         "",
         "| curvature | LDS | time | damping | choice |",
         "|---|---:|---:|---:|---|",
-        *rows,
+        *_merged_rows(rows),
         "",
     ]
+    if args.only and RESULTS.exists():  # the earlier run's header, and what was rerun
+        header = RESULTS.read_text().split("| curvature |")[0].rstrip().splitlines()
+        table = lines[lines.index("| curvature | LDS | time | damping | choice |") :]
+        lines = [
+            *header,
+            f"Rows {', '.join(args.only)} rerun on {time.strftime('%Y-%m-%d %H:%M')} "
+            f"(`python -m bench.gpt2_defaults --only {' '.join(args.only)} --limit {args.limit:g}`, "
+            "1-minute load "
+            f"average {os.getloadavg()[0]:.1f}).",
+            "",
+            *table,
+        ]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _merged_rows(rows: list[str]) -> list[str]:
+    """``rows`` in place of the same curvature's rows of the existing table (the others
+    kept, in their order), so that ``--only`` reruns a few curvatures."""
+    if not RESULTS.exists():
+        return rows
+    fresh = {row.split("|")[1].strip(): row for row in rows}
+    old = [line for line in RESULTS.read_text().splitlines() if line.startswith("| ")][1:]
+    out = [fresh.pop(line.split("|")[1].strip(), line) for line in old]
+    return out + list(fresh.values())
 
 
 if __name__ == "__main__":

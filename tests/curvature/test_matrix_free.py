@@ -495,14 +495,36 @@ def test_default_damping_is_relative_to_trace():
     got = CG(trace_probes=64).fit(case.model, case.task, case.train).fitted_damping
     assert got == pytest.approx(want, rel=0.3)
     dense = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train))
-    for cls in (Arnoldi, Lanczos, Nystrom):  # low rank: the smallest kept eigenvalue
-        curv = cls(rank=20).fit(case.model, case.task, case.train)
-        assert curv.fitted_damping == pytest.approx(
-            cls.damping_factor * float(curv.state.eigvals.abs().min()), rel=1e-12
-        )
-        assert cls.damping_factor == (10.0 if cls is Nystrom else 1.0)
-        if cls is not Nystrom:  # Krylov methods find the top of the spectrum
-            assert curv.fitted_damping == pytest.approx(float(dense[-20]), rel=1e-3), cls.__name__
+    full = CG().fit(case.model, case.task, case.train).fitted_damping  # 16 probes, as low rank
+    for cls in (Arnoldi, Lanczos, Nystrom):  # low rank: the smallest kept eigenvalue, at least
+        for rank in (4, 20):  # the dense solve's default (CG's, same probes)
+            curv = cls(rank=rank).fit(case.model, case.task, case.train)
+            smallest = cls.damping_factor * float(curv.state.eigvals.abs().min())
+            assert curv.fitted_damping == pytest.approx(max(smallest, full), rel=1e-9)
+            if cls is not Nystrom and rank == 20:  # 40 Krylov steps find the top 20
+                assert float(curv.state.eigvals.min()) == pytest.approx(
+                    float(dense[-rank]), rel=1e-3
+                )
+        assert cls.damping_factor == 1.0
+    assert float(dense[-4]) > full > float(dense[-20])  # both branches of the max were taken
+
+
+@pytest.mark.parametrize("cls", [Arnoldi, Lanczos, Nystrom])
+def test_default_rank_grows_while_smallest_kept_eigenvalue_above_damping(monkeypatch, cls):
+    """With no rank given the rank doubles (here 10 -> 20) while the smallest kept eigenvalue
+    is above the damping; the Krylov run that stops early equals the shorter run."""
+    from headwater.curvature import _lowrank
+
+    monkeypatch.setattr(_lowrank, "DEFAULT_RANK", 10)
+    monkeypatch.setattr(_lowrank, "MAX_DEFAULT_RANK", 20)
+    case = CASES["cnn"]()
+    dense = torch.linalg.eigvalsh(dense_ggn(case.model, case.task, case.train)).flip(0)
+    for damping, want in ((0.5 * float(dense[9]), 20), (2.0 * float(dense[9]), 10)):
+        grown = cls(damping=damping).fit(case.model, case.task, case.train)
+        fixed = cls(damping=damping, rank=want).fit(case.model, case.task, case.train)
+        assert grown.rank == want and grown.state.eigvals.shape == (want,)
+        torch.testing.assert_close(grown.state.eigvals, fixed.state.eigvals, rtol=1e-12, atol=0)
+        torch.testing.assert_close(grown.state.eigvecs, fixed.state.eigvecs, rtol=0, atol=1e-10)
 
 
 def test_indefinite_undamped_warns():

@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headwater.curvature._lowrank import LowRankCurvature, LowRankState
+from headwater.curvature._lowrank import (
+    LowRankCurvature,
+    LowRankState,
+    krylov_stop,
+    stopped_rank,
+)
 from headwater.curvature.solvers import MatVec, arnoldi
 
 __all__ = ["Arnoldi", "LowRankState"]
@@ -40,10 +45,24 @@ class Arnoldi(LowRankCurvature):
     option = "n_iter"
 
     def _decompose(
-        self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        matvec: MatVec,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ranks: tuple[int, ...],
+        threshold: float,
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        n_iter = self._steps(dim)
+        self.rank = ranks[-1]
         eigvals, eigvecs, self.info = arnoldi(
-            matvec, dim, n_iter=n_iter, top_k=self.rank, seed=self.seed, dtype=dtype, device=device
+            matvec,
+            dim,
+            n_iter=self._steps(dim),
+            top_k=self.rank,
+            seed=self.seed,
+            dtype=dtype,
+            device=device,
+            stop=krylov_stop(ranks, threshold),
         )
-        return eigvals, eigvecs, {}
+        self.rank = stopped_rank(ranks, self.info.iterations)
+        return eigvals[: self.rank], eigvecs[: self.rank], {}

@@ -12,13 +12,18 @@ small factor of each other on the same model) without tuning:
   0.464, 0.468, 0.431 (LDS over all 200; the former 1e-3 gave 0.39); on the digits MLP
   the rank-100 Arnoldi, closest to the dense solve, peaks at 2.4-4.8 × trace/P.
 - ``"lowrank"`` (Arnoldi, Lanczos, Nyström): the scale is the smallest kept
-  eigenvalue ``|l_k|`` (an upper bound of the discarded spectrum), factor 1. Measured
-  (MLP, rank 100): LDS 0.718, the best tuned row (0.718 at λ = 0.006); CNN rank 50:
-  0.460, best 0.46; the trace rule gave 0.445 (MLP, rank 50) at any factor <= 0.3.
-  Nyström's sketch, whose kept eigenvalues underestimate the top of the spectrum, takes
-  :data:`NYSTROM_RELATIVE_DAMPING` = 10 instead: the factor chosen on the even-numbered test
-  digits of the MLP and CNN together (grid 0.003-30, ``python -m bench.defaults heldout``),
-  LDS on the odd ones 0.594 (MLP) and 0.441 (CNN) against 0.601 and 0.352 at factor 1.
+  eigenvalue ``|l_k|`` (an upper bound of the discarded spectrum), factor 1, and the
+  damping is never below the dense solve's default ``3 × trace/P`` (a Hutchinson
+  estimate, as CG's). With no ``rank`` given the rank is 100, doubled to 200 while
+  ``l_k`` is above that damping (the kept pairs should resolve every direction the
+  damping does not dominate). Measured (bench/lowrank_rule.md, Arnoldi): on the digits MLP
+  170 eigenvalues lie above 3 × trace/P = 0.0037, and rank 100 / 200 / 300 give LDS
+  0.718 / 0.741 / 0.745 (more Krylov steps at rank 100: no change); on the CNN 79 do,
+  rank 100 is kept and the floor raises 0.462 to 0.468 (rank 200 at ``l_k``: 0.449, at the
+  floor: 0.468). The floor was kept by its LDS on the even-numbered test digits of both
+  (MLP rank 200 0.737 + CNN rank 100 0.473, against 0.739 + 0.464 at ``l_k`` alone); on
+  the odd ones 0.740 and 0.464. Nyström uses the same rule with two subspace iterations, without which its
+  sketch's eigenvalues are too small for the rank test (``nystrom.DEFAULT_POWER_ITERS``).
 - ``"factored"`` (K-FAC/EK-FAC): the scale is each block's mean eigenvalue
   ``mean(Λ_b)`` (Kronfluence's heuristic), factor 0.1. EK-FAC's LDS is flat over
   factors 1e-3-0.3 of that scale (MLP 0.572-0.574, CNN 0.357-0.364) and falls with a
@@ -39,7 +44,6 @@ __all__ = [
     "FACTORED_RELATIVE_DAMPING",
     "LOWRANK_RELATIVE_DAMPING",
     "MFAC_RELATIVE_DAMPING",
-    "NYSTROM_RELATIVE_DAMPING",
     "DampingScale",
     "default_damping",
 ]
@@ -49,9 +53,6 @@ DEFAULT_RELATIVE_DAMPING = 3.0
 
 LOWRANK_RELATIVE_DAMPING = 1.0
 """``"lowrank"`` factor: damping = this × the smallest kept ``|eigenvalue|``."""
-
-NYSTROM_RELATIVE_DAMPING = 10.0
-"""Nyström's ``"lowrank"`` factor: damping = this × the smallest kept sketch eigenvalue."""
 
 MFAC_RELATIVE_DAMPING = 0.1
 """M-FAC's ``"full"`` factor: damping = this × the window's ``trace(F)/P``."""

@@ -6,6 +6,7 @@ seeded randomness; diagnostics returned, errors naming the setting).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from headwater.curvature._solver_common import (
 __all__ = [
     "ArnoldiInfo",
     "LanczosInfo",
+    "StopRule",
     "arnoldi",
     "lanczos",
     "lowrank_solve",
@@ -75,6 +77,16 @@ class ArnoldiInfo:
     converged: Tensor
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """An early end of a Krylov run: after each of ``steps`` steps, stop when
+    ``rule(ritz_values)`` (float64, descending) is true. ``rule`` sees every Ritz value of
+    the steps so far (one small symmetric eigensolve per check)."""
+
+    steps: tuple[int, ...]
+    rule: Callable[[Tensor], bool]
+
+
 # ----------------------------------------------------------------------------- Lanczos
 
 
@@ -87,6 +99,7 @@ def lanczos(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     tol: float = 1e-6,
+    stop: StopRule | None = None,
 ) -> tuple[Tensor, Tensor, LanczosInfo]:
     """Ritz pairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -110,6 +123,8 @@ def lanczos(
             eigenvectors; default ``torch.get_default_dtype()``.
         device: Device of the vectors; default CPU.
         tol: Relative Ritz residual below which a pair is flagged converged.
+        stop: ``(steps, rule)``: after each of these step counts, ``rule(ritz_values)``
+            (float64, descending) may end the run there (:class:`StopRule`).
 
     Returns:
         ``eigvals [k]`` sorted descending, ``eigvecs [k, P]`` (rows, ``dtype``) and a
@@ -149,14 +164,24 @@ def lanczos(
         if betas[-1] <= BREAKDOWN_TOL * norm_est:
             breakdown = True
             break
+        if stop is not None and j + 1 in stop.steps and stop.rule(_tridiagonal_ritz(alphas, betas)):
+            break
         q = w / betas[-1]
     m = len(alphas)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-    T += torch.diag(off, 1) + torch.diag(off, -1)
-    theta, S = torch.linalg.eigh(T)
+    theta, S = torch.linalg.eigh(_tridiagonal(alphas, betas))
     order = torch.argsort(theta, descending=True)
     return _ritz(theta, S, order, basis[:m], betas[-1], breakdown, tol, dtype, LanczosInfo)
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    """``T_m`` ``[m, m]`` (float64) from the first ``m`` alphas and betas."""
+    m = len(alphas)
+    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+    return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + off.diag(1) + off.diag(-1)
+
+
+def _tridiagonal_ritz(alphas: list[float], betas: list[float]) -> Tensor:
+    return torch.linalg.eigvalsh(_tridiagonal(alphas, betas)).flip(0)
 
 
 def _check_n_iter(n_iter: object, dim: int) -> int:
@@ -204,6 +229,7 @@ def arnoldi(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     tol: float = 1e-6,
+    stop: StopRule | None = None,
 ) -> tuple[Tensor, Tensor, ArnoldiInfo]:
     """Top eigenpairs (by ``|lambda|``) of a symmetric operator by Arnoldi iteration.
 
@@ -229,6 +255,7 @@ def arnoldi(
             eigenvectors; default ``torch.get_default_dtype()``.
         device: Device of the vectors; default CPU.
         tol: Relative Ritz residual below which a pair is flagged converged.
+        stop: as for :func:`lanczos` (the Ritz values of the symmetrised ``H``).
 
     Returns:
         ``eigvals [k]`` sorted by ``|lambda|`` descending, ``eigvecs [k, P]`` (rows,
@@ -264,12 +291,18 @@ def arnoldi(
         if H[i + 1, i].item() <= BREAKDOWN_TOL * norm_est:
             breakdown = True
             break
+        if stop is not None and m in stop.steps and stop.rule(_hessenberg_ritz(H[:m, :m])):
+            break
         v = w / H[i + 1, i].item()
     H_square = H[:m, :m]
     theta, S = torch.linalg.eigh((H_square + H_square.T) / 2)
     order = torch.argsort(theta.abs(), descending=True)[:top_k]
     last = H[m, m - 1].item()
     return _ritz(theta, S, order, basis[:m], last, breakdown, tol, dtype, ArnoldiInfo)
+
+
+def _hessenberg_ritz(H_square: Tensor) -> Tensor:
+    return torch.linalg.eigvalsh((H_square + H_square.T) / 2).flip(0)
 
 
 # ----------------------------------------------------------------------------- Nyström
@@ -282,6 +315,7 @@ def nystrom(
     rank: int,
     seed: int = 0,
     oversample: int = 10,
+    power_iters: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -295,7 +329,11 @@ def nystrom(
         B = Y_nu C^{-T} = U Sigma W^T (thin SVD),  Lambda = max(Sigma^2 - nu, 0),
 
     so ``A ~ A_nys = U Lambda U^T = (A Omega)(Omega^T A Omega)^+(A Omega)^T``; the
-    top ``rank`` pairs are returned. Exact when ``l = P`` (``rank = P``). Tropp,
+    top ``rank`` pairs are returned. Exact when ``l = P`` (``rank = P``). With
+    ``power_iters = q``, ``Omega`` is first replaced ``q`` times by the orthonormalised
+    ``A Omega`` (subspace iteration; Halko, Martinsson & Tropp 2011, Algorithm 4.3): the
+    sketch then spans ``A^q`` of the Gaussian one, whose top eigenvectors converge like
+    ``(lambda_j / lambda_l)^q``, for ``q`` more products. Tropp,
     Yurtsever, Udell & Cevher 2017, "Fixed-Rank Approximation of a Positive-
     Semidefinite Matrix from Streaming Data"; Frangella, Tropp & Udell 2021,
     "Randomized Nyström Preconditioning", Algorithm 2.1.
@@ -307,6 +345,8 @@ def nystrom(
         rank: Number of eigenpairs returned, ``1 <= rank <= dim``.
         seed: Seed of the test matrix.
         oversample: Extra sketch columns beyond ``rank`` (``>= 0``).
+        power_iters: Subspace iterations before the sketch (``>= 0``); each is one more
+            call of ``matvec`` with ``l`` rows.
         dtype: Dtype of the vectors passed to ``matvec`` and of the results;
             default ``torch.get_default_dtype()``.
         device: Device of the vectors; default CPU.
@@ -324,10 +364,14 @@ def nystrom(
     if rank > dim:
         raise ValueError(f"`rank` must be <= dim = {dim}, got {rank}")
     oversample = check_int("oversample", oversample, 0)
+    power_iters = check_int("power_iters", power_iters, 0)
     sketch = min(rank + oversample, dim)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     gaussian = torch.randn(dim, sketch, generator=generator, dtype=torch.float64)
     omega = torch.linalg.qr(gaussian).Q.T.contiguous().to(device)  # [l, P], orthonormal rows
+    for i in range(power_iters):  # subspace iteration: Omega <- orth(A Omega)
+        Y = apply(matvec, omega.to(dtype), f"Nystrom power iteration {i}").double()
+        omega = torch.linalg.qr(Y.T).Q.T.contiguous()
     Y = apply(matvec, omega.to(dtype), "Nystrom sketch").double()  # [l, P]
     y_norm = torch.linalg.matrix_norm(Y, ord=2).item()
     if y_norm == 0.0:  # the zero operator: any orthonormal vectors are eigenvectors

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from headwater.curvature._lowrank import LowRankCurvature
+from headwater.curvature._lowrank import LowRankCurvature, krylov_stop, stopped_rank
 from headwater.curvature._matfree import BoundOperator
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, lanczos
@@ -64,12 +64,25 @@ class Lanczos(LowRankCurvature):
         return LanczosState
 
     def _decompose(
-        self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        matvec: MatVec,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ranks: tuple[int, ...],
+        threshold: float,
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        n_iter = self._steps(dim)
+        self.rank = ranks[-1]
         ritz, vecs, self.info = lanczos(
-            matvec, dim, n_iter=n_iter, seed=self.seed, dtype=dtype, device=device
+            matvec,
+            dim,
+            n_iter=self._steps(dim),
+            seed=self.seed,
+            dtype=dtype,
+            device=device,
+            stop=krylov_stop(ranks, threshold),
         )
+        self.rank = stopped_rank(ranks, self.info.iterations)
         keep = torch.argsort(ritz.abs(), descending=True)[: self.rank]
         return ritz[keep], vecs[keep].contiguous(), {"ritz_values": ritz.clone()}
 

@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headwater.curvature._lowrank import LowRankCurvature, LowRankState
+from headwater.curvature._lowrank import DEFAULT_POWER_ITERS, LowRankCurvature, LowRankState
 from headwater.curvature.base import Memory, ProblemSize
-from headwater.curvature.defaults import NYSTROM_RELATIVE_DAMPING
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec, nystrom
 
-__all__ = ["LowRankState", "Nystrom"]
+__all__ = ["DEFAULT_POWER_ITERS", "LowRankState", "Nystrom"]
 
 
 class Nystrom(LowRankCurvature):
@@ -32,6 +31,8 @@ class Nystrom(LowRankCurvature):
         rank: eigenpairs kept.
         oversample: extra sketch columns (``>= 0``); the sketch holds
             ``min(rank + oversample, P)`` vectors, pushed through one batched product.
+        power_iters: subspace iterations before the sketch (:data:`DEFAULT_POWER_ITERS`),
+            each one more batched product.
         (others as :class:`~headwater.curvature._lowrank.LowRankCurvature`)
 
     Raises:
@@ -40,7 +41,6 @@ class Nystrom(LowRankCurvature):
 
     name = "nystrom"
     option = "oversample"
-    damping_factor = NYSTROM_RELATIVE_DAMPING  # held-out choice (curvature.defaults)
     kinds = (MatrixKind.GGN, MatrixKind.EF)
 
     @classmethod
@@ -53,15 +53,29 @@ class Nystrom(LowRankCurvature):
         )
 
     def _decompose(
-        self, matvec: MatVec, dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        matvec: MatVec,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ranks: tuple[int, ...],
+        threshold: float,
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        eigvals, eigvecs = nystrom(
-            matvec,
-            dim,
-            rank=self.rank,
-            seed=self.seed,
-            oversample=self.oversample,
-            dtype=dtype,
-            device=device,
-        )
+        for rank in ranks:  # a new sketch per rank: each is only 1 + power_iters products
+            self.rank = rank
+            eigvals, eigvecs = nystrom(
+                matvec,
+                dim,
+                rank=rank,
+                seed=self.seed,
+                oversample=self.oversample,
+                power_iters=self.power_iters,
+                dtype=dtype,
+                device=device,
+            )
+            if float(eigvals.abs().min()) <= threshold:
+                break
         return eigvals, eigvecs, {}
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "power_iters": self.power_iters}

@@ -11,11 +11,11 @@ about two passes of ``C`` backward passes over the data whatever ``P``.
 :func:`choose_curvature` estimates the dense fit's time from that count at
 :data:`DENSE_MACS_PER_SECOND` and takes ``"exact"`` (solved by Cholesky in float64)
 when it fits in :data:`TIME_BUDGET_SECONDS` and in half the memory ``Exact``
-allows; else ``"arnoldi"`` at its defaults (rank 100, 200 products of ``M`` over the
-data, each counted on :data:`PROBE_EXAMPLES` examples and extrapolated) when those fit
+allows; else ``"arnoldi"`` at its defaults (rank 100-200, up to 400 products of ``M`` over
+the data, each counted on :data:`PROBE_EXAMPLES` examples and extrapolated) when those fit
 the same budget; else ``"ekfac"``. Arnoldi ranks well above EK-FAC at its defaults
-(bench/defaults_results.md, LDS: digits MLP 0.718 vs 0.573 in 10 s vs 3 s; CNN 0.462
-vs 0.362), EK-FAC scales to any data size in two passes. Measured with one thread on a 2-core machine (bench/
+(bench/defaults_results.md, LDS: digits MLP 0.738 (rank 200) vs 0.573 in 4 s vs 0.5 s;
+CNN 0.468 vs 0.362), EK-FAC scales to any data size in two passes. Measured with one thread on a 2-core machine (bench/
 defaults.py): the digits CNN (3,658 parameters, n = 1,000, C = 10) fits densely in
 ~27 s (EK-FAC ~3 s); the digits MLP (17,226 parameters) would take ~10 minutes densely
 and gets EK-FAC. The Cholesky factor alone runs at :data:`CHOLESKY_MACS_PER_SECOND`
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from headwater.curvature._lowrank import DEFAULT_RANK, MAX_DEFAULT_RANK
 from headwater.curvature.exact import Exact
 from headwater.curvature.operators import curvature_matvec
 from headwater.data import DataLike, iter_batches, num_examples, subset
@@ -57,8 +58,9 @@ CHOLESKY_MACS_PER_SECOND = 9e9
 TIME_BUDGET_SECONDS = 60.0
 """The dense fit (else Arnoldi) is chosen when its estimated time is at most this."""
 
-ARNOLDI_STEPS = 200
-"""Arnoldi's default steps (2 × its default rank 100): products of ``M`` over the data."""
+ARNOLDI_STEPS = 2 * MAX_DEFAULT_RANK
+"""Arnoldi's most steps at its defaults (2 × rank, the rank growing from 100 to at most 200
+while the kept spectrum is above the damping): products of ``M`` over the data."""
 
 PROBE_EXAMPLES = 64
 """Examples on which one ``M``-vector product's operations are counted to estimate Arnoldi's cost."""
@@ -91,7 +93,7 @@ def choose_curvature(
     max_params: int | None = None,
 ) -> CurvatureChoice:
     """``"exact"`` (Cholesky) when the dense matrix fits the time and memory budget, else
-    ``"arnoldi"`` (rank 100) when its products over the data do, else ``"ekfac"`` (see the
+    ``"arnoldi"`` (rank 100-200) when its products over the data do, else ``"ekfac"`` (see the
     module docs).
 
     Args:
@@ -127,8 +129,8 @@ def choose_curvature(
             return CurvatureChoice(
                 "arnoldi",
                 {},
-                f"curvature=arnoldi (rank {ARNOLDI_STEPS // 2}): the dense {kind} "
-                f"would need {why} ({size}); {ARNOLDI_STEPS} products over the data "
+                f"curvature=arnoldi (rank {DEFAULT_RANK}-{MAX_DEFAULT_RANK}): the dense {kind} "
+                f"would need {why} ({size}); up to {ARNOLDI_STEPS} products over the data "
                 f"estimated {krylov:.0f} s",
             )
         why += f"; Arnoldi ~{krylov:,.0f} s"
