@@ -2,14 +2,16 @@
 
 A run recorded by :class:`~headwater.train.recorder.Recorder` is a map
 ``s_{t+1} = F_t(s_t, g_t)`` of the state ``s_t = (θ_t, optimizer state)`` with the batch
-gradient ``g_t = (1/B) Σ_{j∈B_t} w_j ∇ℓ_j(θ_t)`` (:mod:`headwater.train.steps`: SGD with
+gradient ``g_t = Σ_{j∈B_t} w_j ∇ℓ_j(θ_t) / Σ_{j∈B_t} w_j`` (or ``/ B`` with
+``normalization="n"``, :func:`~headwater.train.steps.batch_objective`;
+:mod:`headwater.train.steps`: SGD with
 momentum / Nesterov / weight decay, Adam, AdamW, learning-rate schedules, clipping).
 For every query ``q`` this module computes the exact derivative ``d m(z_q; θ_T) / d w_i``
 by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``, ``a_state = 0``, step
 ``t`` does
 
     (a_θ, a_state, a_g) ← the VJP of F_t at (θ_t, state_t, g_t) applied to (a_θ, a_state)
-    d m/d w_i += a_g · ∇ℓ_i(θ_t) / B          for i ∈ B_t
+    d m/d w_i += a_g · (∇ℓ_i(θ_t) − g_t) / B   for i ∈ B_t (a_g · ∇ℓ_i / B with "n")
     a_θ ← a_θ + H_t a_g                         (H_t: Hessian of the weighted batch loss)
 
 All queries are carried at once (``a_θ, a_g: [Q, P]``). The update ``F_t`` is
@@ -54,7 +56,15 @@ from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
-from headwater.train.steps import adam_pullback, clip, clip_pullback, optimizer_step, sgd_pullback
+from headwater.train.steps import (
+    adam_pullback,
+    batch_objective,
+    check_normalization,
+    clip,
+    clip_pullback,
+    optimizer_step,
+    sgd_pullback,
+)
 
 __all__ = ["Metagradient"]
 
@@ -73,6 +83,10 @@ class Metagradient(Estimator):
             the query measurement.
         run: a :class:`~headwater.train.recorder.RunRecord` of training on ``train``.
         hessian_free: drop the ``H_t`` terms (HYDRA's approximation).
+        normalization: the counterfactual the weights define, as in
+            :func:`~headwater.train.recorder.replay`: ``"mean"`` (a batch's loss is the
+            weighted mean of its examples': dropping an example leaves the mean of the
+            others) or ``"n"`` (``/ B``: dropping examples also shrinks the steps).
         query_block: carry at most this many queries at once (memory ``block × P`` per
             adjoint; each block replays the run once; the numbers do not depend on it).
         dtype: compute in this dtype (default: the run's); float64 for checks.
@@ -92,6 +106,7 @@ class Metagradient(Estimator):
         run: RunRecord,
         *,
         hessian_free: bool = False,
+        normalization: str = "mean",
         query_block: int | None = None,
         dtype: torch.dtype | None = None,
         store: str | os.PathLike | None = None,
@@ -110,6 +125,7 @@ class Metagradient(Estimator):
             query_block,
             progress,
         )
+        self.normalization = check_normalization(normalization)
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
         self.store = store
 
@@ -126,29 +142,38 @@ class Metagradient(Estimator):
         return losses
 
     def _batch_gradient(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        """``g = ∇ (1/B) Σ_j w_j ℓ_j`` at ``theta``, ``[P]``."""
-        losses = self._losses_fn(x, y)
+        """``g = ∇`` of the weighted batch loss at ``theta``, ``[P]``."""
+        losses, norm = self._losses_fn(x, y), self.normalization
         layout = self.run.layout
-        return layout.flatten(grad(lambda p: (w * losses(p)).mean())(layout.unflatten(theta)))
+        return layout.flatten(
+            grad(lambda p: batch_objective(w, losses(p), norm))(layout.unflatten(theta))
+        )
 
-    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor):
-        """``V [c, P] -> (H_t V as {name: [c, *shape]} or None, J_t V / B [c, B])`` for a chunk.
+    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, g: Tensor):
+        """``V [c, P] -> (H_t V as {name: [c, *shape]} or None, ∂(g·V)/∂w [c, B])`` for a chunk.
 
-        Reverse over reverse: the batch gradient ``g(θ, w) = ∇_θ (1/B) Σ_j w_j ℓ_j`` is
-        built once per step, and its pullback applied to every row ``v`` of ``V`` (vmapped)
-        gives ``∂(g·v)/∂θ = H_t v`` and ``∂(g·v)/∂w_j = ∇ℓ_j·v / B`` in the same pass. The
-        model is called on ``{name: view}`` of the flat vectors: with a flat ``θ`` every
-        slice's derivative would be a dense ``[c, P]`` tensor. With ``hessian_free`` only
-        ``J_t V / B`` (forward mode)."""
-        layout = self.run.layout
+        Reverse over reverse: the batch gradient ``g(θ, w)`` (``g_t`` above) is built once
+        per step, and its pullback applied to every row ``v`` of ``V`` (vmapped) gives
+        ``∂(g·v)/∂θ = H_t v`` and ``∂(g·v)/∂w_j`` (``(∇ℓ_j − g)·v / Σw``, or ``∇ℓ_j·v / B``)
+        in the same pass. The model is called on ``{name: view}`` of the flat vectors: with
+        a flat ``θ`` every slice's derivative would be a dense ``[c, P]`` tensor. With
+        ``hessian_free`` only the weight derivatives (``J_t V`` in forward mode)."""
+        layout, norm = self.run.layout, self.normalization
         losses = self._losses_fn(x, y)
         params = layout.unflatten(theta)
         if self.hessian_free:
-            forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / x.shape[0])
-            return lambda vectors: (None, forward(layout.unflatten(vectors)))
+            mass = w.sum()
+            if norm == "n" or mass <= 0:
+                forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / x.shape[0])
+                return lambda vectors: (None, forward(layout.unflatten(vectors)))
+            forward = vmap(lambda v: jvp(losses, (params,), (v,))[1])
+            return lambda vectors: (
+                None,
+                (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
+            )
 
         def gradient(p: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
-            return grad(lambda q: (weights * losses(q)).mean())(p)
+            return grad(lambda q: batch_objective(weights, losses(q), norm))(p)
 
         pullback = vmap(vjp(gradient, params, w)[1])
         return lambda vectors: pullback(layout.unflatten(vectors))
@@ -234,7 +259,7 @@ class Metagradient(Estimator):
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        products = self._products(theta, x_all[idx], y_all[idx], w_all[idx])
+        products = self._products(theta, x_all[idx], y_all[idx], w_all[idx], g)
         for s in range(0, carry.shape[1], _CHUNK):
             rows = carry[:, s : s + _CHUNK]  # views
             a_theta, a_state, a_g = self._pullback(
@@ -337,6 +362,7 @@ class Metagradient(Estimator):
         return {
             "method": "metagradient",
             "hessian_free": self.hessian_free,
+            "normalization": self.normalization,
             "query_block": self.query_block,
             "dtype": str(self.dtype).removeprefix("torch."),
             "run": self.run.settings(),

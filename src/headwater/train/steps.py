@@ -2,7 +2,8 @@
 
 ``optimizer_step(kind, hyper, theta, state, g, lr, count, max_norm)`` maps the
 parameters ``theta [P]``, the optimizer state (a tuple of ``[P]`` tensors) and the
-batch gradient ``g [P]`` of ``(1/B) Σ w_j ℓ_j`` to the next parameters and state,
+batch gradient ``g [P]`` of the weighted batch loss (:func:`batch_objective`) to the
+next parameters and state,
 with the same arithmetic as the recorded optimizer (up to rounding); ``sgd_pullback`` and
 ``adam_pullback`` are its VJPs written out, for a batch of adjoints ``[Q, P]`` at once:
 
@@ -24,7 +25,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["adam_pullback", "clip", "clip_pullback", "optimizer_step", "sgd_pullback", "update"]
+__all__ = [
+    "adam_pullback",
+    "batch_objective",
+    "check_normalization",
+    "clip",
+    "clip_pullback",
+    "optimizer_step",
+    "sgd_pullback",
+    "update",
+]
+
+
+def check_normalization(normalization: str) -> str:
+    """``normalization`` if it is ``"mean"`` or ``"n"``; else a ValueError naming it."""
+    if normalization not in ("mean", "n"):
+        raise ValueError(f"normalization: expected 'mean' or 'n', got {normalization!r}")
+    return normalization
+
+
+def batch_objective(weights: Tensor, losses: Tensor, normalization: str = "mean") -> Tensor:
+    """The loss of a batch with example weights ``w_B``: ``Σ w_j ℓ_j / Σ w_j`` (``"mean"``:
+    a dropped example (weight 0) leaves the mean of the others, as retraining the same
+    loop without it would; a batch whose weights sum to 0 gives no data gradient, its
+    derivative in ``w`` is then taken as with ``"n"``) or ``Σ w_j ℓ_j / B`` (``"n"``:
+    every batch keeps its size, so dropping a share of the data scales the steps down).
+    At ``w = 1`` both are the batch mean."""
+    total = (weights * losses).sum()
+    size = float(losses.shape[0])
+    if check_normalization(normalization) == "n":
+        return total / size
+    mass = weights.sum()
+    return total / torch.where(mass > 0, mass, torch.full_like(mass, size))
 
 
 def clip(g: Tensor, max_norm: float | None) -> Tensor:
