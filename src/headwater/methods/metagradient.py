@@ -57,6 +57,7 @@ from headwater.store.cached import fingerprint
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
 from headwater.train.steps import (
+    adam_coefficients,
     adam_pullback,
     batch_objective,
     check_normalization,
@@ -68,10 +69,18 @@ from headwater.train.steps import (
 
 __all__ = ["Metagradient"]
 
-_CHUNK = 50
-"""Queries per chunk of a reverse step (digits MLP, 200 queries, one thread: 50 is as fast
-as 100 or 200 and its temporaries (the vmapped pullback's ``[c, B, width]`` tensors, the
-chunk's ``[c, P]`` products) are a quarter of 200's; 25 is 7% slower)."""
+_CHUNK = 40
+"""Most queries per chunk of a reverse step (digits MLP, 200 queries, one thread: a call of
+the vmapped pullback costs about 1 ms plus 0.1 ms per query, so 40 is within 3% of 50 to
+200 while its temporaries (the pullback's ``[c, B, width]`` tensors, the chunk's
+``[c, P]`` products, the allocator's slack from them) are a fifth of 200's; 25 is 10%
+slower)."""
+
+
+def _chunk(n_query: int) -> int:
+    """Rows per chunk: at most ``_CHUNK``, the chunks of ``n_query`` as even as possible."""
+    pieces = max(1, -(-n_query // _CHUNK))
+    return max(1, -(-n_query // pieces))
 
 
 class Metagradient(Estimator):
@@ -149,8 +158,10 @@ class Metagradient(Estimator):
             grad(lambda p: batch_objective(w, losses(p), norm))(layout.unflatten(theta))
         )
 
-    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, g: Tensor):
-        """``V [c, P] -> (H_t V as {name: [c, *shape]} or None, ∂(g·V)/∂w [c, B])`` for a chunk.
+    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, g: Tensor | None):
+        """``(products, g_t)``: ``products: V [c, P] -> (H_t V as {name: [c, *shape]} or None,
+        ∂(g·V)/∂w [c, B])`` for a chunk, and the flat batch gradient (``g`` as given, or
+        the pullback's primal output: the forward pass need not keep it).
 
         Reverse over reverse: the batch gradient ``g(θ, w)`` (``g_t`` above) is built once
         per step, and its pullback applied to every row ``v`` of ``V`` (vmapped) gives
@@ -165,18 +176,19 @@ class Metagradient(Estimator):
             mass = w.sum()
             if norm == "n" or mass <= 0:
                 forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / x.shape[0])
-                return lambda vectors: (None, forward(layout.unflatten(vectors)))
+                return lambda vectors: (None, forward(layout.unflatten(vectors))), g
             forward = vmap(lambda v: jvp(losses, (params,), (v,))[1])
             return lambda vectors: (
                 None,
                 (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
-            )
+            ), g
 
         def gradient(p: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
             return grad(lambda q: batch_objective(weights, losses(q), norm))(p)
 
-        pullback = vmap(vjp(gradient, params, w)[1])
-        return lambda vectors: pullback(layout.unflatten(vectors))
+        primal, pullback = vjp(gradient, params, w)
+        batched = vmap(pullback)
+        return lambda vectors: batched(layout.unflatten(vectors)), layout.flatten(primal)
 
     def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor, into: Tensor) -> None:
         """Per-query gradients of the measurement at the flat ``theta`` written into ``into
@@ -207,47 +219,53 @@ class Metagradient(Estimator):
 
     def _forward(
         self, ckpt: Checkpoint, end: int, data
-    ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor]]:
-        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward."""
+    ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor | None]]:
+        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward;
+        only what the reverse step reads is kept (SGD's pullback needs no state, and
+        ``g_t`` is recomputed with the Hessian's pullback unless ``hessian_free``)."""
         x_all, y_all, w_all = data
         theta, state = self._cast(ckpt)
         states = []
         for t in range(ckpt.step, end):
             idx = self.run.batches[t]
             g = self._batch_gradient(theta, x_all[idx], y_all[idx], w_all[idx])
-            states.append((theta, state, g))
+            states.append(
+                (
+                    theta,
+                    () if self.run.optimizer == "sgd" else state,
+                    g if self.hessian_free else None,
+                )
+            )
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
         return states
 
+    def _coefficients(self, t: int, count: int, theta: Tensor, state, g: Tensor):
+        """What the update's pullback at step ``t`` shares across query chunks (Adam's
+        ``[P]`` factors, :func:`~headwater.train.steps.adam_coefficients`), or None."""
+        run = self.run
+        if run.optimizer == "sgd":
+            return None
+        clipped = clip(g, run.max_norms[t])
+        return adam_coefficients(run.optimizer, run.hyper, theta, state, clipped, run.lrs[t], count)
+
     def _pullback(
-        self,
-        t: int,
-        count: int,
-        theta: Tensor,
-        state: tuple[Tensor, ...],
-        g: Tensor,
-        a_theta: Tensor,
-        a_state: tuple[Tensor, ...],
+        self, t: int, g: Tensor, coefficients, a_theta: Tensor, a_state: tuple[Tensor, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})``
         (each ``[c, P]``, updated in place where possible): the update's pullback written
         out (:func:`~headwater.train.steps.sgd_pullback`,
         :func:`~headwater.train.steps.adam_pullback`: a few elementwise passes for a chunk
-        of queries at once), then clipping's (:func:`~headwater.train.steps.clip_pullback`)."""
+        of queries at once), then clipping's (:func:`~headwater.train.steps.clip_pullback`).
+        Heavy-ball SGD's momentum adjoint is left unscaled (``sgd_pullback(defer=True)``):
+        the caller multiplies it by ``μ`` after the products."""
         run = self.run
         if run.optimizer == "sgd":
-            a_theta, a_state, a_g = sgd_pullback(run.hyper, run.lrs[t], a_theta, a_state)
+            a_theta, a_state, a_g = sgd_pullback(
+                run.hyper, run.lrs[t], a_theta, a_state, defer=True
+            )
         else:
             a_theta, a_state, a_g = adam_pullback(
-                run.optimizer,
-                run.hyper,
-                theta,
-                state,
-                clip(g, run.max_norms[t]),
-                run.lrs[t],
-                count,
-                a_theta,
-                a_state,
+                run.optimizer, run.hyper, run.lrs[t], coefficients, a_theta, a_state
             )
         return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
 
@@ -259,18 +277,22 @@ class Metagradient(Estimator):
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        products = self._products(theta, x_all[idx], y_all[idx], w_all[idx], g)
-        for s in range(0, carry.shape[1], _CHUNK):
-            rows = carry[:, s : s + _CHUNK]  # views
-            a_theta, a_state, a_g = self._pullback(
-                t, count, theta, state, g, rows[0], tuple(rows[1:])
-            )
+        products, g = self._products(theta, x_all[idx], y_all[idx], w_all[idx], g)
+        coefficients = self._coefficients(t, count, theta, state, g)
+        hyper = self.run.hyper
+        deferred = self.run.optimizer == "sgd" and hyper["momentum"] and not hyper["nesterov"]
+        for s in range(0, carry.shape[1], chunk := _chunk(carry.shape[1])):
+            rows = carry[:, s : s + chunk]  # views
+            a_theta, a_state, a_g = self._pullback(t, g, coefficients, rows[0], tuple(rows[1:]))
             hv, jw = products(a_g)  # {name: [c, *shape]}, [c, B]
             del a_g
-            out[s : s + _CHUNK, idx] += jw
+            out[s : s + chunk, idx] += jw
             if hv is not None:
                 for name, view in self.run.layout.unflatten(a_theta).items():
                     view.add_(hv[name])
+            del hv
+            if deferred:
+                a_state[0].mul_(hyper["momentum"])
             for row, new in zip(rows, (a_theta, *a_state), strict=True):
                 if new.data_ptr() != row.data_ptr():
                     row.copy_(new)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adam_coefficients",
     "adam_pullback",
     "batch_objective",
     "check_normalization",
@@ -100,7 +101,12 @@ def _sgd(
 
 
 def sgd_pullback(
-    hyper: dict[str, Any], lr: float, a_theta: Tensor, a_state: tuple[Tensor, ...]
+    hyper: dict[str, Any],
+    lr: float,
+    a_theta: Tensor,
+    a_state: tuple[Tensor, ...],
+    *,
+    defer: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """The SGD update's pullback by hand, in place on the given adjoints ``[Q, P]``.
 
@@ -108,17 +114,22 @@ def sgd_pullback(
     ``v'``), ``a_d = ā − η a_θ'`` with Nesterov else ``ā``; then ``a_g = a_d``,
     ``a_v = μ ā``, ``a_θ = a_θ' + λ a_d``. Without momentum ``v`` passes through:
     ``a_d = −η a_θ'``. Returns ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    With ``defer`` (heavy ball: ``a_g = ā``) ``a_state[0]`` is ``ā`` itself, the same
+    tensor as ``a_g``, and the caller multiplies it by ``μ`` once ``a_g`` is used: no
+    ``[Q, P]`` temporary.
     """
     mu, wd = hyper["momentum"], hyper["weight_decay"]
     if not mu:
         a_d = a_theta * (-lr)
         return (a_theta.add_(a_d, alpha=wd) if wd else a_theta), a_state, a_d
-    a_total = a_state[0].add_(a_theta, alpha=-lr * (mu if hyper["nesterov"] else 1.0))
-    a_d = a_total.add(a_theta, alpha=-lr) if hyper["nesterov"] else a_total
-    a_v = a_total * mu
+    nesterov = hyper["nesterov"]
+    a_total = a_state[0].add_(a_theta, alpha=-lr * (mu if nesterov else 1.0))
+    a_d = a_total.add(a_theta, alpha=-lr) if nesterov else a_total
     if wd:
         a_theta.add_(a_d, alpha=wd)
-    return a_theta, (a_v,), a_d
+    if nesterov:
+        return a_theta, (a_total.mul_(mu),), a_d
+    return a_theta, (a_total if defer else a_total * mu,), a_d
 
 
 def _adam(
@@ -141,7 +152,7 @@ def _adam(
     return theta - (lr / (1 - beta1**count)) * m / denom, (m, s)
 
 
-def adam_pullback(
+def adam_coefficients(
     kind: str,
     hyper: dict[str, Any],
     theta: Tensor,
@@ -149,18 +160,10 @@ def adam_pullback(
     g: Tensor,
     lr: float,
     count: int,
-    a_theta: Tensor,
-    a_state: tuple[Tensor, ...],
-) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
-    """Adam's / AdamW's pullback by hand at ``(θ, (m, s), g)`` (``g`` clipped), in place on
-    the adjoints ``[Q, P]``.
-
-    With ``r = √s'/c₂ + ε``, ``c₂ = √(1−β2^k)``, ``α = η/(1−β1^k)``:
-    ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
-    ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
-    Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
-    ``(a_θ, a_state, a_g)``; the inputs are overwritten.
-    """
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``[P]`` factors of Adam's / AdamW's pullback at ``(θ, (m, s), g)`` (``g``
+    clipped), shared by every adjoint row (:func:`adam_pullback`): ``(−α/r,
+    α m'/(2 c₂ r² √s')`` (0 where ``s' = 0``), ``2(1−β2) g̃)``."""
     (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
     if wd and kind == "adam":
         g = g + wd * theta
@@ -169,15 +172,35 @@ def adam_pullback(
     c2 = (1 - beta2**count) ** 0.5
     r = root / c2 + eps
     alpha = lr / (1 - beta1**count)
-    a_m, a_s = a_state
-    a_m.addcmul_(a_theta, -alpha / r)
     safe_root = torch.where(root > 0, root, torch.ones_like(root))
-    a_s.addcmul_(
-        a_theta,
-        torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root)),
-    )
+    c_s = torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root))
+    return -alpha / r, c_s, 2 * (1 - beta2) * g
+
+
+def adam_pullback(
+    kind: str,
+    hyper: dict[str, Any],
+    lr: float,
+    coefficients: tuple[Tensor, Tensor, Tensor],
+    a_theta: Tensor,
+    a_state: tuple[Tensor, ...],
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Adam's / AdamW's pullback by hand (``coefficients``: :func:`adam_coefficients` at
+    the step's ``(θ, (m, s), g)``), in place on the adjoints ``[Q, P]``.
+
+    With ``r = √s'/c₂ + ε``, ``c₂ = √(1−β2^k)``, ``α = η/(1−β1^k)``:
+    ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
+    ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
+    Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
+    ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    """
+    (beta1, beta2), wd = hyper["betas"], hyper["weight_decay"]
+    c_m, c_s, c_g = coefficients
+    a_m, a_s = a_state
+    a_m.addcmul_(a_theta, c_m)
+    a_s.addcmul_(a_theta, c_s)
     a_g = a_m * (1 - beta1)
-    a_g.addcmul_(a_s, 2 * (1 - beta2) * g)
+    a_g.addcmul_(a_s, c_g)
     a_m.mul_(beta1)
     a_s.mul_(beta2)
     if wd and kind == "adam":
