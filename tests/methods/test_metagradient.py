@@ -11,6 +11,7 @@ from cases import cnn, mlp
 from oracles import assert_close
 from torch.func import functional_call
 
+from headwater.methods import metagradient
 from headwater.methods.metagradient import Metagradient
 from headwater.store import StoreMismatchError
 from headwater.task import ClassificationTask
@@ -107,6 +108,16 @@ def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer
     )
     single = Metagradient(case.model, task, sparse, query_block=1).scores(case.query, case.train)
     assert_close(full, single, rtol=0, atol=1e-10, what="batched vs one query at a time")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_heavy_ball", "sgd", "adam"])
+def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
+    case = mlp(n_train=20, n_query=5)
+    task, run = record(case, optimizer)
+    whole = Metagradient(case.model, task, run).scores(case.query, case.train)
+    monkeypatch.setattr(metagradient, "_CHUNK", 3)  # chunks of 3 and 2 queries
+    chunked = Metagradient(case.model, task, run).scores(case.query, case.train)
+    assert_close(chunked, whole, rtol=0, atol=1e-10, what="chunks of 3 + 2 vs one chunk")
 
 
 def test_sign_removing_top_proponent_raises_query_loss():

@@ -184,6 +184,7 @@ def adam_pullback(
     coefficients: tuple[Tensor, Tensor, Tensor],
     a_theta: Tensor,
     a_state: tuple[Tensor, ...],
+    out: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """Adam's / AdamW's pullback by hand (``coefficients``: :func:`adam_coefficients` at
     the step's ``(θ, (m, s), g)``), in place on the adjoints ``[Q, P]``.
@@ -192,14 +193,15 @@ def adam_pullback(
     ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
     ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
     Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
-    ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    ``(a_θ, a_state, a_g)``; the inputs are overwritten, ``a_g`` is written into ``out``
+    (a reused buffer of the adjoints' shape) when given.
     """
     (beta1, beta2), wd = hyper["betas"], hyper["weight_decay"]
     c_m, c_s, c_g = coefficients
     a_m, a_s = a_state
     a_m.addcmul_(a_theta, c_m)
     a_s.addcmul_(a_theta, c_s)
-    a_g = a_m * (1 - beta1)
+    a_g = torch.mul(a_m, 1 - beta1, out=out) if out is not None else a_m * (1 - beta1)
     a_g.addcmul_(a_s, c_g)
     a_m.mul_(beta1)
     a_s.mul_(beta2)
