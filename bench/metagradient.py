@@ -141,6 +141,23 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Smooth-recipe candidates, judged on held-out queries and subsets (``--select``): Adam's eps,
+# step size, epochs, warm-up; "normalization" (default "mean") is the replay's batch loss.
+_ADAM = {"arch": "mlp", "opt": "adam", "momentum": 0.0, "decay": 1}
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "mlp-sgd-smooth-n": {**RECIPES["mlp-sgd-smooth"], "normalization": "n"},
+    "mlp-sgd-sharp-n": {**RECIPES["mlp-sgd-sharp"], "normalization": "n"},
+    "mlp-adam-smooth-eps1e-8": {**_ADAM, "lr": 1e-3, "epochs": 20, "warmup": 100},
+    "mlp-adam-smooth-eps1e-4": {**_ADAM, "lr": 1e-3, "epochs": 20, "warmup": 100, "eps": 1e-4},
+    "mlp-adam-smooth-eps1e-3": {**_ADAM, "lr": 1e-3, "epochs": 20, "warmup": 100, "eps": 1e-3},
+    "mlp-adam-lr2e-3-eps1e-4": {**_ADAM, "lr": 2e-3, "epochs": 20, "warmup": 100, "eps": 1e-4},
+    "mlp-adam-lr2e-3-eps1e-3": {**_ADAM, "lr": 2e-3, "epochs": 20, "warmup": 100, "eps": 1e-3},
+    "mlp-adam-30ep-eps1e-4": {**_ADAM, "lr": 1e-3, "epochs": 30, "warmup": 100, "eps": 1e-4},
+    "mlp-adam-warm200-eps1e-4": {**_ADAM, "lr": 1e-3, "epochs": 20, "warmup": 200, "eps": 1e-4},
+    "mlp-adam-lr5e-4-30ep": {**_ADAM, "lr": 5e-4, "epochs": 30, "warmup": 200},
+}
+
+
 def build(arch: str) -> nn.Module:
     if arch == "cnn":
         return _build_cnn(0)
@@ -239,6 +256,61 @@ def _child_peak(folder: str, arch: str) -> None:
     print((_rss_kib("VmHWM") - base) / 1024)
 
 
+def heldout_queries(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` digits outside the bench's train and test sets (the same split and scaling)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from bench.problems import N_TEST, N_TRAIN, SPLIT_SEED
+
+    X, Y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(SPLIT_SEED).permutation(len(Y))
+    tr, held = perm[:N_TRAIN], perm[N_TRAIN + N_TEST :][:n]
+    X = X.astype(np.float64)
+    sd = X[tr].std(axis=0)
+    sd[sd == 0] = 1.0
+    xs = (X[held] - X[tr].mean(axis=0)) / sd
+    return torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(Y[held])
+
+
+def select(names: list[str], subsets: int) -> list[str]:
+    """Exact-replay LDS of each recipe on held-out queries and subsets (seed 1; the bench's
+    rows use the test queries and seed 0): the data recipes are chosen on."""
+    x, y, xt, yt = _tensors(torch.float32)
+    xq, yq = heldout_queries()
+    task = ClassificationTask()
+    rows = []
+    for name in names:
+        recipe = {**RECIPES, **CANDIDATES}[name]
+        norm = recipe.get("normalization", "mean")
+        model, run = train(recipe, x, y, task)
+        with torch.no_grad():
+            acc = float((model(xt).argmax(1) == yt).float().mean())
+        scores = Metagradient(model, task, run, normalization=norm).scores((xq, yq), (x, y))
+        quality = [
+            lds(
+                scores,
+                single_model_ground_truth(
+                    model,
+                    task,
+                    (x, y),
+                    (xq, yq),
+                    run,
+                    fraction=f,
+                    n_subsets=subsets,
+                    seed=1,
+                    normalization=norm,
+                    store_dir=CACHE_DIR / "metagradient-select",
+                ),
+            ).mean
+            for f in FRACTIONS
+        ]
+        row = f"| {name} | {recipe} | {acc:.3f} | " + " | ".join(f"{q:.3f}" for q in quality) + " |"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
     out = []
     for a, b in zip(run.checkpoints[:-1], run.checkpoints[1:], strict=True):
@@ -333,7 +405,7 @@ def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path)
     lines = [
         "# Exact metagradients (REPLAY) vs influence: single-model LDS on the digits",
         "",
-        f"`make bench-metagradient` (python -m bench.metagradient), {platform.machine()}, torch "
+        f"`python -m bench.metagradient {' '.join(sys.argv[1:])}`, {platform.machine()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), float32, {subsets} replays per drop "
         f"fraction (LDS ± standard error over the 200 test queries), {total:.0f} s of CPU time in all. "
         "Times are CPU seconds of the process.",
@@ -389,10 +461,22 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # the child of peak_rise
     parser.add_argument("--arch", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="held-out LDS of --recipes (also the CANDIDATES), rows appended to --out",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_of:
         _child_peak(args.peak_of, args.arch)
+        return
+    if args.select:
+        rows = select(args.recipes, args.subsets)
+        with Path(args.out).open("a") as f:
+            f.write(f"\n`python -m bench.metagradient {' '.join(sys.argv[1:])}`:\n\n")
+            f.write("| recipe | settings | test acc | LDS 1% | LDS 5% | LDS 50% |\n")
+            f.write("|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
         return
     start = time.process_time()
     results = [bench_recipe(name, RECIPES[name], args.subsets, args.cg) for name in args.recipes]
