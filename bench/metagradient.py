@@ -53,7 +53,7 @@ FRACTIONS = (0.01, 0.05, 0.5)
 RESULTS = Path(__file__).resolve().parent / "metagradient_results.md"
 
 # name: architecture, optimizer, lr, momentum, epochs, warm-up steps (linear from 10%), decay (linear
-# to 0), Adam's eps (default 1e-8), weight decay (default WEIGHT_DECAY)
+# to 0), Adam's eps (default 1e-8), weight decay (default WEIGHT_DECAY), batch size (default 50)
 RECIPES: dict[str, dict[str, Any]] = {
     "mlp-sgd-sharp": {
         "arch": "mlp",
@@ -155,6 +155,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "mlp-adam-30ep-eps1e-4": {**_ADAM, "lr": 1e-3, "epochs": 30, "warmup": 100, "eps": 1e-4},
     "mlp-adam-warm200-eps1e-4": {**_ADAM, "lr": 1e-3, "epochs": 20, "warmup": 200, "eps": 1e-4},
     "mlp-adam-lr5e-4-30ep": {**_ADAM, "lr": 5e-4, "epochs": 30, "warmup": 200},
+    "mlp-adam-smooth-nowarmup": {**RECIPES["mlp-adam-smooth"], "warmup": 0},
+    "mlp-sgd-smooth-wd0": {**RECIPES["mlp-sgd-smooth"], "wd": 0.0},
+    "mlp-sgd-smooth-wd1e-2": {**RECIPES["mlp-sgd-smooth"], "wd": 1e-2},
+    "mlp-sgd-smooth-batch100": {**RECIPES["mlp-sgd-smooth"], "batch": 100, "lr": 0.02},
+    "mlp-sgd-smooth-batch25": {**RECIPES["mlp-sgd-smooth"], "batch": 25, "lr": 0.005},
 }
 
 
@@ -188,7 +193,8 @@ def train(
             eps=recipe.get("eps", 1e-8),
             weight_decay=recipe.get("wd", WEIGHT_DECAY),
         )
-    steps = recipe["epochs"] * math.ceil(x.shape[0] / 50)
+    batch = recipe.get("batch", 50)
+    steps = recipe["epochs"] * math.ceil(x.shape[0] / batch)
     warm, decay = recipe["warmup"], recipe.get("decay", 0)
 
     def factor(t: int) -> float:  # linear warm-up from 10%, then (with decay) linear decay to 0
@@ -199,7 +205,7 @@ def train(
     rec = Recorder(model, opt, n_train=x.shape[0], checkpoint_every=round(math.sqrt(steps)), seed=1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(recipe["epochs"]):
-        for idx in torch.randperm(x.shape[0], generator=gen).split(50):
+        for idx in torch.randperm(x.shape[0], generator=gen).split(batch):
             opt.zero_grad()
             task.train_loss(model, (x[idx], y[idx])).mean().backward()
             rec.step(idx)
