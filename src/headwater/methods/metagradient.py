@@ -11,7 +11,8 @@ by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``, ``a_state = 
 ``t`` does
 
     (a_θ, a_state, a_g) ← the VJP of F_t at (θ_t, state_t, g_t) applied to (a_θ, a_state)
-    d m/d w_i += a_g · (∇ℓ_i(θ_t) − g_t) / B   for i ∈ B_t (a_g · ∇ℓ_i / B with "n")
+    d m/d w_i += a_g · (∇ℓ_i(θ_t) − g_t) / W_t for i ∈ B_t (W_t = Σ_{j∈B_t} w_j;
+                                                 a_g · ∇ℓ_i / B with "n")
     a_θ ← a_θ + H_t a_g                         (H_t: Hessian of the weighted batch loss)
 
 All queries are carried at once (``a_θ, a_g: [Q, P]``). The update ``F_t`` is
@@ -74,8 +75,8 @@ _CHUNK = 35
 1 ms plus 0.1 ms per query (digits MLP, one thread) and holds temporaries in proportion
 to its queries (the pullback's ``[c, B, width]`` tensors, the chunk's ``[c, P]``
 products, the allocator's slack from them): 200 queries in chunks of 34 / 40 / 50 took
-57.6 / 55.9 / 54.3 training runs (SGD) with a peak RSS of 3.6 / 3.8 / 4.3x and, with
-Adam's third adjoint, 4.7 / 4.9 / 5.6x ``(1 + state + 200)·P`` floats."""
+57.6 / 55.9 / 54.3 training runs (SGD) with a peak RSS of 3.6 / 3.8 / 4.3x
+``(1 + state + 200)·P`` floats; with Adam's third adjoint 4.7x at 34 and 4.9x at 40."""
 
 
 def _chunk(n_query: int) -> int:
