@@ -451,7 +451,9 @@ def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path)
         "forward mode). The peak RSS rise (after a one-query warm-up call, so first-call code "
         "loading is not counted) holds the adjoints of θ and the optimizer state "
         "((1 + state)·200·P floats), a chunk's temporaries and the "
-        "allocator's slack.",
+        "allocator's slack. Dropping an example leaves each batch's loss the mean over its "
+        "kept examples (normalization='mean'; held-out comparison with the batch-size "
+        "normalisation in bench/metagradient_selection.md).",
         "",
     ]
     path.write_text("\n".join(lines))
