@@ -279,13 +279,18 @@ def heldout_queries(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(Y[held])
 
 
-def select(names: list[str], subsets: int) -> list[str]:
+def select(names: list[str], subsets: int, out: Path) -> None:
     """Exact-replay LDS of each recipe on held-out queries and subsets (seed 1; the bench's
-    rows use the test queries and seed 0): the data recipes are chosen on."""
+    rows use the test queries and seed 0): the data recipes are chosen on. A table is
+    appended to ``out``, row by row."""
+    with out.open("a") as f:
+        f.write(f"\n`python -m bench.metagradient {' '.join(sys.argv[1:])}`:\n\n")
+        f.write(
+            "| recipe | settings | test acc | LDS 1% | LDS 5% | LDS 50% |\n|---|---|---|---|---|---|\n"
+        )
     x, y, xt, yt = _tensors(torch.float32)
     xq, yq = heldout_queries()
     task = ClassificationTask()
-    rows = []
     for name in names:
         recipe = {**RECIPES, **CANDIDATES}[name]
         norm = recipe.get("normalization", "mean")
@@ -313,8 +318,8 @@ def select(names: list[str], subsets: int) -> list[str]:
         ]
         row = f"| {name} | {recipe} | {acc:.3f} | " + " | ".join(f"{q:.3f}" for q in quality) + " |"
         print(row, flush=True)
-        rows.append(row)
-    return rows
+        with out.open("a") as f:
+            f.write(row + "\n")
 
 
 def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
@@ -480,11 +485,7 @@ def main() -> None:
         _child_peak(args.peak_of, args.arch)
         return
     if args.select:
-        rows = select(args.recipes, args.subsets)
-        with Path(args.out).open("a") as f:
-            f.write(f"\n`python -m bench.metagradient {' '.join(sys.argv[1:])}`:\n\n")
-            f.write("| recipe | settings | test acc | LDS 1% | LDS 5% | LDS 50% |\n")
-            f.write("|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        select(args.recipes, args.subsets, Path(args.out))
         return
     start = time.process_time()
     results = [bench_recipe(name, RECIPES[name], args.subsets, args.cg) for name in args.recipes]
