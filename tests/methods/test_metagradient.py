@@ -11,6 +11,7 @@ from cases import cnn, mlp
 from oracles import assert_close
 from torch.func import functional_call
 
+from headwater.methods import metagradient
 from headwater.methods.metagradient import Metagradient
 from headwater.store import StoreMismatchError
 from headwater.task import ClassificationTask
@@ -45,32 +46,41 @@ def record(
     return task, rec.finish()
 
 
-def measured(case, task, run: RunRecord, weights: torch.Tensor) -> torch.Tensor:
-    params = replay(case.model, task, case.train, run, weights=weights)
+def measured(
+    case, task, run: RunRecord, weights: torch.Tensor, normalization: str = "mean"
+) -> torch.Tensor:
+    params = replay(case.model, task, case.train, run, weights=weights, normalization=normalization)
     return task.measurement(lambda inp: functional_call(case.model, params, (inp,)), case.query)
 
 
 @pytest.mark.parametrize(
-    ("make", "optimizer"),
+    ("make", "optimizer", "normalization"),
     [
-        (mlp, "sgd"),
-        (mlp, "adam"),
-        (cnn, "sgd"),
-        (cnn, "adamw"),
-        (mlp, "sgd_plain"),
-        (mlp, "sgd_heavy_ball"),
+        (mlp, "sgd", "mean"),
+        (mlp, "adam", "mean"),
+        (cnn, "sgd", "mean"),
+        (cnn, "adamw", "mean"),
+        (mlp, "sgd_plain", "mean"),
+        (mlp, "sgd_heavy_ball", "mean"),
+        (mlp, "sgd", "n"),
+        (mlp, "adam", "n"),
     ],
 )
-def test_equals_finite_differences_of_retraining(make, optimizer):
+def test_equals_finite_differences_of_retraining(make, optimizer, normalization):
     case = make(n_train=20, n_query=3)
     task, run = record(case, optimizer)
-    hyper = Metagradient(case.model, task, run).hypergradients(case.query, case.train)  # [Q, n]
+    hyper = Metagradient(case.model, task, run, normalization=normalization).hypergradients(
+        case.query, case.train
+    )  # [Q, n]
     n, eps = case.train[0].shape[0], 1e-5
     fd = torch.zeros_like(hyper)
     for i in range(0, n, 3):  # every third example: the test stays fast
         up, down = torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
         up[i], down[i] = 1 + eps, 1 - eps
-        fd[:, i] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+        fd[:, i] = (
+            measured(case, task, run, up, normalization)
+            - measured(case, task, run, down, normalization)
+        ) / (2 * eps)
     cols = list(range(0, n, 3))
     assert fd[:, cols].abs().max() > 1e-4  # the run does depend on the weights
     assert_close(
@@ -100,6 +110,16 @@ def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer
     assert_close(full, single, rtol=0, atol=1e-10, what="batched vs one query at a time")
 
 
+@pytest.mark.parametrize("optimizer", ["sgd_heavy_ball", "sgd", "adam"])
+def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
+    case = mlp(n_train=20, n_query=5)
+    task, run = record(case, optimizer)
+    whole = Metagradient(case.model, task, run).scores(case.query, case.train)
+    monkeypatch.setattr(metagradient, "_CHUNK", 3)  # chunks of 3 and 2 queries
+    chunked = Metagradient(case.model, task, run).scores(case.query, case.train)
+    assert_close(chunked, whole, rtol=0, atol=1e-10, what="chunks of 3 + 2 vs one chunk")
+
+
 def test_sign_removing_top_proponent_raises_query_loss():
     case = mlp(n_train=20, n_query=3)
     task, run = record(case, "sgd", clip=False)
@@ -109,6 +129,41 @@ def test_sign_removing_top_proponent_raises_query_loss():
         weights = torch.ones(20, dtype=torch.float64)
         weights[int(scores[q].argmax())] = 0
         assert measured(case, task, run, weights)[q] > base[q]
+
+
+@pytest.mark.parametrize("normalization", ["mean", "n"])
+def test_hessian_free_is_exact_for_a_single_step(normalization):
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, "sgd", epochs=1, batch=20, clip=False)  # one step: no H_t term used
+    args = (case.query, case.train)
+    exact = Metagradient(case.model, task, run, normalization=normalization).scores(*args)
+    free = Metagradient(
+        case.model, task, run, normalization=normalization, hessian_free=True
+    ).scores(*args)
+    assert_close(free, exact, rtol=0, atol=1e-10 * float(exact.abs().max()), what="one step")
+
+
+def test_mean_normalization_replays_the_loop_without_the_dropped_examples():
+    case = mlp(n_train=20, n_query=3)
+    start = {k: v.clone() for k, v in case.model.state_dict().items()}
+    task, run = record(case, "adam", clip=False)
+    keep = torch.ones(20, dtype=torch.float64)
+    keep[[1, 4, 9, 15]] = 0
+    case.model.load_state_dict(start)  # the loop again, each batch without the dropped examples
+    opt = OPTIMIZERS["adam"](case.model.parameters())
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 0.3, 1.0, total_iters=4)
+    x, y = case.train
+    for idx in run.batches:
+        kept = idx[keep[idx] > 0]
+        opt.zero_grad()
+        task.train_loss(case.model, (x[kept], y[kept])).mean().backward()
+        opt.step()
+        sched.step()
+    params = replay(case.model, task, case.train, run, weights=keep)
+    for name, p in case.model.named_parameters():
+        assert_close(params[name], p.detach(), rtol=1e-12, atol=1e-12, what=name)
+    shrunk = replay(case.model, task, case.train, run, weights=keep, normalization="n")
+    assert not torch.allclose(shrunk["0.weight"], params["0.weight"], atol=1e-4)
 
 
 def test_hessian_free_differs_and_is_cheaper_path():
@@ -156,6 +211,8 @@ def test_bad_input_is_refused():
         )
     with pytest.raises(ValueError, match="query_block"):
         Metagradient(case.model, task, run, query_block=0)
+    with pytest.raises(ValueError, match="normalization"):
+        Metagradient(case.model, task, run, normalization="sum")
     opt = torch.optim.RMSprop(case.model.parameters())
     with pytest.raises(TypeError, match="optimizer"):
         Recorder(case.model, opt, n_train=20)

@@ -6,8 +6,10 @@ estimator of one *recorded* run (:class:`~headwater.methods.metagradient.Metagra
 the question is what that run would have produced without some examples: each of
 ``n_subsets`` random subsets of ``round(fraction·n)`` examples gets weight 0 and the run
 is replayed (:func:`~headwater.train.recorder.replay`: same initial parameters, same
-batches in the same order, same learning rates; every batch keeps its size), and every
-query is measured. The result is an :class:`~headwater.evaluate.lds.LDSGroundTruth`
+batches in the same order, same learning rates; by default each batch's loss is the mean
+over its kept examples, as rerunning the loop without the dropped ones would give;
+``normalization="n"`` keeps dividing by the batch size, so that dropping half the data
+also halves every step), and every query is measured. The result is an :class:`~headwater.evaluate.lds.LDSGroundTruth`
 whose masks mark the *kept* examples, so :func:`~headwater.evaluate.lds.lds` scores it
 unchanged. It is cached in ``store_dir`` under a key of everything that determines it.
 """
@@ -29,6 +31,7 @@ from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint
 from headwater.train.recorder import RunRecord, replay
+from headwater.train.steps import check_normalization
 
 __all__ = ["run_fingerprint", "single_model_ground_truth"]
 
@@ -55,6 +58,7 @@ def single_model_ground_truth(
     fraction: float,
     n_subsets: int = 20,
     seed: int = 0,
+    normalization: str = "mean",
     store_dir: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
 ) -> LDSGroundTruth:
@@ -68,6 +72,8 @@ def single_model_ground_truth(
         fraction: share of the training set dropped, in (0, 1).
         n_subsets: number of subsets (retrainings).
         seed: seeds the subsets.
+        normalization: ``"mean"`` or ``"n"``, as in :func:`~headwater.train.recorder.replay`
+            (an estimator should be given the same, e.g. ``Metagradient(normalization=...)``).
         store_dir: cache folder (a rerun with the same settings loads it).
         progress: optional ``progress(stage, done, total)`` callback.
 
@@ -83,6 +89,7 @@ def single_model_ground_truth(
         "fraction": float(fraction),
         "n_subsets": n_subsets,
         "seed": int(seed),
+        "normalization": check_normalization(normalization),
         "task": task.to_dict(),
         "run": run.settings(),
         "run_hash": run_fingerprint(run),
@@ -99,7 +106,12 @@ def single_model_ground_truth(
     rows = []
     for j in range(n_subsets):
         params = replay(
-            model, task, (x_t, y_t), run, weights=kept[j].to(run.checkpoints[0].theta.dtype)
+            model,
+            task,
+            (x_t, y_t),
+            run,
+            weights=kept[j].to(run.checkpoints[0].theta.dtype),
+            normalization=normalization,
         )
         with torch.no_grad(), evaluation_mode(model):
             fn = lambda inp, p=params: functional_call(model, p, (inp,), strict=False)  # noqa: E731

@@ -2,14 +2,17 @@
 
 A run recorded by :class:`~headwater.train.recorder.Recorder` is a map
 ``s_{t+1} = F_t(s_t, g_t)`` of the state ``s_t = (θ_t, optimizer state)`` with the batch
-gradient ``g_t = (1/B) Σ_{j∈B_t} w_j ∇ℓ_j(θ_t)`` (:mod:`headwater.train.steps`: SGD with
+gradient ``g_t = Σ_{j∈B_t} w_j ∇ℓ_j(θ_t) / Σ_{j∈B_t} w_j`` (or ``/ B`` with
+``normalization="n"``, :func:`~headwater.train.steps.batch_objective`;
+:mod:`headwater.train.steps`: SGD with
 momentum / Nesterov / weight decay, Adam, AdamW, learning-rate schedules, clipping).
 For every query ``q`` this module computes the exact derivative ``d m(z_q; θ_T) / d w_i``
 by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``, ``a_state = 0``, step
 ``t`` does
 
     (a_θ, a_state, a_g) ← the VJP of F_t at (θ_t, state_t, g_t) applied to (a_θ, a_state)
-    d m/d w_i += a_g · ∇ℓ_i(θ_t) / B          for i ∈ B_t
+    d m/d w_i += a_g · (∇ℓ_i(θ_t) − g_t) / W_t for i ∈ B_t (W_t = Σ_{j∈B_t} w_j;
+                                                 a_g · ∇ℓ_i / B with "n")
     a_θ ← a_θ + H_t a_g                         (H_t: Hessian of the weighted batch loss)
 
 All queries are carried at once (``a_θ, a_g: [Q, P]``). The update ``F_t`` is
@@ -54,14 +57,32 @@ from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
 from headwater.task import Task
 from headwater.train.recorder import Checkpoint, RunRecord, check_run
-from headwater.train.steps import adam_pullback, clip, clip_pullback, optimizer_step, sgd_pullback
+from headwater.train.steps import (
+    adam_coefficients,
+    adam_pullback,
+    batch_objective,
+    check_normalization,
+    clip,
+    clip_pullback,
+    optimizer_step,
+    sgd_pullback,
+)
 
 __all__ = ["Metagradient"]
 
-_CHUNK = 50
-"""Queries per chunk of a reverse step (digits MLP, 200 queries, one thread: 50 is as fast
-as 100 or 200 and its temporaries (the vmapped pullback's ``[c, B, width]`` tensors, the
-chunk's ``[c, P]`` products) are a quarter of 200's; 25 is 7% slower)."""
+_CHUNK = 35
+"""Most queries per chunk of a reverse step. A call of the vmapped pullback costs about
+1 ms plus 0.1 ms per query (digits MLP, one thread) and holds temporaries in proportion
+to its queries (the pullback's ``[c, B, width]`` tensors, the chunk's ``[c, P]``
+products, the allocator's slack from them): 200 queries in chunks of 34 / 40 / 50 took
+57.6 / 55.9 / 54.3 training runs (SGD) with a peak RSS of 3.6 / 3.8 / 4.3x
+``(1 + state + 200)·P`` floats; with Adam's third adjoint 4.7x at 34 and 4.9x at 40."""
+
+
+def _chunk(n_query: int) -> int:
+    """Rows per chunk: at most ``_CHUNK``, the chunks of ``n_query`` as even as possible."""
+    pieces = max(1, -(-n_query // _CHUNK))
+    return max(1, -(-n_query // pieces))
 
 
 class Metagradient(Estimator):
@@ -73,6 +94,10 @@ class Metagradient(Estimator):
             the query measurement.
         run: a :class:`~headwater.train.recorder.RunRecord` of training on ``train``.
         hessian_free: drop the ``H_t`` terms (HYDRA's approximation).
+        normalization: the counterfactual the weights define, as in
+            :func:`~headwater.train.recorder.replay`: ``"mean"`` (a batch's loss is the
+            weighted mean of its examples': dropping an example leaves the mean of the
+            others) or ``"n"`` (``/ B``: dropping examples also shrinks the steps).
         query_block: carry at most this many queries at once (memory ``block × P`` per
             adjoint; each block replays the run once; the numbers do not depend on it).
         dtype: compute in this dtype (default: the run's); float64 for checks.
@@ -92,6 +117,7 @@ class Metagradient(Estimator):
         run: RunRecord,
         *,
         hessian_free: bool = False,
+        normalization: str = "mean",
         query_block: int | None = None,
         dtype: torch.dtype | None = None,
         store: str | os.PathLike | None = None,
@@ -110,8 +136,10 @@ class Metagradient(Estimator):
             query_block,
             progress,
         )
+        self.normalization = check_normalization(normalization)
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
         self.store = store
+        self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass
 
     # ---------------------------------------------------------------- model as a function of θ
     def _losses_fn(self, x: Tensor, y: Tensor):
@@ -126,32 +154,44 @@ class Metagradient(Estimator):
         return losses
 
     def _batch_gradient(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        """``g = ∇ (1/B) Σ_j w_j ℓ_j`` at ``theta``, ``[P]``."""
-        losses = self._losses_fn(x, y)
+        """``g = ∇`` of the weighted batch loss at ``theta``, ``[P]``."""
+        losses, norm = self._losses_fn(x, y), self.normalization
         layout = self.run.layout
-        return layout.flatten(grad(lambda p: (w * losses(p)).mean())(layout.unflatten(theta)))
+        return layout.flatten(
+            grad(lambda p: batch_objective(w, losses(p), norm))(layout.unflatten(theta))
+        )
 
-    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor):
-        """``V [c, P] -> (H_t V as {name: [c, *shape]} or None, J_t V / B [c, B])`` for a chunk.
+    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, g: Tensor | None):
+        """``(products, g_t)``: ``products: V [c, P] -> (H_t V as {name: [c, *shape]} or None,
+        ∂(g·V)/∂w [c, B])`` for a chunk, and the flat batch gradient (``g`` as given, or
+        the pullback's primal output: the forward pass need not keep it).
 
-        Reverse over reverse: the batch gradient ``g(θ, w) = ∇_θ (1/B) Σ_j w_j ℓ_j`` is
-        built once per step, and its pullback applied to every row ``v`` of ``V`` (vmapped)
-        gives ``∂(g·v)/∂θ = H_t v`` and ``∂(g·v)/∂w_j = ∇ℓ_j·v / B`` in the same pass. The
-        model is called on ``{name: view}`` of the flat vectors: with a flat ``θ`` every
-        slice's derivative would be a dense ``[c, P]`` tensor. With ``hessian_free`` only
-        ``J_t V / B`` (forward mode)."""
-        layout = self.run.layout
+        Reverse over reverse: the batch gradient ``g(θ, w)`` (``g_t`` above) is built once
+        per step, and its pullback applied to every row ``v`` of ``V`` (vmapped) gives
+        ``∂(g·v)/∂θ = H_t v`` and ``∂(g·v)/∂w_j`` (``(∇ℓ_j − g)·v / Σw``, or ``∇ℓ_j·v / B``)
+        in the same pass. The model is called on ``{name: view}`` of the flat vectors: with
+        a flat ``θ`` every slice's derivative would be a dense ``[c, P]`` tensor. With
+        ``hessian_free`` only the weight derivatives (``J_t V`` in forward mode)."""
+        layout, norm = self.run.layout, self.normalization
         losses = self._losses_fn(x, y)
         params = layout.unflatten(theta)
         if self.hessian_free:
-            forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / x.shape[0])
-            return lambda vectors: (None, forward(layout.unflatten(vectors)))
+            mass = w.sum()
+            if norm == "n" or mass <= 0:
+                forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / x.shape[0])
+                return lambda vectors: (None, forward(layout.unflatten(vectors))), g
+            forward = vmap(lambda v: jvp(losses, (params,), (v,))[1])
+            return lambda vectors: (
+                None,
+                (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
+            ), g
 
         def gradient(p: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
-            return grad(lambda q: (weights * losses(q)).mean())(p)
+            return grad(lambda q: batch_objective(weights, losses(q), norm))(p)
 
-        pullback = vmap(vjp(gradient, params, w)[1])
-        return lambda vectors: pullback(layout.unflatten(vectors))
+        primal, pullback = vjp(gradient, params, w)
+        batched = vmap(pullback)
+        return lambda vectors: batched(layout.unflatten(vectors)), layout.flatten(primal)
 
     def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor, into: Tensor) -> None:
         """Per-query gradients of the measurement at the flat ``theta`` written into ``into
@@ -182,47 +222,59 @@ class Metagradient(Estimator):
 
     def _forward(
         self, ckpt: Checkpoint, end: int, data
-    ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor]]:
-        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward."""
+    ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor | None]]:
+        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward;
+        only what the reverse step reads is kept (SGD's pullback needs no state, and
+        ``g_t`` is recomputed with the Hessian's pullback unless ``hessian_free``)."""
         x_all, y_all, w_all = data
         theta, state = self._cast(ckpt)
         states = []
         for t in range(ckpt.step, end):
             idx = self.run.batches[t]
             g = self._batch_gradient(theta, x_all[idx], y_all[idx], w_all[idx])
-            states.append((theta, state, g))
+            states.append(
+                (
+                    theta,
+                    () if self.run.optimizer == "sgd" else state,
+                    g if self.hessian_free else None,
+                )
+            )
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
         return states
 
+    def _coefficients(self, t: int, count: int, theta: Tensor, state, g: Tensor):
+        """What the update's pullback at step ``t`` shares across query chunks (Adam's
+        ``[P]`` factors, :func:`~headwater.train.steps.adam_coefficients`), or None."""
+        run = self.run
+        if run.optimizer == "sgd":
+            return None
+        clipped = clip(g, run.max_norms[t])
+        return adam_coefficients(run.optimizer, run.hyper, theta, state, clipped, run.lrs[t], count)
+
     def _pullback(
-        self,
-        t: int,
-        count: int,
-        theta: Tensor,
-        state: tuple[Tensor, ...],
-        g: Tensor,
-        a_theta: Tensor,
-        a_state: tuple[Tensor, ...],
+        self, t: int, g: Tensor, coefficients, a_theta: Tensor, a_state: tuple[Tensor, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """The adjoints of ``(θ_t, state_t, g_t)`` from those of ``(θ_{t+1}, state_{t+1})``
         (each ``[c, P]``, updated in place where possible): the update's pullback written
         out (:func:`~headwater.train.steps.sgd_pullback`,
         :func:`~headwater.train.steps.adam_pullback`: a few elementwise passes for a chunk
-        of queries at once), then clipping's (:func:`~headwater.train.steps.clip_pullback`)."""
+        of queries at once), then clipping's (:func:`~headwater.train.steps.clip_pullback`).
+        Heavy-ball SGD's momentum adjoint is left unscaled (``sgd_pullback(defer=True)``):
+        the caller multiplies it by ``μ`` after the products."""
         run = self.run
         if run.optimizer == "sgd":
-            a_theta, a_state, a_g = sgd_pullback(run.hyper, run.lrs[t], a_theta, a_state)
+            a_theta, a_state, a_g = sgd_pullback(
+                run.hyper, run.lrs[t], a_theta, a_state, defer=True
+            )
         else:
             a_theta, a_state, a_g = adam_pullback(
                 run.optimizer,
                 run.hyper,
-                theta,
-                state,
-                clip(g, run.max_norms[t]),
                 run.lrs[t],
-                count,
+                coefficients,
                 a_theta,
                 a_state,
+                out=self._work[: a_theta.shape[0]] if self._work is not None else None,
             )
         return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
 
@@ -234,18 +286,22 @@ class Metagradient(Estimator):
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        products = self._products(theta, x_all[idx], y_all[idx], w_all[idx])
-        for s in range(0, carry.shape[1], _CHUNK):
-            rows = carry[:, s : s + _CHUNK]  # views
-            a_theta, a_state, a_g = self._pullback(
-                t, count, theta, state, g, rows[0], tuple(rows[1:])
-            )
+        products, g = self._products(theta, x_all[idx], y_all[idx], w_all[idx], g)
+        coefficients = self._coefficients(t, count, theta, state, g)
+        hyper = self.run.hyper
+        deferred = self.run.optimizer == "sgd" and hyper["momentum"] and not hyper["nesterov"]
+        for s in range(0, carry.shape[1], chunk := _chunk(carry.shape[1])):
+            rows = carry[:, s : s + chunk]  # views
+            a_theta, a_state, a_g = self._pullback(t, g, coefficients, rows[0], tuple(rows[1:]))
             hv, jw = products(a_g)  # {name: [c, *shape]}, [c, B]
             del a_g
-            out[s : s + _CHUNK, idx] += jw
+            out[s : s + chunk, idx] += jw
             if hv is not None:
                 for name, view in self.run.layout.unflatten(a_theta).items():
                     view.add_(hv[name])
+            del hv
+            if deferred:
+                a_state[0].mul_(hyper["momentum"])
             for row, new in zip(rows, (a_theta, *a_state), strict=True):
                 if new.data_ptr() != row.data_ptr():
                     row.copy_(new)
@@ -269,6 +325,8 @@ class Metagradient(Estimator):
         else:
             carry, out, reached = resumed
             done += run.num_steps - reached
+        if run.optimizer != "sgd":
+            self._work = carry.new_empty(_chunk(carry.shape[1]), carry.shape[2])
         ckpts = run.checkpoints
         for start, end in zip(
             reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True
@@ -283,6 +341,7 @@ class Metagradient(Estimator):
                 report(self.progress, "metagradient steps", done, total)
             if path is not None:
                 store.save(path, {"carry": carry, "out": out}, {**key, "step": start.step})
+        self._work = None
         return out
 
     @staticmethod
@@ -337,6 +396,7 @@ class Metagradient(Estimator):
         return {
             "method": "metagradient",
             "hessian_free": self.hessian_free,
+            "normalization": self.normalization,
             "query_block": self.query_block,
             "dtype": str(self.dtype).removeprefix("torch."),
             "run": self.run.settings(),

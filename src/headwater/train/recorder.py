@@ -16,9 +16,11 @@ clipping threshold; the optimizer's hyper-parameters; the parameters and optimiz
 state at step 0 and every ``checkpoint_every`` steps (and the last); and an optional
 ``seed`` for the user's notes. :func:`replay` reruns the recorded steps with the same
 optimizer class from step 0, optionally with per-example weights ``w`` in the batch
-objective ``(1/B) Σ_{j∈B_t} w_j ℓ_j`` (weight 0 = the example dropped from the run,
-every batch keeps its size and place): with ``w = 1`` it reproduces the final
-parameters bit for bit when the loop's loss is ``task.train_loss(model, batch).mean()``.
+objective ``Σ_{j∈B_t} w_j ℓ_j / Σ_{j∈B_t} w_j`` (weight 0 = the example dropped from
+the run, every batch keeps its place; ``normalization="n"``: ``/ B``, every batch also
+keeps its size, see :func:`~headwater.train.steps.batch_objective`): with ``w = 1`` it
+reproduces the final parameters bit for bit when the loop's loss is
+``task.train_loss(model, batch).mean()``.
 
 Supported: ``torch.optim.SGD`` (momentum, Nesterov, weight decay; no dampening),
 ``Adam`` and ``AdamW`` (no AMSGrad), one hyper-parameter set for all parameters
@@ -43,6 +45,7 @@ from headwater.data import DataLike, as_tensors
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.task import Task
+from headwater.train.steps import batch_objective, check_normalization
 
 __all__ = ["Checkpoint", "Recorder", "RunRecord", "load_run", "replay"]
 
@@ -346,12 +349,19 @@ def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> Non
 
 
 def replay(
-    model: nn.Module, task: Task, train: DataLike, run: RunRecord, *, weights: Tensor | None = None
+    model: nn.Module,
+    task: Task,
+    train: DataLike,
+    run: RunRecord,
+    *,
+    weights: Tensor | None = None,
+    normalization: str = "mean",
 ) -> dict[str, Tensor]:
     """Rerun the recorded steps from step 0 on a copy of ``model``; the final parameters.
 
-    Each step's loss is ``task.train_loss(model, batch).mean()`` (``(w_B · ℓ_B).mean()``
-    with ``weights [n_train]``), the batches, learning rates and clipping are the
+    Each step's loss is ``task.train_loss(model, batch).mean()`` (with ``weights
+    [n_train]``: :func:`~headwater.train.steps.batch_objective` of the batch's weights
+    and losses under ``normalization``), the batches, learning rates and clipping are the
     recorded ones and the optimizer is a fresh one of the recorded class. ``model`` is
     not changed.
 
@@ -362,6 +372,7 @@ def replay(
     check_run(run, task, model, x_all.shape[0])
     if weights is not None and tuple(weights.shape) != (run.n_train,):
         raise ValueError(f"weights: expected shape [{run.n_train}], got {tuple(weights.shape)}")
+    check_normalization(normalization)
     clone = copy.deepcopy(model)
     own = dict(clone.named_parameters())
     params = [own[k] for k in run.layout.names]
@@ -377,7 +388,10 @@ def replay(
         for idx, lr, max_norm in zip(run.batches, run.lrs, run.max_norms, strict=True):
             opt.zero_grad()
             losses = task.train_loss(clone, (x_all[idx], y_all[idx]))
-            (losses.mean() if w_all is None else (w_all[idx] * losses).mean()).backward()
+            if w_all is None:
+                losses.mean().backward()
+            else:
+                batch_objective(w_all[idx], losses, normalization).backward()
             if max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
             for group in opt.param_groups:

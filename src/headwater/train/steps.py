@@ -2,7 +2,8 @@
 
 ``optimizer_step(kind, hyper, theta, state, g, lr, count, max_norm)`` maps the
 parameters ``theta [P]``, the optimizer state (a tuple of ``[P]`` tensors) and the
-batch gradient ``g [P]`` of ``(1/B) Σ w_j ℓ_j`` to the next parameters and state,
+batch gradient ``g [P]`` of the weighted batch loss (:func:`batch_objective`) to the
+next parameters and state,
 with the same arithmetic as the recorded optimizer (up to rounding); ``sgd_pullback`` and
 ``adam_pullback`` are its VJPs written out, for a batch of adjoints ``[Q, P]`` at once:
 
@@ -24,7 +25,39 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["adam_pullback", "clip", "clip_pullback", "optimizer_step", "sgd_pullback", "update"]
+__all__ = [
+    "adam_coefficients",
+    "adam_pullback",
+    "batch_objective",
+    "check_normalization",
+    "clip",
+    "clip_pullback",
+    "optimizer_step",
+    "sgd_pullback",
+    "update",
+]
+
+
+def check_normalization(normalization: str) -> str:
+    """``normalization`` if it is ``"mean"`` or ``"n"``; else a ValueError naming it."""
+    if normalization not in ("mean", "n"):
+        raise ValueError(f"normalization: expected 'mean' or 'n', got {normalization!r}")
+    return normalization
+
+
+def batch_objective(weights: Tensor, losses: Tensor, normalization: str = "mean") -> Tensor:
+    """The loss of a batch with example weights ``w_B``: ``Σ w_j ℓ_j / Σ w_j`` (``"mean"``:
+    a dropped example (weight 0) leaves the mean of the others, as retraining the same
+    loop without it would; a batch whose weights sum to 0 gives no data gradient, its
+    derivative in ``w`` is then taken as with ``"n"``) or ``Σ w_j ℓ_j / B`` (``"n"``:
+    every batch keeps its size, so dropping a share of the data scales the steps down).
+    At ``w = 1`` both are the batch mean."""
+    total = (weights * losses).sum()
+    size = float(losses.shape[0])
+    if check_normalization(normalization) == "n":
+        return total / size
+    mass = weights.sum()
+    return total / torch.where(mass > 0, mass, torch.full_like(mass, size))
 
 
 def clip(g: Tensor, max_norm: float | None) -> Tensor:
@@ -68,7 +101,12 @@ def _sgd(
 
 
 def sgd_pullback(
-    hyper: dict[str, Any], lr: float, a_theta: Tensor, a_state: tuple[Tensor, ...]
+    hyper: dict[str, Any],
+    lr: float,
+    a_theta: Tensor,
+    a_state: tuple[Tensor, ...],
+    *,
+    defer: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """The SGD update's pullback by hand, in place on the given adjoints ``[Q, P]``.
 
@@ -76,17 +114,22 @@ def sgd_pullback(
     ``v'``), ``a_d = ā − η a_θ'`` with Nesterov else ``ā``; then ``a_g = a_d``,
     ``a_v = μ ā``, ``a_θ = a_θ' + λ a_d``. Without momentum ``v`` passes through:
     ``a_d = −η a_θ'``. Returns ``(a_θ, a_state, a_g)``; the inputs are overwritten.
+    With ``defer`` (heavy ball: ``a_g = ā``) ``a_state[0]`` is ``ā`` itself, the same
+    tensor as ``a_g``, and the caller multiplies it by ``μ`` once ``a_g`` is used: no
+    ``[Q, P]`` temporary.
     """
     mu, wd = hyper["momentum"], hyper["weight_decay"]
     if not mu:
         a_d = a_theta * (-lr)
         return (a_theta.add_(a_d, alpha=wd) if wd else a_theta), a_state, a_d
-    a_total = a_state[0].add_(a_theta, alpha=-lr * (mu if hyper["nesterov"] else 1.0))
-    a_d = a_total.add(a_theta, alpha=-lr) if hyper["nesterov"] else a_total
-    a_v = a_total * mu
+    nesterov = hyper["nesterov"]
+    a_total = a_state[0].add_(a_theta, alpha=-lr * (mu if nesterov else 1.0))
+    a_d = a_total.add(a_theta, alpha=-lr) if nesterov else a_total
     if wd:
         a_theta.add_(a_d, alpha=wd)
-    return a_theta, (a_v,), a_d
+    if nesterov:
+        return a_theta, (a_total.mul_(mu),), a_d
+    return a_theta, (a_total if defer else a_total * mu,), a_d
 
 
 def _adam(
@@ -109,7 +152,7 @@ def _adam(
     return theta - (lr / (1 - beta1**count)) * m / denom, (m, s)
 
 
-def adam_pullback(
+def adam_coefficients(
     kind: str,
     hyper: dict[str, Any],
     theta: Tensor,
@@ -117,18 +160,10 @@ def adam_pullback(
     g: Tensor,
     lr: float,
     count: int,
-    a_theta: Tensor,
-    a_state: tuple[Tensor, ...],
-) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
-    """Adam's / AdamW's pullback by hand at ``(θ, (m, s), g)`` (``g`` clipped), in place on
-    the adjoints ``[Q, P]``.
-
-    With ``r = √s'/c₂ + ε``, ``c₂ = √(1−β2^k)``, ``α = η/(1−β1^k)``:
-    ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
-    ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
-    Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
-    ``(a_θ, a_state, a_g)``; the inputs are overwritten.
-    """
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``[P]`` factors of Adam's / AdamW's pullback at ``(θ, (m, s), g)`` (``g``
+    clipped), shared by every adjoint row (:func:`adam_pullback`): ``(−α/r,
+    α m'/(2 c₂ r² √s')`` (0 where ``s' = 0``), ``2(1−β2) g̃)``."""
     (beta1, beta2), eps, wd = hyper["betas"], hyper["eps"], hyper["weight_decay"]
     if wd and kind == "adam":
         g = g + wd * theta
@@ -137,15 +172,37 @@ def adam_pullback(
     c2 = (1 - beta2**count) ** 0.5
     r = root / c2 + eps
     alpha = lr / (1 - beta1**count)
-    a_m, a_s = a_state
-    a_m.addcmul_(a_theta, -alpha / r)
     safe_root = torch.where(root > 0, root, torch.ones_like(root))
-    a_s.addcmul_(
-        a_theta,
-        torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root)),
-    )
-    a_g = a_m * (1 - beta1)
-    a_g.addcmul_(a_s, 2 * (1 - beta2) * g)
+    c_s = torch.where(root > 0, alpha * m / (2 * c2 * r * r * safe_root), torch.zeros_like(root))
+    return -alpha / r, c_s, 2 * (1 - beta2) * g
+
+
+def adam_pullback(
+    kind: str,
+    hyper: dict[str, Any],
+    lr: float,
+    coefficients: tuple[Tensor, Tensor, Tensor],
+    a_theta: Tensor,
+    a_state: tuple[Tensor, ...],
+    out: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Adam's / AdamW's pullback by hand (``coefficients``: :func:`adam_coefficients` at
+    the step's ``(θ, (m, s), g)``), in place on the adjoints ``[Q, P]``.
+
+    With ``r = √s'/c₂ + ε``, ``c₂ = √(1−β2^k)``, ``α = η/(1−β1^k)``:
+    ``ā_m = a_m' − (α/r) a_θ'``, ``ā_s = a_s' + α m'/(2 c₂ r² √s') a_θ'`` (0 where
+    ``s' = 0``), ``a_g̃ = (1−β1) ā_m + 2(1−β2) g̃ ā_s``, ``a_m = β1 ā_m``, ``a_s = β2 ā_s``;
+    Adam: ``a_θ = a_θ' + λ a_g̃``, AdamW: ``a_θ = (1 − ηλ) a_θ'``. Returns
+    ``(a_θ, a_state, a_g)``; the inputs are overwritten, ``a_g`` is written into ``out``
+    (a reused buffer of the adjoints' shape) when given.
+    """
+    (beta1, beta2), wd = hyper["betas"], hyper["weight_decay"]
+    c_m, c_s, c_g = coefficients
+    a_m, a_s = a_state
+    a_m.addcmul_(a_theta, c_m)
+    a_s.addcmul_(a_theta, c_s)
+    a_g = torch.mul(a_m, 1 - beta1, out=out) if out is not None else a_m * (1 - beta1)
+    a_g.addcmul_(a_s, c_g)
     a_m.mul_(beta1)
     a_s.mul_(beta2)
     if wd and kind == "adam":
