@@ -135,13 +135,8 @@ class _KroneckerFeatures:
         """``matrix += alpha(trace(Π Πᵀ)) · Π Πᵀ`` in place, block by block (``Π Πᵀ`` is block
         diagonal with ``(P_out P_outᵀ) ⊗ (P_in P_inᵀ)`` per layer, never formed whole; its
         trace is ``Σ ‖P_out‖²‖P_in‖²``)."""
-        scale = alpha(
-            sum(
-                float(po.double().square().sum() * pi.double().square().sum())
-                for po, pi in self.factors
-            )
-        )
-        start = 0
+        norms = [float(po.double().norm() * pi.double().norm()) for po, pi in self.factors]
+        scale, start = alpha(sum(norm**2 for norm in norms)), 0
         for po, pi in self.factors:
             block = torch.kron(po.double() @ po.double().T, pi.double() @ pi.double().T)
             rows = slice(start, start + block.shape[0])
