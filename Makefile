@@ -1,11 +1,11 @@
-# headwater: make demo | make test | make bench | make bench-extras | make bench-lm | make bench-defaults | make bench-gpt2 | make bench-scale | make bench-metagradient | make stress-distributed
+# headwater: make demo | make test | make bench | make bench-extras | make bench-lm | make bench-defaults | make bench-gpt2 | make bench-scale | make bench-metagradient | make bench-lm-metagradient | make stress-distributed
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-defaults bench-gpt2 bench-scale stress-distributed lint clean
+.PHONY: setup demo test test-fast bench bench-extras bench-lm bench-lm-metagradient bench-defaults bench-gpt2 bench-scale stress-distributed lint clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ bench-lm:
 # (bench/metagradient_results.md; headwater only, about 10 minutes).
 bench-metagradient: setup
 	$(PY) -m bench.metagradient --threads 1
+# Exact metagradients on the causal LM of bench-lm: three recipes, 50 queries, single-model
+# LDS at 1% / 5% (bench/lm_metagradient_results.md; headwater only, about 45 minutes).
+bench-lm-metagradient: setup
+	$(PY) -m bench.lm_metagradient --threads 1
 # Every curvature at its defaults on the digits MLP and CNN, the damping rule's held-out
 # choice, CG vs EK-FAC (bench/defaults_results.md); headwater only, one thread.
 bench-defaults: setup

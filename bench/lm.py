@@ -709,6 +709,12 @@ def write_markdown(
         )
     if notes:
         lines += ["", *notes]
+    lines += [
+        "",
+        "Exact metagradients (REPLAY) of recorded runs of this model, single-model LDS next to "
+        "EK-FAC's: [lm_metagradient_results.md](lm_metagradient_results.md) "
+        "(`make bench-lm-metagradient`).",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 

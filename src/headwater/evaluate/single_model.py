@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 
 from headwater import store
 from headwater.data import DataLike, as_tensors
 from headwater.evaluate.lds import LDSGroundTruth, settings_key, subset_masks
-from headwater.gradients.functional import evaluation_mode
+from headwater.gradients.functional import bind, evaluation_mode, prepare_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint
@@ -83,7 +83,7 @@ def single_model_ground_truth(
     """
     x_t, y_t = as_tensors(train, "train")
     x_q, y_q = as_tensors(query, "query")
-    dropped = subset_masks(x_t.shape[0], n_subsets, fraction, seed)
+    dropped = subset_masks(y_t.shape[0], n_subsets, fraction, seed)
     settings = {
         "kind": "single_model_ground_truth",
         "fraction": float(fraction),
@@ -93,8 +93,8 @@ def single_model_ground_truth(
         "task": task.to_dict(),
         "run": run.settings(),
         "run_hash": run_fingerprint(run),
-        "train": fingerprint(x_t, y_t),
-        "query": fingerprint(x_q, y_q),
+        "train": fingerprint(*tree_flatten((x_t, y_t))[0]),
+        "query": fingerprint(*tree_flatten((x_q, y_q))[0]),
     }
     path = None if store_dir is None else Path(store_dir) / f"single-{settings_key(settings)}"
     if path is not None and store.exists(path):
@@ -103,6 +103,7 @@ def single_model_ground_truth(
             tensors["masks"].bool(), tensors["actual"], tensors["actual"][:, None], settings
         )
     kept = ~dropped
+    x_q, y_q = prepare_batch((x_q, y_q), run.checkpoints[0].theta)
     rows = []
     for j in range(n_subsets):
         params = replay(
@@ -114,8 +115,7 @@ def single_model_ground_truth(
             normalization=normalization,
         )
         with torch.no_grad(), evaluation_mode(model):
-            fn = lambda inp, p=params: functional_call(model, p, (inp,), strict=False)  # noqa: E731
-            rows.append(task.measurement(fn, (x_q.to(run.checkpoints[0].theta.dtype), y_q)))
+            rows.append(task.measurement(bind(model, params), (x_q, y_q)))
         report(progress, "single-model retraining", j + 1, n_subsets)
     actual = torch.stack(rows)  # [m, n_query]
     if path is not None:

@@ -46,11 +46,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten
 
 from headwater import store
-from headwater.data import DataLike, as_tensors
-from headwater.gradients.functional import evaluation_mode, prepare_batch
+from headwater.data import DataLike, Inputs, as_tensors, one_example, take
+from headwater.gradients.functional import bind, evaluation_mode, prepare_batch, vmap_examples
 from headwater.gradients.per_example import check_values
 from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
@@ -142,18 +144,16 @@ class Metagradient(Estimator):
         self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass
 
     # ---------------------------------------------------------------- model as a function of θ
-    def _losses_fn(self, x: Tensor, y: Tensor):
-        """``params -> ℓ_B [B]``, the per-example training losses of a batch at ``{name: tensor}``."""
+    def _losses_fn(self, x: Inputs, y: Tensor):
+        """``params -> ℓ_B [B]``, the per-example training losses of a batch at ``{name: tensor}``
+        (inputs of any form the task takes: a tensor, a tuple or a dict batch)."""
 
         def losses(params: dict[str, Tensor]) -> Tensor:
-            def fn(inp: Tensor) -> Tensor:
-                return functional_call(self.model, params, (inp,), strict=False)
-
-            return self.task.train_loss(fn, (x, y))
+            return self.task.train_loss(bind(self.model, params), (x, y))
 
         return losses
 
-    def _batch_gradient(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    def _batch_gradient(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor) -> Tensor:
         """``g = ∇`` of the weighted batch loss at ``theta``, ``[P]``."""
         losses, norm = self._losses_fn(x, y), self.normalization
         layout = self.run.layout
@@ -161,7 +161,7 @@ class Metagradient(Estimator):
             grad(lambda p: batch_objective(w, losses(p), norm))(layout.unflatten(theta))
         )
 
-    def _products(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, g: Tensor | None):
+    def _products(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor, g: Tensor | None):
         """``(products, g_t)``: ``products: V [c, P] -> (H_t V as {name: [c, *shape]} or None,
         ∂(g·V)/∂w [c, B])`` for a chunk, and the flat batch gradient (``g`` as given, or
         the pullback's primal output: the forward pass need not keep it).
@@ -178,7 +178,7 @@ class Metagradient(Estimator):
         if self.hessian_free:
             mass = w.sum()
             if norm == "n" or mass <= 0:
-                forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / x.shape[0])
+                forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / y.shape[0])
                 return lambda vectors: (None, forward(layout.unflatten(vectors))), g
             forward = vmap(lambda v: jvp(losses, (params,), (v,))[1])
             return lambda vectors: (
@@ -193,20 +193,21 @@ class Metagradient(Estimator):
         batched = vmap(pullback)
         return lambda vectors: batched(layout.unflatten(vectors)), layout.flatten(primal)
 
-    def _measurement_gradients(self, theta: Tensor, x: Tensor, y: Tensor, into: Tensor) -> None:
+    def _measurement_gradients(self, theta: Tensor, x: Inputs, y: Tensor, into: Tensor) -> None:
         """Per-query gradients of the measurement at the flat ``theta`` written into ``into
         [Q, P]``, chunk by chunk of queries (taken with respect to ``{name: view}``: a flat
         ``θ`` would make each slice's derivative ``[c, P]``)."""
         layout = self.run.layout
 
-        def single(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-            fn = lambda inp: functional_call(self.model, params, (inp,), strict=False)  # noqa: E731
-            return self.task.measurement(fn, (xi.unsqueeze(0), yi.unsqueeze(0))).sum()
+        def single(params: dict[str, Tensor], xi: Inputs, yi: Tensor) -> Tensor:
+            fn = bind(self.model, params)
+            return self.task.measurement(fn, (one_example(xi), yi.unsqueeze(0))).sum()
 
-        per_query = vmap(grad(single), in_dims=(None, 0, 0))
+        per_query = vmap_examples(grad(single), in_dims=(None, 0, 0))
         params = layout.unflatten(theta)
-        for s in range(0, x.shape[0], _CHUNK):
-            grads = per_query(params, x[s : s + _CHUNK], y[s : s + _CHUNK])
+        for s in range(0, y.shape[0], _CHUNK):
+            rows = slice(s, s + _CHUNK)
+            grads = per_query(params, take(x, rows), y[rows])
             for name, view in layout.unflatten(into[s : s + _CHUNK]).items():
                 view.copy_(grads[name])
 
@@ -231,7 +232,7 @@ class Metagradient(Estimator):
         states = []
         for t in range(ckpt.step, end):
             idx = self.run.batches[t]
-            g = self._batch_gradient(theta, x_all[idx], y_all[idx], w_all[idx])
+            g = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
             states.append(
                 (
                     theta,
@@ -286,7 +287,7 @@ class Metagradient(Estimator):
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        products, g = self._products(theta, x_all[idx], y_all[idx], w_all[idx], g)
+        products, g = self._products(theta, take(x_all, idx), y_all[idx], w_all[idx], g)
         coefficients = self._coefficients(t, count, theta, state, g)
         hyper = self.run.hyper
         deferred = self.run.optimizer == "sgd" and hyper["momentum"] and not hyper["nesterov"]
@@ -306,22 +307,24 @@ class Metagradient(Estimator):
                 if new.data_ptr() != row.data_ptr():
                     row.copy_(new)
 
-    def _block(self, x_q: Tensor, y_q: Tensor, data, done: int, total: int, path) -> Tensor:
+    def _block(self, x_q: Inputs, y_q: Tensor, data, done: int, total: int, path) -> Tensor:
         """The hypergradients of one block of queries; with ``path``, the adjoints and the
         partial sums are saved (atomically) after every segment and a stored state of the
         same settings, queries and data is resumed from (bit for bit the same result)."""
         run = self.run
         last = run.checkpoints[-1]
         key = {"kind": "metagradient_adjoint", "settings": self.settings()}
-        key["data"] = fingerprint(x_q, y_q, *data, run.checkpoints[0].theta, last.theta)
+        leaves = tree_flatten((x_q, y_q, data))[0]
+        key["data"] = fingerprint(*leaves, run.checkpoints[0].theta, last.theta)
         resumed = self._resume(path, key)
         if resumed is None:
             theta_T = last.theta.to(self.dtype)
             # the adjoints of (θ_t, state_t), from (∇m(θ_T), 0)
-            carry = theta_T.new_zeros(1 + len(last.state), x_q.shape[0], theta_T.shape[0])
+            n_query = y_q.shape[0]
+            carry = theta_T.new_zeros(1 + len(last.state), n_query, theta_T.shape[0])
             self._measurement_gradients(theta_T, x_q, y_q, carry[0])
-            check_values(carry[0].sum(1), x_q.shape[0], "query")
-            out, reached = torch.zeros(x_q.shape[0], run.n_train, dtype=self.dtype), last.step
+            check_values(carry[0].sum(1), n_query, "query")
+            out, reached = torch.zeros(n_query, run.n_train, dtype=self.dtype), last.step
         else:
             carry, out, reached = resumed
             done += run.num_steps - reached
@@ -358,7 +361,7 @@ class Metagradient(Estimator):
         """``d m(z_q; θ_T) / d w_i`` at the run's weights (``weights``, default all 1),
         ``[n_query, n_train]``."""
         x_all, y_all = as_tensors(train, "train")
-        check_run(self.run, self.task, self.model, x_all.shape[0])
+        check_run(self.run, self.task, self.model, y_all.shape[0])
         like = torch.empty(0, dtype=self.dtype)
         x_all, y_all = prepare_batch((x_all, y_all), like)
         x_q, y_q = prepare_batch(as_tensors(query, "query"), like)
@@ -371,13 +374,14 @@ class Metagradient(Estimator):
             raise ValueError(
                 f"weights: expected shape [{self.run.n_train}], got {tuple(w_all.shape)}"
             )
-        block = self.query_block or max(1, x_q.shape[0])
-        starts = range(0, x_q.shape[0], block)
+        block = self.query_block or max(1, y_q.shape[0])
+        starts = range(0, y_q.shape[0], block)
         total = len(starts) * self.run.num_steps
-        with evaluation_mode(self.model):
+        # the math attention kernel: the fused ones have no second derivative (H_t v)
+        with evaluation_mode(self.model), sdpa_kernel(SDPBackend.MATH):
             parts = [
                 self._block(
-                    x_q[s : s + block],
+                    take(x_q, slice(s, s + block)),
                     y_q[s : s + block],
                     (x_all, y_all, w_all),
                     k * self.run.num_steps,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from headwater import store
-from headwater.data import DataLike, as_tensors
+from headwater.data import DataLike, as_tensors, take
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.task import Task
@@ -369,7 +369,7 @@ def replay(
         ``{name: tensor}`` of the trained parameters after the last step.
     """
     x_all, y_all = as_tensors(train, "train")
-    check_run(run, task, model, x_all.shape[0])
+    check_run(run, task, model, y_all.shape[0])
     if weights is not None and tuple(weights.shape) != (run.n_train,):
         raise ValueError(f"weights: expected shape [{run.n_train}], got {tuple(weights.shape)}")
     check_normalization(normalization)
@@ -387,7 +387,7 @@ def replay(
     with evaluation_mode(clone):
         for idx, lr, max_norm in zip(run.batches, run.lrs, run.max_norms, strict=True):
             opt.zero_grad()
-            losses = task.train_loss(clone, (x_all[idx], y_all[idx]))
+            losses = task.train_loss(clone, (take(x_all, idx), y_all[idx]))
             if w_all is None:
                 losses.mean().backward()
             else:
