@@ -117,7 +117,7 @@ class BoundOperator:
     Matrix-free curvatures keep one of these instead of a stored matrix: each
     product streams over ``data`` (see :func:`~headwater.curvature.operators.curvature_matvec`):
     from stored per-example output Jacobians (GGN) when they fit in ``JACOBIAN_MB``
-    (1 GiB), else reusing each chunk's linearisation when all of them fit in ``CACHE_MB``
+    (1 GiB) and a forward pass is dear (``JACOBIAN_MIN_FLOPS``), else reusing each chunk's linearisation when all of them fit in ``CACHE_MB``
     (512 MiB), else rebuilding it, so memory is ``O(K·P + chunk·activations)`` whatever
     ``n_train`` is; ``product`` says which. It holds references to the model, task and
     data, so it lives only in the current process.

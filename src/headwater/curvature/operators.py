@@ -42,6 +42,7 @@ from headwater.task import Task
 __all__ = [
     "CACHE_MB",
     "JACOBIAN_MB",
+    "JACOBIAN_MIN_FLOPS",
     "CurvatureProduct",
     "MatrixKind",
     "curvature_matvec",
