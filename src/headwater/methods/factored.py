@@ -73,6 +73,8 @@ __all__ = [
     "module_factors",
     "module_gradients",
     "module_scores",
+    "num_part_rows",
+    "part_rows",
     "preconditioned_blocks",
     "train_blocks",
     "truncated_blocks",
@@ -204,6 +206,19 @@ the transient: ``16 × P`` numbers plus the largest block's intermediates)."""
 Factored = tuple[Tensor, Tensor] | Tensor  # (L [N, r, out], R [N, r, width]) or [N, out·width]
 
 
+def part_rows(parts: dict[str, Factored], rows: slice) -> dict[str, Factored]:
+    """Examples ``rows`` of every part: a tensor, or a pair of tensors sliced alike."""
+    return {
+        m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows] for m, p in parts.items()
+    }
+
+
+def num_part_rows(parts: dict[str, Factored]) -> int:
+    """Examples in ``parts`` (their first dimension)."""
+    first = next(iter(parts.values()))
+    return (first[0] if isinstance(first, tuple) else first).shape[0]
+
+
 def _dense(s: Tensor, a: Tensor) -> Tensor:
     """``Σ_t s_t ã_tᵀ`` flattened, ``[N, out·width]``, from ``s [N, T, out]``, ``ã [N, T, width]``."""
     return torch.einsum("bto,bti->boi", s, a).flatten(1)
@@ -218,10 +233,10 @@ class BlockFactors(Features):
     parts: dict[str, tuple[Tensor, Tensor]]
 
     def __len__(self) -> int:
-        return next(iter(self.parts.values()))[0].shape[0]
+        return num_part_rows(self.parts)
 
     def __getitem__(self, rows: slice) -> BlockFactors:
-        return BlockFactors({m: (s[rows], a[rows]) for m, (s, a) in self.parts.items()})
+        return BlockFactors(part_rows(self.parts, rows))
 
     def dot(self, other: BlockFactors) -> Tensor:
         tiles = [_dense(*mine) @ _dense(*other.parts[m]).T for m, mine in self.parts.items()]
@@ -238,17 +253,10 @@ class LowRankBlocks(Features):
     stacked: bool = False
 
     def __len__(self) -> int:
-        first = next(iter(self.parts.values()))
-        return (first[0] if isinstance(first, tuple) else first).shape[0]
+        return num_part_rows(self.parts)
 
     def __getitem__(self, rows: slice) -> LowRankBlocks:
-        return LowRankBlocks(
-            {
-                m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
-                for m, p in self.parts.items()
-            },
-            self.stacked,
-        )
+        return LowRankBlocks(part_rows(self.parts, rows), self.stacked)
 
     def dot(self, other: BlockFactors) -> Tensor:
         tiles = []

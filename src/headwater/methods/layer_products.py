@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.layers import Block, find_blocks
 from headwater.gradients.per_example import per_example_gradients
-from headwater.methods.factored import module_factors
+from headwater.methods.factored import module_factors, num_part_rows, part_rows
 from headwater.methods.scoring import Features
 from headwater.task import Task
 
@@ -81,16 +81,10 @@ class LayerGradients(Features):
         return cls(parts)
 
     def __len__(self) -> int:
-        first = next(iter(self.parts.values()))
-        return (first[0] if isinstance(first, tuple) else first).shape[0]
+        return num_part_rows(self.parts)
 
     def __getitem__(self, rows: slice) -> LayerGradients:
-        return LayerGradients(
-            {
-                m: (p[0][rows], p[1][rows]) if isinstance(p, tuple) else p[rows]
-                for m, p in self.parts.items()
-            }
-        )
+        return LayerGradients(part_rows(self.parts, rows))
 
     def scaled(self, weights: Tensor) -> LayerGradients:
         """Every example's gradient times ``weights [N]`` (the output factor of a pair)."""
