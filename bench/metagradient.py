@@ -279,6 +279,37 @@ def heldout_queries(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(Y[held])
 
 
+def ground_truths(
+    model,
+    task,
+    train_data,
+    query,
+    run,
+    subsets: int,
+    *,
+    seed: int = 0,
+    normalization: str = "mean",
+    folder: str = "metagradient",
+) -> dict:
+    """The single-model ground truth at each of :data:`FRACTIONS` (cached in
+    ``bench/.cache/<folder>``)."""
+    return {
+        f: single_model_ground_truth(
+            model,
+            task,
+            train_data,
+            query,
+            run,
+            fraction=f,
+            n_subsets=subsets,
+            seed=seed,
+            normalization=normalization,
+            store_dir=CACHE_DIR / folder,
+        )
+        for f in FRACTIONS
+    }
+
+
 def select(names: list[str], subsets: int, out: Path) -> None:
     """Exact-replay LDS of each recipe on held-out queries and subsets (seed 1; the bench's
     rows use the test queries and seed 0): the data recipes are chosen on. A table is
@@ -298,24 +329,18 @@ def select(names: list[str], subsets: int, out: Path) -> None:
         with torch.no_grad():
             acc = float((model(xt).argmax(1) == yt).float().mean())
         scores = Metagradient(model, task, run, normalization=norm).scores((xq, yq), (x, y))
-        quality = [
-            lds(
-                scores,
-                single_model_ground_truth(
-                    model,
-                    task,
-                    (x, y),
-                    (xq, yq),
-                    run,
-                    fraction=f,
-                    n_subsets=subsets,
-                    seed=1,
-                    normalization=norm,
-                    store_dir=CACHE_DIR / "metagradient-select",
-                ),
-            ).mean
-            for f in FRACTIONS
-        ]
+        truths = ground_truths(
+            model,
+            task,
+            (x, y),
+            (xq, yq),
+            run,
+            subsets,
+            seed=1,
+            normalization=norm,
+            folder="metagradient-select",
+        )
+        quality = [lds(scores, truths[f]).mean for f in FRACTIONS]
         row = f"| {name} | {recipe} | {acc:.3f} | " + " | ".join(f"{q:.3f}" for q in quality) + " |"
         print(row, flush=True)
         with out.open("a") as f:
@@ -375,19 +400,7 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> d
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
     ).values
     estimators["TracIn (checkpoints)"] = (tr, time.process_time() - start)
-    truths = {
-        f: single_model_ground_truth(
-            model,
-            task,
-            (x, y),
-            (xq, yq),
-            run,
-            fraction=f,
-            n_subsets=subsets,
-            store_dir=CACHE_DIR / "metagradient",
-        )
-        for f in FRACTIONS
-    }
+    truths = ground_truths(model, task, (x, y), (xq, yq), run, subsets)
     rows = []
     for est, (values, secs) in estimators.items():
         quality = [lds(values, truths[f]) for f in FRACTIONS]
