@@ -34,7 +34,7 @@ import torch
 
 import headwater
 from bench.lm import IGNORE, PROMPT, VOCAB, corpus, encode
-from bench.problems import CACHE_DIR
+from bench.problems import CACHE_DIR, _key
 from headwater.curvature import CURVATURES
 from headwater.evaluate.lds import lds, lds_ground_truth
 from headwater.task import LanguageModelingTask
@@ -76,7 +76,9 @@ def task() -> LanguageModelingTask:
 def trained():
     """The trained model (cached in bench/.cache)."""
     model, (train, _) = build(), data()
-    path = CACHE_DIR / f"gpt2-defaults-{N_TRAIN}-{CONFIG.epochs}.pt"
+    # the key holds every setting of the recipe: a cached model of other settings is never reused
+    recipe = {"gpt2": GPT2, "config": CONFIG.to_dict(), "n": N_TRAIN, "wd": WEIGHT_DECAY}
+    path = CACHE_DIR / f"gpt2-defaults-{_key(recipe)}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()

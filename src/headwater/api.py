@@ -40,6 +40,7 @@ def influence(
     query_chunk: int = 256,
     query_batch: int | None = None,
     curvature_options: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
     trajectory: Trajectory | None = None,
     run: RunRecord | None = None,
@@ -84,6 +85,10 @@ def influence(
             many queries at a time (memory ``query_batch × P`` instead of ``n_query × P``;
             one more pass over the training gradients per batch; same numbers).
         curvature_options: extra constructor arguments of the curvature class.
+        method_options: extra constructor arguments of the method's class, for
+            ``method="metagradient"``: those of
+            :class:`~headwater.methods.metagradient.Metagradient` (``hessian_free``,
+            ``normalization``: the counterfactual of a zero weight, ``query_block``, ``dtype``).
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
         run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
@@ -124,6 +129,7 @@ def influence(
         query_chunk=query_chunk,
         query_batch=query_batch,
         curvature_options=curvature_options,
+        method_options=method_options,
         renormalize=renormalize,
         store=store,
         read_only_store=read_only_store,

@@ -584,6 +584,14 @@ def test_score_with_a_recorded_run_in_the_spec(tmp_path, monkeypatch, capsys):
     got = load_result(tmp_path / "out").scores
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert list((tmp_path / "out").glob("metagradient-block0.*"))  # resumable reverse pass
+    args = ["score", "spec.py", "--method", "metagradient", "--no-self-influence", "--quiet"]
+    assert main([*args, "--method-option", "normalization=n", "-o", "n"]) == 0
+    want = Metagradient(model, task, load_run(run_path), normalization="n").scores(query, train)
+    got = load_result(tmp_path / "n").scores
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert main([*args, "--method-option", "normalisation=n", "-o", "bad"]) == 2
+    assert "--method-option: unknown option 'normalisation'" in capsys.readouterr().err
     assert (
         main(
             [

@@ -40,7 +40,7 @@ __all__ = [
     "check_attribution_options",
     "check_device",
     "known_methods",
-    "parse_curvature_options",
+    "parse_options",
     "parse_projection",
     "prepare_output",
     "setup_logging",
@@ -159,6 +159,15 @@ def add_attribution_options(
         "(repeatable; values are read as JSON, else as text)",
     )
     g.add_argument(
+        "--method-option",
+        dest="method_options",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="extra argument of the method's class, e.g. normalization=n with --method "
+        "metagradient (repeatable; values are read as JSON, else as text)",
+    )
+    g.add_argument(
         "--chunk-size", type=int, default=64, help="examples per vectorised gradient step"
     )
     g.add_argument(
@@ -209,7 +218,7 @@ def add_attribution_options(
     )
 
 
-_FLAGS = {"curvature_options": "curvature-option"}
+_FLAGS = {"curvature_options": "curvature-option", "method_options": "method-option"}
 """Settings fields whose command-line flag is not the field's name with dashes."""
 
 
@@ -240,7 +249,9 @@ def attribution_settings(
             query_batch=args.query_batch,
             store=store,
             read_only_store=bool(getattr(args, "read_only_store", False)) and store is not None,
-            curvature_options=parse_curvature_options(args.curvature_options) or None,
+            curvature_options=parse_options(args.curvature_options, "curvature-option") or None,
+            method_options=parse_options(getattr(args, "method_options", None), "method-option")
+            or None,
         )
     except (TypeError, ValueError) as err:
         field, sep, message = str(err).partition(": ")
@@ -289,13 +300,14 @@ def parse_projection(spec: str | None, seed: int) -> RandomProjection | Kronecke
     raise UserError(f"--projection: expected K or KOUTxKIN (positive integers), got {spec!r}")
 
 
-def parse_curvature_options(items: list[str] | None) -> dict[str, Any]:
-    """``["rank=50", "seed=1"]`` -> ``{"rank": 50, "seed": 1}``."""
+def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["rank=50", "seed=1"]`` -> ``{"rank": 50, "seed": 1}`` (``flag`` names the option
+    in the error for a malformed item)."""
     options: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(f"--curvature-option: expected KEY=VALUE, got {item!r}")
+            raise UserError(f"--{flag}: expected KEY=VALUE, got {item!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -42,9 +42,11 @@ def attribute(
 ) -> Scores:
     """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator
     (``run``: the recorded training run, for ``metagradient``)."""
-    store = None
+    store = None  # resumable state in the output folder
     if args.method == "influence":
         store = Path(args.out) / ("projected" if args.projection is not None else "curvature")
+    elif args.method == "metagradient":
+        store = Path(args.out) / "metagradient"  # the reverse pass's adjoints, by segment
     settings = attribution_settings(args, store=store)
     log.info(
         "scoring with method=%s, curvature=%s (%s), damping=%s%s",

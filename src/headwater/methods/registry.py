@@ -63,12 +63,14 @@ Builder = Callable[[nn.Module, Task, "AttributionSettings", Inputs, DataLike], E
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method: the optional settings it reads (any other one set raises) and its
-    ``build(model, task, settings, inputs, train) -> fitted Estimator``."""
+    """One method: the optional settings it reads (any other one set raises), its
+    ``build(model, task, settings, inputs, train) -> fitted Estimator`` and, when it reads
+    ``method_options``, the class whose keyword arguments they are."""
 
     build: Builder
     options: frozenset[str]
     self_influence: bool = True
+    option_class: type | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class AttributionSettings:
     renormalize: bool = False
     store: str | os.PathLike | None = None
     read_only_store: bool = False
+    method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -113,10 +116,10 @@ class AttributionSettings:
             raise ValueError(
                 f"kind: expected one of {[k.value for k in MatrixKind]}, got {self.kind!r}"
             )
-        if self.curvature_options is not None and not isinstance(self.curvature_options, dict):
-            raise TypeError(
-                f"curvature_options: expected a dict, got {type(self.curvature_options).__name__}"
-            )
+        for name in ("curvature_options", "method_options"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name}: expected a dict, got {type(value).__name__}")
         spec = METHODS[self.method]
         for field in dataclasses.fields(self):
             if (
@@ -132,6 +135,13 @@ class AttributionSettings:
             raise ValueError(f"self_influence: not defined for method={self.method!r}")
         if self.method == "influence":
             _check_influence(self)
+        if self.method_options:
+            check_option_names(
+                spec.option_class,
+                self.method_options,
+                what="method_options",
+                reserved=_METHOD_RESERVED,
+            )
 
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments of :func:`headwater.influence` (not copied)."""
@@ -155,8 +165,12 @@ _OPTIONAL = (
     "renormalize",
     "store",
     "read_only_store",
+    "method_options",
 )
 """Settings only some methods read (the others are common to every method)."""
+
+_METHOD_RESERVED = ("model", "task", "run", "store", "progress")
+"""Arguments of a method's class that :func:`headwater.influence` passes itself."""
 
 
 def check_curvature_options(
@@ -284,7 +298,14 @@ def _metagradient(
         raise ValueError(
             "run: method='metagradient' needs a recorded run (headwater.train.Recorder)"
         )
-    return Metagradient(model, task, inputs.run, store=s.store, progress=inputs.progress)
+    return Metagradient(
+        model,
+        task,
+        inputs.run,
+        store=s.store,
+        progress=inputs.progress,
+        **(s.method_options or {}),
+    )
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -305,6 +326,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "tracin": MethodSpec(_tracin, frozenset({"renormalize"})),
     "hydra": MethodSpec(_hydra, frozenset(), self_influence=False),
-    "metagradient": MethodSpec(_metagradient, frozenset(), self_influence=False),
+    "metagradient": MethodSpec(
+        _metagradient,
+        frozenset({"store", "method_options"}),
+        self_influence=False,
+        option_class=Metagradient,
+    ),
 }
 """Method name -> :class:`MethodSpec`; a new method is one line here."""
