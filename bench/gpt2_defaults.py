@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--limit", type=float, default=300.0, help="seconds per curvature")
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file to update")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, (train, query) = trained(), data()
@@ -198,11 +199,11 @@ def main() -> None:
         "",
         "| curvature | LDS | time | damping | choice |",
         "|---|---:|---:|---:|---|",
-        *_merged_rows(rows),
+        *_merged_rows(rows, args.out),
         "",
     ]
-    if args.only and RESULTS.exists():  # the earlier run's header, and what was rerun
-        header = RESULTS.read_text().split("| curvature |")[0].rstrip().splitlines()
+    if args.only and args.out.exists():  # the earlier run's header, and what was rerun
+        header = args.out.read_text().split("| curvature |")[0].rstrip().splitlines()
         table = lines[lines.index("| curvature | LDS | time | damping | choice |") :]
         lines = [
             *header,
@@ -213,17 +214,17 @@ def main() -> None:
             "",
             *table,
         ]
-    RESULTS.write_text("\n".join(lines))
+    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 
-def _merged_rows(rows: list[str]) -> list[str]:
-    """``rows`` in place of the same curvature's rows of the existing table (the others
+def _merged_rows(rows: list[str], path: Path) -> list[str]:
+    """``rows`` in place of the same curvature's rows of the table in ``path`` (the others
     kept, in their order), so that ``--only`` reruns a few curvatures."""
-    if not RESULTS.exists():
+    if not path.exists():
         return rows
     fresh = {row.split("|")[1].strip(): row for row in rows}
-    old = [line for line in RESULTS.read_text().splitlines() if line.startswith("| ")][1:]
+    old = [line for line in path.read_text().splitlines() if line.startswith("| ")][1:]
     out = [fresh.pop(line.split("|")[1].strip(), line) for line in old]
     return out + list(fresh.values())
 

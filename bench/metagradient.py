@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import headwater
 from bench.cnn_problem import _build_cnn
@@ -262,6 +263,43 @@ def _child_peak(folder: str, arch: str) -> None:
     print((_rss_kib("VmHWM") - base) / 1024)
 
 
+def product_flops(
+    model: nn.Module, task, run: RunRecord, x, y, n_query: int
+) -> tuple[float, float]:
+    """``(FLOPs of the n_query Hessian-vector products of one reverse step, FLOPs of one
+    training step's forward and backward on the same batch)``, counted by FlopCounterMode on
+    the vmapped pullback the estimator runs and on ``torch.func.grad`` of the batch loss."""
+    idx, theta = run.batches[0], run.checkpoints[-1].theta
+    products, _ = Metagradient(model, task, run)._products(
+        theta, x[idx], y[idx], torch.ones(len(idx)), None
+    )
+    probe = torch.randn(8, theta.shape[0])
+    with FlopCounterMode(display=False) as counter:
+        products(probe)
+    per_query = counter.get_total_flops() / probe.shape[0]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with FlopCounterMode(display=False) as counter:
+        torch.func.grad(
+            lambda p: task.train_loss(
+                lambda inp: torch.func.functional_call(model, p, (inp,)), (x[idx], y[idx])
+            ).mean()
+        )(params)
+    return n_query * per_query, float(counter.get_total_flops())
+
+
+def matmul_rate() -> float:
+    """FLOPs per CPU second of a 1024 x 1024 float32 matrix product here (best of 3)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = math.inf
+    for _ in range(3):
+        start = time.process_time()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.process_time() - start) / 10)
+    return 2 * 1024**3 / best
+
+
 def heldout_queries(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` digits outside the bench's train and test sets (the same split and scaling)."""
     import numpy as np
@@ -369,6 +407,8 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> d
         acc = float((model(xq).argmax(1) == yq).float().mean())
     scores, seconds = measured_metagradient(model, task, run, (xq, yq), (x, y))
     peak = peak_rise(recipe["arch"], model, run)
+    products, step_flops = product_flops(model, task, run, x, y, xq.shape[0])
+    floor = products * run.num_steps / matmul_rate() / one_run  # runs, at the matmul rate
     p = run.layout.num_params
     n_state = len(run.checkpoints[0].state)
     budget = (1 + n_state + xq.shape[0]) * p * 4 / 2**20
@@ -418,6 +458,8 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> d
         "one_run": one_run,
         "seconds": seconds,
         "peak": peak,
+        "floor": floor,
+        "flop_ratio": products / step_flops,
         "budget": budget,
         "P": p,
         "steps": run.num_steps,
@@ -446,14 +488,15 @@ def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path)
             )
     lines += [
         "",
-        "| recipe | P | metagradient of 200 queries (s) | runs | peak RSS rise (MiB) | "
-        "(1 + state + 200)·P floats (MiB) | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | P | metagradient of 200 queries (s) | runs | products / training step "
+        "FLOPs | floor at matmul rate (runs) | peak RSS rise (MiB) | (1 + state + 200)·P "
+        "floats (MiB) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['name']} | {r['P']} | {r['seconds']:.1f} | {r['seconds'] / r['one_run']:.1f} | "
-            f"{r['peak']:.1f} | {r['budget']:.1f} | {r['peak'] / r['budget']:.1f} |"
+            f"{r['flop_ratio']:.0f} | {r['floor']:.1f} | {r['peak']:.1f} | {r['budget']:.1f} | {r['peak'] / r['budget']:.1f} |"
         )
     lines += [
         "",
@@ -465,7 +508,14 @@ def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path)
         "accuracy, the smooth one is far more attributable. Its time is dominated by the "
         "200 batched Hessian-vector products per step (reverse over reverse with the example "
         "weights as an input, so H·a and J·a come from one vmapped pullback; chunks of at most "
-        "40 queries); the Hessian-free column shows the rest (replay, optimizer pullback, J·a in "
+        "35 queries, fewer where a batch's activations are large: their temporaries are held "
+        "to twice the adjoints). Their FLOPs per reverse step, over one training step's "
+        "(FlopCounterMode), are several hundred: the time in runs is far below that only "
+        "because a training step on these small layers runs at a low FLOP rate. The floor "
+        "is the products' FLOPs over the whole run at this core's rate for a 1024 x 1024 "
+        "matrix product, in runs: what the exact method costs if its products ran as fast as "
+        "a large matrix product (a vmapped convolution's double backward runs far slower). "
+        "The Hessian-free column shows the rest (replay, optimizer pullback, J·a in "
         "forward mode). The peak RSS rise (after a one-query warm-up call, so first-call code "
         "loading is not counted) holds the adjoints of θ and the optimizer state "
         "((1 + state)·200·P floats), a chunk's temporaries and the "

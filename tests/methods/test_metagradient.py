@@ -120,6 +120,26 @@ def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
     assert_close(chunked, whole, rtol=0, atol=1e-10, what="chunks of 3 + 2 vs one chunk")
 
 
+def test_chunks_shrink_with_the_activations_and_give_the_same_scores(monkeypatch):
+    """The chunk holds its temporaries (about 3 forward passes' tensors + 4 P floats per
+    query) within twice the adjoints: a CNN, whose batch activations dwarf P, gets smaller
+    chunks than an MLP; a budget of one query per chunk gives the same scores."""
+    rows = []
+    pick = Metagradient._chunk_rows
+    monkeypatch.setattr(
+        Metagradient, "_chunk_rows", lambda self, *a: rows.append(pick(self, *a)) or rows[-1]
+    )
+    for make in (mlp, cnn):
+        case = make(n_train=20, n_query=30)
+        task, run = record(case, "sgd")
+        whole = Metagradient(case.model, task, run).scores(case.query, case.train)
+    assert 1 < rows[1] < rows[0] < 30, rows
+    monkeypatch.setattr(metagradient, "_TEMPORARIES", 1e-9)
+    single = Metagradient(case.model, task, run).scores(case.query, case.train)
+    assert rows[-1] == 1
+    assert_close(single, whole, rtol=0, atol=1e-10, what="one query per chunk vs the rule's")
+
+
 def test_sign_removing_top_proponent_raises_query_loss():
     case = mlp(n_train=20, n_query=3)
     task, run = record(case, "sgd", clip=False)

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,6 +28,7 @@ from headwater.data import DataLike, Inputs, iter_batches, num_examples, one_exa
 from headwater.distributed import all_reduce_sum_, local_batches, shard_range
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import (
+    OutputBytes,
     bind,
     detached,
     evaluation_mode,
@@ -180,21 +180,6 @@ class CurvatureProduct:
         return self._fn(v)
 
 
-class _OutputBytes(TorchFunctionMode):
-    """Counts the bytes of every tensor a forward pass creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for t in result if isinstance(result, tuple | list) else (result,):
-            if isinstance(t, Tensor):
-                self.total += t.numel() * t.element_size()
-        return result
-
-
 def _rows(inputs: Inputs) -> int:
     return tree_flatten(inputs)[0][0].shape[0]
 
@@ -204,7 +189,7 @@ def _forward_costs(model, task, layout, theta, kind, x, n: int) -> tuple[float, 
     linearisation over ``n`` examples (4× the tensors of a forward pass: the vjp graph, its
     transpose, outputs; or the EF's per-example gradients), the numbers ``C`` in one
     example's output, and the pass's FLOPs per example."""
-    counter = _OutputBytes()
+    counter = OutputBytes()
     with torch.no_grad(), counter, FlopCounterMode(display=False) as flops:
         out = task.output(bind(model, layout.unflatten(theta)), x)
     outputs = out[0].numel()

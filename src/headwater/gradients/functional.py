@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from headwater.data import Inputs, map_inputs
 
 __all__ = [
+    "OutputBytes",
     "bind",
     "check_device",
     "detached",
@@ -144,3 +146,18 @@ def detached(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 
 def first_param(params: dict[str, Tensor]) -> Tensor:
     return next(iter(params.values()))
+
+
+class OutputBytes(TorchFunctionMode):
+    """Counts the bytes of every tensor the code run under it creates (``.total``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(t, Tensor):
+                self.total += t.numel() * t.element_size()
+        return result

@@ -52,7 +52,13 @@ from torch.utils._pytree import tree_flatten
 
 from headwater import store
 from headwater.data import DataLike, Inputs, as_tensors, one_example, take
-from headwater.gradients.functional import bind, evaluation_mode, prepare_batch, vmap_examples
+from headwater.gradients.functional import (
+    OutputBytes,
+    bind,
+    evaluation_mode,
+    prepare_batch,
+    vmap_examples,
+)
 from headwater.gradients.per_example import check_values
 from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
@@ -80,10 +86,21 @@ products, the allocator's slack from them): 200 queries in chunks of 34 / 40 / 5
 57.6 / 55.9 / 54.3 training runs (SGD) with a peak RSS of 3.6 / 3.8 / 4.3x
 ``(1 + state + 200)·P`` floats; with Adam's third adjoint 4.7x at 34 and 4.9x at 40."""
 
+_PER_FORWARD, _PER_PARAM = 3, 4
+"""A query's temporaries in the pullback: about ``3 A + 4 P`` floats, ``A`` the floats one
+forward pass over the batch creates (fitted to the peak RSS of 200 queries on the digits
+MLP, ``A`` = 17k, P = 9k, and the LeNet-style CNN, ``A`` = 100k, P = 3.7k)."""
 
-def _chunk(n_query: int) -> int:
-    """Rows per chunk: at most ``_CHUNK``, the chunks of ``n_query`` as even as possible."""
-    pieces = max(1, -(-n_query // _CHUNK))
+_TEMPORARIES = 2
+"""A chunk's temporaries are held to this many times the adjoints ``(1 + state)·Q·P``, so
+memory stays ``O(Q·P)`` whatever the activations: the CNN, whose batch activations are 27x
+P, runs chunks of 9 (35 were 16-20x ``(1 + state + Q)·P`` floats, at the same speed: a
+call costs about 5 ms plus 1.2 ms per query there; chunks of 5 took 1.5x as long)."""
+
+
+def _chunk(n_query: int, most: int = _CHUNK) -> int:
+    """Rows per chunk: at most ``most``, the chunks of ``n_query`` as even as possible."""
+    pieces = max(1, -(-n_query // max(1, most)))
     return max(1, -(-n_query // pieces))
 
 
@@ -142,6 +159,7 @@ class Metagradient(Estimator):
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
         self.store = store
         self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass
+        self._rows = _CHUNK  # queries per chunk during a pass (_chunk_rows)
 
     # ---------------------------------------------------------------- model as a function of θ
     def _losses_fn(self, x: Inputs, y: Tensor):
@@ -291,7 +309,7 @@ class Metagradient(Estimator):
         coefficients = self._coefficients(t, count, theta, state, g)
         hyper = self.run.hyper
         deferred = self.run.optimizer == "sgd" and hyper["momentum"] and not hyper["nesterov"]
-        for s in range(0, carry.shape[1], chunk := _chunk(carry.shape[1])):
+        for s in range(0, carry.shape[1], chunk := self._rows):
             rows = carry[:, s : s + chunk]  # views
             a_theta, a_state, a_g = self._pullback(t, g, coefficients, rows[0], tuple(rows[1:]))
             hv, jw = products(a_g)  # {name: [c, *shape]}, [c, B]
@@ -328,8 +346,9 @@ class Metagradient(Estimator):
         else:
             carry, out, reached = resumed
             done += run.num_steps - reached
+        self._rows = self._chunk_rows(carry, data)
         if run.optimizer != "sgd":
-            self._work = carry.new_empty(_chunk(carry.shape[1]), carry.shape[2])
+            self._work = carry.new_empty(self._rows, carry.shape[2])
         ckpts = run.checkpoints
         for start, end in zip(
             reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True
@@ -346,6 +365,20 @@ class Metagradient(Estimator):
                 store.save(path, {"carry": carry, "out": out}, {**key, "step": start.step})
         self._work = None
         return out
+
+    def _chunk_rows(self, carry: Tensor, data) -> int:
+        """Queries per chunk: at most :data:`_CHUNK`, and their temporaries (about
+        ``3 A + 4 P`` floats each, ``A`` counted on one forward pass over the first batch)
+        within :data:`_TEMPORARIES` times the adjoints ``carry``."""
+        x_all, y_all, _ = data
+        idx, theta = self.run.batches[0], self.run.checkpoints[-1].theta.to(self.dtype)
+        counter = OutputBytes()
+        with torch.no_grad(), counter:
+            self._losses_fn(take(x_all, idx), y_all[idx])(self.run.layout.unflatten(theta))
+        per_query = (
+            _PER_FORWARD * counter.total / theta.element_size() + _PER_PARAM * theta.shape[0]
+        )
+        return _chunk(carry.shape[1], int(_TEMPORARIES * carry.numel() / per_query))
 
     @staticmethod
     def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, int] | None:
