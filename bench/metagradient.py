@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -474,7 +475,9 @@ def write(results: list[dict[str, Any]], subsets: int, total: float, path: Path)
         f"`python -m bench.metagradient {' '.join(sys.argv[1:])}`, {platform.machine()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), float32, {subsets} replays per drop "
         f"fraction (LDS ± standard error over the 200 test queries), {total:.0f} s of CPU time in all. "
-        "Times are CPU seconds of the process.",
+        "Times are CPU seconds of the process; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end (2 cores: above 1, another job shared the "
+        "machine and every time, the training run's too, is inflated).",
         "",
         "| recipe | test acc | steps | one run (s) | estimator | LDS 1% | LDS 5% | LDS 50% | time (runs) |",
         "|---|---|---|---|---|---|---|---|---|",
