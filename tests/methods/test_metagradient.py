@@ -293,32 +293,28 @@ def test_one_call_api_passes_method_options_and_store(tmp_path):
     case = mlp(n_train=20, n_query=3)
     task, run = record(case, "sgd")
     want = Metagradient(case.model, task, run, normalization="n").scores(case.query, case.train)
-    got = headwater.influence(
-        case.model,
-        case.train,
-        case.query,
-        task=task,
-        method="metagradient",
-        run=run,
-        method_options={"normalization": "n", "query_block": 2},
-        store=tmp_path / "mg",
-        progress=False,
-    )
+
+    def call(options, **kwargs):
+        return headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=task,
+            method="metagradient",
+            run=run,
+            method_options=options,
+            progress=False,
+            **kwargs,
+        )
+
+    got = call({"normalization": "n", "query_block": 2}, store=tmp_path / "mg")
     torch.testing.assert_close(got.values, want, rtol=1e-6, atol=1e-7)
     default = Metagradient(case.model, task, run).scores(case.query, case.train)
     assert (default - want).abs().max() > 1e-3 * want.abs().max()  # the option took effect
     assert sorted(p.name for p in tmp_path.iterdir() if "block" in p.name)  # saved by segment
     for bad, named in (({"normalisation": "n"}, "normalization"), ({"store": "x"}, "hessian_free")):
         with pytest.raises(ConfigError, match=f"method_options.*{named}"):
-            headwater.influence(
-                case.model,
-                case.train,
-                case.query,
-                task=task,
-                method="metagradient",
-                run=run,
-                method_options=bad,
-            )
+            call(bad)
     with pytest.raises(ValueError, match="method_options: not used by method='influence'"):
         headwater.influence(
             case.model, case.train, case.query, method_options={"normalization": "n"}
