@@ -278,7 +278,8 @@ def cg_vs_ekfac(problem: Problem, lines: list[str], n_query: int = 50) -> None:
             )
         elif name == "lissa":
             detail = (
-                f"depth {est.curvature.depth}, last relative change {info.relative_change:.2g}; "
+                f"{info.steps} of depth {est.curvature.depth} steps, worst relative residual "
+                f"{info.residual:.2g}; "
             )
         notes = est.curvature.fit_notes
         detail += "; ".join(f"{k}: {v}" for k, v in notes.items())

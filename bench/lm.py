@@ -328,7 +328,10 @@ def _solver_note(curv: Any) -> str:
             f"CG {'converged' if info.converged else 'NOT converged'} after {info.iterations} iterations: "
             f"relative residual median {float(res.median()):.2f}, max {float(res.max()):.2f}"
         )
-    return f"LiSSA scale {curv.fitted_scale:.3g}, last relative change {info.relative_change:.2g}"
+    return (
+        f"LiSSA scale {curv.fitted_scale:.3g}, {info.steps} steps, worst relative residual "
+        f"{info.residual:.2g}"
+    )
 
 
 HEADWATER_METHODS: list[tuple[str, dict[str, Any]]] = [

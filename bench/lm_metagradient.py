@@ -50,10 +50,10 @@ import torch
 from torch import Tensor
 
 import headwater
-from bench.lm import DAMPING, N_TRAIN, WEIGHT_DECAY, LMProblem, get_lm_problem
+from bench.lm import DAMPING, N_TRAIN, SETTINGS, WEIGHT_DECAY, LMProblem, get_lm_problem
 from bench.measure import measure
 from bench.metagradient import tracin_checkpoints
-from bench.problems import CACHE_DIR
+from bench.problems import CACHE_DIR, _key
 from headwater.evaluate import lds, single_model_ground_truth
 from headwater.evaluate.lds import LDSGroundTruth
 from headwater.methods.metagradient import Metagradient
@@ -128,9 +128,16 @@ def train(problem: LMProblem, recipe: dict[str, Any]) -> tuple[torch.nn.Module, 
     return model, rec.finish(meta={"recipe": recipe["name"]})
 
 
+def _folder(name: str) -> Path:
+    """The recipe's cache folder, keyed by every setting of the problem, the loop and the
+    recipe: a cached run of other settings is never reused."""
+    loop = {"batch": BATCH, "epochs": EPOCHS, "order": ORDER_SEED, "every": CHECKPOINT_EVERY}
+    return CACHE / f"{name}-{_key({'problem': SETTINGS, 'loop': loop, **RECIPES[name]})}"
+
+
 def recorded(name: str, problem: LMProblem) -> tuple[torch.nn.Module, RunRecord, dict[str, Any]]:
     """The recipe's model, run and facts (one training run's CPU time, quality), cached."""
-    folder = CACHE / name
+    folder = _folder(name)
     if not (folder / "facts.json").exists():
         train(problem, {**RECIPES[name], "name": name})  # warm-up
         times = []
@@ -162,7 +169,7 @@ def recorded(name: str, problem: LMProblem) -> tuple[torch.nn.Module, RunRecord,
 
 
 def _truth_marker(name: str, n_query: int, subsets: int) -> Path:
-    return CACHE / name / f"truth-q{n_query}-s{subsets}.done"
+    return _folder(name) / f"truth-q{n_query}-s{subsets}.done"
 
 
 def ground_truths(model, run: RunRecord, problem: LMProblem, query, subsets: int):
@@ -217,7 +224,7 @@ def estimator(name: str, model, run: RunRecord, problem: LMProblem, query) -> Ca
 
 
 def compute(name: str, what: str, model, run, problem, query, n_query: int) -> None:
-    path = CACHE / name / f"{what}-q{n_query}.pt"
+    path = _folder(name) / f"{what}-q{n_query}.pt"
     if path.exists():
         return
     print(f"[lm-metagradient] {name}: {what} ...", file=sys.stderr, flush=True)
@@ -258,7 +265,7 @@ def write(names: list[str], problem: LMProblem, n_query: int, subsets: int) -> N
             base = LanguageModelingTask().measurement(model, query)
         budget = (1 + len(run.checkpoints[0].state) + n_query) * run.layout.num_params * 4 / 2**20
         for what in ESTIMATORS:
-            path = CACHE / name / f"{what}-q{n_query}.pt"
+            path = _folder(name) / f"{what}-q{n_query}.pt"
             if not path.exists():
                 continue
             saved = torch.load(path, weights_only=True)

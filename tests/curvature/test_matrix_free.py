@@ -149,13 +149,19 @@ def test_lissa_preconditioned(tmp_path):
     case = CASES["linreg"]()
     v = _rhs(3, 12)
     want = torch.linalg.solve(_dense(case, "ggn", 1e-3), v.T).T
-    curv = LiSSA(damping=1e-3, depth=10, preconditioner="ekfac").fit(
+    curv = LiSSA(damping=1e-3, depth=10, tol=1e-9, preconditioner="ekfac").fit(
         case.model, case.task, case.train
     )
-    plain = LiSSA(damping=1e-3, depth=10, preconditioner="none").fit(
+    plain = LiSSA(damping=1e-3, depth=10, tol=1e-9, preconditioner="none").fit(
         case.model, case.task, case.train
     )
-    assert _rel(curv.solve(v), want) < 1e-6 and _rel(plain.solve(v), want) > 1e-2
+    assert _rel(curv.solve(v), want) < 1e-6 and curv.last_info.converged
+    with pytest.warns(RuntimeWarning, match=r"did not reach tol=1e-09 in depth=10 steps"):
+        assert _rel(plain.solve(v), want) > 1e-2
+    # the default tol (1e-2) stops at the first step whose residual is below it
+    curv = LiSSA(damping=1e-3, preconditioner="ekfac").fit(case.model, case.task, case.train)
+    x = curv.solve(v)
+    assert curv.last_info.converged and curv.last_info.steps < 5 and _rel(x, want) < 1e-2
     case = CASES["mlp"]()  # an approximate preconditioner: converges to the same answer
     v = _rhs(3, 51)
     want = torch.linalg.solve(_dense(case, "ggn", 0.1), v.T).T

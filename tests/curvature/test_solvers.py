@@ -139,8 +139,39 @@ def test_lissa_converges_to_dense_solve() -> None:
     B = _rhs(3, 40)
     X, info = lissa(lambda V, step: V @ SPD, B, depth=400, scale=12.0, damping=0.1)
     assert _rel(X, _dense_solve(SPD, B, 0.1)) < 5e-2
-    assert info.converged and info.norms.shape == (1, 400)
+    assert info.steps == 400 and not info.norms.isnan().any()  # tol 0: every step runs
     assert X.dtype == B.dtype
+
+
+def test_lissa_stops_each_row_at_tol_with_an_honest_residual() -> None:
+    eigvecs = torch.linalg.eigh(SPD).eigenvectors
+    # a top eigenvector contracts by 1 - 10.1/12 per step, a bottom one by 1 - 0.2/12
+    B = torch.stack([eigvecs[:, -1], eigvecs[:, 0], _rhs(1, 40)[0]])
+    rows: list[int] = []
+    reported: list[tuple[int, float]] = []
+
+    def mv(V: Tensor, step: int) -> Tensor:
+        rows.append(V.shape[0])
+        return V @ SPD
+
+    def callback(step: int, residuals: Tensor) -> None:
+        reported.append((step, float(residuals.max())))
+
+    X, info = lissa(mv, B, depth=2000, scale=12.0, damping=0.1, tol=1e-6, callback=callback)
+    assert info.converged and info.residual <= 1e-6
+    # the top eigenvector stops within a few steps, the others later, one at a time
+    assert rows[:3] == [3, 3, 3] and rows[20] == 2 and rows[-1] == 1 and rows == sorted(rows)[::-1]
+    assert len(rows) == info.steps < 2000
+    assert [s for s, _ in reported] == list(range(1, info.steps + 1))
+    assert reported[-1][1] == info.residual
+    assert (
+        info.norms[0, info.steps :].isnan().all() and not info.norms[0, : info.steps].isnan().any()
+    )
+    true = ((B - X @ SPD - 0.1 * X).norm(dim=1) / B.norm(dim=1)).max().item()
+    assert true <= 1e-6  # the returned estimate is a step past the measured residual
+    assert _rel(X, _dense_solve(SPD, B, 0.1)) < 1e-5
+    _, short = lissa(mv, B, depth=5, scale=12.0, damping=0.1, tol=1e-6)
+    assert not short.converged and short.steps == 5 and short.residual > 1e-3
 
 
 def test_lissa_stochastic_steps_and_repeats() -> None:

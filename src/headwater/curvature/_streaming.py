@@ -3,6 +3,7 @@ fitted preconditioners (EK-FAC, K-FAC, diagonal; a Nyström one is fitted by CG 
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import MatVec
 from headwater.data import DataLike
 from headwater.gradients.flat import ParamLayout
-from headwater.progress import ProgressFn
+from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = ["Preconditioner", "StreamingCurvature", "fit_preconditioner"]
@@ -111,6 +112,21 @@ class StreamingCurvature(Curvature):
         self._precondition: MatVec | None = None
         self._use_preconditioner: bool | None = None  # a check of the first solve, if any
         self.progress: ProgressFn | None = None  # told about each solve's iterations
+
+    def _report_steps(self, stage: str, done: int, worst: float, tol: float, cap: int) -> None:
+        """``progress(stage, done, estimated total)``: the total assumes the worst row's
+        relative residual keeps shrinking at its average rate so far (geometric
+        convergence) until ``tol``, at most ``cap``, so a progress bar shows the remaining
+        time from the first iterations on."""
+        if self.progress is None:
+            return
+        if worst <= tol or tol <= 0:
+            total = done if worst <= tol else cap
+        elif 0 < worst < 1:
+            total = min(cap, max(done, math.ceil(done * math.log(tol) / math.log(worst))))
+        else:
+            total = cap
+        report(self.progress, stage, done, total)
 
     def _attach(self, model: nn.Module, task: Task, data: DataLike) -> BoundOperator:
         """Bind the data's operator (and drop a preconditioner of other data)."""

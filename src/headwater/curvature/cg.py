@@ -35,7 +35,7 @@ from headwater.curvature.solvers import (
     nystrom_preconditioner,
 )
 from headwater.data import DataLike
-from headwater.progress import ProgressFn, report
+from headwater.progress import ProgressFn
 from headwater.task import Task
 
 __all__ = ["CG", "CGState"]
@@ -292,22 +292,8 @@ class CG(StreamingCurvature):
         return x
 
     def _report(self, iteration: int, residuals: Tensor) -> None:
-        """``progress("CG iterations", i, estimated total)``: the total assumes the worst
-        row's residual keeps shrinking at its average rate so far (geometric convergence),
-        so a progress bar shows the remaining time from the first iterations on."""
-        if self.progress is None:
-            return
         cap = self.max_iter if self.max_iter is not None else 10 * self.layout.num_params
-        worst = float(residuals.max())
-        if worst <= self.tol or self.tol <= 0:
-            total = iteration
-        elif 0 < worst < 1:
-            total = min(
-                cap, max(iteration, math.ceil(iteration * math.log(self.tol) / math.log(worst)))
-            )
-        else:
-            total = cap
-        report(self.progress, "CG iterations", iteration, total)
+        self._report_steps("CG iterations", iteration, float(residuals.max()), self.tol, cap)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._bound().matvec(v) + self.state.damping * v

@@ -21,6 +21,7 @@ after ``load`` call :meth:`LiSSA.bind` with the same model, task and data.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,10 @@ class LiSSA(StreamingCurvature):
     """``solve(V)`` runs the LiSSA recursion on ``M + λI``.
 
     Args:
-        depth: recursion steps per repeat (``>= 1``).
-        repeats: independent recursions averaged (``>= 1``; they differ only with
-            mini-batches).
+        depth: recursion steps per repeat (``>= 1``); with full-data products a cap:
+            each row stops at ``tol``.
+        repeats: independent recursions averaged (``>= 1``) with mini-batches; with
+            full-data products every repeat is the same recursion, so one is run.
         scale: ``s`` above the top eigenvalue of every ``M_t + λI``; default
             ``1.1 × (λ_max + λ)`` with ``λ_max`` of the full-data ``M`` from 20 Lanczos steps.
         batch_size: examples per step's curvature; ``None`` (default) uses all the
@@ -83,7 +85,11 @@ class LiSSA(StreamingCurvature):
         preconditioner: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"none"``;
             see :class:`~headwater.curvature._streaming.Preconditioner`. Refitted by
             :meth:`bind` (not part of the saved state).
-        tol: last relative change below which ``last_info.converged`` is set.
+        tol: with full-data products (``batch_size=None``) each row stops at the first
+            step whose relative residual is ``<= tol`` (as CG's ``tol``; with a
+            preconditioner, the residual of the preconditioned system), and a solve that
+            reaches ``depth`` first warns. Mini-batch recursions run all ``depth`` steps
+            (a step's residual is then one mini-batch's) and do not warn.
         trace_probes: Hutchinson probes for the default damping.
         (others as :class:`~headwater.curvature.base.Curvature`)
 
@@ -117,7 +123,7 @@ class LiSSA(StreamingCurvature):
         scale: float | None = None,
         batch_size: int | None = None,
         seed: int = 0,
-        tol: float = 1e-3,
+        tol: float = 1e-2,
         trace_probes: int = 16,
         preconditioner: Preconditioner | str = Preconditioner.EKFAC,
     ):
@@ -245,25 +251,41 @@ class LiSSA(StreamingCurvature):
                 return precondition(plain(w, step) + damping * w)  # P⁻¹(M_t + λI) w
 
             v, damping = precondition(v), 0.0  # the series runs on P⁻¹(M + λI), from P⁻¹v
+        stochastic = self.batch_size is not None
         try:
             x, self.last_info = lissa(
                 step_matvec,
                 v,
                 depth=self.depth,
                 scale=self.fitted_scale,
-                repeats=self.repeats,
+                repeats=self.repeats if stochastic else 1,
                 damping=damping,
-                tol=self.tol,
-                progress=self.progress,
+                tol=0.0 if stochastic else self.tol,
+                callback=self._report,
             )
         except RuntimeError as err:
-            if self.batch_size is None or "diverged" not in str(err):
+            if not stochastic or "diverged" not in str(err):
                 raise
             raise NumericalError(
                 f"{err} (with batch_size={self.batch_size} a mini-batch's top eigenvalue can "
                 "exceed the full-data one: increase `scale` or `batch_size`)"
             ) from err
+        if not stochastic and not self.last_info.converged:
+            warnings.warn(
+                f"curvature='lissa': the series did not reach tol={self.tol:g} in depth="
+                f"{self.depth} steps (worst relative residual {self.last_info.residual:.3g}); "
+                f"increase `depth` or `damping` (now {self.state.damping:.3g}), loosen `tol`, or "
+                "use curvature='cg', which needs far fewer steps",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return x
+
+    def _report(self, step: int, residuals: Tensor) -> None:
+        if self.batch_size is not None:
+            self._report_steps("LiSSA steps", step, math.inf, 0.0, self.repeats * self.depth)
+        else:
+            self._report_steps("LiSSA steps", step, float(residuals.max()), self.tol, self.depth)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._bound().matvec(v) + self.state.damping * v

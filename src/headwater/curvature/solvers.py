@@ -23,6 +23,7 @@ Shared conventions (documented once, here):
   argument.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,6 @@ from headwater.curvature.eigensolvers import (
     nystrom_preconditioner,
 )
 from headwater.errors import NumericalError
-from headwater.progress import ProgressFn, report
 
 __all__ = [
     "ArnoldiInfo",
@@ -97,15 +97,18 @@ class LissaInfo:
 
     Attributes:
         norms: ``Tensor [repeats, depth]`` (float64), norm of the current estimate
-            ``x_t / scale`` after each step, averaged over rows.
-        relative_change: Largest relative change ``|x_T - x_{T-1}| / |x_T|`` of the
-            last step over rows and repeats.
-        converged: ``relative_change < tol``. A heuristic: with a slowly contracting
-            recursion the last change can be small while the error is not.
+            ``x_t / scale`` after each step, averaged over rows; NaN after every row stopped.
+        steps: recursion steps run in the longest repeat (``<= depth``).
+        residual: worst relative residual ``|b - A' x_T / scale| / |b|`` over rows and
+            repeats, measured at each row's last step (it is ``|x_{T+1} - x_T| / |b|``, so
+            it costs nothing; the returned estimate is one step further). With a
+            stochastic ``matvec`` it is one mini-batch's residual.
+        converged: ``residual <= tol``.
     """
 
     norms: Tensor
-    relative_change: float
+    steps: int
+    residual: float
     converged: bool
 
 
@@ -261,8 +264,8 @@ def lissa(
     scale: float,
     repeats: int = 1,
     damping: float = 0.0,
-    tol: float = 1e-3,
-    progress: ProgressFn | None = None,
+    tol: float = 0.0,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, LissaInfo]:
     """Estimate ``(A + damping I)^{-1} b`` for every row by the LiSSA recursion.
 
@@ -277,19 +280,28 @@ def lissa(
     Optimization for Machine Learning in Linear Time"; Koh & Liang 2017 (who
     divide by the scale, as here).
 
+    A step's change ``x_{t+1} - x_t = b - A'_t x_t / scale`` is the residual of the
+    estimate ``x_t / scale``, so with ``tol > 0`` a row stops, free of charge, at the
+    first step whose relative residual is ``<= tol`` (the next rows' products shrink to
+    the rows still running), as CG does.
+
     Args:
-        matvec: ``matvec(V [K, P], step) -> A_step V``, may be stochastic: ``step``
+        matvec: ``matvec(V [K', P], step) -> A_step V``, may be stochastic: ``step``
             is the global step index ``repeat * depth + t`` (``0 <= step <
             repeats * depth``), which the caller uses to pick a mini-batch (e.g.
-            ``batches[step % n_batches]``) so that runs are reproducible.
+            ``batches[step % n_batches]``) so that runs are reproducible. ``K' <= K``:
+            only the rows still running.
         B: ``Tensor [K, P]``, right-hand sides; sets device and dtype.
-        depth: Recursion steps per repeat (``>= 1``).
+        depth: Recursion steps per repeat (``>= 1``; a cap when ``tol > 0``).
         scale: ``scale > 0``; must exceed the top eigenvalue of ``A + damping I``
             (of every mini-batch operator when stochastic).
         repeats: Independent recursions averaged (``>= 1``).
         damping: ``damping >= 0`` added to the diagonal of ``A``.
-        tol: Threshold on the last relative change for the ``converged`` flag.
-        progress: optional ``progress(stage, done, total)`` callback, told after every step.
+        tol: relative residual at which a row stops (``>= 0``; ``0``: every row runs
+            ``depth`` steps, as a stochastic ``matvec`` should, whose residual is one
+            mini-batch's).
+        callback: called after every step with ``(step + 1, relative residuals [K])``
+            (rows already stopped keep their last residual).
 
     Returns:
         ``X [K, P]`` (dtype and device of ``B``) and a :class:`LissaInfo`.
@@ -307,27 +319,38 @@ def lissa(
     damping = check_real("damping", damping, 0.0)
     tol = check_real("tol", tol, 0.0)
 
-    limit = LISSA_BLOWUP * B.norm(dim=1)  # [K]
+    b_norm = B.norm(dim=1)  # [K]
+    limit = LISSA_BLOWUP * b_norm
+    b_norm = b_norm.clamp_min(torch.finfo(B.dtype).tiny)
     total = torch.zeros_like(B)  # [K, P]
-    norms = torch.zeros(repeats, depth, dtype=torch.float64)
-    relative_change = 0.0
+    norms = torch.full((repeats, depth), math.nan, dtype=torch.float64)
+    residual, steps = 0.0, 0
     for r in range(repeats):
         X = B.clone()  # [K, P]
+        rel = torch.full_like(b_norm, math.inf)  # [K], each row's last relative residual
+        rows = torch.arange(B.shape[0], device=B.device)  # the rows still running
         for t in range(depth):
             step = r * depth + t
-            AX = apply(matvec, X, f"LiSSA step {step}", step) + damping * X
-            X_new = B + X - AX / scale
+            Xr = X[rows]
+            AX = apply(matvec, Xr, f"LiSSA step {step}", step) + damping * Xr
+            X_new = B[rows] + Xr - AX / scale
             x_norm = X_new.norm(dim=1)
-            bad = ~torch.isfinite(x_norm) | (x_norm > limit)
+            bad = ~torch.isfinite(x_norm) | (x_norm > limit[rows])
             if bool(bad.any()):
-                raise _lissa_divergence(X, AX, bad, step, x_norm, scale, damping)
-            change = (X_new - X).norm(dim=1) / x_norm.clamp_min(torch.finfo(B.dtype).tiny)
-            X = X_new
-            norms[r, t] = (x_norm / scale).mean().item()
-            report(progress, "LiSSA steps", step + 1, repeats * depth)
-        relative_change = max(relative_change, change.max().item())
+                raise _lissa_divergence(Xr, AX, bad, step, x_norm, scale, damping)
+            rel[rows] = (X_new - Xr).norm(dim=1) / b_norm[rows]
+            X[rows] = X_new
+            norms[r, t] = (X.norm(dim=1) / scale).mean().item()
+            steps = max(steps, t + 1)
+            if callback is not None:
+                callback(step + 1, rel)
+            if tol > 0:
+                rows = rows[rel[rows] > tol]
+                if rows.numel() == 0:
+                    break
+        residual = max(residual, rel.max().item())
         total += X
-    info = LissaInfo(norms=norms, relative_change=relative_change, converged=relative_change < tol)
+    info = LissaInfo(norms=norms, steps=steps, residual=residual, converged=residual <= tol)
     return total / (repeats * scale), info
 
 
