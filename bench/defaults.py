@@ -294,7 +294,8 @@ def main() -> None:
     torch.set_num_threads(1)
     what = sys.argv[1:] or ["sweep", "defaults", "cg", "grid"]
     lines = [
-        f"# Defaults (bench/defaults.py), written {time.strftime('%Y-%m-%d %H:%M')}",
+        f"# Defaults (bench/defaults.py), written {time.strftime('%Y-%m-%d %H:%M')} "
+        f"(sections {', '.join(what)}; any other section is from an earlier run)",
         "",
         f"One thread; load average {os.getloadavg()[0]:.1f} at start (a loaded 2-core machine: times are "
         "comparable within a run only). LDS on the margin against retraining on random halves (MLP: "

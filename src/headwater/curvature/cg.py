@@ -25,14 +25,16 @@ from headwater.curvature._matfree import (
     extreme_eigenvalues,
     warn_if_indefinite,
 )
-from headwater.curvature._streaming import Preconditioner, StreamingCurvature
+from headwater.curvature._streaming import (
+    Preconditioner,
+    StreamingCurvature,
+    default_sketch_rank,
+)
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import (
     CGInfo,
     conjugate_gradient,
-    nystrom,
-    nystrom_preconditioner,
 )
 from headwater.data import DataLike
 from headwater.progress import ProgressFn
@@ -41,17 +43,6 @@ from headwater.task import Task
 __all__ = ["CG", "CGState"]
 
 _CHECK_STEPS = 20  # Lanczos steps for the indefiniteness check of a Hessian
-
-NYSTROM_RANK = 100
-"""Default rank of CG's Nyström preconditioner (GGN/EF), capped by :data:`NYSTROM_MB`.
-Measured at the default damping on the digits (50 queries, one thread, tol 1e-2):
-iterations with rank 100 / EK-FAC / none: CNN 5 / 32 / 21, CNN with BatchNorm 5 / 47 / 24,
-MLP 8 / 18 / 16; on the CNN ranks 25, 50, 100, 200 took 9, 7, 5, 4 iterations and
-2.2, 1.3, 1.1, 1.6 s in all."""
-
-NYSTROM_MB = 256.0
-"""Budget (MiB) of the default Nyström preconditioner's ``[rank, P]`` eigenvectors; when
-fewer than 10 of them fit, the default preconditioner is EK-FAC."""
 
 _GUARD_ITERATIONS, _GUARD_ROWS = 5, 4  # the preconditioner check on the first solve
 
@@ -88,9 +79,10 @@ class CG(StreamingCurvature):
             warns, naming ``max_iter``/``tol``/``damping`` (unless ``warn=False``).
         preconditioner: ``"auto"`` (default), ``"nystrom"``, ``"ekfac"``, ``"kfac"``,
             ``"diagonal"`` or ``"none"`` (see :class:`~headwater.curvature._streaming.Preconditioner`).
-            ``"auto"``: a Nyström sketch of rank :data:`NYSTROM_RANK` (100, at most P, within
-            :data:`NYSTROM_MB`) for the GGN/EF, EK-FAC for the Hessian (or when the sketch
-            does not fit). ``preconditioner_rank > 0`` alone means ``"nystrom"``.
+            ``"auto"``: a Nyström sketch of rank ``NYSTROM_RANK`` (100, at most P, within
+            ``NYSTROM_MB``; :mod:`headwater.curvature._streaming`) for the GGN/EF, EK-FAC for
+            the Hessian (or when the sketch does not fit). ``preconditioner_rank > 0`` alone
+            means ``"nystrom"``.
         preconditioner_rank: rank of the Nyström preconditioner (GGN/EF only); ``None``:
             the default rank above; ``0`` with no ``preconditioner``: EK-FAC.
         check_preconditioner: on the first solve, run 5 iterations on up to 4 right-hand
@@ -122,8 +114,7 @@ class CG(StreamingCurvature):
     def memory(cls, size: ProblemSize) -> Memory:
         """stored: the default Nyström preconditioner's eigenvectors (<= NYSTROM_MB); working: 5
         vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)"""
-        fits = int(NYSTROM_MB * 2**20 // (size.num_params * 8))
-        rank = min(NYSTROM_RANK, size.num_params, fits) if fits >= 10 else 0
+        rank = default_sketch_rank(size.num_params)
         return Memory(
             rank * size.num_params * size.itemsize,
             5 * size.rhs * size.num_params * size.itemsize + size.linearisations,
@@ -146,50 +137,27 @@ class CG(StreamingCurvature):
         warn: bool = True,
         check_preconditioner: bool = True,
     ):
-        if preconditioner is None:
-            preconditioner = {None: Preconditioner.AUTO, 0: Preconditioner.EKFAC}.get(
-                preconditioner_rank, Preconditioner.NYSTROM
-            )
         super().__init__(
             kind=kind,
             damping=damping,
             chunk_size=chunk_size,
             preconditioner=preconditioner,
+            preconditioner_rank=preconditioner_rank,
+            oversample=oversample,
             seed=seed,
             trace_probes=trace_probes,
         )
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
-        for arg, value, low in (
-            ("preconditioner_rank", 0 if preconditioner_rank is None else preconditioner_rank, 0),
-            ("oversample", oversample, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
         if max_iter is not None and (
             isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
         ):
             raise ValueError(f"max_iter: must be a positive integer or None, got {max_iter!r}")
-        sketch = self.preconditioner in (Preconditioner.NYSTROM, Preconditioner.AUTO)
-        if preconditioner_rank is not None and sketch != (preconditioner_rank > 0):
-            raise ValueError(
-                "preconditioner_rank: must be > 0 (or None) exactly when preconditioner is "
-                f"'nystrom' or 'auto', got preconditioner_rank={preconditioner_rank} with "
-                f"preconditioner={self.preconditioner.value!r}"
-            )
         for arg, flag in (("warn", warn), ("check_preconditioner", check_preconditioner)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{arg}: expected a bool, got {type(flag).__name__}")
         self.warn, self.check_preconditioner = warn, check_preconditioner
-        if self.kind is MatrixKind.HESSIAN and (
-            preconditioner_rank or self.preconditioner is Preconditioner.NYSTROM
-        ):
-            raise ValueError(
-                "preconditioner_rank: the Nystrom preconditioner needs a positive semi-definite "
-                "matrix; use kind='ggn' or 'ef', or preconditioner_rank=0"
-            )
         self.tol, self.max_iter = float(tol), max_iter
-        self.preconditioner_rank, self.oversample = preconditioner_rank, oversample
         self.last_info: CGInfo | None = None
 
     @classmethod
@@ -212,37 +180,7 @@ class CG(StreamingCurvature):
             )
             warn_if_indefinite(self.name, self.kind, smallest, damping, what="smallest Ritz value")
         self._attach_preconditioner(model, task, data, float(damping))
-        rank = self._sketch_rank()
-        if rank == 0:
-            return CGState(float(damping))
-        if rank > p:
-            raise ValueError(f"preconditioner_rank: must be <= P = {p}, got {rank}")
-        eigvals, eigvecs = nystrom(
-            op.matvec,
-            p,
-            rank=rank,
-            seed=self.seed,
-            oversample=self.oversample,
-            dtype=op.dtype,
-            device=op.device,
-        )
-        return CGState(float(damping), eigvals, eigvecs)
-
-    def _sketch_rank(self) -> int:
-        """The Nyström rank to fit: the given one, or under ``"auto"`` the default rule
-        (0 for the Hessian, or when fewer than 10 vectors fit :data:`NYSTROM_MB`)."""
-        if self.preconditioner is Preconditioner.NYSTROM:
-            return self.preconditioner_rank or min(NYSTROM_RANK, self.layout.num_params)
-        if self.preconditioner is not Preconditioner.AUTO or self.kind is MatrixKind.HESSIAN:
-            return 0
-        p = self.layout.num_params
-        fits = int(NYSTROM_MB * 2**20 // (p * 8))
-        return min(NYSTROM_RANK, p, fits) if fits >= 10 else 0
-
-    def _fitted_preconditioner(self) -> Preconditioner:
-        if self.preconditioner is not Preconditioner.AUTO:
-            return self.preconditioner
-        return Preconditioner.NYSTROM if self._sketch_rank() else Preconditioner.EKFAC
+        return CGState(float(damping), *self._sketch(op))
 
     def _checked(self, precond, v: Tensor):
         """``precond``, or ``None`` when plain CG's residuals after a few iterations on the
@@ -267,10 +205,7 @@ class CG(StreamingCurvature):
 
     def _solve(self, v: Tensor) -> Tensor:
         s = self.state
-        precond = self._precondition
-        if s.precond_eigvals is not None and s.precond_eigvals.numel() > 0:
-            precond = nystrom_preconditioner(s.precond_eigvals, s.precond_eigvecs, s.damping)
-        precond = self._checked(precond, v)
+        precond = self._checked(self._preconditioner_of(s), v)
         x, self.last_info = conjugate_gradient(
             self._bound().matvec,
             v,

@@ -9,10 +9,12 @@ scale, which must exceed the top eigenvalue of ``M_t + λI``. The error after
 ``depth`` steps shrinks like ``(1 − (λ_min + λ)/s)^depth``: a short series acts
 as extra damping of about ``s/depth``.
 
-With a preconditioner ``P⁻¹ ≈ (M + λI)⁻¹`` (EK-FAC, K-FAC or diagonal, fitted once)
-the same series runs on ``P⁻¹(M_t + λI)`` from ``P⁻¹v`` (a preconditioned Richardson
-iteration): its spectrum is clustered near 1, so a few steps do the work of hundreds,
-and ``s`` is then above the top eigenvalue of ``P⁻¹(M + λI)`` (power iteration).
+With a preconditioner ``P⁻¹ ≈ (M + λI)⁻¹`` (by default, as CG's, a rank-100 Nyström
+sketch of ``M``; EK-FAC, K-FAC or diagonal on request; fitted once) the same series runs
+on ``P⁻¹(M_t + λI)`` from ``P⁻¹v`` (a preconditioned Richardson iteration): its spectrum
+is clustered, so a few steps do the work of hundreds, and ``s`` is then above the top
+eigenvalue of ``P⁻¹(M + λI)`` (power iteration). The series needs about ``κ·ln(1/tol)``
+steps for a condition number ``κ`` of that operator, CG about ``√κ`` times as few.
 
 **LiSSA needs the operator in the current process** (as :class:`~headwater.curvature.cg.CG`):
 after ``load`` call :meth:`LiSSA.bind` with the same model, task and data.
@@ -20,6 +22,7 @@ after ``load`` call :meth:`LiSSA.bind` with the same model, task and data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,7 +38,11 @@ from headwater.curvature._matfree import (
     rademacher,
     warn_if_indefinite,
 )
-from headwater.curvature._streaming import Preconditioner, StreamingCurvature
+from headwater.curvature._streaming import (
+    Preconditioner,
+    StreamingCurvature,
+    default_sketch_rank,
+)
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
@@ -61,10 +68,15 @@ class LissaState:
         top_eigenvalue: estimate of ``λ_max(M)`` on all the data (undamped), or, with a
             preconditioner, of ``λ_max(P⁻¹(M + λI))``; NaN when ``scale`` was given and
             no estimate was needed.
+        precond_eigvals: ``[r]`` eigenvalues of the Nyström preconditioner's sketch, or
+            ``None`` without one.
+        precond_eigvecs: ``[r, P]`` its eigenvectors (rows), or ``None``.
     """
 
     damping: float
     top_eigenvalue: float
+    precond_eigvals: Tensor | None = None
+    precond_eigvecs: Tensor | None = None
 
 
 class LiSSA(StreamingCurvature):
@@ -82,9 +94,13 @@ class LiSSA(StreamingCurvature):
             slice ``(r·depth + t) mod n_batches`` of a seeded permutation, redrawn
             every pass over the data.
         seed: seed of the mini-batch order, the trace probes and the Lanczos start.
-        preconditioner: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"none"``;
-            see :class:`~headwater.curvature._streaming.Preconditioner`. Refitted by
-            :meth:`bind` (not part of the saved state).
+        preconditioner: ``"auto"`` (default: a Nyström sketch of the GGN/EF as for CG,
+            EK-FAC for the Hessian or when the sketch does not fit), ``"nystrom"``,
+            ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"none"``; see
+            :class:`~headwater.curvature._streaming.Preconditioner`. The sketch is part of
+            the saved state; the others are refitted by :meth:`bind`.
+        preconditioner_rank: rank of the Nyström sketch (``None``: 100, at most P).
+        oversample: extra sketch columns.
         tol: with full-data products (``batch_size=None``) each row stops at the first
             step whose relative residual is ``<= tol`` (as CG's ``tol``; with a
             preconditioner, the residual of the preconditioned system), and a solve that
@@ -105,11 +121,12 @@ class LiSSA(StreamingCurvature):
 
     @classmethod
     def memory(cls, size: ProblemSize) -> Memory:
-        """working: 3 vectors x min(n_query, query_chunk) x P, plus cached linearisations"""
+        """stored: the default Nyström preconditioner's eigenvectors (<= NYSTROM_MB); working: 3
+        vectors x min(n_query, query_chunk) x P, plus cached linearisations"""
         return Memory(
-            0,
+            default_sketch_rank(size.num_params) * size.num_params * size.itemsize,
             3 * size.rhs * size.num_params * size.itemsize + size.linearisations,
-            "depth x repeats mini-batch passes",
+            "up to depth passes over the data (mini-batch passes with batch_size)",
         )
 
     def __init__(
@@ -125,13 +142,17 @@ class LiSSA(StreamingCurvature):
         seed: int = 0,
         tol: float = 1e-2,
         trace_probes: int = 16,
-        preconditioner: Preconditioner | str = Preconditioner.EKFAC,
+        preconditioner: Preconditioner | str | None = None,
+        preconditioner_rank: int | None = None,
+        oversample: int = 10,
     ):
         super().__init__(
             kind=kind,
             damping=damping,
             chunk_size=chunk_size,
             preconditioner=preconditioner,
+            preconditioner_rank=preconditioner_rank,
+            oversample=oversample,
             seed=seed,
             trace_probes=trace_probes,
         )
@@ -157,10 +178,6 @@ class LiSSA(StreamingCurvature):
         self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
         self.scale = None if scale is None else float(scale)
         self.tol = float(tol)
-        if self.preconditioner in (Preconditioner.NYSTROM, Preconditioner.AUTO):
-            raise ValueError(
-                f"preconditioner: {self.preconditioner.value!r} is available for CG only"
-            )
         self.last_info: LissaInfo | None = None
 
     @classmethod
@@ -174,10 +191,12 @@ class LiSSA(StreamingCurvature):
         p = self.layout.num_params
         top = math.nan
         self._attach_preconditioner(model, task, data, float(damping))
-        if self._precondition is not None:
-            if self.scale is None:
-                top = self._preconditioned_top(op, float(damping))
-        if (self.scale is None and self._precondition is None) or self.kind is MatrixKind.HESSIAN:
+        eigvals, eigvecs = self._sketch(op)
+        state = LissaState(float(damping), top, eigvals, eigvecs)
+        precondition = self._preconditioner_of(state)
+        if precondition is not None and self.scale is None:
+            top = self._preconditioned_top(op, precondition, float(damping))
+        if (self.scale is None and precondition is None) or self.kind is MatrixKind.HESSIAN:
             smallest, largest = extreme_eigenvalues(
                 op.matvec,
                 p,
@@ -190,14 +209,13 @@ class LiSSA(StreamingCurvature):
                 warn_if_indefinite(
                     self.name, self.kind, smallest, damping, what="smallest Ritz value"
                 )
-            if self._precondition is None:
+            if precondition is None:
                 top = largest
-        return LissaState(float(damping), float(top))
+        return dataclasses.replace(state, top_eigenvalue=float(top))
 
-    def _preconditioned_top(self, op: BoundOperator, damping: float) -> float:
+    def _preconditioned_top(self, op: BoundOperator, precondition, damping: float) -> float:
         """``λ_max(P⁻¹(M + λI))`` by power iteration (the operator is similar to the
         symmetric ``P^{-1/2}(M + λI)P^{-1/2}``, so its eigenvalues are real)."""
-        precondition = self._precondition
         v = rademacher(1, self.layout.num_params, self.seed + 3, op.dtype, op.device)
         estimate = 0.0
         for _ in range(_POWER_STEPS):
@@ -212,7 +230,7 @@ class LiSSA(StreamingCurvature):
         self._check_fitted()
         if self.scale is not None:
             return self.scale
-        if self.preconditioner is not Preconditioner.NONE:  # the estimate includes λ
+        if self._fitted_preconditioner() is not Preconditioner.NONE:  # the estimate includes λ
             return SCALE_MARGIN * self.state.top_eigenvalue
         return SCALE_MARGIN * (max(self.state.top_eigenvalue, 0.0) + self.state.damping)
 
@@ -240,9 +258,9 @@ class LiSSA(StreamingCurvature):
         step_matvec, damping, precondition = (
             self._step_matvec(op),
             self.state.damping,
-            self._precondition,
+            self._preconditioner_of(self.state),
         )
-        if self.preconditioner is not Preconditioner.NONE:
+        if self._fitted_preconditioner() is not Preconditioner.NONE:
             if precondition is None:
                 raise RuntimeError("LiSSA's preconditioner is not in this process: call .bind(...)")
             plain = step_matvec
@@ -301,4 +319,6 @@ class LiSSA(StreamingCurvature):
             "tol": self.tol,
             "trace_probes": self.trace_probes,
             "preconditioner": self.preconditioner.value,
+            "preconditioner_rank": self.preconditioner_rank,
+            "oversample": self.oversample,
         }
