@@ -1,7 +1,8 @@
 """Shared test set-up: the helpers (``cases``, ``oracles``) importable from every test
 folder, and a fixed number of torch threads per test: ``--threads N`` (default 1; tiny
-models run faster without thread hand-offs). ``make test`` runs the suite with 1 and with
-2 threads, so no result may depend on how a reduction is split between threads."""
+models run faster without thread hand-offs). ``make test`` runs the suite with 1 thread and
+every test not marked slow again with 2, so no result may depend on how a reduction is split
+between threads."""
 
 import sys
 from pathlib import Path
