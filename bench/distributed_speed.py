@@ -34,7 +34,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # order can change the iteration CG stops at, so scores agree to about that tolerance
     "cg-tol1e-5": {"curvature": "cg", "damping": 1e-3, "curvature_options": {"tol": 1e-5}},
     "ekfac": {"curvature": "ekfac", "damping": 1e-3},
-    "lissa": {"curvature": "lissa", "damping": 1e-3, "curvature_options": {"depth": 20}},
+    "lissa": {
+        "curvature": "lissa",
+        "damping": 1e-3,
+        "curvature_options": {"depth": 20, "tol": 0.0},
+    },
     "kron-ggn-32x32": {
         "projection": "32x32",
         "damping": 1e-3,

@@ -360,7 +360,7 @@ HEADWATER_METHODS: list[tuple[str, dict[str, Any]]] = [
         "cg-ekfac-30it",
         {"curvature": "cg", "preconditioner": "ekfac", "tol": 0.1, "max_iter": 30, "warn": False},
     ),
-    ("lissa-ekfac", {"curvature": "lissa", "preconditioner": "ekfac", "depth": 8}),
+    ("lissa-ekfac", {"curvature": "lissa", "preconditioner": "ekfac", "depth": 8, "tol": 0.0}),
     ("kron-ggn-8x8", {"projection": (8, 8), "ggn_estimator": "auto"}),
     ("kron-ggn-16x16", {"projection": (16, 16), "ggn_estimator": "auto"}),
     ("identity", {"curvature": "identity"}),

@@ -132,7 +132,8 @@ def _folder(name: str) -> Path:
     """The recipe's cache folder, keyed by every setting of the problem, the loop and the
     recipe: a cached run of other settings is never reused."""
     loop = {"batch": BATCH, "epochs": EPOCHS, "order": ORDER_SEED, "every": CHECKPOINT_EVERY}
-    return CACHE / f"{name}-{_key({'problem': SETTINGS, 'loop': loop, **RECIPES[name]})}"
+    settings = {"problem": SETTINGS, "loop": loop, "damping": DAMPING, **RECIPES[name]}
+    return CACHE / f"{name}-{_key(settings)}"
 
 
 def recorded(name: str, problem: LMProblem) -> tuple[torch.nn.Module, RunRecord, dict[str, Any]]:

@@ -233,3 +233,18 @@ def test_tensors_sharing_memory_are_saved_each_with_its_own_values(tmp_path):
     loaded, _ = store.load(tmp_path / "shared")
     for name, value in tensors.items():
         assert torch.equal(loaded[name], value)
+
+
+def test_a_setting_an_older_store_does_not_record_is_named_as_not_recorded(tmp_path):
+    store.save(tmp_path / "s", {"x": torch.ones(2)}, {"curvature": "lissa", "tol": 0.01})
+    with pytest.raises(store.StoreMismatchError) as err:
+        store.load(tmp_path / "s", expect={"curvature": "lissa", "tol": 0.01, "oversample": 10})
+    message = str(err.value)
+    assert "oversample: stored nothing (not recorded: a store of an older headwater)" in message
+    assert "requested 10" in message and "\n" not in message and err.value.keys == ("oversample",)
+    # a recorded None is still shown as None, and matching settings load
+    store.save(tmp_path / "t", {"x": torch.ones(2)}, {"rank": None})
+    with pytest.raises(store.StoreMismatchError, match="rank: stored None, requested 5"):
+        store.load(tmp_path / "t", expect={"rank": 5})
+    tensors, _ = store.load(tmp_path / "t", expect={"rank": None})
+    assert torch.equal(tensors["x"], torch.ones(2))

@@ -3,6 +3,7 @@ Identity) against Exact and the dense autograd oracles, in float64 on the tiny c
 
 import functools
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -158,6 +159,12 @@ def test_lissa_preconditioned(tmp_path):
     assert _rel(curv.solve(v), want) < 1e-6 and curv.last_info.converged
     with pytest.warns(RuntimeWarning, match=r"did not reach tol=1e-09 in depth=10 steps"):
         assert _rel(plain.solve(v), want) > 1e-2
+    with warnings.catch_warnings():  # a deliberate budget: tol 0 (every step) or warn=False
+        warnings.simplefilter("error")
+        for kw in ({"tol": 0.0}, {"tol": 1e-9, "warn": False}):
+            budget = LiSSA(damping=1e-3, depth=10, preconditioner="none", **kw)
+            budget.fit(case.model, case.task, case.train).solve(v)
+            assert budget.last_info.steps == 10 and not budget.last_info.converged
     # the default tol (1e-2) stops at the first step whose residual is below it
     curv = LiSSA(damping=1e-3, preconditioner="ekfac").fit(case.model, case.task, case.train)
     x = curv.solve(v)

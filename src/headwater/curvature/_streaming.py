@@ -1,5 +1,6 @@
 """Curvatures whose ``solve`` streams over the training data (CG, LiSSA) and their
-fitted preconditioners (EK-FAC, K-FAC, diagonal; a Nyström one is fitted by CG itself)."""
+preconditioners: a Nyström sketch of the curvature (the default, saved in the state) or a
+fitted EK-FAC, K-FAC or diagonal curvature (refitted by ``bind``)."""
 
 from __future__ import annotations
 
@@ -102,8 +103,9 @@ _Self = TypeVar("_Self", bound="StreamingCurvature")
 class StreamingCurvature(Curvature):
     """A curvature whose ``solve`` runs passes over the training data (CG, LiSSA).
 
-    It holds the data's operator and an optional fitted preconditioner in this process;
-    neither is part of the saved state, so after ``load`` call :meth:`bind`.
+    It holds the data's operator and an optional EK-FAC/K-FAC/diagonal preconditioner in
+    this process; neither is part of the saved state (a Nyström sketch is), so after
+    ``load`` call :meth:`bind`.
 
     Args:
         preconditioner: see :class:`Preconditioner`; ``None``: ``"auto"``, or
@@ -270,6 +272,19 @@ class StreamingCurvature(Curvature):
                 state.precond_eigvals, state.precond_eigvecs, state.damping
             )
         return self._precondition
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._bound().matvec(v) + self.state.damping * v
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "preconditioner": self.preconditioner.value,
+            "preconditioner_rank": self.preconditioner_rank,
+            "oversample": self.oversample,
+            "seed": self.seed,
+            "trace_probes": self.trace_probes,
+        }
 
     def bind(self: _Self, model: nn.Module, task: Task, data: DataLike) -> _Self:
         """Attach the operator of ``model``/``task``/``data`` to a loaded (or fitted) state

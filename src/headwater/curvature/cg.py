@@ -230,17 +230,9 @@ class CG(StreamingCurvature):
         cap = self.max_iter if self.max_iter is not None else 10 * self.layout.num_params
         self._report_steps("CG iterations", iteration, float(residuals.max()), self.tol, cap)
 
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._bound().matvec(v) + self.state.damping * v
-
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),
             "tol": self.tol,
             "max_iter": self.max_iter,
-            "preconditioner": self.preconditioner.value,
-            "preconditioner_rank": self.preconditioner_rank,
-            "oversample": self.oversample,
-            "seed": self.seed,
-            "trace_probes": self.trace_probes,
         }

@@ -48,7 +48,7 @@ from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa
 from headwater.data import DataLike, num_examples, subset
 from headwater.errors import NumericalError
-from headwater.progress import ProgressFn
+from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
 __all__ = ["LiSSA", "LissaState"]
@@ -102,10 +102,13 @@ class LiSSA(StreamingCurvature):
         preconditioner_rank: rank of the Nyström sketch (``None``: 100, at most P).
         oversample: extra sketch columns.
         tol: with full-data products (``batch_size=None``) each row stops at the first
-            step whose relative residual is ``<= tol`` (as CG's ``tol``; with a
-            preconditioner, the residual of the preconditioned system), and a solve that
-            reaches ``depth`` first warns. Mini-batch recursions run all ``depth`` steps
-            (a step's residual is then one mini-batch's) and do not warn.
+            step whose relative residual is ``<= tol`` (as CG's ``tol``, but with a
+            preconditioner the residual ``|P⁻¹(v − (M + λI)x)| / |P⁻¹v|`` of the
+            preconditioned system), and a solve that reaches ``depth`` first warns;
+            ``0``: every step runs (a fixed budget, no warning). Mini-batch recursions run
+            all ``depth`` steps (a step's residual is then one mini-batch's).
+        warn: warn when a full-data solve reaches ``depth`` before ``tol`` (``False`` for
+            a deliberate step budget; ``last_info`` has the residual).
         trace_probes: Hutchinson probes for the default damping.
         (others as :class:`~headwater.curvature.base.Curvature`)
 
@@ -145,6 +148,7 @@ class LiSSA(StreamingCurvature):
         preconditioner: Preconditioner | str | None = None,
         preconditioner_rank: int | None = None,
         oversample: int = 10,
+        warn: bool = True,
     ):
         super().__init__(
             kind=kind,
@@ -175,7 +179,9 @@ class LiSSA(StreamingCurvature):
             raise ValueError(f"scale: must be a finite float > 0 or None, got {scale!r}")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
-        self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
+        if not isinstance(warn, bool):
+            raise TypeError(f"warn: expected a bool, got {type(warn).__name__}")
+        self.depth, self.repeats, self.batch_size, self.warn = depth, repeats, batch_size, warn
         self.scale = None if scale is None else float(scale)
         self.tol = float(tol)
         self.last_info: LissaInfo | None = None
@@ -288,10 +294,11 @@ class LiSSA(StreamingCurvature):
                 f"{err} (with batch_size={self.batch_size} a mini-batch's top eigenvalue can "
                 "exceed the full-data one: increase `scale` or `batch_size`)"
             ) from err
-        if not stochastic and not self.last_info.converged:
+        if self.warn and not stochastic and self.tol > 0 and not self.last_info.converged:
             warnings.warn(
                 f"curvature='lissa': the series did not reach tol={self.tol:g} in depth="
-                f"{self.depth} steps (worst relative residual {self.last_info.residual:.3g}); "
+                f"{self.depth} steps (worst relative residual {self.last_info.residual:.3g}"
+                f"{' of the preconditioned system' if precondition is not None else ''}); "
                 f"increase `depth` or `damping` (now {self.state.damping:.3g}), loosen `tol`, or "
                 "use curvature='cg', which needs far fewer steps",
                 RuntimeWarning,
@@ -301,12 +308,9 @@ class LiSSA(StreamingCurvature):
 
     def _report(self, step: int, residuals: Tensor) -> None:
         if self.batch_size is not None:
-            self._report_steps("LiSSA steps", step, math.inf, 0.0, self.repeats * self.depth)
+            report(self.progress, "LiSSA steps", step, self.repeats * self.depth)
         else:
             self._report_steps("LiSSA steps", step, float(residuals.max()), self.tol, self.depth)
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._bound().matvec(v) + self.state.damping * v
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -315,10 +319,5 @@ class LiSSA(StreamingCurvature):
             "repeats": self.repeats,
             "scale": self.scale,
             "batch_size": self.batch_size,
-            "seed": self.seed,
             "tol": self.tol,
-            "trace_probes": self.trace_probes,
-            "preconditioner": self.preconditioner.value,
-            "preconditioner_rank": self.preconditioner_rank,
-            "oversample": self.oversample,
         }

@@ -77,16 +77,21 @@ def file_digest(path: Path) -> str:
 
 
 def mismatch(
-    path: Any, stored: dict[str, Any], wanted: dict[str, Any]
+    path: Any, stored: dict[str, Any], wanted: dict[str, Any], absent: frozenset[str] = frozenset()
 ) -> StoreMismatchError | None:
-    """A :class:`StoreMismatchError` naming every differing setting, or ``None``."""
+    """A :class:`StoreMismatchError` naming every differing setting, or ``None``; ``absent``:
+    the settings the store does not record (compared as ``None``, named as not recorded)."""
     flat_s, flat_w = _flatten(stored), _flatten(wanted)  # nested settings compared key by key
     keys = sorted(k for k in set(flat_s) | set(flat_w) if flat_s.get(k) != flat_w.get(k))
     if not keys:
         return None
-    detail = "; ".join(
-        f"{k}: stored {flat_s.get(k)!r}, requested {flat_w.get(k)!r}" for k in keys[:4]
-    )
+
+    def was(key: str) -> str:
+        if key in absent:
+            return "nothing (not recorded: a store of an older headwater)"
+        return repr(flat_s.get(key))
+
+    detail = "; ".join(f"{k}: stored {was(k)}, requested {flat_w.get(k)!r}" for k in keys[:4])
     more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
     return StoreMismatchError(
         f"store: {path} was written with other {', '.join(keys)}: {detail}{more}; "
@@ -266,7 +271,8 @@ def load(
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise StoreDamagedError(f"store: {meta_path} is damaged (unreadable: {err})") from err
     expect = expect or {}
-    error = mismatch(path, {k: meta.get(k) for k in expect}, expect)
+    absent = frozenset(k for k in expect if k not in meta)
+    error = mismatch(path, {k: meta.get(k) for k in expect}, expect, absent)
     if error is not None:
         raise error
     size = tensor_path.stat().st_size
