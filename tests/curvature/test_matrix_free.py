@@ -633,3 +633,15 @@ def test_cg_reports_iterations_with_an_estimated_total():
     assert [d for d, _ in rows] == list(range(1, curv.last_info.iterations + 1))
     assert all(total >= done for done, total in rows) and rows[-1][1] == rows[-1][0]
     assert_close(x, torch.linalg.solve(_dense(case, "ggn", 1e-2), _rhs(2, 51).T).T, rtol=1e-6)
+
+
+def test_indefiniteness_warning_only_for_a_finite_negative_damped_spectrum():
+    from headwater.curvature._matfree import warn_if_indefinite
+    from headwater.curvature.operators import MatrixKind
+
+    with pytest.warns(RuntimeWarning, match=r"smallest eigenvalue -1 \+ damping 0.5 <= 0"):
+        warn_if_indefinite("cg", MatrixKind.HESSIAN, -1.0, 0.5)
+    with warnings.catch_warnings():  # NaN data: the gradient checks name the example instead
+        warnings.simplefilter("error")
+        warn_if_indefinite("diagonal", MatrixKind.GGN, float("nan"), 0.01)
+        warn_if_indefinite("cg", MatrixKind.GGN, 0.0, 0.01)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -80,8 +81,10 @@ def warn_if_indefinite(
     what: str = "smallest eigenvalue",
     hint: str = "",
 ) -> None:
-    """Warn when ``smallest + damping <= 0``: the damped system is not positive definite."""
-    if smallest + damping > 0:
+    """Warn when ``smallest + damping <= 0``: the damped system is not positive definite.
+    A NaN/inf ``smallest`` is not a definiteness question: the data or the model gave
+    non-finite values, which the gradient checks report as an error naming the example."""
+    if smallest + damping > 0 or not math.isfinite(smallest):
         return
     hint = hint or (
         "Use kind='ggn' or increase `damping`."
