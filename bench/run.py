@@ -94,7 +94,7 @@ HEADWATER_METHODS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     # matrix-free (issue 3); chunk sizes change speed only. Low-rank forms: "residual" gives the
     # discarded subspace the damping, tuned on the MLP (0.006: LDS 0.55 at 1e-3, 0.67 at 3e-3,
     # 0.72 at 6e-3, 0.71 at 1e-2, 0.63 at 3e-2 for Lanczos k=100); "truncated" is the paper's form.
-    ("cg", "cg", {}, ("logreg", "mlp")),  # defaults: tol 1e-2, no preconditioner
+    ("cg", "cg", {}, ("logreg", "mlp")),  # defaults: tol 1e-2, the Nyström preconditioner
     ("cg-ekfac", "cg", {"preconditioner": "ekfac", "tol": 0.1}, ("logreg", "mlp")),
     ("cg-nystrom200", "cg", {"preconditioner_rank": 200, "tol": 0.1}, ("logreg", "mlp")),
     # LiSSA on a fixed budget (tol 0: every step runs), preconditioned by EK-FAC as these rows
