@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from headwater.curvature._matfree import BoundOperator, check_layout
-from headwater.curvature.base import Curvature
+from headwater.curvature.base import Curvature, ProblemSize
 from headwater.curvature.diagonal import Diagonal
 from headwater.curvature.kfac import EKFAC, KFAC
 from headwater.curvature.operators import MatrixKind
@@ -113,6 +113,9 @@ class StreamingCurvature(Curvature):
         preconditioner_rank: rank of the Nyström preconditioner (GGN/EF only); ``None``:
             :data:`NYSTROM_RANK` (at most P).
         oversample: extra sketch columns of the Nyström preconditioner.
+        tol: relative residual at which a solve's row stops (``>= 0``; each subclass says
+            how it stops and what ``0`` means).
+        warn: warn when a solve reaches its step cap before ``tol``.
         seed: seed of the method's random draws (the trace probes use ``seed + 1``).
         trace_probes: Hutchinson probes for the default damping (``damping=None``).
         (others as :class:`~headwater.curvature.base.Curvature`)
@@ -129,6 +132,8 @@ class StreamingCurvature(Curvature):
         preconditioner: Preconditioner | str | None,
         preconditioner_rank: int | None,
         oversample: int,
+        tol: float,
+        warn: bool,
         seed: int,
         trace_probes: int,
     ):
@@ -141,8 +146,13 @@ class StreamingCurvature(Curvature):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{arg}: must be an integer >= {low}, got {value!r}")
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
+            raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
+        if not isinstance(warn, bool):
+            raise TypeError(f"warn: expected a bool, got {type(warn).__name__}")
         self.seed, self.trace_probes = seed, trace_probes
         self.preconditioner_rank, self.oversample = preconditioner_rank, oversample
+        self.tol, self.warn = float(tol), warn
         if preconditioner is None:
             preconditioner = {None: Preconditioner.AUTO, 0: Preconditioner.EKFAC}.get(
                 preconditioner_rank, Preconditioner.NYSTROM
@@ -173,13 +183,14 @@ class StreamingCurvature(Curvature):
         self._use_preconditioner: bool | None = None  # a check of the first solve, if any
         self.progress: ProgressFn | None = None  # told about each solve's iterations
 
-    def _report_steps(self, stage: str, done: int, worst: float, tol: float, cap: int) -> None:
+    def _report_steps(self, stage: str, done: int, worst: float, cap: int) -> None:
         """``progress(stage, done, estimated total)``: the total assumes the worst row's
         relative residual keeps shrinking at its average rate so far (geometric
         convergence) until ``tol``, at most ``cap``, so a progress bar shows the remaining
         time from the first iterations on."""
         if self.progress is None:
             return
+        tol = self.tol
         if worst <= tol or tol <= 0:
             total = done if worst <= tol else cap
         elif 0 < worst < 1:
@@ -230,6 +241,11 @@ class StreamingCurvature(Curvature):
             self._precondition = fit_preconditioner(
                 which, model, task, data, self.kind, float(damping), self.chunk_size
             )
+
+    @staticmethod
+    def _sketch_bytes(size: ProblemSize) -> int:
+        """Bytes of the default Nyström preconditioner's eigenvectors for ``size``."""
+        return default_sketch_rank(size.num_params) * size.num_params * size.itemsize
 
     def _sketch_rank(self) -> int:
         """The Nyström rank to fit: the given one, or under ``"auto"`` the default rule
@@ -282,6 +298,7 @@ class StreamingCurvature(Curvature):
             "preconditioner": self.preconditioner.value,
             "preconditioner_rank": self.preconditioner_rank,
             "oversample": self.oversample,
+            "tol": self.tol,
             "seed": self.seed,
             "trace_probes": self.trace_probes,
         }

@@ -28,7 +28,6 @@ from headwater.curvature._matfree import (
 from headwater.curvature._streaming import (
     Preconditioner,
     StreamingCurvature,
-    default_sketch_rank,
 )
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
@@ -114,9 +113,8 @@ class CG(StreamingCurvature):
     def memory(cls, size: ProblemSize) -> Memory:
         """stored: the default Nyström preconditioner's eigenvectors (<= NYSTROM_MB); working: 5
         vectors x min(n_query, query_chunk) x P, plus cached linearisations (<= 512 MiB)"""
-        rank = default_sketch_rank(size.num_params)
         return Memory(
-            rank * size.num_params * size.itemsize,
+            cls._sketch_bytes(size),
             5 * size.rhs * size.num_params * size.itemsize + size.linearisations,
             "2 passes over the data per iteration",
         )
@@ -144,20 +142,20 @@ class CG(StreamingCurvature):
             preconditioner=preconditioner,
             preconditioner_rank=preconditioner_rank,
             oversample=oversample,
+            tol=tol,
+            warn=warn,
             seed=seed,
             trace_probes=trace_probes,
         )
-        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
-            raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
         if max_iter is not None and (
             isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
         ):
             raise ValueError(f"max_iter: must be a positive integer or None, got {max_iter!r}")
-        for arg, flag in (("warn", warn), ("check_preconditioner", check_preconditioner)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{arg}: expected a bool, got {type(flag).__name__}")
-        self.warn, self.check_preconditioner = warn, check_preconditioner
-        self.tol, self.max_iter = float(tol), max_iter
+        if not isinstance(check_preconditioner, bool):
+            raise TypeError(
+                f"check_preconditioner: expected a bool, got {type(check_preconditioner).__name__}"
+            )
+        self.check_preconditioner, self.max_iter = check_preconditioner, max_iter
         self.last_info: CGInfo | None = None
 
     @classmethod
@@ -228,11 +226,10 @@ class CG(StreamingCurvature):
 
     def _report(self, iteration: int, residuals: Tensor) -> None:
         cap = self.max_iter if self.max_iter is not None else 10 * self.layout.num_params
-        self._report_steps("CG iterations", iteration, float(residuals.max()), self.tol, cap)
+        self._report_steps("CG iterations", iteration, float(residuals.max()), cap)
 
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),
-            "tol": self.tol,
             "max_iter": self.max_iter,
         }

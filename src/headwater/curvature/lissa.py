@@ -41,7 +41,6 @@ from headwater.curvature._matfree import (
 from headwater.curvature._streaming import (
     Preconditioner,
     StreamingCurvature,
-    default_sketch_rank,
 )
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
@@ -127,7 +126,7 @@ class LiSSA(StreamingCurvature):
         """stored: the default Nyström preconditioner's eigenvectors (<= NYSTROM_MB); working: 3
         vectors x min(n_query, query_chunk) x P, plus cached linearisations"""
         return Memory(
-            default_sketch_rank(size.num_params) * size.num_params * size.itemsize,
+            cls._sketch_bytes(size),
             3 * size.rhs * size.num_params * size.itemsize + size.linearisations,
             "up to depth passes over the data (mini-batch passes with batch_size)",
         )
@@ -157,6 +156,8 @@ class LiSSA(StreamingCurvature):
             preconditioner=preconditioner,
             preconditioner_rank=preconditioner_rank,
             oversample=oversample,
+            tol=tol,
+            warn=warn,
             seed=seed,
             trace_probes=trace_probes,
         )
@@ -177,13 +178,8 @@ class LiSSA(StreamingCurvature):
             or scale <= 0
         ):
             raise ValueError(f"scale: must be a finite float > 0 or None, got {scale!r}")
-        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
-            raise ValueError(f"tol: must be a float >= 0, got {tol!r}")
-        if not isinstance(warn, bool):
-            raise TypeError(f"warn: expected a bool, got {type(warn).__name__}")
-        self.depth, self.repeats, self.batch_size, self.warn = depth, repeats, batch_size, warn
+        self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
         self.scale = None if scale is None else float(scale)
-        self.tol = float(tol)
         self.last_info: LissaInfo | None = None
 
     @classmethod
@@ -310,7 +306,7 @@ class LiSSA(StreamingCurvature):
         if self.batch_size is not None:
             report(self.progress, "LiSSA steps", step, self.repeats * self.depth)
         else:
-            self._report_steps("LiSSA steps", step, float(residuals.max()), self.tol, self.depth)
+            self._report_steps("LiSSA steps", step, float(residuals.max()), self.depth)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -319,5 +315,4 @@ class LiSSA(StreamingCurvature):
             "repeats": self.repeats,
             "scale": self.scale,
             "batch_size": self.batch_size,
-            "tol": self.tol,
         }
