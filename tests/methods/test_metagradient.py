@@ -11,6 +11,7 @@ from cases import cnn, mlp
 from oracles import assert_close
 from torch.func import functional_call
 
+from headwater.evaluate import single_model_ground_truth
 from headwater.methods import metagradient
 from headwater.methods.metagradient import Metagradient
 from headwater.store import StoreMismatchError
@@ -216,6 +217,68 @@ def test_recorder_round_trip_and_replay_are_bit_identical(tmp_path, optimizer):
     assert math.isclose(
         run.lrs[0], 0.3 * OPTIMIZERS[optimizer](case.model.parameters()).defaults["lr"]
     )
+
+
+def _user_loop(model, noise: float = 0.0):
+    """A user's SGD loop on a 6x6 image task, recorded; ``noise``: Gaussian input augmentation."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    task, opt = ClassificationTask(), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = Recorder(model, opt, n_train=40, checkpoint_every=4)
+    for _ in range(2):
+        for idx in torch.randperm(40).split(10):
+            opt.zero_grad()
+            batch = x[idx] + noise * torch.randn_like(x[idx])
+            task.train_loss(model, (batch, y[idx])).mean().backward()
+            rec.step(idx)
+    return task, (x, y), rec.finish()
+
+
+def _conv_bn() -> torch.nn.Module:
+    torch.manual_seed(1)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+
+
+def _mlp_dropout() -> torch.nn.Module:
+    torch.manual_seed(1)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 3)
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "noise"),
+    [(_conv_bn, 0.0), (_mlp_dropout, 0.0), (lambda: _mlp_dropout().eval(), 0.1)],
+    ids=["batchnorm-train-mode", "dropout", "input-noise"],
+)
+def test_a_loop_that_was_not_deterministic_is_refused_not_differentiated(make, noise):
+    """Replays of such a loop would be of another run: replay, the metagradient and its
+    ground truth raise one ValueError naming the run, instead of returning numbers."""
+    model = make()
+    task, train, run = _user_loop(model, noise)
+    query = (train[0][:2], train[1][:2])
+    with pytest.raises(ValueError, match=r"run: replaying steps 0-4 .* not deterministic"):
+        replay(model, task, train, run)
+    with pytest.raises(ValueError, match=r"run: replaying steps 4-8 .* not deterministic"):
+        Metagradient(model, task, run).scores(query, train)
+    with pytest.raises(ValueError, match="not deterministic"):
+        single_model_ground_truth(model, task, train, query, run, fraction=0.1, n_subsets=2)
+
+
+def test_the_same_batchnorm_loop_in_eval_mode_replays_and_differentiates():
+    model = _conv_bn().eval()
+    task, train, run = _user_loop(model)
+    final = replay(model, task, train, run)
+    assert all(torch.equal(final[k], p.detach()) for k, p in model.named_parameters())
+    assert replay(model, task, train, run, steps=4).keys() == final.keys()
+    scores = Metagradient(model, task, run).scores((train[0][:2], train[1][:2]), train)
+    assert scores.shape == (2, 40) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError, match="steps"):
+        replay(model, task, train, run, steps=0)
 
 
 def test_bad_input_is_refused():

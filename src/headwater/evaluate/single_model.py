@@ -80,6 +80,11 @@ def single_model_ground_truth(
     Returns:
         :class:`~headwater.evaluate.lds.LDSGroundTruth` with ``masks`` the kept examples
         ``[n_subsets, n_train]`` and ``actual [n_subsets, n_query]``.
+
+    Raises:
+        ValueError: the recorded loop was not deterministic given its batches (its first
+            segment, replayed, misses the recorded checkpoint:
+            :func:`~headwater.train.recorder.check_reached`).
     """
     x_t, y_t = as_tensors(train, "train")
     x_q, y_q = as_tensors(query, "query")
@@ -103,6 +108,9 @@ def single_model_ground_truth(
             tensors["masks"].bool(), tensors["actual"], tensors["actual"][:, None], settings
         )
     kept = ~dropped
+    # the first segment unweighted: a loop that was not deterministic raises here, before
+    # its replays would measure another run
+    replay(model, task, (x_t, y_t), run, steps=run.checkpoints[1].step)
     x_q, y_q = prepare_batch((x_q, y_q), run.checkpoints[0].theta)
     rows = []
     for j in range(n_subsets):

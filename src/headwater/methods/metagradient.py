@@ -64,7 +64,7 @@ from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
 from headwater.task import Task
-from headwater.train.recorder import Checkpoint, RunRecord, check_run
+from headwater.train.recorder import Checkpoint, RunRecord, check_reached, check_run
 from headwater.train.steps import (
     adam_coefficients,
     adam_pullback,
@@ -240,15 +240,18 @@ class Metagradient(Estimator):
         )
 
     def _forward(
-        self, ckpt: Checkpoint, end: int, data
+        self, ckpt: Checkpoint, end: Checkpoint, data, recorded: bool
     ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor | None]]:
-        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end)``, recomputed forward;
+        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end.step)``, recomputed forward;
         only what the reverse step reads is kept (SGD's pullback needs no state, and
-        ``g_t`` is recomputed with the Hessian's pullback unless ``hessian_free``)."""
+        ``g_t`` is recomputed with the Hessian's pullback unless ``hessian_free``). At the
+        ``recorded`` weights (all 1) the segment must end at ``end``'s parameters
+        (:func:`~headwater.train.recorder.check_reached`: else the derivative would be
+        that of another run)."""
         x_all, y_all, w_all = data
         theta, state = self._cast(ckpt)
         states = []
-        for t in range(ckpt.step, end):
+        for t in range(ckpt.step, end.step):
             idx = self.run.batches[t]
             g = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
             states.append(
@@ -259,6 +262,8 @@ class Metagradient(Estimator):
                 )
             )
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
+        if recorded:
+            check_reached(ckpt, end, theta)
         return states
 
     def _coefficients(self, t: int, count: int, theta: Tensor, state, g: Tensor):
@@ -350,13 +355,12 @@ class Metagradient(Estimator):
         if run.optimizer != "sgd":
             self._work = carry.new_empty(self._rows, carry.shape[2])
         ckpts = run.checkpoints
-        for start, end in zip(
-            reversed(ckpts[:-1]), reversed([c.step for c in ckpts[1:]]), strict=True
-        ):
-            if end > reached:
+        recorded = bool((data[2] == 1).all())
+        for start, end in zip(reversed(ckpts[:-1]), reversed(ckpts[1:]), strict=True):
+            if end.step > reached:
                 continue  # done before the interruption
-            states = self._forward(start, end, data)
-            for t in reversed(range(start.step, end)):
+            states = self._forward(start, end, data, recorded)
+            for t in reversed(range(start.step, end.step)):
                 count = start.count + t - start.step + 1
                 self._backward_step(t, count, states.pop(), carry, data, out)
                 done += 1
