@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,6 +245,33 @@ class Recorder:
         self.lrs: list[float] = []
         self.max_norms: list[float | None] = []
         self.checkpoints = [self._checkpoint(0)]
+        self._batch_dependent = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        ]
+        self._warned = False
+
+    def _warn_if_not_replayable(self) -> None:
+        """Warn once, at the step it happens, when a BatchNorm uses batch statistics or a
+        Dropout is active: the run will not replay (the replay runs the model in eval mode,
+        and :func:`check_reached` refuses it then), better known before training ends."""
+        active = [
+            f"{type(m).__name__} {name!r}"
+            for name, m in self._batch_dependent
+            if m.training or not getattr(m, "track_running_stats", True)
+        ]
+        if active:
+            self._warned = True
+            warnings.warn(
+                f"Recorder: model has {', '.join(active[:3])}"
+                f"{f' and {len(active) - 3} more' if len(active) > 3 else ''} in train mode "
+                f"at step {len(self.batches)}: batch statistics or dropout masks are not "
+                "recorded, so this run will not replay (replay and metagradients refuse it); "
+                "record the loop with model.eval() or without them",
+                stacklevel=3,
+            )
 
     def _checkpoint(self, step: int) -> Checkpoint:
         theta = self.layout.flatten({k: p.detach() for k, p in self.params.items()}).clone()
@@ -277,6 +305,8 @@ class Recorder:
             raise ValueError(f"max_norm: expected a float > 0 or None, got {max_norm!r}")
         if _hyper(self.optimizer, self.kind) != self.hyper:
             raise ValueError("optimizer: hyper-parameters other than lr changed during the run")
+        if not self._warned:
+            self._warn_if_not_replayable()
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm)
         self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
