@@ -269,6 +269,8 @@ def test_a_loop_that_was_not_deterministic_is_refused_not_differentiated(make, n
         replay(model, task, train, run)
     with pytest.raises(ValueError, match=r"run: replaying steps 4-8 .* not deterministic"):
         Metagradient(model, task, run).scores(query, train)
+    with pytest.raises(ValueError, match=r"run: replaying steps 0-4 .* not deterministic"):
+        Metagradient(model, task, run).hypergradients(query, train, weights=torch.rand(40))
     with pytest.raises(ValueError, match="not deterministic"):
         single_model_ground_truth(model, task, train, query, run, fraction=0.1, n_subsets=2)
 

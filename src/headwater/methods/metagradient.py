@@ -64,7 +64,7 @@ from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
 from headwater.task import Task
-from headwater.train.recorder import Checkpoint, RunRecord, check_reached, check_run
+from headwater.train.recorder import Checkpoint, RunRecord, check_reached, check_run, replay
 from headwater.train.steps import (
     adam_coefficients,
     adam_pullback,
@@ -396,7 +396,8 @@ class Metagradient(Estimator):
         self, query: DataLike, train: DataLike, *, weights: Tensor | None = None
     ) -> Tensor:
         """``d m(z_q; θ_T) / d w_i`` at the run's weights (``weights``, default all 1),
-        ``[n_query, n_train]``."""
+        ``[n_query, n_train]``. A ValueError if the recorded loop was not deterministic
+        (a replayed segment misses its recorded checkpoint)."""
         x_all, y_all = as_tensors(train, "train")
         check_run(self.run, self.task, self.model, y_all.shape[0])
         like = torch.empty(0, dtype=self.dtype)
@@ -411,6 +412,10 @@ class Metagradient(Estimator):
             raise ValueError(
                 f"weights: expected shape [{self.run.n_train}], got {tuple(w_all.shape)}"
             )
+        if weights is not None and not bool((w_all == 1).all()):
+            # the segments replayed at other weights cannot be checked against the recorded
+            # checkpoints: the first one at the recorded weights is (check_reached)
+            replay(self.model, self.task, train, self.run, steps=self.run.checkpoints[1].step)
         block = self.query_block or max(1, y_q.shape[0])
         starts = range(0, y_q.shape[0], block)
         total = len(starts) * self.run.num_steps
