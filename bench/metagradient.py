@@ -13,7 +13,9 @@ error is printed).
 
 Estimators on the same run: exact metagradient (REPLAY), its Hessian-free variant
 (HYDRA's approximation), EK-FAC influence (headwater's default) and TracIn over the
-recorded checkpoints. Time: CPU time of this process (``time.process_time``, one thread:
+recorded checkpoints; with ``--peers`` (run in the bench environment, ``.venv-bench``)
+Kronfluence's EK-FAC at its own damping and Captum's TracInCP beside them: no reference
+library replays or differentiates a recorded run. Time: CPU time of this process (``time.process_time``, one thread:
 robust to other processes on a shared machine), the metagradient of all 200 queries as a
 multiple of one training run (the median of 5 runs of the recorded loop, same dtype).
 Peak memory: rise of the peak RSS (VmHWM reset through /proc/self/clear_refs) of a fresh
@@ -394,7 +396,39 @@ def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
     return out
 
 
-def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> dict[str, Any]:
+def peer_estimators(
+    model: nn.Module, run: RunRecord, recipe: dict[str, Any], train, query
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """The reference libraries where they have anything comparable (none replays a run):
+    Kronfluence's EK-FAC influence as a user calls it (its own damping heuristic, the loss
+    as measurement) and Captum's TracInCP over the recorded checkpoints (the same sum as
+    headwater's TracIn). ``{row: (scores, CPU seconds)}``; a peer that fails is left out
+    and printed."""
+    from bench.extras_peers import captum_tracin_scores
+    from bench.peers import kronfluence_ekfac_heuristic
+    from bench.problems import Problem
+
+    (x, y), (xq, yq) = train, query
+    problem = Problem("metagradient", x, y, xq, yq, model, recipe.get("wd", WEIGHT_DECAY))
+    rows = {}
+    start = time.process_time()
+    kron = kronfluence_ekfac_heuristic(model, problem, damping=0.0, measurement="loss")
+    if kron.failed:
+        print(f"kronfluence: {kron.note}", flush=True)
+    else:
+        rows["Kronfluence EK-FAC (peer)"] = (kron.scores, time.process_time() - start)
+    start = time.process_time()
+    try:
+        traced = captum_tracin_scores(model, tracin_checkpoints(run), x, y, xq, yq)
+        rows["Captum TracInCP (peer)"] = (traced, time.process_time() - start)
+    except Exception as err:  # a peer failing is a result, not a crash
+        print(f"captum TracInCP failed: {type(err).__name__}: {err}", flush=True)
+    return rows
+
+
+def bench_recipe(
+    name: str, recipe: dict[str, Any], subsets: int, cg: bool, peers: bool = False
+) -> dict[str, Any]:
     x, y, xq, yq = _tensors(torch.float32)
     task = ClassificationTask()
     train(recipe, x, y, task)  # warm-up
@@ -441,6 +475,8 @@ def bench_recipe(name: str, recipe: dict[str, Any], subsets: int, cg: bool) -> d
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
     ).values
     estimators["TracIn (checkpoints)"] = (tr, time.process_time() - start)
+    if peers:
+        estimators.update(peer_estimators(model, run, recipe, (x, y), (xq, yq)))
     truths = ground_truths(model, task, (x, y), (xq, yq), run, subsets)
     rows = []
     for est, (values, secs) in estimators.items():
@@ -537,6 +573,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--cg", action="store_true", help="also CG influence (slow)")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also Kronfluence EK-FAC and Captum TracInCP (the bench environment, .venv-bench)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # the child of peak_rise
     parser.add_argument("--arch", help=argparse.SUPPRESS)
@@ -554,7 +595,10 @@ def main() -> None:
         select(args.recipes, args.subsets, Path(args.out))
         return
     start = time.process_time()
-    results = [bench_recipe(name, RECIPES[name], args.subsets, args.cg) for name in args.recipes]
+    results = [
+        bench_recipe(name, RECIPES[name], args.subsets, args.cg, args.peers)
+        for name in args.recipes
+    ]
     if not args.no_write:
         write(results, args.subsets, time.process_time() - start, Path(args.out))
 
