@@ -56,7 +56,7 @@ CNN_RECIPES := cnn-sgd-sharp cnn-sgd-smooth cnn-adam-sharp cnn-adam-smooth
 bench-metagradient:
 	bash bench/setup_peers.sh
 	.venv-bench/bin/python -m bench.metagradient --threads 1 --peers --recipes $(MLP_RECIPES)
-	.venv-bench/bin/python -m bench.metagradient --threads 1 --peers --cg --recipes $(CNN_RECIPES) \
+	.venv-bench/bin/python -m bench.metagradient --threads 1 --peers --recipes $(CNN_RECIPES) \
 		--out bench/metagradient_cnn_results.md
 # Exact metagradients on the causal LM of bench-lm: three recipes, 50 queries, single-model
 # LDS at 1% / 5% (bench/lm_metagradient_results.md; headwater only, about 45 minutes).

@@ -12,7 +12,8 @@ examples), ``--subsets`` replays per fraction (default 20: a short bench; the st
 error is printed).
 
 Estimators on the same run: exact metagradient (REPLAY), its Hessian-free variant
-(HYDRA's approximation), EK-FAC influence (headwater's default) and TracIn over the
+(HYDRA's approximation), influence at headwater's default curvature (``auto``: the row
+names its choice), EK-FAC and CG influence at their defaults, and TracIn over the
 recorded checkpoints; with ``--peers`` (run in the bench environment, ``.venv-bench``)
 Kronfluence's EK-FAC at its own damping and Captum's TracInCP beside them: no reference
 library replays or differentiates a recorded run. Time: CPU time of this process (``time.process_time``, one thread:
@@ -427,7 +428,7 @@ def peer_estimators(
 
 
 def bench_recipe(
-    name: str, recipe: dict[str, Any], subsets: int, cg: bool, peers: bool = False
+    name: str, recipe: dict[str, Any], subsets: int, peers: bool = False
 ) -> dict[str, Any]:
     x, y, xq, yq = _tensors(torch.float32)
     task = ClassificationTask()
@@ -451,25 +452,15 @@ def bench_recipe(
     start = time.process_time()
     free = Metagradient(model, task, run, hessian_free=True).scores((xq, yq), (x, y))
     estimators["Hessian-free (HYDRA)"] = (free, time.process_time() - start)
-    start = time.process_time()
-    ek = headwater.influence(
-        model,
-        (x, y),
-        (xq, yq),
-        task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
-    ).values
-    estimators["EK-FAC influence"] = (ek, time.process_time() - start)
-    if cg:
+    l2 = ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY))
+    for curvature in (None, "ekfac", "cg"):  # the default (auto), EK-FAC, CG: at their defaults
         start = time.process_time()
-        solved = headwater.influence(
-            model,
-            (x, y),
-            (xq, yq),
-            task=ClassificationTask(weight_decay=recipe.get("wd", WEIGHT_DECAY)),
-            curvature="cg",
-            curvature_options={"max_iter": 20},  # ~4 s per iteration for the CNN's 200 queries
-        ).values
-        estimators["CG influence (20 it.)"] = (solved, time.process_time() - start)
+        found = headwater.influence(model, (x, y), (xq, yq), task=l2, curvature=curvature)
+        seconds = time.process_time() - start
+        row = {"ekfac": "EK-FAC influence", "cg": "CG influence"}.get(
+            curvature, f"influence, default ({found.settings['curvature']})"
+        )
+        estimators[row] = (found.values, seconds)
     start = time.process_time()
     tr = headwater.influence(
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
@@ -572,7 +563,6 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--cg", action="store_true", help="also CG influence (slow)")
     parser.add_argument(
         "--peers",
         action="store_true",
@@ -595,10 +585,7 @@ def main() -> None:
         select(args.recipes, args.subsets, Path(args.out))
         return
     start = time.process_time()
-    results = [
-        bench_recipe(name, RECIPES[name], args.subsets, args.cg, args.peers)
-        for name in args.recipes
-    ]
+    results = [bench_recipe(name, RECIPES[name], args.subsets, args.peers) for name in args.recipes]
     if not args.no_write:
         write(results, args.subsets, time.process_time() - start, Path(args.out))
 
