@@ -16,7 +16,14 @@ from headwater.methods import metagradient
 from headwater.methods.metagradient import Metagradient
 from headwater.store import StoreMismatchError
 from headwater.task import ClassificationTask
-from headwater.train.recorder import Recorder, RunRecord, load_run, replay
+from headwater.train.recorder import (
+    Checkpoint,
+    Recorder,
+    RunRecord,
+    check_reached,
+    load_run,
+    replay,
+)
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-2),
@@ -273,6 +280,15 @@ def test_a_loop_that_was_not_deterministic_is_refused_not_differentiated(make, n
         Metagradient(model, task, run).hypergradients(query, train, weights=torch.rand(40))
     with pytest.raises(ValueError, match="not deterministic"):
         single_model_ground_truth(model, task, train, query, run, fraction=0.1, n_subsets=2)
+
+
+def test_check_reached_tolerates_rounding_and_refuses_a_miss_or_nan():
+    start = Checkpoint(0, torch.zeros(4), {})
+    end = Checkpoint(5, torch.tensor([1.0, 0.0, 0.0, 0.0]), {})
+    check_reached(start, end, end.theta + 1e-4)  # 2e-4 of the change: rounding
+    for theta in (end.theta + 1e-2, torch.full((4,), math.nan)):
+        with pytest.raises(ValueError, match="run: replaying steps 0-5 does not reach"):
+            check_reached(start, end, theta)
 
 
 def test_the_same_batchnorm_loop_in_eval_mode_replays_and_differentiates():

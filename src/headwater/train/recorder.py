@@ -375,15 +375,16 @@ def check_reached(start: Checkpoint, end: Checkpoint, theta: Tensor) -> None:
     recorded = end.theta.to(theta)
     moved = float((recorded - start.theta.to(theta)).norm())
     off = float((theta - recorded).norm())
-    if not off <= REACH_TOL * moved and off > 0:
-        raise ValueError(
-            f"run: replaying steps {start.step}-{end.step} does not reach the recorded "
-            f"parameters (off by {off / max(moved, 1e-300):.2g} of their change): the "
-            "training loop was not deterministic given its recorded batches, e.g. an "
-            "active Dropout or BatchNorm in train mode (record the loop with model.eval() "
-            "or without them), random data augmentation, a loss other than "
-            "task.train_loss(model, batch).mean(), or training data other than `train`"
-        )
+    if off == 0 or off <= REACH_TOL * moved:  # (a NaN replay is not)
+        return
+    raise ValueError(
+        f"run: replaying steps {start.step}-{end.step} does not reach the recorded "
+        f"parameters (off by {off / max(moved, 1e-300):.2g} of their change): the "
+        "training loop was not deterministic given its recorded batches, e.g. an "
+        "active Dropout or BatchNorm in train mode (record the loop with model.eval() "
+        "or without them), random data augmentation, a loss other than "
+        "task.train_loss(model, batch).mean(), or training data other than `train`"
+    )
 
 
 def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> None:
