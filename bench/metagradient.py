@@ -456,11 +456,10 @@ def bench_recipe(
     for curvature in (None, "ekfac", "cg"):  # the default (auto), EK-FAC, CG: at their defaults
         start = time.process_time()
         found = headwater.influence(model, (x, y), (xq, yq), task=l2, curvature=curvature)
-        seconds = time.process_time() - start
         row = {"ekfac": "EK-FAC influence", "cg": "CG influence"}.get(
             curvature, f"influence, default ({found.settings['curvature']})"
         )
-        estimators[row] = (found.values, seconds)
+        estimators[row] = (found.values, time.process_time() - start)
     start = time.process_time()
     tr = headwater.influence(
         model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
