@@ -122,9 +122,14 @@ def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer
 def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
     case = mlp(n_train=20, n_query=5)
     task, run = record(case, optimizer)
-    whole = Metagradient(case.model, task, run).scores(case.query, case.train)
-    monkeypatch.setattr(metagradient, "_CHUNK", 3)  # chunks of 3 and 2 queries
-    chunked = Metagradient(case.model, task, run).scores(case.query, case.train)
+    monkeypatch.setattr(metagradient, "_TEMPORARIES", 1e9)  # only the cap _CHUNK binds
+    sizes = []
+    for cap in (5, 3):  # one chunk; chunks of 3 and 2 queries
+        monkeypatch.setattr(metagradient, "_CHUNK", cap)
+        estimator = Metagradient(case.model, task, run)
+        sizes.append((estimator.scores(case.query, case.train), estimator._rows))
+    (whole, one), (chunked, three) = sizes
+    assert (one, three) == (5, 3)
     assert_close(chunked, whole, rtol=0, atol=1e-10, what="chunks of 3 + 2 vs one chunk")
 
 

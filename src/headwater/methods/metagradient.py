@@ -386,7 +386,7 @@ class Metagradient(Estimator):
         per_query = (
             _PER_FORWARD * counter.total / theta.element_size() + _PER_PARAM * theta.shape[0]
         )
-        return _chunk(carry.shape[1], int(_TEMPORARIES * carry.numel() / per_query))
+        return _chunk(carry.shape[1], min(_CHUNK, int(_TEMPORARIES * carry.numel() / per_query)))
 
     @staticmethod
     def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, int] | None:
