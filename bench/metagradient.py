@@ -16,14 +16,15 @@ Estimators on the same run: exact metagradient (REPLAY), its Hessian-free varian
 names its choice), EK-FAC and CG influence at their defaults, and TracIn over the
 recorded checkpoints; with ``--peers`` (run in the bench environment, ``.venv-bench``)
 Kronfluence's EK-FAC at its own damping and Captum's TracInCP beside them: no reference
-library replays or differentiates a recorded run. Time: CPU time of this process (``time.process_time``, one thread:
-robust to other processes on a shared machine), the metagradient of all 200 queries as a
-multiple of one training run (the median of 5 runs of the recorded loop, same dtype).
+library replays or differentiates a recorded run. Time: CPU time of this process
+(``time.process_time``, one thread: robust to other processes on a shared machine), the
+metagradient of all 200 queries as a multiple of one training run (the median of 5 runs
+of the recorded loop, same dtype).
 Peak memory: rise of the peak RSS (VmHWM reset through /proc/self/clear_refs) of a fresh
 process computing the metagradient of the saved run (after a one-query warm-up), against
 ``(model + optimizer state + n_query) · P`` floats.
 
-    python -m bench.metagradient [--recipes mlp-sgd-sharp ...] [--subsets 20]
+    python -m bench.metagradient [--recipes mlp-sgd-sharp ...] [--subsets 20] [--peers]
 """
 
 from __future__ import annotations
