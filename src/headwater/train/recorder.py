@@ -382,7 +382,7 @@ def check_reached(start: Checkpoint, end: Checkpoint, theta: Tensor) -> None:
         f"parameters (off by {off / max(moved, 1e-300):.2g} of their change): the "
         "training loop was not deterministic given its recorded batches, e.g. an "
         "active Dropout or BatchNorm in train mode (record the loop with model.eval() "
-        "or without them), random data augmentation, a loss other than "
+        "or without them), random data augmentation, autocast, a loss other than "
         "task.train_loss(model, batch).mean(), or training data other than `train`"
     )
 
