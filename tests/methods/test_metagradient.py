@@ -23,6 +23,7 @@ from headwater.train.recorder import (
     check_reached,
     load_run,
     replay,
+    with_indices,
 )
 
 OPTIMIZERS = {
@@ -307,6 +308,41 @@ def test_the_same_batchnorm_loop_in_eval_mode_replays_and_differentiates():
     assert scores.shape == (2, 40) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="steps"):
         replay(model, task, train, run, steps=0)
+
+
+def test_a_batchnorm_cnn_trained_from_a_dataloader_records_replays_and_scores():
+    """A user's loop over a shuffling DataLoader of a Dataset (BatchNorm in eval mode): the
+    indices come from with_indices, the run replays bit for bit on the Dataset itself and
+    scores the same as on its tensors."""
+    model = _conv_bn().eval()
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    train_set = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(
+        with_indices(train_set),
+        batch_size=8,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(3),
+    )
+    task, opt = ClassificationTask(), torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = Recorder(model, opt, n_train=len(train_set), checkpoint_every=4)
+    for _ in range(2):
+        for (xb, yb), idx in loader:
+            assert torch.equal(xb, x[idx])
+            opt.zero_grad()
+            task.train_loss(model, (xb, yb)).mean().backward()
+            rec.step(idx)
+    run = rec.finish()
+    assert sorted(torch.cat(run.batches[:5]).tolist()) == list(
+        range(40)
+    )  # one epoch: a permutation
+    final = replay(model, task, train_set, run)
+    assert all(torch.equal(final[k], p.detach()) for k, p in model.named_parameters())
+    query = (x[:3], y[:3])
+    on_dataset = Metagradient(model, task, run).scores(query, train_set)
+    assert_close(on_dataset, Metagradient(model, task, run).scores(query, (x, y)), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="dataset"):
+        with_indices(iter(train_set))
 
 
 def test_bad_input_is_refused():

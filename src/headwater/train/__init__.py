@@ -7,7 +7,7 @@ from headwater.train.ensemble import (
     train_ensemble,
 )
 from headwater.train.lbfgs import minimize_objective, objective_value
-from headwater.train.recorder import Recorder, RunRecord, load_run, replay
+from headwater.train.recorder import Recorder, RunRecord, load_run, replay, with_indices
 from headwater.train.sgd import SGDConfig, Trajectory, train_sgd
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "replay",
     "train_ensemble",
     "train_sgd",
+    "with_indices",
 ]

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from headwater import store
 from headwater.data import DataLike, as_tensors, take
@@ -50,7 +51,15 @@ from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.task import Task
 from headwater.train.steps import batch_objective, check_normalization
 
-__all__ = ["Checkpoint", "Recorder", "RunRecord", "check_reached", "load_run", "replay"]
+__all__ = [
+    "Checkpoint",
+    "Recorder",
+    "RunRecord",
+    "check_reached",
+    "load_run",
+    "replay",
+    "with_indices",
+]
 
 REACH_TOL = 1e-3
 """How far a replayed segment may end from its recorded checkpoint, relative to how far the
@@ -199,6 +208,36 @@ def _hyper(optimizer: torch.optim.Optimizer, kind: str) -> dict[str, Any]:
             raise ValueError("optimizer: every param group must share lr and hyper-parameters")
         found = hyper
     return found
+
+
+class _WithIndices(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.dataset[index], index
+
+
+def with_indices(dataset: Dataset) -> Dataset:
+    """``dataset`` whose items come with their index, ``(item, i)``, so that a DataLoader loop
+    has each batch's training indices for :meth:`Recorder.step`::
+
+        loader = DataLoader(with_indices(train_set), batch_size=50, shuffle=True)
+        for (x, y), idx in loader:                   # a dict item: `for batch, idx in loader`
+            ...
+            recorder.step(idx)
+
+    and the run is scored on ``train_set`` itself (the indices point into it).
+    """
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(
+            f"dataset: expected a map-style Dataset (indexable, with a length), got "
+            f"{type(dataset).__name__}"
+        )
+    return _WithIndices(dataset)
 
 
 class Recorder:
