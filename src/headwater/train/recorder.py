@@ -61,12 +61,15 @@ __all__ = [
     "with_indices",
 ]
 
-REACH_TOL = 1e-3
+REACH_TOL = 1e-2
 """How far a replayed segment may end from its recorded checkpoint, relative to how far the
 recorded parameters moved over it. A deterministic loop is off by rounding only: at most
 1.2e-6 replayed in float32 and 1.3e-5 in float64 (the bench's MLP and CNN runs, SGD and
-Adam); loops that were not deterministic missed by 0.02 (Dropout p = 0.01) to 0.5
-(BatchNorm in train mode; Dropout p = 0.1: 0.2-0.4; Gaussian input noise: 0.09)."""
+Adam), 5e-5 on the causal LM's smooth run, but 4e-3 on its chaotic sharp run, whose
+128-step segments amplify the rounding of the metagradient's functional recomputation
+(``replay`` of the same run: exactly 0); loops that were not deterministic missed by 0.02
+to 0.16 (Dropout p = 0.01), 0.2-0.4 (p = 0.1), 0.14-0.5 (BatchNorm in train mode) and
+0.09 (Gaussian input noise)."""
 
 _HYPER = {
     "sgd": ("momentum", "nesterov", "weight_decay"),
