@@ -25,16 +25,10 @@ from headwater.curvature._matfree import (
     extreme_eigenvalues,
     warn_if_indefinite,
 )
-from headwater.curvature._streaming import (
-    Preconditioner,
-    StreamingCurvature,
-)
+from headwater.curvature._streaming import Preconditioner, StreamingCurvature
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
-from headwater.curvature.solvers import (
-    CGInfo,
-    conjugate_gradient,
-)
+from headwater.curvature.solvers import CGInfo, conjugate_gradient
 from headwater.data import DataLike
 from headwater.progress import ProgressFn
 from headwater.task import Task

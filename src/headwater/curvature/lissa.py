@@ -38,10 +38,7 @@ from headwater.curvature._matfree import (
     rademacher,
     warn_if_indefinite,
 )
-from headwater.curvature._streaming import (
-    Preconditioner,
-    StreamingCurvature,
-)
+from headwater.curvature._streaming import Preconditioner, StreamingCurvature
 from headwater.curvature.base import Memory, ProblemSize
 from headwater.curvature.operators import MatrixKind
 from headwater.curvature.solvers import LissaInfo, lissa

@@ -30,7 +30,7 @@ from headwater.gradients.functional import bind, evaluation_mode, prepare_batch
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.ensemble import fingerprint
-from headwater.train.recorder import RunRecord, replay
+from headwater.train.recorder import RunRecord, check_replayable, replay
 from headwater.train.steps import check_normalization
 
 __all__ = ["run_fingerprint", "single_model_ground_truth"]
@@ -108,9 +108,7 @@ def single_model_ground_truth(
             tensors["masks"].bool(), tensors["actual"], tensors["actual"][:, None], settings
         )
     kept = ~dropped
-    # the first segment unweighted: a loop that was not deterministic raises here, before
-    # its replays would measure another run
-    replay(model, task, (x_t, y_t), run, steps=run.checkpoints[1].step)
+    check_replayable(model, task, (x_t, y_t), run)
     x_q, y_q = prepare_batch((x_q, y_q), run.checkpoints[0].theta)
     rows = []
     for j in range(n_subsets):

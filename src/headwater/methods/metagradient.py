@@ -64,7 +64,13 @@ from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
 from headwater.task import Task
-from headwater.train.recorder import Checkpoint, RunRecord, check_reached, check_run, replay
+from headwater.train.recorder import (
+    Checkpoint,
+    RunRecord,
+    check_reached,
+    check_replayable,
+    check_run,
+)
 from headwater.train.steps import (
     adam_coefficients,
     adam_pullback,
@@ -417,9 +423,7 @@ class Metagradient(Estimator):
                 f"weights: expected shape [{self.run.n_train}], got {tuple(w_all.shape)}"
             )
         if weights is not None and not bool((w_all == 1).all()):
-            # the segments replayed at other weights cannot be checked against the recorded
-            # checkpoints: the first one at the recorded weights is (check_reached)
-            replay(self.model, self.task, train, self.run, steps=self.run.checkpoints[1].step)
+            check_replayable(self.model, self.task, train, self.run)
         block = self.query_block or max(1, y_q.shape[0])
         starts = range(0, y_q.shape[0], block)
         total = len(starts) * self.run.num_steps

@@ -56,6 +56,7 @@ __all__ = [
     "Recorder",
     "RunRecord",
     "check_reached",
+    "check_replayable",
     "load_run",
     "replay",
     "with_indices",
@@ -427,6 +428,13 @@ def check_reached(start: Checkpoint, end: Checkpoint, theta: Tensor) -> None:
         "or without them), random data augmentation, autocast, a loss other than "
         "task.train_loss(model, batch).mean(), or training data other than `train`"
     )
+
+
+def check_replayable(model: nn.Module, task: Task, train: DataLike, run: RunRecord) -> None:
+    """Replay the run's first segment at the recorded weights (:func:`check_reached`): a loop
+    that was not deterministic raises here, before replays at other weights, which cannot be
+    checked against the checkpoints, would describe another run."""
+    replay(model, task, train, run, steps=run.checkpoints[1].step)
 
 
 def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> None:
