@@ -98,6 +98,28 @@ def test_equals_finite_differences_of_retraining(make, optimizer, normalization)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_at_other_weights_equals_finite_differences_of_retraining(optimizer):
+    """At weights other than the recorded ones the run passes through other states: every
+    segment is recomputed from the weighted run's own checkpoint, not the recorded one."""
+    case = mlp(n_train=20, n_query=3)
+    task, run = record(case, optimizer)
+    assert len(run.checkpoints) > 3
+    at = torch.ones(20, dtype=torch.float64)
+    at[[2, 5, 11]], at[7] = 0, 0.5
+    hyper = Metagradient(case.model, task, run).hypergradients(case.query, case.train, weights=at)
+    eps, cols = 1e-5, [0, 3, 7, 12]
+    fd = torch.zeros(3, len(cols), dtype=torch.float64)
+    for k, i in enumerate(cols):
+        up, down = at.clone(), at.clone()
+        up[i], down[i] = at[i] + eps, at[i] - eps
+        fd[:, k] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    assert fd.abs().max() > 1e-3
+    assert_close(
+        hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw at w != 1"
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer):
     case = mlp(n_train=20, n_query=4)
     start = {k: v.clone() for k, v in case.model.state_dict().items()}

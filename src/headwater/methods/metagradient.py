@@ -249,32 +249,55 @@ class Metagradient(Estimator):
             run.optimizer, run.hyper, theta, state, g, run.lrs[t], count, run.max_norms[t]
         )
 
+    def _segment(self, ckpt: Checkpoint, end: int, data, keep: bool):
+        """Run steps ``[ckpt.step, end)`` forward from ``ckpt`` at the weights ``data[2]``:
+        ``(kept, θ_end, state_end)`` with ``kept`` the ``(θ_t, state_t, g_t)`` the reverse
+        step reads when ``keep`` (SGD's pullback needs no state, and ``g_t`` is recomputed
+        with the Hessian's pullback unless ``hessian_free``)."""
+        x_all, y_all, w_all = data
+        theta, state = self._cast(ckpt)
+        kept = []
+        for t in range(ckpt.step, end):
+            idx = self.run.batches[t]
+            g = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
+            if keep:
+                kept.append(
+                    (
+                        theta,
+                        () if self.run.optimizer == "sgd" else state,
+                        g if self.hessian_free else None,
+                    )
+                )
+            theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
+        return kept, theta, state
+
     def _forward(
         self, ckpt: Checkpoint, end: Checkpoint, data, recorded: bool
     ) -> list[tuple[Tensor, tuple[Tensor, ...], Tensor | None]]:
-        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end.step)``, recomputed forward;
-        only what the reverse step reads is kept (SGD's pullback needs no state, and
-        ``g_t`` is recomputed with the Hessian's pullback unless ``hessian_free``). At the
-        ``recorded`` weights (all 1) the segment must end at ``end``'s parameters
-        (:func:`~headwater.train.recorder.check_reached`: else the derivative would be
-        that of another run)."""
-        x_all, y_all, w_all = data
-        theta, state = self._cast(ckpt)
-        states = []
-        for t in range(ckpt.step, end.step):
-            idx = self.run.batches[t]
-            g = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
-            states.append(
-                (
-                    theta,
-                    () if self.run.optimizer == "sgd" else state,
-                    g if self.hessian_free else None,
-                )
-            )
-            theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
+        """``(θ_t, state_t, g_t)`` for ``t`` in ``[ckpt.step, end.step)``, recomputed forward
+        (:meth:`_segment`). At the ``recorded`` weights (all 1) the segment must end at
+        ``end``'s parameters (:func:`~headwater.train.recorder.check_reached`: else the
+        derivative would be that of another run)."""
+        states, theta, _ = self._segment(ckpt, end.step, data, keep=True)
         if recorded:
             check_reached(ckpt, end, theta)
         return states
+
+    def _checkpoints(self, data, recorded: bool) -> tuple[Checkpoint, ...]:
+        """The run's checkpoints at the weights ``data[2]``: the recorded ones at the recorded
+        weights, else the states the run passes through at those weights, at the same steps
+        (one forward pass from step 0: the reverse pass recomputes each segment from its
+        start, which must be on the weighted run)."""
+        ckpts = self.run.checkpoints
+        if recorded:
+            return ckpts
+        out = [ckpts[0]]
+        for end in ckpts[1:]:
+            _, theta, state = self._segment(out[-1], end.step, data, keep=False)
+            out.append(
+                Checkpoint(end.step, theta, dict(zip(end.state, state, strict=True)), end.count)
+            )
+        return tuple(out)
 
     def _coefficients(self, t: int, count: int, theta: Tensor, state, g: Tensor):
         """What the update's pullback at step ``t`` shares across query chunks (Adam's
@@ -345,7 +368,9 @@ class Metagradient(Estimator):
         partial sums are saved (atomically) after every segment and a stored state of the
         same settings, queries and data is resumed from (bit for bit the same result)."""
         run = self.run
-        last = run.checkpoints[-1]
+        recorded = bool((data[2] == 1).all())
+        ckpts = self._checkpoints(data, recorded)
+        last = ckpts[-1]
         key = {"kind": "metagradient_adjoint", "settings": self.settings()}
         leaves = tree_flatten((x_q, y_q, data))[0]
         key["data"] = fingerprint(*leaves, run.checkpoints[0].theta, last.theta)
@@ -364,8 +389,6 @@ class Metagradient(Estimator):
         self._rows = self._chunk_rows(carry, data)
         if run.optimizer != "sgd":
             self._work = carry.new_empty(self._rows, carry.shape[2])
-        ckpts = run.checkpoints
-        recorded = bool((data[2] == 1).all())
         for start, end in zip(reversed(ckpts[:-1]), reversed(ckpts[1:]), strict=True):
             if end.step > reached:
                 continue  # done before the interruption
