@@ -34,9 +34,15 @@ changes ``m(z_q)`` by about ``+score[q, i]/n`` (positive = proponent with the lo
 measurement). With ``hessian_free=True`` the ``H_t`` term is dropped (HYDRA's fast
 variant, Chen et al. 2021): cheaper, approximate.
 
-The derivative is exact for the run as recorded (deterministic model: no dropout, the
-model is run in eval mode); it predicts retraining well when the training recipe is
-smooth (small steps, warm-up), see the README.
+BatchNorm layers trained in train mode normalize by the weighted batch's statistics, so
+the weights reach ``g_t`` through them too (the pullback above is taken with them); their
+running averages ``r_{t+1} = (1 − f) r_t + f · stats_t`` are state the measurement reads
+(eval mode at θ_T), so their adjoint ``a_r`` (from ``∂m/∂r_T``) adds ``f · a_r`` to the
+statistics' adjoint at each step and decays by ``1 − f``. Not with ``hessian_free``.
+
+The derivative is exact for the run as recorded (deterministic model: no dropout; every
+module but those BatchNorm layers runs in eval mode); it predicts retraining well when the
+training recipe is smooth (small steps, warm-up), see the README.
 """
 
 from __future__ import annotations
@@ -64,12 +70,23 @@ from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
 from headwater.task import Task
+from headwater.train.norms import (
+    STATS,
+    cancelled,
+    factors,
+    running_dict,
+    running_norms,
+    running_vector,
+    stats_vector,
+    weighted_norms,
+)
 from headwater.train.recorder import (
     Checkpoint,
     RunRecord,
     check_reached,
     check_replayable,
     check_run,
+    check_run_weights,
 )
 from headwater.train.steps import (
     adam_coefficients,
@@ -165,79 +182,127 @@ class Metagradient(Estimator):
             query_block,
             progress,
         )
+        if self.hessian_free and run.norms:
+            raise ValueError(
+                "hessian_free: not available for a run with BatchNorm layers in train mode "
+                f"({list(run.norms)}); use the exact metagradient"
+            )
         self.normalization = check_normalization(normalization)
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
         self.store = store
         self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass
         self._rows = _CHUNK  # queries per chunk during a pass (_chunk_rows)
+        self._cancelled: list[slice] = []  # during a pass (cancelled)
 
     # ---------------------------------------------------------------- model as a function of θ
     def _losses_fn(self, x: Inputs, y: Tensor):
-        """``params -> ℓ_B [B]``, the per-example training losses of a batch at ``{name: tensor}``
-        (inputs of any form the task takes: a tensor, a tuple or a dict batch)."""
+        """``(params, w) -> (ℓ_B [B], s)``: the per-example training losses of a batch at
+        ``{name: tensor}`` (inputs of any form the task takes: a tensor, a tuple or a dict
+        batch) and the flat batch statistics ``s`` of the BatchNorm layers the run trained in
+        train mode, which normalise with the statistics weighted by ``w``
+        (:mod:`headwater.train.norms`; ``s`` is empty without such layers)."""
+        norms = self.run.norms
 
-        def losses(params: dict[str, Tensor]) -> Tensor:
-            return self.task.train_loss(bind(self.model, params), (x, y))
+        def losses(params: dict[str, Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
+            with weighted_norms(self.model, norms, w) as stats:
+                out = self.task.train_loss(bind(self.model, params), (x, y))
+            return out, stats_vector(stats, norms) if norms else out.new_zeros(0)
 
         return losses
 
-    def _batch_gradient(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor) -> Tensor:
-        """``g = ∇`` of the weighted batch loss at ``theta``, ``[P]``."""
+    def _objective(self, x: Inputs, y: Tensor):
+        """``(params, w) -> (batch objective, s)`` (:func:`~headwater.train.steps.batch_objective`)."""
         losses, norm = self._losses_fn(x, y), self.normalization
-        layout = self.run.layout
-        return layout.flatten(
-            grad(lambda p: batch_objective(w, losses(p), norm))(layout.unflatten(theta))
-        )
+
+        def objective(params: dict[str, Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
+            values, stats = losses(params, w)
+            return batch_objective(w, values, norm), stats
+
+        return objective
+
+    def _batch_gradient(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor):
+        """``(g, s)``: ``g = ∇`` of the weighted batch loss at ``theta``, ``[P]``, and the
+        batch statistics of the trained BatchNorm layers."""
+        objective, layout = self._objective(x, y), self.run.layout
+        g, stats = grad(objective, has_aux=True)(layout.unflatten(theta), w)
+        return layout.flatten(g), stats
 
     def _products(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor, g: Tensor | None):
-        """``(products, g_t)``: ``products: V [c, P] -> (H_t V as {name: [c, *shape]} or None,
-        ∂(g·V)/∂w [c, B])`` for a chunk, and the flat batch gradient (``g`` as given, or
-        the pullback's primal output: the forward pass need not keep it).
+        """``(products, g_t)``: ``products: (V [c, P], U [c, R] or None) -> (H_t V + ∂(s·U)/∂θ
+        as {name: [c, *shape]} or None, ∂(g·V + s·U)/∂w [c, B])`` for a chunk, and the flat
+        batch gradient (``g`` as given, or the pullback's primal output: the forward pass need
+        not keep it). ``s`` are the batch statistics of the BatchNorm layers trained in train
+        mode (``U``: their running statistics' adjoints times each one's momentum).
 
         Reverse over reverse: the batch gradient ``g(θ, w)`` (``g_t`` above) is built once
         per step, and its pullback applied to every row ``v`` of ``V`` (vmapped) gives
-        ``∂(g·v)/∂θ = H_t v`` and ``∂(g·v)/∂w_j`` (``(∇ℓ_j − g)·v / Σw``, or ``∇ℓ_j·v / B``)
-        in the same pass. The model is called on ``{name: view}`` of the flat vectors: with
-        a flat ``θ`` every slice's derivative would be a dense ``[c, P]`` tensor. With
-        ``hessian_free`` only the weight derivatives (``J_t V`` in forward mode)."""
+        ``∂(g·v)/∂θ = H_t v`` and ``∂(g·v)/∂w_j`` (``(∇ℓ_j − g)·v / Σw``, or ``∇ℓ_j·v / B``,
+        without such layers) in the same pass. The model is called on ``{name: view}`` of
+        the flat vectors: with a flat ``θ`` every slice's derivative would be a dense
+        ``[c, P]`` tensor. With ``hessian_free`` only the weight derivatives (``J_t V`` in
+        forward mode)."""
         layout, norm = self.run.layout, self.normalization
-        losses = self._losses_fn(x, y)
         params = layout.unflatten(theta)
         if self.hessian_free:
+            losses = self._losses_fn(x, y)
+
+            def values(p: dict[str, Tensor]) -> Tensor:
+                return losses(p, w)[0]
+
             mass = w.sum()
             if norm == "n" or mass <= 0:
-                forward = vmap(lambda v: jvp(losses, (params,), (v,))[1] / y.shape[0])
-                return lambda vectors: (None, forward(layout.unflatten(vectors))), g
-            forward = vmap(lambda v: jvp(losses, (params,), (v,))[1])
-            return lambda vectors: (
+                forward = vmap(lambda v: jvp(values, (params,), (v,))[1] / y.shape[0])
+                return lambda vectors, _=None: (None, forward(layout.unflatten(vectors))), g
+            forward = vmap(lambda v: jvp(values, (params,), (v,))[1])
+            return lambda vectors, _=None: (
                 None,
                 (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
             ), g
 
-        def gradient(p: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
-            return grad(lambda q: batch_objective(weights, losses(q), norm))(p)
+        objective = self._objective(x, y)
 
-        primal, pullback = vjp(gradient, params, w)
+        def gradient(p: dict[str, Tensor], weights: Tensor):
+            return grad(objective, has_aux=True)(p, weights)
+
+        (primal, stats), pullback = vjp(gradient, params, w)
         batched = vmap(pullback)
-        return lambda vectors: batched(layout.unflatten(vectors)), layout.flatten(primal)
 
-    def _measurement_gradients(self, theta: Tensor, x: Inputs, y: Tensor, into: Tensor) -> None:
-        """Per-query gradients of the measurement at the flat ``theta`` written into ``into
-        [Q, P]``, chunk by chunk of queries (taken with respect to ``{name: view}``: a flat
-        ``θ`` would make each slice's derivative ``[c, P]``)."""
-        layout = self.run.layout
+        def products(vectors: Tensor, stats_adjoint: Tensor | None = None):
+            if stats_adjoint is None:
+                stats_adjoint = vectors.new_zeros(vectors.shape[0], stats.shape[0])
+            return batched((layout.unflatten(vectors), stats_adjoint))
+
+        return products, layout.flatten(primal)
+
+    def _measurement_gradients(
+        self, end: Checkpoint, x: Inputs, y: Tensor, into: Tensor, into_running: Tensor
+    ) -> None:
+        """Per-query gradients of the measurement of the trained model ``end`` (its flat θ
+        and the running statistics of the trained BatchNorm layers, read in eval mode)
+        written into ``into [Q, P]`` and ``into_running [Q, R]``, chunk by chunk of queries
+        (taken with respect to ``{name: view}``: a flat ``θ`` would make each slice's
+        derivative ``[c, P]``)."""
+        layout, norms = self.run.layout, self.run.norms
 
         def single(params: dict[str, Tensor], xi: Inputs, yi: Tensor) -> Tensor:
             fn = bind(self.model, params)
-            return self.task.measurement(fn, (one_example(xi), yi.unsqueeze(0))).sum()
+            with running_norms(self.model, norms):
+                return self.task.measurement(fn, (one_example(xi), yi.unsqueeze(0))).sum()
 
         per_query = vmap_examples(grad(single), in_dims=(None, 0, 0))
-        params = layout.unflatten(theta)
+        running = {
+            k: v.to(self.dtype) for k, v in end.buffers.items() if k.rsplit(".", 1)[1] in STATS
+        }
+        params = {**layout.unflatten(end.theta.to(self.dtype)), **running}
         for s in range(0, y.shape[0], _CHUNK):
             rows = slice(s, s + _CHUNK)
             grads = per_query(params, take(x, rows), y[rows])
             for name, view in layout.unflatten(into[s : s + _CHUNK]).items():
                 view.copy_(grads[name])
+            if norms:
+                into_running[rows] = torch.cat(
+                    [grads[f"{n}.{stat}"].flatten(1) for n in norms for stat in STATS], dim=1
+                )
 
     # ---------------------------------------------------------------- replay
     def _cast(self, ckpt: Checkpoint) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -251,15 +316,18 @@ class Metagradient(Estimator):
 
     def _segment(self, ckpt: Checkpoint, end: int, data, keep: bool):
         """Run steps ``[ckpt.step, end)`` forward from ``ckpt`` at the weights ``data[2]``:
-        ``(kept, θ_end, state_end)`` with ``kept`` the ``(θ_t, state_t, g_t)`` the reverse
-        step reads when ``keep`` (SGD's pullback needs no state, and ``g_t`` is recomputed
-        with the Hessian's pullback unless ``hessian_free``)."""
+        ``(kept, θ_end, state_end, r_end)`` with ``kept`` the ``(θ_t, state_t, g_t)`` the
+        reverse step reads when ``keep`` (SGD's pullback needs no state, and ``g_t`` is
+        recomputed with the Hessian's pullback unless ``hessian_free``) and ``r`` the flat
+        running statistics of the trained BatchNorm layers."""
         x_all, y_all, w_all = data
         theta, state = self._cast(ckpt)
+        norms = self.run.norms
+        running = running_vector(ckpt.buffers, norms).to(self.dtype)
         kept = []
         for t in range(ckpt.step, end):
             idx = self.run.batches[t]
-            g = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
+            g, stats = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
             if keep:
                 kept.append(
                     (
@@ -268,8 +336,11 @@ class Metagradient(Estimator):
                         g if self.hessian_free else None,
                     )
                 )
+            if norms:
+                f = factors(self.model, norms, ckpt.buffers, t - ckpt.step).to(self.dtype)
+                running = (1 - f) * running + f * stats
             theta, state = self._step(t, theta, state, g, ckpt.count + t - ckpt.step + 1)
-        return kept, theta, state
+        return kept, theta, state, running
 
     def _forward(
         self, ckpt: Checkpoint, end: Checkpoint, data, recorded: bool
@@ -278,9 +349,9 @@ class Metagradient(Estimator):
         (:meth:`_segment`). At the ``recorded`` weights (all 1) the segment must end at
         ``end``'s parameters (:func:`~headwater.train.recorder.check_reached`: else the
         derivative would be that of another run)."""
-        states, theta, _ = self._segment(ckpt, end.step, data, keep=True)
+        states, theta, _, _ = self._segment(ckpt, end.step, data, keep=True)
         if recorded:
-            check_reached(ckpt, end, theta)
+            check_reached(ckpt, end, theta, self._cancelled)
         return states
 
     def _checkpoints(self, data, recorded: bool) -> tuple[Checkpoint, ...]:
@@ -291,13 +362,38 @@ class Metagradient(Estimator):
         ckpts = self.run.checkpoints
         if recorded:
             return ckpts
-        out = [ckpts[0]]
+        out, norms = [ckpts[0]], self.run.norms
         for end in ckpts[1:]:
-            _, theta, state = self._segment(out[-1], end.step, data, keep=False)
-            out.append(
-                Checkpoint(end.step, theta, dict(zip(end.state, state, strict=True)), end.count)
-            )
+            _, theta, state, running = self._segment(out[-1], end.step, data, keep=False)
+            state = dict(zip(end.state, state, strict=True))
+            buffers = running_dict(running, norms, end.buffers)
+            out.append(Checkpoint(end.step, theta, state, end.count, buffers))
         return tuple(out)
+
+    def cancelled(self, train: DataLike) -> list[slice]:
+        """The entries of θ in parameters the BatchNorm layers trained in train mode cancel
+        (a bias right before one; :func:`~headwater.train.norms.cancelled`, at the first and
+        at the last checkpoint): ``g_t`` there is rounding noise, 0 in exact arithmetic and
+        independent of ``θ`` and ``w``, so the reverse pass sets their ``a_g`` to 0 (the
+        noise times Adam's ``1/(√v + ε)`` would otherwise enter ``H_t a_g``), and the check
+        that a replayed segment reaches its checkpoint skips them (Adam scales the noise to
+        steps of the learning rate's size, following the rounding of whichever arithmetic
+        ran)."""
+        run = self.run
+        if not run.norms:
+            return []
+        x_all, y_all = prepare_batch(as_tensors(train, "train"), torch.empty(0, dtype=self.dtype))
+        names = set(run.layout.names)
+        for ckpt in (run.checkpoints[0], run.checkpoints[-1]):
+            idx = run.batches[min(ckpt.step, run.num_steps - 1)]
+            losses = self._losses_fn(take(x_all, idx), y_all[idx])
+            ones = torch.ones(len(idx), dtype=self.dtype)
+            with evaluation_mode(self.model):
+                names &= cancelled(
+                    lambda p, losses=losses, ones=ones: losses(p, ones)[0],
+                    run.layout.unflatten(ckpt.theta.to(self.dtype)),
+                )
+        return [part for name, part in run.layout.slices().items() if name in names]
 
     def _coefficients(self, t: int, count: int, theta: Tensor, state, g: Tensor):
         """What the update's pullback at step ``t`` shares across query chunks (Adam's
@@ -335,11 +431,22 @@ class Metagradient(Estimator):
             )
         return a_theta, a_state, clip_pullback(g, run.max_norms[t], a_g)
 
-    def _backward_step(self, t: int, count: int, forward, carry: Tensor, data, out: Tensor) -> None:
+    def _backward_step(
+        self,
+        t: int,
+        count: int,
+        forward,
+        carry: Tensor,
+        running: tuple[Tensor, Tensor] | None,
+        data,
+        out: Tensor,
+    ) -> None:
         """One reverse step: ``carry [1 + n_state, Q, P]`` goes from the adjoints of
         ``(θ_{t+1}, state_{t+1})`` to those of ``(θ_t, state_t)``, in place, chunk by chunk
         of queries (rows are independent: only a chunk's temporaries are ever alive);
-        ``dm/dw`` of the batch is added into ``out``."""
+        ``dm/dw`` of the batch is added into ``out``. ``running``: the adjoints ``[Q, R]``
+        of the trained BatchNorm layers' running statistics and their step factors ``f [R]``
+        (``r_{t+1} = (1 − f) r_t + f s_t``), or None."""
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
@@ -350,7 +457,14 @@ class Metagradient(Estimator):
         for s in range(0, carry.shape[1], chunk := self._rows):
             rows = carry[:, s : s + chunk]  # views
             a_theta, a_state, a_g = self._pullback(t, g, coefficients, rows[0], tuple(rows[1:]))
-            hv, jw = products(a_g)  # {name: [c, *shape]}, [c, B]
+            for part in self._cancelled:  # g_t does not depend on θ or w there
+                a_g[:, part] = 0
+            through_stats = None
+            if running is not None:
+                a_running, f = running[0][s : s + chunk], running[1]
+                through_stats = a_running * f
+                a_running.mul_(1 - f)
+            hv, jw = products(a_g, through_stats)  # {name: [c, *shape]}, [c, B]
             del a_g
             out[s : s + chunk, idx] += jw
             if hv is not None:
@@ -377,14 +491,16 @@ class Metagradient(Estimator):
         resumed = self._resume(path, key)
         if resumed is None:
             theta_T = last.theta.to(self.dtype)
-            # the adjoints of (θ_t, state_t), from (∇m(θ_T), 0)
+            # the adjoints of (θ_t, state_t) and of the running statistics r_t, from
+            # (∇_θ m(θ_T, r_T), 0) and ∇_r m(θ_T, r_T)
             n_query = y_q.shape[0]
             carry = theta_T.new_zeros(1 + len(last.state), n_query, theta_T.shape[0])
-            self._measurement_gradients(theta_T, x_q, y_q, carry[0])
-            check_values(carry[0].sum(1), n_query, "query")
+            running = theta_T.new_zeros(n_query, running_vector(last.buffers, run.norms).numel())
+            self._measurement_gradients(last, x_q, y_q, carry[0], running)
+            check_values(carry[0].sum(1) + running.sum(1), n_query, "query")
             out, reached = torch.zeros(n_query, run.n_train, dtype=self.dtype), last.step
         else:
-            carry, out, reached = resumed
+            carry, running, out, reached = resumed
             done += run.num_steps - reached
         self._rows = self._chunk_rows(carry, data)
         if run.optimizer != "sgd":
@@ -395,11 +511,16 @@ class Metagradient(Estimator):
             states = self._forward(start, end, data, recorded)
             for t in reversed(range(start.step, end.step)):
                 count = start.count + t - start.step + 1
-                self._backward_step(t, count, states.pop(), carry, data, out)
+                adjoint = None
+                if run.norms:
+                    f = factors(self.model, run.norms, start.buffers, t - start.step)
+                    adjoint = (running, f.to(self.dtype))
+                self._backward_step(t, count, states.pop(), carry, adjoint, data, out)
                 done += 1
                 report(self.progress, "metagradient steps", done, total)
             if path is not None:
-                store.save(path, {"carry": carry, "out": out}, {**key, "step": start.step})
+                tensors = {"carry": carry, "running": running, "out": out}
+                store.save(path, tensors, {**key, "step": start.step})
         self._work = None
         return out
 
@@ -407,23 +528,25 @@ class Metagradient(Estimator):
         """Queries per chunk: at most :data:`_CHUNK`, and their temporaries (about
         ``3 A + 4 P`` floats each, ``A`` counted on one forward pass over the first batch)
         within :data:`_TEMPORARIES` times the adjoints ``carry``."""
-        x_all, y_all, _ = data
+        x_all, y_all, w_all = data
         idx, theta = self.run.batches[0], self.run.checkpoints[-1].theta.to(self.dtype)
         counter = OutputBytes()
         with torch.no_grad(), counter:
-            self._losses_fn(take(x_all, idx), y_all[idx])(self.run.layout.unflatten(theta))
+            losses = self._losses_fn(take(x_all, idx), y_all[idx])
+            losses(self.run.layout.unflatten(theta), w_all[idx])
         per_query = (
             _PER_FORWARD * counter.total / theta.element_size() + _PER_PARAM * theta.shape[0]
         )
         return _chunk(carry.shape[1], min(_CHUNK, int(_TEMPORARIES * carry.numel() / per_query)))
 
     @staticmethod
-    def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, int] | None:
-        """``(carry, out, step)`` stored at ``path`` for ``key``, or None when there is none."""
+    def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int] | None:
+        """``(carry, running, out, step)`` stored at ``path`` for ``key``, or None when there
+        is none."""
         if path is None or not store.exists(path):
             return None
         tensors, meta = store.load(path, expect=key)
-        return tensors["carry"], tensors["out"], int(meta["step"])
+        return tensors["carry"], tensors["running"], tensors["out"], int(meta["step"])
 
     def hypergradients(
         self, query: DataLike, train: DataLike, *, weights: Tensor | None = None
@@ -436,17 +559,12 @@ class Metagradient(Estimator):
         like = torch.empty(0, dtype=self.dtype)
         x_all, y_all = prepare_batch((x_all, y_all), like)
         x_q, y_q = prepare_batch(as_tensors(query, "query"), like)
-        w_all = (
-            torch.ones(self.run.n_train, dtype=self.dtype)
-            if weights is None
-            else weights.to(self.dtype)
-        )
-        if tuple(w_all.shape) != (self.run.n_train,):
-            raise ValueError(
-                f"weights: expected shape [{self.run.n_train}], got {tuple(w_all.shape)}"
-            )
+        check_run_weights(weights, self.run.n_train)
+        w_all = torch.ones(self.run.n_train) if weights is None else weights
+        w_all = w_all.to(self.dtype)
         if weights is not None and not bool((w_all == 1).all()):
             check_replayable(self.model, self.task, train, self.run)
+        self._cancelled = self.cancelled((x_all, y_all))
         block = self.query_block or max(1, y_q.shape[0])
         starts = range(0, y_q.shape[0], block)
         total = len(starts) * self.run.num_steps

@@ -24,31 +24,33 @@ reproduces the final parameters bit for bit when the loop's loss is
 
 Supported: ``torch.optim.SGD`` (momentum, Nesterov, weight decay; no dampening),
 ``Adam`` and ``AdamW`` (no AMSGrad), one hyper-parameter set for all parameters
-(one param group, or groups that agree), ``maximize=False``. Models are replayed in
-eval mode: dropout or batch-norm statistics in the loop make the run non-replayable, and
-a replay that misses a recorded checkpoint raises (:func:`check_reached`) rather than
-return another run's numbers.
+(one param group, or groups that agree), ``maximize=False``. BatchNorm layers the loop
+runs in train mode (batch statistics, running averages) replay so, from checkpointed
+running statistics; with weights, a batch's statistics are weighted by them. Every other
+module is replayed in eval mode: an active Dropout (or any randomness in the loss) makes
+the run non-replayable, and a replay that misses a recorded checkpoint raises
+(:func:`check_reached`) rather than return another run's numbers.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from headwater import store
 from headwater.data import DataLike, as_tensors, take
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.task import Task
+from headwater.train.norms import BUFFERS, trained_norms, weighted_norms
+from headwater.train.run import HYPER_NAMES, STATE_NAMES, Checkpoint, RunRecord, load_run
 from headwater.train.steps import batch_objective, check_normalization
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "RunRecord",
     "check_reached",
     "check_replayable",
+    "check_run_weights",
     "load_run",
     "replay",
     "with_indices",
@@ -69,123 +72,8 @@ recorded parameters moved over it. A deterministic loop is off by rounding only:
 Adam), 5e-5 on the causal LM's smooth run, but 4e-3 on its chaotic sharp run, whose
 128-step segments amplify the rounding of the metagradient's functional recomputation
 (``replay`` of the same run: exactly 0); loops that were not deterministic missed by 0.02
-to 0.16 (Dropout p = 0.01), 0.2-0.4 (p = 0.1), 0.14-0.5 (BatchNorm in train mode) and
-0.09 (Gaussian input noise)."""
-
-_HYPER = {
-    "sgd": ("momentum", "nesterov", "weight_decay"),
-    "adam": ("betas", "eps", "weight_decay"),
-    "adamw": ("betas", "eps", "weight_decay"),
-}
-_STATE = {
-    "sgd": ("momentum_buffer",),
-    "adam": ("exp_avg", "exp_avg_sq"),
-    "adamw": ("exp_avg", "exp_avg_sq"),
-}
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Flat parameters ``theta [P]`` and optimizer state ``{name: [P]}`` before step ``step``;
-    ``count`` is Adam's step counter there (0 for SGD)."""
-
-    step: int
-    theta: Tensor
-    state: dict[str, Tensor]
-    count: int = 0
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A recorded training run (see the module docstring).
-
-    Attributes:
-        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
-        hyper: its hyper-parameters other than the learning rate.
-        layout: names and shapes of the trained parameters (flat order).
-        batches: training indices of each step ``t``.
-        lrs: learning rate of each step; ``max_norms``: clipping threshold (``None``: none).
-        checkpoints: sorted by step, the first at step 0.
-        n_train: size of the training set the indices point into.
-        seed: the user's seed, kept for reference.
-    """
-
-    optimizer: str
-    hyper: dict[str, Any]
-    layout: ParamLayout
-    batches: tuple[Tensor, ...]
-    lrs: tuple[float, ...]
-    max_norms: tuple[float | None, ...]
-    checkpoints: tuple[Checkpoint, ...]
-    n_train: int
-    seed: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.batches)
-
-    def settings(self) -> dict[str, Any]:
-        """JSON settings identifying the run (not its tensors)."""
-        return {
-            "optimizer": self.optimizer,
-            "hyper": self.hyper,
-            "layout": self.layout.to_dict(),
-            "n_train": self.n_train,
-            "num_steps": self.num_steps,
-            "seed": self.seed,
-            "checkpoints": [c.step for c in self.checkpoints],
-        }
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the run to ``path`` (safetensors + JSON sidecar, atomically)."""
-        tensors = {
-            "batch_indices": torch.cat(self.batches).long(),
-            "batch_sizes": torch.tensor([len(b) for b in self.batches], dtype=torch.long),
-            "lrs": torch.tensor(self.lrs, dtype=torch.float64),
-            "max_norms": torch.tensor(
-                [math.nan if m is None else m for m in self.max_norms], dtype=torch.float64
-            ),
-        }
-        for c in self.checkpoints:
-            tensors[f"ckpt.{c.step}.theta"] = c.theta
-            tensors.update({f"ckpt.{c.step}.{k}": v for k, v in c.state.items()})
-        meta = {
-            "kind": "run_record",
-            **self.settings(),
-            "counts": [c.count for c in self.checkpoints],
-            "user": self.meta,
-        }
-        store.save(path, tensors, meta)
-
-
-def load_run(path: str | os.PathLike) -> RunRecord:
-    """Read a run written by :meth:`RunRecord.save`."""
-    tensors, meta = store.load(path, expect={"kind": "run_record"})
-    batches = tuple(torch.split(tensors["batch_indices"], tensors["batch_sizes"].tolist()))
-    names = _STATE[meta["optimizer"]]
-    ckpts = tuple(
-        Checkpoint(s, tensors[f"ckpt.{s}.theta"], {k: tensors[f"ckpt.{s}.{k}"] for k in names}, c)
-        for s, c in zip(meta["checkpoints"], meta["counts"], strict=True)
-    )
-    layout = ParamLayout(
-        tuple(meta["layout"]["names"]), tuple(tuple(s) for s in meta["layout"]["shapes"])
-    )
-    hyper = dict(meta["hyper"])
-    if "betas" in hyper:
-        hyper["betas"] = tuple(hyper["betas"])
-    return RunRecord(
-        meta["optimizer"],
-        hyper,
-        layout,
-        batches,
-        tuple(tensors["lrs"].tolist()),
-        tuple(None if math.isnan(m) else m for m in tensors["max_norms"].tolist()),
-        ckpts,
-        meta["n_train"],
-        meta["seed"],
-        meta.get("user", {}),
-    )
+to 0.16 (Dropout p = 0.01), 0.2-0.4 (p = 0.1), 0.14-0.5 (BatchNorm in train mode, replayed
+in eval mode) and 0.09 (Gaussian input noise)."""
 
 
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
@@ -207,7 +95,7 @@ def _hyper(optimizer: torch.optim.Optimizer, kind: str) -> dict[str, Any]:
     for group in optimizer.param_groups:
         if group.get("maximize") or group.get("amsgrad") or group.get("dampening", 0) != 0:
             raise ValueError("optimizer: maximize, amsgrad and dampening != 0 are not supported")
-        hyper = {k: (tuple(group[k]) if k == "betas" else group[k]) for k in _HYPER[kind]}
+        hyper = {k: (tuple(group[k]) if k == "betas" else group[k]) for k in HYPER_NAMES[kind]}
         if found not in (None, hyper) or group["lr"] != optimizer.param_groups[0]["lr"]:
             raise ValueError("optimizer: every param group must share lr and hyper-parameters")
         found = hyper
@@ -287,39 +175,41 @@ class Recorder:
         self.batches: list[Tensor] = []
         self.lrs: list[float] = []
         self.max_norms: list[float | None] = []
+        self._norms = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        self.norms: tuple[str, ...] | None = None  # set at the first step
         self.checkpoints = [self._checkpoint(0)]
-        self._batch_dependent = [
+        self._dropouts = [
             (name, m)
             for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
         ]
         self._warned = False
 
     def _warn_if_not_replayable(self) -> None:
-        """Warn once, at the step it happens, when a BatchNorm uses batch statistics or a
-        Dropout is active: the run will not replay (the replay runs the model in eval mode,
-        and :func:`check_reached` refuses it then), better known before training ends."""
-        active = [
-            f"{type(m).__name__} {name!r}"
-            for name, m in self._batch_dependent
-            if m.training or not getattr(m, "track_running_stats", True)
-        ]
+        """Warn once, at the step it happens, when a Dropout is active: the run will not
+        replay (the replay runs it in eval mode, and :func:`check_reached` refuses it then),
+        better known before training ends. BatchNorm layers in train mode replay
+        (:mod:`headwater.train.norms`)."""
+        active = [f"{type(m).__name__} {name!r}" for name, m in self._dropouts if m.training]
         if active:
             self._warned = True
             warnings.warn(
                 f"Recorder: model has {', '.join(active[:3])}"
                 f"{f' and {len(active) - 3} more' if len(active) > 3 else ''} in train mode "
-                f"at step {len(self.batches)}: batch statistics or dropout masks are not "
-                "recorded, so this run will not replay (replay and metagradients refuse it); "
-                "record the loop with model.eval() or without them",
+                f"at step {len(self.batches)}: dropout masks are not recorded, so this run "
+                "will not replay (replay and metagradients refuse it); record the loop with "
+                "the dropout layers in eval mode (or p=0)",
                 stacklevel=3,
             )
 
     def _checkpoint(self, step: int) -> Checkpoint:
         theta = self.layout.flatten({k: p.detach() for k, p in self.params.items()}).clone()
         state, count = {}, 0
-        for name in _STATE[self.kind]:
+        for name in STATE_NAMES[self.kind]:
             parts = []
             for p in self.params.values():
                 s = self.optimizer.state.get(p, {})
@@ -330,7 +220,13 @@ class Recorder:
                 )
                 count = int(s["step"]) if "step" in s else count
             state[name] = torch.cat(parts).detach().clone()
-        return Checkpoint(step, theta, state, count)
+        modules = dict(self.model.named_modules())
+        buffers = {
+            f"{n}.{b}": getattr(modules[n], b).detach().clone()
+            for n in self._norms
+            for b in BUFFERS
+        }
+        return Checkpoint(step, theta, state, count, buffers)
 
     def step(self, indices: Sequence[int] | Tensor, *, max_norm: float | None = None) -> None:
         """Clip (if ``max_norm``), call ``optimizer.step()`` and record the step.
@@ -350,6 +246,14 @@ class Recorder:
             raise ValueError("optimizer: hyper-parameters other than lr changed during the run")
         if not self._warned:
             self._warn_if_not_replayable()
+        norms = trained_norms(self.model)
+        if self.norms is None:
+            self.norms = norms
+        elif norms != self.norms:
+            raise ValueError(
+                f"model: its BatchNorm layers in train mode changed at step {len(self.batches)} "
+                f"(from {list(self.norms)} to {list(norms)}); keep each in one mode for the run"
+            )
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm)
         self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
@@ -368,6 +272,11 @@ class Recorder:
         ckpts = list(self.checkpoints)
         if ckpts[-1].step != len(self.batches):
             ckpts.append(self._checkpoint(len(self.batches)))
+        kept = {f"{n}.{b}" for n in self.norms for b in BUFFERS}
+        ckpts = [
+            dataclasses.replace(c, buffers={k: v for k, v in c.buffers.items() if k in kept})
+            for c in ckpts
+        ]
         run = RunRecord(
             self.kind,
             dict(self.hyper),
@@ -379,6 +288,7 @@ class Recorder:
             self.n_train,
             self.seed,
             dict(meta or {}),
+            self.norms,
         )
         if path is not None:
             run.save(path)
@@ -410,13 +320,22 @@ def _load_state(
             opt.state[p]["step"] = torch.tensor(float(ckpt.count))
 
 
-def check_reached(start: Checkpoint, end: Checkpoint, theta: Tensor) -> None:
+def check_reached(
+    start: Checkpoint, end: Checkpoint, theta: Tensor, skip: Sequence[slice] = ()
+) -> None:
     """Raise when ``theta``, the parameters replayed from checkpoint ``start`` through step
     ``end.step`` at the recorded weights, is not the recorded ``end.theta`` (within
     :data:`REACH_TOL` of the segment's change): the loop was not deterministic given its
-    recorded batches, and anything computed from the replay would be about another run."""
-    recorded = end.theta.to(theta)
-    moved = float((recorded - start.theta.to(theta)).norm())
+    recorded batches, and anything computed from the replay would be about another run.
+    The entries ``skip`` are not compared (parameters the losses do not depend on, whose
+    path is rounding noise: :meth:`~headwater.methods.metagradient.Metagradient.cancelled`)."""
+    recorded, begin = end.theta.to(theta), start.theta.to(theta)
+    if skip:
+        recorded, theta, begin = recorded.clone(), theta.clone(), begin.clone()
+        for part in skip:
+            for vector in (recorded, theta, begin):
+                vector[part] = 0
+    moved = float((recorded - begin).norm())
     off = float((theta - recorded).norm())
     if off == 0 or off <= REACH_TOL * moved:  # (a NaN replay is not)
         return
@@ -424,8 +343,8 @@ def check_reached(start: Checkpoint, end: Checkpoint, theta: Tensor) -> None:
         f"run: replaying steps {start.step}-{end.step} does not reach the recorded "
         f"parameters (off by {off / max(moved, 1e-300):.2g} of their change): the "
         "training loop was not deterministic given its recorded batches, e.g. an "
-        "active Dropout or BatchNorm in train mode (record the loop with model.eval() "
-        "or without them), random data augmentation, autocast, a loss other than "
+        "active Dropout (record the loop with it in eval mode), random data "
+        "augmentation, autocast, a loss other than "
         "task.train_loss(model, batch).mean(), or training data other than `train`"
     )
 
@@ -435,6 +354,19 @@ def check_replayable(model: nn.Module, task: Task, train: DataLike, run: RunReco
     that was not deterministic raises here, before replays at other weights, which cannot be
     checked against the checkpoints, would describe another run."""
     replay(model, task, train, run, steps=run.checkpoints[1].step)
+
+
+def check_run_weights(weights: Tensor | None, n_train: int) -> None:
+    """``weights`` of a run's examples: None (the recorded 1s) or a finite, non-negative
+    Tensor ``[n_train]``; anything else raises, naming the argument."""
+    if weights is None:
+        return
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"weights: expected a Tensor [{n_train}], got {type(weights).__name__}")
+    if tuple(weights.shape) != (n_train,):
+        raise ValueError(f"weights: expected shape [{n_train}], got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("weights: must be finite and >= 0")
 
 
 def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> None:
@@ -455,6 +387,12 @@ def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> Non
         raise ValueError(
             "task: weight_decay must be 0 for a recorded run (the optimizer's weight decay is used)"
         )
+    modules = dict(model.named_modules())
+    missing = [
+        n for n in run.norms if not isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)
+    ]
+    if missing:
+        raise ValueError(f"model: has no BatchNorm {missing[0]!r}, which the run trained")
 
 
 def replay(
@@ -478,13 +416,18 @@ def replay(
     checked against the recorded ones (:func:`check_reached`: a loop that was not
     deterministic raises a ValueError instead of returning another run's parameters).
 
+    BatchNorm layers the run trained in train mode run so again, from the recorded running
+    statistics at step 0; with ``weights``, on weighted batch statistics
+    (:mod:`headwater.train.norms`: an example of weight 0 is absent from its batch).
+
     Returns:
-        ``{name: tensor}`` of the trained parameters after the last step.
+        ``{name: tensor}`` of the trained parameters after the last step, and the running
+        statistics of those BatchNorm layers (``"<layer>.running_mean"``, ...): bind them
+        all to evaluate the replayed model.
     """
     x_all, y_all = as_tensors(train, "train")
     check_run(run, task, model, y_all.shape[0])
-    if weights is not None and tuple(weights.shape) != (run.n_train,):
-        raise ValueError(f"weights: expected shape [{run.n_train}], got {tuple(weights.shape)}")
+    check_run_weights(weights, run.n_train)
     check_normalization(normalization)
     if steps is None:
         steps = run.num_steps
@@ -494,9 +437,12 @@ def replay(
     own = dict(clone.named_parameters())
     params = [own[k] for k in run.layout.names]
     start = run.checkpoints[0]
+    buffers = dict(clone.named_buffers())
     with torch.no_grad():
         for name, value in run.layout.unflatten(start.theta).items():
             own[name].copy_(value)
+        for name, value in start.buffers.items():
+            buffers[name].copy_(value)
     x_all, y_all = prepare_batch((x_all, y_all), params[0])
     w_all = None if weights is None else weights.to(params[0])
     opt = _fresh_optimizer(run, params)
@@ -504,14 +450,17 @@ def replay(
     checks = {c.step: c for c in run.checkpoints[1:]} if w_all is None else {}
     previous = start
     with evaluation_mode(clone):
+        for name, module in clone.named_modules():
+            module.training = name in run.norms  # as recorded: batch statistics
         for step, (idx, lr, max_norm) in enumerate(
             zip(run.batches[:steps], run.lrs[:steps], run.max_norms[:steps], strict=True), 1
         ):
             opt.zero_grad()
-            losses = task.train_loss(clone, (take(x_all, idx), y_all[idx]))
             if w_all is None:
-                losses.mean().backward()
+                task.train_loss(clone, (take(x_all, idx), y_all[idx])).mean().backward()
             else:
+                with weighted_norms(clone, run.norms, w_all[idx], update=True):
+                    losses = task.train_loss(clone, (take(x_all, idx), y_all[idx]))
                 batch_objective(w_all[idx], losses, normalization).backward()
             if max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -522,4 +471,5 @@ def replay(
                 reached = run.layout.flatten({k: own[k].detach() for k in run.layout.names})
                 check_reached(previous, checks[step], reached)
                 previous = checks[step]
-    return {k: own[k].detach() for k in run.layout.names}
+    trained = {k: buffers[k].detach() for k in start.buffers}
+    return {**{k: own[k].detach() for k in run.layout.names}, **trained}

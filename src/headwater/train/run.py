@@ -1,0 +1,154 @@
+"""The record of a training run: its steps' batches, learning rates and clipping, and
+checkpoints of the parameters, optimizer state and BatchNorm running statistics
+(:class:`~headwater.train.recorder.Recorder` writes it; replays and metagradients read it),
+saved to and loaded from the store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from headwater import store
+from headwater.gradients.flat import ParamLayout
+
+__all__ = ["HYPER_NAMES", "STATE_NAMES", "Checkpoint", "RunRecord", "load_run"]
+
+HYPER_NAMES = {  # an optimizer's hyper-parameters other than lr, as the record keeps them
+    "sgd": ("momentum", "nesterov", "weight_decay"),
+    "adam": ("betas", "eps", "weight_decay"),
+    "adamw": ("betas", "eps", "weight_decay"),
+}
+STATE_NAMES = {  # its per-parameter state in a checkpoint
+    "sgd": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Flat parameters ``theta [P]`` and optimizer state ``{name: [P]}`` before step ``step``;
+    ``count`` is Adam's step counter there (0 for SGD); ``buffers``: the running statistics
+    of the BatchNorm layers trained in train mode (``{"<layer>.running_mean": ...}``)."""
+
+    step: int
+    theta: Tensor
+    state: dict[str, Tensor]
+    count: int = 0
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A recorded training run (:mod:`headwater.train.recorder`).
+
+    Attributes:
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        hyper: its hyper-parameters other than the learning rate.
+        layout: names and shapes of the trained parameters (flat order).
+        batches: training indices of each step ``t``.
+        lrs: learning rate of each step; ``max_norms``: clipping threshold (``None``: none).
+        checkpoints: sorted by step, the first at step 0.
+        n_train: size of the training set the indices point into.
+        seed: the user's seed, kept for reference.
+        norms: the BatchNorm layers the run trained in train mode (batch statistics;
+            :mod:`headwater.train.norms`), whose running statistics the checkpoints hold.
+    """
+
+    optimizer: str
+    hyper: dict[str, Any]
+    layout: ParamLayout
+    batches: tuple[Tensor, ...]
+    lrs: tuple[float, ...]
+    max_norms: tuple[float | None, ...]
+    checkpoints: tuple[Checkpoint, ...]
+    n_train: int
+    seed: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    norms: tuple[str, ...] = ()
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.batches)
+
+    def settings(self) -> dict[str, Any]:
+        """JSON settings identifying the run (not its tensors)."""
+        return {
+            "optimizer": self.optimizer,
+            "hyper": self.hyper,
+            "layout": self.layout.to_dict(),
+            "n_train": self.n_train,
+            "num_steps": self.num_steps,
+            "seed": self.seed,
+            "checkpoints": [c.step for c in self.checkpoints],
+            **({"norms": list(self.norms)} if self.norms else {}),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the run to ``path`` (safetensors + JSON sidecar, atomically)."""
+        tensors = {
+            "batch_indices": torch.cat(self.batches).long(),
+            "batch_sizes": torch.tensor([len(b) for b in self.batches], dtype=torch.long),
+            "lrs": torch.tensor(self.lrs, dtype=torch.float64),
+            "max_norms": torch.tensor(
+                [math.nan if m is None else m for m in self.max_norms], dtype=torch.float64
+            ),
+        }
+        for c in self.checkpoints:
+            tensors[f"ckpt.{c.step}.theta"] = c.theta
+            tensors.update({f"ckpt.{c.step}.{k}": v for k, v in c.state.items()})
+            tensors.update({f"ckpt.{c.step}.buffer.{k}": v for k, v in c.buffers.items()})
+        meta = {
+            "kind": "run_record",
+            **self.settings(),
+            "counts": [c.count for c in self.checkpoints],
+            "user": self.meta,
+        }
+        store.save(path, tensors, meta)
+
+
+def load_run(path: str | os.PathLike) -> RunRecord:
+    """Read a run written by :meth:`RunRecord.save`."""
+    tensors, meta = store.load(path, expect={"kind": "run_record"})
+    batches = tuple(torch.split(tensors["batch_indices"], tensors["batch_sizes"].tolist()))
+    names = STATE_NAMES[meta["optimizer"]]
+
+    def buffers(step: int) -> dict[str, Tensor]:
+        prefix = f"ckpt.{step}.buffer."
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    ckpts = tuple(
+        Checkpoint(
+            s,
+            tensors[f"ckpt.{s}.theta"],
+            {k: tensors[f"ckpt.{s}.{k}"] for k in names},
+            c,
+            buffers(s),
+        )
+        for s, c in zip(meta["checkpoints"], meta["counts"], strict=True)
+    )
+    layout = ParamLayout(
+        tuple(meta["layout"]["names"]), tuple(tuple(s) for s in meta["layout"]["shapes"])
+    )
+    hyper = dict(meta["hyper"])
+    if "betas" in hyper:
+        hyper["betas"] = tuple(hyper["betas"])
+    return RunRecord(
+        meta["optimizer"],
+        hyper,
+        layout,
+        batches,
+        tuple(tensors["lrs"].tolist()),
+        tuple(None if math.isnan(m) else m for m in tensors["max_norms"].tolist()),
+        ckpts,
+        meta["n_train"],
+        meta["seed"],
+        meta.get("user", {}),
+        tuple(meta.get("norms", ())),
+    )
