@@ -3,6 +3,7 @@ and query batching invariance, recorder round trip, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from torch.func import functional_call
 
 from headwater.evaluate import single_model_ground_truth
 from headwater.gradients.functional import evaluation_mode
-from headwater.methods import metagradient
+from headwater.methods import metagradient_chunks
 from headwater.methods.metagradient import Metagradient
 from headwater.store import StoreMismatchError
 from headwater.task import ClassificationTask
@@ -150,10 +151,10 @@ def test_checkpointed_equals_all_states_and_blocks_equal_one_at_a_time(optimizer
 def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
     case = mlp(n_train=20, n_query=5)
     task, run = record(case, optimizer)
-    monkeypatch.setattr(metagradient, "_TEMPORARIES", 1e9)  # only the cap _CHUNK binds
+    monkeypatch.setattr(metagradient_chunks, "TEMPORARIES", 1e9)  # only the cap CHUNK binds
     sizes = []
     for cap in (5, 3):  # one chunk; chunks of 3 and 2 queries
-        monkeypatch.setattr(metagradient, "_CHUNK", cap)
+        monkeypatch.setattr(metagradient_chunks, "CHUNK", cap)
         estimator = Metagradient(case.model, task, run)
         sizes.append((estimator.scores(case.query, case.train), estimator._rows))
     (whole, one), (chunked, three) = sizes
@@ -175,7 +176,7 @@ def test_chunks_shrink_with_the_activations_and_give_the_same_scores(monkeypatch
         task, run = record(case, "sgd")
         whole = Metagradient(case.model, task, run).scores(case.query, case.train)
     assert 1 < rows[1] < rows[0] < 30, rows
-    monkeypatch.setattr(metagradient, "_TEMPORARIES", 1e-9)
+    monkeypatch.setattr(metagradient_chunks, "TEMPORARIES", 1e-9)
     single = Metagradient(case.model, task, run).scores(case.query, case.train)
     assert rows[-1] == 1
     assert_close(single, whole, rtol=0, atol=1e-10, what="one query per chunk vs the rule's")
@@ -290,20 +291,13 @@ def _mlp_dropout() -> torch.nn.Module:
     )
 
 
-@pytest.mark.parametrize(
-    ("make", "noise"),
-    [(_mlp_dropout, 0.0), (lambda: _mlp_dropout().eval(), 0.1)],
-    ids=["dropout", "input-noise"],
-)
-def test_a_loop_that_was_not_deterministic_is_refused_not_differentiated(make, noise):
-    """Replays of such a loop would be of another run: replay, the metagradient and its
-    ground truth raise one ValueError naming the run, instead of returning numbers."""
-    model = make()
-    if noise:
-        task, train, run = _user_loop(model, noise)
-    else:  # the recorder warns at the first step already, naming the module
-        with pytest.warns(UserWarning, match=r"Recorder: model has Dropout '3'"):
-            task, train, run = _user_loop(model, noise)
+def test_a_loop_that_was_not_deterministic_is_refused_not_differentiated():
+    """Replays of a loop with random input noise would be of another run: replay, the
+    metagradient and its ground truth raise one ValueError naming the run, instead of
+    returning numbers."""
+    model = _mlp_dropout().eval()
+    task, train, run = _user_loop(model, 0.1)
+    assert not run.rng  # the noise is drawn outside the model's forward pass
     query = (train[0][:2], train[1][:2])
     with pytest.raises(ValueError, match=r"run: replaying steps 0-4 .* not deterministic"):
         replay(model, task, train, run)
@@ -313,6 +307,80 @@ def test_a_loop_that_was_not_deterministic_is_refused_not_differentiated(make, n
         Metagradient(model, task, run).hypergradients(query, train, weights=torch.rand(40))
     with pytest.raises(ValueError, match="not deterministic"):
         single_model_ground_truth(model, task, train, query, run, fraction=0.1, n_subsets=2)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_dropout_in_train_mode_replays_its_masks_and_equals_finite_differences(optimizer):
+    """Dropout in train mode: the recorder keeps torch's random state at each step's forward
+    pass (the loop's own draws between steps, e.g. a shuffle, do not matter), the replay
+    reproduces the run bit for bit and the metagradient, with the run's masks, equals finite
+    differences of retraining; the user's random state is left as it was."""
+    torch.manual_seed(2)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(25, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3)
+    ).double()
+    case = _bn_case(0.1)
+    case.model = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task, run = record(case, optimizer)
+    assert run.modes == ("", "0", "1", "2", "3", "4") and len(run.rng) == run.num_steps
+    state = torch.get_rng_state()
+    final = replay(model, task, case.train, run)
+    assert all(torch.equal(final[k], p.detach()) for k, p in model.named_parameters())
+    unmasked = dataclasses.replace(run, rng={})  # the masks matter
+    with pytest.raises(ValueError, match="not deterministic"):
+        replay(model, task, case.train, unmasked)
+    model.eval()
+    hyper = Metagradient(model, task, run).hypergradients(case.query, case.train)
+    assert torch.equal(torch.get_rng_state(), state)
+    eps, cols = 1e-5, [0, 5, 11, 19]
+    fd = torch.zeros(4, len(cols), dtype=torch.float64)
+    for k, i in enumerate(cols):
+        up, down = torch.ones(20, dtype=torch.float64), torch.ones(20, dtype=torch.float64)
+        up[i], down[i] = 1 + eps, 1 - eps
+        fd[:, k] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    assert fd.abs().max() > 1e-3
+    assert_close(hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
+    with pytest.raises(ValueError, match="hessian_free"):
+        Metagradient(model, task, run, hessian_free=True)
+
+
+def test_a_dropout_run_round_trips_and_replays_each_steps_modes(tmp_path):
+    """The random states go to the store and come back; a loop whose model is in eval mode
+    for its first steps (no random numbers drawn) and in train mode after replays so; a mode
+    changed between steps that draw random numbers is refused at the step."""
+    model = _mlp_dropout()
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    task, opt = ClassificationTask(), torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = Recorder(model, opt, n_train=40, checkpoint_every=3)
+    for step, idx in enumerate(torch.randperm(40).split(5)):
+        model.train(step >= 3)
+        opt.zero_grad()
+        task.train_loss(model, (x[idx], y[idx])).mean().backward()
+        rec.step(idx)
+    run = rec.finish()
+    assert sorted(run.rng) == list(range(3, 8)) and "3" in run.modes
+    run.save(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    assert loaded.settings() == run.settings() and loaded.modes == run.modes
+    assert all(torch.equal(loaded.rng[t], run.rng[t]) for t in run.rng)
+    final = replay(model, task, (x, y), loaded)
+    assert all(torch.equal(final[k], p.detach()) for k, p in model.named_parameters())
+    rec = Recorder(model, opt, n_train=40)
+    model[1].register_forward_hook(lambda m, a, out: out + 0 * torch.rand_like(out))
+    for step in range(2):
+        model.train()
+        model[3].train(step == 0)  # the dropout off, but a hook still draws random numbers
+        opt.zero_grad()
+        task.train_loss(model, (x[:5], y[:5])).mean().backward()
+        if step == 0:
+            rec.step(torch.arange(5))
+        else:
+            with pytest.raises(ValueError, match="model: the train/eval mode of '3' changed"):
+                rec.step(torch.arange(5))
 
 
 def _bn_case(momentum: float | None):

@@ -19,8 +19,7 @@ from headwater.train.recorder import Recorder, replay
 
 def record_lm(model, train, *, optimizer: str = "adam", batch: int = 4, epochs: int = 2):
     """A user-style loop over ``train`` (an ``(inputs, labels)`` pair whose inputs may be a
-    dict batch): warm-up schedule, clipping in the second epoch; the model stays in eval mode
-    (no dropout: the run must be deterministic to be replayable)."""
+    dict batch): warm-up schedule, clipping in the second epoch, the model in its mode."""
     task = LanguageModelingTask()  # the optimizer holds the weight decay
     x, y = train
     if optimizer == "adam":
@@ -70,13 +69,20 @@ def test_tiny_causal_lm_equals_finite_differences_of_retraining(optimizer, tied)
     assert_close(hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
 
 
-def test_hugging_face_gpt2_dict_batches_equal_finite_differences_and_ground_truth(tmp_path):
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_hugging_face_gpt2_dict_batches_equal_finite_differences_and_ground_truth(tmp_path, mode):
+    """In train mode (a fine-tuning loop as users write it: GPT-2's default dropout 0.1 on
+    embeddings, attention and residuals) the run's masks are replayed."""
     hf = pytest.importorskip("hf_models")
-    model = hf.gpt2()  # LayerNorm, tied head, padded dict batches
+    model = hf.gpt2().train(mode == "train")  # LayerNorm, tied head, padded dict batches
     batch, query = hf.lm_batch(12, seed=0), hf.lm_batch(3, seed=5)
     train = ({k: v for k, v in batch.items() if k != "labels"}, batch["labels"])
     query = ({k: v for k, v in query.items() if k != "labels"}, query["labels"])
     task, run = record_lm(model, train)
+    assert len(run.rng) == (run.num_steps if mode == "train" else 0)
+    final = replay(model, task, train, run)
+    assert all(torch.equal(final[k], p.detach()) for k, p in model.named_parameters())
+    model.eval()
     hyper = Metagradient(model, task, run).hypergradients(query, train)
     cols = list(range(0, 12, 3))
     fd = finite_differences(model, task, run, train, query, cols)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -86,10 +86,12 @@ def bind(model: nn.Module, params: dict[str, Tensor]) -> Callable[[Tensor], Tens
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+def evaluation_mode(model: nn.Module, train: Collection[str] = ()) -> Iterator[None]:
+    """Put every submodule in eval mode (but those named in ``train``: train mode), then
+    restore each one's own flag."""
+    flags, train = [(m, m.training) for m in model.modules()], set(train)
+    for name, module in model.named_modules():
+        module.training = name in train
     try:
         yield
     finally:

@@ -40,9 +40,10 @@ running averages ``r_{t+1} = (1 − f) r_t + f · stats_t`` are state the measur
 (eval mode at θ_T), so their adjoint ``a_r`` (from ``∂m/∂r_T``) adds ``f · a_r`` to the
 statistics' adjoint at each step and decays by ``1 − f``. Not with ``hessian_free``.
 
-The derivative is exact for the run as recorded (deterministic model: no dropout; every
-module but those BatchNorm layers runs in eval mode); it predicts retraining well when the
-training recipe is smooth (small steps, warm-up), see the README.
+Dropout in train mode: every forward pass of step ``t`` starts from the run's random state
+there, so the masks are the run's and fixed (a weight changes no mask); with every module
+in its recorded mode, the derivative is exact for the run as recorded. It predicts
+retraining well when the training recipe is smooth (small steps, warm-up), see the README.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from headwater.gradients.functional import (
     vmap_examples,
 )
 from headwater.gradients.per_example import check_values
+from headwater.methods import metagradient_chunks as chunks
 from headwater.methods.estimator import Estimator
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
@@ -88,6 +90,7 @@ from headwater.train.recorder import (
     check_run,
     check_run_weights,
 )
+from headwater.train.run import rng_state
 from headwater.train.steps import (
     adam_coefficients,
     adam_pullback,
@@ -100,35 +103,6 @@ from headwater.train.steps import (
 )
 
 __all__ = ["Metagradient"]
-
-_CHUNK = 35
-"""Most queries per chunk of a reverse step. A call of the vmapped pullback costs about
-1 ms plus 0.1 ms per query (digits MLP, one thread) and holds temporaries in proportion
-to its queries (the pullback's ``[c, B, width]`` tensors, the chunk's ``[c, P]``
-products, the allocator's slack from them): 200 queries in chunks of 34 / 40 / 50 took
-57.6 / 55.9 / 54.3 training runs (SGD) with a peak RSS of 3.6 / 3.8 / 4.3x
-``(1 + state + 200)·P`` floats; with Adam's third adjoint 4.7x at 34 and 4.9x at 40."""
-
-_PER_FORWARD, _PER_PARAM = 3, 4
-"""A query's temporaries in the pullback: about ``3 A + 4 P`` floats, ``A`` the floats one
-forward pass over the batch creates (fitted to the peak RSS of 200 queries on the digits
-MLP, ``A`` = 17k, P = 9k, and the LeNet-style CNN, ``A`` = 100k, P = 3.7k)."""
-
-_TEMPORARIES = 2
-"""A chunk's temporaries are held to this many times the adjoints ``(1 + state)·Q·P``, so
-memory stays ``O(Q·P)`` whatever the activations: the CNN, whose batch activations are 27x
-P, runs chunks of 8-13 (35 were 16-20x ``(1 + state + Q)·P`` floats). A call costs about
-3.8 ms plus 0.75 ms per query there (quiet, one thread): 1.1 ms per query in chunks of 8,
-1.0 in chunks of 35, whose 3.6 MB temporaries are fresh pages at every call (3,550 minor
-faults; 0.75 without them, glibc's thresholds raised). Its live temporaries are about one
-forward pass's tensors per query (0.36 MB, mallinfo); the peak RSS holds 1.6-1.9x the live
-peak (glibc's free lists)."""
-
-
-def _chunk(n_query: int, most: int = _CHUNK) -> int:
-    """Rows per chunk: at most ``most``, the chunks of ``n_query`` as even as possible."""
-    pieces = max(1, -(-n_query // max(1, most)))
-    return max(1, -(-n_query // pieces))
 
 
 class Metagradient(Estimator):
@@ -182,37 +156,42 @@ class Metagradient(Estimator):
             query_block,
             progress,
         )
-        if self.hessian_free and run.norms:
+        if self.hessian_free and (run.norms or run.rng):
             raise ValueError(
-                "hessian_free: not available for a run with BatchNorm layers in train mode "
-                f"({list(run.norms)}); use the exact metagradient"
+                "hessian_free: not available for a run with BatchNorm layers or dropout in "
+                "train mode; use the exact metagradient"
             )
         self.normalization = check_normalization(normalization)
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
         self.store = store
         self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass
-        self._rows = _CHUNK  # queries per chunk during a pass (_chunk_rows)
+        self._rows = chunks.CHUNK  # queries per chunk during a pass (_chunk_rows)
         self._cancelled: list[slice] = []  # during a pass (cancelled)
 
     # ---------------------------------------------------------------- model as a function of θ
-    def _losses_fn(self, x: Inputs, y: Tensor):
-        """``(params, w) -> (ℓ_B [B], s)``: the per-example training losses of a batch at
-        ``{name: tensor}`` (inputs of any form the task takes: a tensor, a tuple or a dict
-        batch) and the flat batch statistics ``s`` of the BatchNorm layers the run trained in
-        train mode, which normalise with the statistics weighted by ``w``
-        (:mod:`headwater.train.norms`; ``s`` is empty without such layers)."""
-        norms = self.run.norms
+    def _losses_fn(self, x: Inputs, y: Tensor, step: int):
+        """``(params, w) -> (ℓ_B [B], s)``: the per-example training losses of the batch of
+        ``step`` at ``{name: tensor}`` (inputs of any form the task takes: a tensor, a tuple
+        or a dict batch) and the flat batch statistics ``s`` of the BatchNorm layers the run
+        trained in train mode, which normalise with the statistics weighted by ``w``
+        (:mod:`headwater.train.norms`; ``s`` is empty without such layers). The modules run
+        in the run's modes, from its random state at ``step`` if it drew random numbers
+        there: the run's dropout masks."""
+        run = self.run
+        norms, modes, state = run.norms, run.modes_at(step), rng_state(run, step)
 
         def losses(params: dict[str, Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
-            with weighted_norms(self.model, norms, w) as stats:
+            with weighted_norms(self.model, norms, w) as stats, evaluation_mode(self.model, modes):
+                if state is not None:
+                    torch.set_rng_state(state)
                 out = self.task.train_loss(bind(self.model, params), (x, y))
             return out, stats_vector(stats, norms) if norms else out.new_zeros(0)
 
         return losses
 
-    def _objective(self, x: Inputs, y: Tensor):
+    def _objective(self, x: Inputs, y: Tensor, step: int):
         """``(params, w) -> (batch objective, s)`` (:func:`~headwater.train.steps.batch_objective`)."""
-        losses, norm = self._losses_fn(x, y), self.normalization
+        losses, norm = self._losses_fn(x, y, step), self.normalization
 
         def objective(params: dict[str, Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
             values, stats = losses(params, w)
@@ -220,14 +199,16 @@ class Metagradient(Estimator):
 
         return objective
 
-    def _batch_gradient(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor):
-        """``(g, s)``: ``g = ∇`` of the weighted batch loss at ``theta``, ``[P]``, and the
-        batch statistics of the trained BatchNorm layers."""
-        objective, layout = self._objective(x, y), self.run.layout
+    def _batch_gradient(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor, step: int):
+        """``(g, s)``: ``g = ∇`` of the weighted batch loss of ``step`` at ``theta``, ``[P]``,
+        and the batch statistics of the trained BatchNorm layers."""
+        objective, layout = self._objective(x, y, step), self.run.layout
         g, stats = grad(objective, has_aux=True)(layout.unflatten(theta), w)
         return layout.flatten(g), stats
 
-    def _products(self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor, g: Tensor | None):
+    def _products(
+        self, theta: Tensor, x: Inputs, y: Tensor, w: Tensor, g: Tensor | None, step: int
+    ):
         """``(products, g_t)``: ``products: (V [c, P], U [c, R] or None) -> (H_t V + ∂(s·U)/∂θ
         as {name: [c, *shape]} or None, ∂(g·V + s·U)/∂w [c, B])`` for a chunk, and the flat
         batch gradient (``g`` as given, or the pullback's primal output: the forward pass need
@@ -244,7 +225,7 @@ class Metagradient(Estimator):
         layout, norm = self.run.layout, self.normalization
         params = layout.unflatten(theta)
         if self.hessian_free:
-            losses = self._losses_fn(x, y)
+            losses = self._losses_fn(x, y, step)
 
             def values(p: dict[str, Tensor]) -> Tensor:
                 return losses(p, w)[0]
@@ -259,7 +240,7 @@ class Metagradient(Estimator):
                 (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
             ), g
 
-        objective = self._objective(x, y)
+        objective = self._objective(x, y, step)
 
         def gradient(p: dict[str, Tensor], weights: Tensor):
             return grad(objective, has_aux=True)(p, weights)
@@ -294,10 +275,10 @@ class Metagradient(Estimator):
             k: v.to(self.dtype) for k, v in end.buffers.items() if k.rsplit(".", 1)[1] in STATS
         }
         params = {**layout.unflatten(end.theta.to(self.dtype)), **running}
-        for s in range(0, y.shape[0], _CHUNK):
-            rows = slice(s, s + _CHUNK)
+        for s in range(0, y.shape[0], chunks.CHUNK):
+            rows = slice(s, s + chunks.CHUNK)
             grads = per_query(params, take(x, rows), y[rows])
-            for name, view in layout.unflatten(into[s : s + _CHUNK]).items():
+            for name, view in layout.unflatten(into[s : s + chunks.CHUNK]).items():
                 view.copy_(grads[name])
             if norms:
                 into_running[rows] = torch.cat(
@@ -327,7 +308,7 @@ class Metagradient(Estimator):
         kept = []
         for t in range(ckpt.step, end):
             idx = self.run.batches[t]
-            g, stats = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx])
+            g, stats = self._batch_gradient(theta, take(x_all, idx), y_all[idx], w_all[idx], t)
             if keep:
                 kept.append(
                     (
@@ -384,11 +365,11 @@ class Metagradient(Estimator):
             return []
         x_all, y_all = prepare_batch(as_tensors(train, "train"), torch.empty(0, dtype=self.dtype))
         names = set(run.layout.names)
-        for ckpt in (run.checkpoints[0], run.checkpoints[-1]):
-            idx = run.batches[min(ckpt.step, run.num_steps - 1)]
-            losses = self._losses_fn(take(x_all, idx), y_all[idx])
-            ones = torch.ones(len(idx), dtype=self.dtype)
-            with evaluation_mode(self.model):
+        with torch.random.fork_rng(devices=[]):
+            for ckpt in (run.checkpoints[0], run.checkpoints[-1]):
+                t = min(ckpt.step, run.num_steps - 1)
+                losses = self._losses_fn(take(x_all, run.batches[t]), y_all[run.batches[t]], t)
+                ones = torch.ones(len(run.batches[t]), dtype=self.dtype)
                 names &= cancelled(
                     lambda p, losses=losses, ones=ones: losses(p, ones)[0],
                     run.layout.unflatten(ckpt.theta.to(self.dtype)),
@@ -450,7 +431,7 @@ class Metagradient(Estimator):
         x_all, y_all, w_all = data
         theta, state, g = forward
         idx = self.run.batches[t]
-        products, g = self._products(theta, take(x_all, idx), y_all[idx], w_all[idx], g)
+        products, g = self._products(theta, take(x_all, idx), y_all[idx], w_all[idx], g, t)
         coefficients = self._coefficients(t, count, theta, state, g)
         hyper = self.run.hyper
         deferred = self.run.optimizer == "sgd" and hyper["momentum"] and not hyper["nesterov"]
@@ -525,19 +506,16 @@ class Metagradient(Estimator):
         return out
 
     def _chunk_rows(self, carry: Tensor, data) -> int:
-        """Queries per chunk: at most :data:`_CHUNK`, and their temporaries (about
-        ``3 A + 4 P`` floats each, ``A`` counted on one forward pass over the first batch)
-        within :data:`_TEMPORARIES` times the adjoints ``carry``."""
+        """Queries per chunk (:func:`~headwater.methods.metagradient_chunks.rows`, ``A``
+        counted on one forward pass over the first batch, the adjoints ``carry``)."""
         x_all, y_all, w_all = data
         idx, theta = self.run.batches[0], self.run.checkpoints[-1].theta.to(self.dtype)
         counter = OutputBytes()
         with torch.no_grad(), counter:
-            losses = self._losses_fn(take(x_all, idx), y_all[idx])
+            losses = self._losses_fn(take(x_all, idx), y_all[idx], 0)
             losses(self.run.layout.unflatten(theta), w_all[idx])
-        per_query = (
-            _PER_FORWARD * counter.total / theta.element_size() + _PER_PARAM * theta.shape[0]
-        )
-        return _chunk(carry.shape[1], min(_CHUNK, int(_TEMPORARIES * carry.numel() / per_query)))
+        forward = counter.total / theta.element_size()
+        return chunks.rows(carry.shape[1], carry.numel(), forward, theta.shape[0])
 
     @staticmethod
     def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int] | None:
@@ -569,7 +547,12 @@ class Metagradient(Estimator):
         starts = range(0, y_q.shape[0], block)
         total = len(starts) * self.run.num_steps
         # the math attention kernel: the fused ones have no second derivative (H_t v)
-        with evaluation_mode(self.model), sdpa_kernel(SDPBackend.MATH):
+        # (the random state is the user's again after: the replay sets the run's)
+        with (
+            evaluation_mode(self.model),
+            sdpa_kernel(SDPBackend.MATH),
+            torch.random.fork_rng(devices=[]),
+        ):
             parts = [
                 self._block(
                     take(x_q, slice(s, s + block)),

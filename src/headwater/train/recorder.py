@@ -26,10 +26,13 @@ Supported: ``torch.optim.SGD`` (momentum, Nesterov, weight decay; no dampening),
 ``Adam`` and ``AdamW`` (no AMSGrad), one hyper-parameter set for all parameters
 (one param group, or groups that agree), ``maximize=False``. BatchNorm layers the loop
 runs in train mode (batch statistics, running averages) replay so, from checkpointed
-running statistics; with weights, a batch's statistics are weighted by them. Every other
-module is replayed in eval mode: an active Dropout (or any randomness in the loss) makes
-the run non-replayable, and a replay that misses a recorded checkpoint raises
-(:func:`check_reached`) rather than return another run's numbers.
+running statistics; with weights, a batch's statistics are weighted by them. Dropout in
+train mode replays with the run's masks: torch's (CPU) random state at each step's first
+forward pass of the model is kept when the step draws random numbers, and the replay
+restores it, with every module in its recorded mode (one mode per module for the run).
+Randomness outside the model's forward pass (data augmentation) or on another device is
+not recorded: a replay that misses a recorded checkpoint raises (:func:`check_reached`)
+rather than return another run's numbers.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +52,14 @@ from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.task import Task
 from headwater.train.norms import BUFFERS, trained_norms, weighted_norms
-from headwater.train.run import HYPER_NAMES, STATE_NAMES, Checkpoint, RunRecord, load_run
+from headwater.train.run import (
+    HYPER_NAMES,
+    STATE_NAMES,
+    Checkpoint,
+    RunRecord,
+    load_run,
+    rng_state,
+)
 from headwater.train.steps import batch_objective, check_normalization
 
 __all__ = [
@@ -72,8 +81,8 @@ recorded parameters moved over it. A deterministic loop is off by rounding only:
 Adam), 5e-5 on the causal LM's smooth run, but 4e-3 on its chaotic sharp run, whose
 128-step segments amplify the rounding of the metagradient's functional recomputation
 (``replay`` of the same run: exactly 0); loops that were not deterministic missed by 0.02
-to 0.16 (Dropout p = 0.01), 0.2-0.4 (p = 0.1), 0.14-0.5 (BatchNorm in train mode, replayed
-in eval mode) and 0.09 (Gaussian input noise)."""
+to 0.16 (Dropout p = 0.01 replayed without its masks), 0.2-0.4 (p = 0.1), 0.14-0.5
+(BatchNorm in train mode, replayed in eval mode) and 0.09 (Gaussian input noise)."""
 
 
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
@@ -181,30 +190,17 @@ class Recorder:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
         ]
         self.norms: tuple[str, ...] | None = None  # set at the first step
+        self.modes: tuple[str, ...] | None = None  # modules in train mode, at the first step
+        self.rng: dict[int, Tensor] = {}
+        self._rng_before: Tensor | None = None  # the random state at this step's forward
+        self._hook = model.register_forward_pre_hook(self._before_forward)
         self.checkpoints = [self._checkpoint(0)]
-        self._dropouts = [
-            (name, m)
-            for name, m in model.named_modules()
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-        ]
-        self._warned = False
 
-    def _warn_if_not_replayable(self) -> None:
-        """Warn once, at the step it happens, when a Dropout is active: the run will not
-        replay (the replay runs it in eval mode, and :func:`check_reached` refuses it then),
-        better known before training ends. BatchNorm layers in train mode replay
-        (:mod:`headwater.train.norms`)."""
-        active = [f"{type(m).__name__} {name!r}" for name, m in self._dropouts if m.training]
-        if active:
-            self._warned = True
-            warnings.warn(
-                f"Recorder: model has {', '.join(active[:3])}"
-                f"{f' and {len(active) - 3} more' if len(active) > 3 else ''} in train mode "
-                f"at step {len(self.batches)}: dropout masks are not recorded, so this run "
-                "will not replay (replay and metagradients refuse it); record the loop with "
-                "the dropout layers in eval mode (or p=0)",
-                stacklevel=3,
-            )
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        """Keep torch's random state at the step's first forward pass (a replay restores it:
+        the same dropout masks)."""
+        if self._rng_before is None:
+            self._rng_before = torch.get_rng_state()
 
     def _checkpoint(self, step: int) -> Checkpoint:
         theta = self.layout.flatten({k: p.detach() for k, p in self.params.items()}).clone()
@@ -228,6 +224,29 @@ class Recorder:
         }
         return Checkpoint(step, theta, state, count, buffers)
 
+    def _check_modes(self, random: bool) -> None:
+        """The modes of this step: the BatchNorm layers in train mode are the first step's,
+        and at every step that drew random numbers (``random``) every module's mode is
+        that of the first such step (a replay runs them so, :meth:`RunRecord.modes_at`)."""
+        norms = trained_norms(self.model)
+        if self.norms is None:
+            self.norms = norms
+        elif norms != self.norms:
+            raise ValueError(
+                f"model: its BatchNorm layers in train mode changed at step {len(self.batches)} "
+                f"(from {list(self.norms)} to {list(norms)}); keep each in one mode for the run"
+            )
+        modes = tuple(name for name, m in self.model.named_modules() if m.training)
+        if random and self.modes is None:
+            self.modes = modes
+        elif random and modes != self.modes:
+            changed = sorted(set(modes) ^ set(self.modes))
+            raise ValueError(
+                f"model: the train/eval mode of {changed[0]!r} changed at step "
+                f"{len(self.batches)}, which drew random numbers (dropout); keep each module "
+                "in one mode at every such step"
+            )
+
     def step(self, indices: Sequence[int] | Tensor, *, max_norm: float | None = None) -> None:
         """Clip (if ``max_norm``), call ``optimizer.step()`` and record the step.
 
@@ -244,16 +263,11 @@ class Recorder:
             raise ValueError(f"max_norm: expected a float > 0 or None, got {max_norm!r}")
         if _hyper(self.optimizer, self.kind) != self.hyper:
             raise ValueError("optimizer: hyper-parameters other than lr changed during the run")
-        if not self._warned:
-            self._warn_if_not_replayable()
-        norms = trained_norms(self.model)
-        if self.norms is None:
-            self.norms = norms
-        elif norms != self.norms:
-            raise ValueError(
-                f"model: its BatchNorm layers in train mode changed at step {len(self.batches)} "
-                f"(from {list(self.norms)} to {list(norms)}); keep each in one mode for the run"
-            )
+        before, self._rng_before = self._rng_before, None
+        random = before is not None and not torch.equal(before, torch.get_rng_state())
+        self._check_modes(random)
+        if random:
+            self.rng[len(self.batches)] = before
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm)
         self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
@@ -269,6 +283,7 @@ class Recorder:
         """The :class:`RunRecord` (the last step is always a checkpoint); saved at ``path`` if given."""
         if not self.batches:
             raise ValueError("Recorder: no step was recorded")
+        self._hook.remove()
         ckpts = list(self.checkpoints)
         if ckpts[-1].step != len(self.batches):
             ckpts.append(self._checkpoint(len(self.batches)))
@@ -289,6 +304,8 @@ class Recorder:
             self.seed,
             dict(meta or {}),
             self.norms,
+            self.modes or (),
+            dict(self.rng),
         )
         if path is not None:
             run.save(path)
@@ -342,9 +359,8 @@ def check_reached(
     raise ValueError(
         f"run: replaying steps {start.step}-{end.step} does not reach the recorded "
         f"parameters (off by {off / max(moved, 1e-300):.2g} of their change): the "
-        "training loop was not deterministic given its recorded batches, e.g. an "
-        "active Dropout (record the loop with it in eval mode), random data "
-        "augmentation, autocast, a loss other than "
+        "training loop was not deterministic given its recorded batches, e.g. random "
+        "data augmentation, dropout on a GPU, autocast, a loss other than "
         "task.train_loss(model, batch).mean(), or training data other than `train`"
     )
 
@@ -393,6 +409,9 @@ def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> Non
     ]
     if missing:
         raise ValueError(f"model: has no BatchNorm {missing[0]!r}, which the run trained")
+    missing = [n for n in run.modes if n not in modules]
+    if missing:
+        raise ValueError(f"model: has no module {missing[0]!r}, which the run trained")
 
 
 def replay(
@@ -449,13 +468,16 @@ def replay(
     _load_state(opt, params, run, start)
     checks = {c.step: c for c in run.checkpoints[1:]} if w_all is None else {}
     previous = start
-    with evaluation_mode(clone):
-        for name, module in clone.named_modules():
-            module.training = name in run.norms  # as recorded: batch statistics
+    with evaluation_mode(clone), torch.random.fork_rng(devices=[]):
         for step, (idx, lr, max_norm) in enumerate(
             zip(run.batches[:steps], run.lrs[:steps], run.max_norms[:steps], strict=True), 1
         ):
             opt.zero_grad()
+            modes = run.modes_at(step - 1)
+            for name, module in clone.named_modules():
+                module.training = name in modes
+            if (state := rng_state(run, step - 1)) is not None:
+                torch.set_rng_state(state)
             if w_all is None:
                 task.train_loss(clone, (take(x_all, idx), y_all[idx])).mean().backward()
             else:

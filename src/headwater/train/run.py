@@ -17,7 +17,7 @@ from torch import Tensor
 from headwater import store
 from headwater.gradients.flat import ParamLayout
 
-__all__ = ["HYPER_NAMES", "STATE_NAMES", "Checkpoint", "RunRecord", "load_run"]
+__all__ = ["HYPER_NAMES", "STATE_NAMES", "Checkpoint", "RunRecord", "load_run", "rng_state"]
 
 HYPER_NAMES = {  # an optimizer's hyper-parameters other than lr, as the record keeps them
     "sgd": ("momentum", "nesterov", "weight_decay"),
@@ -59,6 +59,10 @@ class RunRecord:
         seed: the user's seed, kept for reference.
         norms: the BatchNorm layers the run trained in train mode (batch statistics;
             :mod:`headwater.train.norms`), whose running statistics the checkpoints hold.
+        modes: the modules in train mode in the forward passes that drew random numbers
+            (dropout; :meth:`modes_at`).
+        rng: torch's CPU random state before each step's forward pass that drew from it
+            (``{step: state}``): a replay restores it, so every dropout mask is the run's.
     """
 
     optimizer: str
@@ -72,10 +76,18 @@ class RunRecord:
     seed: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     norms: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+    rng: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
         return len(self.batches)
+
+    def modes_at(self, step: int) -> set[str]:
+        """The modules a replay runs in train mode at ``step`` (all others in eval mode): the
+        BatchNorm layers trained in train mode, and if the step drew random numbers, every
+        module that was in train mode then."""
+        return {*self.norms, *(self.modes if step in self.rng else ())}
 
     def settings(self) -> dict[str, Any]:
         """JSON settings identifying the run (not its tensors)."""
@@ -88,6 +100,7 @@ class RunRecord:
             "seed": self.seed,
             "checkpoints": [c.step for c in self.checkpoints],
             **({"norms": list(self.norms)} if self.norms else {}),
+            **({"modes": list(self.modes), "random_steps": len(self.rng)} if self.rng else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -100,6 +113,9 @@ class RunRecord:
                 [math.nan if m is None else m for m in self.max_norms], dtype=torch.float64
             ),
         }
+        if self.rng:
+            tensors["rng_steps"] = torch.tensor(sorted(self.rng), dtype=torch.long)
+            tensors["rng_states"] = torch.stack([self.rng[t] for t in sorted(self.rng)])
         for c in self.checkpoints:
             tensors[f"ckpt.{c.step}.theta"] = c.theta
             tensors.update({f"ckpt.{c.step}.{k}": v for k, v in c.state.items()})
@@ -151,4 +167,30 @@ def load_run(path: str | os.PathLike) -> RunRecord:
         meta["seed"],
         meta.get("user", {}),
         tuple(meta.get("norms", ())),
+        tuple(meta.get("modes", ())),
+        dict(zip(tensors["rng_steps"].tolist(), tensors["rng_states"], strict=True))
+        if "rng_steps" in tensors
+        else {},
     )
+
+
+def rng_state(run: RunRecord, step: int) -> Tensor | None:
+    """torch's CPU random state before the forward pass of ``step`` (a fresh tensor, for
+    ``torch.set_rng_state``), or None when that step drew no random numbers. A state that
+    is not one raises a ValueError naming the run."""
+    state = run.rng.get(step)
+    if state is None:
+        return None
+    like = torch.get_rng_state()
+    if state.dtype != like.dtype or state.shape != like.shape:
+        raise ValueError(
+            f"run: the random state of step {step} is not one of torch's CPU generator "
+            f"(expected {like.dtype} {tuple(like.shape)}, got {state.dtype} {tuple(state.shape)})"
+        )
+    state = state.clone()  # not a view: the generator reads from the storage's start
+    with torch.random.fork_rng(devices=[]):
+        try:
+            torch.set_rng_state(state)
+        except RuntimeError as error:
+            raise ValueError(f"run: the random state of step {step} is damaged ({error})") from None
+    return state

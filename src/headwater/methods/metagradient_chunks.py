@@ -1,0 +1,43 @@
+"""How many queries a reverse step of :class:`~headwater.methods.metagradient.Metagradient`
+carries at once: the time per query falls with the chunk, the temporaries grow with it."""
+
+from __future__ import annotations
+
+__all__ = ["CHUNK", "PER_FORWARD", "PER_PARAM", "TEMPORARIES", "even", "rows"]
+
+CHUNK = 35
+"""Most queries per chunk of a reverse step. A call of the vmapped pullback costs about
+1 ms plus 0.1 ms per query (digits MLP, one thread) and holds temporaries in proportion
+to its queries (the pullback's ``[c, B, width]`` tensors, the chunk's ``[c, P]``
+products, the allocator's slack from them): 200 queries in chunks of 34 / 40 / 50 took
+57.6 / 55.9 / 54.3 training runs (SGD) with a peak RSS of 3.6 / 3.8 / 4.3x
+``(1 + state + 200)·P`` floats; with Adam's third adjoint 4.7x at 34 and 4.9x at 40."""
+
+PER_FORWARD, PER_PARAM = 3, 4
+"""A query's temporaries in the pullback: about ``3 A + 4 P`` floats, ``A`` the floats one
+forward pass over the batch creates (fitted to the peak RSS of 200 queries on the digits
+MLP, ``A`` = 17k, P = 9k, and the LeNet-style CNN, ``A`` = 100k, P = 3.7k)."""
+
+TEMPORARIES = 2
+"""A chunk's temporaries are held to this many times the adjoints ``(1 + state)·Q·P``, so
+memory stays ``O(Q·P)`` whatever the activations: the CNN, whose batch activations are 27x
+P, runs chunks of 8-13 (35 were 16-20x ``(1 + state + Q)·P`` floats). A call costs about
+3.8 ms plus 0.75 ms per query there (quiet, one thread): 1.1 ms per query in chunks of 8,
+1.0 in chunks of 35, whose 3.6 MB temporaries are fresh pages at every call (3,550 minor
+faults; 0.75 without them, glibc's thresholds raised). Its live temporaries are about one
+forward pass's tensors per query (0.36 MB, mallinfo); the peak RSS holds 1.6-1.9x the live
+peak (glibc's free lists)."""
+
+
+def even(n_query: int, most: int = CHUNK) -> int:
+    """Rows per chunk: at most ``most``, the chunks of ``n_query`` as even as possible."""
+    pieces = max(1, -(-n_query // max(1, most)))
+    return max(1, -(-n_query // pieces))
+
+
+def rows(n_query: int, adjoint_floats: int, forward_floats: float, num_params: int) -> int:
+    """Queries per chunk of a reverse step: at most :data:`CHUNK`, and their temporaries
+    (about ``3 A + 4 P`` floats each, ``A = forward_floats`` of one forward pass over a
+    batch) within :data:`TEMPORARIES` times the adjoints (``adjoint_floats``)."""
+    per_query = PER_FORWARD * forward_floats + PER_PARAM * num_params
+    return even(n_query, min(CHUNK, int(TEMPORARIES * adjoint_floats / per_query)))
