@@ -52,11 +52,11 @@ from torch import Tensor
 import headwater
 from bench.lm import DAMPING, N_TRAIN, SETTINGS, WEIGHT_DECAY, LMProblem, get_lm_problem
 from bench.measure import measure
-from bench.metagradient import tracin_checkpoints
 from bench.problems import CACHE_DIR, _key
 from headwater.evaluate import lds, single_model_ground_truth
 from headwater.evaluate.lds import LDSGroundTruth
 from headwater.methods.metagradient import Metagradient
+from headwater.methods.tracin import run_checkpoints
 from headwater.task import LanguageModelingTask
 from headwater.train.recorder import Recorder, RunRecord, load_run
 
@@ -218,7 +218,7 @@ def estimator(name: str, model, run: RunRecord, problem: LMProblem, query) -> Ca
                 query,
                 task=scored.task(0.0),
                 method="tracin",
-                checkpoints=tracin_checkpoints(run),
+                checkpoints=run_checkpoints(run),
             ).values
         )
     raise ValueError(f"estimator: one of {ESTIMATORS}, got {name!r}")

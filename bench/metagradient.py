@@ -50,7 +50,7 @@ from bench.cnn_problem import _build_cnn
 from bench.problems import CACHE_DIR, _tensors
 from headwater.evaluate import lds, single_model_ground_truth
 from headwater.methods.metagradient import Metagradient
-from headwater.methods.tracin import Checkpoint
+from headwater.methods.tracin import run_checkpoints
 from headwater.task import ClassificationTask
 from headwater.train.recorder import Recorder, RunRecord, load_run
 
@@ -154,6 +154,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 20,
         "warmup": 100,
     },
+    # the MLP with dropout 0.1 after each hidden layer, trained in train mode: the
+    # recorded masks are replayed (the ground truth keeps them: same seeds)
+    "mlp-dropout-sgd-smooth": {
+        "arch": "mlp-dropout",
+        "opt": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup": 0,
+        "decay": 1,
+    },
     "mlp-adam-smooth-slow": {
         "arch": "mlp",
         "opt": "adam",
@@ -195,6 +206,16 @@ def build(arch: str) -> nn.Module:
         return nn.Sequential(
             nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
         )
+    if arch == "mlp-dropout":
+        return nn.Sequential(
+            nn.Linear(64, 64),
+            nn.Tanh(),
+            nn.Dropout(0.1),
+            nn.Linear(64, 64),
+            nn.Tanh(),
+            nn.Dropout(0.1),
+            nn.Linear(64, 10),
+        )
     if arch == "cnn-bn":
         return nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
@@ -211,7 +232,7 @@ def build(arch: str) -> nn.Module:
             nn.Tanh(),
             nn.Linear(32, 10),
         )
-    raise ValueError(f"arch: 'mlp', 'cnn' or 'cnn-bn', got {arch!r}")
+    raise ValueError(f"arch: 'mlp', 'mlp-dropout', 'cnn' or 'cnn-bn', got {arch!r}")
 
 
 def train(
@@ -424,14 +445,6 @@ def select(names: list[str], subsets: int, out: Path) -> None:
             f.write(row + "\n")
 
 
-def tracin_checkpoints(run: RunRecord) -> list[Checkpoint]:
-    out = []
-    for a, b in zip(run.checkpoints[:-1], run.checkpoints[1:], strict=True):
-        lr = sum(run.lrs[a.step : b.step]) / (b.step - a.step)
-        out.append(Checkpoint(run.layout.unflatten(b.theta), lr, b.step - a.step))
-    return out
-
-
 def peer_estimators(
     model: nn.Module, run: RunRecord, recipe: dict[str, Any], train, query
 ) -> dict[str, tuple[torch.Tensor, float]]:
@@ -455,7 +468,7 @@ def peer_estimators(
         rows["Kronfluence EK-FAC (peer)"] = (kron.scores, time.process_time() - start)
     start = time.process_time()
     try:
-        traced = captum_tracin_scores(model, tracin_checkpoints(run), x, y, xq, yq)
+        traced = captum_tracin_scores(model, run_checkpoints(run), x, y, xq, yq)
         rows["Captum TracInCP (peer)"] = (traced, time.process_time() - start)
     except Exception as err:  # a peer failing is a result, not a crash
         print(f"captum TracInCP failed: {type(err).__name__}: {err}", flush=True)
@@ -484,7 +497,7 @@ def bench_recipe(
     n_state = len(run.checkpoints[0].state)
     budget = (1 + n_state + xq.shape[0]) * p * 4 / 2**20
     estimators = {"metagradient (exact)": (scores, seconds)}
-    if not run.norms:  # (HYDRA's approximation drops the batch statistics' terms too)
+    if not (run.norms or run.rng):  # HYDRA's variant refuses them
         start = time.process_time()
         free = Metagradient(model, task, run, hessian_free=True).scores((xq, yq), (x, y))
         estimators["Hessian-free (HYDRA)"] = (free, time.process_time() - start)
@@ -498,7 +511,7 @@ def bench_recipe(
         estimators[row] = (found.values, time.process_time() - start)
     start = time.process_time()
     tr = headwater.influence(
-        model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=tracin_checkpoints(run)
+        model, (x, y), (xq, yq), task=task, method="tracin", checkpoints=run_checkpoints(run)
     ).values
     estimators["TracIn (checkpoints)"] = (tr, time.process_time() - start)
     if peers:

@@ -10,8 +10,9 @@ from oracles import assert_close, loop_gradients
 from torch import nn
 
 from headwater.evaluate import measure
-from headwater.methods.tracin import Checkpoint, TracIn
+from headwater.methods.tracin import Checkpoint, TracIn, run_checkpoints
 from headwater.task import ClassificationTask
+from headwater.train.recorder import Recorder
 
 
 def _gd(
@@ -307,3 +308,36 @@ def _scaled(model: nn.Module, factor: float) -> nn.Module:
     out = copy.deepcopy(model)
     out.load_state_dict({k: factor * v for k, v in model.state_dict().items()})
     return out
+
+
+def test_checkpoints_of_a_recorded_run():
+    """run_checkpoints: every recorded checkpoint after the first, standing for the steps
+    since the previous one at their mean learning rate, its state the model's then (with
+    the running statistics of a BatchNorm trained in train mode)."""
+    xtr, ytr, xte, yte = digits(60, 5)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10)
+    ).double()
+    task = ClassificationTask()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 0.5, 1.0, total_iters=4)
+    rec = Recorder(model, opt, n_train=60, checkpoint_every=2)
+    states, lrs = [], []
+    for step in range(4):
+        idx = torch.arange(15 * step, 15 * step + 15)
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad()
+        task.train_loss(model, (xtr[idx], ytr[idx])).mean().backward()
+        rec.step(idx)
+        sched.step()
+        if step % 2 == 1:
+            states.append(copy.deepcopy(model.state_dict()))
+    ckpts = run_checkpoints(rec.finish())
+    assert [c.steps for c in ckpts] == [2, 2]
+    assert [c.lr for c in ckpts] == pytest.approx([sum(lrs[:2]) / 2, sum(lrs[2:]) / 2])
+    for c, state in zip(ckpts, states, strict=True):
+        assert c.state.keys() == state.keys()
+        assert all(torch.equal(c.state[k], state[k]) for k in state)
+    scores = TracIn(model.eval(), task, ckpts).scores((xte, yte), (xtr, ytr))
+    assert scores.shape == (5, 60) and torch.isfinite(scores).all()

@@ -47,7 +47,7 @@ from headwater.methods.scoring import FeatureLike, Scores, pairwise
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 
-__all__ = ["Checkpoint", "TracIn"]
+__all__ = ["Checkpoint", "TracIn", "run_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,18 @@ class Checkpoint:
     @property
     def weight(self) -> float:
         return float(self.lr) * self.steps
+
+
+def run_checkpoints(run) -> list[Checkpoint]:
+    """TracInCP's checkpoints of a run recorded by :class:`~headwater.train.Recorder`: each
+    recorded checkpoint after the first, with the mean learning rate of the steps since the
+    previous one, standing for those steps (its state: the parameters and the running
+    statistics of the BatchNorm layers trained in train mode)."""
+    out = []
+    for a, b in zip(run.checkpoints[:-1], run.checkpoints[1:], strict=True):
+        lr = sum(run.lrs[a.step : b.step]) / (b.step - a.step)
+        out.append(Checkpoint({**run.layout.unflatten(b.theta), **b.buffers}, lr, b.step - a.step))
+    return out
 
 
 class TracIn(Estimator):
