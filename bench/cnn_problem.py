@@ -33,17 +33,26 @@ __all__ = ["CNN_LDS_SUBSETS", "cnn", "cnn_lds_quality", "cnn_lds_truth"]
 CNN_LDS_SUBSETS, CNN_LDS_SEEDS = 50, 1
 
 
-def _build_cnn(seed: int) -> nn.Module:
+def _build_cnn(seed: int, batch_norm: bool = False, dropout: float = 0.0) -> nn.Module:
+    """The LeNet-style CNN; ``batch_norm``: a BatchNorm after each convolution (whose bias
+    it cancels); ``dropout``: before the first Linear (neither draws from the seed)."""
     torch.manual_seed(seed)
+
+    def norm(channels: int) -> list[nn.Module]:
+        return [nn.BatchNorm2d(channels)] if batch_norm else []
+
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, 8, 3, padding=1),
+        *norm(8),
         nn.Tanh(),
         nn.AvgPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1),
+        *norm(16),
         nn.Tanh(),
         nn.AvgPool2d(2),
         nn.Flatten(),
+        *([nn.Dropout(dropout)] if dropout else []),
         nn.Linear(64, 32),
         nn.Tanh(),
         nn.Linear(32, 10),

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import headwater
-from bench.cnn_problem import cnn, cnn_lds_truth
+from bench.cnn_problem import _build_cnn, cnn, cnn_lds_truth
 from bench.problems import (
     WEIGHT_DECAY,
     Problem,
@@ -111,23 +111,7 @@ def sweep(problem: Problem, lines: list[str]) -> None:
 
 
 def _build_bn(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.Tanh(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.Tanh(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Dropout(0.1),
-        nn.Linear(64, 32),
-        nn.Tanh(),
-        nn.Linear(32, 10),
-    )
+    return _build_cnn(seed, batch_norm=True, dropout=0.1)
 
 
 def cnn_bn() -> Problem:

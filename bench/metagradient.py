@@ -199,38 +199,22 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 
 
 def build(arch: str) -> nn.Module:
-    if arch == "cnn":
-        return _build_cnn(0)
+    if arch in ("cnn", "cnn-bn"):
+        return _build_cnn(0, batch_norm=arch == "cnn-bn")
     torch.manual_seed(0)
-    if arch == "mlp":
-        return nn.Sequential(
-            nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
-        )
-    if arch == "mlp-dropout":
+    if arch in ("mlp", "mlp-dropout"):
+
+        def drop() -> list[nn.Module]:
+            return [nn.Dropout(0.1)] if arch == "mlp-dropout" else []
+
         return nn.Sequential(
             nn.Linear(64, 64),
             nn.Tanh(),
-            nn.Dropout(0.1),
+            *drop(),
             nn.Linear(64, 64),
             nn.Tanh(),
-            nn.Dropout(0.1),
+            *drop(),
             nn.Linear(64, 10),
-        )
-    if arch == "cnn-bn":
-        return nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64, 32),
-            nn.Tanh(),
-            nn.Linear(32, 10),
         )
     raise ValueError(f"arch: 'mlp', 'mlp-dropout', 'cnn' or 'cnn-bn', got {arch!r}")
 

@@ -68,6 +68,25 @@ def measured(
         return task.measurement(lambda inp: functional_call(case.model, params, (inp,)), case.query)
 
 
+def finite_differences(
+    case, task, run: RunRecord, cols, at: torch.Tensor | None = None, normalization="mean"
+) -> torch.Tensor:
+    """``[Q, len(cols)]``: central differences (step 1e-5) of the retrained query
+    measurements in the weight of each example of ``cols``, around the weights ``at``
+    (default all 1)."""
+    n, eps = case.train[1].shape[0], 1e-5
+    at = torch.ones(n, dtype=torch.float64) if at is None else at
+    out = []
+    for i in cols:
+        up, down = at.clone(), at.clone()
+        up[i], down[i] = at[i] + eps, at[i] - eps
+        out.append(
+            measured(case, task, run, up, normalization)
+            - measured(case, task, run, down, normalization)
+        )
+    return torch.stack(out, dim=1) / (2 * eps)
+
+
 @pytest.mark.parametrize(
     ("make", "optimizer", "normalization"),
     [
@@ -87,20 +106,10 @@ def test_equals_finite_differences_of_retraining(make, optimizer, normalization)
     hyper = Metagradient(case.model, task, run, normalization=normalization).hypergradients(
         case.query, case.train
     )  # [Q, n]
-    n, eps = case.train[0].shape[0], 1e-5
-    fd = torch.zeros_like(hyper)
-    for i in range(0, n, 3):  # every third example: the test stays fast
-        up, down = torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-        up[i], down[i] = 1 + eps, 1 - eps
-        fd[:, i] = (
-            measured(case, task, run, up, normalization)
-            - measured(case, task, run, down, normalization)
-        ) / (2 * eps)
-    cols = list(range(0, n, 3))
-    assert fd[:, cols].abs().max() > 1e-4  # the run does depend on the weights
-    assert_close(
-        hyper[:, cols], fd[:, cols], rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw"
-    )
+    cols = list(range(0, case.train[0].shape[0], 3))  # every third example: the test stays fast
+    fd = finite_differences(case, task, run, cols, normalization=normalization)
+    assert fd.abs().max() > 1e-4  # the run does depend on the weights
+    assert_close(hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -113,12 +122,8 @@ def test_at_other_weights_equals_finite_differences_of_retraining(optimizer):
     at = torch.ones(20, dtype=torch.float64)
     at[[2, 5, 11]], at[7] = 0, 0.5
     hyper = Metagradient(case.model, task, run).hypergradients(case.query, case.train, weights=at)
-    eps, cols = 1e-5, [0, 3, 7, 12]
-    fd = torch.zeros(3, len(cols), dtype=torch.float64)
-    for k, i in enumerate(cols):
-        up, down = at.clone(), at.clone()
-        up[i], down[i] = at[i] + eps, at[i] - eps
-        fd[:, k] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    cols = [0, 3, 7, 12]
+    fd = finite_differences(case, task, run, cols, at)
     assert fd.abs().max() > 1e-3
     assert_close(
         hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw at w != 1"
@@ -335,12 +340,8 @@ def test_dropout_in_train_mode_replays_its_masks_and_equals_finite_differences(o
     model.eval()
     hyper = Metagradient(model, task, run).hypergradients(case.query, case.train)
     assert torch.equal(torch.get_rng_state(), state)
-    eps, cols = 1e-5, [0, 5, 11, 19]
-    fd = torch.zeros(4, len(cols), dtype=torch.float64)
-    for k, i in enumerate(cols):
-        up, down = torch.ones(20, dtype=torch.float64), torch.ones(20, dtype=torch.float64)
-        up[i], down[i] = 1 + eps, 1 - eps
-        fd[:, k] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    cols = [0, 5, 11, 19]
+    fd = finite_differences(case, task, run, cols)
     assert fd.abs().max() > 1e-3
     assert_close(hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
     with pytest.raises(ValueError, match="hessian_free"):
@@ -425,12 +426,8 @@ def test_batchnorm_in_train_mode_replays_and_equals_finite_differences(optimizer
     case.model.eval()  # the user's trained model, as evaluated
 
     hyper = Metagradient(case.model, task, run).hypergradients(case.query, case.train)
-    eps, cols = 1e-5, [0, 4, 9, 13, 18]
-    fd = torch.zeros(4, len(cols), dtype=torch.float64)
-    for k, i in enumerate(cols):
-        up, down = torch.ones(20, dtype=torch.float64), torch.ones(20, dtype=torch.float64)
-        up[i], down[i] = 1 + eps, 1 - eps
-        fd[:, k] = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    cols = [0, 4, 9, 13, 18]
+    fd = finite_differences(case, task, run, cols)
     assert fd.abs().max() > 1e-3
     assert_close(hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
 
@@ -438,9 +435,7 @@ def test_batchnorm_in_train_mode_replays_and_equals_finite_differences(optimizer
     kept = torch.ones(20, dtype=torch.float64)
     kept[[2, 7]] = 0
     at = Metagradient(case.model, task, run).hypergradients(case.query, case.train, weights=kept)
-    up, down = kept.clone(), kept.clone()
-    up[4], down[4] = 1 + eps, 1 - eps
-    fd_at = (measured(case, task, run, up) - measured(case, task, run, down)) / (2 * eps)
+    fd_at = finite_differences(case, task, run, [4], kept)[:, 0]
     assert_close(at[:, 4], fd_at, rtol=1e-5, atol=1e-5 * float(fd_at.abs().max()), what="at w")
 
 
