@@ -61,7 +61,7 @@ def influence(
         task: default: classification (cross-entropy) for integer targets,
             regression (squared error) for float targets.
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
-            ``checkpoints``; Pruthi et al. 2020), ``"hydra"`` (needs ``trajectory``;
+            ``checkpoints`` or ``run``; Pruthi et al. 2020), ``"hydra"`` (needs ``trajectory``;
             Chen et al. 2021) or ``"metagradient"`` (needs ``run``; exact replay of the
             recorded run, Ilyas & Engstrom 2025).
         curvature: a name in ``headwater.curvature.CURVATURES``, or ``None``/``"auto"`` (default):
@@ -90,7 +90,9 @@ def influence(
             :class:`~headwater.methods.metagradient.Metagradient` (``hessian_free``,
             ``normalization``: the counterfactual of a zero weight, ``query_block``, ``dtype``).
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
-        run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`).
+        run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`);
+            with ``method="tracin"``, its checkpoints are TracIn's
+            (:func:`~headwater.methods.tracin.run_checkpoints`).
         trajectory: HYDRA's recorded run (:func:`headwater.train.sgd.train_sgd`).
         renormalize: TracIn with per-checkpoint unit gradients (Hammoudeh & Lowd 2022).
         progress: ``True`` (default) shows a tqdm bar with ETA for every step that runs

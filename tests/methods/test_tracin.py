@@ -9,6 +9,7 @@ from cases import CASES, OutsideUse, digits
 from oracles import assert_close, loop_gradients
 from torch import nn
 
+import headwater
 from headwater.evaluate import measure
 from headwater.methods.tracin import Checkpoint, TracIn, run_checkpoints
 from headwater.task import ClassificationTask
@@ -333,7 +334,8 @@ def test_checkpoints_of_a_recorded_run():
         sched.step()
         if step % 2 == 1:
             states.append(copy.deepcopy(model.state_dict()))
-    ckpts = run_checkpoints(rec.finish())
+    run = rec.finish()
+    ckpts = run_checkpoints(run)
     assert [c.steps for c in ckpts] == [2, 2]
     assert [c.lr for c in ckpts] == pytest.approx([sum(lrs[:2]) / 2, sum(lrs[2:]) / 2])
     for c, state in zip(ckpts, states, strict=True):
@@ -341,3 +343,5 @@ def test_checkpoints_of_a_recorded_run():
         assert all(torch.equal(c.state[k], state[k]) for k in state)
     scores = TracIn(model.eval(), task, ckpts).scores((xte, yte), (xtr, ytr))
     assert scores.shape == (5, 60) and torch.isfinite(scores).all()
+    found = headwater.influence(model, (xtr, ytr), (xte, yte), task=task, method="tracin", run=run)
+    assert_close(found.values, scores, rtol=0, atol=0, what="the one-call API with run=")

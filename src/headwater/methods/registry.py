@@ -30,7 +30,7 @@ from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.metagradient import Metagradient
 from headwater.methods.projected import ProjectedInfluence
-from headwater.methods.tracin import Checkpoint, TracIn
+from headwater.methods.tracin import Checkpoint, TracIn, run_checkpoints
 from headwater.progress import ProgressFn, report
 from headwater.task import Task
 from headwater.train.recorder import RunRecord
@@ -48,7 +48,8 @@ class Inputs:
     Attributes:
         checkpoints: TracIn's :class:`~headwater.methods.tracin.Checkpoint` list.
         trajectory: a recorded run (:func:`headwater.train.sgd.train_sgd`), for HYDRA.
-        run: a run recorded by :class:`~headwater.train.recorder.Recorder`, for the metagradient.
+        run: a run recorded by :class:`~headwater.train.recorder.Recorder`, for the metagradient
+            (and TracIn without ``checkpoints``: its recorded checkpoints).
         progress: optional ``progress(stage, done, total)`` callback.
     """
 
@@ -268,12 +269,17 @@ def _influence(
 def _tracin(
     model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
 ) -> Estimator:
-    if inputs.checkpoints is None:
-        raise ValueError("checkpoints: method='tracin' needs the training checkpoints")
+    checkpoints = inputs.checkpoints
+    if checkpoints is None and inputs.run is not None:
+        checkpoints = run_checkpoints(inputs.run)
+    if checkpoints is None:
+        raise ValueError(
+            "checkpoints: method='tracin' needs the training checkpoints (or a recorded run)"
+        )
     return TracIn(
         model,
         task,
-        inputs.checkpoints,
+        checkpoints,
         renormalize=s.renormalize,
         chunk_size=s.chunk_size,
         query_chunk=s.query_chunk,
