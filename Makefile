@@ -50,14 +50,19 @@ bench-lm:
 
 # Exact metagradients of recorded runs vs influence and TracIn, Kronfluence's EK-FAC and
 # Captum's TracInCP beside them, single-model LDS: the digits MLP
-# (bench/metagradient_results.md) and CNN (bench/metagradient_cnn_results.md); about 25 minutes.
+# (bench/metagradient_results.md) and CNN (bench/metagradient_cnn_results.md), and models
+# trained in train mode, a BatchNorm CNN and an MLP with dropout
+# (bench/metagradient_train_mode_results.md, headwater only); about 45 minutes.
 MLP_RECIPES := mlp-sgd-sharp mlp-sgd-smooth mlp-sgd-smooth-const mlp-adam-sharp mlp-adam-smooth mlp-adam-smooth-slow
 CNN_RECIPES := cnn-sgd-sharp cnn-sgd-smooth cnn-adam-sharp cnn-adam-smooth
+TRAIN_MODE_RECIPES := cnn-bn-sgd-smooth cnn-bn-adam-smooth mlp-dropout-sgd-smooth
 bench-metagradient:
 	bash bench/setup_peers.sh
 	.venv-bench/bin/python -m bench.metagradient --threads 1 --peers --recipes $(MLP_RECIPES)
 	.venv-bench/bin/python -m bench.metagradient --threads 1 --peers --recipes $(CNN_RECIPES) \
 		--out bench/metagradient_cnn_results.md
+	.venv-bench/bin/python -m bench.metagradient --threads 1 --recipes $(TRAIN_MODE_RECIPES) \
+		--out bench/metagradient_train_mode_results.md
 # Exact metagradients on the causal LM of bench-lm: three recipes, 50 queries, single-model
 # LDS at 1% / 5% (bench/lm_metagradient_results.md; headwater only, about 45 minutes).
 bench-lm-metagradient: setup

@@ -195,6 +195,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "mlp-sgd-smooth-wd1e-2": {**RECIPES["mlp-sgd-smooth"], "wd": 1e-2},
     "mlp-sgd-smooth-batch100": {**RECIPES["mlp-sgd-smooth"], "batch": 100, "lr": 0.02},
     "mlp-sgd-smooth-batch25": {**RECIPES["mlp-sgd-smooth"], "batch": 25, "lr": 0.005},
+    "cnn-bn-sgd-lr1e-2-decay": {**RECIPES["cnn-bn-sgd-smooth"], "lr": 0.01, "decay": 1},
+    "cnn-bn-sgd-lr2e-2-decay-30ep": {
+        **RECIPES["cnn-bn-sgd-smooth"],
+        "lr": 0.02,
+        "decay": 1,
+        "epochs": 30,
+    },
 }
 
 
