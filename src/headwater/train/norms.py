@@ -115,17 +115,18 @@ def factors(
 def _statistics(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(μ, σ², m)`` of ``x [B, C, *]`` per channel with example weights ``w [B]``. A batch
     whose weights leave at most one value per channel (nothing to normalise with) takes
-    its unweighted statistics: its examples carry no loss weight anyway."""
-    per = x[0, 0].numel()
+    its unweighted statistics: its examples carry no loss weight anyway. Sums over the
+    positions come first, so the weights meet ``[B, C]`` tensors: two temporaries of the
+    input's size (the centred values and their squares)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    per = flat.shape[2]
     mass = w.sum() * per
     w = torch.where(mass > 1, w, torch.ones_like(w))
     mass = w.sum() * per
-    dims = [0, *range(2, x.dim())]
-    wb = w.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    mean = (wb * x).sum(dims) / mass
-    centred = x - mean.reshape(1, -1, *([1] * (x.dim() - 2)))
-    var = (wb * centred * centred).sum(dims) / mass
-    return mean, var, mass
+    w = w.to(x.dtype)
+    mean = (w @ flat.sum(2)) / mass
+    centred = flat - mean[:, None]
+    return mean, (w @ (centred * centred).sum(2)) / mass, mass
 
 
 @contextlib.contextmanager
@@ -198,10 +199,12 @@ def weighted_norms(
                     "example weights"
                 )
             mean, var, mass = _statistics(x, w)
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            out = (x - mean.reshape(shape)) * torch.rsqrt(var + m.eps).reshape(shape)
+            scale = torch.rsqrt(var + m.eps)  # x·scale + shift, per channel (as torch's kernel)
+            shift = -mean * scale
             if m.weight is not None:
-                out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
+                scale, shift = scale * m.weight, shift * m.weight + m.bias
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            out = torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
             unbiased = var * mass / (mass - 1)
             stats[name] = (mean, unbiased)
             if update:
