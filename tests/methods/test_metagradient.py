@@ -370,6 +370,10 @@ def test_a_dropout_run_round_trips_and_replays_each_steps_modes(tmp_path):
     assert all(torch.equal(loaded.rng[t], run.rng[t]) for t in run.rng)
     final = replay(model, task, (x, y), loaded)
     assert all(torch.equal(final[k], p.detach()) for k, p in model.named_parameters())
+    shuffled = _mlp_dropout()  # each epoch's shuffle draws from the same random state
+    task, train, run = _user_loop(shuffled)
+    final = replay(shuffled, task, train, run)
+    assert all(torch.equal(final[k], p.detach()) for k, p in shuffled.named_parameters())
     rec = Recorder(model, opt, n_train=40)
     model[1].register_forward_hook(lambda m, a, out: out + 0 * torch.rand_like(out))
     for step in range(2):
