@@ -196,6 +196,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "mlp-sgd-smooth-batch100": {**RECIPES["mlp-sgd-smooth"], "batch": 100, "lr": 0.02},
     "mlp-sgd-smooth-batch25": {**RECIPES["mlp-sgd-smooth"], "batch": 25, "lr": 0.005},
     "cnn-bn-sgd-lr1e-2-decay": {**RECIPES["cnn-bn-sgd-smooth"], "lr": 0.01, "decay": 1},
+    "cnn-bn-adam-eps3e-4-decay": {**RECIPES["cnn-bn-adam-smooth"], "eps": 3e-4, "decay": 1},
+    "cnn-bn-adam-lr1e-3-eps3e-4-decay": {
+        **RECIPES["cnn-bn-adam-smooth"],
+        "lr": 1e-3,
+        "eps": 3e-4,
+        "decay": 1,
+    },
     "cnn-bn-sgd-lr2e-2-decay-30ep": {
         **RECIPES["cnn-bn-sgd-smooth"],
         "lr": 0.02,

@@ -129,6 +129,17 @@ def _statistics(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean, (w @ (centred * centred).sum(2)) / mass, mass
 
 
+def _normalised(m: _BatchNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """The layer's output for ``x`` normalised by ``mean`` and ``var`` per channel, as
+    ``x·scale + shift`` (as torch's kernel computes it: one temporary of the input's size)."""
+    scale = torch.rsqrt(var + m.eps)
+    shift = -mean * scale
+    if m.weight is not None:
+        scale, shift = scale * m.weight, shift * m.weight + m.bias
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+
+
 @contextlib.contextmanager
 def _patched(layers: Sequence[_BatchNorm], forwards: Sequence) -> Iterator[None]:
     """Give each layer the forward ``forwards[i]`` while active (an instance's own forward,
@@ -155,12 +166,7 @@ def running_norms(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
 
     def running(m: _BatchNorm):
         def forward(x: Tensor) -> Tensor:
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            scale = torch.rsqrt(m.running_var + m.eps).reshape(shape)
-            out = (x - m.running_mean.reshape(shape)) * scale
-            if m.weight is not None:
-                out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
-            return out
+            return _normalised(m, x, m.running_mean, m.running_var)
 
         return forward
 
@@ -199,12 +205,7 @@ def weighted_norms(
                     "example weights"
                 )
             mean, var, mass = _statistics(x, w)
-            scale = torch.rsqrt(var + m.eps)  # x·scale + shift, per channel (as torch's kernel)
-            shift = -mean * scale
-            if m.weight is not None:
-                scale, shift = scale * m.weight, shift * m.weight + m.bias
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            out = torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+            out = _normalised(m, x, mean, var)
             unbiased = var * mass / (mass - 1)
             stats[name] = (mean, unbiased)
             if update:
