@@ -136,35 +136,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 20,
         "warmup": 100,
     },
-    # a user's CNN: BatchNorm after each convolution (whose bias it cancels), trained in
-    # train mode (batch statistics, running averages), evaluated in eval mode
-    "cnn-bn-sgd-smooth": {
-        "arch": "cnn-bn",
-        "opt": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "epochs": 20,
-        "warmup": 0,
-    },
-    "cnn-bn-adam-smooth": {
-        "arch": "cnn-bn",
-        "opt": "adam",
-        "lr": 3e-3,
-        "momentum": 0.0,
-        "epochs": 20,
-        "warmup": 100,
-    },
-    # the MLP with dropout 0.1 after each hidden layer, trained in train mode: the
-    # recorded masks are replayed (the ground truth keeps them: same seeds)
-    "mlp-dropout-sgd-smooth": {
-        "arch": "mlp-dropout",
-        "opt": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "epochs": 20,
-        "warmup": 0,
-        "decay": 1,
-    },
     "mlp-adam-smooth-slow": {
         "arch": "mlp",
         "opt": "adam",
@@ -175,6 +146,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
+# Models trained in train mode, each a smooth recipe above on another architecture: the
+# CNN with a BatchNorm after each convolution (whose bias it cancels), evaluated in eval
+# mode, and the MLP with dropout 0.1 after each hidden layer (the recorded masks are
+# replayed; the ground truth keeps them: same seeds).
+RECIPES.update(
+    {
+        "cnn-bn-sgd-smooth": {**RECIPES["cnn-sgd-smooth"], "arch": "cnn-bn"},
+        "cnn-bn-adam-smooth": {**RECIPES["cnn-adam-smooth"], "arch": "cnn-bn"},
+        "mlp-dropout-sgd-smooth": {**RECIPES["mlp-sgd-smooth"], "arch": "mlp-dropout"},
+    }
+)
 
 # Smooth-recipe candidates, judged on held-out queries and subsets (``--select``): Adam's eps,
 # step size, epochs, warm-up; "normalization" (default "mean") is the replay's batch loss.
