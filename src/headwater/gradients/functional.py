@@ -90,8 +90,10 @@ def evaluation_mode(model: nn.Module, train: Collection[str] = ()) -> Iterator[N
     """Put every submodule in eval mode (but those named in ``train``: train mode), then
     restore each one's own flag."""
     flags, train = [(m, m.training) for m in model.modules()], set(train)
-    for name, module in model.named_modules():
-        module.training = name in train
+    model.eval()
+    for name, module in model.named_modules() if train else ():
+        if name in train:
+            module.training = True
     try:
         yield
     finally:

@@ -37,6 +37,7 @@ __all__ = [
     "STATS",
     "cancelled",
     "factors",
+    "norm_layers",
     "running_dict",
     "running_norms",
     "running_vector",
@@ -62,7 +63,8 @@ def trained_norms(model: nn.Module) -> tuple[str, ...]:
     )
 
 
-def _layers(model: nn.Module, names: Sequence[str]) -> list[_BatchNorm]:
+def norm_layers(model: nn.Module, names: Sequence[str]) -> list[_BatchNorm]:
+    """The BatchNorm layers ``names`` of ``model``; a name that is not one raises."""
     if not names:
         return []
     modules = dict(model.named_modules())
@@ -103,7 +105,7 @@ def factors(
     ``steps_since`` steps after the checkpoint whose buffers are ``buffers`` (0: the first
     step after it): the layer's momentum, or ``1/(batches so far)`` when it is None."""
     parts = []
-    for n, m in zip(names, _layers(model, names), strict=True):
+    for n, m in zip(names, norm_layers(model, names), strict=True):
         if m.momentum is None:
             f = 1.0 / (int(buffers[f"{n}.num_batches_tracked"]) + steps_since + 1)
         else:
@@ -162,7 +164,7 @@ def running_norms(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     """While active, the BatchNorm layers ``names`` normalise with their running statistics
     (eval mode) by plain tensor arithmetic, differentiable in the running statistics too
     (torch's kernel is not): the trained model's predictions as a function of them."""
-    layers = _layers(model, names)
+    layers = norm_layers(model, names)
 
     def running(m: _BatchNorm):
         def forward(x: Tensor) -> Tensor:
@@ -187,7 +189,7 @@ def weighted_norms(
     ``(μ, unbiased σ²)`` of the call into the yielded dict by name; with ``update`` they
     also move their running statistics (and count) in place, as torch does in train mode.
     Each layer must be called once per forward pass."""
-    layers = _layers(model, names)
+    layers = norm_layers(model, names)
     stats: dict[str, tuple[Tensor, Tensor]] = {}
 
     def weighted(name: str, m: _BatchNorm):

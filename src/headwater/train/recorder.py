@@ -29,7 +29,8 @@ runs in train mode (batch statistics, running averages) replay so, from checkpoi
 running statistics; with weights, a batch's statistics are weighted by them. Dropout in
 train mode replays with the run's masks: torch's (CPU) random state at each step's first
 forward pass of the model is kept when the step draws random numbers, and the replay
-restores it, with every module in its recorded mode (one mode per module for the run).
+restores it, with every module in its recorded mode (one mode per module at all such
+steps; steps that draw none run every module but those BatchNorm layers in eval mode).
 Randomness outside the model's forward pass (data augmentation) or on another device is
 not recorded: a replay that misses a recorded checkpoint raises (:func:`check_reached`)
 rather than return another run's numbers.
@@ -51,7 +52,7 @@ from headwater.data import DataLike, as_tensors, take
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.task import Task
-from headwater.train.norms import BUFFERS, trained_norms, weighted_norms
+from headwater.train.norms import BUFFERS, norm_layers, trained_norms, weighted_norms
 from headwater.train.run import (
     HYPER_NAMES,
     STATE_NAMES,
@@ -403,12 +404,8 @@ def check_run(run: RunRecord, task: Task, model: nn.Module, n_train: int) -> Non
         raise ValueError(
             "task: weight_decay must be 0 for a recorded run (the optimizer's weight decay is used)"
         )
+    norm_layers(model, run.norms)
     modules = dict(model.named_modules())
-    missing = [
-        n for n in run.norms if not isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)
-    ]
-    if missing:
-        raise ValueError(f"model: has no BatchNorm {missing[0]!r}, which the run trained")
     missing = [n for n in run.modes if n not in modules]
     if missing:
         raise ValueError(f"model: has no module {missing[0]!r}, which the run trained")
@@ -468,22 +465,20 @@ def replay(
     _load_state(opt, params, run, start)
     checks = {c.step: c for c in run.checkpoints[1:]} if w_all is None else {}
     previous = start
-    with evaluation_mode(clone), torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         for step, (idx, lr, max_norm) in enumerate(
             zip(run.batches[:steps], run.lrs[:steps], run.max_norms[:steps], strict=True), 1
         ):
             opt.zero_grad()
-            modes = run.modes_at(step - 1)
-            for name, module in clone.named_modules():
-                module.training = name in modes
             if (state := rng_state(run, step - 1)) is not None:
                 torch.set_rng_state(state)
-            if w_all is None:
-                task.train_loss(clone, (take(x_all, idx), y_all[idx])).mean().backward()
-            else:
-                with weighted_norms(clone, run.norms, w_all[idx], update=True):
-                    losses = task.train_loss(clone, (take(x_all, idx), y_all[idx]))
-                batch_objective(w_all[idx], losses, normalization).backward()
+            with evaluation_mode(clone, run.modes_at(step - 1)):
+                if w_all is None:
+                    task.train_loss(clone, (take(x_all, idx), y_all[idx])).mean().backward()
+                else:
+                    with weighted_norms(clone, run.norms, w_all[idx], update=True):
+                        losses = task.train_loss(clone, (take(x_all, idx), y_all[idx]))
+                    batch_objective(w_all[idx], losses, normalization).backward()
             if max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
             for group in opt.param_groups:
