@@ -265,6 +265,60 @@ def test_recorder_round_trip_and_replay_are_bit_identical(tmp_path, optimizer):
     )
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd_heavy_ball", "adam"])
+def test_a_cycled_momentum_is_recorded_replayed_and_differentiated(tmp_path, optimizer):
+    """OneCycleLR cycles SGD's momentum (Adam's beta1) with the learning rate by default: the
+    recorder keeps each step's value, the replay and the reverse pass use it."""
+    case = mlp(n_train=20, n_query=3)
+    task = ClassificationTask(measurement=case.task.measure)
+    x, y = case.train
+    opt = OPTIMIZERS[optimizer](case.model.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=9)
+    rec = Recorder(case.model, opt, n_train=20, checkpoint_every=4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for idx in torch.randperm(20, generator=gen).split(7):
+            opt.zero_grad()
+            task.train_loss(case.model, (x[idx], y[idx])).mean().backward()
+            rec.step(idx)
+            sched.step()
+    run = rec.finish(tmp_path / "run")
+    name = "betas" if optimizer == "adam" else "momentum"
+    assert list(run.varying) == [name] and len(set(run.varying[name])) > 3
+    loaded = load_run(tmp_path / "run")
+    assert loaded.varying == run.varying and loaded.hyper == run.hyper
+    final = replay(case.model, task, case.train, loaded)
+    for key, p in case.model.named_parameters():
+        assert torch.equal(final[key], p.detach()), key
+    hyper = Metagradient(case.model, task, loaded).hypergradients(case.query, case.train)
+    cols = [0, 4, 9, 13, 18]
+    fd = finite_differences(case, task, loaded, cols)
+    assert fd.abs().max() > 1e-4
+    assert_close(hyper[:, cols], fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()), what="dm/dw")
+    frozen = dataclasses.replace(loaded, varying={})  # the first step's momentum throughout
+    other = Metagradient(case.model, task, frozen, store=None)
+    with pytest.raises(ValueError, match="does not reach"):
+        other.hypergradients(case.query, case.train)
+
+
+def test_a_momentum_that_starts_or_stops_or_a_nesterov_switch_is_refused():
+    case = mlp(n_train=20, n_query=3)
+    task = ClassificationTask()
+    x, y = case.train
+    for change in ({"momentum": 0.0}, {"nesterov": False}):
+        opt = OPTIMIZERS["sgd"](case.model.parameters())
+        rec = Recorder(case.model, opt, n_train=20)
+        for step in range(2):
+            opt.zero_grad()
+            task.train_loss(case.model, (x[:5], y[:5])).mean().backward()
+            if step == 1:
+                opt.param_groups[0].update(change)
+                with pytest.raises(ValueError, match=f"optimizer: {next(iter(change))}"):
+                    rec.step(range(5))
+            else:
+                rec.step(range(5))
+
+
 def _user_loop(model, noise: float = 0.0):
     """A user's SGD loop on a 6x6 image task, recorded; ``noise``: Gaussian input augmentation."""
     torch.manual_seed(0)

@@ -292,7 +292,7 @@ class Metagradient(Estimator):
     def _step(self, t: int, theta: Tensor, state: tuple[Tensor, ...], g: Tensor, count: int):
         run = self.run
         return optimizer_step(
-            run.optimizer, run.hyper, theta, state, g, run.lrs[t], count, run.max_norms[t]
+            run.optimizer, run.hyper_at(t), theta, state, g, run.lrs[t], count, run.max_norms[t]
         )
 
     def _segment(self, ckpt: Checkpoint, end: int, data, keep: bool):
@@ -383,7 +383,9 @@ class Metagradient(Estimator):
         if run.optimizer == "sgd":
             return None
         clipped = clip(g, run.max_norms[t])
-        return adam_coefficients(run.optimizer, run.hyper, theta, state, clipped, run.lrs[t], count)
+        return adam_coefficients(
+            run.optimizer, run.hyper_at(t), theta, state, clipped, run.lrs[t], count
+        )
 
     def _pullback(
         self, t: int, g: Tensor, coefficients, a_theta: Tensor, a_state: tuple[Tensor, ...]
@@ -398,12 +400,12 @@ class Metagradient(Estimator):
         run = self.run
         if run.optimizer == "sgd":
             a_theta, a_state, a_g = sgd_pullback(
-                run.hyper, run.lrs[t], a_theta, a_state, defer=True
+                run.hyper_at(t), run.lrs[t], a_theta, a_state, defer=True
             )
         else:
             a_theta, a_state, a_g = adam_pullback(
                 run.optimizer,
-                run.hyper,
+                run.hyper_at(t),
                 run.lrs[t],
                 coefficients,
                 a_theta,
@@ -433,7 +435,7 @@ class Metagradient(Estimator):
         idx = self.run.batches[t]
         products, g = self._products(theta, take(x_all, idx), y_all[idx], w_all[idx], g, t)
         coefficients = self._coefficients(t, count, theta, state, g)
-        hyper = self.run.hyper
+        hyper = self.run.hyper_at(t)
         deferred = self.run.optimizer == "sgd" and hyper["momentum"] and not hyper["nesterov"]
         for s in range(0, carry.shape[1], chunk := self._rows):
             rows = carry[:, s : s + chunk]  # views

@@ -8,11 +8,12 @@ The user's loop stays theirs; the :class:`Recorder` wraps only the optimizer ste
             optimizer.zero_grad()
             task.train_loss(model, (x[idx], y[idx])).mean().backward()
             recorder.step(idx)                     # optionally max_norm=1.0 (clipping)
-        scheduler.step()                           # any lr schedule: the lr of every step is kept
+        scheduler.step()                           # any schedule: every step's lr (momentum) is kept
     run = recorder.finish(path="runs/digits")      # a RunRecord, saved atomically
 
 It keeps, for every step, the batch's training indices, the learning rate and the
-clipping threshold; the optimizer's hyper-parameters; the parameters and optimizer
+clipping threshold; the optimizer's hyper-parameters (at every step those a scheduler
+changes: OneCycleLR and CyclicLR cycle momentum or Adam's betas); the parameters and optimizer
 state at step 0 and every ``checkpoint_every`` steps (and the last); and an optional
 ``seed`` for the user's notes. :func:`replay` reruns the recorded steps with the same
 optimizer class from step 0, optionally with per-example weights ``w`` in the batch
@@ -174,7 +175,8 @@ class Recorder:
                 f"checkpoint_every: must be a positive integer, got {checkpoint_every!r}"
             )
         self.kind = _optimizer_kind(optimizer)
-        self.hyper = _hyper(optimizer, self.kind)
+        _hyper(optimizer, self.kind)  # checked here; recorded at every step
+        self.hypers: list[dict[str, Any]] = []
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.params = {k: p for k, p in model.named_parameters() if id(p) in in_opt}
         if len(self.params) != len(in_opt):
@@ -225,6 +227,21 @@ class Recorder:
         }
         return Checkpoint(step, theta, state, count, buffers)
 
+    def _check_hyper(self, hyper: dict[str, Any]) -> None:
+        """A scheduler may change the float hyper-parameters from step to step (momentum,
+        betas, eps, weight decay); Nesterov, and whether SGD has momentum at all (its
+        state), stay as at the first step."""
+        if not self.hypers:
+            return
+        first, step = self.hypers[0], len(self.batches)
+        if self.kind == "sgd" and hyper["nesterov"] != first["nesterov"]:
+            raise ValueError(f"optimizer: nesterov changed at step {step}; keep it for the run")
+        if self.kind == "sgd" and bool(hyper["momentum"]) != bool(first["momentum"]):
+            raise ValueError(
+                f"optimizer: momentum changed from {first['momentum']} to {hyper['momentum']} "
+                f"at step {step}; a run's momentum may vary but not start or stop"
+            )
+
     def _check_modes(self, random: bool) -> None:
         """The modes of this step: the BatchNorm layers in train mode are the first step's,
         and at every step that drew random numbers (``random``) every module's mode is
@@ -262,8 +279,7 @@ class Recorder:
             )
         if max_norm is not None and not (isinstance(max_norm, int | float) and max_norm > 0):
             raise ValueError(f"max_norm: expected a float > 0 or None, got {max_norm!r}")
-        if _hyper(self.optimizer, self.kind) != self.hyper:
-            raise ValueError("optimizer: hyper-parameters other than lr changed during the run")
+        self._check_hyper(hyper := _hyper(self.optimizer, self.kind))
         before, self._rng_before = self._rng_before, None
         random = before is not None and not torch.equal(before, torch.get_rng_state())
         self._check_modes(random)
@@ -272,6 +288,7 @@ class Recorder:
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm)
         self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
+        self.hypers.append(hyper)
         self.optimizer.step()
         self.batches.append(idx)
         self.max_norms.append(None if max_norm is None else float(max_norm))
@@ -293,9 +310,15 @@ class Recorder:
             dataclasses.replace(c, buffers={k: v for k, v in c.buffers.items() if k in kept})
             for c in ckpts
         ]
+        first = self.hypers[0]
+        varying = {
+            name: tuple(h[name] for h in self.hypers)
+            for name in first
+            if any(h[name] != first[name] for h in self.hypers)
+        }
         run = RunRecord(
             self.kind,
-            dict(self.hyper),
+            dict(first),
             self.layout,
             tuple(self.batches),
             tuple(self.lrs),
@@ -307,6 +330,7 @@ class Recorder:
             self.norms,
             self.modes or (),
             dict(self.rng),
+            varying,
         )
         if path is not None:
             run.save(path)
@@ -482,7 +506,7 @@ def replay(
             if max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group.update(lr=lr, **run.hyper_at(step - 1))
             opt.step()
             if step in checks:
                 reached = run.layout.flatten({k: own[k].detach() for k in run.layout.names})

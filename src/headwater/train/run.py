@@ -63,6 +63,9 @@ class RunRecord:
             (dropout; :meth:`modes_at`).
         rng: torch's CPU random state before each step's forward pass that drew from it
             (``{step: state}``): a replay restores it, so every dropout mask is the run's.
+        varying: the hyper-parameters a scheduler changed during the run (OneCycleLR's and
+            CyclicLR's momentum or betas): ``{name: value at each step}``; ``hyper`` holds
+            the first step's values (:meth:`hyper_at`).
     """
 
     optimizer: str
@@ -78,6 +81,15 @@ class RunRecord:
     norms: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
     rng: dict[int, Tensor] = field(default_factory=dict)
+    varying: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, values in self.varying.items():
+            if name not in self.hyper or len(values) != len(self.batches):
+                raise ValueError(
+                    f"varying: {name!r} needs one value per step ({len(self.batches)}) of a "
+                    f"hyper-parameter in {sorted(self.hyper)}"
+                )
 
     @property
     def num_steps(self) -> int:
@@ -88,6 +100,10 @@ class RunRecord:
         BatchNorm layers trained in train mode, and if the step drew random numbers, every
         module that was in train mode then."""
         return {*self.norms, *(self.modes if step in self.rng else ())}
+
+    def hyper_at(self, step: int) -> dict[str, Any]:
+        """The optimizer's hyper-parameters other than the learning rate at ``step``."""
+        return {**self.hyper, **{k: v[step] for k, v in self.varying.items()}}
 
     def settings(self) -> dict[str, Any]:
         """JSON settings identifying the run (not its tensors)."""
@@ -101,6 +117,7 @@ class RunRecord:
             "checkpoints": [c.step for c in self.checkpoints],
             **({"norms": list(self.norms)} if self.norms else {}),
             **({"modes": list(self.modes), "random_steps": len(self.rng)} if self.rng else {}),
+            **({"varying": sorted(self.varying)} if self.varying else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -116,6 +133,8 @@ class RunRecord:
         if self.rng:
             tensors["rng_steps"] = torch.tensor(sorted(self.rng), dtype=torch.long)
             tensors["rng_states"] = torch.stack([self.rng[t] for t in sorted(self.rng)])
+        for name, values in self.varying.items():  # betas: [T, 2]
+            tensors[f"hyper.{name}"] = torch.tensor(values, dtype=torch.float64)
         for c in self.checkpoints:
             tensors[f"ckpt.{c.step}.theta"] = c.theta
             tensors.update({f"ckpt.{c.step}.{k}": v for k, v in c.state.items()})
@@ -171,6 +190,12 @@ def load_run(path: str | os.PathLike) -> RunRecord:
         dict(zip(tensors["rng_steps"].tolist(), tensors["rng_states"], strict=True))
         if "rng_steps" in tensors
         else {},
+        {
+            name: tuple(
+                tuple(v) if isinstance(v, list) else v for v in tensors[f"hyper.{name}"].tolist()
+            )
+            for name in meta.get("varying", ())
+        },
     )
 
 
