@@ -12,7 +12,7 @@ from torch import nn
 from headwater.bars import as_progress
 from headwater.data import DataLike, iter_batches
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
-from headwater.methods.registry import METHODS, AttributionSettings, Inputs
+from headwater.methods.registry import METHODS, AttributionSettings, Inputs, check_inputs
 from headwater.methods.scoring import Scores, check_scores
 from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
@@ -116,8 +116,8 @@ def influence(
 
     Raises:
         ValueError / TypeError naming the argument for bad input (the rules are those of
-        :class:`~headwater.methods.registry.AttributionSettings`; an option the method does
-        not use is refused).
+        :class:`~headwater.methods.registry.AttributionSettings`; an option, or one of
+        ``checkpoints``, ``trajectory`` and ``run``, that the method does not use is refused).
     """
     settings = AttributionSettings(
         method=method,
@@ -136,6 +136,10 @@ def influence(
         store=store,
         read_only_store=read_only_store,
     )
+    inputs = Inputs(
+        checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress)
+    )
+    check_inputs(method, inputs)
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(
@@ -144,9 +148,6 @@ def influence(
                 getattr(getattr(model, "config", None), "is_encoder_decoder", False)
             ),
         )
-    inputs = Inputs(
-        checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress)
-    )
     estimator = METHODS[method].build(model, task, settings, inputs, train)
     result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
     return check_scores(

@@ -36,7 +36,14 @@ from headwater.task import Task
 from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
-__all__ = ["METHODS", "AttributionSettings", "Inputs", "MethodSpec", "check_curvature_options"]
+__all__ = [
+    "METHODS",
+    "AttributionSettings",
+    "Inputs",
+    "MethodSpec",
+    "check_curvature_options",
+    "check_inputs",
+]
 
 Projection = int | RandomProjection | KroneckerProjection
 
@@ -65,13 +72,15 @@ Builder = Callable[[nn.Module, Task, "AttributionSettings", Inputs, DataLike], E
 @dataclass(frozen=True)
 class MethodSpec:
     """One method: the optional settings it reads (any other one set raises), its
-    ``build(model, task, settings, inputs, train) -> fitted Estimator`` and, when it reads
-    ``method_options``, the class whose keyword arguments they are."""
+    ``build(model, task, settings, inputs, train) -> fitted Estimator``, the
+    :class:`Inputs` it reads (``inputs``: any other one given raises, :func:`check_inputs`)
+    and, when it reads ``method_options``, the class whose keyword arguments they are."""
 
     build: Builder
     options: frozenset[str]
     self_influence: bool = True
     option_class: type | None = None
+    inputs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,31 @@ _OPTIONAL = (
 _METHOD_RESERVED = ("model", "task", "run", "store", "progress")
 """Arguments of a method's class that :func:`headwater.influence` passes itself."""
 
+_INPUT_TYPES: dict[str, tuple[type, str]] = {
+    "trajectory": (Trajectory, "a headwater Trajectory (headwater.train.train_sgd)"),
+    "run": (RunRecord, "a headwater RunRecord (Recorder.finish / load_run)"),
+}
+"""The type of an :class:`Inputs` object checked up front (TracIn checks its checkpoints)."""
+
+
+def check_inputs(method: str, inputs: Inputs) -> None:
+    """Raise ``ValueError`` naming an input of :class:`Inputs` given to a ``method`` that does
+    not read it (listing the methods that do), ``TypeError`` naming one of the wrong type."""
+    spec = METHODS[method]
+    given = {
+        f.name: getattr(inputs, f.name)
+        for f in dataclasses.fields(Inputs)
+        if f.name != "progress" and getattr(inputs, f.name) is not None
+    }
+    for name in given:
+        if name not in spec.inputs:
+            users = [m for m, s in METHODS.items() if name in s.inputs]
+            raise ValueError(f"{name}: not used by method={method!r} (used by: {', '.join(users)})")
+    for name, value in given.items():
+        kind, what = _INPUT_TYPES.get(name, (object, ""))
+        if not isinstance(value, kind):
+            raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+
 
 def check_curvature_options(
     curvature: str | None, options: dict[str, Any] | None, *, projected: bool
@@ -270,6 +304,11 @@ def _tracin(
     model: nn.Module, task: Task, s: AttributionSettings, inputs: Inputs, train: DataLike
 ) -> Estimator:
     checkpoints = inputs.checkpoints
+    if checkpoints is not None and inputs.run is not None:
+        raise ValueError(
+            "run: method='tracin' takes its checkpoints from checkpoints= or from a recorded "
+            "run, not both"
+        )
     if checkpoints is None and inputs.run is not None:
         checkpoints = run_checkpoints(inputs.run)
     if checkpoints is None:
@@ -330,13 +369,18 @@ METHODS: dict[str, MethodSpec] = {
             }
         ),
     ),
-    "tracin": MethodSpec(_tracin, frozenset({"renormalize"})),
-    "hydra": MethodSpec(_hydra, frozenset(), self_influence=False),
+    "tracin": MethodSpec(
+        _tracin, frozenset({"renormalize"}), inputs=frozenset({"checkpoints", "run"})
+    ),
+    "hydra": MethodSpec(
+        _hydra, frozenset(), self_influence=False, inputs=frozenset({"trajectory"})
+    ),
     "metagradient": MethodSpec(
         _metagradient,
         frozenset({"store", "method_options"}),
         self_influence=False,
         option_class=Metagradient,
+        inputs=frozenset({"run"}),
     ),
 }
 """Method name -> :class:`MethodSpec`; a new method is one line here."""

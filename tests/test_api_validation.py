@@ -1,0 +1,111 @@
+"""``headwater.influence`` refuses bad arguments up front, naming the argument and what was
+expected: an input the method does not read, objects of the wrong type, data whose shape
+does not fit the model on every curvature path, DataLoaders that do not yield every example
+in order, and method options of the wrong type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import mlp
+
+import headwater
+from headwater.methods.tracin import Checkpoint
+from headwater.train import Recorder
+
+
+def _recorded(case):
+    """A short SGD run of ``case``'s model recorded from a user-style loop."""
+    x, y = case.train
+    n = y.shape[0]
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    rec = Recorder(case.model, opt, n_train=n, checkpoint_every=2)
+    for idx in torch.randperm(n, generator=torch.Generator().manual_seed(0)).split(6):
+        opt.zero_grad()
+        case.task.train_loss(case.model, (x[idx], y[idx])).mean().backward()
+        rec.step(idx)
+    return rec.finish()
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "users"),
+    [
+        ("influence", "run", "tracin, metagradient"),
+        ("influence", "checkpoints", "tracin"),
+        ("influence", "trajectory", "hydra"),
+        ("hydra", "run", "tracin, metagradient"),
+        ("metagradient", "trajectory", "hydra"),
+        ("metagradient", "checkpoints", "tracin"),
+        ("tracin", "trajectory", "hydra"),
+    ],
+)
+def test_an_input_the_method_does_not_read_is_refused(method, given, users):
+    case = mlp(n_train=12, n_query=3)
+    run = _recorded(case)
+    objects = {
+        "run": run,
+        "checkpoints": [Checkpoint(case.model.state_dict(), lr=0.1)],
+        "trajectory": object(),  # refused for not being used, before its type is looked at
+    }
+    needed = {"tracin": {"run": run}, "metagradient": {"run": run}}.get(method, {})
+    if method == "hydra":
+        needed = {"trajectory": object()}
+    kwargs = {**needed, given: objects[given]}
+    with pytest.raises(
+        ValueError, match=rf"^{given}: not used by method='{method}' \(used by: {users}\)$"
+    ):
+        headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=case.task,
+            method=method,
+            progress=False,
+            **kwargs,
+        )
+
+
+def test_the_run_is_read_by_tracin_and_the_metagradient_and_type_checked():
+    case = mlp(n_train=12, n_query=3)
+    run = _recorded(case)
+    tracin = headwater.influence(
+        case.model,
+        case.train,
+        case.query,
+        task=case.task,
+        method="tracin",
+        run=run,
+        progress=False,
+    )
+    assert tracin.values.shape == (3, 12) and bool(tracin.values.isfinite().all())
+    with pytest.raises(TypeError, match=r"^run: expected a headwater RunRecord .*got object$"):
+        headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=case.task,
+            method="tracin",
+            run=object(),
+            progress=False,
+        )
+    with pytest.raises(TypeError, match=r"^trajectory: expected a headwater Trajectory"):
+        headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=case.task,
+            method="hydra",
+            trajectory=object(),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"^run: method='tracin' takes its checkpoints"):
+        headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=case.task,
+            method="tracin",
+            run=run,
+            checkpoints=[Checkpoint(case.model.state_dict(), lr=0.1)],
+            progress=False,
+        )
