@@ -248,3 +248,30 @@ def test_a_setting_an_older_store_does_not_record_is_named_as_not_recorded(tmp_p
         store.load(tmp_path / "t", expect={"rank": 5})
     tensors, _ = store.load(tmp_path / "t", expect={"rank": None})
     assert torch.equal(tensors["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("as_given", ["folder", "folder/"])
+def test_a_folder_as_store_is_refused_not_written_beside_it(tmp_path, as_given):
+    """``store=`` is a file prefix; a folder (existing, or written with a trailing slash) is
+    refused before any fit, instead of ``<folder>.json`` written next to it."""
+    case = mlp(n_train=20, n_query=2)
+    (tmp_path / "folder").mkdir()
+    path = str(tmp_path / "folder") + ("/" if as_given.endswith("/") else "")
+    for options in ({"curvature": "ekfac"}, {"curvature": "exact", "projection": 8}):
+        with pytest.raises(StoreError, match="is a folder; give a file prefix inside it"):
+            headwater.influence(
+                case.model,
+                case.train,
+                case.query,
+                task=case.task,
+                store=path,
+                progress=False,
+                **options,
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    assert not any((tmp_path / "folder").iterdir())
+    store.save(tmp_path / "folder" / "scores", {"x": torch.zeros(2)}, {"kind": "test"})
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == [
+        "scores.json",
+        "scores.safetensors",
+    ]

@@ -253,7 +253,7 @@ class ProjectedInfluence(Estimator):
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
         self.model, self.task, self.projection = model, task, projection
         self.damping, self.mc_samples, self.seed = check_damping(damping), mc_samples, seed
-        self.store, self.read_only = None if store is None else Path(store), read_only
+        self.store, self.read_only = None if store is None else store_mod.prefix(store), read_only
         self.store_status: dict[str, str] = {}  # what fit() did with each store, one line each
         self.chunk_size, self.query_chunk, self.progress = chunk_size, query_chunk, progress
         params = detached(task.parameters(model))

@@ -37,6 +37,7 @@ __all__ = [
     "load",
     "mismatch",
     "on_every_rank",
+    "prefix",
     "save",
     "write_error",
 ]
@@ -146,8 +147,23 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def prefix(path: str | os.PathLike) -> Path:
+    """A store's path as given by a user: a file prefix (``runs/ekfac`` is written as
+    ``runs/ekfac.json`` and ``runs/ekfac.safetensors``, other files as ``runs/ekfac-*``),
+    not a folder, which would put the files beside it (``/tmp`` as ``/tmp.json``)."""
+    text = os.fspath(path)
+    base = Path(text)
+    if text.endswith(("/", os.sep)) or base.is_dir() or not base.name:
+        raise StoreError(
+            f"store: {text!r} is a folder; give a file prefix inside it, e.g. "
+            f"{os.path.join(text, 'scores')!r} (written as <prefix>.json, "
+            "<prefix>.safetensors and <prefix>-*)"
+        )
+    return base
+
+
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    base = Path(path)
+    base = prefix(path)
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
