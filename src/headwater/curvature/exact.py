@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from headwater.curvature._matfree import warn_if_indefinite
 from headwater.curvature.base import Curvature, Memory, ProblemSize, default_damping
 from headwater.curvature.operators import dense_curvature
 from headwater.data import DataLike
@@ -125,14 +126,7 @@ class Exact(Curvature):
             )
             matrix.diagonal().sub_(damping)
         eigvals, eigvecs = torch.linalg.eigh(matrix)
-        if float(eigvals[0]) + damping <= 0:
-            warnings.warn(
-                f"curvature='exact' ({self.kind.value}): the damped matrix is not positive definite "
-                f"(smallest eigenvalue {float(eigvals[0]):.3g} + damping {damping:.3g}); scores "
-                "are unreliable. Use kind='ggn' or increase `damping`.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        warn_if_indefinite("exact", self.kind, float(eigvals[0]), damping)
         return ExactState(eigvals.contiguous(), eigvecs.contiguous(), float(damping))
 
     def _spectral(self, v: Tensor, power: int) -> Tensor:

@@ -73,7 +73,11 @@ class Scores:
 def check_scores(scores: Scores) -> Scores:
     """``scores``, after checking that no value is NaN/inf (naming the training examples, or
     the queries of a top-k result, where one is)."""
-    cause = "an overflow in the scores; try float64 or a larger damping"
+    damping = scores.settings.get("damping")
+    if isinstance(damping, int | float) and not isinstance(damping, bool) and damping == 0:
+        cause = "damping=0 with a singular curvature (a zero eigenvalue is divided by); pass damping > 0"
+    else:
+        cause = "an overflow in the scores; try float64 or a larger damping"
     if scores.indices is None:
         check_finite_rows(scores.values.T, what="score", name="train", cause=cause)
     else:
