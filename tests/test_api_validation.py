@@ -109,3 +109,44 @@ def test_the_run_is_read_by_tracin_and_the_metagradient_and_type_checked():
             checkpoints=[Checkpoint(case.model.state_dict(), lr=0.1)],
             progress=False,
         )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"task": "classification"},
+            TypeError,
+            r"^task: expected a headwater Task instance \(e\.g\. headwater\.ClassificationTask\(\)\), "
+            r"got str 'classification'$",
+        ),
+        (
+            {"task": headwater.ClassificationTask},
+            TypeError,
+            r"^task: expected a headwater Task instance .*got the class ClassificationTask "
+            r"\(instantiate it: ClassificationTask\(\)\)$",
+        ),
+        ({"model": lambda t: t}, TypeError, r"^model: expected a torch\.nn\.Module"),
+        ({"self_influence": "no"}, TypeError, r"^self_influence: expected a bool .*got 'no'$"),
+        ({"self_influence": 1}, TypeError, r"^self_influence: expected a bool"),
+        ({"read_only_store": "yes"}, TypeError, r"^read_only_store: expected a bool"),
+        (
+            {"method": "tracin", "renormalize": "false", "checkpoints": []},
+            TypeError,
+            r"^renormalize: expected a bool",
+        ),
+        ({"progress": "no"}, TypeError, r"^progress: expected True, False or a callable"),
+    ],
+)
+def test_an_argument_of_the_wrong_type_is_named(kwargs, error, message):
+    case = mlp(n_train=12, n_query=3)
+    kwargs = {"model": case.model, "task": case.task, "progress": False, **kwargs}
+    model = kwargs.pop("model")
+    with pytest.raises(error, match=message):
+        headwater.influence(model, case.train, case.query, **kwargs)
+
+
+def test_a_model_of_the_wrong_type_is_named_wherever_parameters_are_selected():
+    case = mlp(n_train=12, n_query=3)
+    with pytest.raises(TypeError, match=r"^model: expected a torch\.nn\.Module .*got function$"):
+        case.task.parameters(lambda t: t)

@@ -16,7 +16,7 @@ from headwater.methods.registry import METHODS, AttributionSettings, Inputs, che
 from headwater.methods.scoring import Scores, check_scores
 from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
-from headwater.task import Task, default_task
+from headwater.task import Task, check_model, check_task, default_task
 from headwater.train.recorder import RunRecord
 from headwater.train.sgd import Trajectory
 
@@ -140,6 +140,7 @@ def influence(
         checkpoints=checkpoints, trajectory=trajectory, run=run, progress=as_progress(progress)
     )
     check_inputs(method, inputs)
+    check_model(model)
     if task is None:
         _, targets = next(iter_batches(train, 1, "train"))
         task = default_task(
@@ -148,6 +149,8 @@ def influence(
                 getattr(getattr(model, "config", None), "is_encoder_decoder", False)
             ),
         )
+    else:
+        check_task(task)
     estimator = METHODS[method].build(model, task, settings, inputs, train)
     result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
     return check_scores(

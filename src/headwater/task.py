@@ -31,6 +31,8 @@ __all__ = [
     "RegressionTask",
     "Seq2SeqTask",
     "Task",
+    "check_model",
+    "check_task",
     "default_task",
     "model_output",
     "sample_per_example",
@@ -72,8 +74,10 @@ def select_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[s
             that requires a gradient.
 
     Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
         ValueError: if nothing is selected or a name matches no parameter.
     """
+    check_model(model)
     named = dict(model.named_parameters())
     canonical = _tied_names(model)
     if modules is None:
@@ -453,6 +457,30 @@ def _takes_targets(task: Task) -> bool:
     params = inspect.signature(task.sample_targets).parameters.values()
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3 or any(
         p.kind is p.VAR_POSITIONAL for p in params
+    )
+
+
+def check_model(model: Any) -> nn.Module:
+    """``model`` if it is an ``nn.Module``; else a ``TypeError`` naming ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model: expected a torch.nn.Module (the trained model), got {type(model).__name__}"
+        )
+    return model
+
+
+def check_task(task: Any, name: str = "task") -> Task:
+    """``task`` if it is a :class:`Task` instance; else a ``TypeError`` naming ``name`` (a
+    task class rather than an instance, a string, ...)."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, type) and issubclass(task, Task):
+        got = f"the class {task.__name__} (instantiate it: {task.__name__}())"
+    else:
+        got = f"{type(task).__name__} {task!r}" if isinstance(task, str) else type(task).__name__
+    raise TypeError(
+        f"{name}: expected a headwater Task instance (e.g. headwater.ClassificationTask()), "
+        f"got {got}"
     )
 
 

@@ -111,6 +111,10 @@ class AttributionSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(field.default, bool) and not isinstance(value, bool):
+                raise TypeError(f"{field.name}: expected a bool (True or False), got {value!r}")
         object.__setattr__(self, "damping", check_damping(self.damping))
         if self.curvature == "auto":  # the same as None: chosen at fit (methods/auto.py)
             object.__setattr__(self, "curvature", None)
