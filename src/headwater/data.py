@@ -43,6 +43,7 @@ __all__ = [
     "map_inputs",
     "num_examples",
     "one_example",
+    "split_batch",
     "subset",
     "take",
 ]
@@ -121,23 +122,41 @@ def _length(inputs: Inputs, name: str) -> int:
     return sizes.pop()
 
 
-def _split(item: Any, name: str) -> Batch:
-    """One batch (or one example) as ``(inputs, targets)``."""
-    if isinstance(item, Mapping):
-        if LABELS not in item:
+def split_batch(batch: Any, name: str = "batch") -> tuple[Any, Any]:
+    """A batch as ``(inputs, targets)``: an ``(inputs, targets)`` pair as given, or a dict batch
+    (Hugging Face style) whose ``"labels"`` are the targets and stay among its inputs.
+
+    The one place a batch is split: the data readers and every loss entry point of a
+    :class:`~headwater.task.Task` (``train_loss``, ``measurement``) go through it, so a loop
+    calling ``task.train_loss(model, batch)`` takes the batches ``headwater.influence`` does.
+    Values are not converted (tensors under ``vmap`` stay as they are).
+
+    Raises:
+        TypeError: naming ``name`` for any other form, or a dict without ``"labels"``.
+    """
+    if isinstance(batch, Mapping):
+        if LABELS not in batch:
             raise TypeError(
                 f"{name}: a dict batch needs a {LABELS!r} entry (the targets), got keys "
-                f"{sorted(item)}; or give an (inputs, targets) pair"
+                f"{sorted(batch)}; or give an (inputs, targets) pair"
             )
-        inputs = _canonical(item, name)
-        return inputs, inputs[LABELS]
-    if not isinstance(item, tuple | list) or len(item) != 2:
+        return batch, batch[LABELS]
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
         raise TypeError(
-            f"{name}: each item must be an (input, target) pair or a dict with {LABELS!r}, "
-            f"got {type(item).__name__}"
-            + (f" of {len(item)}" if isinstance(item, tuple | list) else "")
+            f"{name}: expected (inputs, targets) or a dict with {LABELS!r}, got "
+            f"{type(batch).__name__}"
+            + (f" of {len(batch)}" if isinstance(batch, tuple | list) else "")
         )
-    return _canonical(item[0], name), _leaf(item[1], f"{name} targets")
+    return batch[0], batch[1]
+
+
+def _split(item: Any, name: str) -> Batch:
+    """One batch (or one example) as ``(inputs, targets)`` of tensors."""
+    inputs, targets = split_batch(item, name)
+    if isinstance(item, Mapping):
+        inputs = _canonical(inputs, name)
+        return inputs, inputs[LABELS]
+    return _canonical(inputs, name), _leaf(targets, f"{name} targets")
 
 
 def _check_pair(data: Any, name: str) -> Batch:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headwater.data import Inputs, call_model
+from headwater.data import Inputs, call_model, split_batch
 
 __all__ = [
     "ClassificationTask",
@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 ModelFn = Callable[..., Any]
+BatchLike = tuple[Inputs, Tensor] | Mapping[str, Tensor]
+"""A batch as the loss entry points take it: ``(inputs, targets)`` or a dict with ``"labels"``."""
 
 
 def model_output(out: Any) -> Tensor:
@@ -175,13 +177,17 @@ class Task(ABC):
             f"{type(self).__name__} cannot sample targets for the true Fisher"
         )
 
-    def train_loss(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
-        """Per-example training loss ``[B]``."""
-        inputs, targets = batch
+    def train_loss(self, model: ModelFn, batch: BatchLike) -> Tensor:
+        """Per-example training loss ``[B]`` of a batch in any form ``headwater.influence``
+        takes: an ``(inputs, targets)`` pair or a Hugging Face-style dict batch whose
+        ``"labels"`` are the targets (:func:`~headwater.data.split_batch`), so a training
+        loop can call ``task.train_loss(model, batch).mean().backward()`` on its own batches."""
+        inputs, targets = split_batch(batch)
         return self.loss(self.output(model, inputs), targets)
 
-    def measurement(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
-        """Per-example query measurement ``[B]``; the default is the training loss."""
+    def measurement(self, model: ModelFn, batch: BatchLike) -> Tensor:
+        """Per-example query measurement ``[B]`` (batch forms as :meth:`train_loss`); the
+        default is the training loss."""
         return self.train_loss(model, batch)
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,10 +240,10 @@ class ClassificationTask(Task):
         probs = torch.softmax(output.detach(), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def measurement(self, model: ModelFn, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def measurement(self, model: ModelFn, batch: BatchLike) -> Tensor:
         if self.measure is Measurement.LOSS:
             return self.train_loss(model, batch)
-        inputs, targets = batch
+        inputs, targets = split_batch(batch)
         logits = self.output(model, inputs)
         correct = logits.gather(1, targets.long().unsqueeze(1)).squeeze(1)
         others = logits.scatter(1, targets.long().unsqueeze(1), float("-inf"))
