@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import mlp
+from cases import Case, mlp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import headwater
+from headwater.errors import InputError
 from headwater.methods.tracin import Checkpoint
-from headwater.train import Recorder
+from headwater.train import Recorder, with_indices
 
 
 def _recorded(case):
@@ -150,3 +153,88 @@ def test_a_model_of_the_wrong_type_is_named_wherever_parameters_are_selected():
     case = mlp(n_train=12, n_query=3)
     with pytest.raises(TypeError, match=r"^model: expected a torch\.nn\.Module .*got function$"):
         case.task.parameters(lambda t: t)
+
+
+PATHS = {  # every way headwater.influence runs the model first
+    "auto": {},
+    "ekfac": {"curvature": "ekfac"},
+    "exact": {"curvature": "exact"},
+    "projection": {"projection": 8},
+    "tracin": {"method": "tracin"},
+    "metagradient": {"method": "metagradient"},
+}
+
+
+def _shape_case():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("where", ["train", "query"])
+def test_inputs_of_the_wrong_shape_name_the_set_on_every_path_before_any_step(path, where):
+    model, x, y = _shape_case()
+    wide = torch.randn(30, 6)
+    train, query = ((wide, y), (x[:4], y[:4])) if where == "train" else ((x, y), (wide[:4], y[:4]))
+    kwargs = dict(PATHS[path])
+    if kwargs.get("method") == "tracin":
+        kwargs["checkpoints"] = [Checkpoint(model.state_dict(), lr=0.1)]
+    if kwargs.get("method") == "metagradient":
+        kwargs["run"] = _recorded(Case("mlp", model, headwater.ClassificationTask(), (x, y), ()))
+    stages = []
+    with pytest.raises(InputError, match=rf"^{where}: inputs of shape \(2, 6\) .*do not fit"):
+        headwater.influence(model, train, query, progress=lambda *a: stages.append(a), **kwargs)
+    assert stages == []  # refused before the curvature choice, a fit or any gradient
+
+
+@pytest.mark.parametrize(
+    ("labels", "shape"),
+    [
+        (lambda y: y[:, None], r"\(30, 1\)"),
+        (lambda y: torch.nn.functional.one_hot(y, 3), r"\(30, 3\)"),
+    ],
+    ids=["column", "one-hot"],
+)
+def test_classifier_labels_of_the_wrong_shape_name_the_targets(labels, shape):
+    model, x, y = _shape_case()
+    with pytest.raises(
+        InputError,
+        match=rf"^targets: integer labels of shape {shape} \(the model's outputs: \[B, 3\]\); "
+        r"expected shape \(30,\) for classification .*or pass task=",
+    ):
+        headwater.influence(model, (x, labels(y)), (x[:4], y[:4]), progress=False)
+    with pytest.raises(
+        InputError, match=r"^train: .*targets must be class indices of shape \[B\] = \(2,\)"
+    ):
+        headwater.influence(
+            model,
+            (x, labels(y)),
+            (x[:4], y[:4]),
+            task=headwater.ClassificationTask(),
+            progress=False,
+        )
+    with pytest.raises(InputError, match=r"^targets: integer labels of shape \(30, 2, 2\);"):
+        headwater.influence(
+            model, (x, torch.zeros(30, 2, 2, dtype=torch.long)), (x[:4], y[:4]), progress=False
+        )
+
+
+def test_a_dataset_wrapped_for_the_training_loop_is_refused_naming_the_set():
+    model, x, y = _shape_case()
+    wrapped = with_indices(TensorDataset(x, y))
+    for data in (wrapped, DataLoader(wrapped, batch_size=8)):
+        with pytest.raises(
+            TypeError,
+            match=r"^train: a dataset wrapped by headwater\.train\.with_indices yields "
+            r"\(item, index\) pairs .*pass the dataset itself",
+        ):
+            headwater.influence(model, data, (x[:4], y[:4]), progress=False)
+        with pytest.raises(TypeError, match=r"^query: a dataset wrapped by .*with_indices"):
+            headwater.influence(model, (x, y), data, progress=False)
+    found = headwater.influence(
+        model, wrapped.dataset, (x[:4], y[:4]), curvature="identity", progress=False
+    )
+    want = headwater.influence(model, (x, y), (x[:4], y[:4]), curvature="identity", progress=False)
+    torch.testing.assert_close(found.values, want.values, rtol=1e-6, atol=1e-7)

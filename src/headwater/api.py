@@ -7,20 +7,25 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from headwater.bars import as_progress
-from headwater.data import DataLike, iter_batches
+from headwater.data import Batch, DataLike, call_model, iter_batches, num_examples
+from headwater.errors import HeadwaterError, InputError
+from headwater.gradients.functional import evaluation_mode, prepare_batch
+from headwater.gradients.per_example import Objective, check_batch
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
 from headwater.methods.registry import METHODS, AttributionSettings, Inputs, check_inputs
 from headwater.methods.scoring import Scores, check_scores
 from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
-from headwater.task import Task, check_model, check_task, default_task
-from headwater.train.recorder import RunRecord
+from headwater.task import Task, check_model, check_task, default_task, model_output
+from headwater.train.recorder import RunRecord, _WithIndices
 from headwater.train.sgd import Trajectory
 
-__all__ = ["METHODS", "AttributionSettings", "influence"]
+__all__ = ["CHECKED_EXAMPLES", "METHODS", "AttributionSettings", "check_data", "influence"]
 
 
 def influence(
@@ -141,18 +146,78 @@ def influence(
     )
     check_inputs(method, inputs)
     check_model(model)
-    if task is None:
-        _, targets = next(iter_batches(train, 1, "train"))
-        task = default_task(
-            targets,
-            encoder_decoder=bool(
-                getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-            ),
-        )
-    else:
-        check_task(task)
+    for data, name in ((train, "train"), (query, "query")):
+        _check_not_indexed(data, name)
+    task = check_task(task) if task is not None else _default_task(model, train)
+    check_data(model, task, train, query)
     estimator = METHODS[method].build(model, task, settings, inputs, train)
     result = estimator.attribute(query, train, top_k=top_k, self_influence=self_influence)
     return check_scores(
         dataclasses.replace(result, settings={**estimator.settings(), "top_k": top_k})
     )
+
+
+CHECKED_EXAMPLES = 2
+"""Examples of ``train`` and ``query`` evaluated before any long step (:func:`check_data`)."""
+
+
+def check_data(model: nn.Module, task: Task, train: DataLike, query: DataLike) -> None:
+    """Evaluate ``task`` on the first :data:`CHECKED_EXAMPLES` examples of ``train`` (the
+    training loss) and ``query`` (the measurement), so that data which does not fit the model
+    or task raises the same :class:`~headwater.errors.InputError` naming the set whatever the
+    method and curvature, before any of them runs the model (the automatic curvature choice
+    included); a ``ValueError`` or ``TypeError`` the task or the model raises gets the set's
+    name in front."""
+    like = next(iter(task.parameters(model).values()))
+    for data, name, objective in (
+        (train, "train", Objective.TRAIN),
+        (query, "query", Objective.MEASUREMENT),
+    ):
+        batch = prepare_batch(next(iter_batches(data, CHECKED_EXAMPLES, name)), like)
+        try:
+            check_batch(model, task, batch, name, objective)
+        except HeadwaterError:
+            raise
+        except ValueError as err:  # the task's or the model's own check: name the set
+            raise InputError(f"{name}: {err}") from err
+        except TypeError as err:
+            raise TypeError(f"{name}: {err}") from err
+
+
+def _default_task(model: nn.Module, train: DataLike) -> Task:
+    """The task ``train``'s targets imply (:func:`~headwater.task.default_task`), told by the
+    model's output when integer targets ``[B, k]`` could be a classifier's labels or token ids."""
+    batch = next(iter_batches(train, CHECKED_EXAMPLES, "train"))
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    output_shape = None
+    if batch[1].dim() == 2 and not encoder_decoder:
+        output_shape = _output_shape(model, batch)
+    return default_task(
+        batch[1],
+        encoder_decoder=encoder_decoder,
+        output_shape=output_shape,
+        n=num_examples(train, "train"),
+    )
+
+
+def _output_shape(model: nn.Module, batch: Batch) -> tuple[int, ...] | None:
+    """The shape of the model's output on ``batch`` (``None`` if the model cannot be called on
+    it as is: :func:`check_data` then names the problem with the task chosen)."""
+    like = next(model.parameters(), None)
+    try:
+        x, _ = prepare_batch(batch, like) if like is not None else batch
+        with torch.no_grad(), evaluation_mode(model):
+            return tuple(model_output(call_model(model, x)).shape)
+    except (RuntimeError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _check_not_indexed(data: DataLike, name: str) -> None:
+    """Refuse a dataset wrapped by :func:`headwater.train.with_indices` (or a loader over one):
+    its items are ``(item, index)`` pairs for the training loop, not examples."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(dataset, _WithIndices):
+        raise TypeError(
+            f"{name}: a dataset wrapped by headwater.train.with_indices yields (item, index) "
+            "pairs for the training loop; pass the dataset itself (with_indices(ds).dataset)"
+        )

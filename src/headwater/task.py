@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headwater.data import Inputs, call_model, split_batch
+from headwater.errors import InputError
 
 __all__ = [
     "ClassificationTask",
@@ -231,6 +232,12 @@ class ClassificationTask(Task):
             raise TypeError(
                 f"ClassificationTask: targets must be integer class labels, got {targets.dtype}; "
                 "convert them with .long() (or use RegressionTask for real-valued targets)"
+            )
+        if targets.shape != output.shape[:1]:
+            raise ValueError(
+                f"ClassificationTask: targets must be class indices of shape [B] = "
+                f"({output.shape[0]},), got shape {tuple(targets.shape)} (squeeze a column, "
+                "argmax one-hot rows)"
             )
         return F.cross_entropy(output, targets.long(), reduction="none")
 
@@ -491,11 +498,31 @@ def check_task(task: Any, name: str = "task") -> Task:
 
 
 def default_task(
-    targets: Tensor, *, weight_decay: float = 0.0, encoder_decoder: bool = False
+    targets: Tensor,
+    *,
+    weight_decay: float = 0.0,
+    encoder_decoder: bool = False,
+    output_shape: Sequence[int] | None = None,
+    n: int | None = None,
 ) -> Task:
     """The task the targets imply: integer labels ``[B]`` → classification; integer token
     labels ``[B, T]`` → :class:`LanguageModelingTask` (or :class:`Seq2SeqTask` for an
-    ``encoder_decoder`` model); floating targets → regression."""
+    ``encoder_decoder`` model); floating targets → regression.
+
+    Args:
+        targets: the targets of (the first examples of) the training data.
+        weight_decay: as :class:`Task`.
+        encoder_decoder: the model is an encoder-decoder (its token labels: :class:`Seq2SeqTask`).
+        output_shape: the shape of the model's output on a batch of the data, when known:
+            integer targets ``[B, k]`` for a model with outputs ``[B, C]`` (a classifier given
+            a column or one-hot rows of labels) are then refused instead of taken for tokens.
+        n: the number of examples (named in messages; default ``len(targets)``).
+
+    Raises:
+        InputError: naming ``targets`` for integer labels of a shape no task takes.
+        TypeError: naming ``targets`` for a dtype no task takes.
+    """
+    shape = (targets.shape[0] if n is None else n, *targets.shape[1:])
     if targets.dtype in (
         torch.int64,
         torch.int32,
@@ -504,11 +531,27 @@ def default_task(
         torch.uint8,
         torch.bool,
     ):
-        if targets.dim() == 2 and targets.dtype != torch.bool:
+        if targets.dim() == 1:
+            return ClassificationTask(weight_decay=weight_decay)
+        if (
+            targets.dim() == 2
+            and targets.dtype != torch.bool
+            and (output_shape is None or len(output_shape) == 3)
+        ):
             return (Seq2SeqTask if encoder_decoder else LanguageModelingTask)(
                 weight_decay=weight_decay
             )
-        return ClassificationTask(weight_decay=weight_decay)
+        model = (
+            ""
+            if output_shape is None
+            else f" (the model's outputs: [B, {', '.join(map(str, output_shape[1:]))}])"
+        )
+        raise InputError(
+            f"targets: integer labels of shape {shape}{model}; expected shape ({shape[0]},) for "
+            f"classification (class indices: squeeze a column, argmax one-hot rows) or "
+            f"({shape[0]}, T) token labels for a language model's [B, T, V] logits, or pass "
+            "task=headwater.ClassificationTask() or another Task"
+        )
     if targets.is_floating_point():
         return RegressionTask(weight_decay=weight_decay)
     raise TypeError(f"targets: cannot choose a task for dtype {targets.dtype}; pass task=")
