@@ -238,3 +238,37 @@ def test_a_dataset_wrapped_for_the_training_loop_is_refused_naming_the_set():
     )
     want = headwater.influence(model, (x, y), (x[:4], y[:4]), curvature="identity", progress=False)
     torch.testing.assert_close(found.values, want.values, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("where", ["train", "query"])
+def test_a_loader_that_does_not_yield_every_example_in_batches_is_refused_up_front(where):
+    model, x, y = _shape_case()
+    data = TensorDataset(x, y)
+    loaders = {
+        "drop_last": (
+            DataLoader(data, batch_size=8, drop_last=True),
+            rf"^{where}: the DataLoader has drop_last=True and never yields the last 6 of the "
+            r"dataset's 30 examples",
+        ),
+        "batch_size=None": (
+            DataLoader(data, batch_size=None),
+            rf"^{where}: the DataLoader has batch_size=None, so it yields single examples",
+        ),
+    }
+    for loader, message in loaders.values():
+        train, query = (loader, (x[:4], y[:4])) if where == "train" else ((x, y), loader)
+        stages = []
+        with pytest.raises(InputError, match=message):
+            headwater.influence(model, train, query, progress=lambda *a, s=stages: s.append(a))
+        assert stages == []  # before the curvature choice and any fit
+    whole = DataLoader(data, batch_size=10, drop_last=True)  # drops nothing: read in full
+    train, query = (whole, (x[:4], y[:4])) if where == "train" else ((x, y), whole)
+    found = headwater.influence(model, train, query, curvature="identity", progress=False)
+    want = headwater.influence(
+        model,
+        (x, y) if where == "train" else train,
+        (x, y) if where == "query" else query,
+        curvature="identity",
+        progress=False,
+    )
+    torch.testing.assert_close(found.values, want.values, rtol=1e-6, atol=1e-7)

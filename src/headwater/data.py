@@ -29,6 +29,8 @@ from torch.utils.data import (
     Subset,
 )
 
+from headwater.errors import InputError
+
 __all__ = [
     "LABELS",
     "Batch",
@@ -193,12 +195,35 @@ def is_sequential(loader: DataLoader) -> bool:
     return type(batches) is BatchSampler and isinstance(batches.sampler, SequentialSampler)
 
 
+def _check_loader(loader: DataLoader, n: int, name: str) -> None:
+    """Refuse a loader that does not yield every one of the ``n`` examples of its dataset in
+    batches: ``batch_size=None`` over a map-style dataset (single examples, not batches) or
+    ``drop_last=True`` dropping the last incomplete batch (scores are indexed by position)."""
+    if loader.batch_size is None and loader.batch_sampler is None:
+        if not isinstance(loader.dataset, IterableDataset):  # whose items may be batches
+            raise InputError(
+                f"{name}: the DataLoader has batch_size=None, so it yields single examples, not "
+                "batches of (inputs, targets); give it a batch_size, or pass the Dataset itself"
+            )
+        return
+    batches = loader.batch_sampler
+    drop_last = loader.drop_last or bool(getattr(batches, "drop_last", False))
+    size = loader.batch_size or getattr(batches, "batch_size", None)
+    if drop_last and isinstance(size, int) and n % size:
+        raise InputError(
+            f"{name}: the DataLoader has drop_last=True and never yields the last {n % size} of "
+            f"the dataset's {n} examples; scores are indexed by position in the dataset, so "
+            "pass drop_last=False, or the Dataset itself"
+        )
+
+
 def num_examples(data: DataLike, name: str = "data") -> int:
     """Number of examples in ``data``; raises ``ValueError`` if it is empty."""
     if _is_pair(data):
         return _check_pair(data, name)[1].shape[0]
-    if isinstance(data, DataLoader):
-        data = data.dataset
+    loader = data if isinstance(data, DataLoader) else None
+    if loader is not None:
+        data = loader.dataset
     if isinstance(data, Dataset):
         try:
             n = len(data)  # type: ignore[arg-type]
@@ -206,6 +231,8 @@ def num_examples(data: DataLike, name: str = "data") -> int:
             raise TypeError(f"{name}: a Dataset without __len__ is not supported") from err
         if n == 0:
             raise ValueError(f"{name}: is empty (0 examples)")
+        if loader is not None:
+            _check_loader(loader, n, name)
         return n
     raise TypeError(
         f"{name}: expected an (inputs, targets) pair of tensors, a dict batch with {LABELS!r}, a Dataset "
