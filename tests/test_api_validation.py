@@ -5,6 +5,8 @@ in order, and method options of the wrong type."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from cases import Case, mlp
@@ -13,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import headwater
 from headwater.errors import InputError
+from headwater.methods.metagradient import Metagradient
+from headwater.methods.registry import AttributionSettings
 from headwater.methods.tracin import Checkpoint
 from headwater.train import Recorder, with_indices
 
@@ -272,3 +276,43 @@ def test_a_loader_that_does_not_yield_every_example_in_batches_is_refused_up_fro
         progress=False,
     )
     torch.testing.assert_close(found.values, want.values, rtol=1e-6, atol=1e-7)
+
+
+def test_the_metagradient_dtype_option_takes_a_dtype_or_its_name_and_refuses_anything_else():
+    case = mlp(n_train=12, n_query=3)
+    run, task = _recorded(case), headwater.ClassificationTask()  # the run's: no weight decay
+
+    def scores(**options):
+        return headwater.influence(
+            case.model,
+            case.train,
+            case.query,
+            task=task,
+            method="metagradient",
+            run=run,
+            method_options=options,
+            progress=False,
+        )
+
+    want = scores(dtype=torch.float32)
+    assert want.values.dtype == torch.float32 and want.settings["dtype"] == "float32"
+    for name in ("float32", "torch.float32"):
+        got = scores(dtype=name)
+        assert got.settings["dtype"] == "float32"
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
+    assert scores(dtype="float64").settings["dtype"] == "float64"
+    for bad in ("int64", "float128", "fp64", "Tensor", torch.int64, 64):
+        with pytest.raises(
+            (TypeError, ValueError),
+            match=r"^method_options: dtype: expected a torch\.dtype or one of 'float32', "
+            rf"'float64', got {re.escape(repr(bad))}$",
+        ):
+            AttributionSettings(method="metagradient", method_options={"dtype": bad})
+    with pytest.raises(TypeError, match=r"^method_options: hessian_free: expected a bool"):
+        scores(hessian_free="no")
+    with pytest.raises(ValueError, match=r"^dtype: expected a torch\.dtype"):
+        Metagradient(case.model, task, run, dtype="int64")
+    direct = Metagradient(case.model, task, run, dtype="float32")
+    torch.testing.assert_close(
+        direct.attribute(case.query, case.train).values, want.values, rtol=0, atol=0
+    )

@@ -59,6 +59,7 @@ from torch.utils._pytree import tree_flatten
 
 from headwater import store
 from headwater.data import DataLike, Inputs, as_tensors, one_example, take
+from headwater.errors import ConfigError
 from headwater.gradients.functional import (
     OutputBytes,
     bind,
@@ -102,7 +103,47 @@ from headwater.train.steps import (
     sgd_pullback,
 )
 
-__all__ = ["Metagradient"]
+__all__ = ["Metagradient", "check_options"]
+
+
+def check_options(options: dict[str, Any], what: str = "") -> dict[str, Any]:
+    """The options of :class:`Metagradient` among ``options`` (``hessian_free``,
+    ``normalization``, ``query_block``, ``dtype``) validated and as it takes them: ``dtype``
+    a floating ``torch.dtype`` or its name (``"float64"``, ``"torch.float32"``, as the
+    command line gives it); others are left as given.
+
+    Raises:
+        TypeError / ValueError naming the option (after ``what: ``, e.g. ``method_options``),
+        before any step runs.
+    """
+    name = (lambda key: f"{what}: {key}") if what else (lambda key: key)
+    out = dict(options)
+    if "hessian_free" in out and not isinstance(out["hessian_free"], bool):
+        raise TypeError(
+            f"{name('hessian_free')}: expected a bool (True or False), got {out['hessian_free']!r}"
+        )
+    block = out.get("query_block")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0):
+        raise ValueError(
+            f"{name('query_block')}: must be a positive integer or None, got {block!r}"
+        )
+    if "normalization" in out:
+        try:
+            out["normalization"] = check_normalization(out["normalization"])
+        except ValueError as err:
+            raise ConfigError(f"{what}: {err}" if what else str(err)) from err
+    if out.get("dtype") is not None:
+        out["dtype"] = _dtype(out["dtype"], name("dtype"))
+    return out
+
+
+def _dtype(value: Any, name: str) -> torch.dtype:
+    """A floating ``torch.dtype`` from itself or its name (``"float64"`` or ``"torch.float64"``)."""
+    found = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if isinstance(found, torch.dtype) and found.is_floating_point:
+        return found
+    message = f"{name}: expected a torch.dtype or one of 'float32', 'float64', got {value!r}"
+    raise (ConfigError if isinstance(value, str | torch.dtype) else TypeError)(message)
 
 
 class Metagradient(Estimator):
@@ -120,7 +161,8 @@ class Metagradient(Estimator):
             others) or ``"n"`` (``/ B``: dropping examples also shrinks the steps).
         query_block: carry at most this many queries at once (memory ``block × P`` per
             adjoint; each block replays the run once; the numbers do not depend on it).
-        dtype: compute in this dtype (default: the run's); float64 for checks.
+        dtype: compute in this dtype (default: the run's); float64 for checks. A floating
+            ``torch.dtype`` or its name (``"float64"``).
         store: base path of the reverse pass's resumable state: the adjoints and partial
             sums of each query block, saved atomically after every segment; a later call
             with the same settings, run, queries and data resumes from there (a store of
@@ -144,24 +186,23 @@ class Metagradient(Estimator):
         progress: ProgressFn | None = None,
     ):
         check_run(run, task, model, run.n_train if isinstance(run, RunRecord) else -1)
-        if query_block is not None and (
-            isinstance(query_block, bool) or not isinstance(query_block, int) or query_block <= 0
-        ):
-            raise ValueError(
-                f"query_block: must be a positive integer or None, got {query_block!r}"
-            )
-        self.model, self.task, self.run = model, task, run
-        self.hessian_free, self.query_block, self.progress = (
-            bool(hessian_free),
-            query_block,
-            progress,
+        options = check_options(
+            {
+                "hessian_free": hessian_free,
+                "normalization": normalization,
+                "query_block": query_block,
+                "dtype": dtype,
+            }
         )
+        self.model, self.task, self.run, self.progress = model, task, run, progress
+        self.hessian_free, self.query_block = options["hessian_free"], options["query_block"]
         if self.hessian_free and (run.norms or run.rng):
             raise ValueError(
                 "hessian_free: not available for a run with BatchNorm layers or dropout in "
                 "train mode; use the exact metagradient"
             )
-        self.normalization = check_normalization(normalization)
+        self.normalization = options["normalization"]
+        dtype = options["dtype"]
         self.dtype = run.checkpoints[0].theta.dtype if dtype is None else dtype
         self.store = store
         self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass

@@ -29,6 +29,7 @@ from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.metagradient import Metagradient
+from headwater.methods.metagradient import check_options as check_metagradient_options
 from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.tracin import Checkpoint, TracIn, run_checkpoints
 from headwater.progress import ProgressFn, report
@@ -74,13 +75,16 @@ class MethodSpec:
     """One method: the optional settings it reads (any other one set raises), its
     ``build(model, task, settings, inputs, train) -> fitted Estimator``, the
     :class:`Inputs` it reads (``inputs``: any other one given raises, :func:`check_inputs`)
-    and, when it reads ``method_options``, the class whose keyword arguments they are."""
+    and, when it reads ``method_options``, the class whose keyword arguments they are and
+    ``check_options(options, what) -> options``, validating their values (errors named after
+    ``what``, ``"method_options"``) and converting them to what the class takes."""
 
     build: Builder
     options: frozenset[str]
     self_influence: bool = True
     option_class: type | None = None
     inputs: frozenset[str] = frozenset()
+    check_options: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,9 @@ class AttributionSettings:
                 what="method_options",
                 reserved=_METHOD_RESERVED,
             )
+            if spec.check_options is not None:
+                checked = spec.check_options(self.method_options, "method_options")
+                object.__setattr__(self, "method_options", checked)
 
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments of :func:`headwater.influence` (not copied)."""
@@ -385,6 +392,7 @@ METHODS: dict[str, MethodSpec] = {
         self_influence=False,
         option_class=Metagradient,
         inputs=frozenset({"run"}),
+        check_options=check_metagradient_options,
     ),
 }
 """Method name -> :class:`MethodSpec`; a new method is one line here."""
