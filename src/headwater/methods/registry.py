@@ -29,7 +29,7 @@ from headwater.methods.estimator import Estimator, check_top_k
 from headwater.methods.hydra import Hydra
 from headwater.methods.influence import InfluenceFunction
 from headwater.methods.metagradient import Metagradient
-from headwater.methods.metagradient import check_options as check_metagradient_options
+from headwater.methods.metagradient_options import check_options as check_metagradient_options
 from headwater.methods.projected import ProjectedInfluence
 from headwater.methods.tracin import Checkpoint, TracIn, run_checkpoints
 from headwater.progress import ProgressFn, report
