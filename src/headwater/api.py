@@ -62,9 +62,14 @@ def influence(
 
     Args:
         model: the trained model (never modified).
-        train, query: ``(inputs, targets)`` tensors, a Dataset or a DataLoader.
-        task: default: classification (cross-entropy) for integer targets,
-            regression (squared error) for float targets.
+        train, query: ``(inputs, targets)`` tensors, a dict batch with ``"labels"``, a
+            Dataset or a DataLoader that yields every example in order, in batches (one that
+            shuffles, drops a last batch or has ``batch_size=None`` is refused, as is a
+            dataset wrapped by :func:`headwater.train.with_indices`). Their first examples go
+            through the model and task before any step (:func:`check_data`).
+        task: default: classification (cross-entropy) for integer targets ``[n]``, a
+            language model's token loss for integer targets ``[n, T]`` when the model's
+            outputs are ``[B, T, V]``, regression (squared error) for float targets.
         method: ``"influence"`` (Koh & Liang 2017), ``"tracin"`` (needs
             ``checkpoints`` or ``run``; Pruthi et al. 2020), ``"hydra"`` (needs ``trajectory``;
             Chen et al. 2021) or ``"metagradient"`` (needs ``run``; exact replay of the
@@ -93,7 +98,8 @@ def influence(
         method_options: extra constructor arguments of the method's class, for
             ``method="metagradient"``: those of
             :class:`~headwater.methods.metagradient.Metagradient` (``hessian_free``,
-            ``normalization``: the counterfactual of a zero weight, ``query_block``, ``dtype``).
+            ``normalization``: the counterfactual of a zero weight, ``query_block``, ``dtype``:
+            a torch.dtype or its name, e.g. ``"float64"``).
         checkpoints: TracIn's checkpoints (:class:`~headwater.methods.tracin.Checkpoint`).
         run: the metagradient's recorded run (:class:`~headwater.train.recorder.Recorder`);
             with ``method="tracin"``, its checkpoints are TracIn's
