@@ -8,12 +8,23 @@ import numpy as np
 import pytest
 import torch
 from cases import cnn, mlp
+from torch import nn
 
-from headwater.curvature import CURVATURES, EKFAC, KFAC, MFAC, Diagonal, Exact
+from headwater.curvature import (
+    CURVATURES,
+    EKFAC,
+    KFAC,
+    MFAC,
+    Arnoldi,
+    Diagonal,
+    Exact,
+    Lanczos,
+    Nystrom,
+)
 from headwater.gradients.projection import KroneckerProjection
 from headwater.methods.factored import preconditioned_blocks
 from headwater.methods.projected import ProjectedInfluence
-from headwater.plan import _block_working, plan
+from headwater.plan import _block_working, default_lowrank_size, plan
 from headwater.task import ClassificationTask
 
 
@@ -126,3 +137,31 @@ def test_low_rank_queries_shrink_the_planned_queries_by_what_they_keep():
     for rank in (None, 2):  # the plan's kept-query term is those bytes
         assert _block_working(blocks, 6, 64, 8, rank)[0] == kept(rank)
     assert full.row("ekfac").working > low.row("ekfac").working
+
+
+@pytest.mark.parametrize(("width", "rank", "steps"), [(20, 200, 400), (4, 100, 134), (2, 72, 72)])
+def test_low_rank_rows_assume_the_rank_and_steps_a_default_fit_reaches(width, rank, steps):
+    """Arnoldi, Lanczos and Nyström rows use the estimators' own defaults at their largest:
+    with every eigenvalue above the damping the rank doubles from 100 to 200 in 400 Krylov
+    steps (630 parameters); with fewer than 200 parameters it stays 100 (134 parameters: 134
+    steps) and both stop at ``P`` (72). A Krylov run whose space is exhausted (a breakdown)
+    takes fewer steps: the plan is an upper bound."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, width), nn.Tanh(), nn.Linear(width, 10)).double()
+    x = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (64,), generator=g)
+    train, query = (x[:60], y[:60]), (x[60:], y[60:])
+    task = ClassificationTask(weight_decay=1e-2)  # every eigenvalue >= 1e-2 > the damping
+    p = sum(t.numel() for t in model.parameters())
+    result = plan(model, task, train, query, measure=False)
+    assert default_lowrank_size(p) == (rank, steps)
+    for name, cls in (("arnoldi", Arnoldi), ("lanczos", Lanczos), ("nystrom", Nystrom)):
+        fitted = cls(damping=1e-3).fit(model, task, train)
+        kept = fitted.state.eigvecs.shape[0]
+        assert result.row(name).stored == 8 * rank * p, name
+        if name == "nystrom":
+            assert kept == rank
+        else:  # the Krylov basis: one vector per step, fewer if the space is exhausted
+            taken, exhausted = fitted.info.iterations, fitted.info.breakdown
+            assert (kept, taken) == (rank, steps) or (exhausted and taken < steps), name
+            assert result.row(name).note == f"rank {rank}, {steps} iterations", name

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from headwater.curvature import CURVATURES
+from headwater.curvature._lowrank import DEFAULT_RANK, MAX_DEFAULT_RANK
 from headwater.curvature.base import ProblemSize
 from headwater.data import DataLike, iter_batches, num_examples
 from headwater.gradients.functional import detached, evaluation_mode, prepare_batch
@@ -38,7 +39,7 @@ from headwater.gradients.per_example import per_example_gradients
 from headwater.methods.factored import LOW_RANK_QUERY_CHUNK
 from headwater.task import Task
 
-__all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "formulas", "plan"]
+__all__ = ["FORMULAS", "PREFERENCE", "Plan", "PlanRow", "default_lowrank_size", "formulas", "plan"]
 
 
 def formulas() -> dict[str, str]:
@@ -119,6 +120,18 @@ class Plan:
         return None
 
 
+def default_lowrank_size(num_params: int) -> tuple[int, int]:
+    """``(rank, steps)`` of Arnoldi/Lanczos/Nyström at their defaults (no ``rank`` or
+    ``n_iter`` given), at their largest: the rank starts at ``DEFAULT_RANK`` (100) and doubles
+    up to ``MAX_DEFAULT_RANK`` (200) while the smallest kept eigenvalue is above the damping,
+    at most ``P``; the Krylov methods take ``min(P, 2·rank)`` steps
+    (``headwater.curvature._lowrank``)."""
+    rank = min(DEFAULT_RANK, num_params)
+    while 2 * rank <= min(num_params, MAX_DEFAULT_RANK):
+        rank *= 2
+    return rank, min(num_params, 2 * rank)
+
+
 def _resident() -> int:
     """Bytes resident in this process now (Linux ``/proc``; 0 elsewhere)."""
     try:
@@ -178,8 +191,8 @@ def plan(
     query_chunk: int = 256,
     query_batch: int | None = None,
     top_k: bool = False,
-    rank: int = 50,
-    n_iter: int = 100,
+    rank: int | None = None,
+    n_iter: int | None = None,
     projection_dim: int = 1024,
     kronecker_dims: tuple[int, int] = (32, 32),
     measure: bool = True,
@@ -191,7 +204,8 @@ def plan(
         budget_bytes: memory available; a row ``fits`` when stored + working <= it.
         chunk_size, query_chunk, query_batch: as for :func:`headwater.influence`.
         top_k: scores streamed to a top-k (no ``[n_query, n_train]`` matrix).
-        rank, n_iter: of Lanczos/Arnoldi/Nyström.
+        rank, n_iter: of Lanczos/Arnoldi/Nyström; ``None``: their defaults at their largest
+            (:func:`default_lowrank_size`: rank 200 and 400 steps from 400 parameters up).
         projection_dim, kronecker_dims: of the projected rows.
         measure: time one chunk of per-example gradients (else ``seconds_per_pass`` is NaN).
         query_rank: K-FAC/EK-FAC's low-rank queries (their curvature option), or ``None``.
@@ -207,8 +221,8 @@ def plan(
         ("budget_bytes", budget_bytes),
         ("chunk_size", chunk_size),
         ("query_chunk", query_chunk),
-        ("rank", rank),
-        ("n_iter", n_iter),
+        ("rank", 1 if rank is None else rank),
+        ("n_iter", 1 if n_iter is None else n_iter),
         ("projection_dim", projection_dim),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -216,6 +230,11 @@ def plan(
     params = detached(task.parameters(model))
     ref = next(iter(params.values()))
     p, b = sum(t.numel() for t in params.values()), ref.element_size()
+    if rank is None:
+        rank, steps = default_lowrank_size(p)
+        n_iter = steps if n_iter is None else n_iter
+    elif n_iter is None:
+        n_iter = min(p, 2 * rank)  # the Krylov methods' default for a given rank
     n, nq = num_examples(train, "train"), num_examples(query, "query")
     with torch.no_grad(), evaluation_mode(model):
         x, _ = prepare_batch(next(iter_batches(query, 1, "query")), ref)
