@@ -18,6 +18,7 @@ from headwater.errors import InputError
 from headwater.methods.metagradient import Metagradient
 from headwater.methods.registry import AttributionSettings
 from headwater.methods.tracin import Checkpoint
+from headwater.task import ClassificationTask
 from headwater.train import Recorder, with_indices
 
 
@@ -316,3 +317,24 @@ def test_the_metagradient_dtype_option_takes_a_dtype_or_its_name_and_refuses_any
     torch.testing.assert_close(
         direct.attribute(case.query, case.train).values, want.values, rtol=0, atol=0
     )
+
+
+def test_a_tasks_own_error_on_any_batch_names_the_set():
+    """check_batch (every batch a method reads, not only the first ones api.check_data reads)
+    puts the set's name before the task's own ValueError / TypeError."""
+    from headwater.gradients.per_example import check_batch
+
+    class Picky(ClassificationTask):
+        def __init__(self, error: type[Exception]):
+            super().__init__()
+            self.error = error
+
+        def train_loss(self, model, batch):
+            raise self.error("the targets of this batch are not what this task takes")
+
+    model = nn.Linear(5, 3)
+    batch = (torch.randn(4, 5), torch.randint(0, 3, (4,)))
+    with pytest.raises(InputError, match=r"^train: the targets of this batch"):
+        check_batch(model, Picky(ValueError), batch, "train")
+    with pytest.raises(TypeError, match=r"^query: the targets of this batch"):
+        check_batch(model, Picky(TypeError), batch, "query")

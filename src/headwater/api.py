@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from headwater.bars import as_progress
 from headwater.data import Batch, DataLike, call_model, iter_batches, num_examples
-from headwater.errors import HeadwaterError, InputError
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
@@ -22,7 +21,7 @@ from headwater.methods.scoring import Scores, check_scores
 from headwater.methods.tracin import Checkpoint
 from headwater.progress import ProgressFn
 from headwater.task import Task, check_model, check_task, default_task, model_output
-from headwater.train.recorder import RunRecord, _WithIndices
+from headwater.train.recorder import RunRecord, WithIndices
 from headwater.train.sgd import Trajectory
 
 __all__ = ["CHECKED_EXAMPLES", "METHODS", "AttributionSettings", "check_data", "influence"]
@@ -172,22 +171,14 @@ def check_data(model: nn.Module, task: Task, train: DataLike, query: DataLike) -
     training loss) and ``query`` (the measurement), so that data which does not fit the model
     or task raises the same :class:`~headwater.errors.InputError` naming the set whatever the
     method and curvature, before any of them runs the model (the automatic curvature choice
-    included); a ``ValueError`` or ``TypeError`` the task or the model raises gets the set's
-    name in front."""
+    included; :func:`~headwater.gradients.per_example.check_batch`)."""
     like = next(iter(task.parameters(model).values()))
     for data, name, objective in (
         (train, "train", Objective.TRAIN),
         (query, "query", Objective.MEASUREMENT),
     ):
         batch = prepare_batch(next(iter_batches(data, CHECKED_EXAMPLES, name)), like)
-        try:
-            check_batch(model, task, batch, name, objective)
-        except HeadwaterError:
-            raise
-        except ValueError as err:  # the task's or the model's own check: name the set
-            raise InputError(f"{name}: {err}") from err
-        except TypeError as err:
-            raise TypeError(f"{name}: {err}") from err
+        check_batch(model, task, batch, name, objective)
 
 
 def _default_task(model: nn.Module, train: DataLike) -> Task:
@@ -222,7 +213,7 @@ def _check_not_indexed(data: DataLike, name: str) -> None:
     """Refuse a dataset wrapped by :func:`headwater.train.with_indices` (or a loader over one):
     its items are ``(item, index)`` pairs for the training loop, not examples."""
     dataset = data.dataset if isinstance(data, DataLoader) else data
-    if isinstance(dataset, _WithIndices):
+    if isinstance(dataset, WithIndices):
         raise TypeError(
             f"{name}: a dataset wrapped by headwater.train.with_indices yields (item, index) "
             "pairs for the training loop; pass the dataset itself (with_indices(ds).dataset)"

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from headwater.data import DataLike, Inputs, describe, iter_batches, num_examples, one_example
-from headwater.errors import InputError, check_finite_rows
+from headwater.errors import HeadwaterError, InputError, check_finite_rows
 from headwater.gradients.flat import ParamLayout
 from headwater.gradients.functional import (
     bind,
@@ -61,7 +61,8 @@ def check_batch(
 
     Raises:
         ValueError: naming ``name`` if the inputs do not fit the model, the task
-            returns the wrong shape, or a value is NaN/inf.
+            returns the wrong shape, or a value is NaN/inf (the task's or the model's own
+            ``ValueError``/``TypeError`` gets ``name`` in front).
     """
     params = task.parameters(model)
     fn = bind(model, detached(params))
@@ -76,6 +77,12 @@ def check_batch(
             f"{name}: inputs of {describe(batch[0])} / targets of shape "
             f"{tuple(batch[1].shape)} do not fit the model or task: {err}"
         ) from err
+    except HeadwaterError:
+        raise
+    except ValueError as err:  # the task's or the model's own check: name the set
+        raise InputError(f"{name}: {err}") from err
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from err
     check_values(values, batch[1].shape[0], name, offset)
     return values
 

@@ -68,6 +68,7 @@ __all__ = [
     "Checkpoint",
     "Recorder",
     "RunRecord",
+    "WithIndices",
     "check_reached",
     "check_replayable",
     "check_run_weights",
@@ -113,7 +114,10 @@ def _hyper(optimizer: torch.optim.Optimizer, kind: str) -> dict[str, Any]:
     return found
 
 
-class _WithIndices(Dataset):
+class WithIndices(Dataset):
+    """A dataset whose items are ``(item, index)`` (:func:`with_indices`): a training loop's
+    input, not data to score (``.dataset`` is)."""
+
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
 
@@ -140,7 +144,7 @@ def with_indices(dataset: Dataset) -> Dataset:
             f"dataset: expected a map-style Dataset (indexable, with a length), got "
             f"{type(dataset).__name__}"
         )
-    return _WithIndices(dataset)
+    return WithIndices(dataset)
 
 
 class Recorder:
