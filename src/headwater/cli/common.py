@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shlex
 import sys
 import time
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,6 +27,7 @@ from headwater.curvature import CURVATURES
 from headwater.errors import ConfigError
 from headwater.gradients.functional import check_device as core_check_device
 from headwater.gradients.projection import KroneckerProjection, RandomProjection
+from headwater.methods.scoring import check_top_k
 
 if TYPE_CHECKING:
     from headwater.methods.registry import AttributionSettings
@@ -38,11 +41,15 @@ __all__ = [
     "attribution_settings",
     "best_curvature",
     "check_attribution_options",
+    "check_data_sizes",
     "check_device",
     "known_methods",
     "parse_options",
     "parse_projection",
     "prepare_output",
+    "seed_all",
+    "self_influence",
+    "set_threads",
     "setup_logging",
     "write_config",
 ]
@@ -118,20 +125,29 @@ def best_curvature() -> str:
 
 
 def add_attribution_options(
-    p: argparse.ArgumentParser, *, out_default: str | None, threads_default: int | None = None
+    p: argparse.ArgumentParser,
+    *,
+    out_default: str | None,
+    out_help: str | None = None,
+    threads_default: int | None = None,
 ) -> None:
+    """The options of ``demo`` and ``score`` (``out_help``: how the default ``--out`` is
+    derived when ``out_default`` is ``None``)."""
+    from headwater.methods.registry import METHODS
+
     g = p.add_argument_group("attribution")
     g.add_argument(
         "--method",
         default="influence",
         help=f"estimator (default: influence; available: {', '.join(known_methods())})",
     )
+    curved = ", ".join(name for name, spec in METHODS.items() if "curvature" in spec.options)
     g.add_argument(
         "--curvature",
         default="auto",
         help="curvature approximation: 'auto' (default) solves the dense GGN when it fits "
         f"the time and memory budget, else {best_curvature()!r}; or one of "
-        f"{', '.join(sorted(CURVATURES))}",
+        f"{', '.join(sorted(CURVATURES))} (only with --method {curved})",
     )
     g.add_argument("--kind", default="ggn", help="curvature matrix: ggn (default), hessian or ef")
     g.add_argument(
@@ -143,16 +159,19 @@ def add_attribution_options(
     g.add_argument(
         "--top-k", type=int, default=5, help="proponents and opponents listed per query (default 5)"
     )
+    defined = ", ".join(name for name, spec in METHODS.items() if spec.self_influence)
     g.add_argument(
-        "--no-self-influence",
-        dest="self_influence",
-        action="store_false",
-        help="skip self-influence (used to flag likely mislabeled training examples)",
+        "--self-influence",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score every training example against itself, to flag likely mislabeled ones "
+        f"(default: on for --method {defined}, the methods that define it; off otherwise)",
     )
     g.add_argument(
         "--curvature-option",
         dest="curvature_options",
         action="append",
+        type=_key_value,
         default=None,
         metavar="KEY=VALUE",
         help="extra argument of the curvature class, e.g. rank=50 "
@@ -162,6 +181,7 @@ def add_attribution_options(
         "--method-option",
         dest="method_options",
         action="append",
+        type=_key_value,
         default=None,
         metavar="KEY=VALUE",
         help="extra argument of the method's class, e.g. normalization=n with --method "
@@ -179,6 +199,7 @@ def add_attribution_options(
     )
     g.add_argument(
         "--projection",
+        type=_projection_text,
         default=None,
         metavar="K | KOUTxKIN",
         help="influence on randomly projected gradients: K dimensions (flat), or KOUTxKIN per "
@@ -191,8 +212,7 @@ def add_attribution_options(
         default=out_default,
         help="output folder for results, report and config; the fitted curvature (or the "
         "projected training gradients) is kept there too, and a rerun with the same "
-        "settings, model and data reuses or resumes it"
-        + (f" (default: {out_default})" if out_default else " (required)"),
+        "settings, model and data reuses or resumes it" + f" (default: {out_default or out_help})",
     )
     r.add_argument(
         "--read-only-store",
@@ -234,24 +254,23 @@ def attribution_settings(
             f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}"
         )
     projection = parse_projection(args.projection, args.seed)
-    curvature: str | None = args.curvature
-    if "curvature" not in METHODS[args.method].options or curvature == "auto":
-        curvature = None  # 'auto': chosen at fit by the budget (headwater.methods.auto)
+    curvature_options = parse_options(args.curvature_options, "curvature-option")
+    method_options = parse_options(getattr(args, "method_options", None), "method-option")
+    with_self_influence = self_influence(args)
     try:
         return AttributionSettings(
             method=args.method,
-            curvature=curvature,
+            curvature=None if args.curvature == "auto" else args.curvature,  # auto: chosen at fit
             damping=args.damping,
             projection=projection,
             kind=args.kind,
-            self_influence=args.self_influence,
+            self_influence=with_self_influence,
             chunk_size=args.chunk_size,
             query_batch=args.query_batch,
             store=store,
             read_only_store=bool(getattr(args, "read_only_store", False)) and store is not None,
-            curvature_options=parse_options(args.curvature_options, "curvature-option") or None,
-            method_options=parse_options(getattr(args, "method_options", None), "method-option")
-            or None,
+            curvature_options=curvature_options or None,
+            method_options=method_options or None,
         )
     except (TypeError, ValueError) as err:
         field, sep, message = str(err).partition(": ")
@@ -259,22 +278,69 @@ def attribution_settings(
         raise UserError(f"--{flag}: {message}" if sep else str(err)) from err
 
 
-def check_attribution_options(args: argparse.Namespace) -> None:
-    """Validate the cheap options before any long step (``--curvature auto`` is resolved at fit)."""
+def self_influence(args: argparse.Namespace) -> bool:
+    """``--self-influence`` / ``--no-self-influence``, or without either whether the method
+    defines self-influence (``MethodSpec.self_influence``)."""
     from headwater.methods.registry import METHODS
 
+    defined = METHODS[args.method].self_influence
+    if args.self_influence is None:
+        return defined
+    if args.self_influence and not defined:
+        users = [name for name, spec in METHODS.items() if spec.self_influence]
+        raise UserError(
+            f"--self-influence: not defined for method={args.method!r} (defined for: "
+            f"{', '.join(users)}); leave the flag out or pass --no-self-influence"
+        )
+    return bool(args.self_influence)
+
+
+def check_attribution_options(args: argparse.Namespace) -> None:
+    """Validate the cheap options before any long step (``--curvature auto`` is resolved at fit)."""
     settings = attribution_settings(args)
     if settings.projection is not None:
         args.curvature = "exact"
-    elif "curvature" not in METHODS[args.method].options and args.curvature == "auto":
-        args.curvature = best_curvature()  # recorded in the config; the method reads no curvature
-    if args.top_k <= 0:
-        raise UserError(f"--top-k: must be a positive integer, got {args.top_k}")
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise UserError(f"--threads: must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _check_top_k(args.top_k)
+    set_threads(args.threads)
     check_device(args.device)
+
+
+def check_data_sizes(
+    args: argparse.Namespace, n_train: int, n_query: int, queries: str = "query examples"
+) -> None:
+    """Check ``--top-k`` against ``n_train`` and ``--queries`` against ``n_query`` as soon as
+    the data's sizes are known, before any long step (``queries`` names the query examples)."""
+    _check_top_k(args.top_k, n_train)
+    bad = [q for q in args.queries or () if not 0 <= q < n_query]
+    if bad:
+        raise UserError(
+            f"--queries: indices {bad} are outside [0, {n_query}) (the {n_query} {queries})"
+        )
+
+
+def _check_top_k(top_k: Any, n_train: int | None = None) -> None:
+    """The API's ``top_k`` rule (:func:`headwater.methods.scoring.check_top_k`), naming the flag."""
+    try:
+        check_top_k(top_k, n_train)
+    except ValueError as err:
+        raise UserError(f"--top-k: {str(err).partition(': ')[2]}") from err
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads (``None``: torch's choice)."""
+    if threads is None:
+        return
+    if threads <= 0:
+        raise UserError(f"--threads: must be a positive integer, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def seed_all(seed: int) -> None:
+    """``--seed``: seed Python's, NumPy's and torch's global generators before the spec runs,
+    so its random numbers (initialisation, data order) are the same in every command."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def check_device(device: str, name: str = "--device") -> None:
@@ -285,19 +351,47 @@ def check_device(device: str, name: str = "--device") -> None:
         raise UserError(str(err).replace("use 'cpu'", "use --device cpu")) from err
 
 
+_PROJECTION_FORM = "K or KOUTxKIN (positive integers, e.g. 512 or 32x32)"
+
+
+def _projection_dims(spec: str) -> tuple[int, ...]:
+    """``"512"`` -> ``(512,)``, ``"32x32"`` -> ``(32, 32)``; ``ValueError`` for anything else."""
+    parts = spec.strip().lower().split("x")
+    if len(parts) in (1, 2) and all(
+        part.strip().isascii() and part.strip().isdigit() and int(part) > 0 for part in parts
+    ):
+        return tuple(int(part) for part in parts)
+    raise ValueError(f"expected {_PROJECTION_FORM}, got {spec!r}")
+
+
+def _projection_text(text: str) -> str:
+    """argparse type of ``--projection``: the text, checked to be ``K`` or ``KOUTxKIN``."""
+    try:
+        _projection_dims(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
 def parse_projection(spec: str | None, seed: int) -> RandomProjection | KroneckerProjection | None:
     """``"512"`` -> flat projection to 512 dimensions; ``"32x32"`` -> per-layer 32 x 32."""
     if spec is None:
         return None
     try:
-        dims = [int(part) for part in spec.lower().split("x")]
+        dims = _projection_dims(str(spec))
         if len(dims) == 1:
             return RandomProjection(dims[0], seed=seed)
-        if len(dims) == 2:
-            return KroneckerProjection(dims[0], dims[1], seed=seed)
+        return KroneckerProjection(dims[0], dims[1], seed=seed)
     except ValueError as err:
         raise UserError(f"--projection: {err}") from err
-    raise UserError(f"--projection: expected K or KOUTxKIN (positive integers), got {spec!r}")
+
+
+def _key_value(text: str) -> str:
+    """argparse type of ``--curvature-option`` / ``--method-option``: ``KEY=VALUE`` text."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
 
 
 def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -305,9 +399,10 @@ def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
     in the error for a malformed item)."""
     options: dict[str, Any] = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise UserError(f"--{flag}: expected KEY=VALUE, got {item!r}")
+        try:
+            key, _, value = _key_value(item).partition("=")
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"--{flag}: {err}") from err
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

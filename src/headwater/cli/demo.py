@@ -25,9 +25,11 @@ from headwater.cli.common import (
     UserError,
     add_attribution_options,
     check_attribution_options,
+    check_data_sizes,
     prepare_output,
 )
 from headwater.cli.run import attribute, write_outputs
+from headwater.methods.registry import METHODS
 from headwater.report import RunResult, format_top_k_table
 from headwater.task import ClassificationTask
 
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     progress, timer = ProgressBars(enabled=not args.quiet), Timer()
 
     x_tr, y_clean, x_te, y_te = digits_split(args.seed, args.n_train, args.n_test)
+    check_data_sizes(args, len(y_clean), len(y_te), "test examples")  # before training
     pixels_tr, pixels_te = digits_pixels(
         args.seed, args.n_train, args.n_test
     )  # shown as people see them
@@ -245,9 +248,6 @@ def run(args: argparse.Namespace) -> int:
     scores = attribute(model, (x_tr, y_tr), (x_te, y_te), task, args, progress, timer)
 
     queries = args.queries or choose_queries(y_te, pred, args.examples)
-    bad = [q for q in queries if not 0 <= q < len(y_te)]
-    if bad:
-        raise UserError(f"--queries: test indices {bad} are outside [0, {len(y_te)})")
     result = RunResult(
         scores=scores.values.detach().cpu(),
         train_labels=y_tr,
@@ -274,8 +274,10 @@ def run(args: argparse.Namespace) -> int:
             f"self-influence: {int(flipped[top].sum())} of the {int(flipped.sum())} flipped labels are among "
             f"the {len(top)} training examples with the largest self-influence"
         )
+    uses_curvature = "curvature" in METHODS[args.method].options
+    curvature = f", curvature={args.curvature}" if uses_curvature else ""
     print(
-        f"test accuracy {accuracy:.3f}; method={args.method}, curvature={args.curvature}; "
+        f"test accuracy {accuracy:.3f}; method={args.method}{curvature}; "
         f"total {sum(timer.seconds.values()):.1f} s"
     )
     print(f"report: {folder / 'report' / 'index.html'}")

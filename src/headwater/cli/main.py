@@ -26,12 +26,16 @@ _BUG_NOTE = (
 )
 
 
+class _UsageError(Exception):
+    """A command line argparse refuses: :func:`main` prints it as one line and returns 2."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (no usage dump)."""
+    """argparse with a one-line error message (no usage dump) pointing at this (sub)command's
+    ``--help``."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        raise SystemExit(EXIT_USER_ERROR)
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -91,15 +95,29 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
             verbose=False,
             debug=False,
         )
-    args = parser.parse_args(argv)
+    args = _parse_args(parser, commands, argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
     if getattr(args, "config", None):
         commands[args.command].set_defaults(**load_config_defaults(args.config, args.command))
-        args = parser.parse_args(argv)
+        args = _parse_args(parser, commands, argv)
     for name in ("quiet", "verbose", "debug"):
         setattr(args, name, getattr(args, name, False))
+    return args
+
+
+def _parse_args(
+    parser: argparse.ArgumentParser,
+    commands: dict[str, argparse.ArgumentParser],
+    argv: Sequence[str],
+) -> argparse.Namespace:
+    """``parser.parse_args``, with arguments the command does not take reported by the command's
+    parser (its error points at ``headwater <command> --help``)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = commands.get(getattr(args, "command", None) or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
     return args
 
 
@@ -123,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("headwater: interrupted\n")
         return 130
+    except _UsageError as err:
+        sys.stderr.write(f"{err}\n")
+        return EXIT_USER_ERROR
     except (
         HeadwaterError,
         ValueError,

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from headwater.cli.common import UserError
+from headwater.cli.common import UserError, check_device, seed_all, set_threads
 from headwater.cli.score import load_spec
 from headwater.data import as_tensors
 from headwater.plan import formulas, plan
@@ -85,6 +83,21 @@ def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.Argum
         "--query-batch", type=int, default=None, help="preconditioned query gradients held at once"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r = p.add_argument_group("run")
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed set before the spec runs, as `score` sets it (default 0)",
+    )
+    r.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device the gradients are timed on, e.g. cpu or cuda:0 (default cpu)",
+    )
+    r.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -96,9 +109,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chunk-size: must be a positive integer, got {args.chunk_size}")
     if args.query_batch is not None and args.query_batch <= 0:
         raise UserError(f"--query-batch: must be a positive integer, got {args.query_batch}")
+    set_threads(args.threads)
+    check_device(args.device)
+    seed_all(args.seed)
     model, train, query, task = load_spec(args.spec).parts()
+    model = model.to(args.device)
     task = task or default_task(as_tensors(train, "train")[1])
-    torch.manual_seed(0)
     result = plan(
         model,
         task,

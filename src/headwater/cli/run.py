@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,13 @@ from headwater.cli.common import (
 from headwater.data import DataLike
 from headwater.distributed import barrier, world
 from headwater.methods import Scores
+from headwater.methods.registry import METHODS
+from headwater.methods.tracin import Checkpoint
 from headwater.report import RunResult, render, save_result, write_top_k_csv
 from headwater.store import StoreMismatchError
 from headwater.task import Task
 from headwater.train.recorder import RunRecord
+from headwater.train.sgd import Trajectory
 
 __all__ = ["attribute", "write_outputs"]
 
@@ -39,25 +43,35 @@ def attribute(
     progress: ProgressBars,
     timer: Timer,
     run: RunRecord | None = None,
+    trajectory: Trajectory | None = None,
+    checkpoints: Sequence[Checkpoint] | None = None,
 ) -> Scores:
     """All scores ``[n_query, n_train]`` (and self-influence) with the chosen estimator
-    (``run``: the recorded training run, for ``metagradient``)."""
+    (``run``, ``trajectory``, ``checkpoints``: the recorded training, as
+    :func:`headwater.influence` takes it, for the methods that read it)."""
     store = None  # resumable state in the output folder
     if args.method == "influence":
         store = Path(args.out) / ("projected" if args.projection is not None else "curvature")
     elif args.method == "metagradient":
         store = Path(args.out) / "metagradient"  # the reverse pass's adjoints, by segment
     settings = attribution_settings(args, store=store)
-    log.info(
-        "scoring with method=%s, curvature=%s (%s), damping=%s%s",
-        args.method,
-        args.curvature,
-        args.kind,
-        "auto" if args.damping is None else args.damping,
-        "" if args.projection is None else f", projection={args.projection}",
-    )
+    if "curvature" in METHODS[args.method].options:  # the curvature only where one is used
+        log.info(
+            "scoring with method=%s, curvature=%s (%s), damping=%s%s",
+            args.method,
+            args.curvature,
+            args.kind,
+            "auto" if args.damping is None else args.damping,
+            "" if args.projection is None else f", projection={args.projection}",
+        )
+    else:
+        log.info("scoring with method=%s", args.method)
 
-    extra = {} if run is None else {"run": run}
+    extra = {
+        name: value
+        for name, value in (("run", run), ("trajectory", trajectory), ("checkpoints", checkpoints))
+        if value is not None
+    }
 
     def compute() -> Scores:
         return headwater.influence(

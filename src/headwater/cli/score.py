@@ -14,8 +14,13 @@ A spec is a ``.py`` file or an importable module defining:
                   as people see them: raw pixel values, ink dark on light (optional;
                   called with the inputs, not without arguments)
     class_names   display names of the classes (optional)
-    run     the recorded training run of ``model`` (``--method metagradient``): a
-            ``RunRecord`` or the path it was saved to (``Recorder.finish(path)``) (optional)
+    run     the recorded training run of ``model`` (``--method metagradient``; TracIn's
+            checkpoints with ``--method tracin``): a ``RunRecord`` or the path it was saved
+            to (``Recorder.finish(path)``) (optional)
+    trajectory    the recorded SGD run of ``model`` (``--method hydra``): the
+            ``Trajectory`` of ``headwater.train.train_sgd`` (optional)
+    checkpoints   TracIn's checkpoints (``--method tracin``, instead of ``run``): a list
+            of ``headwater.methods.tracin.Checkpoint`` (optional)
 
 Any of these may instead be a function without arguments that returns the value
 (called once, after the random seed is set). Outputs in --out: results.safetensors
@@ -32,13 +37,11 @@ import inspect
 import logging
 import math
 import os
-import random
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -50,14 +53,17 @@ from headwater.cli.common import (
     UserError,
     add_attribution_options,
     check_attribution_options,
+    check_data_sizes,
     check_device,
     prepare_output,
+    seed_all,
 )
 from headwater.cli.run import attribute, write_outputs
 from headwater.data import as_tensors, iter_batches, map_inputs
 from headwater.distributed import world
 from headwater.gradients.functional import evaluation_mode, prepare_batch
 from headwater.gradients.per_example import Objective, check_batch
+from headwater.methods.registry import METHODS
 from headwater.report import RunResult, format_top_k_table
 from headwater.task import ClassificationTask, Task, default_task
 from headwater.train.recorder import load_run
@@ -111,6 +117,11 @@ def load_spec(ref: str) -> Spec:
     """Execute a spec file (``path/to/spec.py``) or import a module (``package.module``)."""
     path = Path(ref)
     if ref.endswith(".py") or path.exists() or "/" in ref or "\\" in ref:
+        if path.is_dir():
+            raise UserError(
+                f"spec: {ref} is a directory; expected a spec file (path/to/spec.py) or a "
+                "module (package.module)"
+            )
         if not path.is_file():
             raise UserError(f"spec: no such file {ref}")
         name = f"_headwater_spec_{path.stem}"
@@ -195,6 +206,30 @@ def _predictions(model: nn.Module, task: Task, query: Any, device: str) -> Tenso
     return torch.cat(out)
 
 
+_RECORDED = {
+    "run": "a RunRecord of headwater.train.Recorder, or the path it was saved to",
+    "trajectory": "the Trajectory of headwater.train.train_sgd",
+    "checkpoints": "a list of headwater.methods.tracin.Checkpoint",
+}
+"""The recorded training a spec may define, by the name of the ``headwater.influence``
+argument it becomes (``MethodSpec.inputs`` says which methods read which)."""
+
+
+def _recorded(spec: Spec, method: str) -> dict[str, Any]:
+    """The spec's recorded training that ``method`` reads (``{}`` for a method that reads
+    none; a saved run's path loaded); :class:`UserError` if the method needs one and the spec
+    defines none. Their types are checked by ``headwater.influence`` before any step."""
+    reads = sorted(METHODS[method].inputs)
+    given = {name: spec.get(name, required=False) for name in reads}
+    given = {name: value for name, value in given.items() if value is not None}
+    if reads and not given:
+        needed = " or ".join(f"`{name}` ({_RECORDED.get(name, 'see its docs')})" for name in reads)
+        raise UserError(f"spec: --method {method} needs {needed}")
+    if isinstance(given.get("run"), str | Path):
+        given["run"] = load_run(given["run"])
+    return given
+
+
 def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "score",
@@ -218,7 +253,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.Argum
         "CPU, nccl with --device cuda, one GPU per rank); the training data is split "
         "between the ranks and rank 0 writes the outputs",
     )
-    add_attribution_options(p, out_default=None)
+    add_attribution_options(p, out_default=None, out_help="headwater-out/<spec name>")
     p.set_defaults(func=run)
     return p
 
@@ -254,9 +289,7 @@ def _run(args: argparse.Namespace) -> int:
     folder = prepare_output(args.out)
     progress, timer = ProgressBars(enabled=not args.quiet), Timer()
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     with timer("spec"):
         spec = load_spec(args.spec)
         model, train, query, task = spec.parts()
@@ -264,12 +297,14 @@ def _run(args: argparse.Namespace) -> int:
     x_train, y_train = as_tensors(train, "train")
     x_query, y_query = as_tensors(query, "query")
     n_train, n_query = y_train.shape[0], y_query.shape[0]
+    check_data_sizes(args, n_train, n_query)
     n_scores = n_query * n_train
     if n_scores > _MAX_SCORES:
         raise UserError(
             f"query: {n_query} x {n_train} scores do not fit in memory; score fewer queries per run"
         )
     task = task or default_task(y_train)
+    recorded = _recorded(spec, args.method)
     for name, data, objective in (
         ("train", train, Objective.TRAIN),
         ("query", query, Objective.MEASUREMENT),
@@ -289,19 +324,10 @@ def _run(args: argparse.Namespace) -> int:
         n_train,
         n_query,
     )
-
-    recorded = spec.get("run", required=False)
-    if isinstance(recorded, str | Path):
-        recorded = load_run(recorded)
-    if args.method == "metagradient" and recorded is None:
-        raise UserError("spec: --method metagradient needs `run` (a recorded run or its path)")
-    scores = attribute(model, train, query, task, args, progress, timer, run=recorded)
+    scores = attribute(model, train, query, task, args, progress, timer, **recorded)
     if world()[0] != 0:  # every rank holds the same scores; rank 0 writes them
         return 0
     queries = args.queries or list(range(min(3, n_query)))
-    bad = [q for q in queries if not 0 <= q < n_query]
-    if bad:
-        raise UserError(f"--queries: indices {bad} are outside [0, {n_query})")
     image_shape = spec.get("image_shape", required=False)
     class_names = spec.get("class_names", required=False) or ()
     display = getattr(spec.module, "display", None)  # a function of the inputs: not called by get
