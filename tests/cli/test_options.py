@@ -130,6 +130,102 @@ def test_influence_still_scores_self_influence_by_default(tmp_path, monkeypatch)
     assert load_result(tmp_path / "off").self_influence is None
 
 
+# -- D10: --config files ------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "array": ([], "expected a JSON object (a run's config.json), got an array"),
+    "string": ("x", 'expected a JSON object (a run\'s config.json), got the string "x"'),
+    "null": (None, "expected a JSON object (a run's config.json), got null"),
+    "no command": ({"args": {"damping": 0.1}}, 'no "command" (expected "score")'),
+    "other command": ({"command": "demo", "args": {}}, "is a 'demo' run, not 'score'"),
+    "command not a string": ({"command": 3, "args": {}}, '"command": expected "score"'),
+    "args not an object": ({"command": "score", "args": [1]}, '"args": expected an object'),
+    "no args": ({"command": "score"}, '"args": expected an object'),
+    "options not a list": (
+        {"command": "score", "args": {"curvature_options": "rank=3"}},
+        "args.curvature_options (--curvature-option): expected an array of strings KEY=VALUE",
+    ),
+    "option not KEY=VALUE": (
+        {"command": "score", "args": {"curvature_options": [1, 2]}},
+        "args.curvature_options (--curvature-option): expected KEY=VALUE, got '1'",
+    ),
+    "damping not a number": (
+        {"command": "score", "args": {"damping": "x"}},
+        'args.damping (--damping): expected a number, got the string "x"',
+    ),
+    "top-k not an integer": (
+        {"command": "score", "args": {"top_k": 2.5}},
+        "args.top_k (--top-k): expected an integer, got the number 2.5",
+    ),
+    "projection not K or KOUTxKIN": (
+        {"command": "score", "args": {"projection": [512]}},
+        "args.projection (--projection): expected a string K or KOUTxKIN",
+    ),
+    "projection malformed": (
+        {"command": "score", "args": {"projection": "3x"}},
+        "args.projection (--projection): expected K or KOUTxKIN (positive integers",
+    ),
+    "switch not a bool": (
+        {"command": "score", "args": {"report": "yes"}},
+        'args.report (--no-report): expected true or false, got the string "yes"',
+    ),
+    "queries not integers": (
+        {"command": "score", "args": {"queries": [1, "a"]}},
+        'args.queries (--queries): expected an integer, got the string "a"',
+    ),
+    "unknown option": (
+        {"command": "score", "args": {"dampin": 0.1}},
+        "args.dampin: not an option of `headwater score`",
+    ),
+    "not an option at all": (
+        {"command": "score", "args": {"func": "x"}},
+        "args.func: not an option of `headwater score`",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_damaged_config_ends_in_one_line(case, tmp_path, monkeypatch, capsys):
+    content, message = BAD_CONFIGS[case]
+    (tmp_path / "c.json").write_text(json.dumps(content))
+    monkeypatch.chdir(tmp_path)
+    _no_long_step(monkeypatch)
+    assert main(["score", str(_spec(tmp_path)), "--config", "c.json", "-o", "x"]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("headwater: error: --config: c.json: ")
+    assert message in line
+
+
+def test_config_values_go_through_the_flags_conversion(tmp_path, monkeypatch):
+    """A hand-written config's values are read as the flags read their text (a number for
+    --projection, a string for --damping), then checked by the flags' own rules."""
+    spec = _spec(tmp_path)
+    config = {"command": "score", "args": {"projection": 8, "damping": "0.5", "top_k": "2"}}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["score", str(spec), "--config", "c.json", "--quiet", "--no-report", "-o", "o"]) == 0
+    )
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())["args"]
+    assert (saved["projection"], saved["damping"], saved["top_k"]) == ("8", 0.5, 2)
+    assert load_result(tmp_path / "o").settings["projection"]["dim"] == 8
+
+
+def test_a_score_run_reruns_from_its_config_alone(tmp_path, monkeypatch):
+    """The `reproduce` line of a score run's config.json (`headwater score --config ...`, no
+    spec) reruns it: the spec comes from the config."""
+    spec = _spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["--curvature", "exact", "--damping", "0.1", "--quiet", "--no-report"]
+    assert main(["score", str(spec), *args, "-o", "first"]) == 0
+    config = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert config["reproduce"] == f"headwater score --config {Path('first') / 'config.json'}"
+    assert main(["score", "--config", "first/config.json", "--quiet", "-o", "again"]) == 0
+    assert torch.equal(
+        load_result(tmp_path / "again").scores, load_result(tmp_path / "first").scores
+    )
+
+
 # -- D11: flags checked early, with messages that name them ------------------------------
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "check_data_sizes",
     "check_device",
     "known_methods",
+    "load_config_defaults",
     "parse_options",
     "parse_projection",
     "prepare_output",
@@ -458,8 +459,17 @@ def write_config(
     return config
 
 
-def load_config_defaults(path: str, command: str) -> dict[str, Any]:
-    """The saved arguments of a run, to use as defaults."""
+def load_config_defaults(
+    path: str, command: str, parser: argparse.ArgumentParser
+) -> dict[str, Any]:
+    """The saved arguments of a ``command`` run (its ``config.json``, or the folder holding it),
+    to use as the defaults of the command's ``parser``.
+
+    Every value goes through the conversion of its flag on the command line (its type, such as
+    ``--projection``'s ``K | KOUTxKIN``, and its choices), so a damaged or hand-edited file ends
+    in one ``--config`` line naming the file, the argument and what was expected; the checks
+    that follow (method, curvature, damping, ...) are those of the flags.
+    """
     file = Path(path)
     if file.is_dir():
         file = file / CONFIG_NAME
@@ -467,8 +477,106 @@ def load_config_defaults(path: str, command: str) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except FileNotFoundError as err:
         raise UserError(f"--config: no such file {file}") from err
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"--config: cannot read {file}: {err}") from err
-    if config.get("command") != command:
-        raise UserError(f"--config: {file} is a {config.get('command')!r} run, not {command!r}")
-    return dict(config.get("args", {}))
+    where = f"--config: {file}"
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{where}: expected a JSON object (a run's {CONFIG_NAME}), got {_json_kind(config)}"
+        )
+    if "command" not in config:
+        raise UserError(f'{where}: no "command" (expected "{command}")')
+    if config["command"] != command:
+        saved = config["command"]
+        raise UserError(
+            f"{where}: is a {saved!r} run, not {command!r}"
+            if isinstance(saved, str)
+            else f'{where}: "command": expected "{command}", got {_json_kind(saved)}'
+        )
+    args = config.get("args")
+    if not isinstance(args, dict):
+        raise UserError(
+            f'{where}: "args": expected an object of option names and values, got '
+            f"{'nothing' if 'args' not in config else _json_kind(args)}"
+        )
+    actions = {
+        a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help", "config")
+    }
+    defaults = {}
+    for key, value in args.items():
+        if key == "command":  # saved with the arguments; must agree
+            if value != command:
+                raise UserError(
+                    f'{where}: args.command: expected "{command}", got {_json_kind(value)}'
+                )
+            continue
+        if key not in actions:
+            raise UserError(f"{where}: args.{key}: not an option of `headwater {command}`")
+        defaults[key] = _config_value(actions[key], value, f"{where}: args.{key}")
+    return defaults
+
+
+_EXPECTED = {
+    None: ("a string", "strings"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    _projection_text: (f"a string {_PROJECTION_FORM}", ""),
+    _key_value: ("a string KEY=VALUE", "strings KEY=VALUE"),
+}
+"""What a config value of each flag type must be (the flag's argparse ``type``): one, several."""
+
+
+def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` converted as its flag's command-line text would be, or :class:`UserError`."""
+    if action.option_strings:
+        where += f" ({action.option_strings[0]})"
+    if action.nargs == 0:  # a switch: --flag / --no-flag
+        if isinstance(value, bool) or (value is None and action.default is None):
+            return value
+        raise UserError(f"{where}: expected true or false, got {_json_kind(value)}")
+    if value is None:
+        if action.default is None and not action.required:
+            return None
+        raise UserError(f"{where}: expected {_EXPECTED[action.type][0]}, got null")
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            raise UserError(
+                f"{where}: expected an array of {_EXPECTED[action.type][1]}, "
+                f"got {_json_kind(value)}"
+            )
+        return [_config_item(action, item, where) for item in value]
+    return _config_item(action, value, where)
+
+
+def _config_item(action: argparse.Action, value: Any, where: str) -> Any:
+    expected = _EXPECTED[action.type][0]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (isinstance(value, str) or (number and action.type is not None)):
+        raise UserError(f"{where}: expected {expected}, got {_json_kind(value)}")
+    converted = value
+    if action.type is not None:  # the flag's own conversion of the text
+        try:
+            converted = action.type(value if isinstance(value, str) else json.dumps(value))
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"{where}: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{where}: expected {expected}, got {_json_kind(value)}") from err
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(
+            f"{where}: expected one of {', '.join(map(str, action.choices))}, "
+            f"got {_json_kind(value)}"
+        )
+    return converted
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value as an error message names it: ``null``, ``true``, ``the number 3``,
+    ``the string "x"``, ``an array``, ``an object``."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        text = json.dumps(value)
+        return f"the string {text if len(text) <= 60 else text[:57] + '...'}"
+    return "an array" if isinstance(value, list) else "an object"

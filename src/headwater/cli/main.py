@@ -100,7 +100,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
     if getattr(args, "config", None):
-        commands[args.command].set_defaults(**load_config_defaults(args.config, args.command))
+        command = commands[args.command]
+        command.set_defaults(**load_config_defaults(args.config, args.command, command))
         args = _parse_args(parser, commands, argv)
     for name in ("quiet", "verbose", "debug"):
         setattr(args, name, getattr(args, name, False))

@@ -238,7 +238,11 @@ def add_parser(sub: argparse._SubParsersAction, parents: list) -> argparse.Argum
         description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("spec", help="a spec file (path/to/spec.py) or module (package.module)")
+    p.add_argument(
+        "spec",
+        nargs="?",
+        help="a spec file (path/to/spec.py) or module (package.module); may come from --config",
+    )
     p.add_argument(
         "--queries",
         type=int,
@@ -283,6 +287,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not args.spec:
+        raise UserError(
+            "spec: expected a spec file (path/to/spec.py) or module (package.module), or the "
+            "--config of a score run"
+        )
     check_attribution_options(args)
     if not args.out:
         args.out = str(Path("headwater-out") / Path(args.spec).stem.replace(".", "_"))
