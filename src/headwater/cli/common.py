@@ -213,7 +213,7 @@ def add_attribution_options(
         default=out_default,
         help="output folder for results, report and config; the fitted curvature (or the "
         "projected training gradients) is kept there too, and a rerun with the same "
-        "settings, model and data reuses or resumes it" + f" (default: {out_default or out_help})",
+        f"settings, model and data reuses or resumes it (default: {out_default or out_help})",
     )
     r.add_argument(
         "--read-only-store",
@@ -526,6 +526,11 @@ _EXPECTED = {
 """What a config value of each flag type must be (the flag's argparse ``type``): one, several."""
 
 
+def _expected(action: argparse.Action) -> tuple[str, str]:
+    """:data:`_EXPECTED` of the flag's type (another type: any text it converts)."""
+    return _EXPECTED.get(action.type, ("a value", "values"))
+
+
 def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
     """``value`` converted as its flag's command-line text would be, or :class:`UserError`."""
     if action.option_strings:
@@ -537,19 +542,18 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
     if value is None:
         if action.default is None and not action.required:
             return None
-        raise UserError(f"{where}: expected {_EXPECTED[action.type][0]}, got null")
+        raise UserError(f"{where}: expected {_expected(action)[0]}, got null")
     if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
         if not isinstance(value, list):
             raise UserError(
-                f"{where}: expected an array of {_EXPECTED[action.type][1]}, "
-                f"got {_json_kind(value)}"
+                f"{where}: expected an array of {_expected(action)[1]}, got {_json_kind(value)}"
             )
         return [_config_item(action, item, where) for item in value]
     return _config_item(action, value, where)
 
 
 def _config_item(action: argparse.Action, value: Any, where: str) -> Any:
-    expected = _EXPECTED[action.type][0]
+    expected = _expected(action)[0]
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not (isinstance(value, str) or (number and action.type is not None)):
         raise UserError(f"{where}: expected {expected}, got {_json_kind(value)}")
