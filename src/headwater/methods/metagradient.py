@@ -69,6 +69,7 @@ from headwater.gradients.functional import (
 from headwater.gradients.per_example import check_values
 from headwater.methods import metagradient_chunks as chunks
 from headwater.methods.estimator import Estimator
+from headwater.methods.metagradient_layers import Stack, stack
 from headwater.methods.metagradient_options import check_options
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
@@ -167,6 +168,8 @@ class Metagradient(Estimator):
         self._work: Tensor | None = None  # Adam's a_g buffer [chunk, P] during a pass
         self._rows = chunks.CHUNK  # queries per chunk during a pass (_chunk_rows)
         self._cancelled: list[slice] = []  # during a pass (cancelled)
+        plain = not (run.norms or run.rng)  # the products written out by layer, if they apply
+        self._layers = stack(model, run.layout.names, task) if plain else None
 
     # ---------------------------------------------------------------- model as a function of θ
     def _losses_fn(self, x: Inputs, y: Tensor, step: int):
@@ -240,6 +243,11 @@ class Metagradient(Estimator):
                 (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
             ), g
 
+        if self._layers is not None and isinstance(x, Tensor):
+            shared = Stack(self._layers, params, x, y, w, self.task, norm)
+            return lambda vectors, _=None: shared.products(layout.unflatten(vectors)), (
+                layout.flatten(shared.grads)
+            )
         objective = self._objective(x, y, step)
 
         def gradient(p: dict[str, Tensor], weights: Tensor):
