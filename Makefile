@@ -63,6 +63,7 @@ bench-metagradient:
 		--out bench/metagradient_cnn_results.md
 	.venv-bench/bin/python -m bench.metagradient --threads 1 --recipes $(TRAIN_MODE_RECIPES) \
 		--out bench/metagradient_train_mode_results.md
+	.venv-bench/bin/python -m bench.metagradient_floor --threads 1
 # Exact metagradients on the causal LM of bench-lm: three recipes, 50 queries, single-model
 # LDS at 1% / 5% (bench/lm_metagradient_results.md; headwater only, about 45 minutes).
 bench-lm-metagradient: setup
