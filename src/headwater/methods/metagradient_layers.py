@@ -236,7 +236,7 @@ class Stack:
             if isinstance(m, nn.Linear):
                 out = F.linear(a, V.reshape(-1, V.shape[-1]), bias).view(B, c, -1)
                 if ra is not None:
-                    out = out + ra @ self._weight(name, "weight").T
+                    out.add_(ra @ self._weight(name, "weight").T)
                 return out
             out = F.conv2d(
                 a, V.reshape(-1, *V.shape[2:]), bias, m.stride, m.padding, m.dilation
@@ -246,7 +246,7 @@ class Stack:
                 inner = F.conv2d(
                     ra.reshape(B * c, *a.shape[1:]), W, None, m.stride, m.padding, m.dilation
                 )
-                out = out + inner.view(B, c, *z.shape[1:])
+                out.add_(inner.view(B, c, *z.shape[1:]))
             return out
         if ra is None:
             return None
@@ -270,14 +270,15 @@ class Stack:
             o, n_in = V.shape[1:]
             h = (r_dz.reshape(B, c * o).T @ a).view(c, o, n_in)
             if ra is not None:
-                h = h + (dz.T @ ra.reshape(B, c * n_in)).view(o, c, n_in).transpose(0, 1)
+                h.add_((dz.T @ ra.reshape(B, c * n_in)).view(o, c, n_in).transpose(0, 1))
             hv[f"{name}.weight"] = h
             if m.bias is not None:
                 hv[f"{name}.bias"] = r_dz.sum(0)
             if first:
                 return None
             W = self._weight(name, "weight")
-            return r_dz @ W + (dz @ V.transpose(0, 1).reshape(o, c * n_in)).view(B, c, n_in)
+            out = r_dz @ W
+            return out.add_((dz @ V.transpose(0, 1).reshape(o, c * n_in)).view(B, c, n_in))
         if isinstance(m, nn.Conv2d):
             V = vectors[f"{name}.weight"]
             co, ci = V.shape[1:3]
@@ -289,7 +290,7 @@ class Stack:
                 inner = conv2d_weight(
                     ra.reshape(B, c * ci, *a.shape[2:]), (co, c * ci, *k), dz, *geometry
                 )
-                h = h + inner.view(co, c, ci, *k).transpose(0, 1)
+                h.add_(inner.view(co, c, ci, *k).transpose(0, 1))
             hv[f"{name}.weight"] = h
             if m.bias is not None:
                 hv[f"{name}.bias"] = r_dz.sum((0, 3, 4))
@@ -301,13 +302,14 @@ class Stack:
             ).view(B, c, *a.shape[1:])
             swapped = V.transpose(0, 1).reshape(co, c * ci, *k)
             tangent = conv2d_input((B, c * ci, *a.shape[2:]), swapped, dz, *geometry)
-            return through + tangent.view(B, c, *a.shape[1:])
+            return through.add_(tangent.view(B, c, *a.shape[1:]))
         if r_dz is None:
             return None
         if type(m) in _ACTIVATIONS:
+            # in place: r_dz is the later layer's fresh output, read by nothing else
             slope, bend = self.slopes[i], self.bends[i]
-            out = r_dz if slope is None else r_dz * slope
-            return out if bend is None or ra is None else out + bend * ra
+            out = r_dz if slope is None else r_dz.mul_(slope)
+            return out if bend is None or ra is None else out.addcmul_(bend, ra)
         if isinstance(m, nn.AvgPool2d):
             up = _unpool(
                 r_dz.reshape(B * c, *z.shape[1:]), _pair(m.kernel_size), (B * c, *a.shape[1:])
