@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -22,20 +23,24 @@ class ParamLayout:
     def of(cls, params: dict[str, Tensor]) -> ParamLayout:
         return cls(tuple(params), tuple(tuple(p.shape) for p in params.values()))
 
-    @property
+    @cached_property  # computed once per layout: unflatten runs at every reverse step
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
-    @property
+    @cached_property
     def num_params(self) -> int:
         return sum(self.sizes)
 
-    def slices(self) -> dict[str, slice]:
-        out, start = {}, 0
+    @cached_property
+    def _slices(self) -> tuple[tuple[str, slice], ...]:
+        out, start = [], 0
         for name, size in zip(self.names, self.sizes, strict=True):
-            out[name] = slice(start, start + size)
+            out.append((name, slice(start, start + size)))
             start += size
-        return out
+        return tuple(out)
+
+    def slices(self) -> dict[str, slice]:
+        return dict(self._slices)
 
     def flatten(self, tensors: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
         """Concatenate ``{name: [*batch, *shape]}`` into ``[*batch, P]``."""
@@ -54,7 +59,7 @@ class ParamLayout:
         batch = flat.shape[:-1]
         return {
             name: flat[..., sl].reshape((*batch, *shape))  # a tuple: 0-d parameters too
-            for (name, sl), shape in zip(self.slices().items(), self.shapes, strict=True)
+            for (name, sl), shape in zip(self._slices, self.shapes, strict=True)
         }
 
     def to_dict(self) -> dict:
