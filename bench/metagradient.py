@@ -455,18 +455,24 @@ def peer_estimators(
     return rows
 
 
-def bench_recipe(
-    name: str, recipe: dict[str, Any], subsets: int, peers: bool = False
-) -> dict[str, Any]:
-    x, y, xq, yq = _tensors(torch.float32)
-    task = ClassificationTask()
-    train(recipe, x, y, task)  # warm-up
+def timed_training(recipe: dict[str, Any], x, y, task) -> tuple[nn.Module, RunRecord, float]:
+    """``(model, run, one run's CPU seconds)``: the median of 5 recorded runs after a warm-up
+    (the machine may be shared)."""
+    train(recipe, x, y, task)
     times = []
     for _ in range(5):
         start = time.process_time()
         model, run = train(recipe, x, y, task)
         times.append(time.process_time() - start)
-    one_run = sorted(times)[2]  # the median of 5: the machine may be shared
+    return model, run, sorted(times)[2]
+
+
+def bench_recipe(
+    name: str, recipe: dict[str, Any], subsets: int, peers: bool = False
+) -> dict[str, Any]:
+    x, y, xq, yq = _tensors(torch.float32)
+    task = ClassificationTask()
+    model, run, one_run = timed_training(recipe, x, y, task)
     with torch.no_grad():
         acc = float((model(xq).argmax(1) == yq).float().mean())
     scores, seconds = measured_metagradient(model, task, run, (xq, yq), (x, y))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.metagradient import RECIPES, train
+from bench.metagradient import RECIPES, timed_training
 from bench.problems import _tensors
 from headwater.methods.metagradient import Metagradient
 from headwater.task import ClassificationTask
@@ -62,14 +62,8 @@ def _split(fn: Callable[[], object], c: int) -> tuple[float, float]:
 def measure(threads: int) -> dict:
     torch.set_num_threads(threads)
     x, y, xq, _ = _tensors(torch.float32)
-    task, recipe = ClassificationTask(), RECIPES[RECIPE]
-    train(recipe, x, y, task)  # warm-up
-    times = []
-    for _ in range(5):
-        start = time.process_time()
-        model, run = train(recipe, x, y, task)
-        times.append(time.process_time() - start)
-    one_run = sorted(times)[2]
+    task = ClassificationTask()
+    model, run, one_run = timed_training(RECIPES[RECIPE], x, y, task)
     steps, n_query = run.num_steps, xq.shape[0]
     t = steps // 2
     idx = run.batches[t]
