@@ -169,7 +169,7 @@ def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
 
 def test_chunks_shrink_with_the_activations_and_give_the_same_scores(monkeypatch):
     """The chunk holds its temporaries (about 3 forward passes' tensors + 4 P floats per
-    query) within twice the adjoints: a CNN, whose batch activations dwarf P, gets smaller
+    query) within 4x the queries' adjoints of θ: a CNN, whose batch activations dwarf P, gets smaller
     chunks than an MLP; a budget of one query per chunk gives the same scores."""
     rows = []
     pick = Metagradient._chunk_rows

@@ -517,7 +517,7 @@ class Metagradient(Estimator):
 
     def _chunk_rows(self, carry: Tensor, data) -> int:
         """Queries per chunk (:func:`~headwater.methods.metagradient_chunks.rows`, ``A``
-        counted on one forward pass over the first batch, the adjoints ``carry``)."""
+        counted on one forward pass over the first batch, ``Q`` the rows of ``carry``)."""
         x_all, y_all, w_all = data
         idx, theta = self.run.batches[0], self.run.checkpoints[-1].theta.to(self.dtype)
         counter = OutputBytes()
@@ -525,7 +525,7 @@ class Metagradient(Estimator):
             losses = self._losses_fn(take(x_all, idx), y_all[idx], 0)
             losses(self.run.layout.unflatten(theta), w_all[idx])
         forward = counter.total / theta.element_size()
-        return chunks.rows(carry.shape[1], carry.numel(), forward, theta.shape[0])
+        return chunks.rows(carry.shape[1], forward, theta.shape[0])
 
     @staticmethod
     def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int] | None:

@@ -18,15 +18,19 @@ PER_FORWARD, PER_PARAM = 3, 4
 forward pass over the batch creates (fitted to the peak RSS of 200 queries on the digits
 MLP, ``A`` = 17k, P = 9k, and the LeNet-style CNN, ``A`` = 100k, P = 3.7k)."""
 
-TEMPORARIES = 2
-"""A chunk's temporaries are held to this many times the adjoints ``(1 + state)·Q·P``, so
-memory stays ``O(Q·P)`` whatever the activations: the CNN, whose batch activations are 27x
-P, runs chunks of 8-13 (35 were 16-20x ``(1 + state + Q)·P`` floats). A call costs about
-3.8 ms plus 0.75 ms per query there (quiet, one thread): 1.1 ms per query in chunks of 8,
-1.0 in chunks of 35, whose 3.6 MB temporaries are fresh pages at every call (3,550 minor
-faults; 0.75 without them, glibc's thresholds raised). Its live temporaries are about one
-forward pass's tensors per query (0.36 MB, mallinfo); the peak RSS holds 1.6-1.9x the live
-peak (glibc's free lists)."""
+TEMPORARIES = 4
+"""A chunk's temporaries are held to this many times the queries' adjoints of θ (``Q·P``
+floats; the optimizer state's adjoints add 1-2 more), so memory stays ``O(Q·P)`` whatever
+the activations: the LeNet-style CNN, whose batch activations are 27x P, runs chunks of 9
+(35 were 16-20x ``(1 + state + Q)·P`` floats), with SGD and with Adam alike (relative to
+all the adjoints, Adam's third made its chunks 13, slower per query and 6.2-6.7x the
+budget). A call of the autograd pullback costs about 3.8 ms plus 0.75 ms per query there
+(quiet, one thread): 1.1 ms per query in chunks of 8, 1.0 in chunks of 35, whose 3.6 MB
+temporaries are fresh pages at every call (3,550 minor faults; 0.75 without them, glibc's
+thresholds raised). Its live temporaries are about one forward pass's tensors per query
+(0.36 MB, mallinfo); the peak RSS holds 1.6-1.9x the live peak (glibc's free lists). The
+layer pass (:mod:`~headwater.methods.metagradient_layers`) holds less, and is fastest in
+chunks of about 8 (larger ones leave the cache)."""
 
 
 def even(n_query: int, most: int = CHUNK) -> int:
@@ -35,9 +39,9 @@ def even(n_query: int, most: int = CHUNK) -> int:
     return max(1, -(-n_query // pieces))
 
 
-def rows(n_query: int, adjoint_floats: int, forward_floats: float, num_params: int) -> int:
+def rows(n_query: int, forward_floats: float, num_params: int) -> int:
     """Queries per chunk of a reverse step: at most :data:`CHUNK`, and their temporaries
     (about ``3 A + 4 P`` floats each, ``A = forward_floats`` of one forward pass over a
-    batch) within :data:`TEMPORARIES` times the adjoints (``adjoint_floats``)."""
+    batch) within :data:`TEMPORARIES` times the queries' adjoints of θ (``n_query · P``)."""
     per_query = PER_FORWARD * forward_floats + PER_PARAM * num_params
-    return even(n_query, min(CHUNK, int(TEMPORARIES * adjoint_floats / per_query)))
+    return even(n_query, min(CHUNK, int(TEMPORARIES * n_query * num_params / per_query)))
