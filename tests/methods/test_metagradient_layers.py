@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp
 
 from headwater.methods.metagradient import Metagradient
-from headwater.methods.metagradient_layers import Stack, stack
+from headwater.methods.metagradient_layers import Stack, Unsupported, stack
 from headwater.task import ClassificationTask, RegressionTask
 from headwater.train.recorder import Recorder
 from headwater.train.steps import batch_objective
@@ -156,11 +156,19 @@ def test_unsupported_models_and_tasks_take_the_generic_path():
     assert stack(model, names(model), OwnOutput()) is None
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_a_metagradient_with_layer_products_equals_the_generic_one(optimizer):
+def _per_position() -> nn.Module:  # a Linear on [B, 9, 4]: the layer pass does not apply
+    return nn.Sequential(nn.Linear(4, 2), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3))
+
+
+@pytest.mark.parametrize(
+    ("build", "optimizer"), [(_lenet, "sgd"), (_lenet, "adam"), (_per_position, "sgd")]
+)
+def test_a_metagradient_with_layer_products_equals_the_generic_one(build, optimizer):
     torch.manual_seed(0)
-    model = _lenet().double()
+    model = build().double()
     x = torch.randn(24, 36, dtype=torch.float64)
+    if build is _per_position:
+        x = x.view(24, 9, 4)
     y = torch.randint(0, 3, (24,))
     task = ClassificationTask()
     opt = (
@@ -176,9 +184,9 @@ def test_a_metagradient_with_layer_products_equals_the_generic_one(optimizer):
             task.train_loss(model, (x[idx], y[idx])).mean().backward()
             rec.step(idx)
     run = rec.finish()
-    query = (torch.randn(5, 36, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    query = (torch.randn(5, *x.shape[1:], dtype=torch.float64), torch.randint(0, 3, (5,)))
     fast = Metagradient(model, task, run)
-    assert fast._layers is not None
+    assert fast._layers is not None  # by module types
     slow = Metagradient(model, task, run)
     slow._layers = None
     at = torch.ones(24, dtype=torch.float64)
@@ -188,3 +196,8 @@ def test_a_metagradient_with_layer_products_equals_the_generic_one(optimizer):
         b = slow.hypergradients(query, (x, y), weights=weights)
         assert float(b.abs().max()) > 1e-3
         assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max())
+    assert (fast._layers is None) == (build is _per_position)  # its tensors: generic path
+    if build is _per_position:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        with pytest.raises(Unsupported, match="0: input of 3 dimensions"):
+            Stack(stack(model, list(params), task), params, x, y, at, task, "mean")

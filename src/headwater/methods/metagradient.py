@@ -69,7 +69,7 @@ from headwater.gradients.functional import (
 from headwater.gradients.per_example import check_values
 from headwater.methods import metagradient_chunks as chunks
 from headwater.methods.estimator import Estimator
-from headwater.methods.metagradient_layers import Stack, stack
+from headwater.methods.metagradient_layers import Stack, Unsupported, stack
 from headwater.methods.metagradient_options import check_options
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
@@ -244,10 +244,13 @@ class Metagradient(Estimator):
             ), g
 
         if self._layers is not None and isinstance(x, Tensor):
-            shared = Stack(self._layers, params, x, y, w, self.task, norm)
-            return lambda vectors, _=None: shared.products(layout.unflatten(vectors)), (
-                layout.flatten(shared.grads)
-            )
+            try:
+                shared = Stack(self._layers, params, x, y, w, self.task, norm)
+                return lambda vectors, _=None: shared.products(layout.unflatten(vectors)), (
+                    layout.flatten(shared.grads)
+                )
+            except Unsupported:
+                self._layers = None  # the generic path from now on
         objective = self._objective(x, y, step)
 
         def gradient(p: dict[str, Tensor], weights: Tensor):

@@ -9,13 +9,16 @@ Pearlmutter's R-operator by hand: one shared forward and backward pass per step,
 chunk an R-forward and an R-backward pass whose every operation is batched over the chunk
 (convolutions and matrix products with the queries folded into the batch, or into the
 channels where the queries' tangents are weights), without vmap or autograd graphs. On the
-digits CNN in chunks of 8 queries it is 1.6x faster (``bench/metagradient_floor.py``),
-and its temporaries are a forward pass's tensors per query.
+digits CNN in chunks of 8 queries it takes 0.73 ms per query against 1.07
+(``bench/metagradient_floor.py``), and its temporaries are a forward pass's tensors per
+query.
 
 Supported layers: ``Linear`` (2-D inputs), ``Conv2d`` (``groups=1``, zero padding given as
 numbers), ``Tanh``, ``Sigmoid``, ``ReLU``, ``Identity``, ``Dropout`` (in eval mode: the
 run drew no random numbers), ``AvgPool2d`` (kernel = stride, no padding), ``Flatten`` and
-``Unflatten`` of the feature dimensions; every parameter trained; the task's loss a
+``Unflatten`` of the feature dimensions; inputs ``[B, features]`` (``[B, C, H, W]`` at a
+convolution), outputs ``[B, K]`` (else :class:`Unsupported` at the first step, and the
+generic path); every parameter trained; the task's loss a
 function of the model's output (:meth:`~headwater.task.Task.loss` of
 :meth:`~headwater.task.Task.output`), differentiated by autograd on the ``[B, K]``
 output. Anything else (BatchNorm in train mode, attention, other modules) takes the
@@ -35,7 +38,13 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from headwater.task import Task
 
-__all__ = ["Stack", "stack"]
+__all__ = ["Stack", "Unsupported", "stack"]
+
+
+class Unsupported(Exception):
+    """The layer pass does not apply to this model's tensors (a ``Linear`` on ``[B, T, d]``,
+    an output other than ``[B, K]``): the caller takes the generic path."""
+
 
 _ACTIVATIONS: dict[type, Callable[[Tensor, Tensor], tuple[Tensor | None, Tensor | None]]] = {
     # (σ'(z), σ''(z)) from (z, σ(z)); None: 1 / 0
@@ -124,10 +133,13 @@ class Stack:
         self.layers, self.params = layers, params
         acts = [x]  # the input of each layer, then the output
         for name, m in layers:
+            dims = 2 if isinstance(m, nn.Linear) else 4 if isinstance(m, nn.Conv2d) else None
+            if dims is not None and acts[-1].dim() != dims:
+                raise Unsupported(f"{name}: input of {acts[-1].dim()} dimensions")
             acts.append(self._forward(name, m, acts[-1]))
         self.acts, out = acts, acts[-1]
         if out.dim() != 2:
-            raise ValueError("output: expected [B, K]")
+            raise Unsupported(f"output of {out.dim()} dimensions")
 
         # the loss at the output [B, K], per example (a task's loss is): r_j = ∂ℓ_j/∂f_j and
         # ∂²ℓ_j/∂f_j² [B, K, K]; the objective is Σ_j w_j ℓ_j / N (N: Σw, or B with "n" or
