@@ -161,16 +161,12 @@ class Stack:
         self.fixed = [True]
         for _, m in layers:
             self.fixed.append(self.fixed[-1] and not isinstance(m, nn.Linear | nn.Conv2d))
-        for i in range(len(layers) - 1, -1, -1):
-            deltas.append(self._backward(i, deltas[-1], first=self.fixed[i]))
-        self.deltas = deltas[::-1]  # deltas[i]: adjoint of acts[i]
-        self.slopes: dict[int, Tensor | None] = {}  # activations: σ' [B, 1, ...], σ''·δ
+        # activations: σ' [B, 1, ...] and σ''·δ, for the chunks' passes (set by _backward)
+        self.slopes: dict[int, Tensor | None] = {}
         self.bends: dict[int, Tensor | None] = {}
-        for i, (_, m) in enumerate(layers):
-            if type(m) in _ACTIVATIONS:
-                d1, d2 = _ACTIVATIONS[type(m)](acts[i], acts[i + 1])
-                self.slopes[i] = None if d1 is None else d1.unsqueeze(1)
-                self.bends[i] = None if d2 is None else (d2 * self.deltas[i + 1]).unsqueeze(1)
+        for i in range(len(layers) - 1, -1, -1):
+            deltas.append(self._backward(i, deltas[-1]))
+        self.deltas = deltas[::-1]  # deltas[i]: adjoint of acts[i]
 
     # ------------------------------------------------------------------ shared pass
     def _weight(self, name: str, key: str) -> Tensor | None:
@@ -190,13 +186,15 @@ class Stack:
             return _pool(a, _pair(m.kernel_size))
         return m(a)  # Flatten, Unflatten
 
-    def _backward(self, i: int, dz: Tensor | None, first: bool) -> Tensor | None:
+    def _backward(self, i: int, dz: Tensor | None) -> Tensor | None:
         """The adjoint of layer ``i``'s input from that of its output (None where the input
-        does not depend on θ); parameter gradients into ``grads``."""
+        does not depend on θ); parameter gradients into ``grads``, an activation's
+        derivatives into ``slopes`` and ``bends``."""
         name, m = self.layers[i]
         if dz is None:
             return None
         a, z = self.acts[i], self.acts[i + 1]
+        first = self.fixed[i]
         if isinstance(m, nn.Linear):
             W = self._weight(name, "weight")
             self.grads[f"{name}.weight"] = dz.T @ a
@@ -212,7 +210,9 @@ class Stack:
                 self.grads[f"{name}.bias"] = dz.sum((0, 2, 3))
             return None if first else conv2d_input(a.shape, W, dz, m.stride, m.padding, m.dilation)
         if type(m) in _ACTIVATIONS:
-            d1, _ = _ACTIVATIONS[type(m)](a, z)
+            d1, d2 = _ACTIVATIONS[type(m)](a, z)
+            self.slopes[i] = None if d1 is None else d1.unsqueeze(1)
+            self.bends[i] = None if d2 is None else (d2 * dz).unsqueeze(1)
             return dz if d1 is None else dz * d1
         if isinstance(m, nn.AvgPool2d):
             return _unpool(dz, _pair(m.kernel_size), a.shape)
