@@ -164,6 +164,7 @@ class Stack:
         # activations: σ' [B, 1, ...] and σ''·δ, for the chunks' passes (set by _backward)
         self.slopes: dict[int, Tensor | None] = {}
         self.bends: dict[int, Tensor | None] = {}
+        self.patches: dict[int, tuple[Tensor, Tensor]] = {}
         for i in range(len(layers) - 1, -1, -1):
             deltas.append(self._backward(i, deltas[-1]))
         self.deltas = deltas[::-1]  # deltas[i]: adjoint of acts[i]
@@ -218,6 +219,16 @@ class Stack:
             return _unpool(dz, _pair(m.kernel_size), a.shape)
         return dz.reshape(a.shape)
 
+    def _unfolded(self, i: int, m: nn.Conv2d) -> tuple[Tensor, Tensor]:
+        """Convolution ``i``'s input as patches, ``[B, K, L]`` and ``[K, B L]`` (``K`` a
+        patch's numbers, ``L`` the output positions), made at the first chunk: its
+        products with the queries' weight tangents are then single matrix products (on
+        small maps several times faster than the convolutions)."""
+        if i not in self.patches:
+            cols = F.unfold(self.acts[i], m.kernel_size, m.dilation, m.padding, m.stride)
+            self.patches[i] = (cols, cols.transpose(0, 1).reshape(cols.shape[1], -1))
+        return self.patches[i]
+
     # ------------------------------------------------------------------ products
     def products(self, vectors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """``(H V {name: [c, *shape]}, ∂(g·V)/∂w [c, B])`` for ``V {name: [c, *shape]}``."""
@@ -226,7 +237,9 @@ class Stack:
         rs: list[Tensor | None] = [None]  # R of each layer's input / output, [B, c, ...]
         for i, (name, m) in enumerate(self.layers):
             rs.append(self._r_forward(i, name, m, rs[-1], vectors, c))
-        rf = rs[-1]
+            if not (isinstance(m, nn.Linear | nn.Conv2d) or self.bends.get(i) is not None):
+                rs[i] = None  # its R-backward does not read it: freed now
+        rf = rs.pop()
         if rf is None:
             raise ValueError("model: its output does not depend on the trained parameters")
         r_delta = torch.einsum("bkl,bcl->bck", self.out_hessian, rf) * self.scale  # [B, c, K]
@@ -234,9 +247,10 @@ class Stack:
         jw = along.T / self.norm  # ∂(∂O/∂f · Rf)/∂w_j [c, B]
         if self.by_mass:
             jw = jw - (self.w @ along / self.norm**2).unsqueeze(1)
+        del rf, along
         hv: dict[str, Tensor] = {}
-        for i in range(len(self.layers) - 1, -1, -1):
-            r_delta = self._r_backward(i, rs[i], rs[i + 1], r_delta, vectors, hv, c, B)
+        for i in range(len(self.layers) - 1, -1, -1):  # each R freed once read
+            r_delta = self._r_backward(i, rs.pop(), r_delta, vectors, hv, c, B)
         return hv, jw
 
     def _r_forward(self, i, name, m, ra, vectors, c) -> Tensor | None:
@@ -250,8 +264,12 @@ class Stack:
                 if ra is not None:
                     out.add_(ra @ self._weight(name, "weight").T)
                 return out
-            out = F.conv2d(
-                a, V.reshape(-1, *V.shape[2:]), bias, m.stride, m.padding, m.dilation
+            cols, _ = self._unfolded(i, m)
+            flat = V.reshape(-1, cols.shape[1])
+            out = (
+                torch.matmul(flat, cols)
+                if bias is None
+                else torch.baddbmm(bias.view(1, -1, 1), flat.expand(B, -1, -1), cols)
             ).view(B, c, *z.shape[1:])
             if ra is not None:
                 W = self._weight(name, "weight")
@@ -270,7 +288,7 @@ class Stack:
             return pooled.view(B, c, *z.shape[1:])
         return ra.reshape(B, c, *z.shape[1:])
 
-    def _r_backward(self, i, ra, rz, r_dz, vectors, hv, c, B) -> Tensor | None:
+    def _r_backward(self, i, ra, r_dz, vectors, hv, c, B) -> Tensor | None:
         """R of the adjoint of layer ``i``'s input from that of its output (``r_dz``), and
         the layer's rows of ``H V`` into ``hv``."""
         name, m = self.layers[i]
@@ -296,8 +314,13 @@ class Stack:
             co, ci = V.shape[1:3]
             k = V.shape[3:]
             geometry = (m.stride, m.padding, m.dilation)
-            flat = r_dz.reshape(B, c * co, *z.shape[2:])
-            h = conv2d_weight(a, (c * co, ci, *k), flat, *geometry).view(c, co, ci, *k)
+            cols, rows = self._unfolded(i, m)  # [B, K, L], [K, B L]
+            flat = r_dz.reshape(B, c * co, -1)
+            if cols.shape[1] <= cols.shape[2]:  # per example [K, c co]: no larger than r_dz
+                h = torch.bmm(cols, flat.transpose(1, 2)).sum(0)
+            else:  # r_dz as [c co, B L]: a copy
+                h = torch.mm(rows, flat.transpose(0, 1).reshape(c * co, -1).T)
+            h = h.T.reshape(c, co, ci, *k)
             if ra is not None:
                 inner = conv2d_weight(
                     ra.reshape(B, c * ci, *a.shape[2:]), (co, c * ci, *k), dz, *geometry
