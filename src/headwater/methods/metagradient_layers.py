@@ -164,10 +164,12 @@ class Stack:
         # activations: σ' [B, 1, ...] and σ''·δ, for the chunks' passes (set by _backward)
         self.slopes: dict[int, Tensor | None] = {}
         self.bends: dict[int, Tensor | None] = {}
-        self.patches: dict[int, tuple[Tensor, Tensor]] = {}
+        self.patches: dict[int, Tensor] = {}
         for i in range(len(layers) - 1, -1, -1):
             deltas.append(self._backward(i, deltas[-1]))
         self.deltas = deltas[::-1]  # deltas[i]: adjoint of acts[i]
+        self.head = self._find_head()
+        self._head_tensors: tuple[Tensor, Tensor | None] | None = None
 
     # ------------------------------------------------------------------ shared pass
     def _weight(self, name: str, key: str) -> Tensor | None:
@@ -219,15 +221,92 @@ class Stack:
             return _unpool(dz, _pair(m.kernel_size), a.shape)
         return dz.reshape(a.shape)
 
-    def _unfolded(self, i: int, m: nn.Conv2d) -> tuple[Tensor, Tensor]:
-        """Convolution ``i``'s input as patches, ``[B, K, L]`` and ``[K, B L]`` (``K`` a
-        patch's numbers, ``L`` the output positions), made at the first chunk: its
-        products with the queries' weight tangents are then single matrix products (on
-        small maps several times faster than the convolutions)."""
+    def _patches(self, i: int) -> Tensor:
+        """Layer ``i``'s input as patches ``[B, K', L]``, made at the first chunk: ``K'`` a
+        patch's numbers and a 1 for the bias, ``L`` the output positions (a Linear's whole
+        input, ``L = 1``). A convolution's products with the queries' tangents of its
+        parameters are then matrix products (on small maps several times faster than
+        mkldnn's convolutions and weight gradients)."""
         if i not in self.patches:
-            cols = F.unfold(self.acts[i], m.kernel_size, m.dilation, m.padding, m.stride)
-            self.patches[i] = (cols, cols.transpose(0, 1).reshape(cols.shape[1], -1))
+            m, a = self.layers[i][1], self.acts[i]
+            if isinstance(m, nn.Conv2d):
+                cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            else:
+                cols = a.unsqueeze(-1)
+            if m.bias is not None:
+                cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], 1)
+            self.patches[i] = cols
         return self.patches[i]
+
+    def _tangents(self, vectors: dict[str, Tensor], i: int, c: int) -> Tensor:
+        """The queries' tangents of layer ``i``'s parameters as ``[c, o, K']`` (as
+        :meth:`_patches`: the bias last)."""
+        name, m = self.layers[i]
+        V = vectors[f"{name}.weight"]
+        flat = V.reshape(c, V.shape[1], -1)
+        if m.bias is None:
+            return flat
+        return torch.cat([flat, vectors[f"{name}.bias"].unsqueeze(-1)], -1)
+
+    def _rows_of(self, i: int, h: Tensor, hv: dict[str, Tensor]) -> None:
+        """Layer ``i``'s rows of ``H V`` from ``h [c, o, K']`` into ``hv``."""
+        name, m = self.layers[i]
+        weight = self.params[f"{name}.weight"]
+        n = weight[0].numel()
+        hv[f"{name}.weight"] = h[..., :n].reshape(h.shape[0], *weight.shape)
+        if m.bias is not None:
+            hv[f"{name}.bias"] = h[..., n].contiguous()
+
+    # ------------------------------------------------------------------ the head
+    def _find_head(self) -> tuple[int, int] | None:
+        """``(i, j)``: layers ``i..j`` are the first layer with parameters, the activation
+        after it and, if one follows, an average pool. The head's input is fixed, so its
+        R-operators are linear in the queries' tangents of its parameters alone, through
+        tensors the step's chunks share (:meth:`_head_shared`): no per-query maps of the
+        first layer's size."""
+        kinds = [m for _, m in self.layers]
+        i = next((k for k, m in enumerate(kinds) if isinstance(m, nn.Linear | nn.Conv2d)), None)
+        if i is None or i + 1 == len(kinds) or type(kinds[i + 1]) not in _ACTIVATIONS:
+            return None
+        pooled = i + 2 < len(kinds) and isinstance(kinds[i + 2], nn.AvgPool2d)
+        return i, i + 2 if pooled else i + 1
+
+    def _head_shared(self) -> tuple[Tensor, Tensor | None]:
+        """``(S [o, K', B L'], M [o, K', K'] or None)``, made at the first chunk. ``K'``: a
+        patch of the head's input (a Linear's whole input), with a 1 for the bias; ``o``
+        its output channels, ``L'`` the positions after the pool. ``S``: the patches times
+        the activation's slope at output channel ``o``, pooled, so that the head's R is
+        ``V_o S_o`` and its weight rows of ``H V`` are ``Rδ_o S_oᵀ``; ``M``: the patches'
+        second moments weighted by the activation's ``σ''·δ``, its part ``V_o M_o``."""
+        if self._head_tensors is None:
+            i, j = self.head  # type: ignore[misc]
+            cols, z = self._patches(i), self.acts[i + 1]
+            (B, k, _), o = cols.shape, z.shape[1]
+            slope, bend = self.slopes[i + 1], self.bends[i + 1]
+            per = cols.unsqueeze(1).expand(B, o, k, cols.shape[2])  # [B, o, K', L]
+            if slope is not None:
+                per = per * slope.reshape(B, o, 1, -1)
+            if j > i + 1:
+                size = _pair(self.layers[j][1].kernel_size)
+                per = _pool(per.reshape(B, o * k, *z.shape[2:]), size).view(B, o, k, -1)
+            S = per.permute(1, 2, 0, 3).reshape(o, k, -1)
+            M = None
+            if bend is not None:
+                M = torch.einsum(
+                    "bokp,bjp->okj", cols.unsqueeze(1) * bend.reshape(B, o, 1, -1), cols
+                )
+            self._head_tensors = (S, M)
+        return self._head_tensors
+
+    def _head_backward(self, r_dz: Tensor, Vh: Tensor, hv: dict[str, Tensor], c: int) -> None:
+        """The head's rows of ``H V`` from the R of the adjoint of its output."""
+        S, M = self._head_shared()
+        o, B = S.shape[0], r_dz.shape[0]
+        G = r_dz.reshape(B, c, o, -1).permute(2, 1, 0, 3).reshape(o, c, -1)  # [o, c, B L']
+        h = torch.bmm(G, S.transpose(1, 2))  # [o, c, K']
+        if M is not None:
+            h.baddbmm_(Vh, M)  # M is symmetric
+        self._rows_of(self.head[0], h.transpose(0, 1), hv)  # type: ignore[index]
 
     # ------------------------------------------------------------------ products
     def products(self, vectors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
@@ -235,7 +314,15 @@ class Stack:
         c = next(iter(vectors.values())).shape[0]
         B = self.out.shape[0]
         rs: list[Tensor | None] = [None]  # R of each layer's input / output, [B, c, ...]
-        for i, (name, m) in enumerate(self.layers):
+        start = 0
+        if self.head is not None:
+            start = self.head[1] + 1
+            S, _ = self._head_shared()
+            Vh = self._tangents(vectors, self.head[0], c).transpose(0, 1).contiguous()
+            out = torch.bmm(Vh, S).view(S.shape[0], c, B, -1).permute(2, 1, 0, 3)
+            rs = [None] * start + [out.reshape(B, c, *self.acts[start].shape[1:])]
+        for i in range(start, len(self.layers)):
+            name, m = self.layers[i]
             rs.append(self._r_forward(i, name, m, rs[-1], vectors, c))
             if not (isinstance(m, nn.Linear | nn.Conv2d) or self.bends.get(i) is not None):
                 rs[i] = None  # its R-backward does not read it: freed now
@@ -249,8 +336,10 @@ class Stack:
             jw = jw - (self.w @ along / self.norm**2).unsqueeze(1)
         del rf, along
         hv: dict[str, Tensor] = {}
-        for i in range(len(self.layers) - 1, -1, -1):  # each R freed once read
+        for i in range(len(self.layers) - 1, start - 1, -1):  # each R freed once read
             r_delta = self._r_backward(i, rs.pop(), r_delta, vectors, hv, c, B)
+        if self.head is not None:
+            self._head_backward(r_delta, Vh, hv, c)
         return hv, jw
 
     def _r_forward(self, i, name, m, ra, vectors, c) -> Tensor | None:
@@ -264,13 +353,8 @@ class Stack:
                 if ra is not None:
                     out.add_(ra @ self._weight(name, "weight").T)
                 return out
-            cols, _ = self._unfolded(i, m)
-            flat = V.reshape(-1, cols.shape[1])
-            out = (
-                torch.matmul(flat, cols)
-                if bias is None
-                else torch.baddbmm(bias.view(1, -1, 1), flat.expand(B, -1, -1), cols)
-            ).view(B, c, *z.shape[1:])
+            tangents = self._tangents(vectors, i, c).reshape(-1, self._patches(i).shape[1])
+            out = torch.matmul(tangents, self._patches(i)).view(B, c, *z.shape[1:])
             if ra is not None:
                 W = self._weight(name, "weight")
                 inner = F.conv2d(
@@ -314,21 +398,20 @@ class Stack:
             co, ci = V.shape[1:3]
             k = V.shape[3:]
             geometry = (m.stride, m.padding, m.dilation)
-            cols, rows = self._unfolded(i, m)  # [B, K, L], [K, B L]
+            cols = self._patches(i)  # [B, K', L]
             flat = r_dz.reshape(B, c * co, -1)
-            if cols.shape[1] <= cols.shape[2]:  # per example [K, c co]: no larger than r_dz
+            if cols.shape[1] <= cols.shape[2]:  # per example [K', c co]: no larger than r_dz
                 h = torch.bmm(cols, flat.transpose(1, 2)).sum(0)
             else:  # r_dz as [c co, B L]: a copy
+                rows = cols.transpose(0, 1).reshape(cols.shape[1], -1)
                 h = torch.mm(rows, flat.transpose(0, 1).reshape(c * co, -1).T)
-            h = h.T.reshape(c, co, ci, *k)
+            h = h.T.reshape(c, co, -1)
             if ra is not None:
                 inner = conv2d_weight(
                     ra.reshape(B, c * ci, *a.shape[2:]), (co, c * ci, *k), dz, *geometry
                 )
-                h.add_(inner.view(co, c, ci, *k).transpose(0, 1))
-            hv[f"{name}.weight"] = h
-            if m.bias is not None:
-                hv[f"{name}.bias"] = r_dz.sum((0, 3, 4))
+                h[..., : ci * k[0] * k[1]].add_(inner.view(co, c, -1).transpose(0, 1))
+            self._rows_of(i, h, hv)
             if first:
                 return None
             W = self._weight(name, "weight")
