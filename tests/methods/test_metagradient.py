@@ -157,6 +157,7 @@ def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
     case = mlp(n_train=20, n_query=5)
     task, run = record(case, optimizer)
     monkeypatch.setattr(metagradient_chunks, "TEMPORARIES", 1e9)  # only the cap CHUNK binds
+    monkeypatch.setattr(metagradient_chunks, "LIMIT", 1e9)
     sizes = []
     for cap in (5, 3):  # one chunk; chunks of 3 and 2 queries
         monkeypatch.setattr(metagradient_chunks, "CHUNK", cap)
@@ -168,9 +169,10 @@ def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
 
 
 def test_chunks_shrink_with_the_activations_and_give_the_same_scores(monkeypatch):
-    """The chunk holds its temporaries (about 3 forward passes' tensors + 4 P floats per
-    query) within 4x the queries' adjoints of θ: a CNN, whose batch activations dwarf P, gets smaller
-    chunks than an MLP; a budget of one query per chunk gives the same scores."""
+    """The chunk holds its temporaries (the layer pass's: half a forward pass's tensors +
+    4 P floats per query and adjoint) and the adjoints within 4.5x the queries' adjoints of
+    θ: a CNN, whose batch activations dwarf P, gets smaller chunks than an MLP; a budget of
+    one query per chunk gives the same scores."""
     rows = []
     pick = Metagradient._chunk_rows
     monkeypatch.setattr(
@@ -182,6 +184,7 @@ def test_chunks_shrink_with_the_activations_and_give_the_same_scores(monkeypatch
         whole = Metagradient(case.model, task, run).scores(case.query, case.train)
     assert 1 < rows[1] < rows[0] < 30, rows
     monkeypatch.setattr(metagradient_chunks, "TEMPORARIES", 1e-9)
+    monkeypatch.setattr(metagradient_chunks, "LIMIT", 0)
     single = Metagradient(case.model, task, run).scores(case.query, case.train)
     assert rows[-1] == 1
     assert_close(single, whole, rtol=0, atol=1e-10, what="one query per chunk vs the rule's")

@@ -525,12 +525,18 @@ class Metagradient(Estimator):
         counted on one forward pass over the first batch, ``Q`` the rows of ``carry``)."""
         x_all, y_all, w_all = data
         idx, theta = self.run.batches[0], self.run.checkpoints[-1].theta.to(self.dtype)
+        x, y, w = take(x_all, idx), y_all[idx], w_all[idx]
         counter = OutputBytes()
         with torch.no_grad(), counter:
-            losses = self._losses_fn(take(x_all, idx), y_all[idx], 0)
-            losses(self.run.layout.unflatten(theta), w_all[idx])
+            self._losses_fn(x, y, 0)(self.run.layout.unflatten(theta), w)
         forward = counter.total / theta.element_size()
-        return chunks.rows(carry.shape[1], forward, theta.shape[0])
+        if self._layers is not None and isinstance(x, Tensor):
+            try:  # whether the layer pass covers these tensors
+                Stack(self._layers, self.run.layout.unflatten(theta), x, y, w, self.task, "n")
+            except Unsupported:
+                self._layers = None
+        layers_with = carry.shape[0] if self._layers is not None else None
+        return chunks.rows(carry.shape[1], forward, theta.shape[0], layers_with)
 
     @staticmethod
     def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int] | None:

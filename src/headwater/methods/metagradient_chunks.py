@@ -3,7 +3,17 @@ carries at once: the time per query falls with the chunk, the temporaries grow w
 
 from __future__ import annotations
 
-__all__ = ["CHUNK", "PER_FORWARD", "PER_PARAM", "TEMPORARIES", "even", "rows"]
+__all__ = [
+    "CHUNK",
+    "LAYER_FORWARD",
+    "LIMIT",
+    "PER_FORWARD",
+    "PER_PARAM",
+    "PER_STATE",
+    "TEMPORARIES",
+    "even",
+    "rows",
+]
 
 CHUNK = 35
 """Most queries per chunk of a reverse step. A call of the vmapped pullback costs about
@@ -33,15 +43,43 @@ layer pass (:mod:`~headwater.methods.metagradient_layers`) holds less, and is fa
 chunks of about 8 (larger ones leave the cache)."""
 
 
+LAYER_FORWARD, PER_STATE = 0.5, 4
+"""The layer pass's (:mod:`~headwater.methods.metagradient_layers`) temporaries per query:
+about ``0.5 A + (4 + 4 s) P`` floats, ``s`` the optimizer's state tensors whose adjoints
+the reverse step carries (0 for plain SGD, 1 with momentum, 2 for Adam): its own tensors
+are at most one forward pass's per query (0.45 ``A`` live on the LeNet-style CNN, whose
+head takes no per-query maps), the optimizer's pullback adds a few ``[c, P]`` passes per
+state. Fitted to the peak RSS of 200 queries on that CNN in chunks of 9-20: 0.25 MiB per
+query with SGD and momentum, 0.36 with Adam (``A`` = 100k, P = 3.7k)."""
+
+LIMIT = 4.5
+"""The layer pass's chunks keep the adjoints (``(1 + s)·Q·P`` floats) and a chunk's
+temporaries within this many times ``Q·P``: the metagradient's peak stays near 4.5x the
+model, its optimizer state and the queries' adjoints of θ (its goal: 5x), so Adam, with
+a third adjoint, gets smaller chunks than SGD. (The generic pullback keeps
+:data:`TEMPORARIES`: fitted to its measured recipes, whose train-mode runs reach about
+6x.)"""
+
+
 def even(n_query: int, most: int = CHUNK) -> int:
     """Rows per chunk: at most ``most``, the chunks of ``n_query`` as even as possible."""
     pieces = max(1, -(-n_query // max(1, most)))
     return max(1, -(-n_query // pieces))
 
 
-def rows(n_query: int, forward_floats: float, num_params: int) -> int:
-    """Queries per chunk of a reverse step: at most :data:`CHUNK`, and their temporaries
-    (about ``3 A + 4 P`` floats each, ``A = forward_floats`` of one forward pass over a
-    batch) within :data:`TEMPORARIES` times the queries' adjoints of θ (``n_query · P``)."""
-    per_query = PER_FORWARD * forward_floats + PER_PARAM * num_params
-    return even(n_query, min(CHUNK, int(TEMPORARIES * n_query * num_params / per_query)))
+def rows(
+    n_query: int, forward_floats: float, num_params: int, layers_with: int | None = None
+) -> int:
+    """Queries per chunk of a reverse step: at most :data:`CHUNK`. The generic pullback's
+    temporaries (about ``3 A + 4 P`` floats each, ``A = forward_floats`` of one forward
+    pass over a batch) within :data:`TEMPORARIES` times the queries' adjoints of θ
+    (``n_query · P``); with ``layers_with`` (the layer pass, carrying that many adjoints
+    per query) theirs (:data:`LAYER_FORWARD`) and the adjoints within :data:`LIMIT` times
+    ``n_query · P``."""
+    if layers_with is None:
+        per_query, room = PER_FORWARD * forward_floats + PER_PARAM * num_params, TEMPORARIES
+    else:
+        states = layers_with - 1
+        per_query = LAYER_FORWARD * forward_floats + (PER_PARAM + PER_STATE * states) * num_params
+        room = max(LIMIT - layers_with, 0.0)
+    return even(n_query, min(CHUNK, int(room * n_query * num_params / per_query)))

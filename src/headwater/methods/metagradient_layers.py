@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, jacfwd, vmap
+from torch.func import grad, jvp, vmap
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from headwater.task import Task
@@ -144,11 +144,14 @@ class Stack:
         # the loss at the output [B, K], per example (a task's loss is): r_j = ∂ℓ_j/∂f_j and
         # ∂²ℓ_j/∂f_j² [B, K, K]; the objective is Σ_j w_j ℓ_j / N (N: Σw, or B with "n" or
         # when Σw = 0, as batch_objective), so ∂O/∂f_j = w_j r_j / N
-        def single(f: Tensor, target: Tensor) -> Tensor:
-            return task.loss(f.unsqueeze(0), target.unsqueeze(0))[0]
+        # ℓ_j depends on f_j alone: K products of the summed loss's Hessian with a basis
+        # vector at every example give every example's block (one vmap level, not two)
+        def total(f: Tensor) -> Tensor:
+            return task.loss(f, y).sum()
 
-        self.r = grad(lambda f: task.loss(f, y).sum())(out)
-        self.out_hessian = vmap(jacfwd(grad(single)))(out, y)
+        basis = torch.eye(out.shape[1], dtype=out.dtype).unsqueeze(1).expand(-1, *out.shape)
+        r, columns = vmap(lambda e: jvp(grad(total), (out,), (e,)))(basis)  # [K, B, K] each
+        self.r, self.out_hessian = r[0], columns.permute(1, 2, 0)
         mass = w.sum()
         self.by_mass = normalization != "n" and bool(mass > 0)
         self.norm = mass if self.by_mass else torch.full_like(mass, float(out.shape[0]))
