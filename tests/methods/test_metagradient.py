@@ -169,9 +169,8 @@ def test_query_chunks_equal_one_chunk(optimizer, monkeypatch):
 
 
 def test_chunks_shrink_with_the_activations_and_give_the_same_scores(monkeypatch):
-    """The chunk holds its temporaries (the layer pass's: half a forward pass's tensors +
-    4 P floats per query and adjoint) and the adjoints within 4.5x the queries' adjoints of
-    θ: a CNN, whose batch activations dwarf P, gets smaller chunks than an MLP; a budget of
+    """The chunk holds its temporaries (the layer pass's: 0.8 forward passes' tensors +
+    4 P floats per query) and the adjoints within 4.5x the queries' adjoints of θ: a CNN, whose batch activations dwarf P, gets smaller chunks than an MLP; a budget of
     one query per chunk gives the same scores."""
     rows = []
     pick = Metagradient._chunk_rows

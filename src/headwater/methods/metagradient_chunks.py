@@ -9,7 +9,6 @@ __all__ = [
     "LIMIT",
     "PER_FORWARD",
     "PER_PARAM",
-    "PER_STATE",
     "TEMPORARIES",
     "even",
     "rows",
@@ -43,14 +42,13 @@ layer pass (:mod:`~headwater.methods.metagradient_layers`) holds less, and is fa
 chunks of about 8 (larger ones leave the cache)."""
 
 
-LAYER_FORWARD, PER_STATE = 0.5, 4
+LAYER_FORWARD = 0.8
 """The layer pass's (:mod:`~headwater.methods.metagradient_layers`) temporaries per query:
-about ``0.5 A + (4 + 4 s) P`` floats, ``s`` the optimizer's state tensors whose adjoints
-the reverse step carries (0 for plain SGD, 1 with momentum, 2 for Adam): its own tensors
-are at most one forward pass's per query (0.45 ``A`` live on the LeNet-style CNN, whose
-head takes no per-query maps), the optimizer's pullback adds a few ``[c, P]`` passes per
-state. Fitted to the peak RSS of 200 queries on that CNN in chunks of 9-20: 0.25 MiB per
-query with SGD and momentum, 0.36 with Adam (``A`` = 100k, P = 3.7k)."""
+about ``0.8 A + 4 P`` floats (:data:`PER_PARAM`). Its own live tensors are 0.45 ``A`` per
+query on the LeNet-style CNN (its head takes no per-query maps); the peak RSS of 200
+queries there, from chunks of 9 to 20, rose by 0.25 MiB per query with SGD and momentum
+and 0.36 MiB with Adam (``A`` = 100k, P = 3.7k: 0.8 ``A`` + 4 P is 0.36 MiB). On the
+digits MLP (``A`` = 17k, P = 9k) it rose by 0.08-0.13 MiB per query."""
 
 LIMIT = 4.5
 """The layer pass's chunks keep the adjoints (``(1 + s)·Q·P`` floats) and a chunk's
@@ -79,7 +77,6 @@ def rows(
     if layers_with is None:
         per_query, room = PER_FORWARD * forward_floats + PER_PARAM * num_params, TEMPORARIES
     else:
-        states = layers_with - 1
-        per_query = LAYER_FORWARD * forward_floats + (PER_PARAM + PER_STATE * states) * num_params
+        per_query = LAYER_FORWARD * forward_floats + PER_PARAM * num_params
         room = max(LIMIT - layers_with, 0.0)
     return even(n_query, min(CHUNK, int(room * n_query * num_params / per_query)))

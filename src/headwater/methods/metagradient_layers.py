@@ -225,17 +225,13 @@ class Stack:
         return dz.reshape(a.shape)
 
     def _patches(self, i: int) -> Tensor:
-        """Layer ``i``'s input as patches ``[B, K', L]``, made at the first chunk: ``K'`` a
-        patch's numbers and a 1 for the bias, ``L`` the output positions (a Linear's whole
-        input, ``L = 1``). A convolution's products with the queries' tangents of its
-        parameters are then matrix products (on small maps several times faster than
-        mkldnn's convolutions and weight gradients)."""
+        """Convolution ``i``'s input as patches ``[B, K', L]``, made at the first chunk:
+        ``K'`` a patch's numbers and a 1 for the bias, ``L`` the output positions. Its
+        products with the queries' tangents of its parameters are then matrix products (on
+        small maps several times faster than mkldnn's convolutions and weight gradients)."""
         if i not in self.patches:
-            m, a = self.layers[i][1], self.acts[i]
-            if isinstance(m, nn.Conv2d):
-                cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
-            else:
-                cols = a.unsqueeze(-1)
+            m = self.layers[i][1]
+            cols = F.unfold(self.acts[i], m.kernel_size, m.dilation, m.padding, m.stride)
             if m.bias is not None:
                 cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], 1)
             self.patches[i] = cols
@@ -262,14 +258,21 @@ class Stack:
 
     # ------------------------------------------------------------------ the head
     def _find_head(self) -> tuple[int, int] | None:
-        """``(i, j)``: layers ``i..j`` are the first layer with parameters, the activation
-        after it and, if one follows, an average pool. The head's input is fixed, so its
-        R-operators are linear in the queries' tangents of its parameters alone, through
-        tensors the step's chunks share (:meth:`_head_shared`): no per-query maps of the
-        first layer's size."""
+        """``(i, j)``: layers ``i..j`` are the first layer with parameters, a convolution,
+        the activation after it and, if one follows, an average pool. The head's input is
+        fixed, so its R-operators are linear in the queries' tangents of its parameters
+        alone, through tensors the step's chunks share (:meth:`_head_shared`): no per-query
+        maps of the first layer's size. (A Linear first layer has no positions: its
+        per-query tensors are as small as those shared tensors' rows, and the products
+        by layer are faster on the digits MLP.)"""
         kinds = [m for _, m in self.layers]
         i = next((k for k, m in enumerate(kinds) if isinstance(m, nn.Linear | nn.Conv2d)), None)
-        if i is None or i + 1 == len(kinds) or type(kinds[i + 1]) not in _ACTIVATIONS:
+        if (
+            i is None
+            or not isinstance(kinds[i], nn.Conv2d)
+            or i + 1 == len(kinds)
+            or type(kinds[i + 1]) not in _ACTIVATIONS
+        ):
             return None
         pooled = i + 2 < len(kinds) and isinstance(kinds[i + 2], nn.AvgPool2d)
         return i, i + 2 if pooled else i + 1
