@@ -49,7 +49,19 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-MODELS = {"lenet": _lenet, "strided": _strided, "mlp": _mlp}
+def _wide() -> nn.Module:  # a wide patch on the whole map: the first layer is not a head
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 6, 6)),
+        nn.Conv2d(1, 2, 5, padding=2),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(18, 3),
+    )
+
+
+MODELS = {"lenet": _lenet, "strided": _strided, "mlp": _mlp, "wide": _wide}
+HEADS = {"lenet": (1, 3), "strided": (1, 2), "mlp": None, "wide": None}
 
 
 def _problem(build, task, seed: int = 0):
@@ -108,6 +120,7 @@ def test_layer_products_equal_reverse_over_reverse(arch, task, normalization, we
     gen = torch.Generator().manual_seed(1)
     vectors = {k: torch.randn(3, *v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
     shared = Stack(layers, params, x, y, w, task, normalization)
+    assert shared.head == HEADS[arch]
     hv, jw = shared.products(vectors)
     g, hv_ref, jw_ref = _autograd_products(model, task, params, x, y, w, normalization, vectors)
     assert sorted(hv) == sorted(hv_ref) == sorted(shared.grads)

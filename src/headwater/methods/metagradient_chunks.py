@@ -28,18 +28,16 @@ forward pass over the batch creates (fitted to the peak RSS of 200 queries on th
 MLP, ``A`` = 17k, P = 9k, and the LeNet-style CNN, ``A`` = 100k, P = 3.7k)."""
 
 TEMPORARIES = 4
-"""A chunk's temporaries are held to this many times the queries' adjoints of θ (``Q·P``
-floats; the optimizer state's adjoints add 1-2 more), so memory stays ``O(Q·P)`` whatever
-the activations: the LeNet-style CNN, whose batch activations are 27x P, runs chunks of 9
-(35 were 16-20x ``(1 + state + Q)·P`` floats), with SGD and with Adam alike (relative to
-all the adjoints, Adam's third made its chunks 13, slower per query and 6.2-6.7x the
-budget). A call of the autograd pullback costs about 3.8 ms plus 0.75 ms per query there
-(quiet, one thread): 1.1 ms per query in chunks of 8, 1.0 in chunks of 35, whose 3.6 MB
-temporaries are fresh pages at every call (3,550 minor faults; 0.75 without them, glibc's
-thresholds raised). Its live temporaries are about one forward pass's tensors per query
-(0.36 MB, mallinfo); the peak RSS holds 1.6-1.9x the live peak (glibc's free lists). The
-layer pass (:mod:`~headwater.methods.metagradient_layers`) holds less, and is fastest in
-chunks of about 8 (larger ones leave the cache)."""
+"""The generic pullback's chunk holds its temporaries to this many times the queries'
+adjoints of θ (``Q·P`` floats; the optimizer state's adjoints add 1-2 more), so memory
+stays ``O(Q·P)`` whatever the activations: the LeNet-style CNN, whose batch activations
+are 27x P, ran chunks of 9 there (35 were 16-20x ``(1 + state + Q)·P`` floats). A call of
+the autograd pullback costs about 3.8 ms plus 0.75 ms per query on that CNN (quiet, one
+thread): 1.1 ms per query in chunks of 8, 1.0 in chunks of 35, whose 3.6 MB temporaries
+are fresh pages at every call (3,550 minor faults; 0.75 without them, glibc's thresholds
+raised). Its live temporaries are about one forward pass's tensors per query (0.36 MB,
+mallinfo); the peak RSS holds 1.6-1.9x the live peak (glibc's free lists). The layer
+pass has its own rule (:data:`LAYER_FORWARD`, :data:`LIMIT`)."""
 
 
 LAYER_FORWARD = 0.8

@@ -8,10 +8,15 @@ an ``nn.Sequential`` of the layers below, this module computes the same numbers 
 Pearlmutter's R-operator by hand: one shared forward and backward pass per step, then per
 chunk an R-forward and an R-backward pass whose every operation is batched over the chunk
 (convolutions and matrix products with the queries folded into the batch, or into the
-channels where the queries' tangents are weights), without vmap or autograd graphs. On the
-digits CNN in chunks of 8 queries it takes 0.73 ms per query against 1.07
-(``bench/metagradient_floor.py``), and its temporaries are a forward pass's tensors per
-query.
+channels where the queries' tangents are weights), without vmap or autograd graphs. A
+convolution's products with the queries' tangents of its own parameters are matrix
+products with its input's patches (unfolded once per step). The head (the first layer
+with parameters when it is a convolution, its activation, an average pool after it) has
+a fixed input, so its R-operators are linear in the queries' tangents of its own
+parameters through tensors the chunks share (:meth:`Stack._head_shared`): no per-query
+maps of the first layer's size. On the digits CNN it takes 0.39-0.50 ms per query in
+chunks of 11-34 against the pullback's 1.0-1.1 (``bench/metagradient_floor.py``), and
+holds under half a forward pass's tensors per query.
 
 Supported layers: ``Linear`` (2-D inputs), ``Conv2d`` (``groups=1``, zero padding given as
 numbers), ``Tanh``, ``Sigmoid``, ``ReLU``, ``Identity``, ``Dropout`` (in eval mode: the
@@ -228,7 +233,8 @@ class Stack:
         """Convolution ``i``'s input as patches ``[B, K', L]``, made at the first chunk:
         ``K'`` a patch's numbers and a 1 for the bias, ``L`` the output positions. Its
         products with the queries' tangents of its parameters are then matrix products (on
-        small maps several times faster than mkldnn's convolutions and weight gradients)."""
+        the digits CNN's maps 1.3-7x faster than mkldnn's convolutions and weight
+        gradients)."""
         if i not in self.patches:
             m = self.layers[i][1]
             cols = F.unfold(self.acts[i], m.kernel_size, m.dilation, m.padding, m.stride)
@@ -264,7 +270,9 @@ class Stack:
         alone, through tensors the step's chunks share (:meth:`_head_shared`): no per-query
         maps of the first layer's size. (A Linear first layer has no positions: its
         per-query tensors are as small as those shared tensors' rows, and the products
-        by layer are faster on the digits MLP.)"""
+        by layer are faster on the digits MLP.) Not taken where those tensors, before the
+        pool, would exceed 4 forward passes' (a wide patch on a large map: they hold a
+        patch per position and output channel)."""
         kinds = [m for _, m in self.layers]
         i = next((k for k, m in enumerate(kinds) if isinstance(m, nn.Linear | nn.Conv2d)), None)
         if (
@@ -274,12 +282,16 @@ class Stack:
             or type(kinds[i + 1]) not in _ACTIVATIONS
         ):
             return None
+        conv, z = kinds[i], self.acts[i + 1]
+        patch = conv.weight[0].numel() + (conv.bias is not None)
+        if z.numel() * patch > 4 * sum(a.numel() for a in self.acts):
+            return None
         pooled = i + 2 < len(kinds) and isinstance(kinds[i + 2], nn.AvgPool2d)
         return i, i + 2 if pooled else i + 1
 
     def _head_shared(self) -> tuple[Tensor, Tensor | None]:
         """``(S [o, K', B L'], M [o, K', K'] or None)``, made at the first chunk. ``K'``: a
-        patch of the head's input (a Linear's whole input), with a 1 for the bias; ``o``
+        patch of the head's input, with a 1 for the bias; ``o``
         its output channels, ``L'`` the positions after the pool. ``S``: the patches times
         the activation's slope at output channel ``o``, pooled, so that the head's R is
         ``V_o S_o`` and its weight rows of ``H V`` are ``Rδ_o S_oᵀ``; ``M``: the patches'
