@@ -173,10 +173,11 @@ def _per_position() -> nn.Module:  # a Linear on [B, 9, 4]: the layer pass does 
     return nn.Sequential(nn.Linear(4, 2), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3))
 
 
+@pytest.mark.parametrize("hessian_free", [False, True])
 @pytest.mark.parametrize(
     ("build", "optimizer"), [(_lenet, "sgd"), (_lenet, "adam"), (_per_position, "sgd")]
 )
-def test_a_metagradient_with_layer_products_equals_the_generic_one(build, optimizer):
+def test_a_metagradient_with_layer_products_equals_the_generic_one(build, optimizer, hessian_free):
     torch.manual_seed(0)
     model = build().double()
     x = torch.randn(24, 36, dtype=torch.float64)
@@ -198,9 +199,9 @@ def test_a_metagradient_with_layer_products_equals_the_generic_one(build, optimi
             rec.step(idx)
     run = rec.finish()
     query = (torch.randn(5, *x.shape[1:], dtype=torch.float64), torch.randint(0, 3, (5,)))
-    fast = Metagradient(model, task, run)
+    fast = Metagradient(model, task, run, hessian_free=hessian_free)
     assert fast._layers is not None  # by module types
-    slow = Metagradient(model, task, run)
+    slow = Metagradient(model, task, run, hessian_free=hessian_free)
     slow._layers = None
     at = torch.ones(24, dtype=torch.float64)
     at[[1, 7]] = 0

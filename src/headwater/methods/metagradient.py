@@ -228,9 +228,18 @@ class Metagradient(Estimator):
         without such layers) in the same pass. The model is called on ``{name: view}`` of
         the flat vectors: with a flat ``θ`` every slice's derivative would be a dense
         ``[c, P]`` tensor. With ``hessian_free`` only the weight derivatives (``J_t V`` in
-        forward mode)."""
+        forward mode, or the layer pass's R-forward pass)."""
         layout, norm = self.run.layout, self.normalization
         params = layout.unflatten(theta)
+        if self._layers is not None and isinstance(x, Tensor):
+            try:
+                shared = Stack(self._layers, params, x, y, w, self.task, norm)
+                hessian = not self.hessian_free  # without: the R-forward pass alone
+                return lambda vectors, _=None: shared.products(
+                    layout.unflatten(vectors), hessian
+                ), layout.flatten(shared.grads)
+            except Unsupported:
+                self._layers = None  # the generic path from now on
         if self.hessian_free:
             losses = self._losses_fn(x, y, step)
 
@@ -247,14 +256,6 @@ class Metagradient(Estimator):
                 (forward(layout.unflatten(vectors)) - (vectors @ g)[:, None]) / mass,
             ), g
 
-        if self._layers is not None and isinstance(x, Tensor):
-            try:
-                shared = Stack(self._layers, params, x, y, w, self.task, norm)
-                return lambda vectors, _=None: shared.products(layout.unflatten(vectors)), (
-                    layout.flatten(shared.grads)
-                )
-            except Unsupported:
-                self._layers = None  # the generic path from now on
         objective = self._objective(x, y, step)
 
         def gradient(p: dict[str, Tensor], weights: Tensor):

@@ -327,8 +327,12 @@ class Stack:
         self._rows_of(self.head[0], h.transpose(0, 1), hv)  # type: ignore[index]
 
     # ------------------------------------------------------------------ products
-    def products(self, vectors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """``(H V {name: [c, *shape]}, ∂(g·V)/∂w [c, B])`` for ``V {name: [c, *shape]}``."""
+    def products(
+        self, vectors: dict[str, Tensor], hessian: bool = True
+    ) -> tuple[dict[str, Tensor] | None, Tensor]:
+        """``(H V {name: [c, *shape]}, ∂(g·V)/∂w [c, B])`` for ``V {name: [c, *shape]}``;
+        without ``hessian``, ``(None, ∂(g·V)/∂w)`` from the R-forward pass alone (the
+        Hessian-free variant's products)."""
         c = next(iter(vectors.values())).shape[0]
         B = self.out.shape[0]
         rs: list[Tensor | None] = [None]  # R of each layer's input / output, [B, c, ...]
@@ -342,16 +346,20 @@ class Stack:
         for i in range(start, len(self.layers)):
             name, m = self.layers[i]
             rs.append(self._r_forward(i, name, m, rs[-1], vectors, c))
-            if not (isinstance(m, nn.Linear | nn.Conv2d) or self.bends.get(i) is not None):
+            if not (
+                hessian and (isinstance(m, nn.Linear | nn.Conv2d) or self.bends.get(i) is not None)
+            ):
                 rs[i] = None  # its R-backward does not read it: freed now
         rf = rs.pop()
         if rf is None:
             raise ValueError("model: its output does not depend on the trained parameters")
-        r_delta = torch.einsum("bkl,bcl->bck", self.out_hessian, rf) * self.scale  # [B, c, K]
         along = (self.r.unsqueeze(1) * rf).sum(-1)  # r_j·Rf_j [B, c]
         jw = along.T / self.norm  # ∂(∂O/∂f · Rf)/∂w_j [c, B]
         if self.by_mass:
             jw = jw - (self.w @ along / self.norm**2).unsqueeze(1)
+        if not hessian:
+            return None, jw
+        r_delta = torch.einsum("bkl,bcl->bck", self.out_hessian, rf) * self.scale  # [B, c, K]
         del rf, along
         hv: dict[str, Tensor] = {}
         for i in range(len(self.layers) - 1, start - 1, -1):  # each R freed once read
