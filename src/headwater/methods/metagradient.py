@@ -3,12 +3,11 @@
 A run recorded by :class:`~headwater.train.recorder.Recorder` is a map
 ``s_{t+1} = F_t(s_t, g_t)`` of the state ``s_t = (θ_t, optimizer state)`` with the batch
 gradient ``g_t = Σ_{j∈B_t} w_j ∇ℓ_j(θ_t) / Σ_{j∈B_t} w_j`` (or ``/ B`` with
-``normalization="n"``, :func:`~headwater.train.steps.batch_objective`;
-:mod:`headwater.train.steps`: SGD with
-momentum / Nesterov / weight decay, Adam, AdamW, learning-rate schedules, clipping).
-For every query ``q`` this module computes the exact derivative ``d m(z_q; θ_T) / d w_i``
-by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``, ``a_state = 0``, step
-``t`` does
+``normalization="n"``, :func:`~headwater.train.steps.batch_objective`), ``F_t`` from
+:mod:`headwater.train.steps`: SGD (momentum, Nesterov, weight decay), Adam, AdamW, lr
+schedules, clipping. For every query ``q`` this module computes the exact derivative
+``d m(z_q; θ_T) / d w_i`` by reverse-mode replay. Going backwards from ``a_θ = ∇m(θ_T)``,
+``a_state = 0``, step ``t`` does
 
     (a_θ, a_state, a_g) ← the VJP of F_t at (θ_t, state_t, g_t) applied to (a_θ, a_state)
     d m/d w_i += a_g · (∇ℓ_i(θ_t) − g_t) / W_t for i ∈ B_t (W_t = Σ_{j∈B_t} w_j;
@@ -26,8 +25,7 @@ reverse on the digits MLP); ``J_t a_g / B`` is ``[Q, B]``, the weight derivative
 batch. For an ``nn.Sequential`` of common layers the same pass is written out layer by
 layer (:mod:`~headwater.methods.metagradient_layers`: Pearlmutter's R-operator, every
 operation batched over the chunk; 1.4x faster per query on the digits MLP, 2.1-2.7x on the
-CNN). A step runs chunk by chunk of queries, in place on the adjoints
-(:mod:`~headwater.methods.metagradient_chunks` sizes the chunks). Memory is
+CNN). A step runs chunk by chunk of queries (:mod:`.metagradient_chunks`), in place. Memory is
 ``O(checkpoints·P + segment·P + Q·P)``: the states between two recorded checkpoints are
 recomputed forward from the earlier one, segment by segment from the last (REPLAY's
 scheme with the recorder's ``checkpoint_every``; about √T is the usual choice).
@@ -73,7 +71,7 @@ from headwater.gradients.functional import (
 from headwater.gradients.per_example import check_values
 from headwater.methods import metagradient_chunks as chunks
 from headwater.methods.estimator import Estimator
-from headwater.methods.metagradient_layers import Stack, Unsupported, stack
+from headwater.methods.metagradient_layers import Stack, Unsupported, covers, stack
 from headwater.methods.metagradient_options import check_options
 from headwater.progress import ProgressFn, report
 from headwater.store.cached import fingerprint
@@ -524,27 +522,23 @@ class Metagradient(Estimator):
         return out
 
     def _chunk_rows(self, carry: Tensor, data) -> int:
-        """Queries per chunk (:func:`~headwater.methods.metagradient_chunks.rows`, ``A``
-        counted on one forward pass over the first batch, ``Q`` the rows of ``carry``)."""
+        """Queries per chunk (:func:`.metagradient_chunks.rows`, ``A`` of the first batch)."""
         x_all, y_all, w_all = data
         idx, theta = self.run.batches[0], self.run.checkpoints[-1].theta.to(self.dtype)
         x, y, w = take(x_all, idx), y_all[idx], w_all[idx]
-        counter = OutputBytes()
+        params, counter = self.run.layout.unflatten(theta), OutputBytes()
         with torch.no_grad(), counter:
-            self._losses_fn(x, y, 0)(self.run.layout.unflatten(theta), w)
+            self._losses_fn(x, y, 0)(params, w)
         forward = counter.total / theta.element_size()
-        if self._layers is not None and isinstance(x, Tensor):
-            try:  # whether the layer pass covers these tensors
-                Stack(self._layers, self.run.layout.unflatten(theta), x, y, w, self.task, "n")
-            except Unsupported:
-                self._layers = None
+        layers, task = self._layers, self.task
+        if layers and not (isinstance(x, Tensor) and covers(layers, params, x, y, w, task)):
+            self._layers = None
         layers_with = carry.shape[0] if self._layers is not None else None
         return chunks.rows(carry.shape[1], forward, theta.shape[0], layers_with)
 
     @staticmethod
     def _resume(path, key: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int] | None:
-        """``(carry, running, out, step)`` stored at ``path`` for ``key``, or None when there
-        is none."""
+        """``(carry, running, out, step)`` stored at ``path`` for ``key``, or None."""
         if path is None or not store.exists(path):
             return None
         tensors, meta = store.load(path, expect=key)

@@ -43,7 +43,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from headwater.task import Task
 
-__all__ = ["Stack", "Unsupported", "stack"]
+__all__ = ["Stack", "Unsupported", "covers", "stack"]
 
 
 class Unsupported(Exception):
@@ -119,6 +119,18 @@ def stack(model: nn.Module, names: Sequence[str], task: Task) -> list[tuple[str,
     if type(task).train_loss is not Task.train_loss or type(task).output is not Task.output:
         return None
     return layers
+
+
+def covers(
+    layers: list[tuple[str, nn.Module]], params: dict[str, Tensor], x: Tensor, y: Tensor,
+    w: Tensor, task: Task,
+) -> bool:  # fmt: skip
+    """Whether the layer pass covers these tensors (a :class:`Stack` builds on them)."""
+    try:
+        Stack(layers, params, x, y, w, task, "n")
+    except Unsupported:
+        return False
+    return True
 
 
 class Stack:
