@@ -49,14 +49,13 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def _wide() -> nn.Module:  # a wide patch on the whole map: the first layer is not a head
+def _wide() -> nn.Module:  # a wide patch on the whole map, no pool: the first layer is no head
     return nn.Sequential(
         nn.Unflatten(1, (1, 6, 6)),
         nn.Conv2d(1, 2, 5, padding=2),
         nn.Tanh(),
-        nn.AvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(18, 3),
+        nn.Linear(72, 3),
     )
 
 

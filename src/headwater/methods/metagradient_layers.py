@@ -282,8 +282,8 @@ class Stack:
         alone, through tensors the step's chunks share (:meth:`_head_shared`): no per-query
         maps of the first layer's size. (A Linear first layer has no positions: its
         per-query tensors are as small as those shared tensors' rows, and the products
-        by layer are faster on the digits MLP.) Not taken where those tensors, before the
-        pool, would exceed 4 forward passes' (a wide patch on a large map: they hold a
+        by layer are faster on the digits MLP.) Not taken where ``S`` would exceed 4
+        forward passes' tensors (a wide patch on a large map without a pool: it holds a
         patch per position and output channel)."""
         kinds = [m for _, m in self.layers]
         i = next((k for k, m in enumerate(kinds) if isinstance(m, nn.Linear | nn.Conv2d)), None)
@@ -294,12 +294,13 @@ class Stack:
             or type(kinds[i + 1]) not in _ACTIVATIONS
         ):
             return None
-        conv, z = kinds[i], self.acts[i + 1]
-        patch = conv.weight[0].numel() + (conv.bias is not None)
-        if z.numel() * patch > 4 * sum(a.numel() for a in self.acts):
-            return None
         pooled = i + 2 < len(kinds) and isinstance(kinds[i + 2], nn.AvgPool2d)
-        return i, i + 2 if pooled else i + 1
+        j = i + 2 if pooled else i + 1
+        conv = kinds[i]
+        patch = conv.weight[0].numel() + (conv.bias is not None)
+        if self.acts[j + 1].numel() * patch > 4 * sum(a.numel() for a in self.acts):
+            return None
+        return i, j
 
     def _head_shared(self) -> tuple[Tensor, Tensor | None]:
         """``(S [o, K', B L'], M [o, K', K'] or None)``, made at the first chunk. ``K'``: a
@@ -313,19 +314,17 @@ class Stack:
             cols, z = self._patches(i), self.acts[i + 1]
             (B, k, _), o = cols.shape, z.shape[1]
             slope, bend = self.slopes[i + 1], self.bends[i + 1]
-            per = cols.unsqueeze(1).expand(B, o, k, cols.shape[2])  # [B, o, K', L]
-            if slope is not None:
-                per = per * slope.reshape(B, o, 1, -1)
-            if j > i + 1:
-                size = _pair(self.layers[j][1].kernel_size)
-                per = _pool(per.reshape(B, o * k, *z.shape[2:]), size).view(B, o, k, -1)
-            S = per.permute(1, 2, 0, 3).reshape(o, k, -1)
-            M = None
-            if bend is not None:
-                M = torch.einsum(
-                    "bokp,bjp->okj", cols.unsqueeze(1) * bend.reshape(B, o, 1, -1), cols
-                )
-            self._head_tensors = (S, M)
+            rows = cols.transpose(0, 1).reshape(k, -1)  # [K', B L]
+            S, M = [], None if bend is None else []
+            for ch in range(o):  # one output channel at a time: [B, K', L] temporaries
+                per = cols if slope is None else cols * slope[:, 0, ch].reshape(B, 1, -1)
+                if j > i + 1:
+                    size = _pair(self.layers[j][1].kernel_size)
+                    per = _pool(per.reshape(B, k, *z.shape[2:]), size).view(B, k, -1)
+                S.append(per.transpose(0, 1).reshape(k, -1))
+                if M is not None:
+                    M.append((rows * bend[:, 0, ch].reshape(1, -1)) @ rows.T)
+            self._head_tensors = (torch.stack(S), None if M is None else torch.stack(M))
         return self._head_tensors
 
     def _head_backward(self, r_dz: Tensor, Vh: Tensor, hv: dict[str, Tensor], c: int) -> None:
