@@ -24,7 +24,7 @@ vmapped over a chunk of queries (reverse over reverse: 27% faster than forward o
 reverse on the digits MLP); ``J_t a_g / B`` is ``[Q, B]``, the weight derivatives of the
 batch. For an ``nn.Sequential`` of common layers the same pass is written out layer by
 layer (:mod:`~headwater.methods.metagradient_layers`: Pearlmutter's R-operator, every
-operation batched over the chunk; 1.4x faster per query on the digits MLP, 2.1-2.7x on the
+operation batched over the chunk; 1.4x faster per query on the digits MLP, 2.1-2.8x on the
 CNN). A step runs chunk by chunk of queries (:mod:`.metagradient_chunks`), in place. Memory is
 ``O(checkpoints·P + segment·P + Q·P)``: the states between two recorded checkpoints are
 recomputed forward from the earlier one, segment by segment from the last (REPLAY's

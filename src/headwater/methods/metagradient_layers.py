@@ -14,9 +14,9 @@ products with its input's patches (unfolded once per step). The head (the first 
 with parameters when it is a convolution, its activation, an average pool after it) has
 a fixed input, so its R-operators are linear in the queries' tangents of its own
 parameters through tensors the chunks share (:meth:`Stack._head_shared`): no per-query
-maps of the first layer's size. On the digits CNN it takes 0.39-0.50 ms per query in
-chunks of 11-34 against the pullback's 1.0-1.1 (``bench/metagradient_floor.py``), and
-holds under half a forward pass's tensors per query.
+maps of the first layer's size. On the digits CNN it is 2.1-2.8x faster per query than
+the pullback in chunks of 11-34 (0.39-0.50 ms on a quiet core;
+``bench/metagradient_floor.py``), and holds under half a forward pass's tensors per query.
 
 Supported layers: ``Linear`` (2-D inputs), ``Conv2d`` (``groups=1``, zero padding given as
 numbers), ``Tanh``, ``Sigmoid``, ``ReLU``, ``Identity``, ``Dropout`` (in eval mode: the
