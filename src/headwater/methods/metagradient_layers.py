@@ -185,6 +185,7 @@ class Stack:
         self.slopes: dict[int, Tensor | None] = {}
         self.bends: dict[int, Tensor | None] = {}
         self.patches: dict[int, Tensor] = {}
+        self.patch_rows: dict[int, Tensor] = {}
         for i in range(len(layers) - 1, -1, -1):
             deltas.append(self._backward(i, deltas[-1]))
         self.deltas = deltas[::-1]  # deltas[i]: adjoint of acts[i]
@@ -255,6 +256,13 @@ class Stack:
             self.patches[i] = cols
         return self.patches[i]
 
+    def _patch_rows(self, i: int) -> Tensor:
+        """:meth:`_patches` as ``[K', B L]``, made once per step."""
+        if i not in self.patch_rows:
+            cols = self._patches(i)
+            self.patch_rows[i] = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        return self.patch_rows[i]
+
     def _tangents(self, vectors: dict[str, Tensor], i: int, c: int) -> Tensor:
         """The queries' tangents of layer ``i``'s parameters as ``[c, o, K']`` (as
         :meth:`_patches`: the bias last)."""
@@ -314,7 +322,7 @@ class Stack:
             cols, z = self._patches(i), self.acts[i + 1]
             (B, k, _), o = cols.shape, z.shape[1]
             slope, bend = self.slopes[i + 1], self.bends[i + 1]
-            rows = cols.transpose(0, 1).reshape(k, -1)  # [K', B L]
+            rows = self._patch_rows(i)  # [K', B L]
             S, M = [], None if bend is None else []
             for ch in range(o):  # one output channel at a time: [B, K', L] temporaries
                 per = cols if slope is None else cols * slope[:, 0, ch].reshape(B, 1, -1)
@@ -382,14 +390,14 @@ class Stack:
     def _r_forward(self, i, name, m, ra, vectors, c) -> Tensor | None:
         a, z = self.acts[i], self.acts[i + 1]
         B = a.shape[0]
-        if isinstance(m, nn.Linear | nn.Conv2d):
+        if isinstance(m, nn.Linear):
             V, Vb = vectors[f"{name}.weight"], vectors.get(f"{name}.bias")
             bias = None if Vb is None else Vb.reshape(-1)
-            if isinstance(m, nn.Linear):
-                out = F.linear(a, V.reshape(-1, V.shape[-1]), bias).view(B, c, -1)
-                if ra is not None:
-                    out.add_(ra @ self._weight(name, "weight").T)
-                return out
+            out = F.linear(a, V.reshape(-1, V.shape[-1]), bias).view(B, c, -1)
+            if ra is not None:
+                out.add_(ra @ self._weight(name, "weight").T)
+            return out
+        if isinstance(m, nn.Conv2d):
             tangents = self._tangents(vectors, i, c).reshape(-1, self._patches(i).shape[1])
             out = torch.matmul(tangents, self._patches(i)).view(B, c, *z.shape[1:])
             if ra is not None:
@@ -440,8 +448,7 @@ class Stack:
             if cols.shape[1] <= cols.shape[2]:  # per example [K', c co]: no larger than r_dz
                 h = torch.bmm(cols, flat.transpose(1, 2)).sum(0)
             else:  # r_dz as [c co, B L]: a copy
-                rows = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-                h = torch.mm(rows, flat.transpose(0, 1).reshape(c * co, -1).T)
+                h = torch.mm(self._patch_rows(i), flat.transpose(0, 1).reshape(c * co, -1).T)
             h = h.T.reshape(c, co, -1)
             if ra is not None:
                 inner = conv2d_weight(
