@@ -82,6 +82,18 @@ def _no_long_step(monkeypatch) -> None:
 # -- D9: self-influence follows the method -------------------------------------------
 
 
+def _scores_as_the_estimator(tmp_path, spec, args, estimator, recorded: str) -> None:
+    """``headwater score spec args`` succeeds without self-influence and its scores equal
+    ``estimator(model, task, spec's <recorded>)`` called directly."""
+    assert main(["score", str(spec), *args]) == 0
+    result = load_result(tmp_path / args[-1])
+    assert result.self_influence is None
+    loaded = score_cli.load_spec(str(spec))
+    model, train, query, task = loaded.parts()
+    want = estimator(model, task, loaded.get(recorded)).scores(query, train)
+    torch.testing.assert_close(result.scores, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
 def test_metagradient_runs_without_self_influence_by_default(tmp_path, monkeypatch, capsys):
     """README's `headwater score spec.py --method metagradient` as written: no self-influence
     flag needed; an explicit --self-influence is refused in one line naming the way out."""
@@ -89,13 +101,8 @@ def test_metagradient_runs_without_self_influence_by_default(tmp_path, monkeypat
 
     spec = _spec(tmp_path, _RUN)
     monkeypatch.chdir(tmp_path)
-    assert main(["score", str(spec), "--method", "metagradient", "--quiet", "-o", "mg"]) == 0
-    result = load_result(tmp_path / "mg")
-    assert result.self_influence is None
-    loaded = score_cli.load_spec(str(spec))
-    model, train, query, task = loaded.parts()
-    want = Metagradient(model, task, loaded.get("run")).scores(query, train)
-    torch.testing.assert_close(result.scores, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    args = ["--method", "metagradient", "--quiet", "-o", "mg"]
+    _scores_as_the_estimator(tmp_path, spec, args, Metagradient, "run")
 
     args = ["score", str(spec), "--method", "metagradient", "--self-influence", "-o", "bad"]
     assert main(args) == 2
@@ -109,13 +116,8 @@ def test_hydra_runs_on_the_specs_trajectory_without_self_influence(tmp_path, mon
 
     spec = _spec(tmp_path, _TRAJECTORY)
     monkeypatch.chdir(tmp_path)
-    assert main(["score", str(spec), "--method", "hydra", "--quiet", "--no-report", "-o", "h"]) == 0
-    result = load_result(tmp_path / "h")
-    assert result.self_influence is None
-    loaded = score_cli.load_spec(str(spec))
-    model, train, query, task = loaded.parts()
-    want = Hydra(model, task, loaded.get("trajectory")).scores(query, train)
-    torch.testing.assert_close(result.scores, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    args = ["--method", "hydra", "--quiet", "--no-report", "-o", "h"]
+    _scores_as_the_estimator(tmp_path, spec, args, Hydra, "trajectory")
     # without a trajectory in the spec: one line, before anything is fitted
     assert main(["score", str(_spec(tmp_path, name="plain.py")), "--method", "hydra"]) == 2
     assert "spec: --method hydra needs `trajectory`" in _one_line_error(capsys)
